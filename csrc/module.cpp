@@ -1,0 +1,21 @@
+// The extension iics_fast._C: one bind_<op> a source file, registered here.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+void bind_condensed(py::module_& m);
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "iics_fast native core: condensed-matrix helpers, merge, similarity";
+#ifdef IICS_WITH_OPENMP
+  m.attr("has_openmp") = true;
+#else
+  m.attr("has_openmp") = false;
+#endif
+#ifdef IICS_WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+  bind_condensed(m);
+}
