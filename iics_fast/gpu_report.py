@@ -1,0 +1,193 @@
+"""Static GPU report: compile Triton kernels for NVIDIA targets without a GPU and read the cubin.
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` produces PTX and a cubin on any
+machine; Triton's bundled `cuobjdump` then gives registers, spills (local memory) and shared
+memory, and the SASS, from which the instruction mix of the innermost loop is counted.
+
+    python -m iics_fast.gpu_report            # every kernel of iics_fast.kernels, sm_80 and sm_90
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+#: kernel modules that expose COMPILE_SPECS (a list of KernelSpec)
+KERNEL_MODULES = ("iics_fast.kernels.pairwise", "iics_fast.kernels.aibn")
+
+
+@dataclass
+class KernelSpec:
+    """One concrete compilation of a @triton.jit function: argument types and constexpr values."""
+
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass
+class CompileReport:
+    name: str
+    arch: int
+    registers: int
+    spill_bytes: int  # local memory per thread (register spills); must be 0
+    stack_bytes: int
+    shared_bytes: int
+    num_warps: int
+    inner_loop: dict = field(default_factory=dict)  # opcode -> count in the innermost loop
+    inner_loop_len: int = 0
+
+
+def _bin_dir() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def parse_sass(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) for each instruction of a `cuobjdump -sass` listing."""
+    return [(int(a, 16), op, rest.strip()) for a, op, rest in _SASS_LINE.findall(sass)]
+
+
+def innermost_loop(instrs: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """Instructions of the shortest backward-branch range (the innermost loop), or []."""
+    best = None
+    for addr, op, rest in instrs:
+        if not op.startswith("BRA"):
+            continue
+        m = re.search(r"0x([0-9a-f]+)", rest)
+        if m is None:
+            continue
+        target = int(m.group(1), 16)
+        if target < addr and (best is None or addr - target < best[1] - best[0]):
+            best = (target, addr)
+    if best is None:
+        return []
+    return [i for i in instrs if best[0] <= i[0] <= best[1]]
+
+
+def _kernel_in_this_process(module_name: str, path: str, fn_name: str):
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return getattr(module, fn_name)
+
+
+def _compile_here(module_name, path, fn_name, signature, constexprs, arch, num_warps, num_stages) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _kernel_in_this_process(module_name, path, fn_name)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    kernel = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        tool = os.path.join(_bin_dir(), "cuobjdump")
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return {"res_usage": res, "sass": sass, "shared": int(kernel.metadata.shared)}
+
+
+def compile_report(spec: KernelSpec, arch: int) -> CompileReport:
+    """Compile `spec` for sm_<arch> and report its resources and inner-loop instruction mix.
+
+    Compilation runs in a child process with Triton's interpreter off: under TRITON_INTERPRET=1
+    (as in the tests) @triton.jit yields objects that cannot be compiled.
+    """
+    fn = getattr(spec.fn, "fn", spec.fn)  # JITFunction and the interpreter's wrapper both keep .fn
+    job = {
+        "module_name": fn.__module__,
+        "path": fn.__code__.co_filename,
+        "fn_name": fn.__name__,
+        "signature": spec.signature,
+        "constexprs": spec.constexprs,
+        "arch": arch,
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+    }
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "iics_fast.gpu_report", "--compile-job"],
+        input=json.dumps(job), capture_output=True, text=True, env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling {spec.name} for sm_{arch} failed:\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = out["res_usage"]
+
+    def field_of(key):
+        m = re.search(rf"\b{key}:(\d+)", res)
+        return int(m.group(1)) if m else 0
+
+    loop = innermost_loop(parse_sass(out["sass"]))
+    mix = collections.Counter(op.split(".")[0] for _, op, _ in loop)
+    return CompileReport(
+        name=spec.name,
+        arch=arch,
+        registers=field_of("REG"),
+        spill_bytes=field_of("LOCAL"),
+        stack_bytes=field_of("STACK"),
+        shared_bytes=max(field_of("SHARED"), out["shared"]),
+        num_warps=spec.num_warps,
+        inner_loop=dict(mix.most_common()),
+        inner_loop_len=len(loop),
+    )
+
+
+def all_specs() -> list[KernelSpec]:
+    """COMPILE_SPECS of every kernel module that is present."""
+    specs = []
+    for name in KERNEL_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        specs.extend(module.COMPILE_SPECS)
+    return specs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    parser.add_argument("--json", help="also write the reports to this JSON file")
+    parser.add_argument("--compile-job", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.compile_job:  # child of compile_report: one job as JSON on stdin, result on stdout
+        print(json.dumps(_compile_here(**json.loads(sys.stdin.read()))))
+        return None
+    reports = [compile_report(s, a) for s in all_specs() for a in args.arch]
+    print(f"{'kernel':40s} {'sm':>3s} {'regs':>5s} {'spill':>6s} {'smem':>7s}  inner loop")
+    for r in reports:
+        mix = " ".join(f"{k}:{v}" for k, v in list(r.inner_loop.items())[:8])
+        print(f"{r.name:40s} {r.arch:3d} {r.registers:5d} {r.spill_bytes:6d} {r.shared_bytes:7d}  {mix}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in reports], f, indent=1)
+    return reports
+
+
+if __name__ == "__main__":
+    main()
