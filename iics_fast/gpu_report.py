@@ -5,6 +5,30 @@ machine; Triton's bundled `cuobjdump` then gives registers, spills (local memory
 memory, and the SASS, from which the instruction mix of the innermost loop is counted.
 
     python -m iics_fast.gpu_report            # every kernel of iics_fast.kernels, sm_80 and sm_90
+    python -m iics_fast.gpu_report --estimate # plus H100 time estimates at the dataset scales
+
+H100 estimates. From the sm_90 compile, the estimate of a kernel at a dataset scale is the larger
+of an issue-bound time (inner-loop SASS instructions per element against the H100's issue rate:
+132 SMs x 4 schedulers x 1 warp-instruction per cycle at ~1.755 GHz boost) and a memory-bound
+time (bytes moved at ~3.35 TB/s HBM3). It counts the innermost loop only, so it is a lower bound
+for kernels whose work is outside that loop, and an upper bound on issue for tensor-core loops
+(one HMMA covers many elements: say so through ``elements_per_iteration``).
+
+Work-model contract. A kernel module may define, beside ``COMPILE_SPECS``,
+
+    WORK_MODELS: dict[str, Callable[[dict], dict]]     # KernelSpec.name -> model
+
+The model takes a scale ``{"name", "N", "C", "D", "d", "batch"}`` (images, cameras, score dims
+C x 600, feature dims 2048, training batch) and returns a dict with
+
+    elements                total inner-loop work items at that scale (e.g. pair x dimension
+                            terms of a distance kernel: N(N-1)/2 x D)
+    elements_per_iteration  work items ONE WARP covers in one trip of the innermost loop, for
+                            this spec's constexprs and num_warps (e.g. BLOCK_M*BLOCK_N*BLOCK_D/num_warps)
+    bytes                   bytes read from and written to HBM (with the kernel's real reuse)
+    note                    optional: what the model assumes
+
+Specs without a model are compiled and reported but get no estimate.
 """
 from __future__ import annotations
 
@@ -169,10 +193,89 @@ def all_specs() -> list[KernelSpec]:
     return specs
 
 
+#: the dataset scales estimates are made at (DESIGN.md: D = C x 600, d = 2048)
+DATASET_SCALES = (
+    {"name": "market1501", "N": 12936, "C": 6, "D": 3600, "d": 2048, "batch": 64},
+    {"name": "dukemtmc", "N": 16522, "C": 8, "D": 4800, "d": 2048, "batch": 64},
+    {"name": "msmt17", "N": 32621, "C": 15, "D": 9000, "d": 2048, "batch": 64},
+)
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    sms: int
+    schedulers_per_sm: int  # warp-instructions issued per SM per cycle
+    clock_hz: float
+    hbm_bytes_per_s: float
+
+    @property
+    def issue_per_s(self) -> float:
+        return self.sms * self.schedulers_per_sm * self.clock_hz
+
+
+H100 = Device("H100 SXM", sms=132, schedulers_per_sm=4, clock_hz=1.755e9, hbm_bytes_per_s=3.35e12)
+
+
+@dataclass
+class Estimate:
+    kernel: str
+    scale: str
+    instr_per_element: float  # SASS warp-instructions of the inner loop per work item
+    issue_s: float
+    memory_s: float
+    estimate_s: float  # max(issue_s, memory_s)
+    bound: str  # "issue" or "memory"
+    elements: float
+    bytes: float
+    note: str = ""
+
+
+def estimate_time(report: CompileReport, work: dict, scale_name: str = "", device: Device = H100) -> Estimate:
+    """H100 time of one kernel launch at one scale: max(issue-bound, memory-bound)."""
+    missing = {"elements", "elements_per_iteration", "bytes"} - set(work)
+    if missing:
+        raise ValueError(f"work model for {report.name} lacks {sorted(missing)}; see the WORK_MODELS contract "
+                         "in the iics_fast.gpu_report docstring")
+    if report.inner_loop_len <= 0:
+        raise ValueError(f"{report.name}: no inner loop found in the SASS, so no instructions per element")
+    per_iter = float(work["elements_per_iteration"])
+    if per_iter <= 0:
+        raise ValueError(f"{report.name}: elements_per_iteration must be > 0, got {per_iter}")
+    ipe = report.inner_loop_len / per_iter
+    issue = float(work["elements"]) * ipe / device.issue_per_s
+    memory = float(work["bytes"]) / device.hbm_bytes_per_s
+    return Estimate(report.name, scale_name, ipe, issue, memory, max(issue, memory),
+                    "issue" if issue >= memory else "memory", float(work["elements"]), float(work["bytes"]),
+                    work.get("note", ""))
+
+
+def all_work_models() -> dict:
+    """WORK_MODELS of every kernel module that is present, merged (kernel name -> model)."""
+    models = {}
+    for name in KERNEL_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        models.update(getattr(module, "WORK_MODELS", {}))
+    return models
+
+
+def estimates(reports, models=None, scales=DATASET_SCALES, device: Device = H100) -> list[Estimate]:
+    """Estimates for every report compiled for sm_90 whose kernel has a work model."""
+    models = all_work_models() if models is None else models
+    return [estimate_time(r, models[r.name](scale), scale["name"], device)
+            for r in reports if r.arch == 90 and r.name in models for scale in scales]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     parser.add_argument("--json", help="also write the reports to this JSON file")
+    parser.add_argument("--estimate", action="store_true", help="H100 time estimates at the dataset scales")
     parser.add_argument("--compile-job", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.compile_job:  # child of compile_report: one job as JSON on stdin, result on stdout
@@ -183,9 +286,23 @@ def main(argv=None):
     for r in reports:
         mix = " ".join(f"{k}:{v}" for k, v in list(r.inner_loop.items())[:8])
         print(f"{r.name:40s} {r.arch:3d} {r.registers:5d} {r.spill_bytes:6d} {r.shared_bytes:7d}  {mix}")
+    est = []
+    if args.estimate:
+        if 90 not in args.arch:
+            reports += [compile_report(s, 90) for s in all_specs()]
+        est = estimates(reports)
+        print(f"\nH100 estimates ({H100.sms} SMs x {H100.schedulers_per_sm} issue/cycle at {H100.clock_hz / 1e9:.3f} GHz,"
+              f" {H100.hbm_bytes_per_s / 1e12:.2f} TB/s HBM3)")
+        print(f"{'kernel':40s} {'scale':>11s} {'instr/elem':>10s} {'issue ms':>9s} {'memory ms':>9s} {'estimate ms':>11s}  bound")
+        for e in est:
+            print(f"{e.kernel:40s} {e.scale:>11s} {e.instr_per_element:10.4f} {e.issue_s * 1e3:9.2f} {e.memory_s * 1e3:9.2f}"
+                  f" {e.estimate_s * 1e3:11.2f}  {e.bound}")
+        unmodelled = sorted({r.name for r in reports if r.arch == 90} - set(all_work_models()))
+        if unmodelled:
+            print("no work model (no estimate): " + ", ".join(unmodelled))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in reports], f, indent=1)
+            json.dump({"reports": [asdict(r) for r in reports], "estimates": [asdict(e) for e in est]}, f, indent=1)
     return reports
 
 

@@ -38,3 +38,51 @@ def test_innermost_loop_picks_shortest_backward_branch():
     """
     loop = innermost_loop(parse_sass(sass))
     assert [op for _, op, _ in loop] == ["FADD", "FFMA", "BRA"]
+
+
+def _report(loop_len, name="k"):
+    from iics_fast.gpu_report import CompileReport
+
+    return CompileReport(name=name, arch=90, registers=32, spill_bytes=0, stack_bytes=0, shared_bytes=0,
+                         num_warps=4, inner_loop={"FADD": loop_len}, inner_loop_len=loop_len)
+
+
+def test_estimate_takes_the_larger_of_issue_and_memory_bound():
+    from iics_fast.gpu_report import H100, estimate_time
+
+    r = _report(10)
+    # 1e12 elements, 40 per warp-iteration -> 0.25 instr/element -> 2.5e11 warp-instructions
+    e = estimate_time(r, {"elements": 1e12, "elements_per_iteration": 40, "bytes": 1e9}, "x")
+    assert e.instr_per_element == pytest.approx(0.25)
+    assert e.issue_s == pytest.approx(2.5e11 / (132 * 4 * 1.755e9))
+    assert e.memory_s == pytest.approx(1e9 / 3.35e12)
+    assert e.bound == "issue" and e.estimate_s == e.issue_s
+    e = estimate_time(r, {"elements": 1e6, "elements_per_iteration": 40, "bytes": 1e12}, "x")
+    assert e.bound == "memory" and e.estimate_s == pytest.approx(1e12 / H100.hbm_bytes_per_s)
+
+
+def test_estimate_rejects_incomplete_work_model():
+    from iics_fast.gpu_report import estimate_time
+
+    with pytest.raises(ValueError, match="lacks"):
+        estimate_time(_report(4), {"elements": 1})
+    with pytest.raises(ValueError, match="no inner loop"):
+        estimate_time(_report(0), {"elements": 1, "elements_per_iteration": 1, "bytes": 1})
+
+
+def test_estimates_from_a_compiled_kernel_and_its_work_model():
+    from iics_fast.gpu_report import DATASET_SCALES, estimates
+
+    spec = KernelSpec("row_sum", _row_sum, {"x_ptr": "*fp32", "out_ptr": "*fp32", "n_cols": "i32"}, {"BLOCK": 256})
+    r = compile_report(spec, 90)
+
+    def model(scale):  # one row of D scores per image, BLOCK columns per program trip over 4 warps
+        n, d = scale["N"], scale["D"]
+        return {"elements": n * d, "elements_per_iteration": 256 / 4, "bytes": 4 * n * d + 4 * n}
+
+    est = estimates([r], {"row_sum": model})
+    assert [e.scale for e in est] == [s["name"] for s in DATASET_SCALES]
+    msmt = est[-1]
+    assert msmt.bound == "memory"  # a row sum is bandwidth-bound
+    assert msmt.estimate_s == pytest.approx(4 * 32621 * 9001 / 3.35e12)
+    assert msmt.instr_per_element == pytest.approx(r.inner_loop_len / 64)

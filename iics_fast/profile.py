@@ -1,0 +1,542 @@
+"""Profile one IICS clustering round at dataset scale, beside the reference pipeline.
+
+    python -m iics_fast.profile --scale msmt17          # N=32,621, C=15, D=9,000, k_inter=1,200
+    python -m iics_fast.profile --scale market1501      # N=12,936, C=6
+    python -m iics_fast.profile --scale 2000            # any N (C=6 unless --cameras)
+
+The round runs on synthetic data of the real shapes: identities seen by several cameras with a
+per-camera offset (L2-normalised, d=2048), and per-camera softmax scores from a simulated
+stage-1 classifier (one head a camera over that camera's intra-camera clusters, peaked
+softmaxes; D = sum of the heads' sizes = C x 600 at dataset scale). Phases:
+
+    extract (simulated) -> intra-camera clustering (cosine + average linkage, per camera)
+    -> scores (simulated) -> inter-camera similarity (fused Eq. 5, condensed)
+    -> re-ranking (condensed) -> merge (average linkage, in place, k_inter clusters)
+
+Each phase reports wall time and peak resident memory (VmHWM, reset per phase through
+/proc/self/clear_refs; a sampling thread where that is unavailable). The same phases of the
+reference pipeline (iics_fast.baselines) run at sizes whose dense N x N matrices fit the memory
+cap (--reference-max-gb); their growth exponents (log-log slope of time and memory against N)
+extrapolate them to the target N, and every extrapolated figure is labelled so. The reference's
+Jaccard row loop, whose cost per row is constant, is timed on --reference-rows rows and scaled.
+Growth is fitted on the three largest sizes measured; an extrapolated memory figure is never
+below the dense N x N arrays the reference phase is known to hold (DENSE_BYTES_PER_N2).
+
+Output under --out: profile_<scale>.json and profile_<scale>.png, and a table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+#: name -> (images N, cameras C, inter-camera clusters k_inter)
+SCALES = {
+    "market1501": (12936, 6, 800),
+    "dukemtmc": (16522, 8, 800),
+    "msmt17": (32621, 15, 1200),
+}
+FEATURE_DIM = 2048
+K_INTRA = 600
+MU = 0.02  # mu_0: the weight of the Jaccard term in round 0
+PHASES = ("extract", "intra", "scores", "similarity", "rerank", "merge")
+SIMULATED = ("extract", "scores")  # stand-ins for the network: timed, never compared
+COMPARED = ("intra", "similarity", "rerank", "merge")
+
+
+# --------------------------------------------------------------------------- memory metering
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not found in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    """Reset the process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    time_s: float
+    peak_mb: float  # process peak RSS during the phase
+    delta_mb: float  # peak RSS above the RSS at the phase's start: what the phase itself needs
+    status: str = "ok"
+    note: str = ""
+
+
+@contextmanager
+def meter(name: str, results: list, note: str = ""):
+    """Time a block and record its peak RSS into `results` as a PhaseResult."""
+    gc.collect()
+    start_kb = _status_kb("VmRSS")
+    sampler = None
+    if not _reset_hwm():  # fall back to sampling VmRSS every 2 ms
+        peak = [start_kb]
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], _status_kb("VmRSS"))
+                stop.wait(0.002)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+    t0 = time.perf_counter()
+    yield
+    elapsed = time.perf_counter() - t0
+    if sampler is None:
+        peak_kb = _status_kb("VmHWM")
+    else:
+        stop.set()
+        sampler.join()
+        peak_kb = max(peak[0], _status_kb("VmRSS"))
+    results.append(PhaseResult(name, elapsed, peak_kb / 1024, (peak_kb - start_kb) / 1024, note=note))
+
+
+# --------------------------------------------------------------------------- synthetic round
+def synthetic_features(n: int, cameras: int, seed: int = 0, dim: int = FEATURE_DIM):
+    """Features of `n` images: identities (about 16 images each) seen by 2..C cameras.
+
+    feature = identity centre + camera offset + noise, L2-normalised, float32 (n, dim). Every
+    camera gets at least one image when n >= cameras. Returns (features, camids, identities).
+    """
+    if n < 1 or cameras < 1:
+        raise ValueError(f"need n >= 1 and cameras >= 1, got n={n}, cameras={cameras}")
+    rng = np.random.default_rng(seed)
+    n_ids = max(1, n // 16)
+    ids = rng.integers(0, n_ids, n)
+    ids[: min(n, n_ids)] = np.arange(min(n, n_ids))
+    visits = [rng.choice(cameras, size=min(cameras, rng.integers(2, 6)), replace=False) for _ in range(n_ids)]
+    camids = np.array([visits[i][rng.integers(len(visits[i]))] for i in ids], dtype=np.int64)
+    camids[: min(n, cameras)] = np.arange(min(n, cameras))
+    centres = rng.standard_normal((n_ids, dim), dtype=np.float32) / np.sqrt(dim)
+    offsets = 0.6 * rng.standard_normal((cameras, dim), dtype=np.float32) / np.sqrt(dim)
+    feats = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 4096):  # bounded temporaries
+        sl = slice(start, min(n, start + 4096))
+        noise = rng.standard_normal((sl.stop - sl.start, dim), dtype=np.float32) * np.float32(0.7 / np.sqrt(dim))
+        feats[sl] = centres[ids[sl]] + offsets[camids[sl]] + noise
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    return feats, camids, ids
+
+
+def intra_cluster_count(n_c: int, k_intra: int = K_INTRA) -> int:
+    """Clusters for a camera with n_c images: k_intra, or max(1, n_c // 2) when it has fewer."""
+    return k_intra if n_c >= k_intra else max(1, n_c // 2)
+
+
+def synthetic_scores(features, camids, heads, temperature: float = 30.0):
+    """Per-camera softmax scores: camera c's head holds unit prototypes (k_c, d); logits are
+    temperature x cosine, softmaxed per head and concatenated: float32 (n, sum k_c)."""
+    n = features.shape[0]
+    dims = [h.shape[0] for h in heads]
+    out = np.empty((n, sum(dims)), dtype=np.float32)
+    col = 0
+    for w in heads:
+        for start in range(0, n, 8192):
+            sl = slice(start, min(n, start + 8192))
+            z = temperature * (features[sl] @ w.T)
+            z -= z.max(axis=1, keepdims=True)
+            np.exp(z, out=z)
+            z /= z.sum(axis=1, keepdims=True)
+            out[sl, col : col + w.shape[0]] = z
+        col += w.shape[0]
+    return out
+
+
+def heads_from_labels(features, camids, labels):
+    """One head a camera: the normalised mean feature of each of its intra-camera clusters."""
+    heads = []
+    for cam in np.unique(camids):
+        idx = np.flatnonzero(camids == cam)
+        lab = np.unique(labels[idx], return_inverse=True)[1]
+        w = np.zeros((lab.max() + 1, features.shape[1]), dtype=np.float32)
+        np.add.at(w, lab, features[idx])
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+        heads.append(w)
+    return heads
+
+
+def heads_from_samples(features, camids, k_intra=K_INTRA, seed=0):
+    """One head a camera of intra_cluster_count(n_c) prototypes drawn from that camera's images
+    (with replacement where it has fewer): the scores' shape without running the clustering."""
+    rng = np.random.default_rng(seed)
+    heads = []
+    for cam in np.unique(camids):
+        idx = np.flatnonzero(camids == cam)
+        k = intra_cluster_count(len(idx), k_intra)
+        heads.append(features[rng.choice(idx, size=k, replace=len(idx) < k)])
+    return heads
+
+
+def _cosine_condensed(x):
+    """Condensed (SciPy pdist order) 1 - x x^T, float32: square product compacted in place."""
+    from iics_fast._native import native
+
+    n = x.shape[0]
+    sq = np.subtract(1.0, x @ x.T, dtype=np.float32)
+    native().square_to_condensed(sq)
+    return sq.reshape(-1)[: n * (n - 1) // 2]
+
+
+def _ours():
+    """The package's fast operations, or the ImportError of the first one missing."""
+    try:
+        from iics_fast.cluster import agglomerative
+        from iics_fast.rerank import k_reciprocal
+        from iics_fast.similarity import inter_camera_distance
+    except ImportError as exc:
+        return exc
+    return {"agglomerative": agglomerative, "k_reciprocal": k_reciprocal, "similarity": inter_camera_distance}
+
+
+def run_ours(n, cameras, k_inter, seed=0, k_intra=K_INTRA, log=print):
+    """One round through iics_fast's operations; returns (PhaseResults, info dict)."""
+    res: list[PhaseResult] = []
+    with meter("extract", res, "simulated: synthetic features"):
+        feats, camids, _ = synthetic_features(n, cameras, seed)
+    log(f"  extract (simulated)   {res[-1].time_s:8.2f} s")
+    ops = _ours()
+    if isinstance(ops, Exception):
+        for name in PHASES[1:]:
+            res.append(PhaseResult(name, float("nan"), float("nan"), float("nan"), "unavailable", str(ops)))
+        return res, {"D": None}
+    with meter("intra", res, f"per camera: cosine + average linkage into {k_intra}"):
+        labels = np.empty(n, dtype=np.int64)
+        offset = 0
+        for cam in np.unique(camids):
+            idx = np.flatnonzero(camids == cam)
+            k = intra_cluster_count(len(idx), k_intra)
+            if len(idx) == 1:
+                labels[idx] = offset
+            else:
+                labels[idx] = offset + ops["agglomerative"](_cosine_condensed(feats[idx]), n_clusters=k, inplace=True)
+            offset += k
+    log(f"  intra                 {res[-1].time_s:8.2f} s")
+    with meter("scores", res, "simulated: per-camera softmax heads over the intra clusters"):
+        scores = synthetic_scores(feats, camids, heads_from_labels(feats, camids, labels))
+    log(f"  scores (simulated)    {res[-1].time_s:8.2f} s   D = {scores.shape[1]}")
+    with meter("similarity", res, "fused Eq. 5, condensed"):
+        dist = ops["similarity"](feats, scores, camids, MU, out="condensed")
+    log(f"  similarity            {res[-1].time_s:8.2f} s")
+    with meter("rerank", res, "k-reciprocal, condensed in place"):
+        dist = ops["k_reciprocal"](dist, k1=20, k2=6, lambda_value=0.3, inplace=True)
+    log(f"  rerank                {res[-1].time_s:8.2f} s")
+    with meter("merge", res, f"average linkage in place into {k_inter}"):
+        final = ops["agglomerative"](dist, n_clusters=k_inter, inplace=True)
+    log(f"  merge                 {res[-1].time_s:8.2f} s   clusters = {len(np.unique(final))}")
+    return res, {"D": int(scores.shape[1])}
+
+
+# --------------------------------------------------------------------------- reference pipeline
+#: bytes per N^2 of the dense arrays each reference phase holds at its peak, counted from the
+#: code (iics_fast.baselines): similarity = distance + Jaccard (float32) + tiled camera ids
+#: (int64) + mask + two product temporaries (float32); rerank = shifted and normalised copies
+#: (float32) + V (float16) + the int64 argsort and its int32 copy; merge = scikit-learn's two
+#: int64 triu_indices arrays + the condensed copy + SciPy's float64 condensed matrix.
+DENSE_BYTES_PER_N2 = {"similarity": 28.0, "rerank": 18.0, "merge": 14.0}
+
+
+def reference_bytes(n: int, d: int) -> float:
+    """Estimated peak of the reference's inter-camera phases: its dense arrays, the input
+    distance kept alive, and the Jaccard loop's N x D float32 temporaries."""
+    return (max(DENSE_BYTES_PER_N2.values()) + 4.0) * n * n + 16.0 * n * d
+
+
+_warm = False
+
+
+def _warm_up_reference():
+    """Run each reference step once on a tiny input: torch's first call costs ~1 s of set-up
+    that would otherwise be scaled up with the timed rows."""
+    global _warm
+    if _warm:
+        return
+    _warm = True
+    from iics_fast import baselines as B
+
+    f, c, _ = synthetic_features(40, 2, 0, dim=16)
+    dist = B.reference_inter_camera_distance(f, np.abs(f), c, MU)
+    B.reference_cluster(B.reference_rerank(dist, k1=5, k2=2), 4)
+
+
+def run_reference_inter(n, cameras, d_heads, k_inter, seed=0, rows=16, log=print):
+    """The reference's similarity, re-ranking and merge at size n; the Jaccard row loop on
+    `rows` rows, scaled to n. Scores have the target's head sizes (`d_heads`, one a camera)."""
+    from iics_fast import baselines as B
+
+    _warm_up_reference()
+    feats, camids, _ = synthetic_features(n, cameras, seed)
+    rng = np.random.default_rng(seed + 1)
+    heads = [feats[rng.choice(np.flatnonzero(camids == c), size=k, replace=True)] for c, k in enumerate(d_heads)]
+    scores = synthetic_scores(feats, camids, heads)
+    res: list[PhaseResult] = []
+    rows = min(rows, n)
+    with meter("similarity", res, f"row loop timed on {rows} of {n} rows, scaled"):
+        t0 = time.perf_counter()
+        dist = B.reference_cosine_distance(feats)
+        t1 = time.perf_counter()
+        jac = B.reference_jaccard(scores, rows=np.linspace(0, n - 1, rows).astype(np.int64))
+        t2 = time.perf_counter()
+        B.reference_fuse(dist, jac, camids, MU)
+        del jac
+        t3 = time.perf_counter()
+    res[-1].time_s = (t1 - t0) + (t2 - t1) * n / rows + (t3 - t2)
+    del scores
+    with meter("rerank", res):
+        dist = B.reference_rerank(dist)
+    with meter("merge", res):
+        B.reference_cluster(dist, min(k_inter, n))
+    del dist
+    log("  reference N={:6d}  ".format(n) + "  ".join(f"{r.name} {r.time_s:7.2f} s {r.delta_mb:7.0f} MB" for r in res))
+    return res
+
+
+def run_reference_intra(n, cameras, seed=0, k_intra=K_INTRA):
+    """The reference's intra-camera clustering at the full size (per-camera matrices are small)."""
+    from iics_fast import baselines as B
+
+    feats, camids, _ = synthetic_features(n, cameras, seed)
+    res: list[PhaseResult] = []
+    with meter("intra", res, "measured at full size"):
+        B.reference_intra_camera(feats, camids, k_intra)
+    return res[0]
+
+
+def fit_power_law(sizes, values):
+    """Least-squares fit of log(value) = a log(n) + b; returns (exponent a, prefactor e^b)."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    ok = (sizes > 0) & (values > 0) & np.isfinite(values)
+    if ok.sum() < 2:
+        raise ValueError("need at least two positive measurements to fit a growth exponent")
+    a, b = np.polyfit(np.log(sizes[ok]), np.log(values[ok]), 1)
+    return float(a), float(np.exp(b))
+
+
+def default_reference_sizes(n):
+    """Sizes for the reference: 1k..8k below n, or n/4, n/2, n for small n."""
+    if n <= 1000:
+        return sorted({max(8, n // 4), max(16, n // 2), n})
+    return [s for s in (1000, 2000, 4000, 8000) if s <= n]
+
+
+# --------------------------------------------------------------------------- report
+def machine_info():
+    """CPU model, cores, memory, library versions: where the figures were measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "python": platform.python_version(),
+            "numpy": np.__version__}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def _plot(record, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_target = record["N"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    colors = dict(zip(COMPARED, ("tab:green", "tab:blue", "tab:orange", "tab:red")))
+    for ax, key, label in ((axes[0], "time_s", "wall time (s)"), (axes[1], "delta_mb", "peak memory added (MB)")):
+        for phase in COMPARED:
+            pts = [(m["N"], m[phase][key]) for m in record["reference"]["measured"] if phase in m]
+            fit = record["reference"]["fit"].get(phase)
+            c = colors[phase]
+            if pts:
+                ax.plot(*zip(*pts), "o", color=c, label=f"reference {phase} (measured)")
+            if fit and pts:
+                a, pref = fit["time_exponent" if key == "time_s" else "memory_exponent"], fit[
+                    "time_prefactor" if key == "time_s" else "memory_prefactor"]
+                xs = np.geomspace(min(p[0] for p in pts), max(n_target, max(p[0] for p in pts)), 50)
+                ax.plot(xs, pref * xs**a, "--", color=c, alpha=0.7, label=f"fit n^{a:.2f} (extrapolated)")
+            if phase == "intra":
+                ref = record["reference"]["at_target"].get("intra")
+                if ref:
+                    ax.plot([n_target], [ref[key]], "o", color=c, mfc="none")
+            ours = next((p for p in record["phases"] if p["name"] == phase and p["status"] == "ok"), None)
+            if ours:
+                ax.plot([n_target], [max(ours[key], 1e-3)], "*", ms=14, color=c, label=f"iics_fast {phase}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("images N")
+        ax.set_ylabel(label)
+        ax.axvline(n_target, color="gray", lw=0.8)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"IICS clustering round, {record['scale']} (N={n_target}, C={record['C']}, D={record['D']})"
+                 f" - stars: iics_fast, circles: reference measured, dashed: reference extrapolated", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(record):
+    lines = [f"{'phase':22s} {'iics_fast s':>11s} {'peak MB':>9s} {'+MB':>8s} | {'reference s':>12s} {'+MB':>9s} {'':4s} {'speed-up':>9s} {'mem ratio':>9s}"]
+    at = record["reference"]["at_target"]
+    for p in record["phases"]:
+        name = p["name"] + (" (simulated)" if p["name"] in SIMULATED else "")
+        if p["status"] != "ok":
+            lines.append(f"{name:22s} {'unavailable':>11s}  ({p['note']})")
+            continue
+        row = f"{name:22s} {p['time_s']:11.2f} {p['peak_mb']:9.0f} {p['delta_mb']:8.0f} |"
+        ref = at.get(p["name"])
+        if ref:
+            flag = "extr" if ref["extrapolated"] else "meas"
+            ratio_t = ref["time_s"] / p["time_s"] if p["time_s"] > 0 else float("inf")
+            ratio_m = ref["delta_mb"] / max(p["delta_mb"], 1.0)
+            row += f" {ref['time_s']:12.1f} {ref['delta_mb']:9.0f} {flag:4s} {ratio_t:8.1f}x {ratio_m:8.1f}x"
+        lines.append(row)
+    tot = record["totals"]
+    lines.append(f"{'round (compared phases)':22s} {tot['ours_time_s']:11.2f} {tot['ours_peak_mb']:9.0f} {'':8s} |"
+                 + (f" {tot['reference_time_s']:12.1f} {tot['reference_peak_delta_mb']:9.0f}" if tot.get("reference_time_s") else ""))
+    return "\n".join(lines)
+
+
+def profile(n, cameras, k_inter, scale_name=None, reference_sizes=None, reference_rows=16,
+            reference_max_gb=8.0, reference=True, seed=0, out="profile_out", log=print):
+    """Run the round and the reference, write JSON + PNG under `out`, return the record."""
+    scale_name = scale_name or str(n)
+    log(f"iics_fast round at {scale_name}: N={n}, C={cameras}, k_intra={K_INTRA}, k_inter={k_inter}")
+    ours, info = run_ours(n, cameras, k_inter, seed, log=log)
+    feats, camids, _ = synthetic_features(n, cameras, seed)
+    d_heads = [intra_cluster_count(int((camids == c).sum())) for c in range(cameras)]
+    del feats
+    d = info["D"] or sum(d_heads)
+    record = {"scale": scale_name, "N": n, "C": cameras, "D": d, "k_intra": K_INTRA, "k_inter": k_inter,
+              "machine": machine_info(), "command": "python -m iics_fast.profile " + " ".join(sys.argv[1:]),
+              "phases": [asdict(p) for p in ours],
+              "reference": {"measured": [], "fit": {}, "at_target": {}, "rows_timed": reference_rows}}
+    if reference:
+        sizes = reference_sizes or default_reference_sizes(n)
+        cap = reference_max_gb * 2**30
+        skipped = [s for s in sizes if reference_bytes(s, d) > cap]
+        sizes = [s for s in sizes if reference_bytes(s, d) <= cap]
+        if skipped:
+            log(f"  reference skipped at N={skipped}: estimated > {reference_max_gb} GB")
+        for s in sizes:
+            gc.collect()
+            phases = run_reference_inter(s, cameras, d_heads, k_inter, seed, reference_rows, log=log)
+            record["reference"]["measured"].append({"N": s, **{p.name: asdict(p) for p in phases}})
+        intra = run_reference_intra(n, cameras, seed)
+        log(f"  reference intra at N={n}: {intra.time_s:.2f} s, {intra.delta_mb:.0f} MB (measured)")
+        record["reference"]["at_target"]["intra"] = {"time_s": intra.time_s, "delta_mb": intra.delta_mb,
+                                                     "extrapolated": False}
+        measured = record["reference"]["measured"]
+        for phase in ("similarity", "rerank", "merge"):
+            ns = [m["N"] for m in measured]
+            ts = [m[phase]["time_s"] for m in measured]
+            ms = [m[phase]["delta_mb"] for m in measured]
+            if n in ns:
+                i = ns.index(n)
+                record["reference"]["at_target"][phase] = {"time_s": ts[i], "delta_mb": ms[i], "extrapolated": False}
+            if len(ns) >= 2 and n not in ns:
+                try:  # the largest sizes: nearest the asymptotic growth
+                    ta, tp = fit_power_law(ns[-3:], ts[-3:])
+                    ma, mp = fit_power_law(ns[-3:], ms[-3:])
+                except ValueError as exc:  # e.g. memory deltas lost in allocator noise at tiny N
+                    log(f"  no growth fit for reference {phase}: {exc}")
+                    continue
+                record["reference"]["fit"][phase] = {"time_exponent": ta, "time_prefactor": tp,
+                                                     "memory_exponent": ma, "memory_prefactor": mp}
+                floor_mb = DENSE_BYTES_PER_N2[phase] * n * n / 2**20
+                record["reference"]["at_target"][phase] = {
+                    "time_s": tp * n**ta, "delta_mb": max(mp * n**ma, floor_mb), "extrapolated": True,
+                    "fit_delta_mb": mp * n**ma, "dense_floor_mb": floor_mb}
+    ok = [p for p in ours if p.name in COMPARED and p.status == "ok"]
+    totals = {"ours_time_s": sum(p.time_s for p in ok), "ours_peak_mb": max((p.peak_mb for p in ours if p.status == "ok"), default=0.0)}
+    at = record["reference"]["at_target"]
+    if all(ph in at for ph in COMPARED):
+        totals["reference_time_s"] = sum(at[ph]["time_s"] for ph in COMPARED)
+        totals["reference_peak_delta_mb"] = max(at[ph]["delta_mb"] for ph in COMPARED)
+        totals["reference_extrapolated"] = any(at[ph]["extrapolated"] for ph in COMPARED)
+    record["totals"] = totals
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"profile_{scale_name}")
+    with open(stem + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+    _plot(record, stem + ".png")
+    log("")
+    log(_table(record))
+    log("meas = reference measured at this N; extr = extrapolated from the fitted growth exponent"
+        + "".join(f"\n  {ph}: time ~ N^{v['time_exponent']:.2f}, memory ~ N^{v['memory_exponent']:.2f}"
+                  for ph, v in record["reference"]["fit"].items()))
+    log(f"wrote {stem}.json and {stem}.png")
+    return record
+
+
+def parse_scale(text, cameras=None):
+    """'msmt17' etc. or an image count; returns (name, N, C, k_inter)."""
+    if text in SCALES:
+        n, c, k = SCALES[text]
+        return text, n, cameras or c, k
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"--scale must be one of {sorted(SCALES)} or an image count, got {text!r}") from None
+    if n < 2:
+        raise ValueError(f"--scale N needs at least 2 images, got {n}")
+    c = cameras or 6
+    return str(n), n, min(c, n), min(800, max(1, n // 16))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", default="market1501", help="market1501 | dukemtmc | msmt17 | an image count N")
+    parser.add_argument("--cameras", type=int, help="cameras C (default: the dataset's, 6 for a count)")
+    parser.add_argument("--out", default="profile_out", help="folder for the JSON record and the PNG chart")
+    parser.add_argument("--reference-sizes", type=int, nargs="+", help="N at which to run the reference")
+    parser.add_argument("--reference-rows", type=int, default=16, help="rows of the reference Jaccard loop to time")
+    parser.add_argument("--reference-max-gb", type=float, default=8.0, help="skip reference sizes estimated above this")
+    parser.add_argument("--no-reference", action="store_true", help="profile iics_fast only")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        name, n, c, k = parse_scale(args.scale, args.cameras)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return profile(n, c, k, name, args.reference_sizes, args.reference_rows, args.reference_max_gb,
+                   not args.no_reference, args.seed, args.out)
+
+
+if __name__ == "__main__":
+    main()
