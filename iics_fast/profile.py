@@ -238,7 +238,7 @@ def run_ours(n, cameras, k_inter, seed=0, k_intra=K_INTRA, log=print):
         dist = ops["similarity"](feats, scores, camids, MU, out="condensed")
     log(f"  similarity            {res[-1].time_s:8.2f} s")
     with meter("rerank", res, "k-reciprocal, condensed in place"):
-        dist = ops["k_reciprocal"](dist, k1=20, k2=6, lambda_value=0.3, inplace=True)
+        dist = ops["k_reciprocal"](dist, k1=20, k2=6, lambda_value=0.3, out=dist)
     log(f"  rerank                {res[-1].time_s:8.2f} s")
     with meter("merge", res, f"average linkage in place into {k_inter}"):
         final = ops["agglomerative"](dist, n_clusters=k_inter, inplace=True)

@@ -95,6 +95,15 @@ def test_rerank_matches_set_oracle(rng, n, k1, k2, lam):
     np.testing.assert_allclose(got, want, atol=4e-3)  # V and the Jaccard are float16 as in IICS
 
 
+@pytest.mark.parametrize("n", [9, 40])
+def test_rerank_matches_package_reference(rng, n):
+    from iics_fast.rerank import k_reciprocal_ref
+
+    x = rng.standard_normal((n, 6))
+    dist = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1)).astype(np.float32)
+    np.testing.assert_allclose(reference_rerank(dist), k_reciprocal_ref(dist), atol=1e-6)
+
+
 def test_rerank_rejects_condensed_and_bad_k():
     with pytest.raises(ValueError, match="square"):
         reference_rerank(np.zeros(10, dtype=np.float32))

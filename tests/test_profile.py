@@ -56,7 +56,7 @@ def _scipy_ops():
         sq = 1 - features @ features.T - mu * jac * (camids[:, None] != camids[None])
         return squareform(sq.astype(np.float32), checks=False)
 
-    def k_reciprocal(dist, k1=20, k2=6, lambda_value=0.3, inplace=False):
+    def k_reciprocal(dist, k1=20, k2=6, lambda_value=0.3, out=None):
         sq = reference_rerank(squareform(dist), k1, k2, lambda_value)
         return sq[np.triu_indices(len(sq), 1)]
 
