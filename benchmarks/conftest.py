@@ -51,6 +51,9 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    scale = config.getoption("--scale", default=None)
+    if scale:  # benchmark files may read the environment variable directly
+        os.environ["IICS_BENCH_SCALE"] = scale
 
 
 def pytest_collection_modifyitems(config, items):
