@@ -1,0 +1,1 @@
+"""Data: dataset loaders (front: ``iics_fast.datasets``)."""
