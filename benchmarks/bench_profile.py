@@ -23,8 +23,9 @@ def _same_partition(a, b):
 
 def test_round_matches_reference_small():
     ops = P._ours()
-    if isinstance(ops, Exception):
-        pytest.fail(f"the package's operations are missing: {ops}")
+    absent = {k: str(v) for k, v in ops.items() if isinstance(v, Exception)}
+    if absent:
+        pytest.fail(f"the package's operations are missing: {absent}")
     f, cams, _ = P.synthetic_features(300, 4, seed=3)
     s = P.synthetic_scores(f, cams, P.heads_from_samples(f, cams, k_intra=40))
     ours = np.asarray(ops["similarity"](f, s, cams, P.MU, out="condensed"))

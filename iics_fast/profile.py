@@ -198,52 +198,87 @@ def _cosine_condensed(x):
 
 
 def _ours():
-    """The package's fast operations, or the ImportError of the first one missing."""
-    try:
-        from iics_fast.cluster import agglomerative
-        from iics_fast.rerank import k_reciprocal
-        from iics_fast.similarity import inter_camera_distance
-    except ImportError as exc:
-        return exc
-    return {"agglomerative": agglomerative, "k_reciprocal": k_reciprocal, "similarity": inter_camera_distance}
+    """The package's fast operations by name; a missing one maps to its ImportError."""
+    ops = {}
+    for key, module, attr in (("agglomerative", "iics_fast.cluster", "agglomerative"),
+                              ("k_reciprocal", "iics_fast.rerank", "k_reciprocal"),
+                              ("similarity", "iics_fast.similarity", "inter_camera_distance")):
+        try:
+            ops[key] = getattr(__import__(module, fromlist=[attr]), attr)
+        except ImportError as exc:
+            ops[key] = exc
+    return ops
+
+
+def _numpy(x):
+    """NumPy view of an ndarray or a CPU torch tensor (no copy)."""
+    return x.numpy() if hasattr(x, "numpy") and not isinstance(x, np.ndarray) else x
 
 
 def run_ours(n, cameras, k_inter, seed=0, k_intra=K_INTRA, log=print):
-    """One round through iics_fast's operations; returns (PhaseResults, info dict)."""
+    """One round through iics_fast's operations; returns (PhaseResults, info dict).
+
+    A phase whose operation is not importable is recorded as unavailable; the round goes on
+    where it can (scores from sampled prototypes without intra labels; nothing after a missing
+    similarity or re-ranking).
+    """
     res: list[PhaseResult] = []
+    ops = _ours()
+
+    def missing(name, why):
+        res.append(PhaseResult(name, float("nan"), float("nan"), float("nan"), "unavailable", why))
+        log(f"  {name:21s} unavailable: {why}")
+
     with meter("extract", res, "simulated: synthetic features"):
         feats, camids, _ = synthetic_features(n, cameras, seed)
     log(f"  extract (simulated)   {res[-1].time_s:8.2f} s")
-    ops = _ours()
-    if isinstance(ops, Exception):
-        for name in PHASES[1:]:
-            res.append(PhaseResult(name, float("nan"), float("nan"), float("nan"), "unavailable", str(ops)))
-        return res, {"D": None}
-    with meter("intra", res, f"per camera: cosine + average linkage into {k_intra}"):
-        labels = np.empty(n, dtype=np.int64)
-        offset = 0
-        for cam in np.unique(camids):
-            idx = np.flatnonzero(camids == cam)
-            k = intra_cluster_count(len(idx), k_intra)
-            if len(idx) == 1:
-                labels[idx] = offset
-            else:
-                labels[idx] = offset + ops["agglomerative"](_cosine_condensed(feats[idx]), n_clusters=k, inplace=True)
-            offset += k
-    log(f"  intra                 {res[-1].time_s:8.2f} s")
-    with meter("scores", res, "simulated: per-camera softmax heads over the intra clusters"):
-        scores = synthetic_scores(feats, camids, heads_from_labels(feats, camids, labels))
+    labels = None
+    if isinstance(ops["agglomerative"], Exception):
+        missing("intra", str(ops["agglomerative"]))
+    else:
+        with meter("intra", res, f"per camera: cosine + average linkage into {k_intra}"):
+            labels = np.empty(n, dtype=np.int64)
+            offset = 0
+            for cam in np.unique(camids):
+                idx = np.flatnonzero(camids == cam)
+                k = intra_cluster_count(len(idx), k_intra)
+                if len(idx) == 1:
+                    labels[idx] = offset
+                else:
+                    labels[idx] = offset + np.asarray(
+                        ops["agglomerative"](_cosine_condensed(feats[idx]), n_clusters=k, inplace=True))
+                offset += k
+        log(f"  intra                 {res[-1].time_s:8.2f} s")
+    if labels is not None:
+        with meter("scores", res, "simulated: per-camera softmax heads over the intra clusters"):
+            scores = synthetic_scores(feats, camids, heads_from_labels(feats, camids, labels))
+    else:
+        with meter("scores", res, "simulated: per-camera softmax heads over sampled prototypes"):
+            scores = synthetic_scores(feats, camids, heads_from_samples(feats, camids, k_intra, seed))
     log(f"  scores (simulated)    {res[-1].time_s:8.2f} s   D = {scores.shape[1]}")
+    info = {"D": int(scores.shape[1])}
+    if isinstance(ops["similarity"], Exception):
+        for name in ("similarity", "rerank", "merge"):
+            missing(name, str(ops["similarity"]) if name == "similarity" else "needs the similarity")
+        return res, info
     with meter("similarity", res, "fused Eq. 5, condensed"):
-        dist = ops["similarity"](feats, scores, camids, MU, out="condensed")
+        dist = _numpy(ops["similarity"](feats, scores, camids, MU, out="condensed"))
     log(f"  similarity            {res[-1].time_s:8.2f} s")
+    del scores
+    if isinstance(ops["k_reciprocal"], Exception):
+        missing("rerank", str(ops["k_reciprocal"]))
+        missing("merge", "needs the re-ranking")
+        return res, info
     with meter("rerank", res, "k-reciprocal, condensed in place"):
-        dist = ops["k_reciprocal"](dist, k1=20, k2=6, lambda_value=0.3, out=dist)
+        dist = _numpy(ops["k_reciprocal"](dist, k1=20, k2=6, lambda_value=0.3, out=dist))
     log(f"  rerank                {res[-1].time_s:8.2f} s")
+    if isinstance(ops["agglomerative"], Exception):
+        missing("merge", str(ops["agglomerative"]))
+        return res, info
     with meter("merge", res, f"average linkage in place into {k_inter}"):
         final = ops["agglomerative"](dist, n_clusters=k_inter, inplace=True)
-    log(f"  merge                 {res[-1].time_s:8.2f} s   clusters = {len(np.unique(final))}")
-    return res, {"D": int(scores.shape[1])}
+    log(f"  merge                 {res[-1].time_s:8.2f} s   clusters = {len(np.unique(np.asarray(final)))}")
+    return res, info
 
 
 # --------------------------------------------------------------------------- reference pipeline
@@ -293,13 +328,19 @@ def run_reference_inter(n, cameras, d_heads, k_inter, seed=0, rows=16, log=print
     with meter("similarity", res, f"row loop timed on {rows} of {n} rows, scaled"):
         t0 = time.perf_counter()
         dist = B.reference_cosine_distance(feats)
-        t1 = time.perf_counter()
-        jac = B.reference_jaccard(scores, rows=np.linspace(0, n - 1, rows).astype(np.int64))
+        cos_s = time.perf_counter() - t0
+        loop_s = float("inf")
+        for shift in (0, 1):  # best of two row sets: one-off stalls on a shared machine are not scaled up
+            t1 = time.perf_counter()
+            jac = B.reference_jaccard(scores, rows=(np.linspace(0, n - 1, rows).astype(np.int64) + shift) % n)
+            loop_s = min(loop_s, time.perf_counter() - t1)
+            if shift == 0:
+                del jac
         t2 = time.perf_counter()
         B.reference_fuse(dist, jac, camids, MU)
         del jac
         t3 = time.perf_counter()
-    res[-1].time_s = (t1 - t0) + (t2 - t1) * n / rows + (t3 - t2)
+    res[-1].time_s = cos_s + loop_s * n / rows + (t3 - t2)
     del scores
     with meter("rerank", res):
         dist = B.reference_rerank(dist)
