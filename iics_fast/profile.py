@@ -72,6 +72,17 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc malloc_trim), so a phase's peak RSS counts
+    its own allocations rather than reusing pages an earlier phase left resident."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class PhaseResult:
     name: str
@@ -86,6 +97,7 @@ class PhaseResult:
 def meter(name: str, results: list, note: str = ""):
     """Time a block and record its peak RSS into `results` as a PhaseResult."""
     gc.collect()
+    _trim_heap()
     start_kb = _status_kb("VmRSS")
     sampler = None
     if not _reset_hwm():  # fall back to sampling VmRSS every 2 ms
@@ -187,16 +199,6 @@ def heads_from_samples(features, camids, k_intra=K_INTRA, seed=0):
     return heads
 
 
-def _cosine_condensed(x):
-    """Condensed (SciPy pdist order) 1 - x x^T, float32: square product compacted in place."""
-    from iics_fast._native import native
-
-    n = x.shape[0]
-    sq = np.subtract(1.0, x @ x.T, dtype=np.float32)
-    native().square_to_condensed(sq)
-    return sq.reshape(-1)[: n * (n - 1) // 2]
-
-
 def _ours():
     """The package's fast operations by name; a missing one maps to its ImportError."""
     ops = {}
@@ -233,8 +235,9 @@ def run_ours(n, cameras, k_inter, seed=0, k_intra=K_INTRA, log=print):
         feats, camids, _ = synthetic_features(n, cameras, seed)
     log(f"  extract (simulated)   {res[-1].time_s:8.2f} s")
     labels = None
-    if isinstance(ops["agglomerative"], Exception):
-        missing("intra", str(ops["agglomerative"]))
+    absent = [str(ops[k]) for k in ("similarity", "agglomerative") if isinstance(ops[k], Exception)]
+    if absent:
+        missing("intra", "; ".join(absent))
     else:
         with meter("intra", res, f"per camera: cosine + average linkage into {k_intra}"):
             labels = np.empty(n, dtype=np.int64)
@@ -245,8 +248,8 @@ def run_ours(n, cameras, k_inter, seed=0, k_intra=K_INTRA, log=print):
                 if len(idx) == 1:
                     labels[idx] = offset
                 else:
-                    labels[idx] = offset + np.asarray(
-                        ops["agglomerative"](_cosine_condensed(feats[idx]), n_clusters=k, inplace=True))
+                    cos = _numpy(ops["similarity"](feats[idx], None, camids[idx], out="condensed", mode="feature"))
+                    labels[idx] = offset + np.asarray(ops["agglomerative"](cos, n_clusters=k, inplace=True))
                 offset += k
         log(f"  intra                 {res[-1].time_s:8.2f} s")
     if labels is not None:

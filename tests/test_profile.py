@@ -51,7 +51,9 @@ def _scipy_ops():
     def agglomerative(dist, n_clusters, inplace=False):
         return fcluster(linkage(np.asarray(dist, np.float64), "average"), n_clusters, criterion="maxclust") - 1
 
-    def similarity(features, scores, camids, mu, out="condensed"):
+    def similarity(features, scores, camids, mu=0.02, out="condensed", mode="eq5"):
+        if mode == "feature":
+            return squareform((1 - features @ features.T).astype(np.float32), checks=False)
         jac = np.minimum(scores[:, None], scores[None]).sum(-1) / np.maximum(scores[:, None], scores[None]).sum(-1)
         sq = 1 - features @ features.T - mu * jac * (camids[:, None] != camids[None])
         return squareform(sq.astype(np.float32), checks=False)
