@@ -74,7 +74,7 @@ void copy_triangle(const T* src, int64_t n, bool square, T* dst) {
 
 template <typename T>
 py::array_t<double> linkage_typed(py::array_t<T, py::array::c_style> a, int method,
-                                  bool inplace) {
+                                  bool inplace, bool force_threads) {
   const int64_t n = points_of(a);
   const bool square = a.ndim() == 2;
   if (n < 1) throw std::invalid_argument("linkage needs at least one point");
@@ -91,14 +91,14 @@ py::array_t<double> linkage_typed(py::array_t<T, py::array::c_style> a, int meth
     T* data = a.mutable_data();
     py::gil_scoped_release release;
     if (square) iics::square_to_condensed(data, n);
-    iics::nn_chain_linkage(data, n, how, ma.get(), mb.get(), mh.get());
+    iics::nn_chain_linkage(data, n, how, ma.get(), mb.get(), mh.get(), force_threads);
     iics::merges_to_linkage(n, ma.get(), mb.get(), mh.get(), z);
   } else {
     const T* data = a.data();
     py::gil_scoped_release release;
     auto work = alloc_triangle<T>(iics::condensed_size(n));
     copy_triangle(data, n, square, work.get());
-    iics::nn_chain_linkage(work.get(), n, how, ma.get(), mb.get(), mh.get());
+    iics::nn_chain_linkage(work.get(), n, how, ma.get(), mb.get(), mh.get(), force_threads);
     work.reset();
     iics::merges_to_linkage(n, ma.get(), mb.get(), mh.get(), z);
   }
@@ -107,11 +107,11 @@ py::array_t<double> linkage_typed(py::array_t<T, py::array::c_style> a, int meth
 
 template <typename T>
 int64_t first_nonfinite_typed(py::array_t<T, py::array::c_style> a) {
-  const int64_t n = points_of(a);
+  const bool square = a.ndim() == 2;
+  const int64_t n = square ? points_of(a) : a.size();
   const T* data = a.data();
   py::gil_scoped_release release;
-  if (a.ndim() == 2) return iics::first_nonfinite_upper(data, n);
-  return iics::first_nonfinite(data, a.shape(0));
+  return square ? iics::first_nonfinite_upper(data, n) : iics::first_nonfinite(data, n);
 }
 
 template <typename T>
@@ -143,8 +143,12 @@ py::array_t<int64_t> cut_py(py::array_t<double, py::array::c_style> Z, int64_t n
 template <typename T>
 void def_typed(py::module_& m) {
   m.def("cluster_linkage", &linkage_typed<T>, py::arg("dist").noconvert(), py::arg("method"),
-        py::arg("inplace"));
-  m.def("cluster_first_nonfinite", &first_nonfinite_typed<T>, py::arg("dist").noconvert());
+        py::arg("inplace"), py::arg("force_threads") = false,
+        "Linkage matrix of a condensed or square (upper triangle) float array; method codes "
+        "single 0, complete 1, average 2, weighted 3. inplace destroys the array.");
+  m.def("cluster_first_nonfinite", &first_nonfinite_typed<T>, py::arg("values").noconvert(),
+        "First non-finite entry of a 1-D array, or of a square array's upper triangle as a "
+        "condensed offset; -1 if none.");
   m.def("cluster_select_rank", &select_rank_typed<T>, py::arg("values").noconvert(),
         py::arg("rank"));
 }

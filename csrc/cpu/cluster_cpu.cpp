@@ -4,8 +4,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdio>
-#include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -124,7 +122,8 @@ inline void contiguous_argmin(const T* p, int64_t len, T& best, int64_t& at) {
 template <typename T, typename U>
 class NNChain {
  public:
-  NNChain(T* D, int64_t n) : D_(D), n_(n), m_(n) {
+  NNChain(T* D, int64_t n, bool force_threads)
+      : D_(D), n_(n), m_(n), forced_(force_threads), parallel_(force_threads) {
     act_.resize(n);
     base_.resize(n);
     size_.assign(n, 1.0);
@@ -160,7 +159,7 @@ class NNChain {
       merge_b[r] = rep_[j];
       merge_h[r] = static_cast<double>(at(i, j));
       merge(i, j);
-      if (threads_ > 1) steer(r);
+      if (threads_ > 1 && !forced_) steer(r);
       if (m_ >= 64 && 2 * static_cast<int64_t>(act_.size()) <= m_) compact();
     }
   }
@@ -181,7 +180,7 @@ class NNChain {
   // Threads for a scan or update of `work` units (a strided read counts kGather).
   int team(int64_t work) {
     work_ += work;
-    if (!(parallel_ || probing_) || work < kParallelWork) return 1;
+    if (!(parallel_ || probing_) || (work < kParallelWork && !forced_)) return 1;
     if (probing_) op_start_ = Clock::now();
     return threads_;
   }
@@ -356,7 +355,7 @@ class NNChain {
   std::vector<int32_t> rep_;
   std::vector<int32_t> chain_;
   int threads_ = 1;
-  bool parallel_ = false, probing_ = false;
+  bool forced_, parallel_, probing_ = false;
   int64_t work_ = 0, work_since_ = 0, merges_ = 0;
   int64_t probe_at_ = 0, gap_ = kMinGap / 2, probe_work_ = 0, probe_ops_ = 0;
   double serial_rate_ = 0.0, probe_time_ = 0.0;
@@ -364,8 +363,8 @@ class NNChain {
 };
 
 template <typename T, typename U>
-void run_chain(T* D, int64_t n, int32_t* a, int32_t* b, double* h) {
-  NNChain<T, U>(D, n).run(a, b, h);
+void run_chain(T* D, int64_t n, bool force_threads, int32_t* a, int32_t* b, double* h) {
+  NNChain<T, U>(D, n, force_threads).run(a, b, h);
 }
 
 // Union-find over 0..size-1 with path halving.
@@ -401,16 +400,16 @@ struct FloatKey {
 
 template <typename T>
 void nn_chain_linkage(T* D, int64_t n, LinkageMethod method, int32_t* merge_a, int32_t* merge_b,
-                      double* merge_h) {
+                      double* merge_h, bool force_threads) {
   if (n < 2) return;
   switch (method) {
-    case LinkageMethod::Single: return run_chain<T, SingleUpdate>(D, n, merge_a, merge_b, merge_h);
+    case LinkageMethod::Single: return run_chain<T, SingleUpdate>(D, n, force_threads, merge_a, merge_b, merge_h);
     case LinkageMethod::Complete:
-      return run_chain<T, CompleteUpdate>(D, n, merge_a, merge_b, merge_h);
+      return run_chain<T, CompleteUpdate>(D, n, force_threads, merge_a, merge_b, merge_h);
     case LinkageMethod::Average:
-      return run_chain<T, AverageUpdate>(D, n, merge_a, merge_b, merge_h);
+      return run_chain<T, AverageUpdate>(D, n, force_threads, merge_a, merge_b, merge_h);
     case LinkageMethod::Weighted:
-      return run_chain<T, WeightedUpdate>(D, n, merge_a, merge_b, merge_h);
+      return run_chain<T, WeightedUpdate>(D, n, force_threads, merge_a, merge_b, merge_h);
   }
 }
 
@@ -528,9 +527,9 @@ T select_rank(const T* x, int64_t m, int64_t rank) {
 }
 
 template void nn_chain_linkage<float>(float*, int64_t, LinkageMethod, int32_t*, int32_t*,
-                                      double*);
+                                      double*, bool);
 template void nn_chain_linkage<double>(double*, int64_t, LinkageMethod, int32_t*, int32_t*,
-                                       double*);
+                                       double*, bool);
 template int64_t first_nonfinite<float>(const float*, int64_t);
 template int64_t first_nonfinite<double>(const double*, int64_t);
 template int64_t first_nonfinite_upper<float>(const float*, int64_t);

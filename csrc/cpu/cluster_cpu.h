@@ -13,11 +13,12 @@ enum class LinkageMethod : int { Single = 0, Complete = 1, Average = 2, Weighted
 // Runs the nearest-neighbour chain on the condensed upper triangle `D` of n points (SciPy `pdist`
 // order, see condensed.h) and destroys it. Writes the n-1 merges in the order they are found
 // (not sorted by height): the two merged clusters, each named by one of its points, and the
-// height. Preconditions: n >= 1, n < 2^31, every entry finite. Uses OpenMP threads when built
-// with them; the caller releases the GIL.
+// height. Preconditions: n >= 1, n < 2^31, every entry finite. Uses OpenMP threads (when built
+// with them) for large scans and updates while timing shows they pay; force_threads runs every
+// operation threaded (for tests of that path). The caller releases the GIL.
 template <typename T>
 void nn_chain_linkage(T* D, int64_t n, LinkageMethod method, int32_t* merge_a, int32_t* merge_b,
-                      double* merge_h);
+                      double* merge_h, bool force_threads = false);
 
 // Turns merges from nn_chain_linkage into SciPy's linkage matrix Z ((n-1) x 4, row-major): rows
 // sorted stably by height; Z[r,0] < Z[r,1] are the ids of the merged clusters (points 0..n-1,
