@@ -43,14 +43,17 @@ def _expansion_width(k1: int) -> int:
 
 
 def k_reciprocal_ref(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                     stable: bool = True) -> np.ndarray:
+                     stable: bool = True, exact_exp: bool = False) -> np.ndarray:
     """Dense transcription of the reference re-ranking; returns the full (N, N) float32 result.
 
     `dist` is a square float32 matrix (column j normalised by its own min and max, then
     transposed, as the reference does) or a condensed one (zero diagonal). With
     ``stable=False`` rows are ranked by NumPy's default quicksort like the reference, whose order
     of tied entries is unspecified; the default stable sort breaks ties by index, the rule the
-    fast path follows. Memory: several N x N arrays; for tests and baselines only.
+    fast path follows. NumPy's float32 exp is often an ulp off the correctly rounded value the
+    fast path uses, which can move a few Jaccard terms by one float16 step (<= 5e-4);
+    ``exact_exp=True`` rounds exp from float64 instead, and then the two agree bit for bit.
+    Memory: several N x N arrays; for tests and baselines only.
     """
     d = _as_numpy(dist)
     if d.ndim == 1:
@@ -81,7 +84,10 @@ def k_reciprocal_ref(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
             if overlap > 2 / 3 * len(cand_reciprocal):
                 expansion = np.append(expansion, cand_reciprocal)
         expansion = np.unique(expansion)
-        weight = np.exp(-norm[i, expansion])
+        if exact_exp:
+            weight = np.exp(-norm[i, expansion].astype(np.float64)).astype(np.float32)
+        else:
+            weight = np.exp(-norm[i, expansion])
         V[i, expansion] = weight / np.sum(weight)
 
     if k2 != 1:
