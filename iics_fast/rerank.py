@@ -23,6 +23,11 @@ What the reference computes, and this module with it, for a symmetric distance D
 
 The condensed output holds ``final[i, j]`` for i < j: the upper triangle the reference's
 clustering reads, normalised by row i.
+
+Every float16 and float32 operation is rounded as NumPy rounds it, so the result equals the
+reference bit for bit, with one exception: the weights' exp is correctly rounded here, while
+NumPy's float32 exp is sometimes an ulp off; in rare entries that moves the result by up to
+~2e-3 (see `k_reciprocal_ref`).
 """
 from __future__ import annotations
 
@@ -51,8 +56,10 @@ def k_reciprocal_ref(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
     ``stable=False`` rows are ranked by NumPy's default quicksort like the reference, whose order
     of tied entries is unspecified; the default stable sort breaks ties by index, the rule the
     fast path follows. NumPy's float32 exp is often an ulp off the correctly rounded value the
-    fast path uses, which can move a few Jaccard terms by one float16 step (<= 5e-4);
-    ``exact_exp=True`` rounds exp from float64 instead, and then the two agree bit for bit.
+    fast path uses; rarely that flips a float16 rounding of V, which moves the few entries
+    sharing it by up to ~2e-3 (one float16 step of the Jaccard sum m, times the slope of
+    1 - m / (2 - m)). ``exact_exp=True`` rounds exp from float64 instead, and then the two
+    agree bit for bit.
     Memory: several N x N arrays; for tests and baselines only.
     """
     d = _as_numpy(dist)

@@ -92,13 +92,13 @@ def test_result_does_not_depend_on_thread_count(threads, rng, tmp_path):
 
 
 def test_close_to_reference_with_numpy_exp(rng):
-    """The reference's own float32 exp may be an ulp off: at most one float16 step of the
-    Jaccard term moves, on a handful of entries."""
+    """The reference's own float32 exp may be an ulp off: a rare float16 rounding of V flips,
+    moving the few entries that share it by a float16 step of the Jaccard sum (<= ~2e-3)."""
     d = all_vs_all(rng, 300, clusters=30)
     ref = k_reciprocal_ref(d)
     fast = k_reciprocal(d)
-    np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-3)
-    assert np.mean(fast != ref) < 5e-3
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=3e-3)
+    assert np.mean(fast != ref) < 1e-3
 
 
 def test_condensed_output_is_upper_triangle_normalised_by_row_i(rng):
