@@ -63,7 +63,7 @@ def test_every_layout_matches_reference_bit_for_bit(n, rng):
 
 
 @pytest.mark.parametrize("k1, k2, lam", [(7, 3, 0.3), (5, 1, 0.5), (9, 10, 0.0), (20, 21, 1.0),
-                                         (1, 2, 0.3), (4, 5, 0.7)])
+                                         (1, 2, 0.3), (4, 5, 0.7), (10**6, 6, 0.3)])
 def test_parameters_match_reference(k1, k2, lam, rng):
     d = all_vs_all(rng, 150, clusters=20)
     ref = k_reciprocal_ref(d, k1, k2, lam, exact_exp=True)
