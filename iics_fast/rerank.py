@@ -2,10 +2,11 @@
 
 IICS re-ranks the all-vs-all distance before every agglomerative clustering. Its code sorts whole
 rows and keeps several dense N x N arrays (about 45 GB at MSMT17's N = 32,621). The algorithm
-only needs each row's k1 + 1 nearest neighbours, a sparse V (a few dozen non-zeros a row) and a
-Jaccard distance through an inverted index, so `k_reciprocal` keeps O(N * k1) memory beside the
-matrix and writes the dense result straight into the input buffer or the condensed layout
-(upper triangle i < j, SciPy `pdist` order) that the clustering reads.
+only needs each row's k1 + 1 nearest neighbours, a sparse V (tens to a few hundred non-zeros a
+row) and a Jaccard distance through an inverted index, so `k_reciprocal` keeps O(N * k1 * k2)
+memory at worst beside the matrix (about 1 KB a sample in practice) and writes the dense result
+straight into the input buffer or the condensed layout (upper triangle i < j, SciPy `pdist`
+order) that the clustering reads.
 
 What the reference computes, and this module with it, for a symmetric distance D:
 
@@ -23,6 +24,11 @@ What the reference computes, and this module with it, for a symmetric distance D
 
 The condensed output holds ``final[i, j]`` for i < j: the upper triangle the reference's
 clustering reads, normalised by row i.
+
+Every float16 and float32 operation is rounded as NumPy rounds it, so the result equals the
+reference bit for bit, with one exception: the weights' exp is correctly rounded here, while
+NumPy's float32 exp is sometimes an ulp off; in rare entries that moves the result by up to
+~2e-3 (see `k_reciprocal_ref`).
 """
 from __future__ import annotations
 
@@ -43,14 +49,19 @@ def _expansion_width(k1: int) -> int:
 
 
 def k_reciprocal_ref(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                     stable: bool = True) -> np.ndarray:
+                     stable: bool = True, exact_exp: bool = False) -> np.ndarray:
     """Dense transcription of the reference re-ranking; returns the full (N, N) float32 result.
 
     `dist` is a square float32 matrix (column j normalised by its own min and max, then
     transposed, as the reference does) or a condensed one (zero diagonal). With
     ``stable=False`` rows are ranked by NumPy's default quicksort like the reference, whose order
     of tied entries is unspecified; the default stable sort breaks ties by index, the rule the
-    fast path follows. Memory: several N x N arrays; for tests and baselines only.
+    fast path follows. NumPy's float32 exp is often an ulp off the correctly rounded value the
+    fast path uses; rarely that flips a float16 rounding of V, which moves the few entries
+    sharing it by up to ~2e-3 (one float16 step of the Jaccard sum m, times the slope of
+    1 - m / (2 - m)). ``exact_exp=True`` rounds exp from float64 instead, and then the two
+    agree bit for bit.
+    Memory: several N x N arrays; for tests and baselines only.
     """
     d = _as_numpy(dist)
     if d.ndim == 1:
@@ -81,7 +92,10 @@ def k_reciprocal_ref(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
             if overlap > 2 / 3 * len(cand_reciprocal):
                 expansion = np.append(expansion, cand_reciprocal)
         expansion = np.unique(expansion)
-        weight = np.exp(-norm[i, expansion])
+        if exact_exp:
+            weight = np.exp(-norm[i, expansion].astype(np.float64)).astype(np.float32)
+        else:
+            weight = np.exp(-norm[i, expansion])
         V[i, expansion] = weight / np.sum(weight)
 
     if k2 != 1:
@@ -156,7 +170,8 @@ def k_reciprocal(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, out
     k1, k2, lambda_value: the reference's k1 = 20, k2 = 6, lambda = 0.3. Neighbour lists are
       cut at N entries when N <= k1 (as the reference's slices are); k2 must be <= k1 + 1.
 
-    Extra memory is O(N * k1) (a few tens of MB at N = 32,621). GPU tensors are refused with a
+    Extra memory is O(N * k1 * k2) at worst, ~30 MB measured at N = 32,621, the work done row
+    block by row block (OpenMP threads, GIL released). GPU tensors are refused with a
     ValueError; move them to the CPU. Raises TypeError/ValueError before writing anything on bad
     input, including NaN or inf entries.
     """
@@ -198,7 +213,9 @@ def k_reciprocal(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, out
         result = out
 
     from ._native import native
-    native().k_reciprocal(d, o, k1=int(k1), k_half=_expansion_width(int(k1)), k2=int(k2),
+    # Lists stop at N entries, so k1 >= N acts like k1 = N (and stays within C++ int range).
+    native().k_reciprocal(d, o, k1=min(int(k1), n), k_half=min(_expansion_width(int(k1)), n),
+                          k2=min(int(k2), n),
                           jaccard_weight=float(np.float16(1 - lambda_value)),
                           dist_weight=float(np.float32(lambda_value)))
     return result

@@ -35,6 +35,10 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+// Below this many samples every stage runs on the calling thread: the work is microseconds,
+// while starting a thread team costs far more on a loaded machine.
+constexpr int64_t kParallelMin = 1024;
+
 int max_threads() {
 #ifdef IICS_WITH_OPENMP
   return omp_get_max_threads();
@@ -100,57 +104,104 @@ struct RowScale {
   float key(int64_t i, float d) const { return (d - lo[i]) / range[i]; }
 };
 
+// The sweeps below are written lane-wise (kLanes independent running values) so the compiler
+// turns them into vector instructions; a min or max does not depend on the order of its inputs.
+constexpr int kLanes = 8;
+constexpr int kBlock = 64;  // values tested against a heap bound at once
+
+// Folds v[0..m) into the running *lo and *hi; returns false if some value is NaN or inf.
+inline bool fold_range(const float* v, int64_t m, float* lo, float* hi) {
+  float a[kLanes], b[kLanes], f[kLanes];
+  for (int u = 0; u < kLanes; ++u) {
+    a[u] = *lo;
+    b[u] = *hi;
+    f[u] = 0.0f;
+  }
+  int64_t t = 0;
+  for (; t + kLanes <= m; t += kLanes)
+    for (int u = 0; u < kLanes; ++u) {
+      const float x = v[t + u];
+      a[u] = x < a[u] ? x : a[u];
+      b[u] = x > b[u] ? x : b[u];
+      f[u] += x - x;  // stays 0 for finite x, turns NaN for NaN or inf
+    }
+  for (; t < m; ++t) {
+    a[0] = v[t] < a[0] ? v[t] : a[0];
+    b[0] = v[t] > b[0] ? v[t] : b[0];
+    f[0] += v[t] - v[t];
+  }
+  bool finite = true;
+  for (int u = 0; u < kLanes; ++u) {
+    *lo = std::min(*lo, a[u]);
+    *hi = std::max(*hi, b[u]);
+    finite &= f[u] == 0.0f;
+  }
+  return finite;
+}
+
+// Whether some v[0..kBlock) is <= bound.
+inline bool any_at_most(const float* v, float bound) {
+  float m[kLanes];
+  for (int u = 0; u < kLanes; ++u) m[u] = v[u];
+  for (int t = kLanes; t < kBlock; t += kLanes)
+    for (int u = 0; u < kLanes; ++u) m[u] = v[t + u] < m[u] ? v[t + u] : m[u];
+  bool hit = false;
+  for (int u = 0; u < kLanes; ++u) hit |= m[u] <= bound;
+  return hit;
+}
+
+// Whether some v[t] <= bound[t], t < kBlock (v - bound <= 0 exactly then; bound may be inf).
+inline bool any_at_most(const float* v, const float* bound) {
+  float m[kLanes];
+  for (int u = 0; u < kLanes; ++u) m[u] = v[u] - bound[u];
+  for (int t = kLanes; t < kBlock; t += kLanes)
+    for (int u = 0; u < kLanes; ++u) {
+      const float d = v[t + u] - bound[t + u];
+      m[u] = d < m[u] ? d : m[u];
+    }
+  bool hit = false;
+  for (int u = 0; u < kLanes; ++u) hit |= m[u] <= 0.0f;
+  return hit;
+}
+
 // Min and max of every row, diagonal included, in one sequential sweep; throws on NaN/inf.
 RowScale row_scale(const float* in, Layout layout, int64_t n) {
   std::vector<float> lo(n), hi(n);
   int nonfinite = 0;
   if (layout == Layout::Square) {
-#pragma omp parallel for schedule(static) reduction(| : nonfinite)
+#pragma omp parallel for schedule(static) reduction(| : nonfinite) if (n >= kParallelMin)
     for (int64_t i = 0; i < n; ++i) {
-      const float* row = in + i * n;
       float a = kInf, b = -kInf;
-      int bad = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const float v = row[j];
-        a = std::min(a, v);
-        b = std::max(b, v);
-        bad |= !(v - v == 0.0f);  // inf - inf and NaN - NaN are NaN
-      }
+      nonfinite |= !fold_range(in + i * n, n, &a, &b);
       lo[i] = a;
       hi[i] = b;
-      nonfinite |= bad;
     }
   } else {
     // Entry (i, j) is in row i (contiguous) and row j (the thread's own partial column arrays).
     const int threads = max_threads();
     std::vector<float> col_lo(static_cast<size_t>(threads) * n, kInf);
     std::vector<float> col_hi(static_cast<size_t>(threads) * n, -kInf);
-#pragma omp parallel reduction(| : nonfinite)
+#pragma omp parallel reduction(| : nonfinite) if (n >= kParallelMin)
     {
       float* clo = col_lo.data() + static_cast<size_t>(thread_index()) * n;
       float* chi = col_hi.data() + static_cast<size_t>(thread_index()) * n;
 #pragma omp for schedule(dynamic, 64)
       for (int64_t i = 0; i < n; ++i) {
         const float* seg = in + condensed_row(n, i);
-        float* cl = clo + i + 1;
-        float* ch = chi + i + 1;
         const int64_t m = n - 1 - i;
         float a = 0.0f, b = 0.0f;  // the diagonal
-        int bad = 0;
-        for (int64_t t = 0; t < m; ++t) {
-          const float v = seg[t];
-          a = std::min(a, v);
-          b = std::max(b, v);
-          cl[t] = std::min(cl[t], v);
-          ch[t] = std::max(ch[t], v);
-          bad |= !(v - v == 0.0f);
-        }
+        nonfinite |= !fold_range(seg, m, &a, &b);
         lo[i] = a;
         hi[i] = b;
-        nonfinite |= bad;
+        float* cl = clo + i + 1;
+        float* ch = chi + i + 1;
+        for (int64_t t = 0; t < m; ++t) {
+          cl[t] = seg[t] < cl[t] ? seg[t] : cl[t];
+          ch[t] = seg[t] > ch[t] ? seg[t] : ch[t];
+        }
       }
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
     for (int64_t i = 0; i < n; ++i)
       for (int t = 0; t < threads; ++t) {
         lo[i] = std::min(lo[i], col_lo[static_cast<size_t>(t) * n + i]);
@@ -223,26 +274,19 @@ struct NearestHeap {
 };
 
 // Offers the contiguous distances v[0..m) of row `row`, indices first..first+m-1, to a heap.
-// Sixteen raw values are tested against the bound at once; the division only runs on hits.
+// Blocks of raw values are tested against the bound at once; the division only runs on hits.
 inline void scan_row(const float* v, int64_t m, int64_t first, int64_t row, const RowScale& s,
                      NearestHeap& heap) {
   float bound = heap.raw_bound();
-  int64_t t = 0;
-  for (; t + 16 <= m; t += 16) {
-    int hit = 0;
-    for (int u = 0; u < 16; ++u) hit |= v[t + u] <= bound;
-    if (!hit) continue;
-    for (int u = 0; u < 16; ++u)
-      if (v[t + u] <= bound) {
-        heap.offer(s.key(row, v[t + u]), v[t + u], static_cast<int32_t>(first + t + u));
+  for (int64_t t = 0; t < m; t += kBlock) {
+    const int64_t len = std::min<int64_t>(kBlock, m - t);
+    if (len == kBlock && !any_at_most(v + t, bound)) continue;
+    for (int64_t u = t; u < t + len; ++u)
+      if (v[u] <= bound) {
+        heap.offer(s.key(row, v[u]), v[u], static_cast<int32_t>(first + u));
         bound = heap.raw_bound();
       }
   }
-  for (; t < m; ++t)
-    if (v[t] <= bound) {
-      heap.offer(s.key(row, v[t]), v[t], static_cast<int32_t>(first + t));
-      bound = heap.raw_bound();
-    }
 }
 
 // Column stripes [b[s], b[s+1]) of about equal area of the upper triangle (column j holds j
@@ -261,7 +305,7 @@ std::vector<int32_t> nearest(const float* in, Layout layout, int64_t n, int kk,
                              const RowScale& s) {
   std::vector<int32_t> nbr(static_cast<size_t>(n) * kk);
   if (layout == Layout::Square) {
-#pragma omp parallel
+#pragma omp parallel if (n >= kParallelMin)
     {
       std::vector<Candidate> slots(kk);
 #pragma omp for schedule(dynamic, 16)
@@ -279,7 +323,7 @@ std::vector<int32_t> nearest(const float* in, Layout layout, int64_t n, int kk,
   // segment), `lower` those among indices < i, fed column by column.
   std::vector<Candidate> upper(static_cast<size_t>(n) * kk), lower(static_cast<size_t>(n) * kk);
   std::vector<int> upper_size(n, 0), lower_size(n, 0);
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 16) if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     NearestHeap heap{upper.data() + i * kk, kk, &upper_size[i]};
     heap.offer(s.key(i, 0.0f), 0.0f, static_cast<int32_t>(i));
@@ -289,7 +333,7 @@ std::vector<int32_t> nearest(const float* in, Layout layout, int64_t n, int kk,
   const std::vector<int64_t> stripe = column_stripes(n);
   const int64_t stripes = static_cast<int64_t>(stripe.size()) - 1;
   std::vector<float> bound(n, kInf);
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (n >= kParallelMin)
   for (int64_t st = stripes - 1; st >= 0; --st) {  // widest-area stripes first
     const int64_t j0 = stripe[st], j1 = stripe[st + 1];
     for (int64_t i = 0; i + 1 < j1; ++i) {
@@ -297,27 +341,21 @@ std::vector<int32_t> nearest(const float* in, Layout layout, int64_t n, int kk,
       const float* v = in + condensed_index(n, i, a);
       const float* bnd = bound.data() + a;
       const int64_t m = j1 - a;
-      for (int64_t t = 0; t < m; t += 16) {
-        const int64_t len = std::min<int64_t>(16, m - t);
-        int hit = 0;
-        if (len == 16) {
-          for (int u = 0; u < 16; ++u) hit |= v[t + u] <= bnd[t + u];
-        } else {
-          for (int64_t u = 0; u < len; ++u) hit |= v[t + u] <= bnd[t + u];
-        }
-        if (!hit) continue;
-        for (int64_t u = 0; u < len; ++u) {
-          const int64_t j = a + t + u;
-          if (v[t + u] <= bound[j]) {
+      for (int64_t t = 0; t < m; t += kBlock) {
+        const int64_t len = std::min<int64_t>(kBlock, m - t);
+        if (len == kBlock && !any_at_most(v + t, bnd + t)) continue;
+        for (int64_t u = t; u < t + len; ++u) {
+          const int64_t j = a + u;
+          if (v[u] <= bound[j]) {
             NearestHeap heap{lower.data() + j * kk, kk, &lower_size[j]};
-            heap.offer(s.key(j, v[t + u]), v[t + u], static_cast<int32_t>(i));
+            heap.offer(s.key(j, v[u]), v[u], static_cast<int32_t>(i));
             bound[j] = heap.raw_bound();
           }
         }
       }
     }
   }
-#pragma omp parallel
+#pragma omp parallel if (n >= kParallelMin)
   {
     std::vector<Candidate> merged(2 * static_cast<size_t>(kk));
 #pragma omp for schedule(static)
@@ -349,7 +387,7 @@ Sparse build_rows(int64_t n, Fill fill) {
   std::vector<std::vector<float>> vals(chunks);
   Sparse out;
   out.ptr.assign(n + 1, 0);
-#pragma omp parallel for schedule(static, 1)
+#pragma omp parallel for schedule(static, 1) if (n >= kParallelMin)
   for (int t = 0; t < chunks; ++t) {
     const int64_t begin = n * t / chunks, end = n * (t + 1) / chunks;
     fill(begin, end, cols[t], vals[t], out.ptr.data() + begin + 1);
@@ -387,7 +425,7 @@ Sparse build_v(const float* in, Layout layout, int64_t n, int kk, int k_half, co
   // Every sample's reciprocal set at k_half neighbours, consulted by the expansion rule.
   std::vector<int32_t> half_set(static_cast<size_t>(n) * k_half);
   std::vector<int> half_size(n);
-#pragma omp parallel
+#pragma omp parallel if (n >= kParallelMin)
   {
     std::vector<int32_t> r;
 #pragma omp for schedule(static)
@@ -526,7 +564,7 @@ void k_reciprocal_cpu(const float* in, Layout in_layout, float* out, Layout out_
   const bool upper_only = out_layout == Layout::Condensed;
   const bool in_place = static_cast<const float*>(out) == in;
   const float jac_one = p.jaccard_weight;  // the Jaccard term of a pair sharing nothing: 1 * w
-#pragma omp parallel
+#pragma omp parallel if (n >= kParallelMin)
   {
     std::vector<float> common(n, 0.0f), jac_term(n, jac_one);
     std::vector<int32_t> touched;
