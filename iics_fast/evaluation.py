@@ -122,40 +122,51 @@ def _block_rows(num_g: int, device: torch.device, block_elems) -> int:
 # ----------------------------------------------------------------------------- ranking core
 def _sort_keys(d: torch.Tensor) -> torch.Tensor:
     """Unique int64 keys ordering (distance as float32, gallery index) lexicographically."""
-    d = d.to(torch.float32) + 0.0  # -0.0 -> +0.0 so that the two zeros tie
-    bits = d.view(torch.int32)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving for negative floats too
-    idx = torch.arange(d.shape[1], device=d.device, dtype=torch.int64)
-    return (bits.to(torch.int64) << 32) | idx
+    bits = d.to(torch.float32).view(torch.int32)
+    x = bits >> 31
+    x &= 0x7FFFFFFF
+    x ^= bits  # order-preserving int32 image of the float, negatives included
+    x -= x >> 31  # negatives up by one, so -0.0 (-> -1) ties with +0.0 (-> 0)
+    key = x.to(torch.int64)
+    key <<= 32
+    key |= torch.arange(d.shape[1], device=d.device, dtype=torch.int64)
+    return key
 
 
 def _rank_block(d, qp, qc, gp, gc):
     """First-match rank (0 = no valid match) and AP of a block of queries.
 
     d: (B, G) distances; qp, qc: (B,) query pids/cameras; gp, gc: (G,) gallery pids/cameras.
+    The rank of match j (0-based, in key order) among the kept gallery is j + 1 + the number of
+    kept non-matches whose key is smaller: one binary search per gallery item finds, for every
+    non-match, how many matches precede it, and a cumulative count turns that into ranks.
     """
+    b, g = d.shape
+    dev = d.device
     same = gp[None, :] == qp[:, None]
-    junk = (same & (gc[None, :] == qc[:, None])) | (gp == -1)[None, :]
-    hit = same & ~junk
+    hit = same & (gc[None, :] != qc[:, None])  # same pid, other camera (pid -1 never matches)
+    hit &= (qp != -1)[:, None]
     num_hits = hit.sum(1)
-    b = d.shape[0]
-    first_rank = torch.zeros(b, dtype=torch.int64, device=d.device)
-    ap = torch.zeros(b, dtype=torch.float64, device=d.device)
+    first_rank = torch.zeros(b, dtype=torch.int64, device=dev)
+    ap = torch.zeros(b, dtype=torch.float64, device=dev)
     m = int(num_hits.max()) if b else 0
     if m == 0:
         return first_rank, ap
     key = _sort_keys(d)
     # Each row's match keys in ascending order, padded with INT64_MAX (above every real key).
-    hit_keys = torch.where(hit, key, torch.full_like(key, _INT64_MAX))
-    hit_keys = torch.topk(hit_keys, m, dim=1, largest=False, sorted=True).values
-    # pos = number of the row's matches ranked before each gallery item.
-    pos = torch.searchsorted(hit_keys, key)
-    others = (~junk & ~hit).to(torch.int64)  # kept non-matches
-    counts = torch.zeros(b, m + 1, dtype=torch.int64, device=d.device)
-    counts.scatter_add_(1, pos, others)
-    before = torch.cumsum(counts[:, :m], 1)  # kept non-matches ranked before match j
-    j = torch.arange(m, device=d.device, dtype=torch.int64)
-    rank = before + j + 1  # 1-based rank of match j in the kept gallery
+    rows, cols = hit.nonzero(as_tuple=True)
+    slot = torch.arange(rows.numel(), device=dev) - (torch.cumsum(num_hits, 0) - num_hits)[rows]
+    hit_keys = torch.full((b, m), _INT64_MAX, dtype=torch.int64, device=dev)
+    hit_keys[rows, slot] = key[rows, cols]
+    hit_keys = torch.sort(hit_keys, dim=1).values
+    pos = torch.searchsorted(hit_keys, key)  # matches ranked before each gallery item
+    # Only kept non-matches are counted: same-pid items (matches, same-camera drops) and junk
+    # go to the spare bucket m.
+    pos.masked_fill_(same | (gp == -1)[None, :], m)
+    counts = torch.zeros(b, m + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(1, pos, torch.ones(1, 1, dtype=torch.int64, device=dev).expand(b, g))
+    j = torch.arange(m, device=dev, dtype=torch.int64)
+    rank = torch.cumsum(counts[:, :m], 1) + j + 1  # 1-based rank of match j
     valid = j[None, :] < num_hits[:, None]
     prec = torch.where(valid, (j + 1).to(torch.float64) / rank.to(torch.float64), 0.0)
     has = num_hits > 0
