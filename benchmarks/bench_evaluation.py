@@ -1,8 +1,9 @@
-"""Evaluation speed: blockwise ``evaluate`` against the per-query ``evaluate_ref``.
+"""Evaluation speed: ``evaluate`` (C++ core and torch path) against the per-query ``evaluate_ref``.
 
-Default: 2,000 queries x 15,000 gallery (Market-1501-like). IICS_BENCH_SCALE=large adds the
-MSMT17 size, 11,659 x 82,161, through ``evaluate_features`` (the distance matrix alone would be
-3.8 GB), timed once, with the reference run on a 500-query slice and scaled.
+Default: 2,000 queries x 15,000 gallery (Market-1501-like), every path checked against the
+reference first. IICS_BENCH_SCALE=large adds the MSMT17 size, 11,659 x 82,161, through
+``evaluate_features`` (the distance matrix alone would be 3.8 GB), timed once, with the
+reference run on a 500-query slice and scaled. The GPU case needs CUDA.
 
     pytest benchmarks/bench_evaluation.py -s          # or: python benchmarks/bench_evaluation.py
 """
@@ -48,13 +49,14 @@ def run_moderate(num_q=2000, num_g=15000):
     qf, gf, qp, gp, qc, gc = _case(rng, num_q, num_g, num_ids=750)
     d = _cosine(qf, gf)
     t_ref, ref = _timed(evaluate_ref, d, qp, gp, qc, gc)
-    t_fast, got = _timed(evaluate, d, qp, gp, qc, gc, repeat=3)
-    np.testing.assert_allclose(got[0], ref[0], atol=1e-12)
-    assert abs(got[1] - ref[1]) < 1e-12
-    print(f"\nevaluate {num_q} x {num_g} on {torch.get_num_threads()} threads: "
-          f"reference {t_ref:.2f} s, blockwise {t_fast:.2f} s, ratio {t_ref / t_fast:.1f}x "
-          f"(mAP {got[1]:.4f}, rank-1 {got[0][0]:.4f})")
-    return t_ref, t_fast
+    print(f"\nevaluate {num_q} x {num_g} on the CPU ({torch.get_num_threads()} threads): "
+          f"per-query reference {t_ref:.2f} s")
+    for backend in ("native", "torch"):
+        t_fast, got = _timed(evaluate, d, qp, gp, qc, gc, backend=backend, repeat=3)
+        np.testing.assert_allclose(got[0], ref[0], atol=1e-12)
+        assert abs(got[1] - ref[1]) < 1e-12
+        print(f"  backend={backend:6s} {t_fast:.3f} s, {t_ref / t_fast:.1f}x the reference "
+              f"(mAP {got[1]:.4f}, rank-1 {got[0][0]:.4f})")
 
 
 def run_msmt(num_q=11659, num_g=82161, ref_queries=500):
@@ -62,13 +64,15 @@ def run_msmt(num_q=11659, num_g=82161, ref_queries=500):
     qf, gf, qp, gp, qc, gc = _case(rng, num_q, num_g, num_ids=3060, num_cams=15)
     sl = slice(0, ref_queries)
     t_ref, ref = _timed(evaluate_ref, _cosine(qf[sl], gf), qp[sl], gp, qc[sl], gc)
-    t_part, part = _timed(evaluate_features, qf[sl], gf, qp[sl], gp, qc[sl], gc)
-    assert abs(part[1] - ref[1]) < 1e-6
-    t_fast, got = _timed(evaluate_features, qf, gf, qp, gp, qc, gc)
     est = t_ref * num_q / ref_queries
-    print(f"\nevaluate_features {num_q} x {num_g}: {t_fast:.1f} s; reference on {ref_queries} "
-          f"queries {t_ref:.1f} s -> about {est:.0f} s for all, ratio {est / t_fast:.1f}x "
-          f"(mAP {got[1]:.4f})")
+    print(f"\nevaluate_features {num_q} x {num_g}: per-query reference on {ref_queries} queries "
+          f"{t_ref:.1f} s -> about {est:.0f} s for all")
+    for backend in ("native", "torch"):
+        part = evaluate_features(qf[sl], gf, qp[sl], gp, qc[sl], gc, backend=backend)
+        assert abs(part[1] - ref[1]) < 1e-6
+        t_fast, got = _timed(evaluate_features, qf, gf, qp, gp, qc, gc, backend=backend)
+        print(f"  backend={backend:6s} {t_fast:.1f} s, about {est / t_fast:.1f}x the reference "
+              f"(mAP {got[1]:.4f})")
 
 
 def test_evaluation_speed():

@@ -20,24 +20,31 @@ def _assert_same(a, b):
     assert a[1] == pytest.approx(b[1], abs=1e-12)
 
 
+BACKENDS = ["torch", "native"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("trial", range(12))
-def test_matches_reference_with_ties(trial, rng):
+def test_matches_reference_with_ties(trial, backend, rng):
     num_q, num_g = int(rng.integers(1, 40)), int(rng.integers(1, 90))
     d, qp, gp, qc, gc = _random_case(rng, num_q, num_g)
     qp[0], qc[0] = 1, 0  # at least one query with a valid match
     gp[0], gc[0] = 1, 1
     max_rank = int(rng.integers(1, 120))  # often beyond the gallery
     ref = evaluate_ref(d, qp, gp, qc, gc, max_rank)
-    got = evaluate(d, qp, gp, qc, gc, max_rank, block_elems=int(rng.integers(1, 300)))
+    got = evaluate(d, qp, gp, qc, gc, max_rank, backend=backend,
+                   block_elems=int(rng.integers(1, 300)))
     assert got[0].shape == (max_rank,) and got[0].dtype == np.float64
     _assert_same(got, ref)
 
 
-def test_block_size_and_device_input_do_not_change_result(rng):
+def test_block_size_backend_and_input_type_do_not_change_result(rng):
     d, qp, gp, qc, gc = _random_case(rng, 57, 131, num_pids=10)
     base = evaluate(d, qp, gp, qc, gc, 20)
-    for block in (1, 131, 132, 1000, 10**7):
-        _assert_same(evaluate(d, qp, gp, qc, gc, 20, block_elems=block), base)
+    for backend in BACKENDS:
+        for block in (1, 131, 132, 1000, 10**7):
+            _assert_same(evaluate(d, qp, gp, qc, gc, 20, backend=backend, block_elems=block), base)
+    _assert_same(evaluate(np.asfortranarray(d), qp, gp, qc, gc, 20, backend="native"), base)
     t = (torch.as_tensor(x) for x in (d, qp, gp, qc, gc))
     _assert_same(evaluate(*t, max_rank=20), base)
     _assert_same(evaluate(d.astype(np.float64), qp, gp, qc, gc, 20), base)
@@ -117,8 +124,8 @@ def test_features_path_matches_reference(rng):
     qn = qf / np.linalg.norm(qf, axis=1, keepdims=True)
     gn = gf / np.linalg.norm(gf, axis=1, keepdims=True)
     ref = evaluate_ref(1 - qn @ gn.T, qp, gp, qc, gc, 30)
-    for block in (None, 7, 200):
-        cmc, mAP = evaluate_features(qf, gf, qp, gp, qc, gc, 30, block_elems=block)
+    for backend, block in [(b, k) for b in BACKENDS for k in (None, 7, 200)]:
+        cmc, mAP = evaluate_features(qf, gf, qp, gp, qc, gc, 30, backend=backend, block_elems=block)
         np.testing.assert_allclose(cmc, ref[0], atol=1e-12)
         assert mAP == pytest.approx(ref[1], abs=1e-9)
     cmc, mAP = evaluate_features(torch.as_tensor(qf), torch.as_tensor(gf), qp, gp, qc, gc, 30)
@@ -138,6 +145,8 @@ def test_features_path_matches_reference(rng):
         (dict(distmat=np.zeros((0, 5), np.float32), q_pids=[], q_camids=[]), ValueError,
          "at least one query"),
         (dict(q_pids=np.full(3, 7)), ValueError, "no query has a valid match"),
+        (dict(backend="fast"), ValueError, "backend must be"),
+        (dict(backend="native", device="cuda"), ValueError, "runs on the CPU"),
     ],
 )
 def test_bad_input(change, exc, match):
