@@ -342,7 +342,9 @@ def _specs():
              "M": "i32", "P": "i32", "M_pad": "i32", "P_pad": "i32", "D_pad": "i32"},
             {"BM": bm, "BN": bn, "UNROLL": UNROLL}, NUM_WARPS, NUM_STAGES,
         ))
-        for mode in ("eq5",) if tag == "fp16" else ("eq5", "feature", "jaccard"):
+        # eq5 for both dtypes (its innermost loop is the L1 loop); "feature" is the one mode
+        # whose innermost loop is the cosine (tl.dot); "jaccard" compiles the same L1 loop
+        for mode in ("eq5",) if tag == "fp16" else ("eq5", "feature"):
             specs.append(KernelSpec(
                 f"inter_camera_{mode}_{tag}", _inter_camera_kernel,
                 {"feat_ptr": dt, "st_ptr": dt, "rowsum_ptr": "*fp32", "cam_ptr": "*i32",
