@@ -86,3 +86,20 @@ def test_estimates_from_a_compiled_kernel_and_its_work_model():
     assert msmt.bound == "memory"  # a row sum is bandwidth-bound
     assert msmt.estimate_s == pytest.approx(4 * 32621 * 9001 / 3.35e12)
     assert msmt.instr_per_element == pytest.approx(r.inner_loop_len / 64)
+
+
+def test_fallback_work_model_for_the_fused_distance_kernel():
+    pytest.importorskip("iics_fast.kernels.pairwise")
+    from iics_fast.gpu_report import DATASET_SCALES, all_specs, all_work_models
+
+    specs = {s.name: s for s in all_specs()}
+    models = all_work_models()
+    assert "inter_camera_eq5_fp32" in models
+    spec = specs["inter_camera_eq5_fp32"]
+    msmt = DATASET_SCALES[-1]
+    w = models["inter_camera_eq5_fp32"](msmt)
+    n = msmt["N"]
+    assert w["elements"] == pytest.approx(n * n / 2 * (14 / 15) * 9000)
+    b, u = spec.constexprs["BLOCK"], spec.constexprs["UNROLL"]
+    assert w["elements_per_iteration"] == b * b * 4 * u / spec.num_warps
+    assert w["bytes"] > n * (n - 1) / 2 * 4  # at least the condensed output
