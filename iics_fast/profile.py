@@ -27,7 +27,6 @@ Output under --out: profile_<scale>.json and profile_<scale>.png, and a table on
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -96,7 +95,6 @@ class PhaseResult:
 @contextmanager
 def meter(name: str, results: list, note: str = ""):
     """Time a block and record its peak RSS into `results` as a PhaseResult."""
-    gc.collect()
     _trim_heap()
     start_kb = _status_kb("VmRSS")
     sampler = None
@@ -433,10 +431,10 @@ def _plot(record, path):
                     "time_prefactor" if key == "time_s" else "memory_prefactor"]
                 xs = np.geomspace(min(p[0] for p in pts), max(n_target, max(p[0] for p in pts)), 50)
                 ax.plot(xs, pref * xs**a, "--", color=c, alpha=0.7, label=f"fit n^{a:.2f} (extrapolated)")
-            if phase == "intra":
-                ref = record["reference"]["at_target"].get("intra")
-                if ref:
-                    ax.plot([n_target], [ref[key]], "o", color=c, mfc="none")
+            ref = record["reference"]["at_target"].get(phase)
+            if ref:  # the figure the table reports at the target N
+                ax.plot([n_target], [ref[key]], "s" if ref["extrapolated"] else "o", color=c, mfc="none", ms=9,
+                        label=f"reference {phase} at N={n_target} ({'extrapolated' if ref['extrapolated'] else 'measured'})")
             ours = next((p for p in record["phases"] if p["name"] == phase and p["status"] == "ok"), None)
             if ours:
                 ax.plot([n_target], [max(ours[key], 1e-3)], "*", ms=14, color=c, label=f"iics_fast {phase}")
@@ -446,9 +444,9 @@ def _plot(record, path):
         ax.set_ylabel(label)
         ax.axvline(n_target, color="gray", lw=0.8)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
+    axes[0].legend(fontsize=6, loc="upper left", ncol=2)
     fig.suptitle(f"IICS clustering round, {record['scale']} (N={n_target}, C={record['C']}, D={record['D']})"
-                 f" - stars: iics_fast, circles: reference measured, dashed: reference extrapolated", fontsize=9)
+                 f" - stars: iics_fast; dots: reference measured; dashed/squares: reference extrapolated", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -498,7 +496,6 @@ def profile(n, cameras, k_inter, scale_name=None, reference_sizes=None, referenc
         if skipped:
             log(f"  reference skipped at N={skipped}: estimated > {reference_max_gb} GB")
         for s in sizes:
-            gc.collect()
             phases = run_reference_inter(s, cameras, d_heads, k_inter, seed, reference_rows, log=log)
             record["reference"]["measured"].append({"N": s, **{p.name: asdict(p) for p in phases}})
         intra = run_reference_intra(n, cameras, seed)

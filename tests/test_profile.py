@@ -92,7 +92,7 @@ def test_profile_writes_json_and_png(tmp_path, monkeypatch):
 
 def test_profile_extrapolates_and_labels(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "_ours", _scipy_ops)
-    rec = P.profile(300, 3, 20, reference_sizes=[100, 200], out=str(tmp_path), log=lambda *a: None)
+    rec = P.profile(200, 3, 12, reference_sizes=[50, 100], out=str(tmp_path), log=lambda *a: None)
     at = rec["reference"]["at_target"]
     assert at["intra"]["extrapolated"] is False
     for phase in ("similarity", "rerank", "merge"):
@@ -105,5 +105,5 @@ def test_profile_cli_with_package_ops(tmp_path):
     pytest.importorskip("iics_fast.cluster")
     pytest.importorskip("iics_fast.similarity")
     pytest.importorskip("iics_fast.rerank")
-    P.main(["--scale", "600", "--out", str(tmp_path), "--reference-sizes", "150", "600"])
-    _check_record(None, tmp_path, "600", 600, [150, 600])
+    P.main(["--scale", "300", "--out", str(tmp_path), "--reference-sizes", "100", "300"])
+    _check_record(None, tmp_path, "300", 300, [100, 300])
