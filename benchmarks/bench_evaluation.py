@@ -67,7 +67,7 @@ def run_msmt(num_q=11659, num_g=82161, ref_queries=500):
     est = t_ref * num_q / ref_queries
     print(f"\nevaluate_features {num_q} x {num_g}: per-query reference on {ref_queries} queries "
           f"{t_ref:.1f} s -> about {est:.0f} s for all")
-    for backend in ("native", "torch"):
+    for backend in ("native",):  # the torch path is the GPU's; on the CPU it is the slow one
         part = evaluate_features(qf[sl], gf, qp[sl], gp, qc[sl], gc, backend=backend)
         assert abs(part[1] - ref[1]) < 1e-6
         t_fast, got = _timed(evaluate_features, qf, gf, qp, gp, qc, gc, backend=backend)

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace iics {
@@ -36,6 +37,12 @@ inline float key_distance(uint64_t key) {
 void rank_queries_cpu(const float* dist, int64_t ld, int64_t nq, int64_t ng, const int64_t* qp,
                       const int64_t* qc, const int64_t* gp, const int64_t* gc,
                       int64_t* first_rank, double* ap) {
+  // Gallery indices grouped by pid (ascending index within a pid): a query finds its matches
+  // by binary search instead of a pass over the gallery.
+  std::vector<int64_t> by_pid(ng);
+  std::iota(by_pid.begin(), by_pid.end(), int64_t{0});
+  std::stable_sort(by_pid.begin(), by_pid.end(),
+                   [gp](int64_t a, int64_t b) { return gp[a] < gp[b]; });
   // Threads only pay off beyond tiny blocks (a parallel region costs microseconds to ms).
   const bool parallel = nq > 1 && nq * ng >= (int64_t{1} << 16);
   (void)parallel;
@@ -52,9 +59,12 @@ void rank_queries_cpu(const float* dist, int64_t ld, int64_t nq, int64_t ng, con
       const float* row = dist + i * ld;
       const int64_t p = qp[i], c = qc[i];
       hits.clear();
-      if (p != -1)
-        for (int64_t g = 0; g < ng; ++g)
-          if (gp[g] == p && gc[g] != c) hits.push_back(sort_key(row[g], g));
+      if (p != -1) {
+        auto lo = std::lower_bound(by_pid.begin(), by_pid.end(), p,
+                                   [gp](int64_t g, int64_t v) { return gp[g] < v; });
+        for (; lo != by_pid.end() && gp[*lo] == p; ++lo)
+          if (gc[*lo] != c) hits.push_back(sort_key(row[*lo], *lo));
+      }
       const int64_t m = static_cast<int64_t>(hits.size());
       if (m == 0) {
         first_rank[i] = 0;
