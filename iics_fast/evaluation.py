@@ -285,8 +285,8 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank: int 
     qf = torch.nn.functional.normalize(torch.as_tensor(qf).to(dev, torch.float32), dim=1)
     gf = torch.nn.functional.normalize(torch.as_tensor(gf).to(dev, torch.float32), dim=1)
     rows = _block_rows(num_g, dev, block_elems, native)
-    parts = [rank(1.0 - qf[s : s + rows] @ gf.T, qp[s : s + rows], qc[s : s + rows])
-             for s in range(0, num_q, rows)]
+    parts = [rank((qf[s : s + rows] @ gf.T).neg_().add_(1.0), qp[s : s + rows], qc[s : s + rows])
+             for s in range(0, num_q, rows)]  # 1 - cos, in place: one block buffer
     return _finish(np.concatenate([f for f, _ in parts]), np.concatenate([a for _, a in parts]),
                    max_rank)
 
