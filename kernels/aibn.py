@@ -21,7 +21,7 @@ Forward, three launches: `_aibn_stats_kernel` reads x once and writes mu_in, var
 S2 = sum (x - k)^2 accumulate per lane in registers (one subtract and one FMA an element, one
 cross-lane reduction at the end), then mu_in = k + S1/m, var_in = (S2 - S1^2/m) / (m - 1). The
 shift removes the E[x^2] - E[x]^2 cancellation of plain sums when |mean| >> std.
-`_aibn_fwd_finalize_kernel` (per channel block, loops over N) forms mu_bn and var_bn (as
+`_aibn_fwd_finalize_kernel` (per channel block, over N in [BLOCK_N, BLOCK_C] tiles) forms mu_bn and var_bn (as
 mean(var_in) + mean((mu_in - mu_bn)^2), the same quantity without cancellation), updates the
 running statistics, and writes the per-(n, c) mixed mean and gamma * r. `_aibn_apply_kernel`
 reads x a second time and writes y once. Saved for backward: x and the (N, C) / (C,) statistics.
@@ -54,6 +54,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from iics_fast.gpu_report import KernelSpec
 
@@ -160,22 +161,28 @@ def _aibn_fwd_finalize_kernel(
     momentum,
     eps,
     TRAINING: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    # one program: BLOCK_C channels; samples in [BLOCK_N, BLOCK_C] tiles (one load round each)
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
+    rows = tl.arange(0, BLOCK_N)
     a = tl.load(alpha_ptr).to(tl.float32)
     a = tl.minimum(tl.maximum(a, 0.0), 1.0)
     if TRAINING:
         acc = tl.zeros([BLOCK_C], tl.float32)
-        for n in range(0, N):
-            acc += tl.load(mu_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
+        for n0 in range(0, N, BLOCK_N):
+            nc = (n0 + rows)[:, None] * C + c_offs[None, :]
+            m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+            acc += tl.sum(tl.load(mu_in_ptr + nc, mask=m, other=0.0), axis=0)
         mu_bn = acc / N
         acc = tl.zeros([BLOCK_C], tl.float32)
-        for n in range(0, N):
-            mu = tl.load(mu_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-            v = tl.load(var_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-            acc += v + (mu - mu_bn) * (mu - mu_bn)
+        for n0 in range(0, N, BLOCK_N):
+            nc = (n0 + rows)[:, None] * C + c_offs[None, :]
+            m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+            d = tl.where(m, tl.load(mu_in_ptr + nc, mask=m, other=0.0) - mu_bn[None, :], 0.0)
+            acc += tl.sum(tl.load(var_in_ptr + nc, mask=m, other=0.0) + d * d, axis=0)
         var_bn = acc / N
         rm = tl.load(run_mean_ptr + c_offs, mask=c_mask, other=0.0)
         rv = tl.load(run_var_ptr + c_offs, mask=c_mask, other=0.0)
@@ -186,13 +193,15 @@ def _aibn_fwd_finalize_kernel(
         var_bn = tl.load(run_var_ptr + c_offs, mask=c_mask, other=1.0)
     tl.store(mu_bn_ptr + c_offs, mu_bn, mask=c_mask)
     tl.store(var_bn_ptr + c_offs, var_bn, mask=c_mask)
-    gamma = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    for n in range(0, N):
-        mu = tl.load(mu_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-        v = tl.load(var_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-        r = 1.0 / tl.sqrt(a * var_bn + (1.0 - a) * v + eps)
-        tl.store(mean_ptr + n * C + c_offs, a * mu_bn + (1.0 - a) * mu, mask=c_mask)
-        tl.store(scale_ptr + n * C + c_offs, gamma * r, mask=c_mask)
+    gamma = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    for n0 in range(0, N, BLOCK_N):
+        nc = (n0 + rows)[:, None] * C + c_offs[None, :]
+        m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+        mu = tl.load(mu_in_ptr + nc, mask=m, other=0.0)
+        v = tl.load(var_in_ptr + nc, mask=m, other=0.0)
+        r = 1.0 / tl.sqrt(a * var_bn[None, :] + (1.0 - a) * v + eps)
+        tl.store(mean_ptr + nc, a * mu_bn[None, :] + (1.0 - a) * mu, mask=m)
+        tl.store(scale_ptr + nc, gamma * r, mask=m)
 
 
 @triton.jit
@@ -281,51 +290,57 @@ def _aibn_bwd_finalize_kernel(
     HW,
     eps,
     TRAINING: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
+    rows = tl.arange(0, BLOCK_N)
     alpha = tl.load(alpha_ptr).to(tl.float32)
     a = tl.minimum(tl.maximum(alpha, 0.0), 1.0)
-    gamma = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    mu_bn = tl.load(mu_bn_ptr + c_offs, mask=c_mask, other=0.0)
-    var_bn = tl.load(var_bn_ptr + c_offs, mask=c_mask, other=0.0)
+    gamma = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    mu_bn = tl.load(mu_bn_ptr + c_offs, mask=c_mask, other=0.0)[None, :]
+    var_bn = tl.load(var_bn_ptr + c_offs, mask=c_mask, other=0.0)[None, :]
     d_gamma = tl.zeros([BLOCK_C], tl.float32)
     d_beta = tl.zeros([BLOCK_C], tl.float32)
     d_a = tl.zeros([BLOCK_C], tl.float32)
     sum_a = tl.zeros([BLOCK_C], tl.float32)
     sum_b = tl.zeros([BLOCK_C], tl.float32)
-    for n in range(0, N):
-        mu = tl.load(mu_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-        v = tl.load(var_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-        sg = tl.load(sum_g_ptr + n * C + c_offs, mask=c_mask, other=0.0)
+    for n0 in range(0, N, BLOCK_N):
+        nc = (n0 + rows)[:, None] * C + c_offs[None, :]
+        m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+        mu = tl.load(mu_in_ptr + nc, mask=m, other=0.0)
+        v = tl.load(var_in_ptr + nc, mask=m, other=0.0)
+        sg = tl.load(sum_g_ptr + nc, mask=m, other=0.0)
         r = 1.0 / tl.sqrt(a * var_bn + (1.0 - a) * v + eps)
-        sgx = tl.load(sum_gxc_ptr + n * C + c_offs, mask=c_mask, other=0.0) * r  # sum g xhat
-        d_beta += sg
-        d_gamma += sgx
-        big_a = -gamma * r * sg
-        big_b = -0.5 * gamma * r * r * sgx
-        sum_a += big_a
-        sum_b += big_b
-        d_a += tl.where(c_mask, big_a * (mu_bn - mu) + big_b * (var_bn - v), 0.0)
+        sgx = tl.load(sum_gxc_ptr + nc, mask=m, other=0.0) * r  # sum_i g_i xhat_i
+        big_a = -gamma * r * sg  # dL/dmu (0 where masked: sg = sgx = 0)
+        big_b = -0.5 * gamma * r * r * sgx  # dL/dsigma^2
+        d_beta += tl.sum(sg, axis=0)
+        d_gamma += tl.sum(sgx, axis=0)
+        sum_a += tl.sum(big_a, axis=0)
+        sum_b += tl.sum(big_b, axis=0)
+        d_a += tl.sum(big_a * (mu_bn - mu) + big_b * (var_bn - v), axis=0)
     tl.store(dweight_ptr + c_offs, d_gamma, mask=c_mask)
     tl.store(dbias_ptr + c_offs, d_beta, mask=c_mask)
     inside = (alpha >= 0.0) & (alpha <= 1.0)
     tl.store(dalpha_part_ptr + tl.program_id(0), tl.where(inside, tl.sum(d_a, axis=0), 0.0))
-    for n in range(0, N):
-        mu = tl.load(mu_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-        v = tl.load(var_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-        sg = tl.load(sum_g_ptr + n * C + c_offs, mask=c_mask, other=0.0)
+    for n0 in range(0, N, BLOCK_N):
+        nc = (n0 + rows)[:, None] * C + c_offs[None, :]
+        m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+        mu = tl.load(mu_in_ptr + nc, mask=m, other=0.0)
+        v = tl.load(var_in_ptr + nc, mask=m, other=0.0)
+        sg = tl.load(sum_g_ptr + nc, mask=m, other=0.0)
         r = 1.0 / tl.sqrt(a * var_bn + (1.0 - a) * v + eps)
-        sgx = tl.load(sum_gxc_ptr + n * C + c_offs, mask=c_mask, other=0.0) * r
+        sgx = tl.load(sum_gxc_ptr + nc, mask=m, other=0.0) * r
         g_mu = (1.0 - a) * (-gamma * r * sg)
         g_var = (1.0 - a) * (-0.5 * gamma * r * r * sgx)
         if TRAINING:
-            g_mu += a * (sum_a + 2.0 * sum_b * (mu - mu_bn)) / N
-            g_var += a * sum_b / N
-        tl.store(k1_ptr + n * C + c_offs, gamma * r, mask=c_mask)
-        tl.store(k2_ptr + n * C + c_offs, 2.0 * g_var / (HW - 1), mask=c_mask)
-        tl.store(k3_ptr + n * C + c_offs, g_mu / HW, mask=c_mask)
+            g_mu += a * (sum_a[None, :] + 2.0 * sum_b[None, :] * (mu - mu_bn)) / N
+            g_var += a * sum_b[None, :] / N
+        tl.store(k1_ptr + nc, gamma * r, mask=m)
+        tl.store(k2_ptr + nc, 2.0 * g_var / (HW - 1), mask=m)
+        tl.store(k3_ptr + nc, g_mu / HW, mask=m)
 
 
 @triton.jit
@@ -366,7 +381,8 @@ def _aibn_bwd_apply_kernel(
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TILE = 2048  # elements per streaming tile: 16 values a thread at 4 warps
-FINALIZE_BLOCK_C = 128
+FINALIZE_BLOCK_C = 32  # channels a finalize program owns
+FINALIZE_BLOCK_N = 64  # samples it loads at once: one load round per pass for N <= 64
 
 
 def _layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -387,6 +403,10 @@ def _blocks(C: int, HW: int, channels_last: bool) -> tuple[int, int]:
         block_s = min(triton.next_power_of_2(HW), 1024)
         block_c = min(triton.next_power_of_2(C), max(1, TILE // block_s))
     return block_c, block_s
+
+
+def _finalize_block_n(N: int) -> int:
+    return min(triton.next_power_of_2(N), FINALIZE_BLOCK_N)
 
 
 def _check(x, weight, bias, alpha, running_mean, running_var):
@@ -430,7 +450,7 @@ def aibn_forward(x, running_mean, running_var, weight, bias, alpha, training=Fal
     _aibn_stats_kernel[grid](x, mu_in, var_in, C, HW, channels_last, block_c, block_s)
     _aibn_fwd_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
         mu_in, var_in, weight, alpha, running_mean, running_var, mu_bn, var_bn, mean, scale,
-        N, C, float(momentum), float(eps), bool(training), FINALIZE_BLOCK_C,
+        N, C, float(momentum), float(eps), bool(training), _finalize_block_n(N), FINALIZE_BLOCK_C,
     )
     _aibn_apply_kernel[grid](x, y, mean, scale, bias, C, HW, channels_last, block_c, block_s)
     return y, (mu_in, var_in, mu_bn, var_bn)
@@ -458,7 +478,7 @@ def aibn_backward(g, x, weight, alpha, stats, training=False, eps=1e-5, need_dx=
     k1, k2, k3 = torch.empty_like(sum_g), torch.empty_like(sum_g), torch.empty_like(sum_g)
     _aibn_bwd_finalize_kernel[(n_fin,)](
         mu_in, var_in, mu_bn, var_bn, weight, alpha, sum_g, sum_gxc, dweight, dbias, dalpha_part,
-        k1, k2, k3, N, C, HW, float(eps), bool(training), FINALIZE_BLOCK_C,
+        k1, k2, k3, N, C, HW, float(eps), bool(training), _finalize_block_n(N), FINALIZE_BLOCK_C,
     )
     dx = None
     if need_dx:
@@ -478,6 +498,7 @@ class AIBNFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         x, weight, alpha, *stats = ctx.saved_tensors
         dx, dw, db, da = aibn_backward(g, x, weight, alpha, stats, ctx.training, ctx.eps, ctx.needs_input_grad[0])
@@ -487,6 +508,47 @@ class AIBNFunction(torch.autograd.Function):
 def aibn(x, running_mean, running_var, weight, bias, alpha, training=False, momentum=0.1, eps=1e-5):
     """Eq. 12 with the fused kernels (same arguments and result as `aibn_ref`)."""
     return AIBNFunction.apply(x, weight, bias, alpha, running_mean, running_var, training, momentum, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory traffic of the fused path (bytes read + written per launch, no cache reuse assumed)
+
+
+def traffic_bytes(N: int, C: int, HW: int, itemsize: int, training: bool = True) -> dict:
+    """Bytes each fused kernel moves for an (N, C, H*W) activation of `itemsize`-byte elements.
+
+    Full passes over the activation dominate: forward 3 (stats reads x; apply reads x, writes y),
+    backward 5 (reduce reads x, g; apply reads x, g, writes dx). The float32 (N, C) statistics add
+    4/HW bytes an element per access (0.03 at layer3's H*W = 128); C-sized terms are included.
+    """
+    act, nc, c = N * C * HW * itemsize, N * C * 4, C * 4
+    finalize_reads = 5 if training else 2
+    return {
+        "stats": act + N * C * itemsize + 2 * nc,
+        "fwd_finalize": (finalize_reads + 2) * nc + (6 if training else 4) * c,
+        "apply": 2 * act + 2 * nc + c,
+        "bwd_reduce": 2 * act + 3 * nc + c,
+        "bwd_finalize": 11 * nc + 7 * c,
+        "bwd_apply": 3 * act + 4 * nc,
+    }
+
+
+def _work_model(kernel: str, spec_constexprs: dict, num_warps: int, C: int = 1024, HW: int = 128):
+    """WORK_MODELS entry (see iics_fast.gpu_report): layer3 activation at the scale's batch."""
+    itemsize = 2 if ("bf16" in kernel or "fp16" in kernel) else 4
+    key = next(k for k in ("fwd_finalize", "bwd_finalize", "bwd_reduce", "bwd_apply", "stats", "apply") if f"aibn_{k}" in kernel)
+    training = not kernel.endswith("_eval")
+
+    def model(scale: dict) -> dict:
+        n = scale["batch"]
+        streaming = "finalize" not in key
+        rows = spec_constexprs["BLOCK_S"] if streaming else spec_constexprs["BLOCK_N"]
+        return {"elements": n * C * (HW if streaming else 1),
+                "elements_per_iteration": spec_constexprs["BLOCK_C"] * rows / num_warps,
+                "bytes": traffic_bytes(n, C, HW, itemsize, training)[key],
+                "note": f"AIBN at ResNet-50 layer3 ({n}, {C}, 16, 8)"}
+
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,15 +591,17 @@ def _compile_specs() -> list[KernelSpec]:
                         "run_mean_ptr": "*fp32", "run_var_ptr": "*fp32", "mu_bn_ptr": "*fp32", "var_bn_ptr": "*fp32",
                         "mean_ptr": "*fp32", "scale_ptr": "*fp32", "N": "i32", "C": "i32", "momentum": "fp32",
                         "eps": "fp32"},
-                       {"TRAINING": training, "BLOCK_C": FINALIZE_BLOCK_C}),
+                       {"TRAINING": training, "BLOCK_N": FINALIZE_BLOCK_N, "BLOCK_C": FINALIZE_BLOCK_C}),
             _spec(f"aibn_bwd_finalize_{mode}", _aibn_bwd_finalize_kernel,
                        {"mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "mu_bn_ptr": "*fp32", "var_bn_ptr": "*fp32",
                         "weight_ptr": "*fp32", "alpha_ptr": "*fp32", "sum_g_ptr": "*fp32", "sum_gxc_ptr": "*fp32",
                         "dweight_ptr": "*fp32", "dbias_ptr": "*fp32", "dalpha_part_ptr": "*fp32", "k1_ptr": "*fp32",
                         "k2_ptr": "*fp32", "k3_ptr": "*fp32", "N": "i32", "C": "i32", "HW": "i32", "eps": "fp32"},
-                       {"TRAINING": training, "BLOCK_C": FINALIZE_BLOCK_C}),
+                       {"TRAINING": training, "BLOCK_N": FINALIZE_BLOCK_N, "BLOCK_C": FINALIZE_BLOCK_C}),
         ]
     return specs
 
 
 COMPILE_SPECS: list[KernelSpec] = _compile_specs()
+#: H100 estimate inputs per spec (the WORK_MODELS contract of iics_fast.gpu_report)
+WORK_MODELS = {s.name: _work_model(s.name, s.constexprs, s.num_warps) for s in COMPILE_SPECS}
