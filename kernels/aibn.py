@@ -21,9 +21,9 @@ Forward, three launches: `_aibn_stats_kernel` reads x once and writes mu_in, var
 S2 = sum (x - k)^2 accumulate per lane in registers (one subtract and one FMA an element, one
 cross-lane reduction at the end), then mu_in = k + S1/m, var_in = (S2 - S1^2/m) / (m - 1). The
 shift removes the E[x^2] - E[x]^2 cancellation of plain sums when |mean| >> std.
-`_aibn_fwd_finalize_kernel` (per channel block, over N in [BLOCK_N, BLOCK_C] tiles) forms mu_bn and var_bn (as
-mean(var_in) + mean((mu_in - mu_bn)^2), the same quantity without cancellation), updates the
-running statistics, and writes the per-(n, c) mixed mean and gamma * r. `_aibn_apply_kernel`
+`_aibn_fwd_finalize_kernel` (per channel block, over N in [BLOCK_N, BLOCK_C] tiles) forms mu_bn
+and var_bn (as mean(var_in) + mean((mu_in - mu_bn)^2), the same quantity without cancellation),
+updates the running statistics, and writes the per-(n, c) mixed mean and gamma * r. `_aibn_apply_kernel`
 reads x a second time and writes y once. Saved for backward: x and the (N, C) / (C,) statistics.
 
 Backward, with g = dL/dy, xhat = (x - mu) r, and per (n, c) the sums Sg = sum_i g_i and
@@ -114,6 +114,7 @@ def _aibn_stats_kernel(
     var_in_ptr,  # *f32 (N, C) out: unbiased instance variance over H*W
     C,
     HW,
+    inv_dof,  # 1 / (HW - 1), NaN when HW == 1 (as torch.var)
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -139,7 +140,7 @@ def _aibn_stats_kernel(
         acc2 += d * d
     s1 = tl.sum(acc1, axis=1)
     s2 = tl.sum(acc2, axis=1)
-    var = tl.maximum(s2 - s1 * s1 / HW, 0.0) / (HW - 1)
+    var = tl.maximum(s2 - s1 * s1 / HW, 0.0) * inv_dof
     tl.store(mu_in_ptr + n * C + c_offs, k + s1 / HW, mask=c_mask)
     tl.store(var_in_ptr + n * C + c_offs, var, mask=c_mask)
 
@@ -288,6 +289,7 @@ def _aibn_bwd_finalize_kernel(
     N,
     C,
     HW,
+    inv_dof,  # 1 / (HW - 1), NaN when HW == 1
     eps,
     TRAINING: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -339,7 +341,7 @@ def _aibn_bwd_finalize_kernel(
             g_mu += a * (sum_a[None, :] + 2.0 * sum_b[None, :] * (mu - mu_bn)) / N
             g_var += a * sum_b[None, :] / N
         tl.store(k1_ptr + nc, gamma * r, mask=m)
-        tl.store(k2_ptr + nc, 2.0 * g_var / (HW - 1), mask=m)
+        tl.store(k2_ptr + nc, 2.0 * g_var * inv_dof, mask=m)
         tl.store(k3_ptr + nc, g_mu / HW, mask=m)
 
 
@@ -405,6 +407,12 @@ def _blocks(C: int, HW: int, channels_last: bool) -> tuple[int, int]:
     return block_c, block_s
 
 
+def _inv_dof(HW: int) -> float:
+    """1 / (H*W - 1) for the unbiased variance, a host float (no constant division by zero in a
+    kernel specialised for H*W == 1); NaN there, as torch.var gives."""
+    return 1.0 / (HW - 1) if HW > 1 else float("nan")
+
+
 def _finalize_block_n(N: int) -> int:
     return min(triton.next_power_of_2(N), FINALIZE_BLOCK_N)
 
@@ -425,8 +433,9 @@ def _check(x, weight, bias, alpha, running_mean, running_var):
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise TypeError(f"AIBN {name} must be a contiguous float32 buffer; got {t.dtype}")
-    if alpha.numel() != 1:
-        raise ValueError(f"AIBN alpha must hold one value; got shape {tuple(alpha.shape)}")
+    if alpha.numel() != 1 or alpha.device != x.device:
+        raise ValueError(f"AIBN alpha must be one value on x's device ({x.device}); got shape "
+                         f"{tuple(alpha.shape)} on {alpha.device}")
 
 
 def aibn_forward(x, running_mean, running_var, weight, bias, alpha, training=False, momentum=0.1, eps=1e-5):
@@ -447,7 +456,7 @@ def aibn_forward(x, running_mean, running_var, weight, bias, alpha, training=Fal
     weight, bias, alpha = weight.detach().contiguous(), bias.detach().contiguous(), alpha.detach().reshape(1)
     block_c, block_s = _blocks(C, HW, channels_last)
     grid = (N, triton.cdiv(C, block_c))
-    _aibn_stats_kernel[grid](x, mu_in, var_in, C, HW, channels_last, block_c, block_s)
+    _aibn_stats_kernel[grid](x, mu_in, var_in, C, HW, _inv_dof(HW), channels_last, block_c, block_s)
     _aibn_fwd_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
         mu_in, var_in, weight, alpha, running_mean, running_var, mu_bn, var_bn, mean, scale,
         N, C, float(momentum), float(eps), bool(training), _finalize_block_n(N), FINALIZE_BLOCK_C,
@@ -478,7 +487,7 @@ def aibn_backward(g, x, weight, alpha, stats, training=False, eps=1e-5, need_dx=
     k1, k2, k3 = torch.empty_like(sum_g), torch.empty_like(sum_g), torch.empty_like(sum_g)
     _aibn_bwd_finalize_kernel[(n_fin,)](
         mu_in, var_in, mu_bn, var_bn, weight, alpha, sum_g, sum_gxc, dweight, dbias, dalpha_part,
-        k1, k2, k3, N, C, HW, float(eps), bool(training), _finalize_block_n(N), FINALIZE_BLOCK_C,
+        k1, k2, k3, N, C, HW, _inv_dof(HW), float(eps), bool(training), _finalize_block_n(N), FINALIZE_BLOCK_C,
     )
     dx = None
     if need_dx:
@@ -572,7 +581,8 @@ def _compile_specs() -> list[KernelSpec]:
             stream = {"CHANNELS_LAST": cl, "BLOCK_C": bc, "BLOCK_S": bs}
             specs += [
                 _spec(f"aibn_stats_{tname}_{lay}", _aibn_stats_kernel,
-                           {"x_ptr": t, "mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "C": "i32", "HW": "i32"}, stream),
+                           {"x_ptr": t, "mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "C": "i32", "HW": "i32",
+                            "inv_dof": "fp32"}, stream),
                 _spec(f"aibn_apply_{tname}_{lay}", _aibn_apply_kernel,
                            {"x_ptr": t, "y_ptr": t, "mean_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*fp32",
                             "C": "i32", "HW": "i32"}, stream),
@@ -596,7 +606,8 @@ def _compile_specs() -> list[KernelSpec]:
                        {"mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "mu_bn_ptr": "*fp32", "var_bn_ptr": "*fp32",
                         "weight_ptr": "*fp32", "alpha_ptr": "*fp32", "sum_g_ptr": "*fp32", "sum_gxc_ptr": "*fp32",
                         "dweight_ptr": "*fp32", "dbias_ptr": "*fp32", "dalpha_part_ptr": "*fp32", "k1_ptr": "*fp32",
-                        "k2_ptr": "*fp32", "k3_ptr": "*fp32", "N": "i32", "C": "i32", "HW": "i32", "eps": "fp32"},
+                        "k2_ptr": "*fp32", "k3_ptr": "*fp32", "N": "i32", "C": "i32", "HW": "i32", "inv_dof": "fp32",
+                        "eps": "fp32"},
                        {"TRAINING": training, "BLOCK_N": FINALIZE_BLOCK_N, "BLOCK_C": FINALIZE_BLOCK_C}),
         ]
     return specs

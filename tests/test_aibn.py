@@ -129,10 +129,16 @@ def test_kernel_half_inputs(rng, dtype, training):
 
 
 def test_kernel_mixed_layouts_and_strided_input(rng):
-    """x channels-last with a contiguous upstream gradient; a non-dense view of x."""
+    """x channels-last with a contiguous upstream gradient; a broadcast gradient; a non-dense x."""
     inp = _inputs((2, 4, 6, 5), rng)
     g = torch.from_numpy(rng.standard_normal((2, 4, 6, 5)).astype(np.float32))
     _compare(_run(aibn, inp, True, g, layout=torch.channels_last), _run(aibn_ref, inp, True, g), torch.float32)
+    x = inp["x"].clone().requires_grad_()  # y.sum(): the upstream gradient is a stride-0 view
+    ref_x = inp["x"].clone().requires_grad_()
+    aibn(x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"], inp["alpha"], True).sum().backward()
+    aibn_ref(ref_x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"], inp["alpha"],
+             True).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, **TOL[torch.float32])
     big = _inputs((2, 4, 6, 10), rng)
     inp["x"] = big["x"][..., ::2]
     _compare(_run(aibn, inp, False, g), _run(aibn_ref, inp, False, g), torch.float32)
@@ -251,6 +257,8 @@ def test_launcher_rejects_bad_input(rng):
         aibn(**args(weight=torch.ones(4)))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         aibn(**args(x=inp["x"][0]))
+    with pytest.raises(ValueError, match="alpha must be one value"):
+        aibn(**args(alpha=torch.ones(2)))
     with pytest.raises(TypeError, match="running_var must be a contiguous float32"):
         aibn(**args(running_var=inp["running_var"].double()))
 
