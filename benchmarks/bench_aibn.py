@@ -131,8 +131,8 @@ class _Traffic(TorchDispatchMode):
 
 
 def reference_traffic(shape=(4, 256, 16, 8)):
-    """(forward, backward) bytes per activation element and activation-sized op counts of aibn_ref
-    in float32 training, counted op by op (layer3's H*W = 16 * 8)."""
+    """Bytes per activation element of aibn_ref in float32, counted op by op (layer3's
+    H*W = 16 * 8): (training forward, training backward, eval forward, op counts)."""
     c = shape[1]
     x, dy = torch.randn(shape).requires_grad_(), torch.randn(shape)
     p = dict(weight=torch.ones(c, requires_grad=True), bias=torch.zeros(c, requires_grad=True),
@@ -141,28 +141,35 @@ def reference_traffic(shape=(4, 256, 16, 8)):
         y = aibn_ref(x, torch.zeros(c), torch.ones(c), **p, training=True)
     with _Traffic(x.numel()) as bwd:
         y.backward(dy)
-    return fwd.bytes / x.numel(), bwd.bytes / x.numel(), fwd.ops, bwd.ops
+    with torch.no_grad(), _Traffic(x.numel()) as ev:
+        aibn_ref(x, torch.zeros(c), torch.ones(c), **p, training=False)
+    n = x.numel()
+    return fwd.bytes / n, bwd.bytes / n, ev.bytes / n, (fwd.ops, bwd.ops, ev.ops)
 
 
 def run_traffic(batch=64, hbm=3.35e12):
     """Bytes per element of the fused kernels (their traffic model) and of the reference (counted),
     and the H100 time that implies at layer3 (batch, 1024, 16, 8) if memory bound."""
     n_el = batch * 1024 * 128
-    rf, rb, nf, nb = reference_traffic()
+    rf, rb, re, (nf, nb, ne) = reference_traffic()
     print(f"\naibn_ref float32 training: forward {rf:.1f} B/element ({nf} activation-sized ops), "
           f"backward {rb:.1f} B/element ({nb} ops); H100 at layer3 batch {batch}: {(rf + rb) * n_el / hbm * 1e6:.0f} us")
+    print(f"aibn_ref float32 eval forward: {re:.1f} B/element ({ne} ops); {re * n_el / hbm * 1e6:.0f} us")
+    fused = {}
     for name, size in (("float32", 4), ("bfloat16", 2)):
         t = traffic_bytes(batch, 1024, 128, size)
         f = (t["stats"] + t["fwd_finalize"] + t["apply"]) / n_el
         b = (t["bwd_reduce"] + t["bwd_finalize"] + t["bwd_apply"]) / n_el
+        e = t["eval"] / n_el
+        fused[name] = f + b
         print(f"fused {name}: forward {f:.2f} B/element, backward {b:.2f} B/element; "
               f"H100 at layer3 batch {batch}: {(f + b) * n_el / hbm * 1e6:.0f} us "
-              f"(float32 reference / this = {(rf + rb) / (f + b):.1f}x)")
+              f"(float32 reference / this = {(rf + rb) / (f + b):.1f}x); eval forward {e:.2f} B/element, "
+              f"{e * n_el / hbm * 1e6:.0f} us ({re / e:.1f}x less than the reference)")
     net = _resnet50_aibn_elements() * batch
-    f32 = sum(traffic_bytes(batch, 1024, 128, 4).values()) / n_el
     print(f"ResNet-50, all {len(_AIBN_SHAPES)} AIBN layers at 256x128 batch {batch} ({net / 1e6:.1f} M elements), "
           f"one training step on H100: reference {(rf + rb) * net / hbm * 1e3:.2f} ms, fused float32 "
-          f"{f32 * net / hbm * 1e3:.2f} ms")
+          f"{fused['float32'] * net / hbm * 1e3:.2f} ms")
     return rf, rb
 
 

@@ -24,7 +24,10 @@ shift removes the E[x^2] - E[x]^2 cancellation of plain sums when |mean| >> std.
 `_aibn_fwd_finalize_kernel` (per channel block, over N in [BLOCK_N, BLOCK_C] tiles) forms mu_bn
 and var_bn (as mean(var_in) + mean((mu_in - mu_bn)^2), the same quantity without cancellation),
 updates the running statistics, and writes the per-(n, c) mixed mean and gamma * r. `_aibn_apply_kernel`
-reads x a second time and writes y once. Saved for backward: x and the (N, C) / (C,) statistics.
+reads x a second time and writes y once. In eval, when one tile holds all of H*W (H*W <= 2048),
+`_aibn_eval_kernel` does it all in one pass (exact two-pass statistics in registers, the running
+statistics on the batch side): x read once, y written once. Saved for backward: x and the
+(N, C) / (C,) statistics.
 
 Backward, with g = dL/dy, xhat = (x - mu) r, and per (n, c) the sums Sg = sum_i g_i and
 Sgx = sum_i g_i xhat_i:
@@ -234,6 +237,51 @@ def _aibn_apply_kernel(
 
 
 @triton.jit
+def _aibn_eval_kernel(
+    x_ptr,  # *T   activation in; one [BLOCK_C, BLOCK_S] tile covers all of H*W
+    y_ptr,  # *T   out, same layout as x
+    mu_in_ptr,  # *f32 (N, C) out: instance means (for backward)
+    var_in_ptr,  # *f32 (N, C) out: unbiased instance variances (for backward)
+    weight_ptr,  # *Tp  (C,) gamma
+    bias_ptr,  # *Tp  (C,) beta
+    alpha_ptr,  # *Tp  (1,) unclamped alpha
+    run_mean_ptr,  # *f32 (C,) running mean
+    run_var_ptr,  # *f32 (C,) running var
+    C,
+    HW,
+    inv_dof,  # 1 / (HW - 1), NaN when HW == 1
+    eps,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    # eval: the batch side is the running statistics, so x is read once (stats exact, two-pass
+    # in registers) and y written once
+    n = tl.program_id(0)
+    c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    base = n.to(tl.int64) * C * HW
+    offs, s_mask = _tile_offsets(0, c_offs, C, HW, CHANNELS_LAST, BLOCK_S)
+    mask = c_mask[:, None] & s_mask[None, :]
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    mu = tl.sum(x, axis=1) / HW
+    d = tl.where(mask, x - mu[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) * inv_dof
+    a = tl.load(alpha_ptr).to(tl.float32)
+    a = tl.minimum(tl.maximum(a, 0.0), 1.0)
+    rm = tl.load(run_mean_ptr + c_offs, mask=c_mask, other=0.0)
+    rv = tl.load(run_var_ptr + c_offs, mask=c_mask, other=1.0)
+    gamma = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    beta = tl.load(bias_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    mean = a * rm + (1.0 - a) * mu
+    scale = gamma / tl.sqrt(a * rv + (1.0 - a) * var + eps)
+    y = (x - mean[:, None]) * scale[:, None] + beta[:, None]
+    tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mu_in_ptr + n * C + c_offs, mu, mask=c_mask)
+    tl.store(var_in_ptr + n * C + c_offs, var, mask=c_mask)
+
+
+@triton.jit
 def _aibn_bwd_reduce_kernel(
     x_ptr,  # *T   activation saved from forward
     g_ptr,  # *T   dL/dy, same layout as x
@@ -385,6 +433,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TILE = 2048  # elements per streaming tile: 16 values a thread at 4 warps
 FINALIZE_BLOCK_C = 32  # channels a finalize program owns
 FINALIZE_BLOCK_N = 64  # samples it loads at once: one load round per pass for N <= 64
+EVAL_MAX_HW = TILE  # eval forward in one pass when one tile row holds all of H*W
 
 
 def _layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -411,6 +460,12 @@ def _inv_dof(HW: int) -> float:
     """1 / (H*W - 1) for the unbiased variance, a host float (no constant division by zero in a
     kernel specialised for H*W == 1); NaN there, as torch.var gives."""
     return 1.0 / (HW - 1) if HW > 1 else float("nan")
+
+
+def _eval_blocks(C: int, HW: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S) of the one-pass eval kernel: BLOCK_S covers H*W."""
+    block_s = triton.next_power_of_2(HW)
+    return min(triton.next_power_of_2(C), max(1, TILE // block_s)), block_s
 
 
 def _finalize_block_n(N: int) -> int:
@@ -454,6 +509,15 @@ def aibn_forward(x, running_mean, running_var, weight, bias, alpha, training=Fal
     var_bn = torch.empty_like(mu_bn)
     y = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     weight, bias, alpha = weight.detach().contiguous(), bias.detach().contiguous(), alpha.detach().reshape(1)
+    if not training and HW <= EVAL_MAX_HW:
+        block_c, block_s = _eval_blocks(C, HW)
+        _aibn_eval_kernel[(N, triton.cdiv(C, block_c))](
+            x, y, mu_in, var_in, weight, bias, alpha, running_mean, running_var, C, HW, _inv_dof(HW), float(eps),
+            channels_last, block_c, block_s,
+        )
+        mu_bn.copy_(running_mean)
+        var_bn.copy_(running_var)
+        return y, (mu_in, var_in, mu_bn, var_bn)
     block_c, block_s = _blocks(C, HW, channels_last)
     grid = (N, triton.cdiv(C, block_c))
     _aibn_stats_kernel[grid](x, mu_in, var_in, C, HW, _inv_dof(HW), channels_last, block_c, block_s)
@@ -527,7 +591,8 @@ def traffic_bytes(N: int, C: int, HW: int, itemsize: int, training: bool = True)
     """Bytes each fused kernel moves for an (N, C, H*W) activation of `itemsize`-byte elements.
 
     Full passes over the activation dominate: forward 3 (stats reads x; apply reads x, writes y),
-    backward 5 (reduce reads x, g; apply reads x, g, writes dx). The float32 (N, C) statistics add
+    or 2 in eval when one tile holds H*W ("eval"), backward 5 (reduce reads x, g; apply reads x,
+    g, writes dx). The float32 (N, C) statistics add
     4/HW bytes an element per access (0.03 at layer3's H*W = 128); C-sized terms are included.
     """
     act, nc, c = N * C * HW * itemsize, N * C * 4, C * 4
@@ -539,14 +604,16 @@ def traffic_bytes(N: int, C: int, HW: int, itemsize: int, training: bool = True)
         "bwd_reduce": 2 * act + 3 * nc + c,
         "bwd_finalize": 11 * nc + 7 * c,
         "bwd_apply": 3 * act + 4 * nc,
+        "eval": 2 * act + 2 * nc + 6 * c,
     }
 
 
 def _work_model(kernel: str, spec_constexprs: dict, num_warps: int, C: int = 1024, HW: int = 128):
     """WORK_MODELS entry (see iics_fast.gpu_report): layer3 activation at the scale's batch."""
     itemsize = 2 if ("bf16" in kernel or "fp16" in kernel) else 4
-    key = next(k for k in ("fwd_finalize", "bwd_finalize", "bwd_reduce", "bwd_apply", "stats", "apply") if f"aibn_{k}" in kernel)
-    training = not kernel.endswith("_eval")
+    key = next(k for k in ("fwd_finalize", "bwd_finalize", "bwd_reduce", "bwd_apply", "stats", "apply", "eval")
+               if f"aibn_{k}" in kernel)
+    training = not (kernel.endswith("_eval") or key == "eval")
 
     def model(scale: dict) -> dict:
         n = scale["batch"]
@@ -593,6 +660,13 @@ def _compile_specs() -> list[KernelSpec]:
                            {"x_ptr": t, "g_ptr": t, "dx_ptr": t, "mu_in_ptr": "*fp32", "k1_ptr": "*fp32",
                             "k2_ptr": "*fp32", "k3_ptr": "*fp32", "C": "i32", "HW": "i32"}, stream),
             ]
+    for tname, t, cl in (("fp32", "*fp32", False), ("bf16", "*bf16", True), ("fp16", "*fp16", True)):
+        bc, bs = _eval_blocks(C, HW)
+        specs.append(_spec(f"aibn_eval_{tname}_{'cl' if cl else 'cf'}", _aibn_eval_kernel,
+                           {"x_ptr": t, "y_ptr": t, "mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "weight_ptr": "*fp32",
+                            "bias_ptr": "*fp32", "alpha_ptr": "*fp32", "run_mean_ptr": "*fp32", "run_var_ptr": "*fp32",
+                            "C": "i32", "HW": "i32", "inv_dof": "fp32", "eps": "fp32"},
+                           {"CHANNELS_LAST": cl, "BLOCK_C": bc, "BLOCK_S": bs}))
     for training in (True, False):
         mode = "train" if training else "eval"
         specs += [
@@ -615,4 +689,5 @@ def _compile_specs() -> list[KernelSpec]:
 
 COMPILE_SPECS: list[KernelSpec] = _compile_specs()
 #: H100 estimate inputs per spec (the WORK_MODELS contract of iics_fast.gpu_report)
-WORK_MODELS = {s.name: _work_model(s.name, s.constexprs, s.num_warps) for s in COMPILE_SPECS}
+#: (the one-pass eval kernel has no loop, so no per-iteration figure: it is reported, not modelled)
+WORK_MODELS = {s.name: _work_model(s.name, s.constexprs, s.num_warps) for s in COMPILE_SPECS if "aibn_eval" not in s.name}

@@ -108,6 +108,16 @@ def test_kernel_matches_ref(rng, training, layout, shape):
     assert got["y"].is_contiguous(memory_format=layout) and got["dx"].is_contiguous(memory_format=layout)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_kernel_eval_three_kernel_path(rng, monkeypatch, layout):
+    """Eval with H*W beyond the one-pass eval kernel (forced small here) takes the stats /
+    finalize / apply path with the running statistics."""
+    monkeypatch.setattr(aibn_module, "EVAL_MAX_HW", 4)
+    inp = _inputs((3, 5, 4, 3), rng)
+    g = torch.from_numpy(rng.standard_normal((3, 5, 4, 3)).astype(np.float32))
+    _compare(_run(aibn, inp, False, g, layout=layout), _run(aibn_ref, inp, False, g, layout=layout), torch.float32)
+
+
 def test_kernel_finalize_walks_sample_tiles(rng, monkeypatch):
     """N over the finalize kernels' sample tile (forced small here), not a multiple of it."""
     monkeypatch.setattr(aibn_module, "FINALIZE_BLOCK_N", 2)
@@ -266,7 +276,8 @@ def test_launcher_rejects_bad_input(rng):
 def test_compile_sm80_sm90_no_spills():
     """Kernels compile for real GPU targets with zero spills (a spread of kernels, dtypes, layouts;
     `python -m iics_fast.gpu_report` compiles all of COMPILE_SPECS)."""
-    wanted = [("aibn_stats_fp32_cf", 90), ("aibn_bwd_apply_bf16_cl", 80), ("aibn_bwd_finalize_train", 90)]
+    wanted = [("aibn_stats_fp32_cf", 90), ("aibn_bwd_apply_bf16_cl", 80), ("aibn_bwd_finalize_train", 90),
+              ("aibn_eval_bf16_cl", 80)]
     specs = {s.name: s for s in COMPILE_SPECS}
     with ThreadPoolExecutor(2) as pool:
         reports = list(pool.map(lambda w: compile_report(specs[w[0]], w[1]), wanted))
