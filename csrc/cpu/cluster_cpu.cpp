@@ -103,7 +103,8 @@ inline void contiguous_argmin(const T* p, int64_t len, T& best, int64_t& at) {
   at = q;
 }
 
-// The nearest-neighbour chain (Murtagh 1983; Müllner 2011, Fig. 4), on the condensed triangle.
+// The nearest-neighbour chain (Murtagh 1983; Müllner 2011, arXiv:1109.2378), on the condensed
+// triangle.
 //
 // Layout and bookkeeping, all O(n):
 //  * slots 0..m-1 index the current triangle; a merge of slots i < j keeps the union in j and

@@ -1,8 +1,8 @@
 // Hierarchical agglomerative clustering on a condensed distance matrix, in place (no Python).
 //
 // The merge core is the nearest-neighbour chain (Murtagh 1983; Müllner 2011, "Modern hierarchical,
-// agglomerative clustering algorithms", section 3.3): exact for the reducible linkages (single,
-// complete, average, weighted), O(n^2) time, and here O(n) memory beyond the caller's triangle.
+// agglomerative clustering algorithms"): exact for the reducible linkages (single, complete,
+// average, weighted), O(n^2) time, and here O(n) memory beyond the caller's triangle.
 #pragma once
 #include <cstdint>
 
