@@ -134,7 +134,7 @@ class NNChain {
     rebase();
     chain_.reserve(n);
     threads_ = max_threads();
-    if (threads_ > 1) {
+    if (threads_ > 1 && n * kGather >= kParallelWork) {
 #pragma omp parallel num_threads(threads_)
       {  // start the thread team now, so the first timed operation does not pay for it
       }
