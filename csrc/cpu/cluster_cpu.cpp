@@ -466,7 +466,7 @@ int64_t first_nonfinite(const T* x, int64_t m) {
   constexpr int64_t kChunk = 1 << 14;
   const int64_t chunks = (m + kChunk - 1) / kChunk;
   int64_t first = -1;
-#pragma omp parallel for schedule(static) if (m > (1 << 20))
+#pragma omp parallel for schedule(static) if (m > kParallelPass)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t b = c * kChunk, e = std::min(m, b + kChunk);
     int bad = 0;
@@ -485,7 +485,7 @@ int64_t first_nonfinite(const T* x, int64_t m) {
 template <typename T>
 int64_t first_nonfinite_upper(const T* x, int64_t n) {
   int64_t first = -1;
-#pragma omp parallel for schedule(dynamic, 64) if (n > 1024)
+#pragma omp parallel for schedule(dynamic, 64) if (n * n > 2 * kParallelPass)
   for (int64_t i = 0; i < n - 1; ++i) {
     const int64_t q = first_nonfinite(x + n * i + i + 1, n - i - 1);
     if (q >= 0) {
@@ -503,7 +503,7 @@ T select_rank(const T* x, int64_t m, int64_t rank) {
   using K = typename FK::K;
   constexpr int kDigit = 16;
   constexpr int64_t kBins = int64_t(1) << kDigit;
-  const int nt = m > (1 << 20) ? max_threads() : 1;
+  const int nt = m > kParallelPass ? max_threads() : 1;
   std::vector<int64_t> hist(static_cast<size_t>(nt) * kBins);
   K prefix = 0;  // the key bits above `shift` already fixed
   for (int shift = FK::kBits - kDigit; shift >= 0; shift -= kDigit) {

@@ -8,6 +8,11 @@
 
 namespace iics {
 
+// One-pass operations (finiteness check, copy, selection) use threads only above this many
+// entries: below it the pass takes milliseconds, no more than a fork/join can cost on a busy
+// machine.
+constexpr int64_t kParallelPass = int64_t(1) << 25;
+
 enum class LinkageMethod : int { Single = 0, Complete = 1, Average = 2, Weighted = 3 };
 
 // Runs the nearest-neighbour chain on the condensed upper triangle `D` of n points (SciPy `pdist`
