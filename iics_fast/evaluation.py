@@ -36,9 +36,11 @@ import torch
 __all__ = ["evaluate", "evaluate_features", "evaluate_ref"]
 
 _INT64_MAX = torch.iinfo(torch.int64).max
-# Elements (queries x gallery) handled at once: ~40 bytes each at peak on CPU.
-_BLOCK_ELEMS_CPU = 1 << 22
+# Elements (queries x gallery) handled at once: the torch path holds ~30 bytes each at peak,
+# the C++ core only the float32 block itself (a view when the input is float32 already).
+_BLOCK_ELEMS_TORCH_CPU = 1 << 22
 _BLOCK_ELEMS_GPU = 1 << 25
+_BLOCK_ELEMS_NATIVE = 1 << 25
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -116,9 +118,11 @@ def _count_nan(x, block_rows: int) -> int:
     return total
 
 
-def _block_rows(num_g: int, device: torch.device, block_elems) -> int:
-    elems = block_elems or (_BLOCK_ELEMS_GPU if device.type == "cuda" else _BLOCK_ELEMS_CPU)
-    return max(1, int(elems) // max(1, num_g))
+def _block_rows(num_g: int, device: torch.device, block_elems, native: bool) -> int:
+    if not block_elems:
+        block_elems = (_BLOCK_ELEMS_NATIVE if native else
+                       _BLOCK_ELEMS_GPU if device.type == "cuda" else _BLOCK_ELEMS_TORCH_CPU)
+    return max(1, int(block_elems) // max(1, num_g))
 
 
 # ----------------------------------------------------------------------------- ranking core
@@ -191,7 +195,7 @@ def _finish(first_rank: np.ndarray, ap: np.ndarray, max_rank: int):
 
 
 def _ranker(dev: torch.device, backend: str, gp: np.ndarray, gc: np.ndarray):
-    """A function (block of distances, query pids, query cams) -> (first ranks, APs) as NumPy.
+    """(fn, is_native): fn(block of distances, query pids, query cams) -> (first ranks, APs).
 
     ``native``: the C++ core (CPU only); ``torch``: ``_rank_block`` on ``dev``; ``auto``: the
     C++ core on the CPU when the extension is built, torch otherwise.
@@ -215,7 +219,7 @@ def _ranker(dev: torch.device, backend: str, gp: np.ndarray, gc: np.ndarray):
                 block = np.ascontiguousarray(block, dtype=np.float32)
                 return rank_queries(block, qp, qc, gp, gc)
 
-            return run_native
+            return run_native, True
     gp_t, gc_t = torch.as_tensor(gp, device=dev), torch.as_tensor(gc, device=dev)
 
     def run_torch(block, qp, qc):
@@ -224,7 +228,7 @@ def _ranker(dev: torch.device, backend: str, gp: np.ndarray, gc: np.ndarray):
                            torch.as_tensor(qc, device=dev), gp_t, gc_t)
         return f.cpu().numpy(), a.cpu().numpy()
 
-    return run_torch
+    return run_torch, False
 
 
 # ----------------------------------------------------------------------------- public API
@@ -243,11 +247,11 @@ def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, *,
     qp, gp, qc, gc = _check_ids(q_pids, g_pids, q_camids, g_camids, num_q, num_g)
     max_rank = _check_max_rank(max_rank)
     dev = _pick_device(device, d)
-    rows = _block_rows(num_g, dev, block_elems)
-    nan = _count_nan(d, rows)
+    rank, native = _ranker(dev, backend, gp, gc)
+    rows = _block_rows(num_g, dev, block_elems, native)
+    nan = _count_nan(d, max(1, _BLOCK_ELEMS_TORCH_CPU // num_g))
     if nan:
         raise ValueError(f"distmat has {nan} NaN entries; distances must be comparable numbers")
-    rank = _ranker(dev, backend, gp, gc)
     parts = [rank(d[s : s + rows], qp[s : s + rows], qc[s : s + rows])
              for s in range(0, num_q, rows)]
     return _finish(np.concatenate([f for f, _ in parts]), np.concatenate([a for _, a in parts]),
@@ -277,12 +281,12 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank: int 
         bad = _count_nan(x, 4096)
         if bad:
             raise ValueError(f"{name} has {bad} NaN entries; features must be finite")
-    rank = _ranker(dev, backend, gp, gc)
+    rank, native = _ranker(dev, backend, gp, gc)
     qf = torch.nn.functional.normalize(torch.as_tensor(qf).to(dev, torch.float32), dim=1)
     gf = torch.nn.functional.normalize(torch.as_tensor(gf).to(dev, torch.float32), dim=1)
-    rows = _block_rows(num_g, dev, block_elems)
-    parts = [rank(1.0 - qf[s : s + rows] @ gf.T, qp[s : s + rows], qc[s : s + rows])
-             for s in range(0, num_q, rows)]
+    rows = _block_rows(num_g, dev, block_elems, native)
+    parts = [rank((qf[s : s + rows] @ gf.T).neg_().add_(1.0), qp[s : s + rows], qc[s : s + rows])
+             for s in range(0, num_q, rows)]  # 1 - cos, in place: one block buffer
     return _finish(np.concatenate([f for f, _ in parts]), np.concatenate([a for _, a in parts]),
                    max_rank)
 

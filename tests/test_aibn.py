@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import iics_fast.kernels.aibn as aibn_module
 from iics_fast.gpu_report import compile_report
 from iics_fast.kernels.aibn import COMPILE_SPECS, aibn, aibn_ref
 from iics_fast.models import AIBN2d
@@ -107,6 +108,25 @@ def test_kernel_matches_ref(rng, training, layout, shape):
     assert got["y"].is_contiguous(memory_format=layout) and got["dx"].is_contiguous(memory_format=layout)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_kernel_eval_three_kernel_path(rng, monkeypatch, layout):
+    """Eval with H*W beyond the one-pass eval kernel (forced small here) takes the stats /
+    finalize / apply path with the running statistics."""
+    monkeypatch.setattr(aibn_module, "EVAL_MAX_HW", 4)
+    inp = _inputs((3, 5, 4, 3), rng)
+    g = torch.from_numpy(rng.standard_normal((3, 5, 4, 3)).astype(np.float32))
+    _compare(_run(aibn, inp, False, g, layout=layout), _run(aibn_ref, inp, False, g, layout=layout), torch.float32)
+
+
+def test_kernel_finalize_walks_sample_tiles(rng, monkeypatch):
+    """N over the finalize kernels' sample tile (forced small here), not a multiple of it."""
+    monkeypatch.setattr(aibn_module, "FINALIZE_BLOCK_N", 2)
+    inp = _inputs((5, 3, 2, 3), rng)
+    g = torch.from_numpy(rng.standard_normal((5, 3, 2, 3)).astype(np.float32))
+    for training in (True, False):
+        _compare(_run(aibn, inp, training, g), _run(aibn_ref, inp, training, g), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 def test_kernel_half_inputs(rng, dtype, training):
@@ -119,10 +139,16 @@ def test_kernel_half_inputs(rng, dtype, training):
 
 
 def test_kernel_mixed_layouts_and_strided_input(rng):
-    """x channels-last with a contiguous upstream gradient; a non-dense view of x."""
+    """x channels-last with a contiguous upstream gradient; a broadcast gradient; a non-dense x."""
     inp = _inputs((2, 4, 6, 5), rng)
     g = torch.from_numpy(rng.standard_normal((2, 4, 6, 5)).astype(np.float32))
     _compare(_run(aibn, inp, True, g, layout=torch.channels_last), _run(aibn_ref, inp, True, g), torch.float32)
+    x = inp["x"].clone().requires_grad_()  # y.sum(): the upstream gradient is a stride-0 view
+    ref_x = inp["x"].clone().requires_grad_()
+    aibn(x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"], inp["alpha"], True).sum().backward()
+    aibn_ref(ref_x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"], inp["alpha"],
+             True).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, **TOL[torch.float32])
     big = _inputs((2, 4, 6, 10), rng)
     inp["x"] = big["x"][..., ::2]
     _compare(_run(aibn, inp, False, g), _run(aibn_ref, inp, False, g), torch.float32)
@@ -241,6 +267,8 @@ def test_launcher_rejects_bad_input(rng):
         aibn(**args(weight=torch.ones(4)))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         aibn(**args(x=inp["x"][0]))
+    with pytest.raises(ValueError, match="alpha must be one value"):
+        aibn(**args(alpha=torch.ones(2)))
     with pytest.raises(TypeError, match="running_var must be a contiguous float32"):
         aibn(**args(running_var=inp["running_var"].double()))
 
@@ -248,8 +276,8 @@ def test_launcher_rejects_bad_input(rng):
 def test_compile_sm80_sm90_no_spills():
     """Kernels compile for real GPU targets with zero spills (a spread of kernels, dtypes, layouts;
     `python -m iics_fast.gpu_report` compiles all of COMPILE_SPECS)."""
-    wanted = [("aibn_stats_fp32_cf", 90), ("aibn_apply_bf16_cl", 80), ("aibn_bwd_apply_fp16_cl", 90),
-              ("aibn_bwd_finalize_train", 80)]
+    wanted = [("aibn_stats_fp32_cf", 90), ("aibn_bwd_apply_bf16_cl", 80), ("aibn_bwd_finalize_train", 90),
+              ("aibn_eval_bf16_cl", 80)]
     specs = {s.name: s for s in COMPILE_SPECS}
     with ThreadPoolExecutor(2) as pool:
         reports = list(pool.map(lambda w: compile_report(specs[w[0]], w[1]), wanted))

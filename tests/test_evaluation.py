@@ -1,3 +1,5 @@
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -5,10 +7,14 @@ import torch
 from iics_fast.evaluation import evaluate, evaluate_features, evaluate_ref
 
 
+BACKENDS = ["torch", "native"]
+ALL = [partial(evaluate, backend=b) for b in BACKENDS] + [evaluate_ref]
+
+
 def _random_case(rng, num_q, num_g, num_pids=6, num_cams=3, levels=5):
     """Integer-valued distances (many ties, some negative), pids with junk -1 and distractor 0."""
     d = rng.integers(-2, levels, (num_q, num_g)).astype(np.float32)
-    qp = rng.integers(0, num_pids, num_q)
+    qp = rng.integers(-1, num_pids, num_q)
     gp = rng.integers(-1, num_pids, num_g)
     qc = rng.integers(0, num_cams, num_q)
     gc = rng.integers(0, num_cams, num_g)
@@ -20,7 +26,6 @@ def _assert_same(a, b):
     assert a[1] == pytest.approx(b[1], abs=1e-12)
 
 
-BACKENDS = ["torch", "native"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -57,7 +62,7 @@ def test_hand_computed_example():
     d = np.array([[0.2, 0.5, 0.6, 0.1, 0.3, 0.9]], np.float32)
     gp, gc = [2, -1, 0, 5, 5, 5], [1, 1, 1, 0, 1, 2]
     # Kept ranking: g0, g4 (hit at 2), g2, g5 (hit at 4). AP = (1/2 + 2/4) / 2.
-    for fn in (evaluate, evaluate_ref):
+    for fn in ALL:
         cmc, mAP = fn(d, [5], gp, [0], gc, max_rank=6)
         np.testing.assert_allclose(cmc, [0, 1, 1, 1, 1, 1])
         assert mAP == pytest.approx(0.5)
@@ -67,7 +72,7 @@ def test_ties_are_broken_by_gallery_index():
     # All distances equal: the kept order is the gallery order.
     d = np.zeros((1, 4), np.float32)
     d[0, 1] = -0.0  # -0.0 ties with +0.0
-    for fn in (evaluate, evaluate_ref):
+    for fn in ALL:
         cmc, mAP = fn(d, [1], [0, 1, 0, 1], [0], [1, 1, 1, 1], max_rank=2)
         np.testing.assert_allclose(cmc, [0, 1])
         assert mAP == pytest.approx((1 / 2 + 2 / 4) / 2)
@@ -109,7 +114,7 @@ def test_junk_is_ignored_and_distractors_count(rng):
 
 def test_max_rank_beyond_gallery_saturates():
     d = np.array([[0.3, 0.1, 0.2]], np.float32)
-    for fn in (evaluate, evaluate_ref):
+    for fn in ALL:
         cmc, _ = fn(d, [1], [0, 0, 1], [0], [1, 1, 1], max_rank=8)
         np.testing.assert_allclose(cmc, [0, 1, 1, 1, 1, 1, 1, 1])
 
