@@ -25,8 +25,6 @@ symmetric, diagonal exactly 0.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -294,7 +292,8 @@ def inter_camera_distance(features, scores, camids, mu=0.02, out="condensed", mo
         result.zero_()
         return result
     code = MODES[mode]
-    order = torch.sort(camids.long(), stable=True)
+    # camera ranks 0..C-1 (int32-safe whatever the ids), sorted stably
+    order = torch.sort(torch.unique(camids, return_inverse=True)[1], stable=True)
     perm = order.indices
     n_pad = _round_up(n, DIST_BLOCK)
     pad = n_pad - n
