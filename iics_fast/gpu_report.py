@@ -6,6 +6,7 @@ memory, and the SASS, from which the instruction mix of the innermost loop is co
 
     python -m iics_fast.gpu_report            # every kernel of iics_fast.kernels, sm_80 and sm_90
     python -m iics_fast.gpu_report --estimate # plus H100 time estimates at the dataset scales
+    python -m iics_fast.gpu_report --arch 90 --estimate --only inter_camera   # one kernel family
 
 H100 estimates. From the sm_90 compile, the estimate of a kernel at a dataset scale is the larger
 of an issue-bound time (inner-loop SASS instructions per element against the H100's issue rate:
@@ -260,17 +261,15 @@ def _inter_camera_l1_model(spec: KernelSpec):
     """Work of the fused Eq. 5 kernel's innermost loop, the L1 sweep over the score dimensions:
     every cross-camera pair of the upper triangle (equal-size cameras; same-camera tiles are
     skipped) x D elements; one warp-trip covers BLOCK^2 pairs x 4*UNROLL dims / num_warps. HBM
-    traffic: both score tiles of every tile pair read once (no L2 reuse assumed) + the condensed
+    traffic: both float32 score tiles of every tile pair read once (no L2 reuse assumed) + the condensed
     float32 output written once."""
     block, unroll = spec.constexprs["BLOCK"], spec.constexprs["UNROLL"]
-    elt = 2 if "fp16" in spec.name or "bf16" in spec.name else 4
-
     def model(scale):
         n, c, d = scale["N"], scale["C"], scale["D"]
         tile_pairs = (n / block) ** 2 / 2 * (1 - 1 / c)
         return {"elements": n * n / 2 * (1 - 1 / c) * d,
                 "elements_per_iteration": block * block * 4 * unroll / spec.num_warps,
-                "bytes": tile_pairs * 2 * block * d * elt + n * (n - 1) / 2 * 4,
+                "bytes": tile_pairs * 2 * block * d * 4 + n * (n - 1) / 2 * 4,
                 "note": "L1 loop over cross-camera pairs; the cosine GEMM is not counted"}
 
     return model
@@ -278,7 +277,9 @@ def _inter_camera_l1_model(spec: KernelSpec):
 
 #: models for kernels whose module does not declare one (a module's WORK_MODELS wins)
 FALLBACK_WORK_MODELS = {
-    "inter_camera_eq5_": _inter_camera_l1_model,  # name prefix -> factory(spec) -> model
+    # name prefix -> factory(spec) -> model. fp32 only: there the innermost loop is the L1 sweep
+    # (2 FADD an element); in the fp16 build the innermost loop is the cosine's wgmma instead
+    "inter_camera_eq5_fp32": _inter_camera_l1_model,
 }
 
 
@@ -313,12 +314,14 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     parser.add_argument("--json", help="also write the reports to this JSON file")
     parser.add_argument("--estimate", action="store_true", help="H100 time estimates at the dataset scales")
+    parser.add_argument("--only", help="report only kernels whose name contains this text")
     parser.add_argument("--compile-job", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.compile_job:  # child of compile_report: one job as JSON on stdin, result on stdout
         print(json.dumps(_compile_here(**json.loads(sys.stdin.read()))))
         return None
-    reports = [compile_report(s, a) for s in all_specs() for a in args.arch]
+    specs = [s for s in all_specs() if args.only is None or args.only in s.name]
+    reports = [compile_report(s, a) for s in specs for a in args.arch]
     print(f"{'kernel':40s} {'sm':>3s} {'regs':>5s} {'spill':>6s} {'smem':>7s}  inner loop")
     for r in reports:
         mix = " ".join(f"{k}:{v}" for k, v in list(r.inner_loop.items())[:8])
@@ -326,7 +329,7 @@ def main(argv=None):
     est = []
     if args.estimate:
         if 90 not in args.arch:
-            reports += [compile_report(s, 90) for s in all_specs()]
+            reports += [compile_report(s, 90) for s in specs]
         est = estimates(reports)
         print(f"\nH100 estimates ({H100.sms} SMs x {H100.schedulers_per_sm} issue/cycle at {H100.clock_hz / 1e9:.3f} GHz,"
               f" {H100.hbm_bytes_per_s / 1e12:.2f} TB/s HBM3)")
@@ -334,7 +337,7 @@ def main(argv=None):
         for e in est:
             print(f"{e.kernel:40s} {e.scale:>11s} {e.instr_per_element:10.4f} {e.issue_s * 1e3:9.2f} {e.memory_s * 1e3:9.2f}"
                   f" {e.estimate_s * 1e3:11.2f}  {e.bound}")
-        unmodelled = sorted({r.name for r in reports if r.arch == 90} - set(all_work_models()))
+        unmodelled = sorted({r.name for r in reports if r.arch == 90} - {e.kernel for e in est})
         if unmodelled:
             print("no work model (no estimate): " + ", ".join(unmodelled))
     if args.json:
