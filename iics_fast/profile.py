@@ -226,7 +226,7 @@ def run_ours(n, cameras, k_inter, seed=0, k_intra=K_INTRA, log=print):
     ops = _ours()
 
     def missing(name, why):
-        res.append(PhaseResult(name, float("nan"), float("nan"), float("nan"), "unavailable", why))
+        res.append(PhaseResult(name, None, None, None, "unavailable", why))  # null in the JSON record
         log(f"  {name:21s} unavailable: {why}")
 
     with meter("extract", res, "simulated: synthetic features"):

@@ -107,3 +107,15 @@ def test_profile_cli_with_package_ops(tmp_path):
     pytest.importorskip("iics_fast.rerank")
     P.main(["--scale", "300", "--out", str(tmp_path), "--reference-sizes", "100", "300"])
     _check_record(None, tmp_path, "300", 300, [100, 300])
+
+
+def test_profile_marks_missing_operations(tmp_path, monkeypatch):
+    ops = _scipy_ops()
+    ops["k_reciprocal"] = ImportError("No module named 'iics_fast.rerank'")
+    monkeypatch.setattr(P, "_ours", lambda: ops)
+    rec = P.profile(120, 2, 8, reference=False, out=str(tmp_path), log=lambda *a: None)
+    status = {p["name"]: p["status"] for p in rec["phases"]}
+    assert status == {"extract": "ok", "intra": "ok", "scores": "ok", "similarity": "ok",
+                      "rerank": "unavailable", "merge": "unavailable"}
+    data = json.loads((tmp_path / "profile_120.json").read_text())  # strict JSON: no NaN
+    assert data["phases"][4]["time_s"] is None and "iics_fast.rerank" in data["phases"][4]["note"]
