@@ -1,6 +1,6 @@
 """Shared benchmark options, the comparison-row recorder and the GPU marker.
 
-    pytest benchmarks/                         # default sizes: a minute or two on a laptop
+    pytest benchmarks/                         # default sizes: a few minutes on 2 cores
     pytest benchmarks/ --scale large           # larger sizes (or IICS_BENCH_SCALE=large)
 
 Files ``bench_*.py`` are collected (functions ``test_*`` as usual). A benchmark checks its
@@ -14,15 +14,12 @@ through the ``compare`` fixture:
 
 All rows are printed as one table at the end of the session and written to
 ``.benchmarks/results.json`` (where pytest-benchmark keeps its own records) for
-``benchmarks/readme_table.py``. ``@pytest.mark.gpu`` skips a benchmark without CUDA;
-``measure_peak_rss`` gives the peak resident memory of a call.
+``benchmarks/readme_table.py``. ``@pytest.mark.gpu`` skips a benchmark without CUDA.
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,9 +27,6 @@ import pytest
 SCALES = ("small", "large")
 RESULTS = Path(__file__).resolve().parent.parent / ".benchmarks" / "results.json"
 _rows: list[dict] = []
-
-if str(Path(__file__).resolve().parent) not in sys.path:  # `import readme_table` etc. from benchmarks/
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def pytest_collect_file(file_path, parent):
@@ -45,7 +39,7 @@ def pytest_collect_file(file_path, parent):
 def pytest_addoption(parser):
     parser.addoption(
         "--scale", choices=SCALES, default=None,
-        help="benchmark sizes: small (default, a minute or two) or large; env IICS_BENCH_SCALE",
+        help="benchmark sizes: small (default, a few minutes) or large; env IICS_BENCH_SCALE",
     )
 
 
@@ -78,35 +72,6 @@ def bench_scale(request) -> str:
     if scale not in SCALES:
         raise pytest.UsageError(f"IICS_BENCH_SCALE must be one of {SCALES}, got {scale!r}")
     return scale
-
-
-def measure_peak_rss(fn, *args, **kwargs):
-    """(result, peak RSS in MB above the RSS at the call) of fn(*args, **kwargs).
-
-    Resets the process's VmHWM through /proc/self/clear_refs (Linux); returns None for the
-    peak where that is not possible.
-    """
-    from iics_fast.profile import _reset_hwm, _status_kb
-
-    try:
-        start = _status_kb("VmRSS")
-        ok = _reset_hwm()
-    except (OSError, RuntimeError):
-        ok = False
-    result = fn(*args, **kwargs)
-    peak = (_status_kb("VmHWM") - start) / 1024 if ok else None
-    return result, peak
-
-
-def best_time(fn, *args, repeat=3, **kwargs):
-    """(result, best wall time in seconds over `repeat` calls) of fn(*args, **kwargs)."""
-    best = float("inf")
-    result = None
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        result = fn(*args, **kwargs)
-        best = min(best, time.perf_counter() - t0)
-    return result, best
 
 
 @pytest.fixture
