@@ -41,6 +41,10 @@ def _mb(m):
     return f"{m / 1024:.2f} GB" if m >= 1024 else f"{m:.0f} MB"
 
 
+def _ratio(r):
+    return f"{r:.0f}x" if r >= 10 else f"{r:.1f}x"
+
+
 def machine_line(m):
     parts = [m.get("cpu", "?"), f"{m.get('cores', '?')} cores", f"{m.get('memory_gb', '?')} GB RAM"]
     if "torch" in m:
@@ -79,7 +83,7 @@ def profile_table(rec):
         ref = at.get(p["name"])
         if ref:
             mark = " (extrapolated)" if ref["extrapolated"] else ""
-            speed = f"{ref['time_s'] / p['time_s']:.0f}x" if p["time_s"] > 0 else "-"
+            speed = _ratio(ref["time_s"] / p["time_s"]) if p["time_s"] > 0 else "-"
             lines.append(f"| {label} | {_t(p['time_s'])} | {_mb(p['peak_mb'])} (+{_mb(p['delta_mb'])}) | "
                          f"{_t(ref['time_s'])}{mark} | {_mb(ref['delta_mb'])}{mark} | {speed} |")
         else:
@@ -89,7 +93,7 @@ def profile_table(rec):
         mark = " (extrapolated)" if tot.get("reference_extrapolated") else ""
         lines.append(f"| **round (these four phases)** | **{_t(tot['ours_time_s'])}** | **{_mb(tot['ours_peak_mb'])}** | "
                      f"**{_t(tot['reference_time_s'])}**{mark} | {_mb(tot['reference_peak_delta_mb'])}{mark} | "
-                     f"**{tot['reference_time_s'] / tot['ours_time_s']:.0f}x** |")
+                     f"**{_ratio(tot['reference_time_s'] / tot['ours_time_s'])}** |")
     measured = rec["reference"]["measured"]
     if measured:
         sizes = ", ".join(f"{m['N']:,}" for m in measured)
