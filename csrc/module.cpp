@@ -6,6 +6,7 @@ namespace py = pybind11;
 void bind_condensed(py::module_& m);
 void bind_evaluation(py::module_& m);
 void bind_cluster(py::module_& m);
+void bind_pairwise(py::module_& m);
 void bind_rerank(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
@@ -23,5 +24,6 @@ PYBIND11_MODULE(_C, m) {
   bind_condensed(m);
   bind_evaluation(m);
   bind_cluster(m);
+  bind_pairwise(m);
   bind_rerank(m);
 }
