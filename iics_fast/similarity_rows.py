@@ -135,7 +135,9 @@ def inter_camera_rows(features, scores, camids, mu=0.02, *, r0, r1, mode="eq5", 
                     val = torch.sub(1.0, j, out=j)
                 else:
                     cross = cam[c0:c1, None] != cam[None, c0:]
-                    val = torch.where(cross, val - mu * j, val)
+                    j.mul_(mu)
+                    torch.sub(val, j, out=j)  # val - mu * J, rounded as written, in place
+                    torch.where(cross, j, val, out=val)
                 del j
             # row c0+k keeps its columns j > c0+k: the strict upper triangle, row-major = pdist order
             upper = torch.arange(cols, device=device)[None, :] > torch.arange(c1 - c0, device=device)[:, None]
