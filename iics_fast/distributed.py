@@ -315,9 +315,13 @@ class ShardedBatchSampler:
             if len(units) < self.world:
                 raise ValueError(f"a batch of {len(units)} groups cannot give each of {self.world} "
                                  f"ranks a share: use split='across' or a larger batch")
-            lo = -(-self.rank * len(units) // self.world)
-            hi = -(-(self.rank + 1) * len(units) // self.world)
-            yield [item for unit in units[lo:hi] for item in unit]
+            share = self.share(len(units))
+            yield [item for unit in units[share.start:share.stop] for item in unit]
+
+    def share(self, n_groups: int) -> range:
+        """Positions of the groups this rank gets of a batch of `n_groups` groups (split="within"):
+        with the camera sampler, which cameras' chunks (hence which per-camera heads) are here."""
+        return range(-(-self.rank * n_groups // self.world), -(-(self.rank + 1) * n_groups // self.world))
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):

@@ -277,8 +277,9 @@ def _camera_batches(rng, n_batches, cams, per_camera):
 def test_sampler_within_keeps_groups_and_covers_each_batch(rng, world):
     cams, per_camera = 6, 8
     batches = _camera_batches(rng, 5, cams, per_camera)
-    parts = [list(D.ShardedBatchSampler(batches, group_size=per_camera, rank=r, world=world))
-             for r in range(world)]
+    parts_sampler = [D.ShardedBatchSampler(batches, group_size=per_camera, rank=r, world=world)
+                     for r in range(world)]
+    parts = [list(p) for p in parts_sampler]
     assert all(len(p) == len(batches) for p in parts)
     for step, batch in enumerate(batches):
         shares = [p[step] for p in parts]
@@ -290,6 +291,9 @@ def test_sampler_within_keeps_groups_and_covers_each_batch(rng, world):
             assert all(sh[k:k + per_camera] in groups for k in range(0, len(sh), per_camera))
             sizes.append(len(sh) // per_camera)
         assert max(sizes) - min(sizes) <= 1
+        for r, sh in enumerate(shares):  # share() names the groups (cameras) each rank got
+            cams_here = parts_sampler[r].share(cams)
+            assert sh == [x for g in cams_here for x in groups[g]]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
