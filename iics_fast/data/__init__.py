@@ -1,0 +1,1 @@
+"""Data side of iics_fast: datasets, transforms and samplers."""
