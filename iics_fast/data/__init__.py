@@ -1,1 +1,1 @@
-"""Data side of iics_fast: datasets, transforms and samplers."""
+"""Data: dataset loaders (front: ``iics_fast.datasets``)."""
