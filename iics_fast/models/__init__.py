@@ -1,0 +1,37 @@
+"""Models: ResNet backbones with AIBN (layer3, layer4), the BN-neck classifier head, helpers.
+
+    build_backbone(arch="resnet50", pretrained=None, init_alpha=0.1, last_stride=1)  # .out_dim
+    ClassifierHead(in_dim, num_classes)    # BatchNorm1d (bias frozen at 0) -> Linear, no bias
+    aibn_alphas(model)                     # distinct AIBN alphas (9 for ResNet-50, 4 for ResNet-18)
+    load_pretrained(model, path)           # torchvision-format ImageNet state dict
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from iics_fast.models.aibn import AIBN2d
+from iics_fast.models.heads import ClassifierHead
+from iics_fast.models.resnet import ARCHS, ResNet, load_pretrained
+
+__all__ = ["AIBN2d", "ClassifierHead", "ResNet", "build_backbone", "aibn_alphas", "load_pretrained"]
+
+
+def build_backbone(arch: str = "resnet50", pretrained=None, init_alpha: float = 0.1, last_stride: int = 1) -> ResNet:
+    """ResNet `arch` ("resnet50" | "resnet18") with AIBN in layer3/layer4; forward(x) gives the
+    pooled (N, out_dim) feature. `pretrained`: path of a torchvision-format state dict, or None."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: choose one of {sorted(ARCHS)}")
+    model = ResNet(arch, last_stride=last_stride, init_alpha=init_alpha)
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def aibn_alphas(model: nn.Module) -> list[nn.Parameter]:
+    """The distinct alpha Parameters of the model's AIBN2d modules, in module order."""
+    seen, out = set(), []
+    for m in model.modules():
+        if isinstance(m, AIBN2d) and id(m.alpha) not in seen:
+            seen.add(id(m.alpha))
+            out.append(m.alpha)
+    return out

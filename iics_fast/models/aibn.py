@@ -1,0 +1,52 @@
+"""AIBN2d: the module form of Eq. 12 (adaptive mix of instance and batch statistics).
+
+On CUDA it runs the fused Triton kernels of `iics_fast.kernels.aibn` (imported on first use);
+elsewhere the plain-PyTorch `aibn_ref`. Both follow the same definition (see that module).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AIBN2d(nn.Module):
+    """Adaptive instance-batch normalisation over (N, C, H, W).
+
+    weight, bias: per-channel affine (gamma, beta); alpha: the (1,) mixing weight, clamped to
+    [0, 1] when used (gradient zero outside). Pass another module's `alpha` Parameter to share
+    it (one alpha per residual block); otherwise a new one starts at `init_alpha`.
+    running_mean, running_var: batch-side statistics for eval, updated in training as
+    running = (1 - momentum) running + momentum batch.
+    """
+
+    def __init__(self, num_features: int, alpha: nn.Parameter | None = None, init_alpha: float = 0.1,
+                 eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        if alpha is None:
+            alpha = nn.Parameter(torch.full((1,), float(init_alpha)))
+        elif not isinstance(alpha, nn.Parameter) or alpha.numel() != 1:
+            raise TypeError("AIBN2d alpha must be a one-element nn.Parameter (another AIBN2d's .alpha) or None")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.alpha = alpha
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"AIBN2d({self.num_features}) expects (N, {self.num_features}, H, W); got {tuple(x.shape)}")
+        if x.shape[2] * x.shape[3] < 2:
+            raise ValueError(
+                f"AIBN2d needs H*W >= 2 (the instance variance is unbiased, undefined for one value); got "
+                f"{x.shape[2]}x{x.shape[3]}: feed a larger image (ResNet layer3/4 divide it by 16)")
+        from iics_fast.kernels.aibn import aibn, aibn_ref
+
+        fn = aibn if x.is_cuda else aibn_ref
+        return fn(x, self.running_mean, self.running_var, self.weight, self.bias, self.alpha,
+                  self.training, self.momentum, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
