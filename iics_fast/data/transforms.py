@@ -67,8 +67,8 @@ def random_erasing(x: torch.Tensor, rng: np.random.Generator, p: float = 0.5,
     return x
 
 
-class TestTransform:
-    """Resize (bicubic) to (height, width), to tensor, ImageNet normalisation."""
+class EvalTransform:
+    """Test-time pipeline: resize (bicubic) to (height, width), to tensor, ImageNet normalisation."""
 
     def __init__(self, height: int, width: int):
         self.size = (int(height), int(width))
