@@ -4,6 +4,7 @@
 namespace py = pybind11;
 
 void bind_condensed(py::module_& m);
+void bind_rerank(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "iics_fast native core: condensed-matrix helpers, merge, similarity";
@@ -18,4 +19,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("has_cuda") = false;
 #endif
   bind_condensed(m);
+  bind_rerank(m);
 }
