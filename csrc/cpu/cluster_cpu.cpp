@@ -1,0 +1,540 @@
+// Nearest-neighbour-chain linkage on the condensed triangle, in place; linkage-matrix labelling,
+// flat cuts, finiteness check and exact rank selection. See cluster_cpu.h.
+#include "cpu/cluster_cpu.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "condensed.h"
+
+// The Lance-Williams updates are evaluated as SciPy evaluates them, without fused multiply-adds
+// (which -march=native would otherwise contract them into), so float64 heights match bit for bit.
+#pragma GCC optimize("fp-contract=off")
+
+#ifdef IICS_WITH_OPENMP
+#include <omp.h>
+#endif
+
+namespace iics {
+namespace {
+
+int max_threads() {
+#ifdef IICS_WITH_OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+int thread_id() {
+#ifdef IICS_WITH_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+int num_threads() {
+#ifdef IICS_WITH_OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// [begin, end) of part `part` of `parts` equal slices of [0, len).
+inline void slice(int64_t len, int part, int parts, int64_t& begin, int64_t& end) {
+  begin = len * part / parts;
+  end = len * (part + 1) / parts;
+}
+
+// Lance-Williams updates, one line each: the distance from the union of clusters a (size sa) and
+// b (size sb) to a third cluster, from its distances da to a and db to b. Evaluated in double
+// exactly as SciPy writes them; the caller rounds to the storage type. Each maps (inf, inf) to
+// inf, which keeps the +inf marks of dropped clusters intact (see NNChain).
+struct SingleUpdate {
+  static inline double apply(double da, double db, double, double) { return da < db ? da : db; }
+};
+struct CompleteUpdate {
+  static inline double apply(double da, double db, double, double) { return da > db ? da : db; }
+};
+struct AverageUpdate {
+  static inline double apply(double da, double db, double sa, double sb) {
+    return (sa * da + sb * db) / (sa + sb);
+  }
+};
+struct WeightedUpdate {
+  static inline double apply(double da, double db, double, double) { return 0.5 * (da + db); }
+};
+
+// Below this much work (in contiguous-element units, a strided read counting kGather) a scan or
+// an update runs on one thread: an OpenMP fork/join costs a few microseconds.
+constexpr int64_t kGather = 8;
+constexpr int64_t kParallelWork = 1 << 15;
+// Contiguous scans go in blocks: a vectorised min per block, then one pass over the winning block.
+constexpr int64_t kBlock = 256;
+
+// First index of the minimum of p[0..len) if that minimum is < best (then best and at are
+// updated); nothing otherwise. Ties keep the lowest index.
+template <typename T>
+inline void contiguous_argmin(const T* p, int64_t len, T& best, int64_t& at) {
+  int64_t win = -1;
+  T bv = best;
+  for (int64_t s = 0; s < len; s += kBlock) {
+    const int64_t e = std::min(len, s + kBlock);
+    T mv = std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(min : mv)
+    for (int64_t q = s; q < e; ++q) mv = p[q] < mv ? p[q] : mv;
+    if (mv < bv) {
+      bv = mv;
+      win = s;
+    }
+  }
+  if (win < 0) return;
+  int64_t q = win;
+  while (p[q] != bv) ++q;
+  best = bv;
+  at = q;
+}
+
+// The nearest-neighbour chain (Murtagh 1983; Müllner 2011, Fig. 4), on the condensed triangle.
+//
+// Layout and bookkeeping, all O(n):
+//  * slots 0..m-1 index the current triangle; a merge of slots i < j keeps the union in j and
+//    drops i (SciPy's convention, so float64 runs make SciPy's exact choices, ties included);
+//  * act_ lists the live slots in increasing order, base_[t] = offset of row act_[t] minus
+//    act_[t] + 1, so the strided column entry D(act_[t], x), x > act_[t], is D[base_[t] + x];
+//  * a dropped slot's column entries D(k, i), k < i live, are set to +inf, so the contiguous row
+//    scans and the row updates run branch-free over dead entries (the Lance-Williams updates map
+//    (inf, inf) to inf) while the strided column accesses visit live slots only;
+//  * when half the slots are dead the triangle is compacted in place to the live slots
+//    (order-preserving, so no tie-breaking changes), which bounds the dead fraction at one half
+//    and costs O(n^2) in all (a geometric series).
+//
+// Nearest neighbour of x: the previous chain element wins ties (which guarantees progress),
+// otherwise the lowest slot among the nearest.
+template <typename T, typename U>
+class NNChain {
+ public:
+  NNChain(T* D, int64_t n, bool force_threads)
+      : D_(D), n_(n), m_(n), forced_(force_threads), parallel_(force_threads) {
+    act_.resize(n);
+    base_.resize(n);
+    size_.assign(n, 1.0);
+    rep_.resize(n);
+    std::iota(act_.begin(), act_.end(), 0);
+    std::iota(rep_.begin(), rep_.end(), 0);
+    rebase();
+    chain_.reserve(n);
+    threads_ = max_threads();
+    if (threads_ > 1) {
+#pragma omp parallel num_threads(threads_)
+      {  // start the thread team now, so the first timed operation does not pay for it
+      }
+    }
+  }
+
+  void run(int32_t* merge_a, int32_t* merge_b, double* merge_h) {
+    for (int64_t r = 0; r < n_ - 1; ++r) {
+      if (chain_.empty()) chain_.push_back(act_[0]);
+      for (;;) {
+        const int64_t x = chain_.back();
+        const int64_t p = chain_.size() > 1 ? chain_[chain_.size() - 2] : -1;
+        T d;
+        const int64_t y = nearest(x, p, d);
+        if (y == p) break;
+        chain_.push_back(static_cast<int32_t>(y));
+      }
+      const int64_t x = chain_.back();
+      const int64_t y = chain_[chain_.size() - 2];
+      chain_.resize(chain_.size() - 2);
+      const int64_t i = std::min(x, y), j = std::max(x, y);
+      merge_a[r] = rep_[i];
+      merge_b[r] = rep_[j];
+      merge_h[r] = static_cast<double>(at(i, j));
+      merge(i, j);
+      if (threads_ > 1 && !forced_) steer(r);
+      if (m_ >= 64 && 2 * static_cast<int64_t>(act_.size()) <= m_) compact();
+    }
+  }
+
+ private:
+  static constexpr T kInf = std::numeric_limits<T>::infinity();
+  using Clock = std::chrono::steady_clock;
+
+  // Threads pay only when the machine has idle cores: on a shared, oversubscribed machine a
+  // fork/join waits for a descheduled thread and costs milliseconds instead of microseconds.
+  // So the run steers itself: from time to time (steer) kSerial merges on one thread are timed
+  // per unit of work, then operations on all threads are timed the same way, one by one (done):
+  // the first time threads lose, the probe ends and the gap to the next probe doubles (up to
+  // kMaxGap merges), so a busy machine pays for one slow operation a probe; after kProbeOps won
+  // operations the threads stay on until the next probe.
+  static constexpr int64_t kSerial = 16, kProbeOps = 64, kMinGap = 512, kMaxGap = 16384;
+
+  // Threads for a scan or update of `work` units (a strided read counts kGather).
+  int team(int64_t work) {
+    work_ += work;
+    if (!(parallel_ || probing_) || (work < kParallelWork && !forced_)) return 1;
+    if (probing_) op_start_ = Clock::now();
+    return threads_;
+  }
+
+  void done(int nt, int64_t work) {
+    if (nt == 1 || !probing_) return;
+    probe_time_ += std::chrono::duration<double>(Clock::now() - op_start_).count();
+    probe_work_ += work;
+    const bool lost = probe_time_ / static_cast<double>(probe_work_) > serial_rate_;
+    if (lost || ++probe_ops_ >= kProbeOps) {
+      probing_ = false;
+      parallel_ = !lost;
+      gap_ = lost ? std::min(2 * gap_, kMaxGap) : kMinGap;
+      probe_at_ = merges_ + gap_;
+    }
+  }
+
+  // Called after merge r: starts the serial timing of a probe, then its threaded part.
+  void steer(int64_t r) {
+    merges_ = r;
+    if (r == probe_at_) {
+      parallel_ = false;
+      since_ = Clock::now();
+      work_since_ = work_;
+    } else if (r == probe_at_ + kSerial) {
+      serial_rate_ = std::chrono::duration<double>(Clock::now() - since_).count() /
+                     static_cast<double>(std::max<int64_t>(work_ - work_since_, 1));
+      probing_ = true;
+      probe_time_ = 0.0;
+      probe_work_ = 0;
+      probe_ops_ = 0;
+      probe_at_ = r + kMaxGap;  // replaced when the probe ends
+    }
+  }
+
+
+
+  // D(i, j) for slots i < j.
+  T at(int64_t i, int64_t j) const { return D_[condensed_index(m_, i, j)]; }
+  // Pointer r with r[k] = D(x, k) for k > x (row x, shifted so it is indexed by slot).
+  T* row(int64_t x) const { return D_ + condensed_row(m_, x) - x - 1; }
+  int64_t pos(int64_t x) const {
+    return std::lower_bound(act_.begin(), act_.end(), static_cast<int32_t>(x)) - act_.begin();
+  }
+  void rebase() {
+    for (size_t t = 0; t < act_.size(); ++t)
+      base_[t] = condensed_row(m_, act_[t]) - act_[t] - 1;
+  }
+
+  // Nearest live slot to x and its distance d; p (or -1) is preferred on ties.
+  int64_t nearest(int64_t x, int64_t p, T& d) {
+    const int64_t px = pos(x);
+    const T* rx = row(x);
+    const int64_t row_len = m_ - x - 1;
+    const int64_t work = px * kGather + row_len;
+    const int nt = team(work);
+    T best = kInf;
+    int64_t arg = -1;
+    if (nt == 1) {
+      column_argmin(x, 0, px, best, arg);
+      contiguous_argmin(rx + x + 1, row_len, best, arg, x + 1);
+    } else {
+      // Per-thread results, combined in index order so ties resolve as in the serial scan.
+      T cb[64], rb[64];
+      int64_t ca[64], ra[64];
+      int used = 1;
+#pragma omp parallel num_threads(nt)
+      {
+        const int tid = thread_id(), nth = num_threads();
+        if (tid == 0) used = nth;
+        int64_t b, e;
+        cb[tid] = kInf, ca[tid] = -1;
+        slice(px, tid, nth, b, e);
+        column_argmin(x, b, e, cb[tid], ca[tid]);
+        rb[tid] = kInf, ra[tid] = -1;
+        slice(row_len, tid, nth, b, e);
+        contiguous_argmin(rx + x + 1 + b, e - b, rb[tid], ra[tid], x + 1 + b);
+      }
+      for (int t = 0; t < used; ++t)
+        if (cb[t] < best) best = cb[t], arg = ca[t];
+      for (int t = 0; t < used; ++t)
+        if (rb[t] < best) best = rb[t], arg = ra[t];
+    }
+    done(nt, work);
+    if (p >= 0) {
+      const T dp = x < p ? at(x, p) : at(p, x);
+      if (dp <= best) {
+        d = dp;
+        return p;
+      }
+    }
+    d = best;
+    return arg;
+  }
+
+  // Strided part: live slots act_[b..e) (all < x).
+  void column_argmin(int64_t x, int64_t b, int64_t e, T& best, int64_t& arg) const {
+    for (int64_t t = b; t < e; ++t) {
+      const T v = D_[base_[t] + x];
+      if (v < best) best = v, arg = act_[t];
+    }
+  }
+  static void contiguous_argmin(const T* p, int64_t len, T& best, int64_t& arg, int64_t first) {
+    int64_t q = -1;
+    iics::contiguous_argmin(p, len, best, q);
+    if (q >= 0) arg = first + q;
+  }
+
+  // Merges slots i < j into j; i is dropped (its column set to +inf, its slot unlisted).
+  void merge(int64_t i, int64_t j) {
+    const int64_t pi = pos(i), pj = pos(j);
+    const double si = size_[i], sj = size_[j];
+    T* ri = row(i);
+    T* rj = row(j);
+    T* D = D_;
+    const int64_t* base = base_.data();
+    const int32_t* act = act_.data();
+    const int64_t tail = m_ - j - 1;
+    const int64_t work = (pj - 1) * kGather + tail;
+    const int nt = team(work);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      // k < i: D(k, j) <- U(D(k, i), D(k, j)); D(k, i) <- inf. Both strided, same row k.
+#pragma omp for schedule(static) nowait
+      for (int64_t t = 0; t < pi; ++t) {
+        T* rk = D + base[t];
+        rk[j] = static_cast<T>(U::apply(rk[i], rk[j], si, sj));
+        rk[i] = kInf;
+      }
+      // i < k < j: D(k, j) <- U(D(i, k), D(k, j)). Row i contiguous-ish, column j strided.
+#pragma omp for schedule(static) nowait
+      for (int64_t t = pi + 1; t < pj; ++t) {
+        T* rk = D + base[t];
+        rk[j] = static_cast<T>(U::apply(ri[act[t]], rk[j], si, sj));
+      }
+      // k > j: D(j, k) <- U(D(i, k), D(j, k)). Both rows contiguous; dead k stay +inf.
+#pragma omp for simd schedule(static) nowait
+      for (int64_t k = j + 1; k < m_; ++k)
+        rj[k] = static_cast<T>(U::apply(ri[k], rj[k], si, sj));
+    }
+    done(nt, work);
+    size_[j] = si + sj;
+    act_.erase(act_.begin() + pi);
+    base_.erase(base_.begin() + pi);
+  }
+
+  // Rewrites the triangle over the live slots only, in place, renumbering slots by rank.
+  // Safe front to back: pair (t, u) of the new triangle is written at an offset no larger than
+  // the old offset of its pair, and pairs keep their lexicographic order.
+  void compact() {
+    const int64_t a = static_cast<int64_t>(act_.size());
+    int64_t dst = 0;
+    for (int64_t t = 0; t < a; ++t) {
+      const T* rx = row(act_[t]);
+      for (int64_t u = t + 1; u < a; ++u) D_[dst++] = rx[act_[u]];
+    }
+    for (auto& c : chain_) c = static_cast<int32_t>(pos(c));
+    for (int64_t t = 0; t < a; ++t) {
+      size_[t] = size_[act_[t]];
+      rep_[t] = rep_[act_[t]];
+      act_[t] = static_cast<int32_t>(t);
+    }
+    m_ = a;
+    rebase();
+  }
+
+  T* D_;
+  int64_t n_, m_;
+  std::vector<int32_t> act_;
+  std::vector<int64_t> base_;
+  std::vector<double> size_;
+  std::vector<int32_t> rep_;
+  std::vector<int32_t> chain_;
+  int threads_ = 1;
+  bool forced_, parallel_, probing_ = false;
+  int64_t work_ = 0, work_since_ = 0, merges_ = 0;
+  int64_t probe_at_ = 0, gap_ = kMinGap / 2, probe_work_ = 0, probe_ops_ = 0;
+  double serial_rate_ = 0.0, probe_time_ = 0.0;
+  Clock::time_point since_, op_start_;
+};
+
+template <typename T, typename U>
+void run_chain(T* D, int64_t n, bool force_threads, int32_t* a, int32_t* b, double* h) {
+  NNChain<T, U>(D, n, force_threads).run(a, b, h);
+}
+
+// Union-find over 0..size-1 with path halving.
+struct UnionFind {
+  std::vector<int64_t> parent;
+  explicit UnionFind(int64_t size) : parent(size) { std::iota(parent.begin(), parent.end(), 0); }
+  int64_t find(int64_t x) {
+    while (parent[x] != x) x = parent[x] = parent[parent[x]];
+    return x;
+  }
+};
+
+// Order-preserving bijection between floats and unsigned integers of the same width.
+template <typename T>
+struct FloatKey {
+  using K = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  static constexpr int kBits = 8 * sizeof(T);
+  static constexpr K kSign = K(1) << (kBits - 1);
+  static K of(T v) {
+    K k;
+    std::memcpy(&k, &v, sizeof k);
+    return (k & kSign) ? ~k : (k | kSign);
+  }
+  static T value(K k) {
+    k = (k & kSign) ? (k & ~kSign) : ~k;
+    T v;
+    std::memcpy(&v, &k, sizeof v);
+    return v;
+  }
+};
+
+}  // namespace
+
+template <typename T>
+void nn_chain_linkage(T* D, int64_t n, LinkageMethod method, int32_t* merge_a, int32_t* merge_b,
+                      double* merge_h, bool force_threads) {
+  if (n < 2) return;
+  switch (method) {
+    case LinkageMethod::Single: return run_chain<T, SingleUpdate>(D, n, force_threads, merge_a, merge_b, merge_h);
+    case LinkageMethod::Complete:
+      return run_chain<T, CompleteUpdate>(D, n, force_threads, merge_a, merge_b, merge_h);
+    case LinkageMethod::Average:
+      return run_chain<T, AverageUpdate>(D, n, force_threads, merge_a, merge_b, merge_h);
+    case LinkageMethod::Weighted:
+      return run_chain<T, WeightedUpdate>(D, n, force_threads, merge_a, merge_b, merge_h);
+  }
+}
+
+// SciPy's order and naming (scipy.cluster.hierarchy: stable sort by height, then union-find
+// labelling): the merges of one height keep the order they were found in, which already puts
+// every merge after the merges that built its two clusters.
+void merges_to_linkage(int64_t n, const int32_t* merge_a, const int32_t* merge_b,
+                       const double* merge_h, double* Z) {
+  if (n < 2) return;
+  std::vector<int64_t> order(n - 1);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t u, int64_t v) { return merge_h[u] < merge_h[v]; });
+  UnionFind uf(2 * n - 1);
+  std::vector<double> size(2 * n - 1, 1.0);
+  for (int64_t r = 0; r < n - 1; ++r) {
+    const int64_t s = order[r];
+    int64_t x = uf.find(merge_a[s]), y = uf.find(merge_b[s]);
+    if (x > y) std::swap(x, y);
+    const int64_t c = n + r;
+    uf.parent[x] = uf.parent[y] = c;
+    size[c] = size[x] + size[y];
+    double* z = Z + 4 * r;
+    z[0] = static_cast<double>(x);
+    z[1] = static_cast<double>(y);
+    z[2] = merge_h[s];
+    z[3] = size[c];
+  }
+}
+
+void cut_linkage(int64_t n, const double* Z, int64_t n_merges, int64_t* labels) {
+  // A point of every cluster id, then union-find over the points.
+  std::vector<int64_t> point(n + std::max<int64_t>(n_merges, 0));
+  std::iota(point.begin(), point.begin() + n, 0);
+  UnionFind uf(n);
+  for (int64_t r = 0; r < n_merges; ++r) {
+    const int64_t a = point[static_cast<int64_t>(Z[4 * r])];
+    const int64_t b = point[static_cast<int64_t>(Z[4 * r + 1])];
+    point[n + r] = a;
+    uf.parent[uf.find(b)] = uf.find(a);
+  }
+  std::vector<int64_t> label_of_root(n, -1);
+  int64_t next = 0;
+  for (int64_t x = 0; x < n; ++x) {
+    const int64_t r = uf.find(x);
+    if (label_of_root[r] < 0) label_of_root[r] = next++;
+    labels[x] = label_of_root[r];
+  }
+}
+
+template <typename T>
+int64_t first_nonfinite(const T* x, int64_t m) {
+  constexpr int64_t kChunk = 1 << 14;
+  const int64_t chunks = (m + kChunk - 1) / kChunk;
+  int64_t first = -1;
+#pragma omp parallel for schedule(static) if (m > (1 << 20))
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t b = c * kChunk, e = std::min(m, b + kChunk);
+    int bad = 0;
+#pragma omp simd reduction(| : bad)
+    for (int64_t q = b; q < e; ++q) bad |= !std::isfinite(x[q]);
+    if (bad) {
+      int64_t q = b;
+      while (std::isfinite(x[q])) ++q;
+#pragma omp critical(iics_first_nonfinite)
+      if (first < 0 || q < first) first = q;
+    }
+  }
+  return first;
+}
+
+template <typename T>
+int64_t first_nonfinite_upper(const T* x, int64_t n) {
+  int64_t first = -1;
+#pragma omp parallel for schedule(dynamic, 64) if (n > 1024)
+  for (int64_t i = 0; i < n - 1; ++i) {
+    const int64_t q = first_nonfinite(x + n * i + i + 1, n - i - 1);
+    if (q >= 0) {
+      const int64_t off = condensed_index(n, i, i + 1 + q);
+#pragma omp critical(iics_first_nonfinite_upper)
+      if (first < 0 || off < first) first = off;
+    }
+  }
+  return first;
+}
+
+template <typename T>
+T select_rank(const T* x, int64_t m, int64_t rank) {
+  using FK = FloatKey<T>;
+  using K = typename FK::K;
+  constexpr int kDigit = 16;
+  constexpr int64_t kBins = int64_t(1) << kDigit;
+  const int nt = m > (1 << 20) ? max_threads() : 1;
+  std::vector<int64_t> hist(static_cast<size_t>(nt) * kBins);
+  K prefix = 0;  // the key bits above `shift` already fixed
+  for (int shift = FK::kBits - kDigit; shift >= 0; shift -= kDigit) {
+    std::fill(hist.begin(), hist.end(), 0);
+    const bool first_pass = shift + kDigit >= FK::kBits;
+#pragma omp parallel num_threads(nt)
+    {
+      int64_t* h = hist.data() + static_cast<int64_t>(thread_id()) * kBins;
+#pragma omp for schedule(static)
+      for (int64_t q = 0; q < m; ++q) {
+        const K k = FK::of(x[q]);
+        if (first_pass || (k >> (shift + kDigit)) == prefix) ++h[(k >> shift) & (kBins - 1)];
+      }
+    }
+    for (int t = 1; t < nt; ++t)
+      for (int64_t b = 0; b < kBins; ++b) hist[b] += hist[t * kBins + b];
+    int64_t b = 0;
+    while (rank >= hist[b]) rank -= hist[b++];
+    prefix = (prefix << kDigit) | static_cast<K>(b);
+  }
+  return FK::value(prefix);
+}
+
+template void nn_chain_linkage<float>(float*, int64_t, LinkageMethod, int32_t*, int32_t*,
+                                      double*, bool);
+template void nn_chain_linkage<double>(double*, int64_t, LinkageMethod, int32_t*, int32_t*,
+                                       double*, bool);
+template int64_t first_nonfinite<float>(const float*, int64_t);
+template int64_t first_nonfinite<double>(const double*, int64_t);
+template int64_t first_nonfinite_upper<float>(const float*, int64_t);
+template int64_t first_nonfinite_upper<double>(const double*, int64_t);
+template float select_rank<float>(const float*, int64_t, int64_t);
+template double select_rank<double>(const double*, int64_t, int64_t);
+
+}  // namespace iics

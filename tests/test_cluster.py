@@ -1,0 +1,335 @@
+"""Agglomerative clustering (iics_fast.cluster) against SciPy, scikit-learn and a naive oracle."""
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from scipy.cluster.hierarchy import fcluster
+from scipy.spatial.distance import pdist, squareform
+from sklearn.cluster import AgglomerativeClustering
+from sklearn.metrics import adjusted_rand_score
+
+from iics_fast import cluster
+from iics_fast._native import native
+
+# float64 runs SciPy's arithmetic (bit-identical in practice; the tolerance only allows a compiler
+# that fuses the update's multiply-add). float32 stores every updated distance rounded to float32,
+# ~6e-8 relative a merge level, so heights agree with SciPy on the same values to ~1e-6.
+RTOL = {np.float32: 2e-5, np.float64: 1e-12}
+
+
+def random_condensed(rng, n, dtype):
+    """Distinct uniform distances (tie-free with probability 1)."""
+    return rng.random(n * (n - 1) // 2).astype(dtype)
+
+
+def as_layout(cond, layout, rng):
+    """The condensed array, or a square one carrying it in its upper triangle. The square's lower
+    triangle and diagonal are junk, so only an upper-triangle reader can pass."""
+    if layout == "condensed":
+        return cond
+    n = (1 + int(np.sqrt(1 + 8 * cond.size))) // 2
+    sq = rng.random((n, n)).astype(cond.dtype) * 10 - 5
+    sq[np.triu_indices(n, 1)] = cond
+    return sq
+
+
+def same_partition(a, b):
+    return adjusted_rand_score(a, b) == 1.0
+
+
+@pytest.mark.parametrize("layout", ["condensed", "square"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 64, 251])
+def test_average_matches_scipy(n, dtype, layout, rng):
+    cond = random_condensed(rng, n, dtype)
+    Z = cluster.linkage(as_layout(cond, layout, rng))
+    Zr = cluster.linkage_ref(cond)  # SciPy on the same (float32) values, in float64
+    assert Z.shape == (max(n - 1, 0), 4) and Z.dtype == np.float64
+    np.testing.assert_allclose(Z[:, 2], Zr[:, 2], rtol=RTOL[dtype], atol=0)
+    np.testing.assert_array_equal(Z[:, [0, 1, 3]], Zr[:, [0, 1, 3]])
+    for k in sorted({1, min(2, n), max(1, n // 3), max(1, n - 1), n}):
+        labels = cluster.agglomerative(as_layout(cond, layout, rng), n_clusters=k)
+        assert labels.dtype == np.int64 and len(np.unique(labels)) == k
+        np.testing.assert_array_equal(labels, cluster.agglomerative_ref(cond, n_clusters=k))
+        if n > 1:
+            assert same_partition(labels, fcluster(Zr, k, "maxclust"))
+
+
+@pytest.mark.parametrize("method", ["single", "complete", "weighted"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_other_methods_match_scipy(method, dtype, rng):
+    cond = random_condensed(rng, 120, dtype)
+    Z = cluster.linkage(cond, method=method)
+    Zr = cluster.linkage_ref(cond, method=method)
+    np.testing.assert_allclose(Z[:, 2], Zr[:, 2], rtol=RTOL[dtype], atol=0)
+    for k in (2, 7, 40):
+        labels = cluster.agglomerative(cond, n_clusters=k, method=method)
+        assert same_partition(labels, fcluster(Zr, k, "maxclust"))
+
+
+@pytest.mark.parametrize("method", sorted(cluster.METHODS))
+@pytest.mark.parametrize("n", [2, 3, 9, 30])
+def test_matches_naive_oracle(method, n, rng):
+    cond = random_condensed(rng, n, np.float64)
+    Z = cluster.linkage(cond, method=method)
+    Zn = cluster.linkage_naive_ref(cond, method=method)
+    np.testing.assert_allclose(Z[:, 2], Zn[:, 2], rtol=1e-12)
+    np.testing.assert_array_equal(Z[:, [0, 1, 3]], Zn[:, [0, 1, 3]])
+
+
+def test_threshold_matches_sklearn(rng):
+    n = 80
+    sq = rng.random((n, n))  # not symmetric: only the upper triangle may count
+    cond = sq[np.triu_indices(n, 1)]
+    h = cluster.linkage_ref(cond)[:, 2]
+    # between heights, exactly at heights (a merge of height == threshold is not done), outside
+    thresholds = [h[0] - 1, h[0], (h[10] + h[11]) / 2, h[40], (h[-2] + h[-1]) / 2, h[-1], h[-1] + 1]
+    for t in thresholds:
+        labels = cluster.agglomerative(sq, distance_threshold=t)
+        np.testing.assert_array_equal(labels,
+                                      cluster.agglomerative_ref(cond, distance_threshold=t))
+        assert len(np.unique(labels)) == np.count_nonzero(h >= t) + 1
+        ref = AgglomerativeClustering(n_clusters=None, distance_threshold=max(t, 0.0),
+                                      metric="precomputed", linkage="average").fit(sq).labels_
+        if t >= 0:
+            assert same_partition(labels, ref)
+    for dtype in (np.float32, np.float64):  # float32: the same cut on the rounded values
+        c32 = cond.astype(dtype)
+        t = float((cluster.linkage_ref(c32)[30, 2] + cluster.linkage_ref(c32)[31, 2]) / 2)
+        assert same_partition(cluster.agglomerative(c32, distance_threshold=t),
+                              fcluster(cluster.linkage_ref(c32), t, "distance"))
+
+
+def test_square_reads_upper_triangle_like_sklearn(rng):
+    n = 150
+    sq = rng.random((n, n)).astype(np.float32)  # asymmetric, junk diagonal
+    cond = sq[np.triu_indices(n, 1)]
+    Zr = cluster.linkage_ref(cond)
+    np.testing.assert_allclose(cluster.linkage(sq)[:, 2], Zr[:, 2], rtol=RTOL[np.float32])
+    for k in (3, 20):
+        ref = AgglomerativeClustering(n_clusters=k, metric="precomputed",
+                                      linkage="average").fit(sq.astype(np.float64)).labels_
+        assert same_partition(cluster.agglomerative(sq, n_clusters=k), ref)
+    assert not same_partition(cluster.agglomerative(sq.T.copy(), n_clusters=20),
+                              cluster.agglomerative(sq, n_clusters=20))
+
+
+def test_ties(rng):
+    """Many equal distances. Which tied pair merges first is a convention, and for average
+    linkage it changes later heights, not only the partition. float64 takes SciPy's choices
+    (previous chain element first, then the lowest index) with SciPy's arithmetic, so the whole
+    tree is SciPy's. float32 rounds merged distances differently, so ties in exact arithmetic can
+    break the other way: only tie-independent facts are checked there (single-linkage heights, the
+    first height, the all-tied case). SciPy's single linkage is a different algorithm (via the
+    minimum spanning tree), so there only the heights, which ties do not change, are compared."""
+    cond = rng.integers(1, 5, size=60 * 59 // 2).astype(np.float64)
+    for method in ("average", "complete", "weighted"):
+        np.testing.assert_array_equal(cluster.linkage(cond, method),
+                                      cluster.linkage_ref(cond, method))
+    np.testing.assert_array_equal(cluster.linkage(cond, "single")[:, 2],
+                                  cluster.linkage_ref(cond, "single")[:, 2])
+    c32 = cond.astype(np.float32)
+    np.testing.assert_array_equal(cluster.linkage(c32, "single")[:, 2],
+                                  cluster.linkage_ref(c32, "single")[:, 2])
+    Z = cluster.linkage(c32)
+    assert Z[0, 2] == 1 and np.all(np.diff(Z[:, 2]) >= 0) and Z[-1, 3] == 60
+    ones = np.ones(10 * 9 // 2, np.float32)  # all tied: every merge at height 1
+    np.testing.assert_array_equal(cluster.linkage(ones)[:, 2], np.ones(9))
+
+
+def test_clustered_cosine_distances_match_scipy(rng):
+    """A realistic input: Gaussian blobs of unit feature vectors, cosine distance, float32."""
+    n, k, dim = 400, 10, 32
+    centers = rng.standard_normal((k, dim))
+    x = centers[rng.integers(0, k, n)] + 0.5 * rng.standard_normal((n, dim))
+    cond = pdist(x, "cosine").astype(np.float32)
+    Zr = cluster.linkage_ref(cond)
+    np.testing.assert_allclose(cluster.linkage(cond)[:, 2], Zr[:, 2], rtol=RTOL[np.float32])
+    for kk in (k, 25, 100):
+        labels = cluster.agglomerative(squareform(cond), n_clusters=kk)
+        assert same_partition(labels, fcluster(Zr, kk, "maxclust"))
+    t = cluster.quantile_threshold(cond, 0.0025)
+    labels = cluster.agglomerative(cond, distance_threshold=t)
+    assert same_partition(labels, cluster.agglomerative_ref(cond, distance_threshold=t))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_threaded_path_matches_serial(dtype, rng):
+    """Every scan and update on the OpenMP team (normally used only where timing shows it pays)."""
+    cond = random_condensed(rng, 40, dtype)
+    C = native()
+    Z = C.cluster_linkage(cond, 2, False, True)
+    np.testing.assert_array_equal(Z, C.cluster_linkage(cond, 2, False, False))
+    np.testing.assert_allclose(Z[:, 2], cluster.linkage_ref(cond)[:, 2], rtol=RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inplace_and_torch(dtype, rng):
+    n = 50
+    cond = random_condensed(rng, n, dtype)
+    sq = as_layout(cond, "square", rng)
+    want = cluster.linkage(cond)
+    kept = sq.copy()
+    np.testing.assert_array_equal(cluster.linkage(sq), want)  # inplace=False keeps the input
+    np.testing.assert_array_equal(sq, kept)
+    np.testing.assert_array_equal(cluster.linkage(sq, inplace=True), want)
+    assert not np.array_equal(sq, kept)  # the buffer was used as the work space
+    buf = cond.copy()
+    np.testing.assert_array_equal(cluster.linkage(buf, inplace=True), want)
+    t = torch.from_numpy(squareform(cond.astype(np.float64)).astype(dtype))
+    np.testing.assert_array_equal(cluster.agglomerative(t, n_clusters=5, inplace=True),
+                                  cluster.agglomerative(cond, n_clusters=5))
+    # other real dtypes are converted (inplace=False only)
+    ints = rng.permutation(n * (n - 1) // 2).astype(np.int32)
+    np.testing.assert_array_equal(cluster.linkage(ints), cluster.linkage_ref(ints))
+
+
+def test_labels_numbered_by_first_appearance(rng):
+    labels = cluster.agglomerative(random_condensed(rng, 100, np.float64), n_clusters=13)
+    firsts = [np.flatnonzero(labels == c)[0] for c in range(13)]
+    assert labels[0] == 0 and firsts == sorted(firsts)
+
+
+# The peak resident set of this process (VmHWM). Not ru_maxrss: a child's ru_maxrss starts from
+# its parent's resident size at fork, so under pytest it would hide the child's own growth.
+PEAK_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from iics_fast import cluster
+
+    def peak_bytes():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+
+    n, inplace = int(sys.argv[1]), sys.argv[2] == "1"
+    x = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    cluster.linkage(x[:3, :3].copy())  # load the extension before the baseline
+    before = peak_bytes()
+    Z = cluster.linkage(x, inplace=inplace)
+    print(peak_bytes() - before)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("inplace", [True, False])
+def test_peak_memory(inplace):
+    """In place: the process peak grows by O(n) only; otherwise by one condensed copy (half a
+    square matrix). N = 6000 float32: the square buffer is 144 MB."""
+    n = 6000
+    square_bytes = n * n * 4
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(n), "1" if inplace else "0"],
+                         capture_output=True, text=True, check=True)
+    grew = int(out.stdout.split()[-1])
+    if inplace:
+        assert grew < 0.05 * square_bytes, grew
+    else:
+        assert 0.4 * square_bytes < grew < 0.6 * square_bytes, grew
+
+
+def test_bad_input_raises_before_any_work(rng):
+    cond = random_condensed(rng, 10, np.float64)
+    for bad in (np.nan, np.inf, -np.inf):
+        buf = cond.copy()
+        buf[7] = bad
+        kept = buf.copy()
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            cluster.linkage(buf, inplace=True)
+        np.testing.assert_array_equal(buf, kept)
+    sq = squareform(cond)
+    sq[2, 5] = np.nan
+    with pytest.raises(ValueError, match=r"pair \(2, 5\)"):
+        cluster.agglomerative(sq, n_clusters=2)
+    sq[2, 5], sq[5, 2], sq[3, 3] = 1.0, np.nan, np.nan  # ignored: not in the upper triangle
+    cluster.agglomerative(sq, n_clusters=2)
+    with pytest.raises(ValueError, match="not n\\*\\(n-1\\)/2"):
+        cluster.linkage(np.zeros(7))
+    with pytest.raises(ValueError, match="square"):
+        cluster.linkage(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="square"):
+        cluster.linkage(np.zeros((0, 0)))
+    with pytest.raises(ValueError, match="dimensions"):
+        cluster.linkage(np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="method"):
+        cluster.linkage(cond, method="ward")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cluster.linkage(np.zeros(90)[::2])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cluster.linkage(np.asfortranarray(rng.random((5, 5))))
+    ro = cond.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        cluster.linkage(ro, inplace=True)
+    cluster.linkage(ro)  # fine without inplace
+    with pytest.raises(TypeError, match="float32 or float64"):
+        cluster.linkage(cond.astype(np.float16), inplace=True)
+    with pytest.raises(TypeError, match="real numbers"):
+        cluster.linkage(cond.astype(np.complex128))
+    with pytest.raises(TypeError, match="NumPy array"):
+        cluster.linkage(list(cond))
+    huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), shape=(2**31 + 1,) * 2,
+                                           strides=(0, 0))  # 2^31 + 1 points, no memory
+    with pytest.raises(ValueError, match="at most"):
+        cluster.linkage(huge)
+    for k in (0, 11, -1):
+        with pytest.raises(ValueError, match="outside 1..10"):
+            cluster.agglomerative(cond, n_clusters=k)
+    for k in (2.0, True):
+        with pytest.raises(TypeError, match="integer"):
+            cluster.agglomerative(cond, n_clusters=k)
+    with pytest.raises(ValueError, match="NaN"):
+        cluster.agglomerative(cond, distance_threshold=float("nan"))
+    with pytest.raises(ValueError, match="exactly one"):
+        cluster.agglomerative(cond)
+    with pytest.raises(ValueError, match="exactly one"):
+        cluster.agglomerative(cond, n_clusters=2, distance_threshold=0.5)
+
+
+def test_negative_distances_allowed(rng):
+    cond = random_condensed(rng, 40, np.float64) - 0.5
+    np.testing.assert_array_equal(cluster.linkage(cond), cluster.linkage_ref(cond))
+
+
+def test_single_point():
+    for dist in (np.zeros(0), np.zeros((1, 1), np.float32)):
+        assert cluster.linkage(dist).shape == (0, 4)
+        np.testing.assert_array_equal(cluster.agglomerative(dist, n_clusters=1), [0])
+        np.testing.assert_array_equal(cluster.agglomerative(dist, distance_threshold=1.0), [0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_quantile_threshold_matches_partition(dtype, rng):
+    for m in (1, 2, 45, 1000, 3_000_001):
+        x = (rng.standard_normal(m) * 3).astype(dtype)
+        if m > 2:
+            x[: m // 3] = x[m // 3: 2 * (m // 3)]  # duplicates
+            x[5] = -0.0
+        for q in (0.0, 0.0017, 0.0025, 0.5, 0.999, np.nextafter(1.0, 0.0)):
+            r = int(q * m)
+            want = np.partition(x, r)[r]
+            got = cluster.quantile_threshold(x, q)
+            assert got == want and isinstance(got, float)
+            if m <= 1000:
+                assert got == cluster.quantile_threshold_ref(x, q)
+    assert cluster.quantile_threshold(torch.tensor([3.0, 1.0, 2.0]), 0.5) == 2.0
+    assert cluster.quantile_threshold(np.array([3, 1, 2]), 0.5) == 2.0
+
+
+def test_quantile_threshold_rejects_bad_input():
+    x = np.arange(10.0)
+    for q in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="0 <= q < 1"):
+            cluster.quantile_threshold(x, q)
+    with pytest.raises(ValueError, match="0 <= q < 1"):
+        cluster.quantile_threshold(x, float("nan"))
+    with pytest.raises(ValueError, match="empty"):
+        cluster.quantile_threshold(np.zeros(0), 0.5)
+    with pytest.raises(ValueError, match="1-D"):
+        cluster.quantile_threshold(np.zeros((3, 3)), 0.5)
+    y = x.copy()
+    y[3] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        cluster.quantile_threshold(y, 0.5)
