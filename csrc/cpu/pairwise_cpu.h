@@ -1,0 +1,34 @@
+// Pairwise generalised Jaccard and the IICS inter-camera distance on the CPU (no Python here).
+//
+//   J(a, b) = sum_k min(a_k, b_k) / sum_k max(a_k, b_k)        (nonnegative rows; J(0, 0) := 0)
+//   d(m, n) = 1 - cos(f_m, f_n) - mu * J(s_m, s_n) * [cam_m != cam_n]          (mode kEq5)
+//
+// One accumulator per pair: Smin = sum_k min(a_k, b_k); with row sums Sa, Sb,
+// sum max = Sa + Sb - Smin (min + max = a + b), so J = Smin / (Sa + Sb - Smin). This is the
+// same single-accumulator identity as the L1 form (L1 = Sa + Sb - 2 Smin) at two vector ops an
+// element (min, add) instead of three (sub, and-not-sign, add): AVX2 has no free |.| modifier.
+#pragma once
+#include <cstdint>
+
+namespace iics {
+
+enum class InterCameraMode : int { kEq5 = 0, kFeature = 1, kJaccard = 2 };
+
+// J for every pair of rows: a (m x d, row stride lda), b (p x d, row stride ldb), nonnegative
+// finite float32, row sums sa (m), sb (p) -> out (m x p, row stride ldo).
+void pairwise_jaccard_cpu(const float* a, int64_t m, int64_t lda, const float* sa,
+                          const float* b, int64_t p, int64_t ldb, const float* sb, int64_t d,
+                          float* out, int64_t ldo);
+
+// Distances of rows [r0, r1) against every later row j > i of an n-sample set, written into
+// the condensed (SciPy pdist order) or square (n x n, both halves, zero diagonal) output.
+//   scores (n x dim, row stride lds) and rowsum (n): unused when mode == kFeature (may be null)
+//   gram: cosines for rows [r0, r1) x columns [r0, n) with row stride ldg (gram[(i-r0)*ldg +
+//         (j-r0)] = cos(f_i, f_j)); unused when mode == kJaccard (may be null)
+//   cam (n): camera of each sample; used by kEq5 only.
+void inter_camera_rows_cpu(const float* scores, int64_t lds, const float* rowsum, int64_t dim,
+                           const float* gram, int64_t ldg, const int64_t* cam, int64_t n,
+                           int64_t r0, int64_t r1, float mu, InterCameraMode mode, bool square,
+                           float* out);
+
+}  // namespace iics

@@ -1,0 +1,222 @@
+"""Inter-camera similarity (paper Eq. 5) and the generalised Jaccard, with device dispatch.
+
+    d(m, n) = 1 - cos(f_m, f_n) - mu * J(s_m, s_n) * [cam_m != cam_n]
+    J(a, b) = sum_k min(a_k, b_k) / sum_k max(a_k, b_k)                 J(0, 0) := 0
+
+Backends: "triton" (CUDA tensors: one fused tile kernel, kernels/pairwise.py), "cpu" (the C++
+extension: register-tiled sum-of-minima with AVX2 + OpenMP, cosines by blocked float32 GEMM),
+"ref" (plain PyTorch, float64, O(N^2) memory: small inputs and tests), "auto" (triton for CUDA
+tensors, cpu otherwise).
+
+Defined results for degenerate input: a zero feature row has cos 0 with everything (distance 1
+before the Jaccard term); a zero score row has J = 0 with everything (J(0, 0) = 0, where the
+reference code yields NaN); N = 1 gives an empty condensed output / a 1 x 1 zero square.
+Rejected before any work (ValueError / TypeError naming the fix): negative or non-finite
+scores, non-finite features, mismatched lengths, dtypes other than float32/float16/bfloat16,
+non-integer camera ids, unknown modes/backends/layouts, a wrong `out` buffer. The finiteness and
+sign checks are one linear pass (`aminmax`) over each input.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+MODES = ("eq5", "feature", "jaccard")
+LAYOUTS = ("condensed", "square")
+BACKENDS = ("auto", "triton", "cpu", "ref")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_GRAM_BUDGET = 2**24  # float32 entries of the cosine block on the CPU path (64 MiB)
+
+
+def _as_tensor(x, name):
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if isinstance(x, torch.Tensor):
+        return x
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _check_matrix(x, name, n=None, nonnegative=False):
+    x = _as_tensor(x, name)
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}; convert with .float()")
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be 2-D (N, dims) with dims >= 1, got shape {tuple(x.shape)}")
+    if n is not None and x.shape[0] != n:
+        raise ValueError(f"{name} has {x.shape[0]} rows but camids has {n} entries; pass one row per sample")
+    if x.numel():
+        lo, hi = torch.aminmax(x)
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name} contains NaN or Inf; clean the input (e.g. torch.nan_to_num)")
+        if nonnegative and lo < 0:
+            raise ValueError(f"{name} must be nonnegative (softmax scores), found minimum {lo:g}")
+    return x
+
+
+def _check_camids(camids):
+    if isinstance(camids, (list, tuple)):
+        camids = np.asarray(camids)
+    cam = _as_tensor(camids, "camids")
+    if cam.dtype.is_floating_point or cam.dtype.is_complex or cam.dtype == torch.bool:
+        raise TypeError(f"camids must be integers, got {cam.dtype}; convert with .long()")
+    if cam.ndim != 1 or cam.shape[0] == 0:
+        raise ValueError(f"camids must be 1-D with at least one sample, got shape {tuple(cam.shape)}")
+    return cam
+
+
+def _resolve_backend(backend, device):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "cpu"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use backend='cpu'")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError("backend='cpu' needs CPU tensors; move them with .cpu() or use backend='auto'")
+    return backend
+
+
+def _check_out(out, n, device):
+    """Returns (layout, buffer or None) from `out` = layout name or a preallocated buffer."""
+    if isinstance(out, str):
+        if out not in LAYOUTS:
+            raise ValueError(f"out must be one of {LAYOUTS} or a float32 buffer, got {out!r}")
+        return out, None
+    buf = _as_tensor(out, "out")
+    if buf.dtype != torch.float32 or not buf.is_contiguous() or buf.device != device:
+        raise ValueError(f"out buffer must be a contiguous float32 array on {device}")
+    if buf.ndim == 1 and buf.shape[0] == n * (n - 1) // 2:
+        return "condensed", buf
+    if buf.ndim == 2 and tuple(buf.shape) == (n, n):
+        return "square", buf
+    raise ValueError(
+        f"out buffer of shape {tuple(buf.shape)} fits neither layout for N={n}: "
+        f"condensed needs ({n * (n - 1) // 2},), square needs ({n}, {n})"
+    )
+
+
+def inter_camera_distance(features, scores, camids, mu=0.02, *, out="condensed", mode="eq5", backend="auto"):
+    """Pairwise inter-camera distance 1 - cos(f_m, f_n) - mu * J(s_m, s_n) * [cam_m != cam_n].
+
+    features: (N, d) float32/float16/bfloat16, normalised here (None allowed in "jaccard" mode).
+    scores:   (N, D) nonnegative (concatenated per-camera softmax), same dtypes (None allowed in
+              "feature" mode). On the CPU path float16/bfloat16 scores are converted to float32
+              up front (N*D*4 bytes extra).
+    camids:   (N,) integers, any order; results are in the caller's order.
+    mu:       weight of the Jaccard term (the paper's mu_r).
+    out:      "condensed" (SciPy pdist order, N(N-1)/2), "square" (N x N, zero diagonal), or a
+              preallocated contiguous float32 buffer of either shape (written and returned).
+    mode:     "eq5" (default), "feature" (1 - cos), "jaccard" (1 - J over all pairs); the
+              paper's Table 1 ablations, see kernels/pairwise.py.
+    backend:  "auto" | "triton" | "cpu" | "ref".
+
+    Returns a float32 torch tensor on the inputs' device (on the CPU, `.numpy()` is zero-copy).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    try:
+        mu = float(mu)
+    except (TypeError, ValueError):
+        raise TypeError(f"mu must be a real number, got {type(mu).__name__}") from None
+    if not math.isfinite(mu):
+        raise ValueError(f"mu must be finite, got {mu}")
+    cam = _check_camids(camids)
+    n = cam.shape[0]
+    feats = None if mode == "jaccard" else _check_matrix(features, "features", n)
+    scr = None if mode == "feature" else _check_matrix(scores, "scores", n, nonnegative=True)
+    device = (feats if feats is not None else scr).device
+    for x, name in ((feats, "features"), (scr, "scores")):
+        if x is not None and x.device != device:
+            raise ValueError(f"features and scores must be on one device, got {feats.device} and {scr.device}")
+    cam = cam.to(device)
+    layout, buf = _check_out(out, n, device)
+    backend = _resolve_backend(backend, device)
+
+    if backend == "ref":
+        from iics_fast.kernels.pairwise import inter_camera_distance_ref
+
+        res = inter_camera_distance_ref(feats, scr, cam, mu, layout, mode)
+        if buf is None:
+            return res
+        buf.copy_(res)
+        return buf
+    if backend == "triton":
+        from iics_fast.kernels.pairwise import inter_camera_distance as triton_distance
+
+        return triton_distance(feats, scr, cam, mu, layout, mode, out_buf=buf)
+    return _cpu_distance(feats, scr, cam, mu, layout, mode, buf)
+
+
+def _cpu_distance(feats, scr, cam, mu, layout, mode, buf):
+    """C++ path: per block of rows, cosines by one float32 GEMM (torch.mm, O(block * N) memory),
+    then the extension adds the Jaccard term and writes the block's rows of the output."""
+    from iics_fast._native import native
+
+    C = native()
+    n = cam.shape[0]
+    square = layout == "square"
+    if buf is None:
+        buf = torch.empty((n, n) if square else (n * (n - 1) // 2,), dtype=torch.float32)
+    out_np = buf.numpy()
+    cam_np = cam.to(torch.int64).contiguous().numpy()
+    code = MODES.index(mode)
+    s_np = rs_np = None
+    if scr is not None:
+        s = scr.to(torch.float32).contiguous()
+        rs_np = s.sum(1, dtype=torch.float64).to(torch.float32).numpy()
+        s_np = s.numpy()
+    f = None
+    if feats is not None:
+        f = torch.nn.functional.normalize(feats.to(torch.float32), dim=1).contiguous()
+    block = max(24, min(n, _GRAM_BUDGET // max(n, 1)) // 24 * 24)
+    gram = torch.empty(min(block, n) * n, dtype=torch.float32) if f is not None else None
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        g_np = None
+        if f is not None:
+            g = gram[: (r1 - r0) * (n - r0)].view(r1 - r0, n - r0)
+            torch.mm(f[r0:r1], f[r0:].T, out=g)
+            g_np = g.numpy()
+        C.inter_camera_rows(s_np, rs_np, g_np, cam_np, r0, r1, mu, code, square, out_np)
+    return buf
+
+
+def pairwise_jaccard(a, b=None, *, backend="auto", out=None):
+    """Generalised Jaccard sum(min)/sum(max) between the rows of a (M, D) and b (P, D) -> (M, P)
+    float32; b defaults to a. Rows must be nonnegative and finite; J(0, 0) = 0. `out`: optional
+    preallocated contiguous float32 (M, P) buffer on the inputs' device."""
+    a = _check_matrix(a, "a", nonnegative=True)
+    b = a if b is None else _check_matrix(b, "b", nonnegative=True)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must have the same number of columns, got {a.shape[1]} and {b.shape[1]}")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
+    m, p = a.shape[0], b.shape[0]
+    if out is not None:
+        out = _as_tensor(out, "out")
+        if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (m, p) or out.device != a.device:
+            raise ValueError(f"out must be a contiguous float32 ({m}, {p}) array on {a.device}")
+    backend = _resolve_backend(backend, a.device)
+    if backend in ("ref", "triton"):
+        from iics_fast.kernels import pairwise as K
+
+        res = K.pairwise_jaccard_ref(a, b) if backend == "ref" else K.pairwise_jaccard(a, b)
+        if out is None:
+            return res
+        out.copy_(res)
+        return out
+    from iics_fast._native import native
+
+    a32 = a.to(torch.float32).contiguous()
+    b32 = a32 if b is a else b.to(torch.float32).contiguous()
+    if out is None:
+        out = torch.empty(m, p, dtype=torch.float32)
+    native().pairwise_jaccard(
+        a32.numpy(), a32.sum(1, dtype=torch.float64).to(torch.float32).numpy(),
+        b32.numpy(), b32.sum(1, dtype=torch.float64).to(torch.float32).numpy(), out.numpy(),
+    )
+    return out

@@ -1,0 +1,267 @@
+"""Inter-camera distance and generalised Jaccard: Triton kernels (interpreter), C++ path, references.
+
+Kernels and the C++ path are held to the plain references on fresh random inputs with awkward
+shapes; the references to a direct float64 sum-min / sum-max; the kernels compile for sm_80 and
+sm_90 without register spills.
+"""
+import numpy as np
+import pytest
+import torch
+
+from iics_fast import similarity as S
+
+triton = pytest.importorskip("triton")
+from iics_fast.kernels import pairwise as K  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# cosines of fp16/bf16 inputs go through float16 tensor-core operands on the GPU path
+KERNEL_TOL = {"fp32": 2e-5, "fp16": 2e-3, "bf16": 2e-3}
+
+
+def direct_jaccard(a, b):
+    """sum min / sum max in float64 straight from the definition; J(0, 0) = 0."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    smin = np.minimum(a[:, None, :], b[None]).sum(-1)
+    smax = np.maximum(a[:, None, :], b[None]).sum(-1)
+    return np.where(smax > 0, smin / np.where(smax > 0, smax, 1), 0.0)
+
+
+def make_inputs(rng, n, d, dim, cams, dtype=torch.float32, zero_rows=True):
+    """Features, softmax-like nonnegative scores (some sparse), camera ids in the given list."""
+    f = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
+    s = rng.random((n, dim)).astype(np.float32) ** 4
+    s[rng.random((n, dim)) < 0.3] = 0.0
+    s = torch.from_numpy(s)
+    if zero_rows and n > 3:
+        s[1] = 0.0
+        s[2] = 0.0
+    cam = torch.from_numpy(rng.choice(cams, size=n).astype(np.int64))
+    return f.to(dtype), s.to(dtype), cam
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def test_pairwise_jaccard_ref_matches_direct(rng):
+    a = torch.from_numpy(rng.random((31, 45)).astype(np.float32))
+    b = torch.from_numpy(rng.random((17, 45)).astype(np.float32))
+    a[0] = 0.0
+    b[3] = 0.0
+    b[4] = a[5]
+    ref = K.pairwise_jaccard_ref(a, b).numpy()
+    np.testing.assert_allclose(ref, direct_jaccard(a, b), atol=1e-6)
+    assert ref[0, 3] == 0.0 and ref[0, 0] == 0.0
+    assert abs(ref[5, 4] - 1.0) < 1e-6
+
+
+def test_distance_ref_matches_definition(rng):
+    f, s, cam = make_inputs(rng, 23, 8, 12, [0, 1, 2])
+    ref = K.inter_camera_distance_ref(f, s, cam, 0.5, "square").double().numpy()
+    fn = f.double().numpy()
+    fn /= np.maximum(np.linalg.norm(fn, axis=1, keepdims=True), 1e-12)
+    want = 1 - fn @ fn.T - 0.5 * direct_jaccard(s, s) * (cam.numpy()[:, None] != cam.numpy()[None])
+    np.fill_diagonal(want, 0.0)
+    np.testing.assert_allclose(ref, want, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- Triton (interpreter)
+
+
+@pytest.mark.parametrize("tag", ["fp32", "fp16", "bf16"])
+def test_pairwise_jaccard_kernel(rng, tag):
+    a = torch.from_numpy(rng.random((70, 77)).astype(np.float32) ** 3).to(DTYPES[tag])
+    b = torch.from_numpy(rng.random((130, 77)).astype(np.float32) ** 3).to(DTYPES[tag])
+    a[3] = 0.0
+    b[5] = 0.0
+    got = K.pairwise_jaccard(a, b)
+    assert got.dtype == torch.float32 and got.shape == (70, 130)
+    # against the exactly rounded inputs: only float32 accumulation error remains
+    np.testing.assert_allclose(got.numpy(), direct_jaccard(a.float(), b.float()), atol=2e-6)
+    assert got[3, 5] == 0.0
+
+
+KERNEL_CASES = [
+    # n, cams (unsorted ids drawn from), tag, layout, mode
+    (150, [3, 0, 7, 1], "fp32", "condensed", "eq5"),
+    (150, [3, 0, 7, 1], "fp32", "square", "eq5"),
+    (131, [5], "fp32", "condensed", "eq5"),  # one camera: every tile skips the L1 loop
+    (97, [2, 9], "fp16", "square", "eq5"),
+    (97, [2, 9], "bf16", "condensed", "eq5"),
+    (150, [0, 1, 2], "fp32", "condensed", "feature"),
+    (150, [0, 1, 2], "fp32", "square", "jaccard"),
+]
+
+
+@pytest.mark.parametrize("n,cams,tag,layout,mode", KERNEL_CASES)
+def test_inter_camera_kernel(rng, n, cams, tag, layout, mode):
+    f, s, cam = make_inputs(rng, n, 40, 203, cams, DTYPES[tag])
+    if len(cams) > 1:
+        cam[rng.integers(n)] = 11  # a camera with a single image
+    got = K.inter_camera_distance(f, s, cam, 0.3, layout, mode)
+    ref = K.inter_camera_distance_ref(f, s, cam, 0.3, layout, mode)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=KERNEL_TOL[tag])
+    if layout == "square":
+        assert torch.equal(got, got.T) and torch.all(got.diagonal() == 0)
+
+
+def test_inter_camera_kernel_fills_out_buffer(rng):
+    f, s, cam = make_inputs(rng, 70, 16, 24, [0, 1])
+    buf = torch.full((70 * 69 // 2,), -7.0)
+    got = K.inter_camera_distance(f, s, cam, 0.1, "condensed", "eq5", out_buf=buf)
+    assert got.data_ptr() == buf.data_ptr()
+    np.testing.assert_allclose(buf.numpy(), K.inter_camera_distance_ref(f, s, cam, 0.1).numpy(), atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- C++ path
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 61, 250])
+@pytest.mark.parametrize("mode", ["eq5", "feature", "jaccard"])
+def test_cpu_matches_ref(rng, n, mode):
+    f, s, cam = make_inputs(rng, n, 37, 45, [4, 1, 2, 8])
+    if n > 4:
+        f[4] = 0.0  # zero feature: cos 0
+    for layout in ("condensed", "square"):
+        got = S.inter_camera_distance(f, s, cam, 0.7, out=layout, mode=mode, backend="cpu")
+        ref = S.inter_camera_distance(f, s, cam, 0.7, out=layout, mode=mode, backend="ref")
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=3e-6)
+    if n == 1:
+        assert got.shape == (1, 1) and got.item() == 0.0
+
+
+@pytest.mark.parametrize("tag", ["fp16", "bf16"])
+def test_cpu_half_inputs(rng, tag):
+    f, s, cam = make_inputs(rng, 90, 33, 200, [0, 1, 2], DTYPES[tag])
+    got = S.inter_camera_distance(f, s, cam, 0.3, backend="cpu")
+    ref = S.inter_camera_distance(f, s, cam, 0.3, backend="ref")
+    # half inputs are converted exactly to float32 on the CPU: float32 tolerance applies
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=3e-6)
+
+
+def test_cpu_long_score_rows_and_one_camera(rng):
+    # D spans several cache chunks with a ragged tail; one camera masks every pair
+    f, s, cam = make_inputs(rng, 53, 20, 1031, [0, 1, 2])
+    np.testing.assert_allclose(
+        S.inter_camera_distance(f, s, cam, 0.5, backend="cpu").numpy(),
+        S.inter_camera_distance(f, s, cam, 0.5, backend="ref").numpy(), atol=3e-6,
+    )
+    one = torch.zeros_like(cam)
+    np.testing.assert_allclose(
+        S.inter_camera_distance(f, s, one, 0.5, backend="cpu").numpy(),
+        S.inter_camera_distance(f, s, one, 0.0, mode="feature", backend="ref").numpy(), atol=3e-6,
+    )
+
+
+def test_cpu_condensed_is_scipy_order_and_buffers_are_reused(rng):
+    from scipy.spatial.distance import squareform
+
+    f, s, cam = make_inputs(rng, 40, 12, 30, [0, 1, 2])
+    sq = S.inter_camera_distance(f, s, cam, 0.4, out="square", backend="cpu")
+    buf = np.full(40 * 39 // 2, np.nan, dtype=np.float32)
+    got = S.inter_camera_distance(f, s, cam, 0.4, out=buf, backend="cpu")
+    assert np.shares_memory(got.numpy(), buf)
+    np.testing.assert_array_equal(buf, squareform(sq.numpy(), checks=False))
+    assert np.array_equal(sq.numpy(), sq.numpy().T) and np.all(np.diag(sq.numpy()) == 0)
+    sq_buf = torch.empty(40, 40)
+    assert S.inter_camera_distance(f, s, cam, 0.4, out=sq_buf, backend="cpu").data_ptr() == sq_buf.data_ptr()
+    np.testing.assert_array_equal(sq_buf.numpy(), sq.numpy())
+
+
+def test_cpu_pairwise_jaccard_matches_direct(rng):
+    a = torch.from_numpy(rng.random((41, 1000)).astype(np.float32) ** 3)
+    b = torch.from_numpy(rng.random((29, 1000)).astype(np.float32) ** 3)
+    a[2] = 0.0
+    b[7] = 0.0
+    got = S.pairwise_jaccard(a, b, backend="cpu")
+    np.testing.assert_allclose(got.numpy(), direct_jaccard(a, b), atol=2e-6)
+    assert got[2, 7] == 0.0
+    out = torch.empty(41, 41)
+    assert S.pairwise_jaccard(a, out=out).data_ptr() == out.data_ptr()
+    np.testing.assert_allclose(out.numpy(), direct_jaccard(a, a), atol=2e-6)
+
+
+def test_defined_values_for_degenerate_rows():
+    f = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    s = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.5, 0.5]])
+    cam = torch.tensor([0, 1, 2])
+    for backend in ("cpu", "ref"):
+        d = S.inter_camera_distance(f, s, cam, 1.0, out="square", backend=backend)
+        assert d[0, 1] == 1.0  # zero feature row: cos 0; both score rows zero: J(0, 0) = 0
+        assert abs(d[0, 2].item()) < 1e-7  # cos 1, J(0, s) = 0
+        j = S.inter_camera_distance(None, s, cam, out="square", mode="jaccard", backend=backend)
+        assert j[0, 1] == 1.0 and j[0, 0] == 0.0
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _ok(n=6):
+    g = np.random.default_rng(0)
+    return torch.randn(n, 4), torch.from_numpy(g.random((n, 5)).astype(np.float32)), torch.arange(n) % 2
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (lambda f, s, c: (f, -s, c), ValueError, "nonnegative"),
+        (lambda f, s, c: (f, s.index_fill(0, torch.tensor([1]), float("nan")), c), ValueError, "NaN"),
+        (lambda f, s, c: (f.index_fill(0, torch.tensor([1]), float("inf")), s, c), ValueError, "NaN or Inf"),
+        (lambda f, s, c: (f[:5], s, c), ValueError, "rows but camids"),
+        (lambda f, s, c: (f, s[:, :0], c), ValueError, "dims >= 1"),
+        (lambda f, s, c: (f.double(), s, c), TypeError, "float32, float16 or bfloat16"),
+        (lambda f, s, c: (f, s.to(torch.int32), c), TypeError, "float32"),
+        (lambda f, s, c: (f, s, c.float()), TypeError, "integers"),
+        (lambda f, s, c: (f, s, c.bool()), TypeError, "integers"),
+        (lambda f, s, c: (f, s, c[:0]), ValueError, "at least one"),
+        (lambda f, s, c: (f[0], s, c), ValueError, "2-D"),
+        (lambda f, s, c: ("x", s, c), TypeError, "torch.Tensor or numpy"),
+    ],
+)
+def test_bad_inputs_raise(change, exc, match):
+    f, s, c = change(*_ok())
+    with pytest.raises(exc, match=match):
+        S.inter_camera_distance(f, s, c)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"mode": "cosine"}, ValueError, "mode"),
+        ({"out": "triangle"}, ValueError, "out must be"),
+        ({"out": torch.empty(14)}, ValueError, "fits neither"),
+        ({"out": torch.empty(15, dtype=torch.float64)}, ValueError, "float32"),
+        ({"backend": "cuda"}, ValueError, "backend"),
+        ({"mu": float("nan")}, ValueError, "finite"),
+        ({"mu": "a"}, TypeError, "real number"),
+    ],
+)
+def test_bad_options_raise(kwargs, exc, match):
+    f, s, c = _ok()
+    with pytest.raises(exc, match=match):
+        S.inter_camera_distance(f, s, c, **kwargs)
+
+
+def test_bad_jaccard_inputs_raise():
+    a = torch.rand(4, 5)
+    with pytest.raises(ValueError, match="same number of columns"):
+        S.pairwise_jaccard(a, torch.rand(3, 6))
+    with pytest.raises(ValueError, match="nonnegative"):
+        S.pairwise_jaccard(a - 1)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        S.pairwise_jaccard(a, out=torch.empty(4, 3))
+
+
+# ----------------------------------------------------------------------------- GPU compile
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_without_spills(arch):
+    from iics_fast.gpu_report import compile_report
+
+    for spec in K.COMPILE_SPECS:
+        r = compile_report(spec, arch)
+        assert r.spill_bytes == 0, (spec.name, arch, r)
+        assert 0 < r.registers <= 255
+        assert r.inner_loop_len > 0
