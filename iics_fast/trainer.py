@@ -269,21 +269,21 @@ class Trainer:
             feats.append(f.float().cpu())
         return torch.cat(feats), (torch.cat(scores) if heads is not None else None)
 
-    def _cluster(self, dist_square: torch.Tensor, k: int | None, quantile: float | None):
-        """Average-linkage clustering of a square distance (upper triangle read), after the
-        optional k-reciprocal re-ranking, into k clusters or by a distance quantile."""
+    def _cluster(self, dist: np.ndarray, k: int | None, quantile: float | None) -> np.ndarray:
+        """Average-linkage clustering of a float32 distance, square (upper triangle read) or
+        condensed, after the optional k-reciprocal re-ranking, into k clusters or by the
+        distance at a quantile. Re-ranking and clustering work in place on `dist`."""
         from . import cluster
-        d = dist_square
-        if self.cfg.similarity == "rerank":
+        cfg = self.cfg
+        if cfg.similarity == "rerank":
             from . import rerank
-            d = torch.as_tensor(rerank.k_reciprocal(d.numpy(), k1=self.cfg.rerank_k1,
-                                                    k2=self.cfg.rerank_k2,
-                                                    lambda_value=self.cfg.rerank_lambda))
-        if quantile is not None:
-            iu = torch.triu_indices(len(d), len(d), 1)
-            threshold = cluster.quantile_threshold(d[iu[0], iu[1]].numpy(), quantile)
-            return np.asarray(cluster.agglomerative(d.numpy(), distance_threshold=threshold))
-        return np.asarray(cluster.agglomerative(d.numpy(), n_clusters=k))
+            rerank.k_reciprocal(dist, k1=cfg.rerank_k1, k2=cfg.rerank_k2,
+                                lambda_value=cfg.rerank_lambda, out=dist)
+        if quantile is None:
+            return np.asarray(cluster.agglomerative(dist, n_clusters=k, inplace=True))
+        upper = dist[np.triu_indices(len(dist), 1)] if dist.ndim == 2 else dist
+        threshold = cluster.quantile_threshold(upper, quantile)
+        return np.asarray(cluster.agglomerative(dist, distance_threshold=threshold, inplace=True))
 
     def intra_cluster(self, feats: torch.Tensor) -> np.ndarray:
         """Per camera: 1 - cos on L2-normalised features, average linkage into k_intra clusters
@@ -292,7 +292,7 @@ class Trainer:
         for c in self._bar(self.cameras, "intra clustering"):
             idx = np.flatnonzero(self.camids == c)
             x = F.normalize(feats[idx], dim=1)
-            dist = (1.0 - x @ x.t()).clamp_min_(0.0)
+            dist = (1.0 - x @ x.t()).clamp_min_(0.0).fill_diagonal_(0.0).numpy()
             k = None
             if self.cfg.threshold_intra is None:
                 k = self.cfg.k_intra if len(idx) >= self.cfg.k_intra else max(1, len(idx) // 2)
@@ -347,14 +347,15 @@ class Trainer:
         return {"loss": float(np.mean(losses)) if losses else float("nan"),
                 "acc": correct / max(1, seen), "iterations": len(losses)}
 
-    def inter_distance(self, feats, scores, r: int) -> torch.Tensor:
-        """Square inter-camera distance of Eq. 5 (or the ablations: features alone, J alone)."""
+    def inter_distance(self, feats, scores, r: int) -> np.ndarray:
+        """Condensed inter-camera distance of Eq. 5 (or the ablations: features alone with
+        `feature`, 1 - J alone with `jaccard`), mu decayed over the rounds."""
         from . import similarity
         mu = mu_schedule(self.cfg.mu, r, self.cfg.rounds, self.cfg.mu_power)
         self.row["mu"] = mu
-        d = similarity.inter_camera_distance(feats, scores, self.camids, mu, out="square",
+        d = similarity.inter_camera_distance(feats, scores, self.camids, mu, out="condensed",
                                              mode=self.cfg.inter_similarity)
-        return torch.as_tensor(d, dtype=torch.float32).cpu()
+        return d.cpu().numpy()
 
     def stage2(self, head, seed: int) -> dict:
         """Inter-camera training: PK batches, CE on the head + batch-hard triplet on the

@@ -121,7 +121,7 @@ def test_errors_before_training(cache, tmp_path):
     bad = tmp_path / "r18.pth"
     from iics_fast import models
     torch.save(models.build_backbone("resnet18").state_dict(), bad)
-    _error(["--out", out, "--arch", "resnet50", "--pretrained", str(bad)], "")
+    _error(["--out", out, "--arch", "resnet50", "--pretrained", str(bad)], "resnet18 weights")
     _error(["--out", out, "--pretrained", str(tmp_path / "nope.pth")], "not a file")
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"k_inter": 8, "no_such_key": 1}))
