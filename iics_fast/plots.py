@@ -22,12 +22,14 @@ def _save(fig, path: str) -> None:
     os.replace(tmp, path)
 
 
-def plot_metrics(rows: list[dict], path: str) -> None:
-    """Evaluation (mAP, rank-1), pseudo-label quality (ARI) and losses over rounds."""
+def plot_metrics(rows: list[dict], path: str, initial: dict | None = None) -> None:
+    """Evaluation (mAP, rank-1; round 0 = before training), pseudo-label quality (ARI) and
+    losses over rounds."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     rounds = [row["round"] + 1 for row in rows]
-    ev = [(row["round"] + 1, row["eval"]) for row in rows if "eval" in row]
+    ev = ([(0, initial)] if initial else []) + [
+        (row["round"] + 1, row["eval"]) for row in rows if "eval" in row]
     if ev:
         axes[0].plot([r for r, _ in ev], [100 * e["mAP"] for _, e in ev], "o-", label="mAP")
         axes[0].plot([r for r, _ in ev], [100 * e["rank1"] for _, e in ev], "s-", label="rank-1")
@@ -49,7 +51,7 @@ def plot_metrics(rows: list[dict], path: str) -> None:
         ax.grid(alpha=0.3)
     if rounds:
         for ax in axes:
-            ax.set_xlim(0.5, max(rounds) + 0.5)
+            ax.set_xlim(-0.5 if initial else 0.5, max(rounds) + 0.5)
     _save(fig, path)
     plt.close(fig)
 

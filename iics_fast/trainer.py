@@ -156,6 +156,8 @@ class Trainer:
         self.cfg = cfg = SimpleNamespace(**config)
         self.hook = hook  # hook(event, round): called after each checkpoint (tests use it)
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
         self.cuda = self.device.type == "cuda"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) \
             if self.cuda else None
@@ -209,6 +211,7 @@ class Trainer:
         self.intra_labels = self.inter_labels = None
         self.best = {"rank1": -1.0, "round": None}
         self.sim_hists: dict = {}
+        self.initial_eval: dict | None = None
         if resume_state is not None:
             self._load_state(resume_state)
         os.makedirs(cfg.out, exist_ok=True)
@@ -220,7 +223,8 @@ class Trainer:
                 "model": self.model.state_dict(), "heads": self.heads_state,
                 "intra_labels": self.intra_labels, "inter_labels": self.inter_labels,
                 "metrics": self.metrics, "row": self.row, "best": self.best,
-                "sim_hists": self.sim_hists, "rng": rng_states()}
+                "sim_hists": self.sim_hists, "initial_eval": self.initial_eval,
+                "rng": rng_states()}
 
     def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -228,6 +232,7 @@ class Trainer:
         self.heads_state = state["heads"]
         self.intra_labels, self.inter_labels = state["intra_labels"], state["inter_labels"]
         self.best, self.sim_hists = state["best"], state["sim_hists"]
+        self.initial_eval = state["initial_eval"]
         set_rng_states(state["rng"])
 
     def _checkpoint(self, done: str, r: int) -> None:
@@ -426,6 +431,10 @@ class Trainer:
     def run(self) -> list[dict]:
         cfg, models, log = self.cfg, self.models, self.log
         start = self.progress["round"] + (self.progress["done"] == "round")
+        if (self.initial_eval is None and self.progress["done"] is None and self.can_evaluate
+                and cfg.eval_every > 0):
+            self.initial_eval = self.evaluate()  # the starting point the rounds improve on
+            log(self._describe_eval("before training", self.initial_eval))
         for r in range(start, cfg.rounds):
             done = self.progress["done"] if self.progress["round"] == r else None
             if done is None:
@@ -506,8 +515,7 @@ class Trainer:
                 result = self.evaluate()
                 t["evaluate"] = time.perf_counter() - tic
                 self.row["eval"] = result
-                log(f"  eval: mAP {result['mAP']:.1%}  rank-1 {result['rank1']:.1%}  "
-                    f"rank-5 {result['rank5']:.1%}  rank-10 {result['rank10']:.1%}")
+                log(self._describe_eval("  eval", result))
                 if result["rank1"] > self.best["rank1"]:
                     self.best = {"rank1": result["rank1"], "round": r}
                     atomic_save({"config": self.config, "round": r, "model":
@@ -524,6 +532,11 @@ class Trainer:
     def log(self, msg: str) -> None:
         if self.cfg.verbose:
             tqdm.write(msg)
+
+    @staticmethod
+    def _describe_eval(what: str, e: dict) -> str:
+        return (f"{what}: mAP {e['mAP']:.1%}  rank-1 {e['rank1']:.1%}  rank-5 {e['rank5']:.1%}"
+                f"  rank-10 {e['rank10']:.1%}")
 
     def _describe_stage1(self) -> str:
         row, s = self.row, self.row["stage1"]
@@ -546,7 +559,7 @@ class Trainer:
         atomic_write_text("".join(json.dumps(row) + "\n" for row in self.metrics),
                           os.path.join(out, "metrics.jsonl"))
         from .plots import plot_metrics, plot_similarity
-        plot_metrics(self.metrics, os.path.join(out, "metrics.png"))
+        plot_metrics(self.metrics, os.path.join(out, "metrics.png"), self.initial_eval)
         if self.sim_hists:
             plot_similarity(self.sim_hists, os.path.join(out, "similarity.png"))
 
