@@ -83,12 +83,13 @@ PRESETS = {
     # (no weights can be downloaded), 64x32 input, a 2-camera synthetic network of 24 training
     # ids, cluster counts scaled to it (about 1.1x the ids a camera / in all, as 600 / 800 are
     # for Market-1501), learning rates 4x the paper's (random init, few iterations), 5 rounds,
-    # evaluation every round, one torch thread (faster than two on a busy machine).
+    # evaluation every round, PK batches of 8 clusters x 4 (16 x 4 leaves one batch an epoch
+    # with 24 clusters), one torch thread (faster than two on a busy machine).
     "synthetic": {
         "arch": "resnet18", "height": 64, "width": 32,
         "dataset_options": {"num_ids": 24, "num_cameras": 2, "images_per_camera": [2, 4],
                             "num_test_ids": 24, "num_distractors": 20, "seed": 0},
-        "rounds": 5, "eval_every": 1, "k_intra": 20, "k_inter": 24, "threads": 1,
+        "rounds": 5, "eval_every": 1, "k_intra": 20, "k_inter": 24, "batch_p": 8, "threads": 1,
         "lr_intra": 0.002, "lr_intra_head": 0.02, "lr_inter": 0.004, "lr_inter_head": 0.04,
     },
 }

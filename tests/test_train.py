@@ -106,6 +106,17 @@ def test_intra_only_ablation_runs(cache, tmp_path):
     assert "stage2" not in metrics[0] and "eval" in metrics[0]
 
 
+def test_rerank_threshold_and_jaccard_paths_run(cache, tmp_path):
+    metrics = train.main(TINY + ["--out", str(tmp_path / "run"), "--rounds", "1",
+                                 "--similarity", "rerank", "--inter-similarity", "jaccard",
+                                 "--threshold-intra", "0.05", "--threshold-inter", "0.05",
+                                 "--k-intra", "1", "--k-inter", "1"])
+    row = metrics[0]
+    # a low distance quantile as threshold: many small clusters, more than the counts asked
+    assert sum(row["intra_clusters"]) > 2 and row["inter_clusters"] > 4
+    assert np.isfinite(row["stage2"]["loss_ce"])
+
+
 def _error(argv, match):
     with pytest.raises(ValueError, match=match):
         train.main(TINY + argv)
