@@ -67,7 +67,7 @@ DEFAULTS = {
     "amp": ("bf16", "CUDA autocast: bf16 | fp16 (with a GradScaler) | off; CPU is float32"),
     "workers": (None, "DataLoader workers (default: 0 on CPU, min(8, cores) on CUDA)"),
     "batch_extract": (128, "batch size of feature extraction"),
-    "threads": (None, "CPU threads of torch (default: torch's choice; fewer helps on a busy machine)"),
+    "threads": (None, "CPU threads of torch (default: torch's choice; fewer helps on a busy CPU)"),
     "seed": (1, "seed of every random draw"),
     "out": (None, "output directory (default: runs/<dataset>-<time>)"),
     "progress": (True, "progress bars"),
@@ -199,7 +199,8 @@ def main(argv=None, hook=None) -> list[dict]:
     print("config:\n" + json.dumps(config, indent=2), flush=True)
 
     trainer = Trainer(config, resume_state=state, hook=hook)  # every check runs before training
-    atomic_write_text(json.dumps(config, indent=2) + "\n", os.path.join(config["out"], "config.json"))
+    atomic_write_text(json.dumps(config, indent=2) + "\n",
+                      os.path.join(config["out"], "config.json"))
     if state is not None:
         p = state["progress"]
         print(f"resuming after round {p['round'] + 1} ({p['done']})", flush=True)

@@ -235,11 +235,11 @@ class Trainer:
         self.initial_eval = state["initial_eval"]
         set_rng_states(state["rng"])
 
-    def _checkpoint(self, done: str, r: int) -> None:
+    def _checkpoint(self, done: str | None, r: int) -> None:
         self.progress = {"round": r, "done": done}
         atomic_save(self._state(), os.path.join(self.cfg.out, "last.pt"))
         if self.hook is not None:
-            self.hook(done, r)
+            self.hook(done or "start", r)
 
     # ------------------------------------------------------------------ building blocks
 
@@ -431,10 +431,11 @@ class Trainer:
     def run(self) -> list[dict]:
         cfg, models, log = self.cfg, self.models, self.log
         start = self.progress["round"] + (self.progress["done"] == "round")
-        if (self.initial_eval is None and self.progress["done"] is None and self.can_evaluate
-                and cfg.eval_every > 0):
-            self.initial_eval = self.evaluate()  # the starting point the rounds improve on
-            log(self._describe_eval("before training", self.initial_eval))
+        if not os.path.exists(os.path.join(cfg.out, "last.pt")):  # a fresh run
+            if self.can_evaluate and cfg.eval_every > 0:
+                self.initial_eval = self.evaluate()  # the starting point the rounds improve on
+                log(self._describe_eval("before training", self.initial_eval))
+            self._checkpoint(None, 0)  # so that a run killed in its first round can resume
         for r in range(start, cfg.rounds):
             done = self.progress["done"] if self.progress["round"] == r else None
             if done is None:

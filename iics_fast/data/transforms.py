@@ -68,7 +68,7 @@ def random_erasing(x: torch.Tensor, rng: np.random.Generator, p: float = 0.5,
 
 
 class EvalTransform:
-    """Test-time pipeline: resize (bicubic) to (height, width), to tensor, ImageNet normalisation."""
+    """Test-time pipeline: resize (bicubic) to (height, width), to tensor, normalisation."""
 
     def __init__(self, height: int, width: int):
         self.size = (int(height), int(width))
