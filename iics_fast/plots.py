@@ -73,7 +73,9 @@ def plot_similarity(hists: dict, path: str) -> None:
             counts = np.asarray(h[name], dtype=np.float64)
             if counts.sum() > 0:
                 ax.plot(centers, counts / counts.sum(), color=color, label=name)
-        ax.set(title=key, xlabel="cosine similarity", ylabel="fraction of pairs")
+        lo, hi = h["range"]
+        ax.set(title=key, xlabel=f"cosine similarity, normalised from [{lo:.3f}, {hi:.3f}]",
+               ylabel="fraction of pairs")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     _save(fig, path)
