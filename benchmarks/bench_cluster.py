@@ -20,7 +20,8 @@ Before any timing is printed, our merge heights are checked against fastcluster'
 float32 storage) and the partitions at N/40 clusters must be identical (adjusted Rand index 1).
 
 Run: ``python benchmarks/bench_cluster.py`` (N = 4,000) or ``IICS_BENCH_SCALE=large python
-benchmarks/bench_cluster.py`` (N = 8,000, 16,000, 32,621: needs ~11 GB free, and minutes);
+benchmarks/bench_cluster.py`` (N = 8,000, 16,000, 32,621: needs ~11 GB free, and minutes), or
+``IICS_BENCH_SIZES=8000,16000 python benchmarks/bench_cluster.py`` for chosen sizes;
 ``pytest benchmarks/bench_cluster.py`` runs the same comparison plus a pytest-benchmark timing.
 """
 import json
@@ -38,6 +39,9 @@ BIG = 20000  # above this, SciPy and sklearn are skipped and fastcluster gets fl
 
 
 def sizes():
+    """IICS_BENCH_SIZES (comma-separated) if set, else by IICS_BENCH_SCALE."""
+    if os.environ.get("IICS_BENCH_SIZES"):
+        return [int(s) for s in os.environ["IICS_BENCH_SIZES"].split(",")]
     return LARGE_SIZES if os.environ.get("IICS_BENCH_SCALE") == "large" else SMALL_SIZES
 
 

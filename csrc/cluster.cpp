@@ -63,11 +63,11 @@ template <typename T>
 void copy_triangle(const T* src, int64_t n, bool square, T* dst) {
   if (!square) {
     const int64_t m = iics::condensed_size(n);
-#pragma omp parallel for schedule(static) if (m > (1 << 20))
+#pragma omp parallel for schedule(static) if (m > iics::kParallelPass)
     for (int64_t q = 0; q < m; ++q) dst[q] = src[q];
     return;
   }
-#pragma omp parallel for schedule(dynamic, 64) if (n > 1024)
+#pragma omp parallel for schedule(dynamic, 64) if (n * n > 2 * iics::kParallelPass)
   for (int64_t i = 0; i < n - 1; ++i)
     std::memcpy(dst + iics::condensed_row(n, i), src + n * i + i + 1, (n - i - 1) * sizeof(T));
 }

@@ -4,8 +4,9 @@
 namespace py = pybind11;
 
 void bind_condensed(py::module_& m);
-void bind_rerank(py::module_& m);
+void bind_evaluation(py::module_& m);
 void bind_cluster(py::module_& m);
+void bind_rerank(py::module_& m);
 void bind_pairwise(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
@@ -21,7 +22,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("has_cuda") = false;
 #endif
   bind_condensed(m);
-  bind_rerank(m);
+  bind_evaluation(m);
   bind_cluster(m);
+  bind_rerank(m);
   bind_pairwise(m);
 }

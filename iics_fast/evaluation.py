@@ -18,11 +18,13 @@ and of the device.
 gallery repeat the last value (every non-skipped query has its first match within the gallery,
 so the tail is 1.0).
 
-The fast path never sorts a gallery row. With a unique key per item (the float32 distance's
-order-preserving integer bits in the high 32 bits, the gallery index in the low 32 bits) the
-rank of every match is found by a batched binary search of all gallery keys against the query's
-sorted match keys, in blocks of queries so that MSMT17 (11,659 x 82,161) fits in a few hundred
-MB. Work runs in torch, on the GPU when there is one (or where the input tensor lives).
+The fast paths never sort a gallery row. Each gallery item gets a unique key (the float32
+distance's order-preserving integer bits, then the gallery index), the query's few matches are
+sorted by key, and one binary search per gallery item finds how many matches it precedes;
+prefix sums of those counts give the rank of every match. Queries go in blocks so that MSMT17
+(11,659 x 82,161) fits in a few hundred MB. On the CPU this runs in the C++ core
+(``iics_fast._C.rank_queries``, OpenMP over queries) when the extension is built; on the GPU,
+or with ``backend="torch"``, as batched torch operations (``_rank_block``).
 ``evaluate_features`` computes the cosine distances block by block, so the full distance matrix
 is never formed either. ``evaluate_ref`` is the plain per-query loop the tests hold both to.
 """
@@ -34,9 +36,11 @@ import torch
 __all__ = ["evaluate", "evaluate_features", "evaluate_ref"]
 
 _INT64_MAX = torch.iinfo(torch.int64).max
-# Elements (queries x gallery) handled at once: ~40 bytes each at peak on CPU.
-_BLOCK_ELEMS_CPU = 1 << 22
+# Elements (queries x gallery) handled at once: the torch path holds ~30 bytes each at peak,
+# the C++ core only the float32 block itself (a view when the input is float32 already).
+_BLOCK_ELEMS_TORCH_CPU = 1 << 22
 _BLOCK_ELEMS_GPU = 1 << 25
+_BLOCK_ELEMS_NATIVE = 1 << 25
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -114,48 +118,61 @@ def _count_nan(x, block_rows: int) -> int:
     return total
 
 
-def _block_rows(num_g: int, device: torch.device, block_elems) -> int:
-    elems = block_elems or (_BLOCK_ELEMS_GPU if device.type == "cuda" else _BLOCK_ELEMS_CPU)
-    return max(1, int(elems) // max(1, num_g))
+def _block_rows(num_g: int, device: torch.device, block_elems, native: bool) -> int:
+    if not block_elems:
+        block_elems = (_BLOCK_ELEMS_NATIVE if native else
+                       _BLOCK_ELEMS_GPU if device.type == "cuda" else _BLOCK_ELEMS_TORCH_CPU)
+    return max(1, int(block_elems) // max(1, num_g))
 
 
 # ----------------------------------------------------------------------------- ranking core
 def _sort_keys(d: torch.Tensor) -> torch.Tensor:
     """Unique int64 keys ordering (distance as float32, gallery index) lexicographically."""
-    d = d.to(torch.float32) + 0.0  # -0.0 -> +0.0 so that the two zeros tie
-    bits = d.view(torch.int32)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving for negative floats too
-    idx = torch.arange(d.shape[1], device=d.device, dtype=torch.int64)
-    return (bits.to(torch.int64) << 32) | idx
+    bits = d.to(torch.float32).view(torch.int32)
+    x = bits >> 31
+    x &= 0x7FFFFFFF
+    x ^= bits  # order-preserving int32 image of the float, negatives included
+    x -= x >> 31  # negatives up by one, so -0.0 (-> -1) ties with +0.0 (-> 0)
+    key = x.to(torch.int64)
+    key <<= 32
+    key |= torch.arange(d.shape[1], device=d.device, dtype=torch.int64)
+    return key
 
 
 def _rank_block(d, qp, qc, gp, gc):
     """First-match rank (0 = no valid match) and AP of a block of queries.
 
     d: (B, G) distances; qp, qc: (B,) query pids/cameras; gp, gc: (G,) gallery pids/cameras.
+    The rank of match j (0-based, in key order) among the kept gallery is j + 1 + the number of
+    kept non-matches whose key is smaller: one binary search per gallery item finds, for every
+    non-match, how many matches precede it, and a cumulative count turns that into ranks.
     """
+    b, g = d.shape
+    dev = d.device
     same = gp[None, :] == qp[:, None]
-    junk = (same & (gc[None, :] == qc[:, None])) | (gp == -1)[None, :]
-    hit = same & ~junk
+    hit = same & (gc[None, :] != qc[:, None])  # same pid, other camera (pid -1 never matches)
+    hit &= (qp != -1)[:, None]
     num_hits = hit.sum(1)
-    b = d.shape[0]
-    first_rank = torch.zeros(b, dtype=torch.int64, device=d.device)
-    ap = torch.zeros(b, dtype=torch.float64, device=d.device)
+    first_rank = torch.zeros(b, dtype=torch.int64, device=dev)
+    ap = torch.zeros(b, dtype=torch.float64, device=dev)
     m = int(num_hits.max()) if b else 0
     if m == 0:
         return first_rank, ap
     key = _sort_keys(d)
     # Each row's match keys in ascending order, padded with INT64_MAX (above every real key).
-    hit_keys = torch.where(hit, key, torch.full_like(key, _INT64_MAX))
-    hit_keys = torch.topk(hit_keys, m, dim=1, largest=False, sorted=True).values
-    # pos = number of the row's matches ranked before each gallery item.
-    pos = torch.searchsorted(hit_keys, key)
-    others = (~junk & ~hit).to(torch.int64)  # kept non-matches
-    counts = torch.zeros(b, m + 1, dtype=torch.int64, device=d.device)
-    counts.scatter_add_(1, pos, others)
-    before = torch.cumsum(counts[:, :m], 1)  # kept non-matches ranked before match j
-    j = torch.arange(m, device=d.device, dtype=torch.int64)
-    rank = before + j + 1  # 1-based rank of match j in the kept gallery
+    rows, cols = hit.nonzero(as_tuple=True)
+    slot = torch.arange(rows.numel(), device=dev) - (torch.cumsum(num_hits, 0) - num_hits)[rows]
+    hit_keys = torch.full((b, m), _INT64_MAX, dtype=torch.int64, device=dev)
+    hit_keys[rows, slot] = key[rows, cols]
+    hit_keys = torch.sort(hit_keys, dim=1).values
+    pos = torch.searchsorted(hit_keys, key)  # matches ranked before each gallery item
+    # Only kept non-matches are counted: same-pid items (matches, same-camera drops) and junk
+    # go to the spare bucket m.
+    pos.masked_fill_(same | (gp == -1)[None, :], m)
+    counts = torch.zeros(b, m + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(1, pos, torch.ones(1, 1, dtype=torch.int64, device=dev).expand(b, g))
+    j = torch.arange(m, device=dev, dtype=torch.int64)
+    rank = torch.cumsum(counts[:, :m], 1) + j + 1  # 1-based rank of match j
     valid = j[None, :] < num_hits[:, None]
     prec = torch.where(valid, (j + 1).to(torch.float64) / rank.to(torch.float64), 0.0)
     has = num_hits > 0
@@ -177,14 +194,52 @@ def _finish(first_rank: np.ndarray, ap: np.ndarray, max_rank: int):
     return cmc, float(ap[valid].mean())
 
 
+def _ranker(dev: torch.device, backend: str, gp: np.ndarray, gc: np.ndarray):
+    """(fn, is_native): fn(block of distances, query pids, query cams) -> (first ranks, APs).
+
+    ``native``: the C++ core (CPU only); ``torch``: ``_rank_block`` on ``dev``; ``auto``: the
+    C++ core on the CPU when the extension is built, torch otherwise.
+    """
+    if backend not in ("auto", "native", "torch"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
+    if backend == "native" and dev.type != "cpu":
+        raise ValueError(f"backend='native' runs on the CPU; device is {dev}: use backend='torch'")
+    if backend != "torch" and dev.type == "cpu":
+        try:
+            from ._native import native
+
+            rank_queries = native().rank_queries
+        except (ImportError, AttributeError):
+            if backend == "native":
+                raise
+        else:
+            def run_native(block, qp, qc):
+                if isinstance(block, torch.Tensor):
+                    block = block.detach().to("cpu", torch.float32).contiguous().numpy()
+                block = np.ascontiguousarray(block, dtype=np.float32)
+                return rank_queries(block, qp, qc, gp, gc)
+
+            return run_native, True
+    gp_t, gc_t = torch.as_tensor(gp, device=dev), torch.as_tensor(gc, device=dev)
+
+    def run_torch(block, qp, qc):
+        block = torch.as_tensor(block).to(dev)
+        f, a = _rank_block(block, torch.as_tensor(qp, device=dev),
+                           torch.as_tensor(qc, device=dev), gp_t, gc_t)
+        return f.cpu().numpy(), a.cpu().numpy()
+
+    return run_torch, False
+
+
 # ----------------------------------------------------------------------------- public API
 def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, *,
-             device=None, block_elems: int | None = None):
+             device=None, backend: str = "auto", block_elems: int | None = None):
     """CMC (float64 array of length ``max_rank``) and mAP of a (queries x gallery) distance matrix.
 
     ``distmat`` is a NumPy array or torch tensor (smaller = more similar); ids are 1-D integer
     arrays. Runs on ``device`` (default: the tensor's device, else CUDA when available, else
-    CPU) in blocks of about ``block_elems`` matrix entries. See the module docstring for the
+    CPU) in blocks of about ``block_elems`` matrix entries; on the CPU with the C++ core when it
+    is built (``backend="torch"`` forces the torch path). See the module docstring for the
     protocol, the tie order and ``max_rank`` beyond the gallery.
     """
     d = _as_float_matrix(distmat, "distmat")
@@ -192,31 +247,25 @@ def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, *,
     qp, gp, qc, gc = _check_ids(q_pids, g_pids, q_camids, g_camids, num_q, num_g)
     max_rank = _check_max_rank(max_rank)
     dev = _pick_device(device, d)
-    rows = _block_rows(num_g, dev, block_elems)
-    nan = _count_nan(d, rows)
+    rank, native = _ranker(dev, backend, gp, gc)
+    rows = _block_rows(num_g, dev, block_elems, native)
+    nan = _count_nan(d, max(1, _BLOCK_ELEMS_TORCH_CPU // num_g))
     if nan:
         raise ValueError(f"distmat has {nan} NaN entries; distances must be comparable numbers")
-    gp_t, gc_t = torch.as_tensor(gp, device=dev), torch.as_tensor(gc, device=dev)
-    first, ap = [], []
-    for s in range(0, num_q, rows):
-        block = d[s : s + rows]
-        block = block.to(dev) if isinstance(block, torch.Tensor) else torch.as_tensor(block, device=dev)
-        f, a = _rank_block(
-            block, torch.as_tensor(qp[s : s + rows], device=dev),
-            torch.as_tensor(qc[s : s + rows], device=dev), gp_t, gc_t,
-        )
-        first.append(f.cpu().numpy())
-        ap.append(a.cpu().numpy())
-    return _finish(np.concatenate(first), np.concatenate(ap), max_rank)
+    parts = [rank(d[s : s + rows], qp[s : s + rows], qc[s : s + rows])
+             for s in range(0, num_q, rows)]
+    return _finish(np.concatenate([f for f, _ in parts]), np.concatenate([a for _, a in parts]),
+                   max_rank)
 
 
 def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, *,
-                      device=None, block_elems: int | None = None):
+                      device=None, backend: str = "auto", block_elems: int | None = None):
     """CMC and mAP with cosine distance ``1 - cos(q, g)`` computed block by block.
 
     ``qf`` (Q, D) and ``gf`` (G, D) are features (NumPy or torch); they are L2-normalised here
     (a zero row gets distance 1 to everything). Only a block of queries x the gallery is ever
-    materialised, which is what makes MSMT17-size evaluation fit in memory.
+    materialised, which is what makes MSMT17-size evaluation fit in memory. ``device``,
+    ``backend`` and ``block_elems`` as in ``evaluate``.
     """
     qf = _as_float_matrix(qf, "qf")
     gf = _as_float_matrix(gf, "gf")
@@ -232,20 +281,14 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank: int 
         bad = _count_nan(x, 4096)
         if bad:
             raise ValueError(f"{name} has {bad} NaN entries; features must be finite")
+    rank, native = _ranker(dev, backend, gp, gc)
     qf = torch.nn.functional.normalize(torch.as_tensor(qf).to(dev, torch.float32), dim=1)
     gf = torch.nn.functional.normalize(torch.as_tensor(gf).to(dev, torch.float32), dim=1)
-    gp_t, gc_t = torch.as_tensor(gp, device=dev), torch.as_tensor(gc, device=dev)
-    rows = _block_rows(num_g, dev, block_elems)
-    first, ap = [], []
-    for s in range(0, num_q, rows):
-        d = 1.0 - qf[s : s + rows] @ gf.T
-        f, a = _rank_block(
-            d, torch.as_tensor(qp[s : s + rows], device=dev),
-            torch.as_tensor(qc[s : s + rows], device=dev), gp_t, gc_t,
-        )
-        first.append(f.cpu().numpy())
-        ap.append(a.cpu().numpy())
-    return _finish(np.concatenate(first), np.concatenate(ap), max_rank)
+    rows = _block_rows(num_g, dev, block_elems, native)
+    parts = [rank((qf[s : s + rows] @ gf.T).neg_().add_(1.0), qp[s : s + rows], qc[s : s + rows])
+             for s in range(0, num_q, rows)]  # 1 - cos, in place: one block buffer
+    return _finish(np.concatenate([f for f, _ in parts]), np.concatenate([a for _, a in parts]),
+                   max_rank)
 
 
 def evaluate_ref(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50):

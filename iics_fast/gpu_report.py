@@ -34,6 +34,9 @@ class KernelSpec:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 3
+    #: argument name -> [[attribute, value]], e.g. {"x_ptr": [["tt.divisibility", 16]]}: the
+    #: alignment facts Triton's launcher derives at run time (16-byte pointers, ints % 16 == 0)
+    attrs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -90,13 +93,14 @@ def _kernel_in_this_process(module_name: str, path: str, fn_name: str):
     return getattr(module, fn_name)
 
 
-def _compile_here(module_name, path, fn_name, signature, constexprs, arch, num_warps, num_stages) -> dict:
+def _compile_here(module_name, path, fn_name, signature, constexprs, arch, num_warps, num_stages, attrs=None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = _kernel_in_this_process(module_name, path, fn_name)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(k),): v for k, v in (attrs or {}).items()}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(
         src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
     )
@@ -125,6 +129,7 @@ def compile_report(spec: KernelSpec, arch: int) -> CompileReport:
         "arch": arch,
         "num_warps": spec.num_warps,
         "num_stages": spec.num_stages,
+        "attrs": spec.attrs,
     }
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(

@@ -17,12 +17,17 @@ everywhere (even a = 1 gives 0 * NaN). The kernels follow that; `iics_fast.model
 such inputs with a ValueError instead.
 
 Forward, three launches: `_aibn_stats_kernel` reads x once and writes mu_in, var_in (float32,
-(N, C)). Each tile's mean and centred sum of squares are computed in registers and merged into the
-running pair with Chan's parallel update (the Welford family; no E[x^2] - E[x]^2 cancellation).
-`_aibn_fwd_finalize_kernel` (per channel block, loops over N) forms mu_bn and var_bn (as
-mean(var_in) + mean((mu_in - mu_bn)^2), the same quantity without cancellation), updates the
-running statistics, and writes the per-(n, c) mixed mean and gamma * r. `_aibn_apply_kernel`
-reads x a second time and writes y once. Saved for backward: x and the (N, C) / (C,) statistics.
+(N, C)) from shifted sums: with k the first element of each (n, c), S1 = sum (x - k) and
+S2 = sum (x - k)^2 accumulate per lane in registers (one subtract and one FMA an element, one
+cross-lane reduction at the end), then mu_in = k + S1/m, var_in = (S2 - S1^2/m) / (m - 1). The
+shift removes the E[x^2] - E[x]^2 cancellation of plain sums when |mean| >> std.
+`_aibn_fwd_finalize_kernel` (per channel block, over N in [BLOCK_N, BLOCK_C] tiles) forms mu_bn
+and var_bn (as mean(var_in) + mean((mu_in - mu_bn)^2), the same quantity without cancellation),
+updates the running statistics, and writes the per-(n, c) mixed mean and gamma * r. `_aibn_apply_kernel`
+reads x a second time and writes y once. In eval, when one tile holds all of H*W (H*W <= 2048),
+`_aibn_eval_kernel` does it all in one pass (exact two-pass statistics in registers, the running
+statistics on the batch side): x read once, y written once. Saved for backward: x and the
+(N, C) / (C,) statistics.
 
 Backward, with g = dL/dy, xhat = (x - mu) r, and per (n, c) the sums Sg = sum_i g_i and
 Sgx = sum_i g_i xhat_i:
@@ -52,6 +57,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from iics_fast.gpu_report import KernelSpec
 
@@ -111,6 +117,7 @@ def _aibn_stats_kernel(
     var_in_ptr,  # *f32 (N, C) out: unbiased instance variance over H*W
     C,
     HW,
+    inv_dof,  # 1 / (HW - 1), NaN when HW == 1 (as torch.var)
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -119,25 +126,26 @@ def _aibn_stats_kernel(
     c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     base = x_ptr + n.to(tl.int64) * C * HW
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
-    count = tl.zeros([BLOCK_C], tl.float32)
+    # shift: each (n, c)'s first element, so the sums below are of x - k (no cancellation
+    # between E[x^2] and E[x]^2 when |mean| >> std)
+    if CHANNELS_LAST:
+        k = tl.load(base + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        k = tl.load(base + c_offs * HW, mask=c_mask, other=0.0).to(tl.float32)
+    acc1 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)  # per-lane sums of (x - k)
+    acc2 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)  # per-lane sums of (x - k)^2
     for start in range(0, HW, BLOCK_S):
         offs, s_mask = _tile_offsets(start, c_offs, C, HW, CHANNELS_LAST, BLOCK_S)
         mask = c_mask[:, None] & s_mask[None, :]
         x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        nb = tl.sum(s_mask.to(tl.float32), axis=0)  # valid elements of this tile (>= 1)
-        t_mean = tl.sum(x, axis=1) / nb
-        d = tl.where(mask, x - t_mean[:, None], 0.0)
-        t_m2 = tl.sum(d * d, axis=1)
-        # Chan et al.: merge (count, mean, m2) with the tile's (nb, t_mean, t_m2)
-        total = count + nb
-        delta = t_mean - mean
-        mean += delta * (nb / total)
-        m2 += t_m2 + delta * delta * (count * nb / total)
-        count = total
-    tl.store(mu_in_ptr + n * C + c_offs, mean, mask=c_mask)
-    tl.store(var_in_ptr + n * C + c_offs, m2 / (HW - 1), mask=c_mask)
+        d = tl.where(mask, x - k[:, None], 0.0)
+        acc1 += d
+        acc2 += d * d
+    s1 = tl.sum(acc1, axis=1)
+    s2 = tl.sum(acc2, axis=1)
+    var = tl.maximum(s2 - s1 * s1 / HW, 0.0) * inv_dof
+    tl.store(mu_in_ptr + n * C + c_offs, k + s1 / HW, mask=c_mask)
+    tl.store(var_in_ptr + n * C + c_offs, var, mask=c_mask)
 
 
 @triton.jit
@@ -157,22 +165,28 @@ def _aibn_fwd_finalize_kernel(
     momentum,
     eps,
     TRAINING: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    # one program: BLOCK_C channels; samples in [BLOCK_N, BLOCK_C] tiles (one load round each)
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
+    rows = tl.arange(0, BLOCK_N)
     a = tl.load(alpha_ptr).to(tl.float32)
     a = tl.minimum(tl.maximum(a, 0.0), 1.0)
     if TRAINING:
         acc = tl.zeros([BLOCK_C], tl.float32)
-        for n in range(0, N):
-            acc += tl.load(mu_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
+        for n0 in range(0, N, BLOCK_N):
+            nc = (n0 + rows)[:, None] * C + c_offs[None, :]
+            m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+            acc += tl.sum(tl.load(mu_in_ptr + nc, mask=m, other=0.0), axis=0)
         mu_bn = acc / N
         acc = tl.zeros([BLOCK_C], tl.float32)
-        for n in range(0, N):
-            mu = tl.load(mu_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-            v = tl.load(var_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-            acc += v + (mu - mu_bn) * (mu - mu_bn)
+        for n0 in range(0, N, BLOCK_N):
+            nc = (n0 + rows)[:, None] * C + c_offs[None, :]
+            m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+            d = tl.where(m, tl.load(mu_in_ptr + nc, mask=m, other=0.0) - mu_bn[None, :], 0.0)
+            acc += tl.sum(tl.load(var_in_ptr + nc, mask=m, other=0.0) + d * d, axis=0)
         var_bn = acc / N
         rm = tl.load(run_mean_ptr + c_offs, mask=c_mask, other=0.0)
         rv = tl.load(run_var_ptr + c_offs, mask=c_mask, other=0.0)
@@ -183,13 +197,15 @@ def _aibn_fwd_finalize_kernel(
         var_bn = tl.load(run_var_ptr + c_offs, mask=c_mask, other=1.0)
     tl.store(mu_bn_ptr + c_offs, mu_bn, mask=c_mask)
     tl.store(var_bn_ptr + c_offs, var_bn, mask=c_mask)
-    gamma = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    for n in range(0, N):
-        mu = tl.load(mu_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-        v = tl.load(var_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-        r = 1.0 / tl.sqrt(a * var_bn + (1.0 - a) * v + eps)
-        tl.store(mean_ptr + n * C + c_offs, a * mu_bn + (1.0 - a) * mu, mask=c_mask)
-        tl.store(scale_ptr + n * C + c_offs, gamma * r, mask=c_mask)
+    gamma = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    for n0 in range(0, N, BLOCK_N):
+        nc = (n0 + rows)[:, None] * C + c_offs[None, :]
+        m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+        mu = tl.load(mu_in_ptr + nc, mask=m, other=0.0)
+        v = tl.load(var_in_ptr + nc, mask=m, other=0.0)
+        r = 1.0 / tl.sqrt(a * var_bn[None, :] + (1.0 - a) * v + eps)
+        tl.store(mean_ptr + nc, a * mu_bn[None, :] + (1.0 - a) * mu, mask=m)
+        tl.store(scale_ptr + nc, gamma * r, mask=m)
 
 
 @triton.jit
@@ -218,6 +234,51 @@ def _aibn_apply_kernel(
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         y = (x - mean) * scale + beta
         tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _aibn_eval_kernel(
+    x_ptr,  # *T   activation in; one [BLOCK_C, BLOCK_S] tile covers all of H*W
+    y_ptr,  # *T   out, same layout as x
+    mu_in_ptr,  # *f32 (N, C) out: instance means (for backward)
+    var_in_ptr,  # *f32 (N, C) out: unbiased instance variances (for backward)
+    weight_ptr,  # *Tp  (C,) gamma
+    bias_ptr,  # *Tp  (C,) beta
+    alpha_ptr,  # *Tp  (1,) unclamped alpha
+    run_mean_ptr,  # *f32 (C,) running mean
+    run_var_ptr,  # *f32 (C,) running var
+    C,
+    HW,
+    inv_dof,  # 1 / (HW - 1), NaN when HW == 1
+    eps,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    # eval: the batch side is the running statistics, so x is read once (stats exact, two-pass
+    # in registers) and y written once
+    n = tl.program_id(0)
+    c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    base = n.to(tl.int64) * C * HW
+    offs, s_mask = _tile_offsets(0, c_offs, C, HW, CHANNELS_LAST, BLOCK_S)
+    mask = c_mask[:, None] & s_mask[None, :]
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    mu = tl.sum(x, axis=1) / HW
+    d = tl.where(mask, x - mu[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) * inv_dof
+    a = tl.load(alpha_ptr).to(tl.float32)
+    a = tl.minimum(tl.maximum(a, 0.0), 1.0)
+    rm = tl.load(run_mean_ptr + c_offs, mask=c_mask, other=0.0)
+    rv = tl.load(run_var_ptr + c_offs, mask=c_mask, other=1.0)
+    gamma = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    beta = tl.load(bias_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    mean = a * rm + (1.0 - a) * mu
+    scale = gamma / tl.sqrt(a * rv + (1.0 - a) * var + eps)
+    y = (x - mean[:, None]) * scale[:, None] + beta[:, None]
+    tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mu_in_ptr + n * C + c_offs, mu, mask=c_mask)
+    tl.store(var_in_ptr + n * C + c_offs, var, mask=c_mask)
 
 
 @triton.jit
@@ -276,53 +337,60 @@ def _aibn_bwd_finalize_kernel(
     N,
     C,
     HW,
+    inv_dof,  # 1 / (HW - 1), NaN when HW == 1
     eps,
     TRAINING: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
+    rows = tl.arange(0, BLOCK_N)
     alpha = tl.load(alpha_ptr).to(tl.float32)
     a = tl.minimum(tl.maximum(alpha, 0.0), 1.0)
-    gamma = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    mu_bn = tl.load(mu_bn_ptr + c_offs, mask=c_mask, other=0.0)
-    var_bn = tl.load(var_bn_ptr + c_offs, mask=c_mask, other=0.0)
+    gamma = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    mu_bn = tl.load(mu_bn_ptr + c_offs, mask=c_mask, other=0.0)[None, :]
+    var_bn = tl.load(var_bn_ptr + c_offs, mask=c_mask, other=0.0)[None, :]
     d_gamma = tl.zeros([BLOCK_C], tl.float32)
     d_beta = tl.zeros([BLOCK_C], tl.float32)
     d_a = tl.zeros([BLOCK_C], tl.float32)
     sum_a = tl.zeros([BLOCK_C], tl.float32)
     sum_b = tl.zeros([BLOCK_C], tl.float32)
-    for n in range(0, N):
-        mu = tl.load(mu_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-        v = tl.load(var_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-        sg = tl.load(sum_g_ptr + n * C + c_offs, mask=c_mask, other=0.0)
+    for n0 in range(0, N, BLOCK_N):
+        nc = (n0 + rows)[:, None] * C + c_offs[None, :]
+        m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+        mu = tl.load(mu_in_ptr + nc, mask=m, other=0.0)
+        v = tl.load(var_in_ptr + nc, mask=m, other=0.0)
+        sg = tl.load(sum_g_ptr + nc, mask=m, other=0.0)
         r = 1.0 / tl.sqrt(a * var_bn + (1.0 - a) * v + eps)
-        sgx = tl.load(sum_gxc_ptr + n * C + c_offs, mask=c_mask, other=0.0) * r  # sum g xhat
-        d_beta += sg
-        d_gamma += sgx
-        big_a = -gamma * r * sg
-        big_b = -0.5 * gamma * r * r * sgx
-        sum_a += big_a
-        sum_b += big_b
-        d_a += tl.where(c_mask, big_a * (mu_bn - mu) + big_b * (var_bn - v), 0.0)
+        sgx = tl.load(sum_gxc_ptr + nc, mask=m, other=0.0) * r  # sum_i g_i xhat_i
+        big_a = -gamma * r * sg  # dL/dmu (0 where masked: sg = sgx = 0)
+        big_b = -0.5 * gamma * r * r * sgx  # dL/dsigma^2
+        d_beta += tl.sum(sg, axis=0)
+        d_gamma += tl.sum(sgx, axis=0)
+        sum_a += tl.sum(big_a, axis=0)
+        sum_b += tl.sum(big_b, axis=0)
+        d_a += tl.sum(big_a * (mu_bn - mu) + big_b * (var_bn - v), axis=0)
     tl.store(dweight_ptr + c_offs, d_gamma, mask=c_mask)
     tl.store(dbias_ptr + c_offs, d_beta, mask=c_mask)
     inside = (alpha >= 0.0) & (alpha <= 1.0)
     tl.store(dalpha_part_ptr + tl.program_id(0), tl.where(inside, tl.sum(d_a, axis=0), 0.0))
-    for n in range(0, N):
-        mu = tl.load(mu_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-        v = tl.load(var_in_ptr + n * C + c_offs, mask=c_mask, other=0.0)
-        sg = tl.load(sum_g_ptr + n * C + c_offs, mask=c_mask, other=0.0)
+    for n0 in range(0, N, BLOCK_N):
+        nc = (n0 + rows)[:, None] * C + c_offs[None, :]
+        m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+        mu = tl.load(mu_in_ptr + nc, mask=m, other=0.0)
+        v = tl.load(var_in_ptr + nc, mask=m, other=0.0)
+        sg = tl.load(sum_g_ptr + nc, mask=m, other=0.0)
         r = 1.0 / tl.sqrt(a * var_bn + (1.0 - a) * v + eps)
-        sgx = tl.load(sum_gxc_ptr + n * C + c_offs, mask=c_mask, other=0.0) * r
+        sgx = tl.load(sum_gxc_ptr + nc, mask=m, other=0.0) * r
         g_mu = (1.0 - a) * (-gamma * r * sg)
         g_var = (1.0 - a) * (-0.5 * gamma * r * r * sgx)
         if TRAINING:
-            g_mu += a * (sum_a + 2.0 * sum_b * (mu - mu_bn)) / N
-            g_var += a * sum_b / N
-        tl.store(k1_ptr + n * C + c_offs, gamma * r, mask=c_mask)
-        tl.store(k2_ptr + n * C + c_offs, 2.0 * g_var / (HW - 1), mask=c_mask)
-        tl.store(k3_ptr + n * C + c_offs, g_mu / HW, mask=c_mask)
+            g_mu += a * (sum_a[None, :] + 2.0 * sum_b[None, :] * (mu - mu_bn)) / N
+            g_var += a * sum_b[None, :] / N
+        tl.store(k1_ptr + nc, gamma * r, mask=m)
+        tl.store(k2_ptr + nc, 2.0 * g_var * inv_dof, mask=m)
+        tl.store(k3_ptr + nc, g_mu / HW, mask=m)
 
 
 @triton.jit
@@ -362,8 +430,10 @@ def _aibn_bwd_apply_kernel(
 # Launchers
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TILE = 4096  # elements per streaming tile: 32 float32 values a thread at 4 warps
-FINALIZE_BLOCK_C = 128
+TILE = 2048  # elements per streaming tile: 16 values a thread at 4 warps
+FINALIZE_BLOCK_C = 32  # channels a finalize program owns
+FINALIZE_BLOCK_N = 64  # samples it loads at once: one load round per pass for N <= 64
+EVAL_MAX_HW = TILE  # eval forward in one pass when one tile row holds all of H*W
 
 
 def _layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -386,6 +456,22 @@ def _blocks(C: int, HW: int, channels_last: bool) -> tuple[int, int]:
     return block_c, block_s
 
 
+def _inv_dof(HW: int) -> float:
+    """1 / (H*W - 1) for the unbiased variance, a host float (no constant division by zero in a
+    kernel specialised for H*W == 1); NaN there, as torch.var gives."""
+    return 1.0 / (HW - 1) if HW > 1 else float("nan")
+
+
+def _eval_blocks(C: int, HW: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S) of the one-pass eval kernel: BLOCK_S covers H*W."""
+    block_s = triton.next_power_of_2(HW)
+    return min(triton.next_power_of_2(C), max(1, TILE // block_s)), block_s
+
+
+def _finalize_block_n(N: int) -> int:
+    return min(triton.next_power_of_2(N), FINALIZE_BLOCK_N)
+
+
 def _check(x, weight, bias, alpha, running_mean, running_var):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"AIBN expects x of shape (N, C, H, W); got {tuple(getattr(x, 'shape', ()))}")
@@ -402,8 +488,9 @@ def _check(x, weight, bias, alpha, running_mean, running_var):
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise TypeError(f"AIBN {name} must be a contiguous float32 buffer; got {t.dtype}")
-    if alpha.numel() != 1:
-        raise ValueError(f"AIBN alpha must hold one value; got shape {tuple(alpha.shape)}")
+    if alpha.numel() != 1 or alpha.device != x.device:
+        raise ValueError(f"AIBN alpha must be one value on x's device ({x.device}); got shape "
+                         f"{tuple(alpha.shape)} on {alpha.device}")
 
 
 def aibn_forward(x, running_mean, running_var, weight, bias, alpha, training=False, momentum=0.1, eps=1e-5):
@@ -422,12 +509,21 @@ def aibn_forward(x, running_mean, running_var, weight, bias, alpha, training=Fal
     var_bn = torch.empty_like(mu_bn)
     y = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     weight, bias, alpha = weight.detach().contiguous(), bias.detach().contiguous(), alpha.detach().reshape(1)
+    if not training and HW <= EVAL_MAX_HW:
+        block_c, block_s = _eval_blocks(C, HW)
+        _aibn_eval_kernel[(N, triton.cdiv(C, block_c))](
+            x, y, mu_in, var_in, weight, bias, alpha, running_mean, running_var, C, HW, _inv_dof(HW), float(eps),
+            channels_last, block_c, block_s,
+        )
+        mu_bn.copy_(running_mean)
+        var_bn.copy_(running_var)
+        return y, (mu_in, var_in, mu_bn, var_bn)
     block_c, block_s = _blocks(C, HW, channels_last)
     grid = (N, triton.cdiv(C, block_c))
-    _aibn_stats_kernel[grid](x, mu_in, var_in, C, HW, channels_last, block_c, block_s)
+    _aibn_stats_kernel[grid](x, mu_in, var_in, C, HW, _inv_dof(HW), channels_last, block_c, block_s)
     _aibn_fwd_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
         mu_in, var_in, weight, alpha, running_mean, running_var, mu_bn, var_bn, mean, scale,
-        N, C, float(momentum), float(eps), bool(training), FINALIZE_BLOCK_C,
+        N, C, float(momentum), float(eps), bool(training), _finalize_block_n(N), FINALIZE_BLOCK_C,
     )
     _aibn_apply_kernel[grid](x, y, mean, scale, bias, C, HW, channels_last, block_c, block_s)
     return y, (mu_in, var_in, mu_bn, var_bn)
@@ -455,7 +551,7 @@ def aibn_backward(g, x, weight, alpha, stats, training=False, eps=1e-5, need_dx=
     k1, k2, k3 = torch.empty_like(sum_g), torch.empty_like(sum_g), torch.empty_like(sum_g)
     _aibn_bwd_finalize_kernel[(n_fin,)](
         mu_in, var_in, mu_bn, var_bn, weight, alpha, sum_g, sum_gxc, dweight, dbias, dalpha_part,
-        k1, k2, k3, N, C, HW, float(eps), bool(training), FINALIZE_BLOCK_C,
+        k1, k2, k3, N, C, HW, _inv_dof(HW), float(eps), bool(training), _finalize_block_n(N), FINALIZE_BLOCK_C,
     )
     dx = None
     if need_dx:
@@ -475,6 +571,7 @@ class AIBNFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         x, weight, alpha, *stats = ctx.saved_tensors
         dx, dw, db, da = aibn_backward(g, x, weight, alpha, stats, ctx.training, ctx.eps, ctx.needs_input_grad[0])
@@ -487,7 +584,58 @@ def aibn(x, running_mean, running_var, weight, bias, alpha, training=False, mome
 
 
 # ----------------------------------------------------------------------------------------------
-# Static compile report: layer3-like shapes (C = 1024, H*W = 16 * 8 = 128) as the launchers pick
+# Memory traffic of the fused path (bytes read + written per launch, no cache reuse assumed)
+
+
+def traffic_bytes(N: int, C: int, HW: int, itemsize: int, training: bool = True) -> dict:
+    """Bytes each fused kernel moves for an (N, C, H*W) activation of `itemsize`-byte elements.
+
+    Full passes over the activation dominate: forward 3 (stats reads x; apply reads x, writes y),
+    or 2 in eval when one tile holds H*W ("eval"), backward 5 (reduce reads x, g; apply reads x,
+    g, writes dx). The float32 (N, C) statistics add
+    4/HW bytes an element per access (0.03 at layer3's H*W = 128); C-sized terms are included.
+    """
+    act, nc, c = N * C * HW * itemsize, N * C * 4, C * 4
+    finalize_reads = 5 if training else 2
+    return {
+        "stats": act + N * C * itemsize + 2 * nc,
+        "fwd_finalize": (finalize_reads + 2) * nc + (6 if training else 4) * c,
+        "apply": 2 * act + 2 * nc + c,
+        "bwd_reduce": 2 * act + 3 * nc + c,
+        "bwd_finalize": 11 * nc + 7 * c,
+        "bwd_apply": 3 * act + 4 * nc,
+        "eval": 2 * act + 2 * nc + 6 * c,
+    }
+
+
+def _work_model(kernel: str, spec_constexprs: dict, num_warps: int, C: int = 1024, HW: int = 128):
+    """WORK_MODELS entry (see iics_fast.gpu_report): layer3 activation at the scale's batch."""
+    itemsize = 2 if ("bf16" in kernel or "fp16" in kernel) else 4
+    key = next(k for k in ("fwd_finalize", "bwd_finalize", "bwd_reduce", "bwd_apply", "stats", "apply", "eval")
+               if f"aibn_{k}" in kernel)
+    training = not (kernel.endswith("_eval") or key == "eval")
+
+    def model(scale: dict) -> dict:
+        n = scale["batch"]
+        streaming = "finalize" not in key
+        rows = spec_constexprs["BLOCK_S"] if streaming else spec_constexprs["BLOCK_N"]
+        return {"elements": n * C * (HW if streaming else 1),
+                "elements_per_iteration": spec_constexprs["BLOCK_C"] * rows / num_warps,
+                "bytes": traffic_bytes(n, C, HW, itemsize, training)[key],
+                "note": f"AIBN at ResNet-50 layer3 ({n}, {C}, 16, 8)"}
+
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Static compile report: layer3-like shapes (N = 64, C = 1024, H*W = 16 * 8 = 128) with the
+# blocks the launchers pick and the alignment Triton's launcher sees there (16-byte aligned
+# tensors; N, C and H*W multiples of 16).
+
+
+def _spec(name, fn, signature, constexprs) -> KernelSpec:
+    attrs = {k: [["tt.divisibility", 16]] for k, v in signature.items() if v.startswith("*") or v == "i32"}
+    return KernelSpec(name, fn, signature, constexprs, attrs=attrs)
 
 
 def _compile_specs() -> list[KernelSpec]:
@@ -499,35 +647,47 @@ def _compile_specs() -> list[KernelSpec]:
             lay = "cl" if cl else "cf"
             stream = {"CHANNELS_LAST": cl, "BLOCK_C": bc, "BLOCK_S": bs}
             specs += [
-                KernelSpec(f"aibn_stats_{tname}_{lay}", _aibn_stats_kernel,
-                           {"x_ptr": t, "mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "C": "i32", "HW": "i32"}, stream),
-                KernelSpec(f"aibn_apply_{tname}_{lay}", _aibn_apply_kernel,
+                _spec(f"aibn_stats_{tname}_{lay}", _aibn_stats_kernel,
+                           {"x_ptr": t, "mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "C": "i32", "HW": "i32",
+                            "inv_dof": "fp32"}, stream),
+                _spec(f"aibn_apply_{tname}_{lay}", _aibn_apply_kernel,
                            {"x_ptr": t, "y_ptr": t, "mean_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*fp32",
                             "C": "i32", "HW": "i32"}, stream),
-                KernelSpec(f"aibn_bwd_reduce_{tname}_{lay}", _aibn_bwd_reduce_kernel,
+                _spec(f"aibn_bwd_reduce_{tname}_{lay}", _aibn_bwd_reduce_kernel,
                            {"x_ptr": t, "g_ptr": t, "mu_in_ptr": "*fp32", "mu_bn_ptr": "*fp32", "alpha_ptr": "*fp32",
                             "sum_g_ptr": "*fp32", "sum_gxc_ptr": "*fp32", "C": "i32", "HW": "i32"}, stream),
-                KernelSpec(f"aibn_bwd_apply_{tname}_{lay}", _aibn_bwd_apply_kernel,
+                _spec(f"aibn_bwd_apply_{tname}_{lay}", _aibn_bwd_apply_kernel,
                            {"x_ptr": t, "g_ptr": t, "dx_ptr": t, "mu_in_ptr": "*fp32", "k1_ptr": "*fp32",
                             "k2_ptr": "*fp32", "k3_ptr": "*fp32", "C": "i32", "HW": "i32"}, stream),
             ]
+    for tname, t, cl in (("fp32", "*fp32", False), ("bf16", "*bf16", True), ("fp16", "*fp16", True)):
+        bc, bs = _eval_blocks(C, HW)
+        specs.append(_spec(f"aibn_eval_{tname}_{'cl' if cl else 'cf'}", _aibn_eval_kernel,
+                           {"x_ptr": t, "y_ptr": t, "mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "weight_ptr": "*fp32",
+                            "bias_ptr": "*fp32", "alpha_ptr": "*fp32", "run_mean_ptr": "*fp32", "run_var_ptr": "*fp32",
+                            "C": "i32", "HW": "i32", "inv_dof": "fp32", "eps": "fp32"},
+                           {"CHANNELS_LAST": cl, "BLOCK_C": bc, "BLOCK_S": bs}))
     for training in (True, False):
         mode = "train" if training else "eval"
         specs += [
-            KernelSpec(f"aibn_fwd_finalize_{mode}", _aibn_fwd_finalize_kernel,
+            _spec(f"aibn_fwd_finalize_{mode}", _aibn_fwd_finalize_kernel,
                        {"mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "weight_ptr": "*fp32", "alpha_ptr": "*fp32",
                         "run_mean_ptr": "*fp32", "run_var_ptr": "*fp32", "mu_bn_ptr": "*fp32", "var_bn_ptr": "*fp32",
                         "mean_ptr": "*fp32", "scale_ptr": "*fp32", "N": "i32", "C": "i32", "momentum": "fp32",
                         "eps": "fp32"},
-                       {"TRAINING": training, "BLOCK_C": FINALIZE_BLOCK_C}),
-            KernelSpec(f"aibn_bwd_finalize_{mode}", _aibn_bwd_finalize_kernel,
+                       {"TRAINING": training, "BLOCK_N": FINALIZE_BLOCK_N, "BLOCK_C": FINALIZE_BLOCK_C}),
+            _spec(f"aibn_bwd_finalize_{mode}", _aibn_bwd_finalize_kernel,
                        {"mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "mu_bn_ptr": "*fp32", "var_bn_ptr": "*fp32",
                         "weight_ptr": "*fp32", "alpha_ptr": "*fp32", "sum_g_ptr": "*fp32", "sum_gxc_ptr": "*fp32",
                         "dweight_ptr": "*fp32", "dbias_ptr": "*fp32", "dalpha_part_ptr": "*fp32", "k1_ptr": "*fp32",
-                        "k2_ptr": "*fp32", "k3_ptr": "*fp32", "N": "i32", "C": "i32", "HW": "i32", "eps": "fp32"},
-                       {"TRAINING": training, "BLOCK_C": FINALIZE_BLOCK_C}),
+                        "k2_ptr": "*fp32", "k3_ptr": "*fp32", "N": "i32", "C": "i32", "HW": "i32", "inv_dof": "fp32",
+                        "eps": "fp32"},
+                       {"TRAINING": training, "BLOCK_N": FINALIZE_BLOCK_N, "BLOCK_C": FINALIZE_BLOCK_C}),
         ]
     return specs
 
 
 COMPILE_SPECS: list[KernelSpec] = _compile_specs()
+#: H100 estimate inputs per spec (the WORK_MODELS contract of iics_fast.gpu_report)
+#: (the one-pass eval kernel has no loop, so no per-iteration figure: it is reported, not modelled)
+WORK_MODELS = {s.name: _work_model(s.name, s.constexprs, s.num_warps) for s in COMPILE_SPECS if "aibn_eval" not in s.name}

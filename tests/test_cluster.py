@@ -333,3 +333,15 @@ def test_quantile_threshold_rejects_bad_input():
     y[3] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
         cluster.quantile_threshold(y, 0.5)
+
+
+def test_threaded_one_pass_operations(rng):
+    """Above 2^25 entries the finiteness check and the selection run threaded."""
+    m = 2**25 + 3
+    x = rng.standard_normal(m, dtype=np.float32)
+    for q in (0.0017, 0.5):
+        r = int(q * m)
+        assert cluster.quantile_threshold(x, q) == np.partition(x, r)[r]
+    x[m - 2] = np.inf
+    x[m - 5] = np.nan
+    assert native().cluster_first_nonfinite(x) == m - 5

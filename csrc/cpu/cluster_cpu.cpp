@@ -103,7 +103,8 @@ inline void contiguous_argmin(const T* p, int64_t len, T& best, int64_t& at) {
   at = q;
 }
 
-// The nearest-neighbour chain (Murtagh 1983; Müllner 2011, Fig. 4), on the condensed triangle.
+// The nearest-neighbour chain (Murtagh 1983; Müllner 2011, arXiv:1109.2378), on the condensed
+// triangle.
 //
 // Layout and bookkeeping, all O(n):
 //  * slots 0..m-1 index the current triangle; a merge of slots i < j keeps the union in j and
@@ -133,7 +134,7 @@ class NNChain {
     rebase();
     chain_.reserve(n);
     threads_ = max_threads();
-    if (threads_ > 1) {
+    if (threads_ > 1 && n * kGather >= kParallelWork) {
 #pragma omp parallel num_threads(threads_)
       {  // start the thread team now, so the first timed operation does not pay for it
       }
@@ -171,34 +172,40 @@ class NNChain {
   // Threads pay only when the machine has idle cores: on a shared, oversubscribed machine a
   // fork/join waits for a descheduled thread and costs milliseconds instead of microseconds.
   // So the run steers itself: from time to time (steer) kSerial merges on one thread are timed
-  // per unit of work, then operations on all threads are timed the same way, one by one (done):
-  // the first time threads lose, the probe ends and the gap to the next probe doubles (up to
-  // kMaxGap merges), so a busy machine pays for one slow operation a probe; after kProbeOps won
-  // operations the threads stay on until the next probe.
-  static constexpr int64_t kSerial = 16, kProbeOps = 64, kMinGap = 512, kMaxGap = 16384;
+  // per unit of work; then every threaded operation is timed the same way (done), accumulated
+  // over windows of kWindow operations. As soon as the current window is slower than one thread,
+  // threads go off and the gap to the next probe doubles (up to kMaxGap merges); a probe whose
+  // first window wins schedules the next one kMinGap merges on. So a busy machine pays for about
+  // one slow operation a probe, also when it becomes busy while threads are on.
+  static constexpr int64_t kSerial = 16, kWindow = 32, kMinGap = 512, kMaxGap = 16384;
 
   // Threads for a scan or update of `work` units (a strided read counts kGather).
   int team(int64_t work) {
     work_ += work;
-    if (!(parallel_ || probing_) || (work < kParallelWork && !forced_)) return 1;
-    if (probing_) op_start_ = Clock::now();
+    if (!parallel_ || (work < kParallelWork && !forced_)) return 1;
+    if (!forced_) op_start_ = Clock::now();
     return threads_;
   }
 
   void done(int nt, int64_t work) {
-    if (nt == 1 || !probing_) return;
-    probe_time_ += std::chrono::duration<double>(Clock::now() - op_start_).count();
-    probe_work_ += work;
-    const bool lost = probe_time_ / static_cast<double>(probe_work_) > serial_rate_;
-    if (lost || ++probe_ops_ >= kProbeOps) {
-      probing_ = false;
-      parallel_ = !lost;
-      gap_ = lost ? std::min(2 * gap_, kMaxGap) : kMinGap;
+    if (nt == 1 || forced_) return;
+    win_time_ += std::chrono::duration<double>(Clock::now() - op_start_).count();
+    win_work_ += work;
+    if (win_time_ / static_cast<double>(win_work_) > serial_rate_) {
+      parallel_ = false;
+      gap_ = std::min(2 * gap_, kMaxGap);
       probe_at_ = merges_ + gap_;
+    } else if (++win_ops_ >= kWindow) {
+      if (first_window_) {
+        gap_ = kMinGap;
+        probe_at_ = merges_ + gap_;
+        first_window_ = false;
+      }
+      win_time_ = 0.0, win_work_ = 0, win_ops_ = 0;
     }
   }
 
-  // Called after merge r: starts the serial timing of a probe, then its threaded part.
+  // Called after merge r: starts a probe's serial timing, then its threaded part.
   void steer(int64_t r) {
     merges_ = r;
     if (r == probe_at_) {
@@ -208,15 +215,12 @@ class NNChain {
     } else if (r == probe_at_ + kSerial) {
       serial_rate_ = std::chrono::duration<double>(Clock::now() - since_).count() /
                      static_cast<double>(std::max<int64_t>(work_ - work_since_, 1));
-      probing_ = true;
-      probe_time_ = 0.0;
-      probe_work_ = 0;
-      probe_ops_ = 0;
-      probe_at_ = r + kMaxGap;  // replaced when the probe ends
+      parallel_ = true;
+      first_window_ = true;
+      win_time_ = 0.0, win_work_ = 0, win_ops_ = 0;
+      probe_at_ = r + kMaxGap;  // replaced when the first window ends
     }
   }
-
-
 
   // D(i, j) for slots i < j.
   T at(int64_t i, int64_t j) const { return D_[condensed_index(m_, i, j)]; }
@@ -355,10 +359,10 @@ class NNChain {
   std::vector<int32_t> rep_;
   std::vector<int32_t> chain_;
   int threads_ = 1;
-  bool forced_, parallel_, probing_ = false;
+  bool forced_, parallel_, first_window_ = false;
   int64_t work_ = 0, work_since_ = 0, merges_ = 0;
-  int64_t probe_at_ = 0, gap_ = kMinGap / 2, probe_work_ = 0, probe_ops_ = 0;
-  double serial_rate_ = 0.0, probe_time_ = 0.0;
+  int64_t probe_at_ = 0, gap_ = kMinGap / 2, win_work_ = 0, win_ops_ = 0;
+  double serial_rate_ = 0.0, win_time_ = 0.0;
   Clock::time_point since_, op_start_;
 };
 
@@ -465,7 +469,7 @@ int64_t first_nonfinite(const T* x, int64_t m) {
   constexpr int64_t kChunk = 1 << 14;
   const int64_t chunks = (m + kChunk - 1) / kChunk;
   int64_t first = -1;
-#pragma omp parallel for schedule(static) if (m > (1 << 20))
+#pragma omp parallel for schedule(static) if (m > kParallelPass)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t b = c * kChunk, e = std::min(m, b + kChunk);
     int bad = 0;
@@ -484,7 +488,7 @@ int64_t first_nonfinite(const T* x, int64_t m) {
 template <typename T>
 int64_t first_nonfinite_upper(const T* x, int64_t n) {
   int64_t first = -1;
-#pragma omp parallel for schedule(dynamic, 64) if (n > 1024)
+#pragma omp parallel for schedule(dynamic, 64) if (n * n > 2 * kParallelPass)
   for (int64_t i = 0; i < n - 1; ++i) {
     const int64_t q = first_nonfinite(x + n * i + i + 1, n - i - 1);
     if (q >= 0) {
@@ -502,7 +506,7 @@ T select_rank(const T* x, int64_t m, int64_t rank) {
   using K = typename FK::K;
   constexpr int kDigit = 16;
   constexpr int64_t kBins = int64_t(1) << kDigit;
-  const int nt = m > (1 << 20) ? max_threads() : 1;
+  const int nt = m > kParallelPass ? max_threads() : 1;
   std::vector<int64_t> hist(static_cast<size_t>(nt) * kBins);
   K prefix = 0;  // the key bits above `shift` already fixed
   for (int shift = FK::kBits - kDigit; shift >= 0; shift -= kDigit) {

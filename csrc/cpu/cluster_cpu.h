@@ -1,12 +1,17 @@
 // Hierarchical agglomerative clustering on a condensed distance matrix, in place (no Python).
 //
 // The merge core is the nearest-neighbour chain (Murtagh 1983; Müllner 2011, "Modern hierarchical,
-// agglomerative clustering algorithms", section 3.3): exact for the reducible linkages (single,
-// complete, average, weighted), O(n^2) time, and here O(n) memory beyond the caller's triangle.
+// agglomerative clustering algorithms"): exact for the reducible linkages (single, complete,
+// average, weighted), O(n^2) time, and here O(n) memory beyond the caller's triangle.
 #pragma once
 #include <cstdint>
 
 namespace iics {
+
+// One-pass operations (finiteness check, copy, selection) use threads only above this many
+// entries: below it the pass takes milliseconds, no more than a fork/join can cost on a busy
+// machine.
+constexpr int64_t kParallelPass = int64_t(1) << 25;
 
 enum class LinkageMethod : int { Single = 0, Complete = 1, Average = 2, Weighted = 3 };
 

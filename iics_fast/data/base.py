@@ -12,8 +12,6 @@ from typing import Iterable, Sequence
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
-Item = tuple  # (path: str, pid: int, camid: int)
-
 
 class DatasetError(ValueError):
     """A dataset on disk is missing, laid out differently than expected, or unreadable."""

@@ -56,7 +56,7 @@ def _from_folder(folder: str, cam_pat, pid_pat) -> list:
                 continue
             m = pat.search(rel if "/" in pat.pattern else os.path.basename(rel))
             if m is None:
-                raise DatasetError(f"{what} {pat.pattern!r} does not match {path}; set {what}= "
+                raise DatasetError(f"{what} '{pat.pattern}' does not match {path}; set {what}= "
                                    f"to a pattern with one group that finds it in every name")
             found.append(m.group(1))
         cam, pid = found

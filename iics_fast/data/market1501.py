@@ -21,16 +21,21 @@ MARKET_EXAMPLE = "0002_c1s1_000451_03.jpg (pid_c<camera>s<sequence>_<frame>_<box
 
 
 def find_layout_root(root: str, marker: str, what: str) -> str:
-    """``root`` if it holds ``marker``, else its only subfolder that does (an unpacked archive)."""
+    """``root`` if it holds ``marker`` (a folder when it ends in "/"), else its only subfolder
+    that does (an unpacked archive such as Market-1501-v15.09.15/)."""
     root = os.path.abspath(os.path.expanduser(str(root)))
     require_dir(root, f"the {what} root")
-    if os.path.isdir(os.path.join(root, marker)):
+
+    def holds(folder):
+        return os.path.exists(os.path.join(folder, marker.rstrip("/")))
+
+    if holds(root):
         return root
-    inner = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d, marker))]
+    inner = [d for d in sorted(os.listdir(root)) if holds(os.path.join(root, d))]
     if len(inner) == 1:
         return os.path.join(root, inner[0])
     raise DatasetError(
-        f"{root} is not a {what} folder: expected {marker}/ in it (or in exactly one of its "
+        f"{root} is not a {what} folder: expected {marker} in it (or in exactly one of its "
         f"subfolders), found {sorted(os.listdir(root))[:12]}"
     )
 
@@ -60,7 +65,7 @@ def read_market_layout(root: str, name: str, pattern: re.Pattern = MARKET_PATTER
                        verify: bool = False, camera_names: list | None = None) -> ReidDataset:
     """Read a Market-1501-style folder tree into a ReidDataset (cameras renumbered from 0;
     ``camera_names``: the raw camera numbers in camid order, when known in advance)."""
-    root = find_layout_root(root, SPLIT_DIRS[0][1], name)
+    root = find_layout_root(root, SPLIT_DIRS[0][1] + "/", name)
     splits = []
     for split, sub in SPLIT_DIRS:
         folder = require_dir(os.path.join(root, sub), f"the {split} images of {name}")

@@ -186,7 +186,7 @@ def _draw(ident: dict, cam: dict, rng, h: int, w: int) -> np.ndarray:
     dx = xx - cx
 
     def paint(mask, colour):
-        np.copyto(img, colour, where=mask[..., None] if mask.ndim == 2 else mask)
+        img[np.broadcast_to(mask, (h, w))] = colour
 
     # legs (two, apart by a random stride), shorts show skin below the knee, shoes
     waist = top + u * (0.13 + ident["torso"])

@@ -16,7 +16,9 @@ class AIBN2d(nn.Module):
     [0, 1] when used (gradient zero outside). Pass another module's `alpha` Parameter to share
     it (one alpha per residual block); otherwise a new one starts at `init_alpha`.
     running_mean, running_var: batch-side statistics for eval, updated in training as
-    running = (1 - momentum) running + momentum batch.
+    running = (1 - momentum) running + momentum batch; they start at 0 and 1 as in BatchNorm2d
+    (the reference starts running_var at 0; pretrained weights overwrite both either way).
+    Inputs with H*W < 2 are refused: the unbiased instance variance is undefined there.
     """
 
     def __init__(self, num_features: int, alpha: nn.Parameter | None = None, init_alpha: float = 0.1,
