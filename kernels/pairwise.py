@@ -25,8 +25,6 @@ symmetric, diagonal exactly 0.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -192,8 +190,6 @@ def _inter_camera_kernel(
         dist = tl.full([BLOCK, BLOCK], 1.0, dtype=tl.float32)
 
     if MODE != 1:
-        cam_r = tl.load(cam_ptr + rows)
-        cam_c = tl.load(cam_ptr + cols)
         k_end = D_pad
         if MODE == 0:
             # sorted cameras: a tile wholly inside one camera's block skips the L1 loop
@@ -203,6 +199,8 @@ def _inter_camera_kernel(
         l1 = _l1_tile(st_ptr, rows, 4 * N_pad, st_ptr, cols, 4 * N_pad, k_end, BLOCK, BLOCK, UNROLL)
         jac = _jaccard_from_l1(l1, tl.load(rowsum_ptr + rows), tl.load(rowsum_ptr + cols))
         if MODE == 0:
+            cam_r = tl.load(cam_ptr + rows)
+            cam_c = tl.load(cam_ptr + cols)
             dist = dist - mu * tl.where(cam_r[:, None] != cam_c[None, :], jac, 0.0)
         else:
             dist = 1.0 - jac
@@ -294,7 +292,8 @@ def inter_camera_distance(features, scores, camids, mu=0.02, out="condensed", mo
         result.zero_()
         return result
     code = MODES[mode]
-    order = torch.sort(camids.long(), stable=True)
+    # camera ranks 0..C-1 (int32-safe whatever the ids), sorted stably
+    order = torch.sort(torch.unique(camids, return_inverse=True)[1], stable=True)
     perm = order.indices
     n_pad = _round_up(n, DIST_BLOCK)
     pad = n_pad - n
