@@ -520,8 +520,10 @@ class Trainer:
                 t["evaluate"] = time.perf_counter() - tic
                 self.row["eval"] = result
                 log(self._describe_eval("  eval", result))
-                if result["rank1"] > self.best["rank1"]:
-                    self.best = {"rank1": result["rank1"], "round": r}
+                # best by rank-1, ties broken by mAP
+                if (result["rank1"], result["mAP"]) > (self.best["rank1"],
+                                                       self.best.get("mAP", -1.0)):
+                    self.best = {"rank1": result["rank1"], "mAP": result["mAP"], "round": r}
                     atomic_save({"config": self.config, "round": r, "model":
                                  self.model.state_dict(), "eval": result},
                                 os.path.join(cfg.out, "best.pt"))
