@@ -6,8 +6,8 @@ namespace py = pybind11;
 void bind_condensed(py::module_& m);
 void bind_evaluation(py::module_& m);
 void bind_cluster(py::module_& m);
-void bind_rerank(py::module_& m);
 void bind_pairwise(py::module_& m);
+void bind_rerank(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "iics_fast native core: condensed-matrix helpers, merge, similarity";
@@ -24,6 +24,6 @@ PYBIND11_MODULE(_C, m) {
   bind_condensed(m);
   bind_evaluation(m);
   bind_cluster(m);
-  bind_rerank(m);
   bind_pairwise(m);
+  bind_rerank(m);
 }

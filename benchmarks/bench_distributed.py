@@ -1,0 +1,115 @@
+"""Sharded inter-camera distance build (iics_fast.distributed) on gloo ranks of this machine,
+against the single-process builds measured in the same run: the fused `inter_camera_distance`
+and the row-block engine `inter_camera_rows(0, N)` that the ranks run on their blocks.
+
+    pytest benchmarks/bench_distributed.py -s                        # N = 4,000, 2 ranks
+    IICS_BENCH_SCALE=large pytest benchmarks/bench_distributed.py -s  # N = 8,000
+    python benchmarks/bench_distributed.py [--n N] [--world W]
+
+The sharded result is checked bitwise against both single-process builds first. Peak = growth of
+each rank's peak resident size (VmHWM, reset once the inputs are loaded) during the build. On a machine with fewer
+cores than ranks x threads the ranks compete for the cores: the figures then show the cost of
+the sharding (block bookkeeping, transfer), not a speed-up.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_pairwise import make_case  # noqa: E402
+
+from iics_fast import distributed as D  # noqa: E402
+from iics_fast.similarity import inter_camera_distance  # noqa: E402
+from iics_fast.similarity_rows import inter_camera_rows  # noqa: E402
+
+MU = 0.02
+
+
+def _case(n):
+    return make_case(n, cams=6, dim_per_cam=600, d=2048)
+
+
+def _status_mb(key):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak_mb():
+    """Resets the peak resident size (VmHWM) to the current one; returns the current one."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _status_mb("VmRSS")
+
+
+def _rank_main(r, world, port, n, outdir):
+    os.environ.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    feats, scores, camids = _case(n)
+    with D.init_from_env():
+        base = _reset_peak_mb()
+        D.barrier()
+        t0 = time.perf_counter()
+        out = D.sharded_inter_camera_distance(feats, scores, camids, MU, dst=0)
+        wall = time.perf_counter() - t0
+        peak = _status_mb("VmHWM") - base
+        torch.save({"wall": wall, "peak": peak, "out": out}, os.path.join(outdir, f"rank{r}.pt"))
+        D.barrier()
+
+
+def run(n, world, outdir):
+    feats, scores, camids = _case(n)
+    base = _reset_peak_mb()
+    t0 = time.perf_counter()
+    fused = inter_camera_distance(feats, scores, camids, MU, backend="cpu")
+    t_fused = time.perf_counter() - t0
+    p_fused = _status_mb("VmHWM") - base
+    base = _reset_peak_mb()
+    t0 = time.perf_counter()
+    rows = inter_camera_rows(feats, scores, camids, MU, r0=0, r1=n)
+    t_rows = time.perf_counter() - t0
+    p_rows = _status_mb("VmHWM") - base
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_main, args=(world, port, n, outdir), nprocs=world, join=True)
+    res = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    assert torch.equal(res[0]["out"], rows), "sharded build differs from inter_camera_rows(0, N)"
+    assert torch.equal(res[0]["out"], fused), "sharded build differs from inter_camera_distance"
+    assert all(x["out"] is None for x in res[1:])
+    mb = n * (n - 1) // 2 * 4 / 2**20
+    print(f"\nN = {n:,}, condensed float32 result {mb:,.0f} MB, {world} gloo ranks, "
+          f"{os.cpu_count()} cores; sharded == both single-process builds (bitwise)")
+    print(f"  single process, inter_camera_distance (fused):  {t_fused:7.2f} s, peak + {p_fused:,.0f} MB")
+    print(f"  single process, inter_camera_rows(0, N):        {t_rows:7.2f} s ({t_rows / t_fused:.2f} x fused), "
+          f"peak + {p_rows:,.0f} MB")
+    for r, x in enumerate(res):
+        print(f"  rank {r}: sharded build wall {x['wall']:7.2f} s ({x['wall'] / t_fused:.2f} x fused), "
+              f"peak + {x['peak']:,.0f} MB")
+    return t_fused, t_rows, [x["wall"] for x in res]
+
+
+def test_bench_sharded_distance(tmp_path):
+    n = 8000 if os.environ.get("IICS_BENCH_SCALE") == "large" else 4000
+    run(n, 2, str(tmp_path))
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=4000)
+    ap.add_argument("--world", type=int, default=2)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        run(args.n, args.world, d)

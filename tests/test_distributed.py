@@ -1,0 +1,318 @@
+"""iics_fast.distributed and iics_fast.similarity_rows: two gloo processes (torch.multiprocessing
+spawn, one launch for the whole module) check the collectives and the sharded distance build
+against single-process builds; the pure pieces (splits, shards, samplers, row blocks) are
+checked in-process for many world sizes."""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from iics_fast import distributed as D
+from iics_fast.similarity import inter_camera_distance
+from iics_fast.similarity_rows import condensed_row_offset, inter_camera_rows
+
+WORLD = 2
+# (n, feature dims, score dims, cameras, mode, dst): N below, at and above the world size, N not
+# divisible by it, one camera, unsorted cameras (drawn at random)
+DIST_CASES = [
+    (1, 8, 5, 1, "eq5", 0),
+    (2, 8, 5, 2, "eq5", 1),
+    (3, 8, 5, 2, "eq5", 0),
+    (7, 16, 9, 3, "feature", 1),
+    (50, 16, 9, 4, "jaccard", 0),
+    (301, 40, 30, 6, "eq5", 1),
+    (129, 24, 12, 1, "eq5", 0),
+]
+GATHER_LENGTHS = [(3, 0), (0, 5), (2, 7), (0, 0)]
+
+
+def _problem(n, d, big_d, cams, seed):
+    rng = np.random.default_rng(seed)
+    f = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
+    s = torch.from_numpy(rng.random((n, big_d)).astype(np.float32))
+    c = torch.from_numpy(rng.integers(0, cams, n))  # unsorted camera ids
+    return f, s, c
+
+
+def _block(r, length):
+    return torch.arange(length * 3, dtype=torch.float32).reshape(length, 3) + 1000 * r
+
+
+class _ListSampler:
+    """A batch sampler stand-in with the epoch interface of the trainer's samplers."""
+
+    def __init__(self, batches):
+        self.batches, self.epoch = batches, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter([[x + 1000 * self.epoch for x in b] for b in self.batches])
+
+
+def _worker(r, port, outdir):
+    os.environ.update(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    res = {}
+    with D.init_from_env() as ctx:
+        res["ctx"] = (ctx.rank, ctx.world_size, ctx.backend, D.rank(), D.world_size(), D.is_main())
+        res["bcast"] = D.broadcast_object({"from": D.rank(), "payload": [1, "x"]} if r == 0 else None)
+        res["bcast_src1"] = D.broadcast_object(("rank", r), src=1)
+        for lens in GATHER_LENGTHS:
+            blk = _block(r, lens[r])
+            res[("gather", lens, None)] = D.all_gather_rows(blk)
+            res[("gather", lens, 1)] = D.all_gather_rows(blk, dst=1)
+        res["gather_int"] = D.all_gather_rows(torch.full((r + 1,), r, dtype=torch.int64))
+        try:
+            D.all_gather_rows(torch.zeros(2, 3 + r))
+            res["gather_mismatch"] = None
+        except ValueError as e:
+            res["gather_mismatch"] = str(e)
+        for n in (0, 1, 2, 5, 10):
+            idx = D.shard_indices(n, D.rank(), D.world_size())
+            res[("shard", n)] = D.all_gather_rows(torch.tensor(list(idx), dtype=torch.int64))
+        for case in DIST_CASES:
+            n, d, big_d, cams, mode, dst = case
+            f, s, c = _problem(n, d, big_d, cams, seed=n)
+            res[("dist", case)] = D.sharded_inter_camera_distance(f, s, c, 0.3, mode=mode, dst=dst)
+        D.barrier()
+        sampler = D.ShardedBatchSampler(_ListSampler([list(range(8)), list(range(8, 16))]), group_size=2)
+        sampler.set_epoch(1)
+        res["sampler"] = list(sampler)
+    res["after"] = (D.rank(), D.world_size())
+    torch.save(res, os.path.join(outdir, f"rank{r}.pt"))
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_worker, args=(port, outdir), nprocs=WORLD, join=True)
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def test_init_rank_and_teardown(spawned):
+    for r, res in enumerate(spawned):
+        assert res["ctx"] == (r, WORLD, "gloo", r, WORLD, r == 0)
+        assert res["after"] == (0, 1)  # the context destroyed its group
+
+
+def test_broadcast_object(spawned):
+    for res in spawned:
+        assert res["bcast"] == {"from": 0, "payload": [1, "x"]}
+        assert res["bcast_src1"] == ("rank", 1)
+
+
+@pytest.mark.parametrize("lens", GATHER_LENGTHS)
+def test_all_gather_rows_unequal_lengths(spawned, lens):
+    expect = torch.cat([_block(r, lens[r]) for r in range(WORLD)])
+    for r, res in enumerate(spawned):
+        got = res[("gather", lens, None)]
+        assert got.shape == (sum(lens), 3) and torch.equal(got, expect)
+        to1 = res[("gather", lens, 1)]
+        assert (to1 is None) if r != 1 else torch.equal(to1, expect)
+
+
+def test_all_gather_rows_dtype_and_mismatch(spawned):
+    for res in spawned:
+        assert torch.equal(res["gather_int"], torch.tensor([0, 1, 1]))
+        assert res["gather_mismatch"] is not None and "trailing shape" in res["gather_mismatch"]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 10])
+def test_shards_reassemble_in_order(spawned, n):
+    for res in spawned:
+        assert torch.equal(res[("shard", n)], torch.arange(n))
+
+
+@pytest.mark.parametrize("case", DIST_CASES, ids=lambda c: f"n{c[0]}-{c[4]}-dst{c[5]}")
+def test_sharded_distance_equals_single_process(spawned, case):
+    n, d, big_d, cams, mode, dst = case
+    f, s, c = _problem(n, d, big_d, cams, seed=n)
+    single = inter_camera_rows(f, s, c, 0.3, r0=0, r1=n, mode=mode)
+    full = inter_camera_distance(f, s, c, 0.3, mode=mode, backend="cpu")
+    for r, res in enumerate(spawned):
+        got = res[("dist", case)]
+        if r != dst:
+            assert got is None
+            continue
+        assert got.dtype == torch.float32 and got.shape == (n * (n - 1) // 2,)
+        assert torch.equal(got, single)
+        torch.testing.assert_close(got, full, rtol=0, atol=2e-6)
+
+
+def test_sampler_uses_process_group_rank(spawned):
+    # global batches [0..7], [8..15] shifted by epoch 1; groups of 2 split 2 + 2 per rank
+    assert spawned[0]["sampler"] == [[1000, 1001, 1002, 1003], [1008, 1009, 1010, 1011]]
+    assert spawned[1]["sampler"] == [[1004, 1005, 1006, 1007], [1012, 1013, 1014, 1015]]
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def test_single_process_fallbacks():
+    ctx = D.init_from_env()  # no torchrun variables under pytest
+    assert (ctx.rank, ctx.world_size, ctx.backend, ctx.owns_group) == (0, 1, None, False)
+    assert (D.rank(), D.world_size(), D.is_main()) == (0, 1, True)
+    D.barrier()
+    assert D.broadcast_object([3]) == [3]
+    t = torch.arange(6).reshape(3, 2)
+    assert D.all_gather_rows(t) is t
+    f, s, c = _problem(20, 8, 6, 3, seed=1)
+    assert torch.equal(D.sharded_inter_camera_distance(f, s, c, 0.3), inter_camera_rows(f, s, c, 0.3, r0=0, r1=20))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 6, 7, 100, 1001])
+def test_shard_indices_partition(n, world):
+    shards = [D.shard_indices(n, r, world) for r in range(world)]
+    assert [i for sh in shards for i in sh] == list(range(n))
+    assert max(len(sh) for sh in shards) - min(len(sh) for sh in shards) <= 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 9, 64, 1000, 32621])
+def test_condensed_row_splits_balance(n, world):
+    p = D.condensed_row_splits(n, world)
+    assert p[0] == 0 and p[-1] == n and len(p) == world + 1
+    assert all(a <= b for a, b in zip(p, p[1:]))
+    total = n * (n - 1) // 2
+    counts = [condensed_row_offset(n, b) - condensed_row_offset(n, a) for a, b in zip(p, p[1:])]
+    assert sum(counts) == total
+    # each split point is the first row reaching its share: no part is short by a whole row
+    for k in range(1, world):
+        target = -(-k * total // world)
+        assert condensed_row_offset(n, p[k]) >= target
+        assert p[k] == 0 or condensed_row_offset(n, p[k] - 1) < target
+    # a split point overshoots its share by less than one row (< n entries)
+    assert all(abs(cnt - total / world) < max(n, 1) for cnt in counts)
+
+
+@pytest.mark.parametrize("mode", ["eq5", "feature", "jaccard"])
+@pytest.mark.parametrize("n", [2, 5, 37, 230])
+def test_row_blocks_equal_whole_build(rng, n, mode, monkeypatch):
+    # small slabs and chunks so that blocks cross several of them
+    import iics_fast.similarity_rows as R
+
+    f, s, c = _problem(n, 12, 7, 3, seed=int(rng.integers(1 << 30)))
+    whole = inter_camera_distance(f, s, c, 0.25, mode=mode, backend="cpu")
+    ref = inter_camera_distance(f, s, c, 0.25, mode=mode, backend="ref")
+    assert torch.equal(inter_camera_rows(f, s, c, 0.25, r0=0, r1=n, mode=mode), whole)
+    monkeypatch.setattr(R, "_CHUNK_ROWS", 5)
+    for world in (2, 3, 7):
+        cuts = sorted({0, n, *rng.integers(0, n + 1, world - 1).tolist()})
+        blocks = [inter_camera_rows(f, s, c, 0.25, r0=a, r1=b, mode=mode) for a, b in zip(cuts, cuts[1:])]
+        assert [len(b) for b in blocks] == [condensed_row_offset(n, b) - condensed_row_offset(n, a)
+                                           for a, b in zip(cuts, cuts[1:])]
+        got = torch.cat(blocks)
+        assert torch.equal(got, whole)
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+
+
+def test_row_block_into_buffer_and_bad_input():
+    f, s, c = _problem(10, 4, 3, 2, seed=3)
+    buf = torch.full((45,), -1.0)
+    lo, hi = condensed_row_offset(10, 2), condensed_row_offset(10, 6)
+    inter_camera_rows(f, s, c, r0=2, r1=6, out=buf[lo:hi])
+    whole = inter_camera_distance(f, s, c, backend="cpu")
+    assert torch.equal(buf[lo:hi], whole[lo:hi]) and bool((buf[:lo] == -1).all() and (buf[hi:] == -1).all())
+    with pytest.raises(ValueError, match="r0 <= r1"):
+        inter_camera_rows(f, s, c, r0=5, r1=3)
+    with pytest.raises(ValueError, match="r1 <= N"):
+        inter_camera_rows(f, s, c, r0=0, r1=11)
+    with pytest.raises(ValueError, match="out must be"):
+        inter_camera_rows(f, s, c, r0=0, r1=2, out=torch.empty(3))
+    with pytest.raises(ValueError, match="features must be"):
+        inter_camera_rows(f[:9], s, c, r0=0, r1=2)
+    with pytest.raises(ValueError, match="NaN"):
+        inter_camera_rows(torch.full((10, 4), float("nan")), s, c, r0=0, r1=2)
+    with pytest.raises(ValueError, match="nonnegative"):
+        inter_camera_rows(f, -s, c, r0=0, r1=2)
+    with pytest.raises(TypeError, match="integers"):
+        inter_camera_rows(f, s, c.float(), r0=0, r1=2)
+    with pytest.raises(ValueError, match="mode"):
+        inter_camera_rows(f, s, c, r0=0, r1=2, mode="cosine")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="rank < world"):
+        D.shard_indices(5, 2, 2)
+    with pytest.raises(ValueError, match="parts >= 1"):
+        D.condensed_row_splits(5, 0)
+    with pytest.raises(ValueError, match="split"):
+        D.ShardedBatchSampler([[0]], split="rows")
+    with pytest.raises(ValueError, match="rank < world"):
+        D.ShardedBatchSampler([[0]], rank=3, world=2)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        D.all_gather_rows(np.zeros(3))
+    with pytest.raises(ValueError, match="backend"):
+        D.init_from_env("mpi")
+    with pytest.raises(ValueError, match="groups of 8"):
+        list(D.ShardedBatchSampler([list(range(12))], group_size=8, rank=0, world=2))
+    with pytest.raises(ValueError, match="split='across'"):
+        list(D.ShardedBatchSampler([list(range(8))], group_size=8, rank=0, world=2))
+
+
+def _camera_batches(rng, n_batches, cams, per_camera):
+    # like the stage-1 sampler: per_camera (index, seed) pairs of camera 0, then camera 1, ...
+    ids = rng.permutation(n_batches * cams * per_camera)
+    return [[(int(i), int(i) * 7) for i in ids[b * cams * per_camera:(b + 1) * cams * per_camera]]
+            for b in range(n_batches)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 6])
+def test_sampler_within_keeps_groups_and_covers_each_batch(rng, world):
+    cams, per_camera = 6, 8
+    batches = _camera_batches(rng, 5, cams, per_camera)
+    parts_sampler = [D.ShardedBatchSampler(batches, group_size=per_camera, rank=r, world=world)
+                     for r in range(world)]
+    parts = [list(p) for p in parts_sampler]
+    assert all(len(p) == len(batches) for p in parts)
+    for step, batch in enumerate(batches):
+        shares = [p[step] for p in parts]
+        assert [x for sh in shares for x in sh] == batch  # disjoint, complete, in order
+        groups = [batch[g * per_camera:(g + 1) * per_camera] for g in range(cams)]
+        sizes = []
+        for sh in shares:  # every share is whole camera groups
+            assert len(sh) % per_camera == 0 and sh
+            assert all(sh[k:k + per_camera] in groups for k in range(0, len(sh), per_camera))
+            sizes.append(len(sh) // per_camera)
+        assert max(sizes) - min(sizes) <= 1
+        for r, sh in enumerate(shares):  # share() names the groups (cameras) each rank got
+            cams_here = parts_sampler[r].share(cams)
+            assert sh == [x for g in cams_here for x in groups[g]]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("n_batches", [0, 1, 5, 8])
+def test_sampler_across_gives_disjoint_whole_batches(n_batches, world):
+    batches = [list(range(64 * b, 64 * (b + 1))) for b in range(n_batches)]
+    parts = [D.ShardedBatchSampler(batches, split="across", rank=r, world=world) for r in range(world)]
+    got = [list(p) for p in parts]
+    steps = n_batches // world
+    assert all(len(g) == steps == len(p) for g, p in zip(got, parts))
+    seen = [tuple(b) for g in got for b in g]
+    assert len(set(seen)) == len(seen) == steps * world
+    assert sorted(seen) == [tuple(b) for b in batches[:steps * world]]
+    for r, g in enumerate(got):
+        assert g == batches[r:steps * world:world]
+
+
+def test_sampler_forwards_epoch():
+    inner = _ListSampler([[0, 1], [2, 3]])
+    sh = D.ShardedBatchSampler(inner, rank=1, world=2)
+    sh.set_epoch(3)
+    assert inner.epoch == 3 and list(sh) == [[3001], [3003]] and len(sh) == 2
