@@ -68,6 +68,28 @@ def _check_camids(camids):
     return cam
 
 
+def _check_inputs(features, scores, camids, mu, mode):
+    """Validated (features, scores, camids, mu, device) of an inter-camera distance call; the
+    input a mode does not read (features in "jaccard", scores in "feature") comes back None."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    try:
+        mu = float(mu)
+    except (TypeError, ValueError):
+        raise TypeError(f"mu must be a real number, got {type(mu).__name__}") from None
+    if not math.isfinite(mu):
+        raise ValueError(f"mu must be finite, got {mu}")
+    cam = _check_camids(camids)
+    n = cam.shape[0]
+    feats = None if mode == "jaccard" else _check_matrix(features, "features", n)
+    scr = None if mode == "feature" else _check_matrix(scores, "scores", n, nonnegative=True)
+    device = (feats if feats is not None else scr).device
+    for x in (feats, scr):
+        if x is not None and x.device != device:
+            raise ValueError(f"features and scores must be on one device, got {feats.device} and {scr.device}")
+    return feats, scr, cam.to(device), mu, device
+
+
 def _resolve_backend(backend, device):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -116,23 +138,8 @@ def inter_camera_distance(features, scores, camids, mu=0.02, *, out="condensed",
 
     Returns a float32 torch tensor on the inputs' device (on the CPU, `.numpy()` is zero-copy).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    try:
-        mu = float(mu)
-    except (TypeError, ValueError):
-        raise TypeError(f"mu must be a real number, got {type(mu).__name__}") from None
-    if not math.isfinite(mu):
-        raise ValueError(f"mu must be finite, got {mu}")
-    cam = _check_camids(camids)
+    feats, scr, cam, mu, device = _check_inputs(features, scores, camids, mu, mode)
     n = cam.shape[0]
-    feats = None if mode == "jaccard" else _check_matrix(features, "features", n)
-    scr = None if mode == "feature" else _check_matrix(scores, "scores", n, nonnegative=True)
-    device = (feats if feats is not None else scr).device
-    for x, name in ((feats, "features"), (scr, "scores")):
-        if x is not None and x.device != device:
-            raise ValueError(f"features and scores must be on one device, got {feats.device} and {scr.device}")
-    cam = cam.to(device)
     layout, buf = _check_out(out, n, device)
     backend = _resolve_backend(backend, device)
 

@@ -15,9 +15,7 @@ to float32 rounding (bitwise where the same operations are used, see tests/test_
 """
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import torch
 
 from iics_fast import similarity
@@ -42,32 +40,6 @@ def condensed_row_offset(n: int, i: int) -> int:
     return i * (2 * n - i - 1) // 2
 
 
-def _features(features, n):
-    f = features
-    if isinstance(f, np.ndarray):
-        f = torch.from_numpy(f)
-    if not isinstance(f, torch.Tensor):
-        raise TypeError(f"features must be a torch.Tensor or numpy.ndarray, got {type(f).__name__}")
-    if f.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"features must be float32, float16 or bfloat16, got {f.dtype}; convert with .float()")
-    if f.ndim != 2 or f.shape[0] != n or f.shape[1] == 0:
-        raise ValueError(f"features must be (N, d) with N = {n} (one row per camera id), got {tuple(f.shape)}")
-    if f.numel() and not bool(torch.isfinite(f).all()):
-        raise ValueError("features contains NaN or Inf; clean the input (e.g. torch.nan_to_num)")
-    return torch.nn.functional.normalize(f.to(torch.float32), dim=1).contiguous()
-
-
-def _scores(scores, n):
-    s = scores
-    if isinstance(s, np.ndarray):
-        s = torch.from_numpy(s)
-    if not isinstance(s, torch.Tensor):
-        raise TypeError(f"scores must be a torch.Tensor or numpy.ndarray, got {type(s).__name__}")
-    if s.ndim != 2 or s.shape[0] != n or s.shape[1] == 0:
-        raise ValueError(f"scores must be (N, D) with N = {n} (one row per camera id), got {tuple(s.shape)}")
-    return s  # dtype, sign and finiteness are checked by pairwise_jaccard
-
-
 def inter_camera_rows(features, scores, camids, mu=0.02, *, r0, r1, mode="eq5", backend="auto", out=None):
     """Condensed entries of rows [r0, r1) of the inter-camera distance matrix of all N samples:
     a float32 vector of `condensed_row_offset(N, r1) - condensed_row_offset(N, r0)` entries,
@@ -78,33 +50,13 @@ def inter_camera_rows(features, scores, camids, mu=0.02, *, r0, r1, mode="eq5", 
     `out`: optional contiguous float32 buffer of the block's length on the inputs' device
     (e.g. a slice of a preallocated condensed vector), written and returned. Work memory is
     a few (slab rows x N) float32 arrays (~2^24 entries each), never the whole matrix."""
-    if mode not in similarity.MODES:
-        raise ValueError(f"mode must be one of {similarity.MODES}, got {mode!r}")
-    try:
-        mu = float(mu)
-    except (TypeError, ValueError):
-        raise TypeError(f"mu must be a real number, got {type(mu).__name__}") from None
-    if not math.isfinite(mu):
-        raise ValueError(f"mu must be finite, got {mu}")
-    cam = camids
-    if isinstance(cam, (list, tuple, np.ndarray)):
-        cam = torch.as_tensor(np.asarray(cam))
-    if not isinstance(cam, torch.Tensor):
-        raise TypeError(f"camids must be a tensor, array or list of integers, got {type(cam).__name__}")
-    if cam.dtype.is_floating_point or cam.dtype.is_complex or cam.dtype == torch.bool:
-        raise TypeError(f"camids must be integers, got {cam.dtype}; convert with .long()")
-    if cam.ndim != 1 or cam.shape[0] == 0:
-        raise ValueError(f"camids must be 1-D with at least one sample, got shape {tuple(cam.shape)}")
+    f, s, cam, mu, device = similarity._check_inputs(features, scores, camids, mu, mode)
     n = int(cam.shape[0])
     r0, r1 = int(r0), int(r1)
     if not 0 <= r0 <= r1 <= n:
         raise ValueError(f"need 0 <= r0 <= r1 <= N = {n}, got r0={r0}, r1={r1}")
-    f = None if mode == "jaccard" else _features(features, n)
-    s = None if mode == "feature" else _scores(scores, n)
-    device = (f if f is not None else s).device
-    if f is not None and s is not None and s.device != device:
-        raise ValueError(f"features and scores must be on one device, got {f.device} and {s.device}")
-    cam = cam.to(device)
+    if f is not None:
+        f = torch.nn.functional.normalize(f.to(torch.float32), dim=1).contiguous()
     length = condensed_row_offset(n, r1) - condensed_row_offset(n, r0)
     if out is None:
         out = torch.empty(length, dtype=torch.float32, device=device)

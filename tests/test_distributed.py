@@ -235,7 +235,7 @@ def test_row_block_into_buffer_and_bad_input():
         inter_camera_rows(f, s, c, r0=0, r1=11)
     with pytest.raises(ValueError, match="out must be"):
         inter_camera_rows(f, s, c, r0=0, r1=2, out=torch.empty(3))
-    with pytest.raises(ValueError, match="features must be"):
+    with pytest.raises(ValueError, match="features has 9 rows but camids has 10"):
         inter_camera_rows(f[:9], s, c, r0=0, r1=2)
     with pytest.raises(ValueError, match="NaN"):
         inter_camera_rows(torch.full((10, 4), float("nan")), s, c, r0=0, r1=2)

@@ -12,41 +12,15 @@
 #include <vector>
 
 #include "condensed.h"
+#include "parallel.h"
 
 // The Lance-Williams updates are evaluated as SciPy evaluates them, without fused multiply-adds
 // (which -march=native would otherwise contract them into), so float64 heights match bit for bit.
 #pragma GCC optimize("fp-contract=off")
 
-#ifdef IICS_WITH_OPENMP
-#include <omp.h>
-#endif
 
 namespace iics {
 namespace {
-
-int max_threads() {
-#ifdef IICS_WITH_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-int thread_id() {
-#ifdef IICS_WITH_OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-int num_threads() {
-#ifdef IICS_WITH_OPENMP
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
 
 // [begin, end) of part `part` of `parts` equal slices of [0, len).
 inline void slice(int64_t len, int part, int parts, int64_t& begin, int64_t& end) {
@@ -253,7 +227,7 @@ class NNChain {
       int used = 1;
 #pragma omp parallel num_threads(nt)
       {
-        const int tid = thread_id(), nth = num_threads();
+        const int tid = thread_index(), nth = num_threads();
         if (tid == 0) used = nth;
         int64_t b, e;
         cb[tid] = kInf, ca[tid] = -1;
@@ -514,7 +488,7 @@ T select_rank(const T* x, int64_t m, int64_t rank) {
     const bool first_pass = shift + kDigit >= FK::kBits;
 #pragma omp parallel num_threads(nt)
     {
-      int64_t* h = hist.data() + static_cast<int64_t>(thread_id()) * kBins;
+      int64_t* h = hist.data() + static_cast<int64_t>(thread_index()) * kBins;
 #pragma omp for schedule(static)
       for (int64_t q = 0; q < m; ++q) {
         const K k = FK::of(x[q]);

@@ -25,10 +25,8 @@
 #include <string>
 
 #include "condensed.h"
+#include "parallel.h"
 
-#ifdef IICS_WITH_OPENMP
-#include <omp.h>
-#endif
 
 namespace iics {
 namespace {
@@ -38,22 +36,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // Below this many samples every stage runs on the calling thread: the work is microseconds,
 // while starting a thread team costs far more on a loaded machine.
 constexpr int64_t kParallelMin = 1024;
-
-int max_threads() {
-#ifdef IICS_WITH_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-int thread_index() {
-#ifdef IICS_WITH_OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 // Nearest float16 value of x (ties to even), as a float: NumPy's float16 arithmetic is the
 // float32 operation followed by this rounding. Precondition: |x| < 65504 (values here are < 4).

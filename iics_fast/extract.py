@@ -1,0 +1,135 @@
+"""Use a trained model: `python -m iics_fast.extract`.
+
+    # features of every image under a folder (flip-averaged, L2-normalised), with the file list
+    python -m iics_fast.extract features runs/x/best.pt IMAGES_DIR --save feats.npy
+        -> feats.npy (N, D) float32 and feats.txt (one path a line); a .pt file holds both
+    # rank a gallery (a folder, or a saved feature file) for a query image
+    python -m iics_fast.extract rank runs/x/best.pt QUERY.jpg GALLERY_DIR_OR_FEATS --top-k 10
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .data.transforms import EvalTransform, ImageDataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def load_model(checkpoint: str, device: str = "cpu"):
+    """The backbone of a training checkpoint (last.pt or best.pt) and its config."""
+    from . import models
+
+    if not os.path.isfile(checkpoint):
+        raise ValueError(f"checkpoint {checkpoint!r} is not a file")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise ValueError(f"{checkpoint!r} is not an iics_fast training checkpoint "
+                         f"(last.pt or best.pt of a run)")
+    cfg = state["config"]
+    model = models.build_backbone(arch=cfg["arch"], init_alpha=cfg["init_alpha"],
+                                  last_stride=cfg["last_stride"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg
+
+
+def list_images(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder!r} is not a folder of images")
+    found = sorted(os.path.join(d, f) for d, _, files in os.walk(folder)
+                   for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not found:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder!r}")
+    return found
+
+
+@torch.no_grad()
+def extract_features(model, paths, height: int, width: int, batch_size: int = 64,
+                     device: str = "cpu", workers: int = 0) -> torch.Tensor:
+    """Flip-averaged, L2-normalised pooled features of the images at `paths` (float32, CPU)."""
+    loader = DataLoader(ImageDataset([(p, -1, -1) for p in paths], EvalTransform(height, width)),
+                        batch_size=batch_size, num_workers=workers)
+    out = []
+    for x, *_ in loader:
+        x = x.to(device)
+        out.append(F.normalize((model(x) + model(x.flip(3))).float(), dim=1).cpu())
+    return torch.cat(out)
+
+
+def save_features(feats: torch.Tensor, paths: list[str], path: str) -> None:
+    if path.endswith(".pt"):
+        torch.save({"features": feats, "paths": paths}, path)
+    else:
+        np.save(path, feats.numpy())
+        with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as fh:
+            fh.write("".join(p + "\n" for p in paths))
+
+
+def load_features(path: str):
+    if path.endswith(".pt"):
+        data = torch.load(path, map_location="cpu")
+        return data["features"], list(data["paths"])
+    names = os.path.splitext(path)[0] + ".txt"
+    if not os.path.isfile(names):
+        raise ValueError(f"{path!r} has no file list {names!r} beside it")
+    with open(names, encoding="utf-8") as fh:
+        paths = [line.rstrip("\n") for line in fh]
+    return torch.from_numpy(np.load(path)), paths
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m iics_fast.extract", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("features", help="features of a folder of images")
+    f.add_argument("checkpoint")
+    f.add_argument("images", help="folder (searched recursively)")
+    f.add_argument("--save", required=True, help="output .npy (+ .txt file list) or .pt")
+    r = sub.add_parser("rank", help="rank a gallery for a query image")
+    r.add_argument("checkpoint")
+    r.add_argument("query", help="query image file")
+    r.add_argument("gallery", help="gallery folder, or a .npy/.pt saved by `features`")
+    r.add_argument("--top-k", type=int, default=10)
+    for s in (f, r):
+        s.add_argument("--device", default="cpu")
+        s.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+
+    model, cfg = load_model(args.checkpoint, args.device)
+    size = (cfg["height"], cfg["width"])
+    if args.command == "features":
+        paths = list_images(args.images)
+        feats = extract_features(model, paths, *size, args.batch_size, args.device)
+        save_features(feats, paths, args.save)
+        print(f"{len(paths)} images -> {args.save} ({feats.shape[1]}-d)")
+        return
+    if not os.path.isfile(args.query):
+        raise ValueError(f"query {args.query!r} is not a file")
+    if os.path.isfile(args.gallery):
+        gf, paths = load_features(args.gallery)
+    else:
+        paths = list_images(args.gallery)
+        gf = extract_features(model, paths, *size, args.batch_size, args.device)
+    qf = extract_features(model, [args.query], *size, 1, args.device)
+    if qf.shape[1] != gf.shape[1]:
+        raise ValueError(f"gallery features are {gf.shape[1]}-d but the model gives "
+                         f"{qf.shape[1]}-d: extract them with this checkpoint")
+    dist = 1.0 - (F.normalize(gf.float(), dim=1) @ qf[0])
+    order = torch.argsort(dist)[: args.top_k]
+    print(f"top {len(order)} of {len(paths)} for {args.query} (cosine distance):")
+    for rank, i in enumerate(order.tolist(), 1):
+        print(f"{rank:3d}  {dist[i]:.4f}  {paths[i]}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,82 @@
+"""Plots of a training run (matplotlib, Agg backend): metrics over rounds, and the similarity
+distributions of the paper's Figure 3."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_metrics(rows: list[dict], path: str, initial: dict | None = None) -> None:
+    """Evaluation (mAP, rank-1; round 0 = before training), pseudo-label quality (ARI) and
+    losses over rounds."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    rounds = [row["round"] + 1 for row in rows]
+    ev = ([(0, initial)] if initial else []) + [
+        (row["round"] + 1, row["eval"]) for row in rows if "eval" in row]
+    if ev:
+        axes[0].plot([r for r, _ in ev], [100 * e["mAP"] for _, e in ev], "o-", label="mAP")
+        axes[0].plot([r for r, _ in ev], [100 * e["rank1"] for _, e in ev], "s-", label="rank-1")
+    axes[0].set(title="evaluation", xlabel="round", ylabel="%")
+    for key, name in (("intra_quality", "intra ARI"), ("inter_quality", "inter ARI")):
+        pts = [(row["round"] + 1, row[key]["ari"]) for row in rows if key in row]
+        if pts:
+            axes[1].plot(*zip(*pts), "o-", label=name)
+    axes[1].set(title="pseudo-label quality", xlabel="round", ylabel="adjusted Rand index")
+    for stage, key, name in (("stage1", "loss", "stage 1 CE"), ("stage2", "loss_ce", "stage 2 CE"),
+                             ("stage2", "loss_triplet", "stage 2 triplet")):
+        pts = [(row["round"] + 1, row[stage][key]) for row in rows if stage in row]
+        if pts:
+            axes[2].plot(*zip(*pts), "o-", label=name)
+    axes[2].set(title="losses", xlabel="round")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    if rounds:
+        for ax in axes:
+            ax.set_xlim(-0.5 if initial else 0.5, max(rounds) + 0.5)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_similarity(hists: dict, path: str) -> None:
+    """Figure 3 of the paper: cosine-similarity distributions of same/other identity x
+    same/other camera pairs, at the start, after the first stage 1, and at the latest point."""
+    plt = _pyplot()
+    keys = list(hists)
+    chosen = list(dict.fromkeys(keys[:2] + keys[-1:]))
+    fig, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 3.6), squeeze=False)
+    colors = {"same id, same camera": "tab:blue", "same id, other camera": "tab:red",
+              "other id, same camera": "gold", "other id, other camera": "tab:green"}
+    for ax, key in zip(axes[0], chosen):
+        h = hists[key]
+        edges = np.asarray(h["edges"])
+        centers = 0.5 * (edges[1:] + edges[:-1])
+        for name, color in colors.items():
+            counts = np.asarray(h[name], dtype=np.float64)
+            if counts.sum() > 0:
+                ax.plot(centers, counts / counts.sum(), color=color, label=name)
+        lo, hi = h["range"]
+        ax.set(title=key, xlabel=f"cosine similarity, normalised from [{lo:.3f}, {hi:.3f}]",
+               ylabel="fraction of pairs")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
