@@ -29,8 +29,7 @@ C x 600, feature dims 2048, training batch) and returns a dict with
     bytes                   bytes read from and written to HBM (with the kernel's real reuse)
     note                    optional: what the model assumes
 
-Specs without a model are compiled and reported but get no estimate. FALLBACK_WORK_MODELS
-holds models for kernels whose module declares none yet (the fused Eq. 5 kernel's L1 loop).
+Specs without a model are compiled and reported but get no estimate.
 """
 from __future__ import annotations
 
@@ -257,40 +256,9 @@ def estimate_time(report: CompileReport, work: dict, scale_name: str = "", devic
                     work.get("note", ""))
 
 
-def _inter_camera_l1_model(spec: KernelSpec):
-    """Work of the fused Eq. 5 kernel's innermost loop, the L1 sweep over the score dimensions:
-    every cross-camera pair of the upper triangle (equal-size cameras; same-camera tiles are
-    skipped) x D elements; one warp-trip covers BLOCK^2 pairs x 4*UNROLL dims / num_warps. HBM
-    traffic: both float32 score tiles of every tile pair read once (no L2 reuse assumed) + the condensed
-    float32 output written once."""
-    block, unroll = spec.constexprs["BLOCK"], spec.constexprs["UNROLL"]
-    def model(scale):
-        n, c, d = scale["N"], scale["C"], scale["D"]
-        tile_pairs = (n / block) ** 2 / 2 * (1 - 1 / c)
-        return {"elements": n * n / 2 * (1 - 1 / c) * d,
-                "elements_per_iteration": block * block * 4 * unroll / spec.num_warps,
-                "bytes": tile_pairs * 2 * block * d * 4 + n * (n - 1) / 2 * 4,
-                "note": "L1 loop over cross-camera pairs; the cosine GEMM is not counted"}
-
-    return model
-
-
-#: models for kernels whose module does not declare one (a module's WORK_MODELS wins)
-FALLBACK_WORK_MODELS = {
-    # name prefix -> factory(spec) -> model. fp32 only: there the innermost loop is the L1 sweep
-    # (2 FADD an element); in the fp16 build the innermost loop is the cosine's wgmma instead
-    "inter_camera_eq5_fp32": _inter_camera_l1_model,
-}
-
-
 def all_work_models() -> dict:
-    """Kernel name -> work model: each module's WORK_MODELS, else a FALLBACK_WORK_MODELS entry
-    whose prefix matches one of its COMPILE_SPECS."""
+    """Kernel name -> work model, from the WORK_MODELS of every kernel module that is present."""
     models = {}
-    for spec in all_specs():
-        for prefix, factory in FALLBACK_WORK_MODELS.items():
-            if spec.name.startswith(prefix):
-                models[spec.name] = factory(spec)
     for name in KERNEL_MODULES:
         try:
             module = importlib.import_module(name)

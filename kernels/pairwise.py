@@ -357,3 +357,28 @@ def _specs():
 
 
 COMPILE_SPECS = _specs()
+
+
+def _l1_work_model(spec):
+    """Work of the fused Eq. 5 kernel's innermost loop, the L1 sweep over the score dimensions:
+    every cross-camera pair of the upper triangle (equal-size cameras; same-camera tiles are
+    skipped) x D elements; one warp-trip covers BLOCK^2 pairs x 4*UNROLL dims / num_warps. HBM
+    traffic: both float32 score tiles of every tile pair read once (no L2 reuse assumed) + the
+    condensed float32 output written once."""
+    block, unroll = spec.constexprs["BLOCK"], spec.constexprs["UNROLL"]
+
+    def model(scale):
+        n, c, d = scale["N"], scale["C"], scale["D"]
+        tile_pairs = (n / block) ** 2 / 2 * (1 - 1 / c)
+        return {"elements": n * n / 2 * (1 - 1 / c) * d,
+                "elements_per_iteration": block * block * 4 * unroll / spec.num_warps,
+                "bytes": tile_pairs * 2 * block * d * 4 + n * (n - 1) / 2 * 4,
+                "note": "L1 loop over cross-camera pairs; the cosine GEMM is not counted"}
+
+    return model
+
+
+#: H100 estimate inputs (the WORK_MODELS contract of iics_fast.gpu_report). fp32 eq5 only:
+#: there the innermost loop is the L1 sweep (2 FADD an element); in the fp16 build and in
+#: "feature" mode the innermost loop is the cosine's tensor-core product instead
+WORK_MODELS = {s.name: _l1_work_model(s) for s in COMPILE_SPECS if s.name == "inter_camera_eq5_fp32"}

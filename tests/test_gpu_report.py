@@ -88,7 +88,7 @@ def test_estimates_from_a_compiled_kernel_and_its_work_model():
     assert msmt.instr_per_element == pytest.approx(r.inner_loop_len / 64)
 
 
-def test_fallback_work_model_for_the_fused_distance_kernel():
+def test_work_model_of_the_fused_distance_kernel():
     pytest.importorskip("iics_fast.kernels.pairwise")
     from iics_fast.gpu_report import DATASET_SCALES, all_specs, all_work_models
 
