@@ -185,18 +185,19 @@ def compile_report(spec: KernelSpec, arch: int) -> CompileReport:
     )
 
 
-def all_specs() -> list[KernelSpec]:
-    """COMPILE_SPECS of every kernel module that is present."""
-    specs = []
+def _kernel_modules():
+    """The modules of KERNEL_MODULES that are present (a missing one is skipped, a broken one raises)."""
     for name in KERNEL_MODULES:
         try:
-            module = importlib.import_module(name)
+            yield importlib.import_module(name)
         except ModuleNotFoundError as exc:
             if exc.name != name:
                 raise
-            continue
-        specs.extend(module.COMPILE_SPECS)
-    return specs
+
+
+def all_specs() -> list[KernelSpec]:
+    """COMPILE_SPECS of every kernel module that is present."""
+    return [spec for module in _kernel_modules() for spec in module.COMPILE_SPECS]
 
 
 #: the dataset scales estimates are made at (DESIGN.md: D = C x 600, d = 2048)
@@ -258,16 +259,7 @@ def estimate_time(report: CompileReport, work: dict, scale_name: str = "", devic
 
 def all_work_models() -> dict:
     """Kernel name -> work model, from the WORK_MODELS of every kernel module that is present."""
-    models = {}
-    for name in KERNEL_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        models.update(getattr(module, "WORK_MODELS", {}))
-    return models
+    return {name: model for module in _kernel_modules() for name, model in getattr(module, "WORK_MODELS", {}).items()}
 
 
 def estimates(reports, models=None, scales=DATASET_SCALES, device: Device = H100) -> list[Estimate]:
