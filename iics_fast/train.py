@@ -1,6 +1,6 @@
 """Train IICS: `python -m iics_fast.train [options]`.
 
-With no arguments: the embedded synthetic camera network, ResNet-18 from random init, 128x64
+With no arguments: the embedded synthetic camera network, ResNet-18 from random init, 64x32
 input, a few short rounds on the CPU (the `synthetic` preset). For the paper's setting:
 `python -m iics_fast.train --dataset market1501 --root DATA --pretrained resnet50.pth`.
 
@@ -80,16 +80,17 @@ PRESETS = {
     "dukemtmc": {},
     "msmt17": {"epochs_intra": 12, "k_inter": 1200},
     # demo preset choices (not the paper's), sized for a 2-core CPU: ResNet-18 from random init
-    # (no weights can be downloaded), 64x32 input, a 2-camera synthetic network of 24 training
-    # ids, cluster counts scaled to it (about 1.1x the ids a camera / in all, as 600 / 800 are
-    # for Market-1501), learning rates 4x the paper's (random init, few iterations), 10 rounds,
-    # evaluation every round, PK batches of 8 clusters x 4 (16 x 4 leaves one batch an epoch
-    # with 24 clusters), one torch thread (faster than two on a busy machine).
+    # (no weights can be downloaded), 64x32 input, a 4-camera synthetic network (each id seen by
+    # 2-4 cameras, 1-3 images each) of 32 training ids and 48 test ids + 40 distractors (64
+    # queries, so one query is 1.6% of rank-1), cluster counts scaled to it (about 1.1x the ids
+    # a camera / in all, as 600 / 800 are for Market-1501), learning rates 4x the paper's
+    # (random init, few iterations), 10 rounds, evaluation every round, PK batches of 8
+    # clusters x 4, one torch thread (a shared 2-core machine).
     "synthetic": {
         "arch": "resnet18", "height": 64, "width": 32,
-        "dataset_options": {"num_ids": 24, "num_cameras": 2, "images_per_camera": [2, 4],
-                            "num_test_ids": 24, "num_distractors": 20, "seed": 0},
-        "rounds": 10, "eval_every": 1, "k_intra": 20, "k_inter": 24, "batch_p": 8, "threads": 1,
+        "dataset_options": {"num_ids": 32, "num_cameras": 4, "images_per_camera": [1, 3],
+                            "num_test_ids": 48, "num_distractors": 40, "seed": 0},
+        "rounds": 10, "eval_every": 1, "k_intra": 26, "k_inter": 36, "batch_p": 8, "threads": 1,
         "lr_intra": 0.002, "lr_intra_head": 0.02, "lr_inter": 0.004, "lr_inter_head": 0.04,
     },
 }
