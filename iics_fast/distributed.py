@@ -126,6 +126,28 @@ def _check_comm_tensor(t, name):
                          f"{dev.type} tensors: move it with .to({str(dev)!r})")
 
 
+def agree(fn, *, on_main_only=False):
+    """Runs `fn()` on every rank (or on rank 0 only with on_main_only=True, its result then
+    broadcast) and makes a ValueError raised on any rank raise on every rank, with the first
+    failing rank's message: checks of the input must stop all ranks, not leave the others
+    waiting in a collective. Returns fn's result (rank 0's with on_main_only)."""
+    if not _active():
+        return fn()
+    result, error = None, None
+    if not on_main_only or is_main():
+        try:
+            result = fn()
+        except ValueError as exc:
+            error = str(exc)
+    errors = [None] * world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        r, msg = failed[0]
+        raise ValueError(msg if r == rank() or on_main_only else f"(rank {r}) {msg}")
+    return broadcast_object(result) if on_main_only else result
+
+
 # ----------------------------------------------------------------------------- rows and shards
 
 
@@ -333,3 +355,132 @@ class ShardedBatchSampler:
     def load_state_dict(self, state: dict) -> None:
         if hasattr(self.sampler, "load_state_dict"):
             self.sampler.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def sum_gradients_hook(state, bucket):
+    """DDP communication hook that sums the ranks' gradients instead of averaging them
+    (`ddp.register_comm_hook(None, sum_gradients_hook)`): the trainer splits one global batch
+    across ranks and weights each rank's loss so that the sum is the single-process gradient."""
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+class _GatherForLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = all_gather_rows(x)
+        sizes = [0] * world_size()
+        dist.all_gather_object(sizes, int(x.shape[0]))
+        ctx.rows = (sum(sizes[:rank()]), sum(sizes[:rank() + 1]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rows[0]:ctx.rows[1]]
+
+
+def gather_for_loss(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x` concatenated in rank order, differentiable: for a loss that every
+    rank computes identically over the gathered rows (the batch-hard triplet over the global
+    batch), the gradient reaching this rank's rows is this rank's own copy's gradient (no
+    reduction: with `sum_gradients_hook` the ranks' parameter gradients then add up to the
+    single-process one). Without a process group it returns `x`."""
+    if not _active():
+        return x
+    return _GatherForLoss.apply(x)
+
+
+def _norm_layers(module):
+    """Modules with BatchNorm-style running statistics (BatchNorm*, AIBN2d), in module order."""
+    layers = [m for m in module.modules()
+              if isinstance(getattr(m, "running_mean", None), torch.Tensor)
+              and isinstance(getattr(m, "running_var", None), torch.Tensor)]
+    for m in layers:
+        if getattr(m, "momentum", None) is None:
+            raise ValueError(f"{type(m).__name__} with momentum=None (cumulative averaging) cannot "
+                             f"be merged across ranks; give it a momentum")
+    return layers
+
+
+class SequentialStatsSync:
+    """Merges the running statistics of a step whose forwards are split across ranks into what one
+    process running them all in order would hold.
+
+    Stage 1 forwards the C cameras of a batch one after another (per-camera batch statistics);
+    under DDP rank r runs the consecutive cameras [first, first + count) of the `total`. One
+    process updates every norm layer's running statistic as x <- (1 - m) x + m b_c for c = 0..C-1,
+    i.e. x_C = (1 - m)^C x_0 + sum_c m (1 - m)^(C-1-c) b_c. Rank r's local result is
+    x_r = (1 - m)^count x_0 + d_r with d_r its part of that sum up to the factor
+    (1 - m)^(C - first - count); `merge` all-reduces those weighted parts and adds (1 - m)^C x_0,
+    so every rank ends with the single-process statistics (up to float rounding).
+    Call `snapshot()` before the step's forwards and `merge()` after them."""
+
+    def __init__(self, module, first: int, count: int, total: int):
+        if not (0 <= first and count >= 1 and first + count <= total):
+            raise ValueError(f"need 0 <= first, count >= 1, first + count <= total; got "
+                             f"first={first}, count={count}, total={total}")
+        self.layers = _norm_layers(module)
+        self.first, self.count, self.total = int(first), int(count), int(total)
+        self.prev = None
+
+    def snapshot(self) -> None:
+        self.prev = [(m.running_mean.detach().clone(), m.running_var.detach().clone())
+                     for m in self.layers]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.prev is None:
+            raise RuntimeError("SequentialStatsSync.merge() without snapshot() before the step")
+        parts = []
+        for m, prev in zip(self.layers, self.prev):
+            keep = 1.0 - float(m.momentum)
+            weight = keep ** (self.total - self.first - self.count)
+            for buf, x0 in zip((m.running_mean, m.running_var), prev):
+                parts.append(((buf.float() - keep ** self.count * x0.float()) * weight).flatten())
+        flat = torch.cat(parts) if parts else torch.zeros(0)
+        if _active():
+            dist.all_reduce(flat)
+        pos = 0
+        for m, prev in zip(self.layers, self.prev):
+            keep = 1.0 - float(m.momentum)
+            for buf, x0 in zip((m.running_mean, m.running_var), prev):
+                n = buf.numel()
+                buf.copy_((keep ** self.total * x0.float() + flat[pos:pos + n].view_as(buf)).to(buf.dtype))
+                pos += n
+            tracked = getattr(m, "num_batches_tracked", None)
+            if isinstance(tracked, torch.Tensor):
+                tracked.add_(self.total - self.count)
+        self.prev = None
+
+
+@torch.no_grad()
+def average_running_stats(module) -> None:
+    """Replaces every norm layer's running mean and variance by their mean over the ranks. The
+    exponential moving average is linear, so for ranks that started a stage from equal statistics
+    this is the average of what each rank's batches alone would give (stage 2 normalises every
+    rank's share of the batch on its own; this keeps the ranks' models identical for eval)."""
+    if not _active():
+        return
+    layers = _norm_layers(module)
+    if not layers:
+        return
+    bufs = [b for m in layers for b in (m.running_mean, m.running_var)]
+    flat = torch.cat([b.float().flatten() for b in bufs])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    pos = 0
+    for b in bufs:
+        b.copy_(flat[pos:pos + b.numel()].view_as(b).to(b.dtype))
+        pos += b.numel()
+
+
+@torch.no_grad()
+def broadcast_module(module, src: int) -> None:
+    """Copies rank `src`'s parameters and buffers of `module` to every rank (in place)."""
+    if not _active():
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=src)

@@ -27,6 +27,8 @@ DIST_CASES = [
     (129, 24, 12, 1, "eq5", 0),
 ]
 GATHER_LENGTHS = [(3, 0), (0, 5), (2, 7), (0, 0)]
+GRAD_ROWS = 8  # rank 0 takes 3 rows, rank 1 the other 5
+STATS_CAMERAS = 3
 
 
 def _problem(n, d, big_d, cams, seed):
@@ -55,6 +57,81 @@ class _ListSampler:
 
     def __iter__(self):
         return iter([[x + 1000 * self.epoch for x in b] for b in self.batches])
+
+
+def _fail_on(rank_to_fail):
+    def check():
+        if D.rank() == rank_to_fail:
+            raise ValueError(f"bad input on rank {rank_to_fail}")
+        return f"ok from {D.rank()}"
+    return check
+
+
+def _tiny_net():
+    """Conv + BatchNorm2d + AIBN2d + a linear head: norm layers with running statistics."""
+    from iics_fast.models import AIBN2d
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), AIBN2d(4),
+                               torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 5))
+
+
+def _camera_chunks(step):
+    g = torch.Generator().manual_seed(step)
+    return [torch.randn(3 + c, 3, 6, 6, generator=g) * (c + 1) + c for c in range(STATS_CAMERAS)]
+
+
+def _training_helpers(r, res):
+    """The stage helpers of the trainer: agree, gather_for_loss with sum_gradients_hook, the
+    per-camera statistics merge, averaging of statistics and broadcast of a module."""
+    for who in (0, 1):
+        try:
+            D.agree(_fail_on(who))
+            res[("agree", who)] = None
+        except ValueError as e:
+            res[("agree", who)] = str(e)
+    res["agree_ok"] = D.agree(lambda: f"ok from {D.rank()}")
+    res["agree_main"] = D.agree(lambda: f"ok from {D.rank()}", on_main_only=True)
+
+    # a global batch of GRAD_ROWS rows split unevenly; loss = mean squared output (weighted by
+    # the rank's share) + a loss over the gathered rows
+    torch.manual_seed(1)
+    net = torch.nn.Linear(4, 3)
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    ddp.register_comm_hook(None, D.sum_gradients_hook)
+    x = torch.randn(GRAD_ROWS, 4, generator=torch.Generator().manual_seed(2))
+    part = x[:3] if r == 0 else x[3:]
+    out = ddp(part)
+    gathered = D.gather_for_loss(out)
+    res["gathered"] = gathered.detach()
+    loss = (out ** 2).mean() * len(part) / GRAD_ROWS + gathered.max(0).values.sum()
+    loss.backward()
+    res["grads"] = [p.grad.clone() for p in net.parameters()]
+
+    # stage-1 statistics: rank 0 runs cameras [0, 2), rank 1 camera 2, two steps
+    model = _tiny_net()
+    first, count = (0, 2) if r == 0 else (2, 1)
+    sync = D.SequentialStatsSync(model, first, count, STATS_CAMERAS)
+    model.train()
+    for step in range(2):
+        sync.snapshot()
+        for x in _camera_chunks(step)[first:first + count]:
+            model(x)
+        sync.merge()
+    res["stats"] = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+
+    other = _tiny_net()
+    with torch.no_grad():
+        for m in other.modules():
+            if hasattr(m, "running_mean"):
+                m.running_mean.fill_(r)
+                m.running_var.fill_(2 + 2 * r)
+    D.average_running_stats(other)
+    res["averaged"] = {k: v.clone() for k, v in other.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        for p in other.parameters():
+            p.fill_(10 + r)
+    D.broadcast_module(other, src=1)
+    res["broadcast"] = [p.clone() for p in other.parameters()]
 
 
 def _worker(r, port, outdir):
@@ -87,6 +164,7 @@ def _worker(r, port, outdir):
         sampler = D.ShardedBatchSampler(_ListSampler([list(range(8)), list(range(8, 16))]), group_size=2)
         sampler.set_epoch(1)
         res["sampler"] = list(sampler)
+        _training_helpers(r, res)
     res["after"] = (D.rank(), D.world_size())
     torch.save(res, os.path.join(outdir, f"rank{r}.pt"))
 
@@ -158,6 +236,55 @@ def test_sampler_uses_process_group_rank(spawned):
     # global batches [0..7], [8..15] shifted by epoch 1; groups of 2 split 2 + 2 per rank
     assert spawned[0]["sampler"] == [[1000, 1001, 1002, 1003], [1008, 1009, 1010, 1011]]
     assert spawned[1]["sampler"] == [[1004, 1005, 1006, 1007], [1012, 1013, 1014, 1015]]
+
+
+def test_agree_stops_every_rank_with_the_failing_ranks_message(spawned):
+    for who in (0, 1):
+        msgs = [res[("agree", who)] for res in spawned]
+        assert all(m is not None and f"bad input on rank {who}" in m for m in msgs)
+        assert msgs[1 - who].startswith(f"(rank {who})")  # the other rank names the culprit
+    assert [res["agree_ok"] for res in spawned] == ["ok from 0", "ok from 1"]
+    assert [res["agree_main"] for res in spawned] == ["ok from 0", "ok from 0"]
+
+
+def test_split_batch_gradients_equal_the_single_process_gradient(spawned):
+    torch.manual_seed(1)
+    net = torch.nn.Linear(4, 3)
+    x = torch.randn(GRAD_ROWS, 4, generator=torch.Generator().manual_seed(2))
+    out = net(x)
+    ((out ** 2).mean() + out.max(0).values.sum()).backward()
+    for res in spawned:
+        assert torch.equal(res["gathered"], out.detach())
+        for got, want in zip(res["grads"], [p.grad for p in net.parameters()]):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_per_camera_statistics_merge_equals_sequential_forwards(spawned):
+    model = _tiny_net()
+    model.train()
+    for step in range(2):
+        for x in _camera_chunks(step):  # one process: every camera in order
+            model(x)
+    want = {k: v for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+    assert want["1.num_batches_tracked"] == 2 * STATS_CAMERAS
+    for res in spawned:
+        assert res["stats"].keys() == want.keys()
+        for k, v in want.items():
+            torch.testing.assert_close(res["stats"][k], v, rtol=1e-5, atol=1e-6)
+    # the merge is not a no-op: rank 0's own cameras alone give other statistics
+    alone = _tiny_net()
+    alone.train()
+    for step in range(2):
+        for x in _camera_chunks(step)[:2]:
+            alone(x)
+    assert not torch.allclose(alone.state_dict()["2.running_var"], want["2.running_var"], rtol=1e-3)
+
+
+def test_average_statistics_and_broadcast_module(spawned):
+    for res in spawned:
+        for k, v in res["averaged"].items():
+            assert torch.all(v == (0.5 if k.endswith("mean") else 3.0)), k
+        assert all(torch.all(p == 11) for p in res["broadcast"])
 
 
 # ----------------------------------------------------------------------------- in-process
