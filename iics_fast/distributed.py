@@ -111,7 +111,17 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def _comm_device() -> torch.device:
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] without a process group."""
+    if not _active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def comm_device() -> torch.device:
+    """Where tensors handed to the collectives must live: the rank's GPU under NCCL, else CPU."""
     if _active() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -120,7 +130,7 @@ def _comm_device() -> torch.device:
 def _check_comm_tensor(t, name):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    dev = _comm_device()
+    dev = comm_device()
     if t.device.type != dev.type:
         raise ValueError(f"{name} is on {t.device} but the {dist.get_backend()} backend needs "
                          f"{dev.type} tensors: move it with .to({str(dev)!r})")
@@ -170,6 +180,11 @@ def all_gather_rows(tensor: torch.Tensor, dst: int | None = None):
     _check_comm_tensor(tensor, "tensor")
     if not _active():
         return tensor
+    return _gather_rows(tensor, dst)[0]
+
+
+def _gather_rows(tensor, dst):
+    """all_gather_rows on an active group; also returns the ranks' row counts."""
     world, me = world_size(), rank()
     if dst is not None and not 0 <= dst < world:
         raise ValueError(f"dst must be a rank in 0..{world - 1}, got {dst}")
@@ -188,17 +203,17 @@ def all_gather_rows(tensor: torch.Tensor, dst: int | None = None):
         padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded)
-        return torch.cat([p[: s] for p, s in zip(parts, sizes)])
+        return torch.cat([p[: s] for p, s in zip(parts, sizes)]), sizes
     if me != dst:
         if sizes[me]:
             dist.send(tensor, dst=dst)
-        return None
+        return None, sizes
     out = tensor.new_empty((starts[-1],) + tuple(tensor.shape[1:]))
     out[starts[me]:starts[me + 1]] = tensor
     for r in range(world):
         if r != me and sizes[r]:
             dist.recv(out[starts[r]:starts[r + 1]], src=r)
-    return out
+    return out, sizes
 
 
 # ----------------------------------------------------------------------------- sharded distance
@@ -274,6 +289,12 @@ def sharded_inter_camera_distance(features, scores, camids, mu=0.02, *, mode="eq
 # ----------------------------------------------------------------------------- samplers
 
 
+def group_share(n_groups: int, rank: int, world: int) -> range:
+    """The contiguous groups ceil(rank G / world) .. ceil((rank + 1) G / world) - 1 of G groups
+    that rank `rank` of `world` takes (see ShardedBatchSampler, split="within")."""
+    return range(-(-rank * n_groups // world), -(-(rank + 1) * n_groups // world))
+
+
 def _split_units(batch, group_size):
     if len(batch) % group_size:
         raise ValueError(f"a batch of {len(batch)} items is not a whole number of groups of "
@@ -343,7 +364,7 @@ class ShardedBatchSampler:
     def share(self, n_groups: int) -> range:
         """Positions of the groups this rank gets of a batch of `n_groups` groups (split="within"):
         with the camera sampler, which cameras' chunks (hence which per-camera heads) are here."""
-        return range(-(-self.rank * n_groups // self.world), -(-(self.rank + 1) * n_groups // self.world))
+        return group_share(n_groups, self.rank, self.world)
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
@@ -371,9 +392,8 @@ def sum_gradients_hook(state, bucket):
 class _GatherForLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        out = all_gather_rows(x)
-        sizes = [0] * world_size()
-        dist.all_gather_object(sizes, int(x.shape[0]))
+        _check_comm_tensor(x, "x")
+        out, sizes = _gather_rows(x, None)
         ctx.rows = (sum(sizes[:rank()]), sum(sizes[:rank() + 1]))
         return out
 

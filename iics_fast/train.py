@@ -173,7 +173,7 @@ def prepare_out_dir(config: dict, given: dict, resume: bool):
     clash = {k: (v, saved.get(k)) for k, v in given.items()
              if k not in RUNTIME_KEYS and k != "out" and saved.get(k) != v}
     if clash:
-        raise ValueError(f"--resume continues the saved config; these options differ from it: "
+        raise ValueError("--resume continues the saved config; these options differ from it: "
                          + ", ".join(f"{k}={v!r} (saved {s!r})" for k, (v, s) in clash.items()))
     saved.update({k: config[k] for k in RUNTIME_KEYS if k in given})
     saved["out"] = out
@@ -191,29 +191,46 @@ def results_table(metrics: list[dict], initial: dict | None = None) -> str:
 
 
 def main(argv=None, hook=None) -> list[dict]:
-    from .trainer import Trainer, atomic_write_text
+    """Parses `argv`, trains, prints the results; returns the per-round metrics. Under torchrun
+    (WORLD_SIZE > 1) it joins the process group (NCCL for --device cuda, gloo for cpu) and
+    trains with every process; rank 0 prints and writes."""
+    from . import distributed as D
 
     args = parse_args(argv)
     config = resolve(args)
-    given = {k: v for k, v in vars(args).items() if k in DEFAULTS}
-    config, state = prepare_out_dir(config, given, args.resume)
-    print("config:\n" + json.dumps(config, indent=2), flush=True)
+    backend = "nccl" if config["device"].startswith("cuda") else "gloo"
+    with D.init_from_env(backend):
+        return _train(args, config, hook, D)
 
-    trainer = Trainer(config, resume_state=state, hook=hook)  # every check runs before training
-    atomic_write_text(json.dumps(config, indent=2) + "\n",
-                      os.path.join(config["out"], "config.json"))
+
+def _train(args, config, hook, D):
+    from .trainer import Trainer, atomic_write_text
+
+    given = {k: v for k, v in vars(args).items() if k in DEFAULTS}
+    # rank 0 checks --out and reads the checkpoint; every rank gets its config and state
+    config, state = D.agree(lambda: prepare_out_dir(config, given, args.resume), on_main_only=True)
+    say = print if D.is_main() else (lambda *a, **k: None)
+    say("config:\n" + json.dumps(config, indent=2), flush=True)
+    if D.world_size() > 1:
+        say(f"{D.world_size()} processes ({torch.distributed.get_backend()})", flush=True)
+
+    # every check runs before training, on every rank
+    trainer = D.agree(lambda: Trainer(config, resume_state=state, hook=hook))
+    if D.is_main():
+        atomic_write_text(json.dumps(config, indent=2) + "\n",
+                          os.path.join(config["out"], "config.json"))
     if state is not None:
         p = state["progress"]
-        print(f"resuming after round {p['round'] + 1} ({p['done']})", flush=True)
+        say(f"resuming after round {p['round'] + 1} ({p['done']})", flush=True)
     tic = time.perf_counter()
     metrics = trainer.run()
-    print(f"\ntrained {config['rounds']} rounds in {time.perf_counter() - tic:.0f}s; "
-          f"outputs in {config['out']}")
+    say(f"\ntrained {config['rounds']} rounds in {time.perf_counter() - tic:.0f}s; "
+        f"outputs in {config['out']}")
     if any("eval" in row for row in metrics):
-        print(results_table(metrics, trainer.initial_eval))
+        say(results_table(metrics, trainer.initial_eval))
         best = trainer.best
-        print(f"best rank-1 {best['rank1']:.1%} (mAP {best['mAP']:.1%}) at round "
-              f"{best['round'] + 1} (best.pt)")
+        say(f"best rank-1 {best['rank1']:.1%} (mAP {best['mAP']:.1%}) at round "
+            f"{best['round'] + 1} (best.pt)")
     return metrics
 
 
@@ -221,5 +238,6 @@ if __name__ == "__main__":
     try:
         main()
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the message
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

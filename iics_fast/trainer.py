@@ -7,10 +7,18 @@ features + scores -> inter-camera distance (Eq. 5) -> inter-camera clustering ->
 Every random draw of a stage is seeded from (seed, round, stage), so a run resumed from a
 checkpoint replays exactly what an uninterrupted run does (up to nondeterministic GPU kernels).
 A checkpoint (`last.pt`) is written atomically after stage 1, after stage 2 and after each round.
+
+Under torchrun (several processes, `iics_fast.distributed`) every rank runs the same loop:
+extraction is split across ranks and gathered, clustering runs on rank 0 and its labels are
+broadcast, stage 1 gives each rank whole cameras (their heads, their per-camera batch statistics,
+merged after every step into what one process would hold), stage 2 splits each P x K batch by
+identities (the triplet loss is mined over the whole gathered batch), gradients are summed so
+that a step is the single-process step, and only rank 0 writes files.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import random
@@ -23,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed as D
 from .data.samplers import CameraBatchSampler, PKBatchSampler
 from .data.transforms import ImageDataset, EvalTransform, TrainTransform, load_image
 
@@ -147,6 +156,18 @@ def similarity_histograms(feats: torch.Tensor, pids: np.ndarray, camids: np.ndar
             **{k: np.histogram(sim[m], edges)[0].tolist() for k, m in groups.items()}}
 
 
+class _FeatureAndLogits(torch.nn.Module):
+    """Backbone + head as one module (one DDP forward in stage 2): (pooled feature, logits)."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x):
+        f = self.backbone(x)
+        return f, self.head(f)
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 class Trainer:
@@ -158,9 +179,22 @@ class Trainer:
         self.config = dict(config)
         self.cfg = cfg = SimpleNamespace(**config)
         self.hook = hook  # hook(event, round): called after each checkpoint (tests use it)
+        self.world, self.rank = D.world_size(), D.rank()
+        self.main = self.rank == 0  # the rank that clusters, logs and writes files
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+        if self.world > 1:
+            comm = D.comm_device()
+            if comm.type != self.device.type:
+                raise ValueError(f"--device {cfg.device} does not fit the process group's "
+                                 f"{torch.distributed.get_backend()} backend: use --device cuda "
+                                 f"(NCCL) or --device cpu (gloo) under torchrun")
+            self.device = comm  # under NCCL: this rank's GPU (LOCAL_RANK)
+            if cfg.amp == "fp16" and self.device.type == "cuda":
+                raise ValueError("--amp fp16 is not supported with several processes (each "
+                                 "rank's loss scaler would skip steps on its own); use --amp "
+                                 "bf16 or off")
         self.cuda = self.device.type == "cuda"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) \
             if self.cuda else None
@@ -183,6 +217,14 @@ class Trainer:
         self.cameras = np.unique(self.camids)
         self.has_labels = bool((self.pids >= 0).any()) and len(np.unique(self.pids)) > 1
         CameraBatchSampler(self.camids, cfg.batch_per_camera)  # raises on a too-small camera
+        if self.world > len(self.cameras):
+            raise ValueError(f"stage 1 gives every process whole cameras, but there are "
+                             f"{self.world} processes for {len(self.cameras)} cameras: launch "
+                             f"at most {len(self.cameras)} processes")
+        if self.world > cfg.batch_p:
+            raise ValueError(f"stage 2 gives every process whole identities of a batch, but "
+                             f"there are {self.world} processes for P={cfg.batch_p}: raise "
+                             f"--batch-p or launch fewer processes")
         n = len(train)
         if cfg.stages == "both" and cfg.threshold_inter is None:
             if cfg.k_inter > n:
@@ -240,7 +282,9 @@ class Trainer:
 
     def _checkpoint(self, done: str | None, r: int) -> None:
         self.progress = {"round": r, "done": done}
-        atomic_save(self._state(), os.path.join(self.cfg.out, "last.pt"))
+        if self.main:
+            atomic_save(self._state(), os.path.join(self.cfg.out, "last.pt"))
+        D.barrier()  # no rank moves on (or is stopped) before the checkpoint is on disk
         if self.hook is not None:
             self.hook(done or "start", r)
 
@@ -257,17 +301,23 @@ class Trainer:
 
     def _bar(self, iterable, desc, total=None):
         return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
-                    disable=not self.cfg.progress)
+                    disable=not (self.cfg.progress and self.main))
 
     @torch.no_grad()
-    def extract(self, items, heads=None, desc="extract"):
+    def extract(self, items, heads=None, desc="extract", to="all"):
         """Flip-averaged pool5 features (eval mode) and, given heads, the scores
-        s = concat_c softmax(head_c(f)). Returns float32 CPU tensors (features, scores|None)."""
+        s = concat_c softmax(head_c(f)). Returns float32 CPU tensors (features, scores|None).
+        Under several processes each rank extracts its contiguous share of `items` and the
+        shares are gathered in order, to every rank (to="all") or to rank 0 (to="main"; the
+        other ranks get (None, None))."""
         self.model.eval()
-        loader = DataLoader(ImageDataset(items, EvalTransform(self.cfg.height, self.cfg.width)),
+        part = D.shard_indices(len(items), self.rank, self.world)
+        loader = DataLoader(ImageDataset(items[part.start:part.stop],
+                                         EvalTransform(self.cfg.height, self.cfg.width)),
                             batch_size=self.cfg.batch_extract, shuffle=False,
                             num_workers=self.workers, pin_memory=self.cuda)
-        feats, scores = [], []
+        feats = [torch.zeros(0, self.model.out_dim)]
+        scores = [torch.zeros(0, sum(h.classifier.out_features for h in heads))] if heads else []
         for x, *_ in self._bar(loader, desc):
             x = self._to_device(x)
             with self._autocast():
@@ -275,7 +325,14 @@ class Trainer:
                 if heads is not None:
                     scores.append(torch.cat([F.softmax(h(f).float(), 1) for h in heads], 1).cpu())
             feats.append(f.float().cpu())
-        return torch.cat(feats), (torch.cat(scores) if heads is not None else None)
+        feats, scores = torch.cat(feats), (torch.cat(scores) if heads is not None else None)
+        if self.world == 1:
+            return feats, scores
+        dst = None if to == "all" else 0
+        gather = lambda t: None if t is None else D.all_gather_rows(  # noqa: E731
+            t.to(self.device), dst=dst)
+        feats, scores = gather(feats), gather(scores)
+        return (None if feats is None else feats.cpu()), (None if scores is None else scores.cpu())
 
     def _cluster(self, dist: np.ndarray, k: int | None, quantile: float | None) -> np.ndarray:
         """Average-linkage clustering of a float32 distance, square (upper triangle read) or
@@ -314,13 +371,37 @@ class Trainer:
     def _backbone_params(self):
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def _ddp(self, module):
+        """`module` wrapped in DistributedDataParallel with summed gradients (each rank weights
+        its loss so that the sum is the single-process gradient) and per-rank buffers (the
+        trainer merges the running statistics itself); `module` itself in one process."""
+        if self.world == 1:
+            return module
+        DDP = torch.nn.parallel.DistributedDataParallel
+        # newer torch renames broadcast_buffers; both keep buffers out of every forward
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DDP).parameters else {"broadcast_buffers": False})
+        ddp = DDP(module, device_ids=[self.device.index] if self.cuda else None, **no_buffer_sync)
+        ddp.register_comm_hook(None, D.sum_gradients_hook)
+        return ddp
+
     def stage1(self, heads, seed: int) -> dict:
         """Intra-camera training: every iteration 8 images of every camera, each camera
         forwarded on its own (per-camera batch statistics) through its head; the C
-        cross-entropy losses are summed and one SGD step is taken."""
+        cross-entropy losses are summed and one SGD step is taken. Under several processes a
+        rank runs the cameras `group_share(C)` (only their heads get gradients here; each head
+        is copied from its rank to all at the end) and the summed gradients and merged running
+        statistics make each step the single-process step."""
         cfg = self.cfg
         items = list(zip(self.paths, self.intra_labels, self.camids))
         sampler = CameraBatchSampler(self.camids, cfg.batch_per_camera, seed=seed)
+        n_cams = len(heads)
+        own = D.group_share(n_cams, self.rank, self.world)
+        net, sync = self.model, None
+        if self.world > 1:
+            sampler = D.ShardedBatchSampler(sampler, group_size=cfg.batch_per_camera)
+            net = self._ddp(self.model)
+            sync = D.SequentialStatsSync(self.model, own.start, len(own), n_cams)
         loader = DataLoader(ImageDataset(items, TrainTransform(cfg.height, cfg.width)),
                             batch_sampler=sampler, num_workers=self.workers,
                             pin_memory=self.cuda)
@@ -339,21 +420,36 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 x, y = self._to_device(x), y.to(self.device)
                 total = 0.0
-                for ci, head in enumerate(heads):
-                    xs, ys = x[ci * k:(ci + 1) * k], y[ci * k:(ci + 1) * k]
-                    with self._autocast():
-                        logits = head(self.model(xs)).float()
-                    loss = F.cross_entropy(logits, ys)
-                    scaler.scale(loss).backward()  # summing C losses = accumulating C grads
+                if sync is not None:
+                    sync.snapshot()
+                for j, ci in enumerate(own):
+                    xs, ys = x[j * k:(j + 1) * k], y[j * k:(j + 1) * k]
+                    # DDP reduces the gradients in the backward of a rank's last camera only
+                    last = j == len(own) - 1
+                    with contextlib.nullcontext() if net is self.model or last else net.no_sync():
+                        with self._autocast():
+                            logits = heads[ci](net(xs)).float()
+                        loss = F.cross_entropy(logits, ys)
+                        scaler.scale(loss).backward()  # summing C losses = accumulating C grads
                     total += loss.item()
                     correct += int((logits.argmax(1) == ys).sum())
                     seen += len(ys)
+                if sync is not None:
+                    sync.merge()
                 scaler.step(opt)
                 scaler.update()
                 losses.append(total)
                 bar.set_postfix(loss=f"{total:.3f}")
-        return {"loss": float(np.mean(losses)) if losses else float("nan"),
-                "acc": correct / max(1, seen), "iterations": len(losses)}
+        del net
+        for ci in range(n_cams):  # every head from the rank that trained it
+            D.broadcast_module(heads[ci], src=next(
+                r for r in range(self.world) if ci in D.group_share(n_cams, r, self.world)))
+        # ranks' sums of their cameras' losses, added per iteration
+        parts = D.all_gather_object((float(np.sum(losses)), correct, seen))
+        iters = len(losses)
+        return {"loss": sum(p[0] for p in parts) / iters if iters else float("nan"),
+                "acc": sum(p[1] for p in parts) / max(1, sum(p[2] for p in parts)),
+                "iterations": iters}
 
     def inter_distance(self, feats, scores, r: int) -> np.ndarray:
         """Condensed inter-camera distance of Eq. 5 (or the ablations: features alone with
@@ -361,16 +457,28 @@ class Trainer:
         from . import similarity
         mu = mu_schedule(self.cfg.mu, r, self.cfg.rounds, self.cfg.mu_power)
         self.row["mu"] = mu
+        mode = self.cfg.inter_similarity
+        if self.world > 1:  # each rank builds its rows, rank 0 receives them (None elsewhere)
+            d = D.sharded_inter_camera_distance(feats.to(self.device), scores.to(self.device),
+                                                self.camids, mu, mode=mode, dst=0)
+            return None if d is None else d.cpu().numpy()
         d = similarity.inter_camera_distance(feats, scores, self.camids, mu, out="condensed",
-                                             mode=self.cfg.inter_similarity)
+                                             mode=mode)
         return d.cpu().numpy()
 
     def stage2(self, head, seed: int) -> dict:
         """Inter-camera training: PK batches, CE on the head + batch-hard triplet on the
-        pre-BN feature."""
+        pre-BN feature. Under several processes a rank takes whole identities of each batch
+        (`group_share(P)`), weights its mean CE by its share of the batch, and mines the
+        triplet loss over the whole gathered batch; batch statistics are the rank's own (the
+        running statistics are averaged over the ranks at the end)."""
         cfg = self.cfg
         items = list(zip(self.paths, self.inter_labels, self.camids))
         sampler = PKBatchSampler(self.inter_labels, cfg.batch_p, cfg.batch_k, seed=seed)
+        if self.world > 1:
+            sampler = D.ShardedBatchSampler(sampler, group_size=cfg.batch_k)
+        net = self._ddp(_FeatureAndLogits(self.model, head))
+        batch = cfg.batch_p * cfg.batch_k
         loader = DataLoader(ImageDataset(items, TrainTransform(cfg.height, cfg.width)),
                             batch_sampler=sampler, num_workers=self.workers,
                             pin_memory=self.cuda)
@@ -388,36 +496,51 @@ class Trainer:
             for x, y, _, _ in bar:
                 x, y = self._to_device(x), y.to(self.device)
                 with self._autocast():
-                    f = self.model(x)
-                    logits = head(f).float()
+                    f, logits = net(x)
+                logits = logits.float()
                 ce = F.cross_entropy(logits, y)
-                tri = batch_hard_triplet(f, y, cfg.margin)
+                share = len(y) / batch  # 1 in one process
+                if self.world > 1:
+                    f, y_all = D.gather_for_loss(f), D.all_gather_rows(y)
+                else:
+                    y_all = y
+                tri = batch_hard_triplet(f, y_all, cfg.margin)
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(ce + cfg.triplet_weight * tri).backward()
+                scaler.scale(ce * share + cfg.triplet_weight * tri).backward()
                 scaler.step(opt)
                 scaler.update()
-                ce_all.append(ce.item())
+                ce_all.append(ce.item() * share)
                 tri_all.append(tri.item())
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
                 bar.set_postfix(ce=f"{ce.item():.3f}", tri=f"{tri.item():.3f}")
-        return {"loss_ce": float(np.mean(ce_all)) if ce_all else float("nan"),
+        del net
+        D.average_running_stats(self.model)
+        # per iteration the ranks' share-weighted CE add up to the batch's mean CE; the
+        # triplet loss is the same on every rank
+        parts = D.all_gather_object((float(np.sum(ce_all)), correct, seen))
+        iters = len(ce_all)
+        return {"loss_ce": sum(p[0] for p in parts) / iters if iters else float("nan"),
                 "loss_triplet": float(np.mean(tri_all)) if tri_all else float("nan"),
-                "acc": correct / max(1, seen), "iterations": len(ce_all)}
+                "acc": sum(p[1] for p in parts) / max(1, sum(p[2] for p in parts)),
+                "iterations": iters}
 
     def evaluate(self) -> dict:
         """Flip-averaged, L2-normalised features, cosine distance, Market-1501 protocol."""
         from . import evaluation
         q, g = self.dataset.query, self.dataset.gallery
-        qf, _ = self.extract(q, desc="extract query")
-        gf, _ = self.extract(g, desc="extract gallery")
+        qf, _ = self.extract(q, desc="extract query", to="main")
+        gf, _ = self.extract(g, desc="extract gallery", to="main")
+        if not self.main:
+            return D.broadcast_object(None)
         qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
         cmc, mAP = evaluation.evaluate_features(
             qf, gf, np.array([x[1] for x in q]), np.array([x[1] for x in g]),
             np.array([x[2] for x in q]), np.array([x[2] for x in g]))
         cmc = np.asarray(cmc)
         rank = lambda k: float(cmc[min(k, len(cmc)) - 1])  # noqa: E731
-        return {"mAP": float(mAP), "rank1": rank(1), "rank5": rank(5), "rank10": rank(10)}
+        return D.broadcast_object(
+            {"mAP": float(mAP), "rank1": rank(1), "rank5": rank(5), "rank10": rank(10)})
 
     def _quality(self, labels: np.ndarray, truth: np.ndarray) -> dict:
         keep = self.pids >= 0
@@ -425,7 +548,7 @@ class Trainer:
                 "nmi": normalized_mutual_info(labels[keep], truth[keep])}
 
     def _hist(self, key: str, feats: torch.Tensor, r: int) -> None:
-        if self.has_labels:
+        if self.has_labels and self.main:
             self.sim_hists[key] = similarity_histograms(
                 feats, self.pids, self.camids, derive_seed(self.cfg.seed, r, 9))
 
@@ -434,7 +557,9 @@ class Trainer:
     def run(self) -> list[dict]:
         cfg, models, log = self.cfg, self.models, self.log
         start = self.progress["round"] + (self.progress["done"] == "round")
-        if not os.path.exists(os.path.join(cfg.out, "last.pt")):  # a fresh run
+        fresh = D.agree(lambda: not os.path.exists(os.path.join(cfg.out, "last.pt")),
+                        on_main_only=True)  # rank 0's disk decides
+        if fresh:
             if self.can_evaluate and cfg.eval_every > 0:
                 self.initial_eval = self.evaluate()  # the starting point the rounds improve on
                 log(self._describe_eval("before training", self.initial_eval))
@@ -448,12 +573,14 @@ class Trainer:
 
             if done is None:  # extract -> intra-camera clustering -> stage 1
                 tic = time.perf_counter()
-                feats, _ = self.extract(list(zip(self.paths, self.pids, self.camids)))
+                feats, _ = self.extract(list(zip(self.paths, self.pids, self.camids)), to="main")
                 t["extract"] = time.perf_counter() - tic
                 self._hist(f"round {r} start", feats, r)
 
                 tic = time.perf_counter()
-                self.intra_labels = self.intra_cluster(feats)
+                self.intra_labels = D.broadcast_object(
+                    self.intra_cluster(feats) if self.main else None)
+                del feats
                 t["intra_cluster"] = time.perf_counter() - tic
                 counts = [int(self.intra_labels[self.camids == c].max()) + 1
                           for c in self.cameras]
@@ -496,7 +623,8 @@ class Trainer:
 
                 tic = time.perf_counter()
                 k = None if cfg.threshold_inter is not None else cfg.k_inter
-                self.inter_labels = self._cluster(dist, k, cfg.threshold_inter)
+                self.inter_labels = D.broadcast_object(
+                    self._cluster(dist, k, cfg.threshold_inter) if self.main else None)
                 del dist
                 t["inter_cluster"] = time.perf_counter() - tic
                 n_inter = int(self.inter_labels.max()) + 1
@@ -524,9 +652,10 @@ class Trainer:
                 if (result["rank1"], result["mAP"]) > (self.best["rank1"],
                                                        self.best.get("mAP", -1.0)):
                     self.best = {"rank1": result["rank1"], "mAP": result["mAP"], "round": r}
-                    atomic_save({"config": self.config, "round": r, "model":
-                                 self.model.state_dict(), "eval": result},
-                                os.path.join(cfg.out, "best.pt"))
+                    if self.main:
+                            atomic_save({"config": self.config, "round": r, "model":
+                                     self.model.state_dict(), "eval": result},
+                                    os.path.join(cfg.out, "best.pt"))
             log("  time: " + "  ".join(f"{k} {v:.1f}s" for k, v in t.items()))
             self.metrics.append(self.row)
             self._write_metrics()
@@ -536,7 +665,7 @@ class Trainer:
     # ------------------------------------------------------------------ reporting
 
     def log(self, msg: str) -> None:
-        if self.cfg.verbose:
+        if self.cfg.verbose and self.main:
             tqdm.write(msg)
 
     @staticmethod
@@ -561,6 +690,8 @@ class Trainer:
                 f"{s['loss_triplet']:.3f}, acc {s['acc']:.1%}")
 
     def _write_metrics(self) -> None:
+        if not self.main:
+            return
         out = self.cfg.out
         atomic_write_text("".join(json.dumps(row) + "\n" for row in self.metrics),
                           os.path.join(out, "metrics.jsonl"))

@@ -2,10 +2,15 @@
 the errors raised before any training, pseudo-label metrics and the extract CLI."""
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+
+import torch.multiprocessing as mp
 
 from iics_fast import train
 from iics_fast.trainer import (PHASES, adjusted_rand_index, batch_hard_triplet,
@@ -100,10 +105,17 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(full_run, tmp_path):
         torch.testing.assert_close(a["model"][key], value, rtol=0, atol=0)
 
 
-def test_intra_only_ablation_runs(cache, tmp_path):
-    metrics = train.main(TINY + ["--out", str(tmp_path / "run"), "--stages", "intra",
-                                 "--rounds", "1"])
-    assert "stage2" not in metrics[0] and "eval" in metrics[0]
+@pytest.fixture(scope="module")
+def intra_run(cache, tmp_path_factory):
+    """The Table 1 stage-1-only ablation, two rounds, one process."""
+    out = str(tmp_path_factory.mktemp("intra") / "run")
+    return out, train.main(TINY + ["--out", out, "--stages", "intra"])
+
+
+def test_intra_only_ablation_runs(intra_run):
+    out, metrics = intra_run
+    assert all("stage2" not in row and "eval" in row for row in metrics)
+    assert "inter_labels" not in metrics[0]
 
 
 def test_rerank_threshold_and_jaccard_paths_run(cache, tmp_path):
@@ -194,3 +206,117 @@ def test_batch_hard_triplet_against_a_loop(rng):
         neg = min(d[i, j] for j in range(12) if y[j] != y[i])
         expect.append(max(0.0, float(pos - neg) + 0.3))
     assert float(batch_hard_triplet(x, y, 0.3)) == pytest.approx(np.mean(expect), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- several processes
+# Two gloo processes on the CPU: through torchrun itself, or spawned here with torchrun's
+# environment when a test needs a hook inside the run.
+
+
+def _torchrun(argv):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "iics_fast.train", *argv],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def _assert_rows_close(got, want, keys):
+    for a, b in zip(got, want):
+        for key in keys:
+            assert json.loads(json.dumps(a[key])) == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+
+
+def _load(out, name="last.pt"):
+    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(cache, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp") / "run")
+    stdout = _torchrun(TINY + ["--out", out])
+    return out, stdout
+
+
+def test_two_processes_stage1_only_match_one_process(intra_run, tmp_path):
+    # stage 1 is the single-process computation: the same cameras per step, summed gradients,
+    # merged per-camera statistics; so both rounds, their labels and evaluations agree
+    out1, metrics1 = intra_run
+    out = str(tmp_path / "run")
+    _torchrun(TINY + ["--out", out, "--stages", "intra"])
+    rows = _metrics(out)
+    assert len(rows) == 2
+    _assert_rows_close(rows, metrics1, ["intra_clusters", "intra_quality", "stage1", "eval"])
+    a, b = _load(out), _load(out1)
+    np.testing.assert_array_equal(a["intra_labels"], b["intra_labels"])
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_full_rounds(full_run, two_process_run):
+    # round 1 up to the inter-camera clustering matches one process exactly; stage 2
+    # normalises each rank's half of the batch on its own, so from there the runs differ
+    out, stdout = two_process_run
+    out1, metrics1 = full_run
+    assert "2 processes (gloo)" in stdout and stdout.count("config:") == 1  # rank 0 prints
+    rows = _metrics(out)
+    assert len(rows) == 2 and all("eval" in row and "stage2" in row for row in rows)
+    _assert_rows_close(rows[:1], metrics1[:1], ["intra_clusters", "intra_quality", "stage1", "mu",
+                                                "inter_clusters", "inter_quality"])
+    assert rows[0]["stage2"]["iterations"] == metrics1[0]["stage2"]["iterations"]
+    assert rows[0]["stage2"]["loss_ce"] != pytest.approx(metrics1[0]["stage2"]["loss_ce"], rel=1e-6)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(out1))  # only rank 0 writes, no leftovers
+    last = _load(out)
+    assert last["progress"] == {"round": 1, "done": "round"} and last["config"]["out"] == out
+
+
+def _spawned_train(r, port, argv, kill):
+    os.environ.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+    def hook(event, rnd):
+        if (event, rnd) == kill:
+            raise Killed
+
+    try:
+        train.main(argv, hook=hook)
+    except Killed:
+        pass
+
+
+def test_two_processes_resume_after_a_kill(two_process_run, tmp_path):
+    out_full, _ = two_process_run
+    out = str(tmp_path / "run")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # both ranks stop right after the stage-1 checkpoint of round 2
+    mp.spawn(_spawned_train, args=(port, TINY + ["--out", out], ("stage1", 1)), nprocs=2)
+    assert _load(out)["progress"] == {"round": 1, "done": "stage1"}
+    assert len(_metrics(out)) == 1
+    stdout = _torchrun(["--resume", "--out", out, "--no-progress", "--no-verbose"])
+    assert "resuming after round 2 (stage1)" in stdout
+    rows, full = _metrics(out), _metrics(out_full)
+    assert _strip_times(rows) == _strip_times(full)
+    a, b = _load(out), _load(out_full)
+    np.testing.assert_array_equal(a["inter_labels"], b["inter_labels"])
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, rtol=0, atol=0)
+
+
+def test_two_processes_refuse_a_batch_they_cannot_split(cache, tmp_path):
+    argv = TINY + ["--out", str(tmp_path / "run"), "--batch-p", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "iics_fast.train", *argv],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    # checked on every rank before training, reported once (by rank 0)
+    assert proc.stderr.count("error: stage 2 gives every process whole identities of a batch, "
+                             "but there are 2 processes for P=1") == 1
+    assert not os.path.exists(os.path.join(str(tmp_path / "run"), "last.pt"))
