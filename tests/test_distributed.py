@@ -302,6 +302,35 @@ def test_single_process_fallbacks():
     assert torch.equal(D.sharded_inter_camera_distance(f, s, c, 0.3), inter_camera_rows(f, s, c, 0.3, r0=0, r1=20))
 
 
+def test_training_helpers_in_one_process():
+    assert D.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert D.agree(lambda: 7) == 7 and D.agree(lambda: 8, on_main_only=True) == 8
+    with pytest.raises(ValueError, match="plain"):
+        D.agree(lambda: (_ for _ in ()).throw(ValueError("plain")))
+    x = torch.randn(4, 3, requires_grad=True)
+    assert D.gather_for_loss(x) is x
+    # one rank running every camera: the merge leaves the sequential statistics as they are
+    model = _tiny_net()
+    model.train()
+    sync = D.SequentialStatsSync(model, 0, STATS_CAMERAS, STATS_CAMERAS)
+    sync.snapshot()
+    for x in _camera_chunks(0):
+        model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sync.merge()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="snapshot"):
+        sync.merge()
+    with pytest.raises(ValueError, match="first \\+ count <= total"):
+        D.SequentialStatsSync(model, 2, 2, 3)
+    with pytest.raises(ValueError, match="count >= 1"):
+        D.SequentialStatsSync(model, 0, 0, 3)
+    with pytest.raises(ValueError, match="momentum=None"):
+        D.SequentialStatsSync(torch.nn.BatchNorm1d(3, momentum=None), 0, 1, 1)
+    assert [D.group_share(5, r, 2) for r in range(2)] == [range(0, 3), range(3, 5)]
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 6, 7, 100, 1001])
 def test_shard_indices_partition(n, world):
