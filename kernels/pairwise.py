@@ -151,9 +151,10 @@ def _pairwise_jaccard_kernel(
 
 @triton.jit(do_not_specialize=["r0", "r1"])  # plain i32 always: no recompile per row range
 def _inter_camera_kernel(
-    feat_ptr,  # (N_pad, d_pad) L2-normalised features in camera order, zero padded, row-major
-    st_ptr,  # (D_pad/4, N_pad, 4) scores in camera order, quad-major layout (see _l1_tile)
-    rowsum_ptr,  # (N_pad,) float32 score row sums, camera order
+    # kernel order: sorted by camera for the whole matrix, the caller's order for a row range
+    feat_ptr,  # (N_pad, d_pad) L2-normalised features in kernel order, zero padded, row-major
+    st_ptr,  # (D_pad/4, N_pad, 4) scores in kernel order, quad-major layout (see _l1_tile)
+    rowsum_ptr,  # (N_pad,) float32 score row sums, kernel order
     cam_ptr,  # (N_pad,) int32 camera ids in kernel order (padding repeats the last camera)
     perm_ptr,  # (N_pad,) int32 caller's index of each kernel-order position
     tiles_ptr,  # (T, 3) int32 (row tile, column tile, one camera) with row tile <= column tile;
@@ -161,8 +162,7 @@ def _inter_camera_kernel(
     out_ptr,  # float32 output, caller's order: square (N, N), or the condensed entries of rows
     #           [r0, r1), entry (i, j) at its condensed position minus that of (r0, r0 + 1)
     N, N_pad, d_pad, D_pad, mu,
-    r0, r1,  # condensed row range (0, N for the whole matrix); kernel order = caller's order
-    #          when r0 > 0 or r1 < N
+    r0, r1,  # condensed rows [r0, r1) of the kernel order: (0, N) for the whole matrix
     MODE: tl.constexpr,  # 0 eq5, 1 feature, 2 jaccard
     SQUARE: tl.constexpr,  # write the square layout (else condensed)
     BLOCK: tl.constexpr,  # rows = columns of a tile
