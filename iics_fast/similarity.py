@@ -20,8 +20,8 @@ reference code yields NaN); N = 1 gives an empty condensed output / a 1 x 1 zero
 Rejected before any work (ValueError / TypeError naming the fix): negative or non-finite
 scores, non-finite features, mismatched lengths, dtypes other than float32/float16/bfloat16,
 non-integer camera ids, unknown modes/backends/layouts, a wrong `out` buffer, a row range
-outside 0..N or with the square layout. The finiteness and
-sign checks are one linear pass (`aminmax`) over each input.
+outside 0..N or with the square layout. The finiteness and sign checks are one linear pass
+(`aminmax`) over each input.
 """
 from __future__ import annotations
 
