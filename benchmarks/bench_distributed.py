@@ -1,12 +1,12 @@
 """Sharded inter-camera distance build (iics_fast.distributed) on gloo ranks of this machine,
-against the single-process builds measured in the same run: the fused `inter_camera_distance`
-and the row-block engine `inter_camera_rows(0, N)` that the ranks run on their blocks.
+against the single-process `inter_camera_distance` measured in the same run (the ranks run the
+same op on their row ranges, `rows=(r0, r1)`).
 
     pytest benchmarks/bench_distributed.py -s                        # N = 4,000, 2 ranks
     IICS_BENCH_SCALE=large pytest benchmarks/bench_distributed.py -s  # N = 8,000
     python benchmarks/bench_distributed.py [--n N] [--world W]
 
-The sharded result is checked bitwise against both single-process builds first. Peak = growth of
+The sharded result is checked bitwise against the single-process build first. Peak = growth of
 each rank's peak resident size (VmHWM, reset once the inputs are loaded) during the build. On a machine with fewer
 cores than ranks x threads the ranks compete for the cores: the figures then show the cost of
 the sharding (block bookkeeping, transfer), not a speed-up.
@@ -27,7 +27,6 @@ from bench_pairwise import make_case  # noqa: E402
 
 from iics_fast import distributed as D  # noqa: E402
 from iics_fast.similarity import inter_camera_distance  # noqa: E402
-from iics_fast.similarity_rows import inter_camera_rows  # noqa: E402
 
 MU = 0.02
 
@@ -74,29 +73,21 @@ def run(n, world, outdir):
     fused = inter_camera_distance(feats, scores, camids, MU, backend="cpu")
     t_fused = time.perf_counter() - t0
     p_fused = _status_mb("VmHWM") - base
-    base = _reset_peak_mb()
-    t0 = time.perf_counter()
-    rows = inter_camera_rows(feats, scores, camids, MU, r0=0, r1=n)
-    t_rows = time.perf_counter() - t0
-    p_rows = _status_mb("VmHWM") - base
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_rank_main, args=(world, port, n, outdir), nprocs=world, join=True)
     res = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
-    assert torch.equal(res[0]["out"], rows), "sharded build differs from inter_camera_rows(0, N)"
     assert torch.equal(res[0]["out"], fused), "sharded build differs from inter_camera_distance"
     assert all(x["out"] is None for x in res[1:])
     mb = n * (n - 1) // 2 * 4 / 2**20
     print(f"\nN = {n:,}, condensed float32 result {mb:,.0f} MB, {world} gloo ranks, "
-          f"{os.cpu_count()} cores; sharded == both single-process builds (bitwise)")
+          f"{os.cpu_count()} cores; sharded == the single-process build (bitwise)")
     print(f"  single process, inter_camera_distance (fused):  {t_fused:7.2f} s, peak + {p_fused:,.0f} MB")
-    print(f"  single process, inter_camera_rows(0, N):        {t_rows:7.2f} s ({t_rows / t_fused:.2f} x fused), "
-          f"peak + {p_rows:,.0f} MB")
     for r, x in enumerate(res):
         print(f"  rank {r}: sharded build wall {x['wall']:7.2f} s ({x['wall'] / t_fused:.2f} x fused), "
               f"peak + {x['peak']:,.0f} MB")
-    return t_fused, t_rows, [x["wall"] for x in res]
+    return t_fused, [x["wall"] for x in res]
 
 
 def test_bench_sharded_distance(tmp_path):

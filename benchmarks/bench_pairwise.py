@@ -1,6 +1,7 @@
 """Inter-camera distance (paper Eq. 5): the C++ path against the reference code's row loop and
-against torch.cdist(p=1) + the elementwise combination, measured side by side in one run; and
-the static H100 estimate of the Triton kernel from its sm_90 cubin.
+against torch.cdist(p=1) + the elementwise combination, measured side by side in one run; the
+cost of a row range (`rows=(0, N/2)`, what one rank of a sharded build computes) against the
+whole build; and the static H100 estimate of the Triton kernel from its sm_90 cubin.
 
     pytest benchmarks/bench_pairwise.py -s                       # Market-like N=8,000 (a few minutes)
     IICS_BENCH_SCALE=large pytest benchmarks/bench_pairwise.py -s  # + MSMT17 N=32,621 (needs ~6 GB free)
@@ -104,6 +105,11 @@ def run_market(row_loop_rows=24, cdist_rows=96):
     t_ours2, cond = _timed(inter_camera_distance, feats, scores, camids, MU, out=cond, backend="cpu")
     t_ours = min(t_ours, t_ours2)
     ours_rows = _rows_of_condensed(cond.numpy(), n, max(row_loop_rows, cdist_rows))
+    t_half, half = _timed(inter_camera_distance, feats, scores, camids, MU, backend="cpu", rows=(0, n // 2))
+    t_half = min(t_half, _timed(inter_camera_distance, feats, scores, camids, MU, out=half, backend="cpu",
+                                rows=(0, n // 2))[0])  # best of two, as the full build
+    assert torch.equal(half, cond[: half.numel()]), "row range differs from the whole build"
+    share = half.numel() / cond.numel()
 
     reference_row_loop(feats, scores, camids, MU, 1)  # warm-up: one-time allocator and thread start
     t_loop, ref = _timed(reference_row_loop, feats, scores, camids, MU, row_loop_rows)
@@ -121,11 +127,13 @@ def run_market(row_loop_rows=24, cdist_rows=96):
     print(f"\ninter-camera distance, N={n}, {MARKET['cams']} cameras, D={d_dim}, d={MARKET['d']}, "
           f"condensed, {torch.get_num_threads()} threads")
     print(f"  ours (C++ path, full build)        {t_ours:8.2f} s")
+    print(f"  ours, rows (0, N/2): {share:.0%} of the entries {t_half:6.2f} s = {t_half / t_ours:.2f}x the full "
+          f"build ({t_half / t_ours / share:.2f}x per entry); bitwise its slice")
     print(f"  reference row loop  {row_loop_rows:4d} rows {t_loop:7.2f} s -> {est_loop:8.1f} s for all "
           f"{n} rows (linear extrapolation)  ratio {est_loop / t_ours:6.1f}x")
     print(f"  cdist(p=1)+combine  {cdist_rows:4d} rows {t_cd:7.2f} s -> {est_cd:8.1f} s for all "
           f"{n} rows (linear extrapolation)  ratio {est_cd / t_ours:6.1f}x")
-    return {"ours_s": t_ours, "row_loop_s": est_loop, "cdist_s": est_cd}
+    return {"ours_s": t_ours, "rows_half_s": t_half, "row_loop_s": est_loop, "cdist_s": est_cd}
 
 
 def test_market_like_speed():

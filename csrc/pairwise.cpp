@@ -38,13 +38,14 @@ void pairwise_jaccard_py(F32 a, F32 sa, F32 b, F32 sb, F32 out) {
 }
 
 void inter_camera_rows_py(std::optional<F32> scores, std::optional<F32> rowsum,
-                          std::optional<F32> gram, I64 cam, int64_t r0, int64_t r1, float mu,
-                          int mode, bool square, F32 out) {
+                          std::optional<F32> gram, I64 cam, int64_t r0, int64_t r1, int64_t g0,
+                          float mu, int mode, bool square, F32 out, int64_t out_base) {
   need(mode >= 0 && mode <= 2, "inter_camera_rows: mode must be 0 (eq5), 1 (feature), 2 (jaccard)");
   const auto md = static_cast<iics::InterCameraMode>(mode);
   need(cam.ndim() == 1, "inter_camera_rows: cam must be 1-D");
   const int64_t n = cam.shape(0);
   need(0 <= r0 && r0 <= r1 && r1 <= n, "inter_camera_rows: need 0 <= r0 <= r1 <= n");
+  need(0 <= g0 && g0 <= r0, "inter_camera_rows: need 0 <= g0 <= r0");
   const bool need_scores = md != iics::InterCameraMode::kFeature;
   const bool need_gram = md != iics::InterCameraMode::kJaccard;
   int64_t dim = 0;
@@ -56,15 +57,21 @@ void inter_camera_rows_py(std::optional<F32> scores, std::optional<F32> rowsum,
   }
   if (need_gram) {
     need(gram.has_value(), "inter_camera_rows: this mode needs gram");
-    need(gram->ndim() == 2 && gram->shape(0) == r1 - r0 && gram->shape(1) == n - r0,
-         "inter_camera_rows: gram must be (r1 - r0, n - r0)");
+    need(gram->ndim() == 2 && gram->shape(0) >= r1 - g0 && gram->shape(1) == n - g0,
+         "inter_camera_rows: gram must be (rows, n - g0) with g0 + rows >= r1");
   }
-  if (square)
+  if (square) {
     need(out.ndim() == 2 && out.shape(0) == n && out.shape(1) == n,
          "inter_camera_rows: square out must be (n, n)");
-  else
-    need(out.ndim() == 1 && out.shape(0) == iics::condensed_size(n),
-         "inter_camera_rows: condensed out must have n(n-1)/2 entries");
+    need(out_base == 0, "inter_camera_rows: square out needs out_base = 0");
+  } else {
+    // the block [out_base, out_base + len) must hold the entries of rows [r0, r1)
+    // (condensed_row(n, n) = n(n-1)/2, the formula holds for the end row too)
+    const int64_t lo = iics::condensed_row(n, r0), hi = iics::condensed_row(n, r1);
+    need(out.ndim() == 1 && 0 <= out_base && (r0 == r1 || (out_base <= lo && hi <= out_base + out.shape(0))),
+         "inter_camera_rows: condensed out (first entry at position out_base) must hold the "
+         "entries of rows [r0, r1)");
+  }
   need(out.writeable(), "inter_camera_rows: out is read-only");
   const float* ps = need_scores ? scores->data() : nullptr;
   const float* prs = need_scores ? rowsum->data() : nullptr;
@@ -72,7 +79,8 @@ void inter_camera_rows_py(std::optional<F32> scores, std::optional<F32> rowsum,
   const int64_t* pc = cam.data();
   float* po = out.mutable_data();
   py::gil_scoped_release release;
-  iics::inter_camera_rows_cpu(ps, dim, prs, dim, pg, n - r0, pc, n, r0, r1, mu, md, square, po);
+  iics::inter_camera_rows_cpu(ps, dim, prs, dim, pg, n - g0, g0, pc, n, r0, r1, mu, md, square, po,
+                              out_base);
 }
 
 }  // namespace
@@ -85,8 +93,10 @@ void bind_pairwise(py::module_& m) {
         "out (m, p); sa, sb are the row sums. J(0, 0) = 0. float32, C-contiguous, no copies.");
   m.def("inter_camera_rows", &inter_camera_rows_py, py::arg("scores").noconvert(),
         py::arg("rowsum").noconvert(), py::arg("gram").noconvert(), py::arg("cam").noconvert(),
-        py::arg("r0"), py::arg("r1"), py::arg("mu"), py::arg("mode"), py::arg("square"),
-        py::arg("out").noconvert(),
-        "IICS inter-camera distances of rows [r0, r1) against later rows, into a condensed "
-        "(n(n-1)/2) or square (n, n) float32 out. gram = cos for rows [r0, r1) x cols [r0, n).");
+        py::arg("r0"), py::arg("r1"), py::arg("g0"), py::arg("mu"), py::arg("mode"),
+        py::arg("square"), py::arg("out").noconvert(), py::arg("out_base") = 0,
+        "IICS inter-camera distances of rows [r0, r1) against later rows, into a square (n, n) "
+        "or condensed float32 out; a condensed out may be a block whose first entry is the "
+        "condensed position out_base. gram = cos of a slab of rows [g0, g0 + rows) x cols "
+        "[g0, n) with g0 <= r0 <= r1 <= g0 + rows.");
 }

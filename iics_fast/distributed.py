@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from iics_fast.similarity_rows import condensed_row_offset, inter_camera_rows
+from iics_fast.similarity import condensed_row_offset, inter_camera_distance
 
 
 # ----------------------------------------------------------------------------- process group
@@ -246,15 +246,17 @@ def condensed_row_splits(n: int, parts: int) -> list[int]:
 def sharded_inter_camera_distance(features, scores, camids, mu=0.02, *, mode="eq5", dst=0, backend="auto"):
     """The condensed inter-camera distance (SciPy pdist order, float32) built by all ranks: rank
     r computes the rows [p_r, p_{r+1}) of `condensed_row_splits(N, world)` (equal numbers of
-    entries) with `similarity_rows.inter_camera_rows`, and rank `dst` receives every block
-    point-to-point straight into its preallocated result. Returns the full vector on `dst`,
-    None elsewhere; without a process group it is the single-process build.
+    entries) with `similarity.inter_camera_distance(..., rows=(p_r, p_{r+1}))`, and rank `dst`
+    receives every block point-to-point straight into its preallocated result. Returns the full
+    vector on `dst`, None elsewhere; without a process group it is the single-process build.
 
     Every rank passes the same full inputs (features (N, d), scores (N, D), camids (N,), e.g.
     from `all_gather_rows`), on its communication device (CUDA under NCCL, CPU under gloo).
     Memory: one block (~N(N-1)/(2 world) float32) per rank plus a few slabs of work, and the
-    N(N-1)/2 result at dst (which writes its own block into it directly). The result is
-    bitwise the single-process `inter_camera_rows(..., r0=0, r1=N)` for every world size."""
+    N(N-1)/2 result at dst (which writes its own block into it directly). On the CPU the result
+    is bitwise the single-process `inter_camera_distance` for every world size; on the GPU
+    (row ranges keep the caller's order, the whole build sorts by camera) it is bitwise
+    `inter_camera_distance(..., rows=(0, N))` and equal to the whole build to float32 rounding."""
     world, me = world_size(), rank()
     if not 0 <= dst < world:
         raise ValueError(f"dst must be a rank in 0..{world - 1}, got {dst}")
@@ -271,15 +273,15 @@ def sharded_inter_camera_distance(features, scores, camids, mu=0.02, *, mode="eq
     splits = condensed_row_splits(n, world)
     r0, r1 = splits[me], splits[me + 1]
     if me != dst:
-        block = inter_camera_rows(features, scores, camids, mu, r0=r0, r1=r1, mode=mode, backend=backend)
+        block = inter_camera_distance(features, scores, camids, mu, mode=mode, backend=backend, rows=(r0, r1))
         if block.numel():
             dist.send(block, dst=dst)
         return None
     device = (features if mode != "jaccard" else scores).device
     out = torch.empty(n * (n - 1) // 2, dtype=torch.float32, device=device)
     offs = [condensed_row_offset(n, p) for p in splits]
-    inter_camera_rows(features, scores, camids, mu, r0=r0, r1=r1, mode=mode, backend=backend,
-                      out=out[offs[me]:offs[me + 1]])
+    inter_camera_distance(features, scores, camids, mu, mode=mode, backend=backend, rows=(r0, r1),
+                          out=out[offs[me]:offs[me + 1]])
     for r in range(world):
         if r != me and offs[r + 1] > offs[r]:
             dist.recv(out[offs[r]:offs[r + 1]], src=r)

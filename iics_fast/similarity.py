@@ -3,6 +3,12 @@
     d(m, n) = 1 - cos(f_m, f_n) - mu * J(s_m, s_n) * [cam_m != cam_n]
     J(a, b) = sum_k min(a_k, b_k) / sum_k max(a_k, b_k)                 J(0, 0) := 0
 
+Row ranges: `rows=(r0, r1)` returns only the condensed entries of rows [r0, r1), i.e.
+`d[condensed_row_offset(N, r0):condensed_row_offset(N, r1)]` of the whole condensed vector,
+holding no more than that block (a rank of a sharded build, iics_fast.distributed). On the CPU
+the blocks of any split put end to end are bitwise the whole build; on the GPU they agree with it
+to float32 rounding (see `inter_camera_distance`).
+
 Backends: "triton" (CUDA tensors: one fused tile kernel, kernels/pairwise.py), "cpu" (the C++
 extension: register-tiled sum-of-minima with AVX2 + OpenMP, cosines by blocked float32 GEMM),
 "ref" (plain PyTorch, float64, O(N^2) memory: small inputs and tests), "auto" (triton for CUDA
@@ -13,12 +19,14 @@ before the Jaccard term); a zero score row has J = 0 with everything (J(0, 0) = 
 reference code yields NaN); N = 1 gives an empty condensed output / a 1 x 1 zero square.
 Rejected before any work (ValueError / TypeError naming the fix): negative or non-finite
 scores, non-finite features, mismatched lengths, dtypes other than float32/float16/bfloat16,
-non-integer camera ids, unknown modes/backends/layouts, a wrong `out` buffer. The finiteness and
-sign checks are one linear pass (`aminmax`) over each input.
+non-integer camera ids, unknown modes/backends/layouts, a wrong `out` buffer, a row range
+outside 0..N or with the square layout. The finiteness and sign checks are one linear pass
+(`aminmax`) over each input.
 """
 from __future__ import annotations
 
 import math
+import operator
 import os
 
 import numpy as np
@@ -102,15 +110,51 @@ def _resolve_backend(backend, device):
     return backend
 
 
-def _check_out(out, n, device):
-    """Returns (layout, buffer or None) from `out` = layout name or a preallocated buffer."""
+def condensed_row_offset(n: int, i: int) -> int:
+    """Position of entry (i, i+1) in the condensed (pdist-order) vector of n points, i.e. the
+    number of entries of rows 0..i-1 (row i holds n-1-i entries); i = n gives n(n-1)/2."""
+    if not 0 <= i <= n:
+        raise ValueError(f"row {i} is outside 0..{n}")
+    return i * (2 * n - i - 1) // 2
+
+
+def _check_rows(rows, n):
+    """(r0, r1) as Python ints from `rows`, a pair of integers with 0 <= r0 <= r1 <= n."""
+    try:
+        r0, r1 = rows
+    except (TypeError, ValueError):
+        raise TypeError(f"rows must be a pair (r0, r1) of row indices or None, got {rows!r}") from None
+    try:
+        r0, r1 = operator.index(r0), operator.index(r1)
+    except TypeError:
+        raise TypeError(f"rows must hold integers, got ({type(r0).__name__}, {type(r1).__name__}); "
+                        f"pass ints such as (0, {n})") from None
+    if not 0 <= r0 <= r1 <= n:
+        raise ValueError(f"rows=(r0, r1) needs 0 <= r0 <= r1 <= N = {n}, got ({r0}, {r1}); "
+                         f"pass a range of the N samples' rows")
+    return r0, r1
+
+
+def _check_out(out, n, device, rows=None):
+    """Returns (layout, buffer or None) from `out` = layout name or a preallocated buffer; with
+    `rows` = (r0, r1) the layout must be condensed and a buffer must hold exactly the block."""
     if isinstance(out, str):
         if out not in LAYOUTS:
             raise ValueError(f"out must be one of {LAYOUTS} or a float32 buffer, got {out!r}")
+        if rows is not None and out != "condensed":
+            raise ValueError(f"rows={rows} gives a block of the condensed layout; out={out!r} cannot "
+                             "hold it: pass out='condensed' (or a 1-D buffer), or rows=None")
         return out, None
     buf = _as_tensor(out, "out")
     if buf.dtype != torch.float32 or not buf.is_contiguous() or buf.device != device:
         raise ValueError(f"out buffer must be a contiguous float32 array on {device}")
+    if rows is not None:
+        length = condensed_row_offset(n, rows[1]) - condensed_row_offset(n, rows[0])
+        if buf.ndim != 1 or buf.shape[0] != length:
+            raise ValueError(f"out buffer of shape {tuple(buf.shape)} does not fit rows={rows} of N={n}: "
+                             f"the block needs ({length},) (condensed_row_offset(N, r1) - "
+                             "condensed_row_offset(N, r0) entries)")
+        return "condensed", buf
     if buf.ndim == 1 and buf.shape[0] == n * (n - 1) // 2:
         return "condensed", buf
     if buf.ndim == 2 and tuple(buf.shape) == (n, n):
@@ -121,7 +165,8 @@ def _check_out(out, n, device):
     )
 
 
-def inter_camera_distance(features, scores, camids, mu=0.02, *, out="condensed", mode="eq5", backend="auto"):
+def inter_camera_distance(features, scores, camids, mu=0.02, *, out="condensed", mode="eq5", backend="auto",
+                          rows=None):
     """Pairwise inter-camera distance 1 - cos(f_m, f_n) - mu * J(s_m, s_n) * [cam_m != cam_n].
 
     features: (N, d) float32/float16/bfloat16, normalised here (None allowed in "jaccard" mode).
@@ -135,18 +180,28 @@ def inter_camera_distance(features, scores, camids, mu=0.02, *, out="condensed",
     mode:     "eq5" (default), "feature" (1 - cos), "jaccard" (1 - J over all pairs); the
               paper's Table 1 ablations, see kernels/pairwise.py.
     backend:  "auto" | "triton" | "cpu" | "ref".
+    rows:     None (the whole matrix) or (r0, r1) with 0 <= r0 <= r1 <= N: only the condensed
+              entries of rows [r0, r1), a 1-D vector of condensed_row_offset(N, r1) -
+              condensed_row_offset(N, r0) entries equal to that slice of the whole condensed
+              vector (bitwise on the CPU; on the GPU to float32 rounding, as the rows are not
+              sorted by camera there). Condensed layout only; a preallocated `out` must then
+              have exactly the block's length. Work memory stays O(block rows x N) + the block.
 
     Returns a float32 torch tensor on the inputs' device (on the CPU, `.numpy()` is zero-copy).
     """
     feats, scr, cam, mu, device = _check_inputs(features, scores, camids, mu, mode)
     n = cam.shape[0]
-    layout, buf = _check_out(out, n, device)
+    if rows is not None:
+        rows = _check_rows(rows, n)
+    layout, buf = _check_out(out, n, device, rows)
     backend = _resolve_backend(backend, device)
 
     if backend == "ref":
         from iics_fast.kernels.pairwise import inter_camera_distance_ref
 
         res = inter_camera_distance_ref(feats, scr, cam, mu, layout, mode)
+        if rows is not None:  # the reference builds the whole matrix and slices it
+            res = res[condensed_row_offset(n, rows[0]):condensed_row_offset(n, rows[1])]
         if buf is None:
             return res
         buf.copy_(res)
@@ -154,20 +209,31 @@ def inter_camera_distance(features, scores, camids, mu=0.02, *, out="condensed",
     if backend == "triton":
         from iics_fast.kernels.pairwise import inter_camera_distance as triton_distance
 
-        return triton_distance(feats, scr, cam, mu, layout, mode, out_buf=buf)
-    return _cpu_distance(feats, scr, cam, mu, layout, mode, buf)
+        return triton_distance(feats, scr, cam, mu, layout, mode, out_buf=buf, rows=rows)
+    return _cpu_distance(feats, scr, cam, mu, layout, mode, buf, rows)
 
 
-def _cpu_distance(feats, scr, cam, mu, layout, mode, buf):
-    """C++ path: per block of rows, cosines by one float32 GEMM (torch.mm, O(block * N) memory),
-    then the extension adds the Jaccard term and writes the block's rows of the output."""
+def _cpu_distance(feats, scr, cam, mu, layout, mode, buf, rows):
+    """C++ path: cosines by float32 GEMMs over slabs of rows [s0, s1) x columns [s0, N) on a
+    grid fixed by N alone (O(slab * N) memory), then the extension adds the Jaccard term and
+    writes the slab's rows of the output. With rows = (r0, r1) only the slabs meeting [r0, r1)
+    are computed, each whole, and the extension writes rows [r0, r1) of them into the block:
+    a GEMM's rounding may depend on its shape, so every entry's cosine then comes from the same
+    product as in the whole build, and blocks of any split are bitwise the whole build's slices."""
     from iics_fast._native import native
 
     C = native()
     n = cam.shape[0]
     square = layout == "square"
+    r0, r1 = (0, n) if rows is None else rows
+    base = condensed_row_offset(n, r0)  # condensed position of the block's first entry
     if buf is None:
-        buf = torch.empty((n, n) if square else (n * (n - 1) // 2,), dtype=torch.float32)
+        shape = (n, n) if square else (condensed_row_offset(n, r1) - base,)
+        buf = torch.empty(shape, dtype=torch.float32)
+    if not square:
+        r1 = min(r1, n - 1)  # the last row has no condensed entries
+    if r0 >= r1:
+        return buf
     out_np = buf.numpy()
     cam_np = cam.to(torch.int64).contiguous().numpy()
     code = MODES.index(mode)
@@ -179,16 +245,18 @@ def _cpu_distance(feats, scr, cam, mu, layout, mode, buf):
     f = None
     if feats is not None:
         f = torch.nn.functional.normalize(feats.to(torch.float32), dim=1).contiguous()
-    block = max(24, min(n, _GRAM_BUDGET // max(n, 1)) // 24 * 24)
-    gram = torch.empty(min(block, n) * n, dtype=torch.float32) if f is not None else None
-    for r0 in range(0, n, block):
-        r1 = min(n, r0 + block)
+    block = max(24, min(n, _GRAM_BUDGET // n) // 24 * 24)
+    first = r0 // block * block
+    gram = torch.empty(min(block, n - first) * (n - first), dtype=torch.float32) if f is not None else None
+    for s0 in range(first, r1, block):
+        s1 = min(n, s0 + block)
         g_np = None
         if f is not None:
-            g = gram[: (r1 - r0) * (n - r0)].view(r1 - r0, n - r0)
-            torch.mm(f[r0:r1], f[r0:].T, out=g)
+            g = gram[: (s1 - s0) * (n - s0)].view(s1 - s0, n - s0)
+            torch.mm(f[s0:s1], f[s0:].T, out=g)
             g_np = g.numpy()
-        C.inter_camera_rows(s_np, rs_np, g_np, cam_np, r0, r1, mu, code, square, out_np)
+        C.inter_camera_rows(s_np, rs_np, g_np, cam_np, max(s0, r0), min(s1, r1), s0, mu, code, square,
+                            out_np, base)
     return buf
 
 

@@ -21,7 +21,8 @@ Modes (the paper's Table 1 ablations):
                        pair at distance 1, i.e. forbid same-camera clusters)
 
 Layouts: "condensed" = SciPy pdist order (i < j), N(N-1)/2 float32; "square" = N x N float32,
-symmetric, diagonal exactly 0.
+symmetric, diagonal exactly 0. A row range (r0, r1) of the condensed layout writes only the
+entries of rows [r0, r1), into a block whose first entry is row r0's.
 """
 from __future__ import annotations
 
@@ -148,16 +149,20 @@ def _pairwise_jaccard_kernel(
     tl.store(out_ptr + rows[:, None].to(tl.int64) * P + cols[None, :], j, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["r0", "r1"])  # plain i32 always: no recompile per row range
 def _inter_camera_kernel(
-    feat_ptr,  # (N_pad, d_pad) L2-normalised features in camera order, zero padded, row-major
-    st_ptr,  # (D_pad/4, N_pad, 4) scores in camera order, quad-major layout (see _l1_tile)
-    rowsum_ptr,  # (N_pad,) float32 score row sums, camera order
-    cam_ptr,  # (N_pad,) int32 camera ids, sorted (padding repeats the last camera)
-    perm_ptr,  # (N_pad,) int32 caller's index of each sorted position
-    tiles_ptr,  # (T, 2) int32 (row tile, column tile) pairs with row tile <= column tile
-    out_ptr,  # float32 output: condensed (N(N-1)/2,) or square (N, N), caller's order
+    # kernel order: sorted by camera for the whole matrix, the caller's order for a row range
+    feat_ptr,  # (N_pad, d_pad) L2-normalised features in kernel order, zero padded, row-major
+    st_ptr,  # (D_pad/4, N_pad, 4) scores in kernel order, quad-major layout (see _l1_tile)
+    rowsum_ptr,  # (N_pad,) float32 score row sums, kernel order
+    cam_ptr,  # (N_pad,) int32 camera ids in kernel order (padding repeats the last camera)
+    perm_ptr,  # (N_pad,) int32 caller's index of each kernel-order position
+    tiles_ptr,  # (T, 3) int32 (row tile, column tile, one camera) with row tile <= column tile;
+    #             one camera = 1 when every row and column of the tile has one and the same camera
+    out_ptr,  # float32 output, caller's order: square (N, N), or the condensed entries of rows
+    #           [r0, r1), entry (i, j) at its condensed position minus that of (r0, r0 + 1)
     N, N_pad, d_pad, D_pad, mu,
+    r0, r1,  # condensed rows [r0, r1) of the kernel order: (0, N) for the whole matrix
     MODE: tl.constexpr,  # 0 eq5, 1 feature, 2 jaccard
     SQUARE: tl.constexpr,  # write the square layout (else condensed)
     BLOCK: tl.constexpr,  # rows = columns of a tile
@@ -166,8 +171,8 @@ def _inter_camera_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 features, "tf32" ignored for fp16
 ):
     pid = tl.program_id(0)
-    tm = tl.load(tiles_ptr + 2 * pid)
-    tn = tl.load(tiles_ptr + 2 * pid + 1)
+    tm = tl.load(tiles_ptr + 3 * pid)
+    tn = tl.load(tiles_ptr + 3 * pid + 1)
     rows = tm * BLOCK + tl.arange(0, BLOCK)
     cols = tn * BLOCK + tl.arange(0, BLOCK)
     # (x // B) * B tells the compiler the strides are multiples of the block (aligned,
@@ -192,10 +197,8 @@ def _inter_camera_kernel(
     if MODE != 1:
         k_end = D_pad
         if MODE == 0:
-            # sorted cameras: a tile wholly inside one camera's block skips the L1 loop
-            first = tl.load(cam_ptr + tm * BLOCK)
-            last = tl.load(cam_ptr + tn * BLOCK + BLOCK - 1)
-            k_end = tl.where(first == last, 0, D_pad)
+            # a tile whose pairs all share one camera (J is masked there) skips the L1 loop
+            k_end = tl.where(tl.load(tiles_ptr + 3 * pid + 2) != 0, 0, D_pad)
         l1 = _l1_tile(st_ptr, rows, 4 * N_pad, st_ptr, cols, 4 * N_pad, k_end, BLOCK, BLOCK, UNROLL)
         jac = _jaccard_from_l1(l1, tl.load(rowsum_ptr + rows), tl.load(rowsum_ptr + cols))
         if MODE == 0:
@@ -215,10 +218,11 @@ def _inter_camera_kernel(
         tl.store(out_ptr + i * N + j, dist, mask=valid)
         tl.store(out_ptr + j * N + i, dist, mask=valid)
     else:
-        valid = (r2 < c2) & (c2 < N)
+        valid = (r2 < c2) & (c2 < N) & (r2 >= r0) & (r2 < r1)
         lo = tl.minimum(i, j)
         hi = tl.maximum(i, j)
-        tl.store(out_ptr + lo * N - lo * (lo + 1) // 2 + hi - lo - 1, dist, mask=valid)
+        base = r0.to(tl.int64) * N - r0.to(tl.int64) * (r0 + 1) // 2  # condensed offset of row r0
+        tl.store(out_ptr + (lo * N - lo * (lo + 1) // 2 + hi - lo - 1 - base), dist, mask=valid)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -269,39 +273,60 @@ def pairwise_jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _tile_pairs(n_tiles: int, device) -> torch.Tensor:
-    """(T, 2) int32 (row tile, column tile) of the upper triangle, row tile <= column tile."""
-    iu = torch.triu_indices(n_tiles, n_tiles, device="cpu")
-    return iu.T.contiguous().to(torch.int32).to(device)
+def _tiles(cam_pad: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+    """(T, 3) int32 work list: (row tile, column tile, one camera) for row tiles [t0, t1) and
+    column tiles from the row tile on; "one camera" is 1 where every row and column of the
+    tile has the same camera (the eq5 kernel then skips the Jaccard term). cam_pad: (N_pad,)
+    camera ids in kernel order."""
+    n_tiles = cam_pad.shape[0] // DIST_BLOCK
+    blocks = cam_pad.view(n_tiles, DIST_BLOCK)
+    lo, hi = blocks.amin(1), blocks.amax(1)
+    iu = torch.triu_indices(n_tiles, n_tiles, device=cam_pad.device)
+    iu = iu[:, (iu[0] >= t0) & (iu[0] < t1)]
+    tm, tn = iu[0], iu[1]
+    one = (lo[tm] == hi[tm]) & (lo[tn] == hi[tn]) & (lo[tm] == lo[tn])
+    return torch.stack([tm, tn, one.long()], 1).to(torch.int32).contiguous()
 
 
-def inter_camera_distance(features, scores, camids, mu=0.02, out="condensed", mode="eq5", out_buf=None):
+def inter_camera_distance(features, scores, camids, mu=0.02, out="condensed", mode="eq5", out_buf=None, rows=None):
     """Fused Eq. 5 distance on the GPU (or the interpreter); see the module docstring.
 
     Inputs are validated by `iics_fast.similarity.inter_camera_distance` (the public entry point):
     features (N, d) / scores (N, D) float32, float16 or bfloat16 on one CUDA device (either may be
-    None when `mode` does not use it), camids (N,) integer tensor in any order. Samples are
-    sorted by camera here; results are written at the caller's indices. `out_buf`, if given, is
-    a contiguous float32 tensor of the output's shape on the same device and is returned."""
+    None when `mode` does not use it), camids (N,) integer tensor in any order. The whole build
+    sorts the samples by camera (tiles inside one camera skip the Jaccard term in eq5 mode);
+    results are written at the caller's indices. rows = (r0, r1) (condensed only): the entries of
+    rows [r0, r1) alone, in the caller's order with no sort, so that those rows are the tile rows
+    [r0 // BLOCK, ceil(r1 / BLOCK)); only the tiles of those rows run. `out_buf`, if given, is a
+    contiguous float32 tensor of the output's shape (the block's, with rows) on the same device
+    and is returned."""
     n = int(camids.shape[0])
     device = camids.device
     square = out == "square"
-    shape = (n, n) if square else (n * (n - 1) // 2,)
+    r0, r1 = (0, n) if rows is None else rows
+    base = r0 * (2 * n - r0 - 1) // 2
+    shape = (n, n) if square else (r1 * (2 * n - r1 - 1) // 2 - base,)
     result = out_buf if out_buf is not None else torch.empty(shape, dtype=torch.float32, device=device)
-    if n < 2:
+    if n < 2 or result.numel() == 0:
         result.zero_()
         return result
     code = MODES[mode]
-    # camera ranks 0..C-1 (int32-safe whatever the ids), sorted stably
-    order = torch.sort(torch.unique(camids, return_inverse=True)[1], stable=True)
-    perm = order.indices
     n_pad = _round_up(n, DIST_BLOCK)
     pad = n_pad - n
-    cam_sorted = torch.cat([order.values, order.values[-1:].expand(pad)]).to(torch.int32).contiguous()
-    perm_pad = torch.cat([perm, perm[-1:].expand(pad)]).to(torch.int32).contiguous()
+    ranks = torch.unique(camids, return_inverse=True)[1]  # camera ranks 0..C-1: int32-safe ids
+    if rows is None:
+        order = torch.sort(ranks, stable=True)
+        perm, cam_k = order.indices, order.values
+    else:
+        perm, cam_k = None, ranks
+    cam_pad = torch.cat([cam_k, cam_k[-1:].expand(pad)]).to(torch.int32).contiguous()
+    idx = torch.arange(n, device=device) if perm is None else perm
+    perm_pad = torch.cat([idx, idx[-1:].expand(pad)]).to(torch.int32).contiguous()
 
     if code != 2:
-        f = torch.nn.functional.normalize(features.float(), dim=1)[perm]
+        f = torch.nn.functional.normalize(features.float(), dim=1)
+        if perm is not None:
+            f = f[perm]
         dot_dtype = torch.float32 if features.dtype == torch.float32 else torch.float16
         d_pad = _round_up(f.shape[1], DIST_BK)
         feat = torch.zeros(n_pad, d_pad, dtype=dot_dtype, device=device)
@@ -311,17 +336,17 @@ def inter_camera_distance(features, scores, camids, mu=0.02, out="condensed", mo
     else:
         feat, d_pad, precision = torch.zeros(1, dtype=torch.float32, device=device), 0, "ieee"
     if code != 1:
-        s_sorted = scores[perm]
+        s_k = scores if perm is None else scores[perm]
         big_d = _round_up(scores.shape[1], 4 * UNROLL)
-        st = _quad_major(s_sorted, n_pad, big_d)
-        rowsum = _padded_rowsum(s_sorted, n_pad)
-        del s_sorted
+        st = _quad_major(s_k, n_pad, big_d)
+        rowsum = _padded_rowsum(s_k, n_pad)
+        del s_k
     else:
         st, rowsum, big_d = torch.zeros(1, dtype=torch.float32, device=device), torch.zeros(n_pad, device=device), 0
 
-    tiles = _tile_pairs(n_pad // DIST_BLOCK, device)
+    tiles = _tiles(cam_pad, r0 // DIST_BLOCK, -(-r1 // DIST_BLOCK))
     _inter_camera_kernel[(tiles.shape[0],)](
-        feat, st, rowsum, cam_sorted, perm_pad, tiles, result, n, n_pad, d_pad, big_d, float(mu),
+        feat, st, rowsum, cam_pad, perm_pad, tiles, result, n, n_pad, d_pad, big_d, float(mu), r0, r1,
         MODE=code, SQUARE=square, BLOCK=DIST_BLOCK, BK=DIST_BK, UNROLL=UNROLL,
         DOT_PRECISION=precision, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
@@ -348,7 +373,8 @@ def _specs():
                 f"inter_camera_{mode}_{tag}", _inter_camera_kernel,
                 {"feat_ptr": dt, "st_ptr": dt, "rowsum_ptr": "*fp32", "cam_ptr": "*i32",
                  "perm_ptr": "*i32", "tiles_ptr": "*i32", "out_ptr": "*fp32",
-                 "N": "i32", "N_pad": "i32", "d_pad": "i32", "D_pad": "i32", "mu": "fp32"},
+                 "N": "i32", "N_pad": "i32", "d_pad": "i32", "D_pad": "i32", "mu": "fp32",
+                 "r0": "i32", "r1": "i32"},
                 {"MODE": MODES[mode], "SQUARE": False, "BLOCK": DIST_BLOCK, "BK": DIST_BK,
                  "UNROLL": UNROLL, "DOT_PRECISION": "ieee" if tag == "fp32" else "tf32"},
                 NUM_WARPS, NUM_STAGES,

@@ -1,7 +1,8 @@
-"""iics_fast.distributed and iics_fast.similarity_rows: two gloo processes (torch.multiprocessing
-spawn, one launch for the whole module) check the collectives and the sharded distance build
-against single-process builds; the pure pieces (splits, shards, samplers, row blocks) are
-checked in-process for many world sizes."""
+"""iics_fast.distributed: two gloo processes (torch.multiprocessing spawn, one launch for the
+whole module) check the collectives and the sharded distance build against the single-process
+build; the pure pieces (splits, shards, samplers) are checked in-process for many world sizes.
+Row ranges of the distance itself (`inter_camera_distance(..., rows=)`) are tested in
+tests/test_pairwise.py."""
 import os
 import socket
 
@@ -11,8 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from iics_fast import distributed as D
-from iics_fast.similarity import inter_camera_distance
-from iics_fast.similarity_rows import condensed_row_offset, inter_camera_rows
+from iics_fast.similarity import condensed_row_offset, inter_camera_distance
 
 WORLD = 2
 # (n, feature dims, score dims, cameras, mode, dst): N below, at and above the world size, N not
@@ -220,7 +220,6 @@ def test_shards_reassemble_in_order(spawned, n):
 def test_sharded_distance_equals_single_process(spawned, case):
     n, d, big_d, cams, mode, dst = case
     f, s, c = _problem(n, d, big_d, cams, seed=n)
-    single = inter_camera_rows(f, s, c, 0.3, r0=0, r1=n, mode=mode)
     full = inter_camera_distance(f, s, c, 0.3, mode=mode, backend="cpu")
     for r, res in enumerate(spawned):
         got = res[("dist", case)]
@@ -228,8 +227,7 @@ def test_sharded_distance_equals_single_process(spawned, case):
             assert got is None
             continue
         assert got.dtype == torch.float32 and got.shape == (n * (n - 1) // 2,)
-        assert torch.equal(got, single)
-        torch.testing.assert_close(got, full, rtol=0, atol=2e-6)
+        assert torch.equal(got, full)
 
 
 def test_sampler_uses_process_group_rank(spawned):
@@ -299,7 +297,7 @@ def test_single_process_fallbacks():
     t = torch.arange(6).reshape(3, 2)
     assert D.all_gather_rows(t) is t
     f, s, c = _problem(20, 8, 6, 3, seed=1)
-    assert torch.equal(D.sharded_inter_camera_distance(f, s, c, 0.3), inter_camera_rows(f, s, c, 0.3, r0=0, r1=20))
+    assert torch.equal(D.sharded_inter_camera_distance(f, s, c, 0.3), inter_camera_distance(f, s, c, 0.3))
 
 
 def test_training_helpers_in_one_process():
@@ -355,52 +353,6 @@ def test_condensed_row_splits_balance(n, world):
         assert p[k] == 0 or condensed_row_offset(n, p[k] - 1) < target
     # a split point overshoots its share by less than one row (< n entries)
     assert all(abs(cnt - total / world) < max(n, 1) for cnt in counts)
-
-
-@pytest.mark.parametrize("mode", ["eq5", "feature", "jaccard"])
-@pytest.mark.parametrize("n", [2, 5, 37, 230])
-def test_row_blocks_equal_whole_build(rng, n, mode, monkeypatch):
-    # small slabs and chunks so that blocks cross several of them
-    import iics_fast.similarity_rows as R
-
-    f, s, c = _problem(n, 12, 7, 3, seed=int(rng.integers(1 << 30)))
-    whole = inter_camera_distance(f, s, c, 0.25, mode=mode, backend="cpu")
-    ref = inter_camera_distance(f, s, c, 0.25, mode=mode, backend="ref")
-    assert torch.equal(inter_camera_rows(f, s, c, 0.25, r0=0, r1=n, mode=mode), whole)
-    monkeypatch.setattr(R, "_CHUNK_ROWS", 5)
-    for world in (2, 3, 7):
-        cuts = sorted({0, n, *rng.integers(0, n + 1, world - 1).tolist()})
-        blocks = [inter_camera_rows(f, s, c, 0.25, r0=a, r1=b, mode=mode) for a, b in zip(cuts, cuts[1:])]
-        assert [len(b) for b in blocks] == [condensed_row_offset(n, b) - condensed_row_offset(n, a)
-                                           for a, b in zip(cuts, cuts[1:])]
-        got = torch.cat(blocks)
-        assert torch.equal(got, whole)
-        torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
-
-
-def test_row_block_into_buffer_and_bad_input():
-    f, s, c = _problem(10, 4, 3, 2, seed=3)
-    buf = torch.full((45,), -1.0)
-    lo, hi = condensed_row_offset(10, 2), condensed_row_offset(10, 6)
-    inter_camera_rows(f, s, c, r0=2, r1=6, out=buf[lo:hi])
-    whole = inter_camera_distance(f, s, c, backend="cpu")
-    assert torch.equal(buf[lo:hi], whole[lo:hi]) and bool((buf[:lo] == -1).all() and (buf[hi:] == -1).all())
-    with pytest.raises(ValueError, match="r0 <= r1"):
-        inter_camera_rows(f, s, c, r0=5, r1=3)
-    with pytest.raises(ValueError, match="r1 <= N"):
-        inter_camera_rows(f, s, c, r0=0, r1=11)
-    with pytest.raises(ValueError, match="out must be"):
-        inter_camera_rows(f, s, c, r0=0, r1=2, out=torch.empty(3))
-    with pytest.raises(ValueError, match="features has 9 rows but camids has 10"):
-        inter_camera_rows(f[:9], s, c, r0=0, r1=2)
-    with pytest.raises(ValueError, match="NaN"):
-        inter_camera_rows(torch.full((10, 4), float("nan")), s, c, r0=0, r1=2)
-    with pytest.raises(ValueError, match="nonnegative"):
-        inter_camera_rows(f, -s, c, r0=0, r1=2)
-    with pytest.raises(TypeError, match="integers"):
-        inter_camera_rows(f, s, c.float(), r0=0, r1=2)
-    with pytest.raises(ValueError, match="mode"):
-        inter_camera_rows(f, s, c, r0=0, r1=2, mode="cosine")
 
 
 def test_bad_arguments():

@@ -1,4 +1,5 @@
-"""Inter-camera distance and generalised Jaccard: Triton kernels (interpreter), C++ path, references.
+"""Inter-camera distance and generalised Jaccard: Triton kernels (interpreter), C++ path, references,
+whole matrices and row ranges (rows=(r0, r1)).
 
 Kernels and the C++ path are held to the plain references on fresh random inputs with awkward
 shapes; the references to a direct float64 sum-min / sum-max; the kernels compile for sm_80 and
@@ -124,6 +125,50 @@ def test_dispatch_to_triton_with_numpy_buffer(rng):
     np.testing.assert_allclose(jac.numpy(), direct_jaccard(s, s), atol=2e-6)
 
 
+ROW_KERNEL_CASES = [
+    # n, cams, tag, mode: N not a multiple of DIST_BLOCK, one camera, half inputs, every mode
+    (150, [3, 0, 7, 1], "fp32", "eq5"),
+    (131, [5], "fp32", "eq5"),
+    (97, [2, 9], "fp16", "eq5"),
+    (150, [0, 1, 2], "fp32", "feature"),
+    (150, [0, 1, 2], "fp32", "jaccard"),
+]
+
+
+def _row_ranges(n):
+    """Off-tile and on-tile starts and ends, an empty range inside, the last rows, (N, N)."""
+    return [(0, n), (1, 70), (63, 65), (64, min(128, n)), (40, 40), (n - 1, n), (n - 30, n), (n, n)]
+
+
+@pytest.mark.parametrize("n,cams,tag,mode", ROW_KERNEL_CASES)
+def test_inter_camera_kernel_rows(rng, n, cams, tag, mode):
+    f, s, cam = make_inputs(rng, n, 40, 203, cams, DTYPES[tag])
+    ref = K.inter_camera_distance_ref(f, s, cam, 0.3, "condensed", mode)
+    blocks = {}
+    for r0, r1 in _row_ranges(n):
+        lo, hi = S.condensed_row_offset(n, r0), S.condensed_row_offset(n, r1)
+        got = K.inter_camera_distance(f, s, cam, 0.3, "condensed", mode, rows=(r0, r1))
+        assert got.shape == (hi - lo,) and got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), ref[lo:hi].numpy(), atol=KERNEL_TOL[tag])
+        blocks[r0, r1] = got
+    # every entry comes from the same tile in any range (caller's order, fixed tile grid)
+    whole = blocks[0, n]
+    assert torch.equal(torch.cat([blocks[0, n][:S.condensed_row_offset(n, 1)], blocks[1, 70],
+                                  whole[S.condensed_row_offset(n, 70):]]), whole)
+
+
+def test_inter_camera_kernel_rows_into_buffer_slice(rng):
+    n = 90
+    f, s, cam = make_inputs(rng, n, 16, 24, [0, 1, 1, 2])
+    buf = torch.full((n * (n - 1) // 2,), -7.0)
+    lo, hi = S.condensed_row_offset(n, 30), S.condensed_row_offset(n, 70)
+    got = S.inter_camera_distance(f, s, cam, 0.1, out=buf[lo:hi], backend="triton", rows=(30, 70))
+    assert got.data_ptr() == buf[lo:].data_ptr()
+    ref = S.inter_camera_distance(f, s, cam, 0.1, backend="ref")
+    np.testing.assert_allclose(buf[lo:hi].numpy(), ref[lo:hi].numpy(), atol=2e-5)
+    assert bool((buf[:lo] == -7).all() and (buf[hi:] == -7).all())  # nothing written outside
+
+
 # ----------------------------------------------------------------------------- C++ path
 
 
@@ -180,6 +225,60 @@ def test_cpu_condensed_is_scipy_order_and_buffers_are_reused(rng):
     np.testing.assert_array_equal(sq_buf.numpy(), sq.numpy())
 
 
+@pytest.mark.parametrize("budget", [None, 2**10])  # 2^10: slabs of 24 rows, many of them
+@pytest.mark.parametrize("mode", ["eq5", "feature", "jaccard"])
+@pytest.mark.parametrize("n,cams", [(1, [0]), (2, [0, 1]), (5, [0, 1]), (37, [4, 1, 2]), (230, [4, 1, 2]),
+                                    (101, [3])])
+def test_cpu_row_blocks_equal_whole_build(rng, monkeypatch, budget, mode, n, cams):
+    if budget is not None:
+        monkeypatch.setattr(S, "_GRAM_BUDGET", budget)
+    f, s, cam = make_inputs(rng, n, 12, 37, cams)
+    whole = S.inter_camera_distance(f, s, cam, 0.25, mode=mode, backend="cpu")
+    ref = S.inter_camera_distance(f, s, cam, 0.25, mode=mode, backend="ref")
+    np.testing.assert_allclose(whole.numpy(), ref.numpy(), atol=3e-6)
+    splits = [[0, n], [0, 0, n, n], [0, n - 1, n], [0, n // 2, n // 2, n]]
+    splits += [sorted({0, n, *rng.integers(0, n + 1, world - 1).tolist()}) for world in (2, 3, 7)]
+    for cuts in splits:
+        blocks = [S.inter_camera_distance(f, s, cam, 0.25, mode=mode, backend="cpu", rows=(a, b))
+                  for a, b in zip(cuts, cuts[1:])]
+        assert [b.shape for b in blocks] == [(S.condensed_row_offset(n, b) - S.condensed_row_offset(n, a),)
+                                            for a, b in zip(cuts, cuts[1:])]
+        assert torch.equal(torch.cat(blocks), whole), cuts
+    for a, b in ((n, n), (n - 1, n), (n // 3, n // 3)):
+        assert S.inter_camera_distance(f, s, cam, 0.25, mode=mode, backend="cpu", rows=(a, b)).shape == (0,)
+    lo, hi = S.condensed_row_offset(n, n // 3), S.condensed_row_offset(n, n)
+    got = S.inter_camera_distance(f, s, cam, 0.25, mode=mode, backend="ref", rows=(n // 3, n))
+    assert torch.equal(got, ref[lo:hi])
+
+
+def test_cpu_rows_into_buffer_slice(rng):
+    n = 50
+    f, s, cam = make_inputs(rng, n, 8, 20, [0, 1, 2])
+    buf = torch.full((n * (n - 1) // 2,), -1.0)
+    lo, hi = S.condensed_row_offset(n, 7), S.condensed_row_offset(n, 31)
+    got = S.inter_camera_distance(f, s, cam, out=buf[lo:hi], backend="cpu", rows=(7, 31))
+    assert got.data_ptr() == buf[lo:].data_ptr()
+    whole = S.inter_camera_distance(f, s, cam, backend="cpu")
+    assert torch.equal(buf[lo:hi], whole[lo:hi])
+    assert bool((buf[:lo] == -1).all() and (buf[hi:] == -1).all())
+    nbuf = np.full(hi - lo, np.nan, dtype=np.float32)  # numpy buffers and numpy row bounds
+    S.inter_camera_distance(f, s, cam, out=nbuf, backend="cpu", rows=(np.int64(7), np.int64(31)))
+    np.testing.assert_array_equal(nbuf, whole[lo:hi].numpy())
+    ref_buf = torch.empty(hi - lo)
+    S.inter_camera_distance(f, s, cam, out=ref_buf, backend="ref", rows=(7, 31))
+    np.testing.assert_allclose(ref_buf.numpy(), whole[lo:hi].numpy(), atol=3e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+def test_condensed_row_offset(n):
+    offs = [S.condensed_row_offset(n, i) for i in range(n + 1)]
+    assert offs[0] == 0 and offs[-1] == n * (n - 1) // 2
+    assert all(b - a == n - 1 - i for i, (a, b) in enumerate(zip(offs, offs[1:])))  # row i: n-1-i
+    for i in (-1, n + 1):
+        with pytest.raises(ValueError, match=f"outside 0..{n}"):
+            S.condensed_row_offset(n, i)
+
+
 def test_cpu_pairwise_jaccard_matches_direct(rng):
     a = torch.from_numpy(rng.random((41, 1000)).astype(np.float32) ** 3)
     b = torch.from_numpy(rng.random((29, 1000)).astype(np.float32) ** 3)
@@ -234,6 +333,8 @@ def test_bad_inputs_raise(change, exc, match):
     f, s, c = change(*_ok())
     with pytest.raises(exc, match=match):
         S.inter_camera_distance(f, s, c)
+    with pytest.raises(exc, match=match):  # a row range checks its inputs the same way
+        S.inter_camera_distance(f, s, c, rows=(0, 2))
 
 
 @pytest.mark.parametrize(
@@ -246,6 +347,15 @@ def test_bad_inputs_raise(change, exc, match):
         ({"backend": "cuda"}, ValueError, "backend"),
         ({"mu": float("nan")}, ValueError, "finite"),
         ({"mu": "a"}, TypeError, "real number"),
+        ({"rows": (4, 3)}, ValueError, r"0 <= r0 <= r1 <= N = 6"),
+        ({"rows": (0, 7)}, ValueError, r"0 <= r0 <= r1 <= N = 6"),
+        ({"rows": (-1, 2)}, ValueError, r"0 <= r0 <= r1 <= N = 6"),
+        ({"rows": (0.5, 2)}, TypeError, "integers"),
+        ({"rows": 3}, TypeError, r"pair \(r0, r1\)"),
+        ({"rows": (0, 1, 2)}, TypeError, r"pair \(r0, r1\)"),
+        ({"rows": (0, 2), "out": "square"}, ValueError, "out='condensed'"),
+        ({"rows": (1, 3), "out": torch.empty(15)}, ValueError, r"the block needs \(7,\)"),
+        ({"rows": (0, 6), "out": torch.empty(6, 6)}, ValueError, r"the block needs \(15,\)"),
     ],
 )
 def test_bad_options_raise(kwargs, exc, match):

@@ -125,9 +125,9 @@ void pairwise_jaccard_cpu(const float* a, int64_t m, int64_t lda, const float* s
 }
 
 void inter_camera_rows_cpu(const float* scores, int64_t lds, const float* rowsum, int64_t dim,
-                           const float* gram, int64_t ldg, const int64_t* cam, int64_t n,
-                           int64_t r0, int64_t r1, float mu, InterCameraMode mode, bool square,
-                           float* out) {
+                           const float* gram, int64_t ldg, int64_t g0, const int64_t* cam,
+                           int64_t n, int64_t r0, int64_t r1, float mu, InterCameraMode mode,
+                           bool square, float* out, int64_t out_base) {
   // Work list: cache tiles (i0, j0) of the upper triangle of rows [r0, r1) x columns [r0, n).
   std::vector<std::pair<int64_t, int64_t>> tiles;
   for (int64_t i0 = r0; i0 < r1; i0 += kMB)
@@ -162,9 +162,9 @@ void inter_camera_rows_cpu(const float* scores, int64_t lds, const float* rowsum
         min_sum_tile(scores, lds, i0, i1, scores, lds, j0, j1, dim, smin.data(), want);
       }
       for (int64_t i = i0; i < i1; ++i) {
-        const float* g = gram ? gram + (i - r0) * ldg - r0 : nullptr;  // g[j] = cos(f_i, f_j)
+        const float* g = gram ? gram + (i - g0) * ldg - g0 : nullptr;  // g[j] = cos(f_i, f_j)
         const float* sm = smin.data() + (i - i0) * kNB - j0;          // sm[j] = Smin(i, j)
-        float* row = square ? out + i * n : out + condensed_row(n, i) - (i + 1);  // row[j]
+        float* row = square ? out + i * n : out + (condensed_row(n, i) - out_base) - (i + 1);
         for (int64_t j = std::max(j0, i + 1); j < j1; ++j) {
           float v;
           if (mode == InterCameraMode::kJaccard) {
