@@ -1,6 +1,7 @@
 """Sharded inter-camera distance build (iics_fast.distributed) on gloo ranks of this machine,
 against the single-process `inter_camera_distance` measured in the same run (the ranks run the
-same op on their row ranges, `rows=(r0, r1)`).
+same op on their row ranges, `rows=(r0, r1)`); and one training round of the demo network under
+torchrun against one process (`test_bench_training_round`).
 
     pytest benchmarks/bench_distributed.py -s                        # N = 4,000, 2 ranks
     IICS_BENCH_SCALE=large pytest benchmarks/bench_distributed.py -s  # N = 8,000
@@ -14,8 +15,10 @@ the sharding (block bookkeeping, transfer), not a speed-up.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
+import subprocess
 import sys
 import time
 
@@ -93,6 +96,48 @@ def run(n, world, outdir):
 def test_bench_sharded_distance(tmp_path):
     n = 8000 if os.environ.get("IICS_BENCH_SCALE") == "large" else 4000
     run(n, 2, str(tmp_path))
+
+
+def _round_times(argv, out, nproc):
+    """Per-phase seconds of one training round: `python -m iics_fast.train`, or under torchrun
+    with `nproc` processes; the times are rank 0's, as written to metrics.jsonl."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    t0 = time.perf_counter()
+    proc = subprocess.run(launcher + ["-m", "iics_fast.train", *argv, "--out", out],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        row = json.loads(fh.readline())
+    return row["time"], wall
+
+
+def test_bench_training_round(compare, bench_scale, tmp_path):
+    """One round of the demo preset (4 synthetic cameras, ResNet-18, 64x32) with one process
+    against torchrun: K GPUs with NCCL where there are at least two, else 2 gloo processes with
+    one thread each against one process with two threads (the same cores)."""
+    gpus = torch.cuda.device_count()
+    nproc = gpus if gpus >= 2 else 2
+    argv = ["--rounds", "1", "--eval-every", "0", "--no-progress", "--no-verbose"]
+    if gpus < 2:
+        argv += ["--device", "cpu"]
+    if bench_scale == "large":
+        argv += ["--epochs-intra", "4", "--epochs-inter", "4"]
+    one, one_wall = _round_times(argv + (["--threads", str(nproc)] if gpus < 2 else []),
+                                 str(tmp_path / "one"), 1)
+    many, many_wall = _round_times(argv + (["--threads", "1"] if gpus < 2 else []),
+                                   str(tmp_path / "many"), nproc)
+    kind = f"{nproc} GPUs (NCCL)" if gpus >= 2 else "2 gloo processes x 1 thread vs 1 x 2 threads"
+    print(f"\ntraining round of the demo network, {kind}:")
+    for phase in one:
+        print(f"  {phase:14s} one process {one[phase]:7.2f} s   {nproc} processes "
+              f"{many[phase]:7.2f} s   ({one[phase] / max(many[phase], 1e-9):.2f} x)")
+    print(f"  {'whole command':14s} one process {one_wall:7.2f} s   {nproc} processes "
+          f"{many_wall:7.2f} s (start-up included)")
+    for phase in ("stage1", "stage2"):
+        compare(f"training {phase}, {nproc} processes", "demo round", many[phase], one[phase],
+                baseline="one process", note=kind)
 
 
 if __name__ == "__main__":
