@@ -126,18 +126,22 @@ def test_bench_training_round(compare, bench_scale, tmp_path):
         argv += ["--epochs-intra", "4", "--epochs-inter", "4"]
     one, one_wall = _round_times(argv + (["--threads", str(nproc)] if gpus < 2 else []),
                                  str(tmp_path / "one"), 1)
-    many, many_wall = _round_times(argv + (["--threads", "1"] if gpus < 2 else []),
-                                   str(tmp_path / "many"), nproc)
+    threads = ["--threads", "1"] if gpus < 2 else []
+    many, many_wall = _round_times(argv + threads, str(tmp_path / "many"), nproc)
+    loose, _ = _round_times(argv + threads + ["--no-sync-bn"], str(tmp_path / "loose"), nproc)
     kind = f"{nproc} GPUs (NCCL)" if gpus >= 2 else "2 gloo processes x 1 thread vs 1 x 2 threads"
-    print(f"\ntraining round of the demo network, {kind}:")
+    print(f"\ntraining round of the demo network, {kind} (ratio: one process / {nproc}):")
     for phase in one:
         print(f"  {phase:14s} one process {one[phase]:7.2f} s   {nproc} processes "
-              f"{many[phase]:7.2f} s   ({one[phase] / max(many[phase], 1e-9):.2f} x)")
+              f"{many[phase]:7.2f} s ({one[phase] / max(many[phase], 1e-9):.2f} x), "
+              f"--no-sync-bn {loose[phase]:7.2f} s ({one[phase] / max(loose[phase], 1e-9):.2f} x)")
     print(f"  {'whole command':14s} one process {one_wall:7.2f} s   {nproc} processes "
           f"{many_wall:7.2f} s (start-up included)")
     for phase in ("stage1", "stage2"):
         compare(f"training {phase}, {nproc} processes", "demo round", many[phase], one[phase],
                 baseline="one process", note=kind)
+    compare(f"training stage2, {nproc} processes, --no-sync-bn", "demo round", loose["stage2"],
+            one["stage2"], baseline="one process", note=kind)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ collectives must then be CUDA tensors on the rank's device), gloo otherwise (CPU
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -506,3 +508,86 @@ def broadcast_module(module, src: int) -> None:
         return
     for t in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(t.data, src=src)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks; the gradient of a sum every rank uses is the sum of the ranks'
+    gradients (each rank's loss is its part of the global loss)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def _global_sums(s1, s2, count):
+    """(s1, s2, count) summed over the ranks in one differentiable all-reduce (in s1's dtype)."""
+    flat = torch.cat([s1.reshape(-1), s2.reshape(-1).to(s1.dtype),
+                      torch.full((1,), float(count), dtype=s1.dtype, device=s1.device)])
+    flat = _AllReduceSum.apply(flat)
+    n = s1.numel()
+    return flat[:n].view(s1.shape), flat[n:2 * n].view(s2.shape), flat[2 * n]
+
+
+def _synced_batch_norm(m, x):
+    """BatchNorm{1,2}d forward with the statistics of the batch of all ranks (training only)."""
+    if not m.training:
+        return type(m).forward(m, x)
+    dims = [0] + list(range(2, x.dim()))
+    xf = x.float()
+    # float64 sums: var = E[x^2] - E[x]^2 would cancel badly in float32
+    s1, s2, count = _global_sums(xf.sum(dims, dtype=torch.float64),
+                                 (xf * xf).sum(dims, dtype=torch.float64), xf.numel() // xf.shape[1])
+    mean64 = s1 / count
+    mean, var = mean64.float(), (s2 / count - mean64 * mean64).clamp_min(0).float()
+    count = float(count)
+    with torch.no_grad():
+        mom = m.momentum
+        m.running_mean.mul_(1 - mom).add_(mom * mean.to(m.running_mean.dtype))
+        m.running_var.mul_(1 - mom).add_(mom * (var * count / max(count - 1, 1)).to(m.running_var.dtype))
+        m.num_batches_tracked.add_(1)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)
+    if m.weight is not None:
+        y = y * m.weight.float().view(shape) + m.bias.float().view(shape)
+    return y.to(x.dtype)
+
+
+@contextlib.contextmanager
+def synced_batch_stats(module):
+    """Inside the context every BatchNorm1d/2d and AIBN2d layer of `module` in training mode
+    normalises with the statistics of the batch of all ranks together (sums all-reduced,
+    differentiably), so a batch split across ranks is normalised as one process normalises it
+    whole. Works on CPU (gloo) and GPU (NCCL) alike; the layers run as plain PyTorch ops
+    meanwhile (AIBN through `aibn_ref`). Without a process group it changes nothing."""
+    if not _active():
+        yield module
+        return
+    from iics_fast.models.aibn import AIBN2d
+
+    patched = []
+    for m in module.modules():
+        if isinstance(m, AIBN2d):
+            m.batch_sums = _global_sums
+            patched.append(m)
+        elif isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            if m.momentum is None or not m.track_running_stats:
+                raise ValueError(f"{type(m).__name__} without momentum or running statistics "
+                                 f"cannot be synchronised here")
+            m.forward = functools.partial(_synced_batch_norm, m)
+            patched.append(m)
+    try:
+        yield module
+    finally:
+        for m in patched:
+            if isinstance(m, AIBN2d):
+                m.batch_sums = None
+            else:
+                del m.forward

@@ -470,15 +470,18 @@ class Trainer:
         """Inter-camera training: PK batches, CE on the head + batch-hard triplet on the
         pre-BN feature. Under several processes a rank takes whole identities of each batch
         (`group_share(P)`), weights its mean CE by its share of the batch, and mines the
-        triplet loss over the whole gathered batch; batch statistics are the rank's own (the
-        running statistics are averaged over the ranks at the end)."""
+        triplet loss over the whole gathered batch; the norm layers use the whole batch's
+        statistics (`synced_batch_stats`), or with sync_bn off the rank's own (the running
+        statistics are then averaged over the ranks at the end)."""
         cfg = self.cfg
         items = list(zip(self.paths, self.inter_labels, self.camids))
         sampler = PKBatchSampler(self.inter_labels, cfg.batch_p, cfg.batch_k, seed=seed)
         if self.world > 1:
             sampler = D.ShardedBatchSampler(sampler, group_size=cfg.batch_k)
-        net = self._ddp(_FeatureAndLogits(self.model, head))
+        both = _FeatureAndLogits(self.model, head)
+        net = self._ddp(both)
         batch = cfg.batch_p * cfg.batch_k
+        synced = D.synced_batch_stats(both) if cfg.sync_bn else contextlib.nullcontext()
         loader = DataLoader(ImageDataset(items, TrainTransform(cfg.height, cfg.width)),
                             batch_sampler=sampler, num_workers=self.workers,
                             pin_memory=self.cuda)
@@ -490,30 +493,31 @@ class Trainer:
         self.model.train()
         head.train()
         ce_all, tri_all, correct, seen = [], [], 0, 0
-        for epoch in range(cfg.epochs_inter):
-            sampler.set_epoch(epoch)
-            bar = self._bar(loader, f"stage 2 epoch {epoch + 1}/{cfg.epochs_inter}")
-            for x, y, _, _ in bar:
-                x, y = self._to_device(x), y.to(self.device)
-                with self._autocast():
-                    f, logits = net(x)
-                logits = logits.float()
-                ce = F.cross_entropy(logits, y)
-                share = len(y) / batch  # 1 in one process
-                if self.world > 1:
-                    f, y_all = D.gather_for_loss(f), D.all_gather_rows(y)
-                else:
-                    y_all = y
-                tri = batch_hard_triplet(f, y_all, cfg.margin)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(ce * share + cfg.triplet_weight * tri).backward()
-                scaler.step(opt)
-                scaler.update()
-                ce_all.append(ce.item() * share)
-                tri_all.append(tri.item())
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-                bar.set_postfix(ce=f"{ce.item():.3f}", tri=f"{tri.item():.3f}")
+        with synced:
+            for epoch in range(cfg.epochs_inter):
+                sampler.set_epoch(epoch)
+                bar = self._bar(loader, f"stage 2 epoch {epoch + 1}/{cfg.epochs_inter}")
+                for x, y, _, _ in bar:
+                    x, y = self._to_device(x), y.to(self.device)
+                    with self._autocast():
+                        f, logits = net(x)
+                    logits = logits.float()
+                    ce = F.cross_entropy(logits, y)
+                    share = len(y) / batch  # 1 in one process
+                    if self.world > 1:
+                        f, y_all = D.gather_for_loss(f), D.all_gather_rows(y)
+                    else:
+                        y_all = y
+                    tri = batch_hard_triplet(f, y_all, cfg.margin)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(ce * share + cfg.triplet_weight * tri).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    ce_all.append(ce.item() * share)
+                    tri_all.append(tri.item())
+                    correct += int((logits.argmax(1) == y).sum())
+                    seen += len(y)
+                    bar.set_postfix(ce=f"{ce.item():.3f}", tri=f"{tri.item():.3f}")
         del net
         D.average_running_stats(self.model)
         # per iteration the ranks' share-weighted CE add up to the batch's mean CE; the

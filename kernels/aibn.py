@@ -65,21 +65,29 @@ from iics_fast.gpu_report import KernelSpec
 # Reference
 
 
-def aibn_ref(x, running_mean, running_var, weight, bias, alpha, training=False, momentum=0.1, eps=1e-5):
+def aibn_ref(x, running_mean, running_var, weight, bias, alpha, training=False, momentum=0.1, eps=1e-5,
+             batch_sums=None):
     """Eq. 12 as the reference code writes it, in plain PyTorch ops (autograd through them).
 
     x: (N, C, H, W); running_mean, running_var: (C,) float32 buffers, updated in place in
     training; weight, bias: (C,); alpha: (1,) unclamped mixing weight. Half inputs are computed
-    in float32 and the result cast back to x's dtype.
+    in float32 and the result cast back to x's dtype. batch_sums: optional callable
+    (sum_n mu_in, sum_n (var_in + mu_in^2), N) -> the same over a larger batch (differentiable),
+    e.g. over every rank of a process group: the batch statistics are then that batch's.
     """
     N, C, H, W = x.shape
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     xf = xf.reshape(N, C, H * W)
     mean_in = xf.mean(-1, keepdim=True)
     var_in = xf.var(-1, keepdim=True)  # unbiased over H*W (NaN when H*W == 1)
-    if training:
+    if training and batch_sums is not None:
+        s1, s2, count = batch_sums(mean_in.sum(0, keepdim=True), (var_in + mean_in**2).sum(0, keepdim=True), N)
+        mean_bn = s1 / count
+        var_bn = s2 / count - mean_bn**2
+    elif training:
         mean_bn = mean_in.mean(0, keepdim=True)
         var_bn = (var_in + mean_in**2).mean(0, keepdim=True) - mean_bn**2
+    if training:
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(momentum * mean_bn.reshape(C).to(running_mean.dtype))
             running_var.mul_(1 - momentum).add_(momentum * var_bn.reshape(C).to(running_var.dtype))

@@ -71,6 +71,44 @@ def test_ref_matches_eq12_float64(rng, training, shape, alpha):
     np.testing.assert_allclose(rv.numpy(), rv64, rtol=1e-10, atol=1e-12)
 
 
+def test_ref_batch_sums_of_split_batches_equal_the_whole_batch(rng):
+    # the hook the multi-process training uses: the sums of both halves of a batch given to
+    # each half reproduce the whole batch's output, running statistics and gradients
+    inp = _inputs((6, 3, 4, 5), rng, dtype=torch.float64, alpha=0.4)
+    x = inp["x"].requires_grad_()
+    args = (inp["weight"].double(), inp["bias"].double(), inp["alpha"].double())
+    rm, rv = inp["running_mean"].double(), inp["running_var"].double()
+    whole = aibn_ref(x, rm.clone(), rv.clone(), *args, True)
+    (whole * torch.arange(whole.numel()).reshape(whole.shape).sin()).sum().backward()
+    g_whole = x.grad.clone()
+    x.grad = None
+    halves = (slice(0, 2), slice(2, 6))
+    xn = x.reshape(6, 3, 20)
+    mu = xn.mean(-1, keepdim=True)
+    second = (xn.var(-1, keepdim=True) + mu**2)
+    totals = [(mu[h].sum(0, keepdim=True), second[h].sum(0, keepdim=True)) for h in halves]
+
+    def over_both(s1, s2, n):
+        return totals[0][0] + totals[1][0], totals[0][1] + totals[1][1], 6
+
+    outs = []
+    for h in halves:
+        rmh, rvh = rm.clone(), rv.clone()
+        outs.append(aibn_ref(x[h], rmh, rvh, *args, True, batch_sums=over_both))
+    y = torch.cat(outs)
+    torch.testing.assert_close(y, whole, rtol=1e-12, atol=1e-12)
+    rm_whole, rv_whole = rm.clone(), rv.clone()
+    aibn_ref(x.detach(), rm_whole, rv_whole, *args, True)
+    torch.testing.assert_close(rmh, rm_whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rvh, rv_whole, rtol=1e-12, atol=1e-12)
+    (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+    torch.testing.assert_close(x.grad, g_whole, rtol=1e-10, atol=1e-12)
+    # AIBN2d forwards through it in training when the hook is set, on any device
+    m = AIBN2d(3, init_alpha=0.4).double()
+    m.batch_sums = lambda s1, s2, n: (s1, s2, n)
+    torch.testing.assert_close(m(x.detach()), AIBN2d(3, init_alpha=0.4).double()(x.detach()))
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("alpha", [0.35, 1.4])
 def test_ref_gradcheck(rng, training, alpha):

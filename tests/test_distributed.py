@@ -80,6 +80,11 @@ def _camera_chunks(step):
     return [torch.randn(3 + c, 3, 6, 6, generator=g) * (c + 1) + c for c in range(STATS_CAMERAS)]
 
 
+def _synced_batch():
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(GRAD_ROWS, 3, 6, 6, generator=g) * 2 + 1, torch.randint(0, 5, (GRAD_ROWS,), generator=g)
+
+
 def _training_helpers(r, res):
     """The stage helpers of the trainer: agree, gather_for_loss with sum_gradients_hook, the
     per-camera statistics merge, averaging of statistics and broadcast of a module."""
@@ -118,6 +123,24 @@ def _training_helpers(r, res):
             model(x)
         sync.merge()
     res["stats"] = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+
+    # stage 2: a batch split 3 + 5 across the ranks, normalised as one batch
+    net = _tiny_net()
+    both = torch.nn.Sequential(net, torch.nn.BatchNorm1d(5))
+    ddp = torch.nn.parallel.DistributedDataParallel(both)
+    ddp.register_comm_hook(None, D.sum_gradients_hook)
+    x, y = _synced_batch()
+    mine = slice(0, 3) if r == 0 else slice(3, GRAD_ROWS)
+    with D.synced_batch_stats(both):
+        out = ddp(x[mine])
+        loss = torch.nn.functional.cross_entropy(out, y[mine]) * len(y[mine]) / GRAD_ROWS
+        loss = loss + D.gather_for_loss(out).square().mean()
+        loss.backward()
+    res["synced_out"] = out.detach()
+    res["synced_grads"] = {k: p.grad.clone() for k, p in both.named_parameters()}
+    res["synced_stats"] = {k: v.clone() for k, v in both.state_dict().items() if "running" in k}
+    res["synced_restored"] = [type(m).__name__ for m in both.modules() if "forward" in vars(m)
+                              or getattr(m, "batch_sums", None) is not None]
 
     other = _tiny_net()
     with torch.no_grad():
@@ -278,6 +301,27 @@ def test_per_camera_statistics_merge_equals_sequential_forwards(spawned):
     assert not torch.allclose(alone.state_dict()["2.running_var"], want["2.running_var"], rtol=1e-3)
 
 
+def test_synced_batch_statistics_equal_one_process_on_the_whole_batch(spawned):
+    net = _tiny_net()
+    both = torch.nn.Sequential(net, torch.nn.BatchNorm1d(5))
+    x, y = _synced_batch()
+    out = both(x)
+    (torch.nn.functional.cross_entropy(out, y) + out.square().mean()).backward()
+    grads = {k: p.grad for k, p in both.named_parameters()}
+    stats = {k: v for k, v in both.state_dict().items() if "running" in k}
+    for r, res in enumerate(spawned):
+        mine = slice(0, 3) if r == 0 else slice(3, GRAD_ROWS)
+        torch.testing.assert_close(res["synced_out"], out.detach()[mine], rtol=1e-5, atol=1e-6)
+        # float32 rounding: errors relative to the largest gradient (some true gradients are
+        # ~0, e.g. a bias right before a normalisation)
+        scale = max(float(v.abs().max()) for v in grads.values())
+        for k, v in grads.items():
+            torch.testing.assert_close(res["synced_grads"][k], v, rtol=1e-5, atol=2e-6 * scale, msg=k)
+        for k, v in stats.items():
+            torch.testing.assert_close(res["synced_stats"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        assert res["synced_restored"] == []  # the layers are plain again after the context
+
+
 def test_average_statistics_and_broadcast_module(spawned):
     for res in spawned:
         for k, v in res["averaged"].items():
@@ -327,6 +371,8 @@ def test_training_helpers_in_one_process():
     with pytest.raises(ValueError, match="momentum=None"):
         D.SequentialStatsSync(torch.nn.BatchNorm1d(3, momentum=None), 0, 1, 1)
     assert [D.group_share(5, r, 2) for r in range(2)] == [range(0, 3), range(3, 5)]
+    with D.synced_batch_stats(model) as same:  # one process: nothing to synchronise
+        assert same is model and all(getattr(m, "batch_sums", None) is None for m in model.modules())
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])

@@ -259,8 +259,9 @@ def test_two_processes_stage1_only_match_one_process(intra_run, tmp_path):
 
 
 def test_two_processes_full_rounds(full_run, two_process_run):
-    # round 1 up to the inter-camera clustering matches one process exactly; stage 2
-    # normalises each rank's half of the batch on its own, so from there the runs differ
+    # round 1 up to the inter-camera clustering matches one process exactly; stage 2 is the
+    # one-process computation up to float rounding (whole-batch statistics over the ranks),
+    # which a few SGD steps on batches of 8 amplify: its mean losses agree only roughly
     out, stdout = two_process_run
     out1, metrics1 = full_run
     assert "2 processes (gloo)" in stdout and stdout.count("config:") == 1  # rank 0 prints
@@ -269,7 +270,8 @@ def test_two_processes_full_rounds(full_run, two_process_run):
     _assert_rows_close(rows[:1], metrics1[:1], ["intra_clusters", "intra_quality", "stage1", "mu",
                                                 "inter_clusters", "inter_quality"])
     assert rows[0]["stage2"]["iterations"] == metrics1[0]["stage2"]["iterations"]
-    assert rows[0]["stage2"]["loss_ce"] != pytest.approx(metrics1[0]["stage2"]["loss_ce"], rel=1e-6)
+    for key in ("loss_ce", "loss_triplet"):  # per-rank statistics are 2-7 % off here
+        assert rows[0]["stage2"][key] == pytest.approx(metrics1[0]["stage2"][key], rel=0.015)
     assert sorted(os.listdir(out)) == sorted(os.listdir(out1))  # only rank 0 writes, no leftovers
     last = _load(out)
     assert last["progress"] == {"round": 1, "done": "round"} and last["config"]["out"] == out

@@ -19,6 +19,9 @@ class AIBN2d(nn.Module):
     running = (1 - momentum) running + momentum batch; they start at 0 and 1 as in BatchNorm2d
     (the reference starts running_var at 0; pretrained weights overwrite both either way).
     Inputs with H*W < 2 are refused: the unbiased instance variance is undefined there.
+    batch_sums: None, or a callable that turns this batch's sums into a larger batch's (see
+    `aibn_ref`; `iics_fast.distributed.synced_batch_stats` sets it to sum over the ranks): in
+    training the layer then runs `aibn_ref` with it on any device.
     """
 
     def __init__(self, num_features: int, alpha: nn.Parameter | None = None, init_alpha: float = 0.1,
@@ -36,6 +39,7 @@ class AIBN2d(nn.Module):
         self.alpha = alpha
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        self.batch_sums = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_features:
@@ -46,6 +50,9 @@ class AIBN2d(nn.Module):
                 f"{x.shape[2]}x{x.shape[3]}: feed a larger image (ResNet layer3/4 divide it by 16)")
         from iics_fast.kernels.aibn import aibn, aibn_ref
 
+        if self.training and self.batch_sums is not None:
+            return aibn_ref(x, self.running_mean, self.running_var, self.weight, self.bias, self.alpha,
+                            True, self.momentum, self.eps, batch_sums=self.batch_sums)
         fn = aibn if x.is_cuda else aibn_ref
         return fn(x, self.running_mean, self.running_var, self.weight, self.bias, self.alpha,
                   self.training, self.momentum, self.eps)
