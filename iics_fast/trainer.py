@@ -202,8 +202,10 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        # default workers: the machine's cores shared by the processes torchrun started on it
+        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.world > 1 else 1
         self.workers = cfg.workers if cfg.workers is not None else (
-            min(8, os.cpu_count() or 1) if self.cuda else 0)
+            min(8, max(1, (os.cpu_count() or 1) // local_procs)) if self.cuda else 0)
 
         # ---- data, checked before any training
         self.dataset = datasets.build(cfg.dataset, cfg.root, **(cfg.dataset_options or {}))
