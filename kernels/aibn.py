@@ -157,6 +157,14 @@ def _aibn_stats_kernel(
 
 
 @triton.jit
+def _sample_tile(n0, rows, c_offs, c_mask, N, C):
+    """(BLOCK_N, BLOCK_C) offsets into an (N, C) statistics array for samples n0 + rows, and
+    their mask (the finalize kernels walk the samples in such tiles)."""
+    nc = (n0 + rows)[:, None] * C + c_offs[None, :]
+    return nc, ((n0 + rows) < N)[:, None] & c_mask[None, :]
+
+
+@triton.jit
 def _aibn_fwd_finalize_kernel(
     mu_in_ptr,  # *f32 (N, C) instance means
     var_in_ptr,  # *f32 (N, C) instance variances (unbiased)
@@ -185,14 +193,12 @@ def _aibn_fwd_finalize_kernel(
     if TRAINING:
         acc = tl.zeros([BLOCK_C], tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            nc = (n0 + rows)[:, None] * C + c_offs[None, :]
-            m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+            nc, m = _sample_tile(n0, rows, c_offs, c_mask, N, C)
             acc += tl.sum(tl.load(mu_in_ptr + nc, mask=m, other=0.0), axis=0)
         mu_bn = acc / N
         acc = tl.zeros([BLOCK_C], tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            nc = (n0 + rows)[:, None] * C + c_offs[None, :]
-            m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+            nc, m = _sample_tile(n0, rows, c_offs, c_mask, N, C)
             d = tl.where(m, tl.load(mu_in_ptr + nc, mask=m, other=0.0) - mu_bn[None, :], 0.0)
             acc += tl.sum(tl.load(var_in_ptr + nc, mask=m, other=0.0) + d * d, axis=0)
         var_bn = acc / N
@@ -207,8 +213,7 @@ def _aibn_fwd_finalize_kernel(
     tl.store(var_bn_ptr + c_offs, var_bn, mask=c_mask)
     gamma = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     for n0 in range(0, N, BLOCK_N):
-        nc = (n0 + rows)[:, None] * C + c_offs[None, :]
-        m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+        nc, m = _sample_tile(n0, rows, c_offs, c_mask, N, C)
         mu = tl.load(mu_in_ptr + nc, mask=m, other=0.0)
         v = tl.load(var_in_ptr + nc, mask=m, other=0.0)
         r = 1.0 / tl.sqrt(a * var_bn[None, :] + (1.0 - a) * v + eps)
@@ -365,8 +370,7 @@ def _aibn_bwd_finalize_kernel(
     sum_a = tl.zeros([BLOCK_C], tl.float32)
     sum_b = tl.zeros([BLOCK_C], tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        nc = (n0 + rows)[:, None] * C + c_offs[None, :]
-        m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+        nc, m = _sample_tile(n0, rows, c_offs, c_mask, N, C)
         mu = tl.load(mu_in_ptr + nc, mask=m, other=0.0)
         v = tl.load(var_in_ptr + nc, mask=m, other=0.0)
         sg = tl.load(sum_g_ptr + nc, mask=m, other=0.0)
@@ -384,8 +388,7 @@ def _aibn_bwd_finalize_kernel(
     inside = (alpha >= 0.0) & (alpha <= 1.0)
     tl.store(dalpha_part_ptr + tl.program_id(0), tl.where(inside, tl.sum(d_a, axis=0), 0.0))
     for n0 in range(0, N, BLOCK_N):
-        nc = (n0 + rows)[:, None] * C + c_offs[None, :]
-        m = ((n0 + rows) < N)[:, None] & c_mask[None, :]
+        nc, m = _sample_tile(n0, rows, c_offs, c_mask, N, C)
         mu = tl.load(mu_in_ptr + nc, mask=m, other=0.0)
         v = tl.load(var_in_ptr + nc, mask=m, other=0.0)
         sg = tl.load(sum_g_ptr + nc, mask=m, other=0.0)
