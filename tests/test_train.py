@@ -105,11 +105,18 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(full_run, tmp_path):
         torch.testing.assert_close(a["model"][key], value, rtol=0, atol=0)
 
 
+# three cameras: under two processes rank 0 trains two of them (accumulating under no_sync),
+# rank 1 one
+INTRA = TINY + ["--stages", "intra", "--dataset-options", json.dumps(
+    {"num_ids": 8, "num_test_ids": 4, "num_cameras": 3, "images_per_camera": [2, 3],
+     "num_distractors": 4, "seed": 3, "image_format": "png"})]
+
+
 @pytest.fixture(scope="module")
 def intra_run(cache, tmp_path_factory):
     """The Table 1 stage-1-only ablation, two rounds, one process."""
     out = str(tmp_path_factory.mktemp("intra") / "run")
-    return out, train.main(TINY + ["--out", out, "--stages", "intra"])
+    return out, train.main(INTRA + ["--out", out])
 
 
 def test_intra_only_ablation_runs(intra_run):
@@ -248,9 +255,9 @@ def test_two_processes_stage1_only_match_one_process(intra_run, tmp_path):
     # merged per-camera statistics; so both rounds, their labels and evaluations agree
     out1, metrics1 = intra_run
     out = str(tmp_path / "run")
-    _torchrun(TINY + ["--out", out, "--stages", "intra"])
+    _torchrun(INTRA + ["--out", out])
     rows = _metrics(out)
-    assert len(rows) == 2
+    assert len(rows) == 2 and len(rows[0]["intra_clusters"]) == 3
     _assert_rows_close(rows, metrics1, ["intra_clusters", "intra_quality", "stage1", "eval"])
     a, b = _load(out), _load(out1)
     np.testing.assert_array_equal(a["intra_labels"], b["intra_labels"])
