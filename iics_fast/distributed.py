@@ -510,28 +510,31 @@ def broadcast_module(module, src: int) -> None:
         dist.broadcast(t.data, src=src)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the ranks; the gradient of a sum every rank uses is the sum of the ranks'
-    gradients (each rank's loss is its part of the global loss)."""
+class _SumOverRanks(torch.autograd.Function):
+    """Sum over the ranks (`sum_ranks`, in place); the gradient of a sum every rank uses is the
+    sum of the ranks' gradients (each rank's loss is its part of the global loss)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, sum_ranks):
+        ctx.sum_ranks = sum_ranks
         y = x.clone()
-        dist.all_reduce(y)
+        sum_ranks(y)
         return y
 
     @staticmethod
     def backward(ctx, g):
         g = g.clone()
-        dist.all_reduce(g)
-        return g
+        ctx.sum_ranks(g)
+        return g, None
 
 
-def _global_sums(s1, s2, count):
-    """(s1, s2, count) summed over the ranks in one differentiable all-reduce (in s1's dtype)."""
+def batch_sums(s1, s2, count, sum_ranks=None):
+    """(s1, s2, count) summed over the ranks in one differentiable all-reduce (in s1's dtype):
+    the `batch_sums` hook of `aibn_ref`. sum_ranks: the in-place reduction (default
+    torch.distributed.all_reduce)."""
     flat = torch.cat([s1.reshape(-1), s2.reshape(-1).to(s1.dtype),
                       torch.full((1,), float(count), dtype=s1.dtype, device=s1.device)])
-    flat = _AllReduceSum.apply(flat)
+    flat = _SumOverRanks.apply(flat, sum_ranks or dist.all_reduce)
     n = s1.numel()
     return flat[:n].view(s1.shape), flat[n:2 * n].view(s2.shape), flat[2 * n]
 
@@ -543,7 +546,7 @@ def _synced_batch_norm(m, x):
     dims = [0] + list(range(2, x.dim()))
     xf = x.float()
     # float64 sums: var = E[x^2] - E[x]^2 would cancel badly in float32
-    s1, s2, count = _global_sums(xf.sum(dims, dtype=torch.float64),
+    s1, s2, count = batch_sums(xf.sum(dims, dtype=torch.float64),
                                  (xf * xf).sum(dims, dtype=torch.float64), xf.numel() // xf.shape[1])
     mean64 = s1 / count
     mean, var = mean64.float(), (s2 / count - mean64 * mean64).clamp_min(0).float()
@@ -565,8 +568,9 @@ def synced_batch_stats(module):
     """Inside the context every BatchNorm1d/2d and AIBN2d layer of `module` in training mode
     normalises with the statistics of the batch of all ranks together (sums all-reduced,
     differentiably), so a batch split across ranks is normalised as one process normalises it
-    whole. Works on CPU (gloo) and GPU (NCCL) alike; the layers run as plain PyTorch ops
-    meanwhile (AIBN through `aibn_ref`). Without a process group it changes nothing."""
+    whole. Works on CPU (gloo) and GPU (NCCL) alike; BatchNorm runs as plain PyTorch ops
+    meanwhile, AIBN through its fused kernels on CUDA and `aibn_ref` elsewhere. Without a
+    process group it changes nothing."""
     if not _active():
         yield module
         return
@@ -575,7 +579,7 @@ def synced_batch_stats(module):
     patched = []
     for m in module.modules():
         if isinstance(m, AIBN2d):
-            m.batch_sums = _global_sums
+            m.sum_ranks = dist.all_reduce
             patched.append(m)
         elif isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             if m.momentum is None or not m.track_running_stats:
@@ -588,6 +592,6 @@ def synced_batch_stats(module):
     finally:
         for m in patched:
             if isinstance(m, AIBN2d):
-                m.batch_sums = None
+                m.sum_ranks = None
             else:
                 del m.forward

@@ -172,8 +172,8 @@ def _aibn_fwd_finalize_kernel(
     alpha_ptr,  # *Tp  (1,) unclamped alpha
     run_mean_ptr,  # *f32 (C,) running mean: read in eval, updated in place in training
     run_var_ptr,  # *f32 (C,) running var: read in eval, updated in place in training
-    mu_bn_ptr,  # *f32 (C,) out: the batch-side mean used (batch stats or running copy)
-    var_bn_ptr,  # *f32 (C,) out: the batch-side variance used
+    mu_bn_ptr,  # *f32 (C,) the batch-side mean used (batch stats or running copy): out, or in with GIVEN_BN
+    var_bn_ptr,  # *f32 (C,) the batch-side variance used: out, or in with GIVEN_BN
     mean_ptr,  # *f32 (N, C) out: mixed mean a mu_bn + (1-a) mu_in
     scale_ptr,  # *f32 (N, C) out: gamma / sqrt(mixed var + eps)
     N,
@@ -181,6 +181,7 @@ def _aibn_fwd_finalize_kernel(
     momentum,
     eps,
     TRAINING: tl.constexpr,
+    GIVEN_BN: tl.constexpr,  # training: batch statistics of a larger batch (all ranks) given
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -191,17 +192,21 @@ def _aibn_fwd_finalize_kernel(
     a = tl.load(alpha_ptr).to(tl.float32)
     a = tl.minimum(tl.maximum(a, 0.0), 1.0)
     if TRAINING:
-        acc = tl.zeros([BLOCK_C], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            nc, m = _sample_tile(n0, rows, c_offs, c_mask, N, C)
-            acc += tl.sum(tl.load(mu_in_ptr + nc, mask=m, other=0.0), axis=0)
-        mu_bn = acc / N
-        acc = tl.zeros([BLOCK_C], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            nc, m = _sample_tile(n0, rows, c_offs, c_mask, N, C)
-            d = tl.where(m, tl.load(mu_in_ptr + nc, mask=m, other=0.0) - mu_bn[None, :], 0.0)
-            acc += tl.sum(tl.load(var_in_ptr + nc, mask=m, other=0.0) + d * d, axis=0)
-        var_bn = acc / N
+        if GIVEN_BN:
+            mu_bn = tl.load(mu_bn_ptr + c_offs, mask=c_mask, other=0.0)
+            var_bn = tl.load(var_bn_ptr + c_offs, mask=c_mask, other=0.0)
+        else:
+            acc = tl.zeros([BLOCK_C], tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                nc, m = _sample_tile(n0, rows, c_offs, c_mask, N, C)
+                acc += tl.sum(tl.load(mu_in_ptr + nc, mask=m, other=0.0), axis=0)
+            mu_bn = acc / N
+            acc = tl.zeros([BLOCK_C], tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                nc, m = _sample_tile(n0, rows, c_offs, c_mask, N, C)
+                d = tl.where(m, tl.load(mu_in_ptr + nc, mask=m, other=0.0) - mu_bn[None, :], 0.0)
+                acc += tl.sum(tl.load(var_in_ptr + nc, mask=m, other=0.0) + d * d, axis=0)
+            var_bn = acc / N
         rm = tl.load(run_mean_ptr + c_offs, mask=c_mask, other=0.0)
         rv = tl.load(run_var_ptr + c_offs, mask=c_mask, other=0.0)
         tl.store(run_mean_ptr + c_offs, (1.0 - momentum) * rm + momentum * mu_bn, mask=c_mask)
@@ -347,12 +352,15 @@ def _aibn_bwd_finalize_kernel(
     k1_ptr,  # *f32 (N, C) out: dx = k1 g + k2 (x - mu_in) + k3
     k2_ptr,  # *f32 (N, C) out
     k3_ptr,  # *f32 (N, C) out
+    sum_ab_ptr,  # *f32 (2, C) sums over the batch of dL/dmean and dL/dvar: out in STAGE 1, in in STAGE 2
     N,
+    N_batch,  # samples the batch statistics were taken over (N, or all ranks' samples)
     C,
     HW,
     inv_dof,  # 1 / (HW - 1), NaN when HW == 1
     eps,
     TRAINING: tl.constexpr,
+    STAGE: tl.constexpr,  # 0: all; 1: the parameter gradients and sum_ab; 2: the k's from a given sum_ab
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -364,6 +372,28 @@ def _aibn_bwd_finalize_kernel(
     gamma = tl.load(weight_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     mu_bn = tl.load(mu_bn_ptr + c_offs, mask=c_mask, other=0.0)[None, :]
     var_bn = tl.load(var_bn_ptr + c_offs, mask=c_mask, other=0.0)[None, :]
+    if STAGE == 2:
+        sum_a = tl.load(sum_ab_ptr + c_offs, mask=c_mask, other=0.0)
+        sum_b = tl.load(sum_ab_ptr + C + c_offs, mask=c_mask, other=0.0)
+    else:
+        sum_a, sum_b = _bwd_param_grads(mu_in_ptr, var_in_ptr, sum_g_ptr, sum_gxc_ptr, dweight_ptr, dbias_ptr,
+                                        dalpha_part_ptr, gamma, mu_bn, var_bn, alpha, a, c_offs, c_mask, rows,
+                                        N, C, eps, BLOCK_C, BLOCK_N)
+        if STAGE == 1:
+            tl.store(sum_ab_ptr + c_offs, sum_a, mask=c_mask)
+            tl.store(sum_ab_ptr + C + c_offs, sum_b, mask=c_mask)
+    if STAGE != 1:
+        _bwd_input_coeffs(mu_in_ptr, var_in_ptr, sum_g_ptr, sum_gxc_ptr, k1_ptr, k2_ptr, k3_ptr, gamma, mu_bn,
+                          var_bn, a, sum_a, sum_b, c_offs, c_mask, rows, N, N_batch, C, HW, inv_dof, eps,
+                          TRAINING, BLOCK_N)
+
+
+@triton.jit
+def _bwd_param_grads(mu_in_ptr, var_in_ptr, sum_g_ptr, sum_gxc_ptr, dweight_ptr, dbias_ptr, dalpha_part_ptr,
+                     gamma, mu_bn, var_bn, alpha, a, c_offs, c_mask, rows, N, C, eps,
+                     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First pass of the backward finalize: dL/dgamma, dL/dbeta, this block's dL/dalpha; returns
+    the per-channel sums over the samples of dL/dmean and dL/dvar (the batch-side terms)."""
     d_gamma = tl.zeros([BLOCK_C], tl.float32)
     d_beta = tl.zeros([BLOCK_C], tl.float32)
     d_a = tl.zeros([BLOCK_C], tl.float32)
@@ -387,6 +417,15 @@ def _aibn_bwd_finalize_kernel(
     tl.store(dbias_ptr + c_offs, d_beta, mask=c_mask)
     inside = (alpha >= 0.0) & (alpha <= 1.0)
     tl.store(dalpha_part_ptr + tl.program_id(0), tl.where(inside, tl.sum(d_a, axis=0), 0.0))
+    return sum_a, sum_b
+
+
+@triton.jit
+def _bwd_input_coeffs(mu_in_ptr, var_in_ptr, sum_g_ptr, sum_gxc_ptr, k1_ptr, k2_ptr, k3_ptr, gamma, mu_bn,
+                      var_bn, a, sum_a, sum_b, c_offs, c_mask, rows, N, N_batch, C, HW, inv_dof, eps,
+                      TRAINING: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Second pass of the backward finalize: the per-(sample, channel) coefficients of dx; the
+    batch-side terms spread sum_a, sum_b over the N_batch samples the statistics came from."""
     for n0 in range(0, N, BLOCK_N):
         nc, m = _sample_tile(n0, rows, c_offs, c_mask, N, C)
         mu = tl.load(mu_in_ptr + nc, mask=m, other=0.0)
@@ -397,8 +436,8 @@ def _aibn_bwd_finalize_kernel(
         g_mu = (1.0 - a) * (-gamma * r * sg)
         g_var = (1.0 - a) * (-0.5 * gamma * r * r * sgx)
         if TRAINING:
-            g_mu += a * (sum_a[None, :] + 2.0 * sum_b[None, :] * (mu - mu_bn)) / N
-            g_var += a * sum_b[None, :] / N
+            g_mu += a * (sum_a[None, :] + 2.0 * sum_b[None, :] * (mu - mu_bn)) / N_batch
+            g_var += a * sum_b[None, :] / N_batch
         tl.store(k1_ptr + nc, gamma * r, mask=m)
         tl.store(k2_ptr + nc, 2.0 * g_var * inv_dof, mask=m)
         tl.store(k3_ptr + nc, g_mu / HW, mask=m)
@@ -504,9 +543,13 @@ def _check(x, weight, bias, alpha, running_mean, running_var):
                          f"{tuple(alpha.shape)} on {alpha.device}")
 
 
-def aibn_forward(x, running_mean, running_var, weight, bias, alpha, training=False, momentum=0.1, eps=1e-5):
-    """Fused forward. Returns (y, (mu_in, var_in, mu_bn, var_bn)); updates the running statistics
-    in place when training. y has x's dtype and memory layout."""
+def aibn_forward(x, running_mean, running_var, weight, bias, alpha, training=False, momentum=0.1, eps=1e-5,
+                 sum_ranks=None):
+    """Fused forward. Returns (y, (mu_in, var_in, mu_bn, var_bn), n_batch); updates the running
+    statistics in place when training. y has x's dtype and memory layout. sum_ranks: None, or a
+    callable that sums a tensor over the ranks of a process group in place (torch.distributed's
+    all_reduce): in training the batch statistics are then those of every rank's samples
+    together (n_batch of them)."""
     _check(x, weight, bias, alpha, running_mean, running_var)
     x, channels_last = _layout(x)
     N, C, H, W = x.shape
@@ -528,21 +571,35 @@ def aibn_forward(x, running_mean, running_var, weight, bias, alpha, training=Fal
         )
         mu_bn.copy_(running_mean)
         var_bn.copy_(running_var)
-        return y, (mu_in, var_in, mu_bn, var_bn)
+        return y, (mu_in, var_in, mu_bn, var_bn), N
     block_c, block_s = _blocks(C, HW, channels_last)
     grid = (N, triton.cdiv(C, block_c))
     _aibn_stats_kernel[grid](x, mu_in, var_in, C, HW, _inv_dof(HW), channels_last, block_c, block_s)
+    given, n_batch = training and sum_ranks is not None, N
+    if given:
+        # (sum mu_in, sum var_in + mu_in^2, N) over all ranks, in float64: no cancellation in
+        # var_bn = E[var_in + mu_in^2] - mu_bn^2
+        m64 = mu_in.double()
+        sums = torch.cat([m64.sum(0), (var_in.double() + m64 * m64).sum(0),
+                          torch.full((1,), float(N), dtype=torch.float64, device=dev)])
+        sum_ranks(sums)
+        n_batch = int(round(float(sums[-1])))
+        mu64 = sums[:C] / n_batch
+        mu_bn.copy_(mu64)
+        var_bn.copy_(sums[C:2 * C] / n_batch - mu64 * mu64)
     _aibn_fwd_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
         mu_in, var_in, weight, alpha, running_mean, running_var, mu_bn, var_bn, mean, scale,
-        N, C, float(momentum), float(eps), bool(training), _finalize_block_n(N), FINALIZE_BLOCK_C,
+        N, C, float(momentum), float(eps), bool(training), given, _finalize_block_n(N), FINALIZE_BLOCK_C,
     )
     _aibn_apply_kernel[grid](x, y, mean, scale, bias, C, HW, channels_last, block_c, block_s)
-    return y, (mu_in, var_in, mu_bn, var_bn)
+    return y, (mu_in, var_in, mu_bn, var_bn), n_batch
 
 
-def aibn_backward(g, x, weight, alpha, stats, training=False, eps=1e-5, need_dx=True):
+def aibn_backward(g, x, weight, alpha, stats, training=False, eps=1e-5, need_dx=True, sum_ranks=None,
+                  n_batch=None):
     """Fused backward from the forward's saved statistics. Returns (dx, dweight, dbias, dalpha);
-    dx is None when need_dx is False."""
+    dx is None when need_dx is False. With the forward's sum_ranks and n_batch, the batch-side
+    terms of dx are summed over the ranks (each rank's parameter gradients stay its own part)."""
     mu_in, var_in, mu_bn, var_bn = stats
     x, channels_last = _layout(x)
     g = g.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -560,10 +617,22 @@ def aibn_backward(g, x, weight, alpha, stats, training=False, eps=1e-5, need_dx=
     dbias = torch.empty_like(dweight)
     dalpha_part = torch.empty((n_fin,), device=dev, dtype=torch.float32)
     k1, k2, k3 = torch.empty_like(sum_g), torch.empty_like(sum_g), torch.empty_like(sum_g)
-    _aibn_bwd_finalize_kernel[(n_fin,)](
-        mu_in, var_in, mu_bn, var_bn, weight, alpha, sum_g, sum_gxc, dweight, dbias, dalpha_part,
-        k1, k2, k3, N, C, HW, _inv_dof(HW), float(eps), bool(training), _finalize_block_n(N), FINALIZE_BLOCK_C,
-    )
+    sum_ab = torch.empty((2, C), device=dev, dtype=torch.float32)
+    split = bool(training) and sum_ranks is not None
+
+    def finalize(stage):
+        _aibn_bwd_finalize_kernel[(n_fin,)](
+            mu_in, var_in, mu_bn, var_bn, weight, alpha, sum_g, sum_gxc, dweight, dbias, dalpha_part,
+            k1, k2, k3, sum_ab, N, n_batch if split else N, C, HW, _inv_dof(HW), float(eps), bool(training),
+            stage, _finalize_block_n(N), FINALIZE_BLOCK_C,
+        )
+
+    if split:  # the batch-side sums over every rank's samples between the two passes
+        finalize(1)
+        sum_ranks(sum_ab)
+        finalize(2)
+    else:
+        finalize(0)
     dx = None
     if need_dx:
         dx = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -575,23 +644,30 @@ class AIBNFunction(torch.autograd.Function):
     """Autograd wrapper of the fused kernels; gradients for x, weight, bias and alpha."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, alpha, running_mean, running_var, training, momentum, eps):
-        y, stats = aibn_forward(x, running_mean, running_var, weight, bias, alpha, training, momentum, eps)
+    def forward(ctx, x, weight, bias, alpha, running_mean, running_var, training, momentum, eps, sum_ranks):
+        y, stats, n_batch = aibn_forward(x, running_mean, running_var, weight, bias, alpha, training, momentum,
+                                         eps, sum_ranks)
         ctx.save_for_backward(x, weight, alpha, *stats)
         ctx.training, ctx.eps, ctx.alpha_shape = bool(training), float(eps), alpha.shape
+        ctx.sum_ranks, ctx.n_batch = sum_ranks, n_batch
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         x, weight, alpha, *stats = ctx.saved_tensors
-        dx, dw, db, da = aibn_backward(g, x, weight, alpha, stats, ctx.training, ctx.eps, ctx.needs_input_grad[0])
-        return dx, dw, db, da.reshape(ctx.alpha_shape), None, None, None, None, None
+        dx, dw, db, da = aibn_backward(g, x, weight, alpha, stats, ctx.training, ctx.eps, ctx.needs_input_grad[0],
+                                       ctx.sum_ranks, ctx.n_batch)
+        return dx, dw, db, da.reshape(ctx.alpha_shape), None, None, None, None, None, None
 
 
-def aibn(x, running_mean, running_var, weight, bias, alpha, training=False, momentum=0.1, eps=1e-5):
-    """Eq. 12 with the fused kernels (same arguments and result as `aibn_ref`)."""
-    return AIBNFunction.apply(x, weight, bias, alpha, running_mean, running_var, training, momentum, eps)
+def aibn(x, running_mean, running_var, weight, bias, alpha, training=False, momentum=0.1, eps=1e-5,
+         sum_ranks=None):
+    """Eq. 12 with the fused kernels (same arguments and result as `aibn_ref`; sum_ranks as in
+    `aibn_forward`: the batch statistics of every rank's samples, the ranks' backward passes
+    summing their batch-side terms the same way)."""
+    return AIBNFunction.apply(x, weight, bias, alpha, running_mean, running_var, training, momentum, eps,
+                              sum_ranks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -678,27 +754,29 @@ def _compile_specs() -> list[KernelSpec]:
                             "bias_ptr": "*fp32", "alpha_ptr": "*fp32", "run_mean_ptr": "*fp32", "run_var_ptr": "*fp32",
                             "C": "i32", "HW": "i32", "inv_dof": "fp32", "eps": "fp32"},
                            {"CHANNELS_LAST": cl, "BLOCK_C": bc, "BLOCK_S": bs}))
-    for training in (True, False):
-        mode = "train" if training else "eval"
-        specs += [
-            _spec(f"aibn_fwd_finalize_{mode}", _aibn_fwd_finalize_kernel,
-                       {"mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "weight_ptr": "*fp32", "alpha_ptr": "*fp32",
-                        "run_mean_ptr": "*fp32", "run_var_ptr": "*fp32", "mu_bn_ptr": "*fp32", "var_bn_ptr": "*fp32",
-                        "mean_ptr": "*fp32", "scale_ptr": "*fp32", "N": "i32", "C": "i32", "momentum": "fp32",
-                        "eps": "fp32"},
-                       {"TRAINING": training, "BLOCK_N": FINALIZE_BLOCK_N, "BLOCK_C": FINALIZE_BLOCK_C}),
-            _spec(f"aibn_bwd_finalize_{mode}", _aibn_bwd_finalize_kernel,
-                       {"mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "mu_bn_ptr": "*fp32", "var_bn_ptr": "*fp32",
-                        "weight_ptr": "*fp32", "alpha_ptr": "*fp32", "sum_g_ptr": "*fp32", "sum_gxc_ptr": "*fp32",
-                        "dweight_ptr": "*fp32", "dbias_ptr": "*fp32", "dalpha_part_ptr": "*fp32", "k1_ptr": "*fp32",
-                        "k2_ptr": "*fp32", "k3_ptr": "*fp32", "N": "i32", "C": "i32", "HW": "i32", "inv_dof": "fp32",
-                        "eps": "fp32"},
-                       {"TRAINING": training, "BLOCK_N": FINALIZE_BLOCK_N, "BLOCK_C": FINALIZE_BLOCK_C}),
-        ]
+    fwd_sig = {"mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "weight_ptr": "*fp32", "alpha_ptr": "*fp32",
+               "run_mean_ptr": "*fp32", "run_var_ptr": "*fp32", "mu_bn_ptr": "*fp32", "var_bn_ptr": "*fp32",
+               "mean_ptr": "*fp32", "scale_ptr": "*fp32", "N": "i32", "C": "i32", "momentum": "fp32", "eps": "fp32"}
+    bwd_sig = {"mu_in_ptr": "*fp32", "var_in_ptr": "*fp32", "mu_bn_ptr": "*fp32", "var_bn_ptr": "*fp32",
+               "weight_ptr": "*fp32", "alpha_ptr": "*fp32", "sum_g_ptr": "*fp32", "sum_gxc_ptr": "*fp32",
+               "dweight_ptr": "*fp32", "dbias_ptr": "*fp32", "dalpha_part_ptr": "*fp32", "k1_ptr": "*fp32",
+               "k2_ptr": "*fp32", "k3_ptr": "*fp32", "sum_ab_ptr": "*fp32", "N": "i32", "N_batch": "i32",
+               "C": "i32", "HW": "i32", "inv_dof": "fp32", "eps": "fp32"}
+    blocks = {"BLOCK_N": FINALIZE_BLOCK_N, "BLOCK_C": FINALIZE_BLOCK_C}
+    # (name suffix, TRAINING, GIVEN_BN / STAGE): one process, then the ranks-synchronised variants
+    for suffix, training, given in (("train", True, False), ("eval", False, False), ("train_synced", True, True)):
+        specs.append(_spec(f"aibn_fwd_finalize_{suffix}", _aibn_fwd_finalize_kernel, fwd_sig,
+                           {"TRAINING": training, "GIVEN_BN": given, **blocks}))
+    for suffix, training, stage in (("train", True, 0), ("eval", False, 0), ("train_synced_stage1", True, 1),
+                                    ("train_synced_stage2", True, 2)):
+        specs.append(_spec(f"aibn_bwd_finalize_{suffix}", _aibn_bwd_finalize_kernel, bwd_sig,
+                           {"TRAINING": training, "STAGE": stage, **blocks}))
     return specs
 
 
 COMPILE_SPECS: list[KernelSpec] = _compile_specs()
 #: H100 estimate inputs per spec (the WORK_MODELS contract of iics_fast.gpu_report)
-#: (the one-pass eval kernel has no loop, so no per-iteration figure: it is reported, not modelled)
-WORK_MODELS = {s.name: _work_model(s.name, s.constexprs, s.num_warps) for s in COMPILE_SPECS if "aibn_eval" not in s.name}
+#: (the one-pass eval kernel has no loop, so no per-iteration figure, and the ranks-synchronised
+#: finalize variants split one launch's work: those are reported, not modelled)
+WORK_MODELS = {s.name: _work_model(s.name, s.constexprs, s.num_warps) for s in COMPILE_SPECS
+               if "aibn_eval" not in s.name and "synced" not in s.name}

@@ -103,10 +103,23 @@ def test_ref_batch_sums_of_split_batches_equal_the_whole_batch(rng):
     torch.testing.assert_close(rvh, rv_whole, rtol=1e-12, atol=1e-12)
     (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
     torch.testing.assert_close(x.grad, g_whole, rtol=1e-10, atol=1e-12)
-    # AIBN2d forwards through it in training when the hook is set, on any device
+    # AIBN2d forwards through it in training when given a sum over ranks (here one rank)
     m = AIBN2d(3, init_alpha=0.4).double()
-    m.batch_sums = lambda s1, s2, n: (s1, s2, n)
+    m.sum_ranks = lambda t: None
     torch.testing.assert_close(m(x.detach()), AIBN2d(3, init_alpha=0.4).double()(x.detach()))
+
+
+def test_kernel_with_sum_over_one_rank_matches_plain_kernel(rng):
+    # the ranks-synchronised launch path (given batch statistics, backward finalize in two
+    # stages around the sum) with a single rank is the one-process kernel
+    inp = _inputs((5, 6, 4, 3), rng, alpha=0.35)
+    g = torch.from_numpy(rng.standard_normal((5, 6, 4, 3)).astype(np.float32))
+    plain = _run(aibn, inp, True, g)
+    calls = []
+    synced = _run(lambda *a, **k: aibn(*a, **k, sum_ranks=calls.append), inp, True, g)
+    assert len(calls) == 2  # forward statistics, backward batch-side sums
+    for key, value in plain.items():
+        torch.testing.assert_close(synced[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("training", [True, False])

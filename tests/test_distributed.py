@@ -85,6 +85,14 @@ def _synced_batch():
     return torch.randn(GRAD_ROWS, 3, 6, 6, generator=g) * 2 + 1, torch.randint(0, 5, (GRAD_ROWS,), generator=g)
 
 
+def _aibn_problem():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(GRAD_ROWS, 4, 3, 5, generator=g) * 1.5 + 0.5
+    coef = torch.randn(GRAD_ROWS, 4, 3, 5, generator=g)
+    params = (torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g), torch.tensor([0.3]))
+    return x, coef, params
+
+
 def _training_helpers(r, res):
     """The stage helpers of the trainer: agree, gather_for_loss with sum_gradients_hook, the
     per-camera statistics merge, averaging of statistics and broadcast of a module."""
@@ -141,6 +149,17 @@ def _training_helpers(r, res):
     res["synced_stats"] = {k: v.clone() for k, v in both.state_dict().items() if "running" in k}
     res["synced_restored"] = [type(m).__name__ for m in both.modules() if "forward" in vars(m)
                               or getattr(m, "batch_sums", None) is not None]
+
+    # the fused AIBN kernels (Triton interpreter here) on a batch split 3 + 5
+    from iics_fast.kernels.aibn import aibn
+    x, coef, params = _aibn_problem()
+    xp = x[mine].clone().requires_grad_()
+    w, b, a = (p.clone().requires_grad_() for p in params)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y = aibn(xp, rm, rv, w, b, a, True, 0.1, 1e-5, sum_ranks=torch.distributed.all_reduce)
+    (y * coef[mine]).sum().backward()
+    res["aibn_fused"] = {"y": y.detach(), "dx": xp.grad, "dweight": w.grad, "dbias": b.grad,
+                         "dalpha": a.grad, "running_mean": rm, "running_var": rv}
 
     other = _tiny_net()
     with torch.no_grad():
@@ -320,6 +339,26 @@ def test_synced_batch_statistics_equal_one_process_on_the_whole_batch(spawned):
         for k, v in stats.items():
             torch.testing.assert_close(res["synced_stats"][k], v, rtol=1e-5, atol=1e-6, msg=k)
         assert res["synced_restored"] == []  # the layers are plain again after the context
+
+
+def test_fused_aibn_over_ranks_equals_one_process_on_the_whole_batch(spawned):
+    from iics_fast.kernels.aibn import aibn_ref
+    x, coef, params = _aibn_problem()
+    x = x.clone().requires_grad_()
+    w, b, a = (p.clone().requires_grad_() for p in params)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y = aibn_ref(x, rm, rv, w, b, a, True, 0.1, 1e-5)
+    (y * coef).sum().backward()
+    got = [res["aibn_fused"] for res in spawned]
+    for r, part in enumerate(got):
+        mine = slice(0, 3) if r == 0 else slice(3, GRAD_ROWS)
+        torch.testing.assert_close(part["y"], y.detach()[mine], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(part["dx"], x.grad[mine], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(part["running_mean"], rm, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(part["running_var"], rv, rtol=1e-5, atol=1e-6)
+    # each rank's parameter gradients are its part: DDP sums them
+    for key, want in (("dweight", w.grad), ("dbias", b.grad), ("dalpha", a.grad)):
+        torch.testing.assert_close(got[0][key] + got[1][key], want, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_average_statistics_and_broadcast_module(spawned):

@@ -5,6 +5,8 @@ elsewhere the plain-PyTorch `aibn_ref`. Both follow the same definition (see tha
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -19,9 +21,10 @@ class AIBN2d(nn.Module):
     running = (1 - momentum) running + momentum batch; they start at 0 and 1 as in BatchNorm2d
     (the reference starts running_var at 0; pretrained weights overwrite both either way).
     Inputs with H*W < 2 are refused: the unbiased instance variance is undefined there.
-    batch_sums: None, or a callable that turns this batch's sums into a larger batch's (see
-    `aibn_ref`; `iics_fast.distributed.synced_batch_stats` sets it to sum over the ranks): in
-    training the layer then runs `aibn_ref` with it on any device.
+    sum_ranks: None, or an in-place sum of a tensor over the ranks of a process group
+    (`iics_fast.distributed.synced_batch_stats` sets torch.distributed.all_reduce): in training the
+    batch statistics are then those of every rank's samples together (fused kernels on CUDA,
+    `aibn_ref` with `distributed.batch_sums` elsewhere).
     """
 
     def __init__(self, num_features: int, alpha: nn.Parameter | None = None, init_alpha: float = 0.1,
@@ -39,7 +42,7 @@ class AIBN2d(nn.Module):
         self.alpha = alpha
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
-        self.batch_sums = None
+        self.sum_ranks = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_features:
@@ -50,12 +53,15 @@ class AIBN2d(nn.Module):
                 f"{x.shape[2]}x{x.shape[3]}: feed a larger image (ResNet layer3/4 divide it by 16)")
         from iics_fast.kernels.aibn import aibn, aibn_ref
 
-        if self.training and self.batch_sums is not None:
-            return aibn_ref(x, self.running_mean, self.running_var, self.weight, self.bias, self.alpha,
-                            True, self.momentum, self.eps, batch_sums=self.batch_sums)
-        fn = aibn if x.is_cuda else aibn_ref
-        return fn(x, self.running_mean, self.running_var, self.weight, self.bias, self.alpha,
-                  self.training, self.momentum, self.eps)
+        args = (x, self.running_mean, self.running_var, self.weight, self.bias, self.alpha,
+                self.training, self.momentum, self.eps)
+        if self.training and self.sum_ranks is not None:
+            if x.is_cuda:
+                return aibn(*args, sum_ranks=self.sum_ranks)
+            from iics_fast.distributed import batch_sums
+
+            return aibn_ref(*args, batch_sums=functools.partial(batch_sums, sum_ranks=self.sum_ranks))
+        return (aibn if x.is_cuda else aibn_ref)(*args)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
