@@ -69,7 +69,7 @@ DEFAULTS = {
     "batch_extract": (128, "batch size of feature extraction"),
     "threads": (None, "CPU threads of torch (default: torch's choice; fewer helps on a busy CPU)"),
     "sync_bn": (True, "under torchrun: stage 2 normalises with the whole batch's statistics over "
-                      "all processes, as one process does (plain-op norm layers); --no-sync-bn: "
+                      "all processes, as one process does; --no-sync-bn: "
                       "each process its share's (faster, not the one-process result)"),
     "seed": (1, "seed of every random draw"),
     "out": (None, "output directory (default: runs/<dataset>-<time>)"),

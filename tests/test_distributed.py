@@ -80,6 +80,12 @@ def _camera_chunks(step):
     return [torch.randn(3 + c, 3, 6, 6, generator=g) * (c + 1) + c for c in range(STATS_CAMERAS)]
 
 
+def _patched_norms(module):
+    """Names of the norm layers synced_batch_stats has switched to whole-batch statistics."""
+    return sorted({type(m).__name__ for m in module.modules()
+                   if "forward" in vars(m) or getattr(m, "sum_ranks", None) is not None})
+
+
 def _synced_batch():
     g = torch.Generator().manual_seed(4)
     return torch.randn(GRAD_ROWS, 3, 6, 6, generator=g) * 2 + 1, torch.randint(0, 5, (GRAD_ROWS,), generator=g)
@@ -140,6 +146,7 @@ def _training_helpers(r, res):
     x, y = _synced_batch()
     mine = slice(0, 3) if r == 0 else slice(3, GRAD_ROWS)
     with D.synced_batch_stats(both):
+        res["synced_patched"] = _patched_norms(both)
         out = ddp(x[mine])
         loss = torch.nn.functional.cross_entropy(out, y[mine]) * len(y[mine]) / GRAD_ROWS
         loss = loss + D.gather_for_loss(out).square().mean()
@@ -147,8 +154,7 @@ def _training_helpers(r, res):
     res["synced_out"] = out.detach()
     res["synced_grads"] = {k: p.grad.clone() for k, p in both.named_parameters()}
     res["synced_stats"] = {k: v.clone() for k, v in both.state_dict().items() if "running" in k}
-    res["synced_restored"] = [type(m).__name__ for m in both.modules() if "forward" in vars(m)
-                              or getattr(m, "batch_sums", None) is not None]
+    res["synced_restored"] = _patched_norms(both)
 
     # the fused AIBN kernels (Triton interpreter here) on a batch split 3 + 5
     from iics_fast.kernels.aibn import aibn
@@ -338,6 +344,7 @@ def test_synced_batch_statistics_equal_one_process_on_the_whole_batch(spawned):
             torch.testing.assert_close(res["synced_grads"][k], v, rtol=1e-5, atol=2e-6 * scale, msg=k)
         for k, v in stats.items():
             torch.testing.assert_close(res["synced_stats"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        assert res["synced_patched"] == ["AIBN2d", "BatchNorm1d", "BatchNorm2d"]
         assert res["synced_restored"] == []  # the layers are plain again after the context
 
 
@@ -411,7 +418,7 @@ def test_training_helpers_in_one_process():
         D.SequentialStatsSync(torch.nn.BatchNorm1d(3, momentum=None), 0, 1, 1)
     assert [D.group_share(5, r, 2) for r in range(2)] == [range(0, 3), range(3, 5)]
     with D.synced_batch_stats(model) as same:  # one process: nothing to synchronise
-        assert same is model and all(getattr(m, "batch_sums", None) is None for m in model.modules())
+        assert same is model and _patched_norms(model) == []
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
