@@ -12,8 +12,9 @@ Under torchrun (several processes, `iics_fast.distributed`) every rank runs the 
 extraction is split across ranks and gathered, clustering runs on rank 0 and its labels are
 broadcast, stage 1 gives each rank whole cameras (their heads, their per-camera batch statistics,
 merged after every step into what one process would hold), stage 2 splits each P x K batch by
-identities (the triplet loss is mined over the whole gathered batch), gradients are summed so
-that a step is the single-process step, and only rank 0 writes files.
+identities (normalised with the whole batch's statistics, the triplet loss mined over the whole
+gathered batch), gradients are summed so that a step is the single-process step, and only rank 0
+writes files.
 """
 from __future__ import annotations
 
@@ -223,7 +224,7 @@ class Trainer:
             raise ValueError(f"stage 1 gives every process whole cameras, but there are "
                              f"{self.world} processes for {len(self.cameras)} cameras: launch "
                              f"at most {len(self.cameras)} processes")
-        if self.world > cfg.batch_p:
+        if cfg.stages == "both" and self.world > cfg.batch_p:
             raise ValueError(f"stage 2 gives every process whole identities of a batch, but "
                              f"there are {self.world} processes for P={cfg.batch_p}: raise "
                              f"--batch-p or launch fewer processes")
