@@ -151,9 +151,7 @@ def agree(fn, *, on_main_only=False):
             result = fn()
         except ValueError as exc:
             error = str(exc)
-    errors = [None] * world_size()
-    dist.all_gather_object(errors, error)
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    failed = [(r, e) for r, e in enumerate(all_gather_object(error)) if e is not None]
     if failed:
         r, msg = failed[0]
         raise ValueError(msg if r == rank() or on_main_only else f"(rank {r}) {msg}")
@@ -417,6 +415,16 @@ def gather_for_loss(x: torch.Tensor) -> torch.Tensor:
     return _GatherForLoss.apply(x)
 
 
+def _sum_over_ranks(tensors):
+    """The ranks' sums of `tensors` (float32, one all-reduce for all), flattened, in order."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.float().flatten() for t in tensors])
+    if _active():
+        dist.all_reduce(flat)
+    return list(torch.split(flat, [t.numel() for t in tensors]))
+
+
 def _norm_layers(module):
     """Modules with BatchNorm-style running statistics (BatchNorm*, AIBN2d), in module order."""
     layers = [m for m in module.modules()
@@ -458,22 +466,14 @@ class SequentialStatsSync:
     def merge(self) -> None:
         if self.prev is None:
             raise RuntimeError("SequentialStatsSync.merge() without snapshot() before the step")
-        parts = []
-        for m, prev in zip(self.layers, self.prev):
-            keep = 1.0 - float(m.momentum)
-            weight = keep ** (self.total - self.first - self.count)
-            for buf, x0 in zip((m.running_mean, m.running_var), prev):
-                parts.append(((buf.float() - keep ** self.count * x0.float()) * weight).flatten())
-        flat = torch.cat(parts) if parts else torch.zeros(0)
-        if _active():
-            dist.all_reduce(flat)
-        pos = 0
-        for m, prev in zip(self.layers, self.prev):
-            keep = 1.0 - float(m.momentum)
-            for buf, x0 in zip((m.running_mean, m.running_var), prev):
-                n = buf.numel()
-                buf.copy_((keep ** self.total * x0.float() + flat[pos:pos + n].view_as(buf)).to(buf.dtype))
-                pos += n
+        # (1 - m, running buffer, its value before the step) of every statistic
+        stats = [(1.0 - float(m.momentum), buf, x0) for m, prev in zip(self.layers, self.prev)
+                 for buf, x0 in zip((m.running_mean, m.running_var), prev)]
+        parts = [(buf.float() - k ** self.count * x0.float()) * k ** (self.total - self.first - self.count)
+                 for k, buf, x0 in stats]
+        for (k, buf, x0), part in zip(stats, _sum_over_ranks(parts)):
+            buf.copy_((k ** self.total * x0.float() + part.view_as(buf)).to(buf.dtype))
+        for m in self.layers:
             tracked = getattr(m, "num_batches_tracked", None)
             if isinstance(tracked, torch.Tensor):
                 tracked.add_(self.total - self.count)
@@ -488,17 +488,9 @@ def average_running_stats(module) -> None:
     rank's share of the batch on its own; this keeps the ranks' models identical for eval)."""
     if not _active():
         return
-    layers = _norm_layers(module)
-    if not layers:
-        return
-    bufs = [b for m in layers for b in (m.running_mean, m.running_var)]
-    flat = torch.cat([b.float().flatten() for b in bufs])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    pos = 0
-    for b in bufs:
-        b.copy_(flat[pos:pos + b.numel()].view_as(b).to(b.dtype))
-        pos += b.numel()
+    bufs = [b for m in _norm_layers(module) for b in (m.running_mean, m.running_var)]
+    for b, total in zip(bufs, _sum_over_ranks(bufs)):
+        b.copy_((total / world_size()).view_as(b).to(b.dtype))
 
 
 @torch.no_grad()
@@ -550,11 +542,11 @@ def _synced_batch_norm(m, x):
                                  (xf * xf).sum(dims, dtype=torch.float64), xf.numel() // xf.shape[1])
     mean64 = s1 / count
     mean, var = mean64.float(), (s2 / count - mean64 * mean64).clamp_min(0).float()
-    count = float(count)
-    with torch.no_grad():
+    with torch.no_grad():  # tensor arithmetic throughout: no host synchronisation per layer
         mom = m.momentum
+        unbiased = var * (count / (count - 1).clamp_min(1)).float()
         m.running_mean.mul_(1 - mom).add_(mom * mean.to(m.running_mean.dtype))
-        m.running_var.mul_(1 - mom).add_(mom * (var * count / max(count - 1, 1)).to(m.running_var.dtype))
+        m.running_var.mul_(1 - mom).add_(mom * unbiased.to(m.running_var.dtype))
         m.num_batches_tracked.add_(1)
     shape = [1, -1] + [1] * (x.dim() - 2)
     y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from . import distributed as D
+
 # ---------------------------------------------------------------------------------------------
 # defaults: the paper / reference code (DESIGN.md section 1). key: (default, help)
 DEFAULTS = {
@@ -197,16 +199,14 @@ def main(argv=None, hook=None) -> list[dict]:
     """Parses `argv`, trains, prints the results; returns the per-round metrics. Under torchrun
     (WORLD_SIZE > 1) it joins the process group (NCCL for --device cuda, gloo for cpu) and
     trains with every process; rank 0 prints and writes."""
-    from . import distributed as D
-
     args = parse_args(argv)
     config = resolve(args)
     backend = "nccl" if config["device"].startswith("cuda") else "gloo"
     with D.init_from_env(backend):
-        return _train(args, config, hook, D)
+        return _train(args, config, hook)
 
 
-def _train(args, config, hook, D):
+def _train(args, config, hook):
     from .trainer import Trainer, atomic_write_text
 
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS}

@@ -522,7 +522,8 @@ class Trainer:
                     seen += len(y)
                     bar.set_postfix(ce=f"{ce.item():.3f}", tri=f"{tri.item():.3f}")
         del net
-        D.average_running_stats(self.model)
+        if not cfg.sync_bn:  # synchronised statistics already agree on every rank
+            D.average_running_stats(self.model)
         # per iteration the ranks' share-weighted CE add up to the batch's mean CE; the
         # triplet loss is the same on every rank
         parts = D.all_gather_object((float(np.sum(ce_all)), correct, seen))

@@ -220,11 +220,16 @@ def test_batch_hard_triplet_against_a_loop(rng):
 # environment when a test needs a hook inside the run.
 
 
-def _torchrun(argv):
+def _launch(argv):
+    """`torchrun --standalone --nproc_per_node=2 -m iics_fast.train argv`, finished."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", "-m", "iics_fast.train", *argv],
                           env=env, capture_output=True, text=True, timeout=600)
+
+
+def _torchrun(argv):
+    proc = _launch(argv)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -319,11 +324,7 @@ def test_two_processes_resume_after_a_kill(two_process_run, tmp_path):
 
 
 def test_two_processes_refuse_a_batch_they_cannot_split(cache, tmp_path):
-    argv = TINY + ["--out", str(tmp_path / "run"), "--batch-p", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", "-m", "iics_fast.train", *argv],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = _launch(TINY + ["--out", str(tmp_path / "run"), "--batch-p", "1"])
     assert proc.returncode != 0
     # checked on every rank before training, reported once (by rank 0)
     assert proc.stderr.count("error: stage 2 gives every process whole identities of a batch, "
