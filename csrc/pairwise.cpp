@@ -23,7 +23,7 @@ void need(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
 
-void pairwise_jaccard_py(F32 a, F32 sa, F32 b, F32 sb, F32 out) {
+void pairwise_jaccard_py(F32 a, F32 sa, F32 b, F32 sb, F32 out, const std::string& isa) {
   need(a.ndim() == 2 && b.ndim() == 2 && a.shape(1) == b.shape(1),
        "pairwise_jaccard: a (m, d) and b (p, d) must be 2-D with the same d");
   const int64_t m = a.shape(0), p = b.shape(0), d = a.shape(1);
@@ -33,13 +33,15 @@ void pairwise_jaccard_py(F32 a, F32 sa, F32 b, F32 sb, F32 out) {
        "pairwise_jaccard: out must be a writeable (m, p) float32 array");
   const float *pa = a.data(), *pb = b.data(), *psa = sa.data(), *psb = sb.data();
   float* po = out.mutable_data();
+  iics::simd_variant(isa);  // an unknown or unsupported name fails here, with the GIL held
   py::gil_scoped_release release;
-  iics::pairwise_jaccard_cpu(pa, m, d, psa, pb, p, d, psb, d, po, p);
+  iics::pairwise_jaccard_cpu(pa, m, d, psa, pb, p, d, psb, d, po, p, isa);
 }
 
 void inter_camera_rows_py(std::optional<F32> scores, std::optional<F32> rowsum,
                           std::optional<F32> gram, I64 cam, int64_t r0, int64_t r1, int64_t g0,
-                          float mu, int mode, bool square, F32 out, int64_t out_base) {
+                          float mu, int mode, bool square, F32 out, int64_t out_base,
+                          const std::string& isa) {
   need(mode >= 0 && mode <= 2, "inter_camera_rows: mode must be 0 (eq5), 1 (feature), 2 (jaccard)");
   const auto md = static_cast<iics::InterCameraMode>(mode);
   need(cam.ndim() == 1, "inter_camera_rows: cam must be 1-D");
@@ -78,9 +80,10 @@ void inter_camera_rows_py(std::optional<F32> scores, std::optional<F32> rowsum,
   const float* pg = need_gram ? gram->data() : nullptr;
   const int64_t* pc = cam.data();
   float* po = out.mutable_data();
+  iics::simd_variant(isa);
   py::gil_scoped_release release;
   iics::inter_camera_rows_cpu(ps, dim, prs, dim, pg, n - g0, g0, pc, n, r0, r1, mu, md, square, po,
-                              out_base);
+                              out_base, isa);
 }
 
 }  // namespace
@@ -88,15 +91,31 @@ void inter_camera_rows_py(std::optional<F32> scores, std::optional<F32> rowsum,
 void bind_pairwise(py::module_& m) {
   m.def("pairwise_jaccard", &pairwise_jaccard_py, py::arg("a").noconvert(),
         py::arg("sa").noconvert(), py::arg("b").noconvert(), py::arg("sb").noconvert(),
-        py::arg("out").noconvert(),
+        py::arg("out").noconvert(), py::arg("isa") = "auto",
         "Generalised Jaccard sum(min)/sum(max) between the rows of a (m, d) and b (p, d) into "
-        "out (m, p); sa, sb are the row sums. J(0, 0) = 0. float32, C-contiguous, no copies.");
+        "out (m, p); sa, sb are the row sums. J(0, 0) = 0. float32, C-contiguous, no copies. "
+        "isa: SIMD variant ('auto', 'avx512', 'avx2', 'scalar').");
   m.def("inter_camera_rows", &inter_camera_rows_py, py::arg("scores").noconvert(),
         py::arg("rowsum").noconvert(), py::arg("gram").noconvert(), py::arg("cam").noconvert(),
         py::arg("r0"), py::arg("r1"), py::arg("g0"), py::arg("mu"), py::arg("mode"),
         py::arg("square"), py::arg("out").noconvert(), py::arg("out_base") = 0,
+        py::arg("isa") = "auto",
         "IICS inter-camera distances of rows [r0, r1) against later rows, into a square (n, n) "
         "or condensed float32 out; a condensed out may be a block whose first entry is the "
         "condensed position out_base. gram = cos of a slab of rows [g0, g0 + rows) x cols "
-        "[g0, n) with g0 <= r0 <= r1 <= g0 + rows.");
+        "[g0, n) with g0 <= r0 <= r1 <= g0 + rows. isa: SIMD variant as for pairwise_jaccard.");
+  m.def("simd_variants", &iics::simd_variants,
+        "SIMD variants of the sum-of-minima loop this CPU runs, widest first (ends with 'scalar').");
+  m.def("simd_variant", &iics::simd_variant, py::arg("isa") = "auto",
+        "The variant an isa name resolves to ('auto': the widest this CPU runs).");
+  m.def(
+      "min_sum_ceiling",
+      [](const std::string& isa, double seconds) {
+        iics::simd_variant(isa);
+        py::gil_scoped_release release;
+        return iics::min_sum_ceiling(isa, seconds);
+      },
+      py::arg("isa") = "auto", py::arg("seconds") = 0.5,
+      "One core's ceiling for the sum-of-minima loop: the micro-kernel alone on L1-resident rows, "
+      "pair-dims (one min + add) a second in the fastest ~0.5 ms burst within `seconds`.");
 }

@@ -1,14 +1,24 @@
 // Register-tiled pairwise sum-of-minima (generalised Jaccard) and the fused IICS inter-camera
 // distance. Algorithm: the pair grid is cut into cache tiles (kMB x kNB pairs, the score
-// dimension in kKC chunks so both row panels stay in L1/L2); each tile is covered by 2 x 6
-// register micro-tiles whose 12 accumulators hold sum_k min(a_k, b_k) for 8 k at a time
-// (AVX2: vminps + vaddps per 8 elements and pair). See pairwise_cpu.h for the identities.
+// dimension in kKC chunks so both row panels stay in L1/L2); each tile is covered by MR x NR
+// register micro-tiles whose accumulators hold sum_k min(a_k, b_k) for one vector of k at a
+// time (one min and one add a vector and pair). See pairwise_cpu.h for the identities.
+//
+// Runtime SIMD dispatch: the micro-kernel exists for AVX-512 (4 x 6 micro-tiles, 16 floats a
+// vector), AVX2 + FMA (2 x 6, 8 floats) and plain C++; each vector variant is compiled for its
+// instruction set through function target attributes, so a portable build (IICS_NATIVE=0)
+// keeps it, and the widest one the CPU supports is picked once at run time.
 #include "pairwise_cpu.h"
 
 #include <algorithm>
+#include <chrono>
+#include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
-#ifdef __AVX2__
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define IICS_X86_SIMD 1
 #include <immintrin.h>
 #endif
 
@@ -17,78 +27,246 @@
 namespace iics {
 namespace {
 
-constexpr int kMR = 2;        // micro-tile rows
-constexpr int kNR = 6;        // micro-tile columns
-constexpr int64_t kMB = 24;   // cache-tile rows (multiple of kMR)
-constexpr int64_t kNB = 60;   // cache-tile columns (multiple of kNR)
+constexpr int64_t kMB = 24;   // cache-tile rows (a multiple of every variant's MR)
+constexpr int64_t kNB = 60;   // cache-tile columns (a multiple of every variant's NR)
 constexpr int64_t kKC = 256;  // score dims a chunk
 
-#ifdef __AVX2__
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
-
-// acc[r*kNR + c] += sum_{k in [k0, k1)} min(a[r][k], b[c][k]) for the kMR x kNR rows given.
-inline void min_sum_micro(const float* const* a, const float* const* b, int64_t k0, int64_t k1,
-                          float* acc) {
-  int64_t k = k0;
-#ifdef __AVX2__
-  __m256 c[kMR][kNR];
-  for (int r = 0; r < kMR; ++r)
-    for (int q = 0; q < kNR; ++q) c[r][q] = _mm256_setzero_ps();
-  const __m256 one = _mm256_set1_ps(1.f);
-  for (; k + 8 <= k1; k += 8) {
-    __m256 av[kMR];
-    for (int r = 0; r < kMR; ++r) av[r] = _mm256_loadu_ps(a[r] + k);
-    for (int q = 0; q < kNR; ++q) {
-      const __m256 bq = _mm256_loadu_ps(b[q] + k);
-      for (int r = 0; r < kMR; ++r) {
-        const __m256 t = _mm256_min_ps(av[r], bq);
-        // Half the accumulators add through the FMA pipes (t * 1 + c): adds alone saturate
-        // the FP add pipes, the mix runs ~1.8x faster on Zen 3.
-        c[r][q] = ((r + q) & 1) ? _mm256_fmadd_ps(t, one, c[r][q]) : _mm256_add_ps(c[r][q], t);
+// Plain C++: the reference the vector variants are tested against, and the fallback.
+struct ScalarKernel {
+  static constexpr int MR = 2, NR = 6;
+  // acc[r*NR + q] += sum_{k in [k0, k1)} min(a[r][k], b[q][k]).
+  static inline void micro(const float* const* a, const float* const* b, int64_t k0, int64_t k1,
+                           float* acc) {
+    for (int r = 0; r < MR; ++r)
+      for (int q = 0; q < NR; ++q) {
+        float s = 0.f;
+        for (int64_t k = k0; k < k1; ++k) s += std::min(a[r][k], b[q][k]);
+        acc[r * NR + q] += s;
       }
-    }
   }
-  for (int r = 0; r < kMR; ++r)
-    for (int q = 0; q < kNR; ++q) acc[r * kNR + q] += hsum(c[r][q]);
-#endif
-  for (int r = 0; r < kMR; ++r)
-    for (int q = 0; q < kNR; ++q) {
+};
+
+#ifdef IICS_X86_SIMD
+#define IICS_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define IICS_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
+
+// The remainder k1 - k (fewer than a vector) of a micro-tile, shared by the vector variants.
+template <int MR, int NR>
+inline void min_sum_tail(const float* const* a, const float* const* b, int64_t k, int64_t k1,
+                         float* acc) {
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < NR; ++q) {
       float s = 0.f;
       for (int64_t kk = k; kk < k1; ++kk) s += std::min(a[r][kk], b[q][kk]);
-      acc[r * kNR + q] += s;
+      acc[r * NR + q] += s;
     }
 }
+
+// Loads the column vector once into a register: left to itself, GCC's Zen 4 tuning folds the
+// load into each of the MR vminps (MR loads instead of one), which makes the loop load-bound at
+// about a third of its speed.
+template <typename V>
+inline void keep_in_register(V& v) {
+  asm("" : "+v"(v));
+}
+
+// Every accumulation goes through the FMA pipes (t * 1 + c): with min on the other pipes this
+// keeps both pairs busy; measured on Zen 4 it beats plain adds and an add/FMA mix (see
+// benchmarks/bench_pairwise.py, test_min_sum_ceiling).
+struct Avx2Kernel {
+  static constexpr int MR = 2, NR = 6;
+  IICS_TARGET_AVX2 __attribute__((noinline)) static void micro(const float* const* a, const float* const* b,
+                                            int64_t k0, int64_t k1, float* acc) {
+    __m256 c[MR][NR];
+    for (int r = 0; r < MR; ++r)
+      for (int q = 0; q < NR; ++q) c[r][q] = _mm256_setzero_ps();
+    const __m256 one = _mm256_set1_ps(1.f);
+    int64_t k = k0;
+    for (; k + 8 <= k1; k += 8) {
+      __m256 av[MR];
+      for (int r = 0; r < MR; ++r) av[r] = _mm256_loadu_ps(a[r] + k);
+      for (int q = 0; q < NR; ++q) {
+        __m256 bq = _mm256_loadu_ps(b[q] + k);
+        keep_in_register(bq);
+        for (int r = 0; r < MR; ++r) c[r][q] = _mm256_fmadd_ps(_mm256_min_ps(av[r], bq), one, c[r][q]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int q = 0; q < NR; ++q) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(c[r][q]), _mm256_extractf128_ps(c[r][q], 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        acc[r * NR + q] += _mm_cvtss_f32(s);
+      }
+    min_sum_tail<MR, NR>(a, b, k, k1, acc);
+  }
+};
+
+struct Avx512Kernel {
+  static constexpr int MR = 4, NR = 6;  // 24 accumulators + 4 row vectors + 1 column vector
+  IICS_TARGET_AVX512 __attribute__((noinline)) static void micro(const float* const* a, const float* const* b,
+                                              int64_t k0, int64_t k1, float* acc) {
+    __m512 c[MR][NR];
+    for (int r = 0; r < MR; ++r)
+      for (int q = 0; q < NR; ++q) c[r][q] = _mm512_setzero_ps();
+    const __m512 one = _mm512_set1_ps(1.f);
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) {
+      __m512 av[MR];
+      for (int r = 0; r < MR; ++r) av[r] = _mm512_loadu_ps(a[r] + k);
+      for (int q = 0; q < NR; ++q) {
+        __m512 bq = _mm512_loadu_ps(b[q] + k);
+        keep_in_register(bq);
+        for (int r = 0; r < MR; ++r) c[r][q] = _mm512_fmadd_ps(_mm512_min_ps(av[r], bq), one, c[r][q]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int q = 0; q < NR; ++q) acc[r * NR + q] += _mm512_reduce_add_ps(c[r][q]);
+    min_sum_tail<MR, NR>(a, b, k, k1, acc);
+  }
+};
+#endif  // IICS_X86_SIMD
+
+static_assert(kMB % ScalarKernel::MR == 0 && kNB % ScalarKernel::NR == 0, "tile / micro-tile");
+#ifdef IICS_X86_SIMD
+static_assert(kMB % Avx2Kernel::MR == 0 && kNB % Avx2Kernel::NR == 0, "tile / micro-tile");
+static_assert(kMB % Avx512Kernel::MR == 0 && kNB % Avx512Kernel::NR == 0, "tile / micro-tile");
+#endif
+
+// Which micro-tiles of a cache tile are computed: with `upper`, those with a pair j > i; with
+// `cam`, only those whose pairs do not all share one camera (Eq. 5 masks J there).
+struct TileFilter {
+  bool upper = false;
+  const int64_t* cam = nullptr;
+
+  // Micro-tile rows [i, ie] x columns [j, je] (inclusive ends).
+  bool want(int64_t i, int64_t ie, int64_t j, int64_t je) const {
+    if (upper && je <= i) return false;
+    if (!cam) return true;
+    const int64_t c = cam[i];
+    for (int64_t r = i; r <= ie; ++r)
+      if (cam[r] != c) return true;
+    for (int64_t q = j; q <= je; ++q)
+      if (cam[q] != c) return true;
+    return false;
+  }
+};
 
 // Sum of minima for the pairs of rows [i0, i1) of `a` x rows [j0, j1) of `b` into
 // smin[(i - i0) * kNB + (j - j0)]. Rows past the end are clamped to the last row (their results
-// are never read). `want(ir, jc)` says whether a micro-tile (first row, first column) is needed.
-template <typename Want>
+// are never read).
+template <class K>
 void min_sum_tile(const float* a, int64_t lda, int64_t i0, int64_t i1, const float* b,
-                  int64_t ldb, int64_t j0, int64_t j1, int64_t dim, float* smin, Want want) {
+                  int64_t ldb, int64_t j0, int64_t j1, int64_t dim, float* smin,
+                  const TileFilter& filter) {
   const int64_t mi = i1 - i0, nj = j1 - j0;
   std::fill(smin, smin + kMB * kNB, 0.f);
   for (int64_t k0 = 0; k0 < dim; k0 += kKC) {
     const int64_t k1 = std::min(dim, k0 + kKC);
-    for (int64_t ir = 0; ir < mi; ir += kMR) {
-      const float* ap[kMR];
-      for (int r = 0; r < kMR; ++r) ap[r] = a + (i0 + std::min<int64_t>(ir + r, mi - 1)) * lda;
-      for (int64_t jc = 0; jc < nj; jc += kNR) {
-        if (!want(i0 + ir, j0 + jc)) continue;
-        const float* bp[kNR];
-        for (int q = 0; q < kNR; ++q) bp[q] = b + (j0 + std::min<int64_t>(jc + q, nj - 1)) * ldb;
-        float acc[kMR * kNR] = {};
-        min_sum_micro(ap, bp, k0, k1, acc);
-        for (int r = 0; r < kMR; ++r)
-          for (int q = 0; q < kNR; ++q) smin[(ir + r) * kNB + jc + q] += acc[r * kNR + q];
+    for (int64_t ir = 0; ir < mi; ir += K::MR) {
+      const float* ap[K::MR];
+      for (int r = 0; r < K::MR; ++r) ap[r] = a + (i0 + std::min<int64_t>(ir + r, mi - 1)) * lda;
+      const int64_t ie = i0 + std::min<int64_t>(ir + K::MR, mi) - 1;
+      for (int64_t jc = 0; jc < nj; jc += K::NR) {
+        const int64_t je = j0 + std::min<int64_t>(jc + K::NR, nj) - 1;
+        if (!filter.want(i0 + ir, ie, j0 + jc, je)) continue;
+        const float* bp[K::NR];
+        for (int q = 0; q < K::NR; ++q) bp[q] = b + (j0 + std::min<int64_t>(jc + q, nj - 1)) * ldb;
+        float acc[K::MR * K::NR] = {};
+        K::micro(ap, bp, k0, k1, acc);
+        for (int r = 0; r < K::MR; ++r)
+          for (int q = 0; q < K::NR; ++q) smin[(ir + r) * kNB + jc + q] += acc[r * K::NR + q];
       }
     }
   }
+}
+
+// The ceiling probe: the micro-kernel alone, over and over on MR + NR rows of kKC dims that
+// stay in L1 (the same instructions as min_sum_tile, no memory traffic). Returns pair-dims.
+template <class K>
+double min_sum_probe(int64_t reps) {
+  std::vector<float> buf((K::MR + K::NR) * kKC);
+  for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<float>(i % 97) * 0.01f;
+  const float* ap[K::MR];
+  const float* bp[K::NR];
+  for (int r = 0; r < K::MR; ++r) ap[r] = buf.data() + r * kKC;
+  for (int q = 0; q < K::NR; ++q) bp[q] = buf.data() + (K::MR + q) * kKC;
+  float acc[K::MR * K::NR] = {};
+  for (int64_t it = 0; it < reps; ++it) {
+    K::micro(ap, bp, 0, kKC, acc);
+    asm volatile("" : : "r"(acc) : "memory");  // keep every repetition
+  }
+  return static_cast<double>(reps) * K::MR * K::NR * kKC;
+}
+
+using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
+                        int64_t, int64_t, float*, const TileFilter&);
+using ProbeFn = double (*)(int64_t);
+
+void tile_scalar(const float* a, int64_t lda, int64_t i0, int64_t i1, const float* b, int64_t ldb,
+                 int64_t j0, int64_t j1, int64_t dim, float* smin, const TileFilter& f) {
+  min_sum_tile<ScalarKernel>(a, lda, i0, i1, b, ldb, j0, j1, dim, smin, f);
+}
+double probe_scalar(int64_t reps) { return min_sum_probe<ScalarKernel>(reps); }
+
+#ifdef IICS_X86_SIMD
+// `flatten` inlines the generic tile loop and the micro-kernel into these target functions, so
+// the whole loop nest is compiled for the instruction set.
+IICS_TARGET_AVX2 __attribute__((flatten)) void tile_avx2(
+    const float* a, int64_t lda, int64_t i0, int64_t i1, const float* b, int64_t ldb, int64_t j0,
+    int64_t j1, int64_t dim, float* smin, const TileFilter& f) {
+  min_sum_tile<Avx2Kernel>(a, lda, i0, i1, b, ldb, j0, j1, dim, smin, f);
+}
+IICS_TARGET_AVX2 __attribute__((flatten)) double probe_avx2(int64_t reps) {
+  return min_sum_probe<Avx2Kernel>(reps);
+}
+IICS_TARGET_AVX512 __attribute__((flatten)) void tile_avx512(
+    const float* a, int64_t lda, int64_t i0, int64_t i1, const float* b, int64_t ldb, int64_t j0,
+    int64_t j1, int64_t dim, float* smin, const TileFilter& f) {
+  min_sum_tile<Avx512Kernel>(a, lda, i0, i1, b, ldb, j0, j1, dim, smin, f);
+}
+IICS_TARGET_AVX512 __attribute__((flatten)) double probe_avx512(int64_t reps) {
+  return min_sum_probe<Avx512Kernel>(reps);
+}
+#endif
+
+struct Variant {
+  const char* name;
+  TileFn tile;
+  ProbeFn probe;
+  bool (*supported)();
+};
+
+const Variant kVariants[] = {
+#ifdef IICS_X86_SIMD
+    {"avx512", tile_avx512, probe_avx512,
+     [] {
+       __builtin_cpu_init();
+       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+              __builtin_cpu_supports("avx512vl");
+     }},
+    {"avx2", tile_avx2, probe_avx2,
+     [] {
+       __builtin_cpu_init();
+       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+     }},
+#endif
+    {"scalar", tile_scalar, probe_scalar, [] { return true; }},
+};
+
+// The named variant ("auto": the widest this CPU runs); a clear error for an unknown name or
+// one this CPU lacks.
+const Variant& variant(const std::string& isa) {
+  for (const Variant& v : kVariants) {
+    if (isa != "auto" && isa != v.name) continue;
+    if (v.supported()) return v;
+    if (isa != "auto")
+      throw std::invalid_argument("isa='" + isa + "' is not supported by this CPU; use isa='auto'");
+  }
+  if (isa == "auto") return kVariants[sizeof(kVariants) / sizeof(kVariants[0]) - 1];
+  std::string names;
+  for (const Variant& v : kVariants) names += std::string(names.empty() ? "" : ", ") + v.name;
+  throw std::invalid_argument("isa must be 'auto' or one of: " + names + "; got '" + isa + "'");
 }
 
 // J from the sum of minima and the two row sums; J(0, 0) := 0.
@@ -100,10 +278,48 @@ inline float jaccard_from_min(float smin, float sa, float sb) {
 
 }  // namespace
 
+std::vector<std::string> simd_variants() {
+  std::vector<std::string> out;
+  for (const Variant& v : kVariants)
+    if (v.supported()) out.emplace_back(v.name);
+  return out;
+}
+
+std::string simd_variant(const std::string& isa) { return variant(isa).name; }
+
+double min_sum_ceiling(const std::string& isa, double seconds) {
+  const Variant& v = variant(isa);
+  using Clock = std::chrono::steady_clock;
+  auto timed = [&](int64_t reps) {
+    const auto t0 = Clock::now();
+    const double w = v.probe(reps);
+    return std::make_pair(w, std::chrono::duration<double>(Clock::now() - t0).count());
+  };
+  // Bursts of about 0.5 ms (sized by the fastest of three tries, so a preempted try does not
+  // cut them short); the fastest burst within `seconds` is the rate: on a shared machine a
+  // burst that no other process interrupted shows what the core can do.
+  int64_t reps = 256;
+  while (reps < (int64_t(1) << 40)) {
+    double t = 1e30;
+    for (int i = 0; i < 3; ++i) t = std::min(t, timed(reps).second);
+    if (t >= 5e-4) break;
+    reps *= 2;
+  }
+  double best = 0.0;
+  const auto start = Clock::now();
+  do {
+    const auto [w, t] = timed(reps);
+    best = std::max(best, w / t);
+  } while (std::chrono::duration<double>(Clock::now() - start).count() < seconds);
+  return best;
+}
+
 void pairwise_jaccard_cpu(const float* a, int64_t m, int64_t lda, const float* sa,
                           const float* b, int64_t p, int64_t ldb, const float* sb, int64_t d,
-                          float* out, int64_t ldo) {
+                          float* out, int64_t ldo, const std::string& isa) {
+  const TileFn tile = variant(isa).tile;
   const int64_t tm = (m + kMB - 1) / kMB, tp = (p + kNB - 1) / kNB;
+  const TileFilter all;
 #ifdef IICS_WITH_OPENMP
 #pragma omp parallel
 #endif
@@ -115,8 +331,7 @@ void pairwise_jaccard_cpu(const float* a, int64_t m, int64_t lda, const float* s
     for (int64_t t = 0; t < tm * tp; ++t) {
       const int64_t i0 = (t / tp) * kMB, j0 = (t % tp) * kNB;
       const int64_t i1 = std::min(m, i0 + kMB), j1 = std::min(p, j0 + kNB);
-      min_sum_tile(a, lda, i0, i1, b, ldb, j0, j1, d, smin.data(),
-                   [](int64_t, int64_t) { return true; });
+      tile(a, lda, i0, i1, b, ldb, j0, j1, d, smin.data(), all);
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t j = j0; j < j1; ++j)
           out[i * ldo + j] = jaccard_from_min(smin[(i - i0) * kNB + (j - j0)], sa[i], sb[j]);
@@ -127,13 +342,19 @@ void pairwise_jaccard_cpu(const float* a, int64_t m, int64_t lda, const float* s
 void inter_camera_rows_cpu(const float* scores, int64_t lds, const float* rowsum, int64_t dim,
                            const float* gram, int64_t ldg, int64_t g0, const int64_t* cam,
                            int64_t n, int64_t r0, int64_t r1, float mu, InterCameraMode mode,
-                           bool square, float* out, int64_t out_base) {
+                           bool square, float* out, int64_t out_base, const std::string& isa) {
+  const TileFn tile = variant(isa).tile;
   // Work list: cache tiles (i0, j0) of the upper triangle of rows [r0, r1) x columns [r0, n).
   std::vector<std::pair<int64_t, int64_t>> tiles;
   for (int64_t i0 = r0; i0 < r1; i0 += kMB)
     for (int64_t j0 = i0; j0 < n; j0 += kNB) tiles.emplace_back(i0, j0);
   const bool need_l1 = mode != InterCameraMode::kFeature;
   const bool masked = mode == InterCameraMode::kEq5;
+  // Micro-tiles below the diagonal are skipped and, under Eq. 5, those whose pairs all share
+  // one camera (J is masked there).
+  TileFilter filter;
+  filter.upper = true;
+  filter.cam = masked ? cam : nullptr;
 #ifdef IICS_WITH_OPENMP
 #pragma omp parallel
 #endif
@@ -145,22 +366,7 @@ void inter_camera_rows_cpu(const float* scores, int64_t lds, const float* rowsum
     for (size_t t = 0; t < tiles.size(); ++t) {
       const int64_t i0 = tiles[t].first, j0 = tiles[t].second;
       const int64_t i1 = std::min(r1, i0 + kMB), j1 = std::min(n, j0 + kNB);
-      if (need_l1) {
-        // A micro-tile is skipped when it lies below the diagonal or, under Eq. 5, when all
-        // its pairs share one camera (J is masked there).
-        auto want = [&](int64_t i, int64_t j) {
-          const int64_t ie = std::min(i + kMR, i1) - 1, je = std::min(j + kNR, j1) - 1;
-          if (je <= i) return false;
-          if (!masked) return true;
-          const int64_t c = cam[i];
-          for (int64_t r = i; r <= ie; ++r)
-            if (cam[r] != c) return true;
-          for (int64_t q = j; q <= je; ++q)
-            if (cam[q] != c) return true;
-          return false;
-        };
-        min_sum_tile(scores, lds, i0, i1, scores, lds, j0, j1, dim, smin.data(), want);
-      }
+      if (need_l1) tile(scores, lds, i0, i1, scores, lds, j0, j1, dim, smin.data(), filter);
       for (int64_t i = i0; i < i1; ++i) {
         const float* g = gram ? gram + (i - g0) * ldg - g0 : nullptr;  // g[j] = cos(f_i, f_j)
         const float* sm = smin.data() + (i - i0) * kNB - j0;          // sm[j] = Smin(i, j)
