@@ -1,7 +1,7 @@
 """AIBN speed: forward + backward at ResNet-50 layer3 shapes.
 
 CPU: the composite-op reference `aibn_ref` (what AIBN2d runs on CPU) next to `BatchNorm2d`'s
-fused op, both timed in the same run. GPU (skipped without CUDA): the fused Triton kernels next
+fused op and `torch.compile(aibn_ref)`, all timed in the same rounds (conftest's side_by_side). GPU (skipped without CUDA): the fused Triton kernels next
 to `aibn_ref` and BatchNorm2d, float32 and bfloat16, channels-first and channels-last.
 
 Layer3 of ResNet-50 at 256x128 input is (batch, 1024, 16, 8). Default batch 16 (CPU) / 64 (GPU);
@@ -197,6 +197,37 @@ def test_bench_aibn_traffic():
 
 def test_bench_aibn_cpu():
     run_cpu()
+
+
+def _compiled_ref():
+    return torch.compile(aibn_ref, dynamic=False)
+
+
+def build(impl, batch):
+    """Inputs and one training step of `impl` (for conftest's memory_probe)."""
+    fn = {"ours": aibn_ref, "BatchNorm2d": _bn, "torch.compile(aibn_ref)": None}[impl] or _compiled_ref()
+    args = _case(batch, "cpu")
+    _step(fn, *args)  # warm-up (and compilation)
+    return lambda: _step(fn, *args)
+
+
+def test_aibn_cpu_vs_peers(side_by_side):
+    """Forward + backward at layer3 shapes on the CPU: the eager composite reference (what
+    AIBN2d runs on a CPU), BatchNorm2d's fused op (the normalisation AIBN generalises) and
+    torch.compile of the reference (Inductor's generated C++), compilation not timed."""
+    batch = 64 if LARGE else 16
+    args = _case(batch, "cpu")
+    compiled = _compiled_ref()
+    y, grads = _step(compiled, *args)
+    y_ref, grads_ref = _step(aibn_ref, *args)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-3, atol=1e-3)
+    side_by_side("AIBN forward + backward (CPU)", f"({batch}, 1024, 16, 8) float32",
+                 lambda: _step(aibn_ref, *args),
+                 {"BatchNorm2d": lambda: _step(_bn, *args), "torch.compile(aibn_ref)": lambda: _step(compiled, *args)},
+                 rounds=5, ours_label="iics_fast on the CPU (aibn_ref, eager)",
+                 memory={k: dict(module_file=__file__, impl=k, batch=batch)
+                         for k in ("ours", "BatchNorm2d", "torch.compile(aibn_ref)")})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,134 +1,119 @@
-"""Evaluation speed: ``evaluate`` (C++ core and torch path) against the per-query ``evaluate_ref``.
+"""Evaluation (CMC and mAP), side by side with fast-reid's ``evaluate_rank`` at equal input.
 
-Default: 2,000 queries x 15,000 gallery (Market-1501-like), every path checked against the
-reference first. IICS_BENCH_SCALE=large adds the MSMT17 size, 11,659 x 82,161, through
-``evaluate_features`` (the distance matrix alone would be 3.8 GB), timed once in a fresh
-process that also reports its peak resident memory above the inputs (Linux /proc), with the
-reference run on a 500-query slice and scaled. The GPU case needs CUDA.
+* iics_fast: ``evaluate(distmat, ...)`` (C++ core on the CPU);
+* fast-reid: ``fastreid.evaluation.rank.evaluate_rank`` with its Cython core ``rank_cy``, the
+  path fast-reid recommends and compiles at first use (its ``compile_helper``); here it is
+  compiled by pyximport into ``.benchmarks/pyxbld``. The fastreid 1.4.0 wheel installs only with
+  ``pip install --no-deps fastreid`` (it pins torch 1.13.1) and its ``fastreid.evaluation``
+  package does not import on Python >= 3.10 (``collections.Mapping``), so its ``rank.py`` is
+  loaded on its own; the benchmark is skipped when fastreid or Cython is absent;
+* the per-query reference ``evaluate_ref``, which checks both.
 
-    pytest benchmarks/bench_evaluation.py -s          # or: python benchmarks/bench_evaluation.py
+Input: a (queries x gallery) float32 distance matrix and ids/cameras drawn like a re-ID test
+set; both sides get the same matrix and compute the same CMC (max_rank 50) and mAP.
+
+    pytest benchmarks/bench_evaluation.py -s          # 2,000 x 15,000 (Market-1501-like)
+    IICS_BENCH_SCALE=large pytest benchmarks/bench_evaluation.py -s   # + 11,659 x 82,161 (MSMT17)
 """
+from __future__ import annotations
+
+import importlib.util
 import os
-import subprocess
 import sys
-import time
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from iics_fast.evaluation import evaluate, evaluate_features, evaluate_ref
+from iics_fast.evaluation import evaluate, evaluate_ref
+
+FASTREID = "fast-reid evaluate_rank (Cython)"
+BUILD = Path(__file__).resolve().parent.parent / ".benchmarks" / "pyxbld"
+MARKET = dict(num_q=2000, num_g=15000, num_ids=750, num_cams=6)
+MSMT = dict(num_q=11659, num_g=82161, num_ids=3060, num_cams=15)
 
 
-def _case(rng, num_q, num_g, num_ids, num_cams=6, dim=None):
-    """Ids and cameras drawn like a re-ID test set; distances (or features) carry a weak signal."""
+def case(num_q, num_g, num_ids, num_cams, seed=0, dim=32):
+    """Distances with a weak identity signal; ids and cameras drawn like a re-ID test set."""
+    rng = np.random.default_rng(seed)
     gp = rng.integers(0, num_ids, num_g)
     gc = rng.integers(0, num_cams, num_g)
     qp = gp[rng.integers(0, num_g, num_q)]
     qc = rng.integers(0, num_cams, num_q)
-    centres = rng.standard_normal((num_ids, dim or 32)).astype(np.float32)
-    qf = centres[qp] + 2.0 * rng.standard_normal((num_q, centres.shape[1]), dtype=np.float32)
-    gf = centres[gp] + 2.0 * rng.standard_normal((num_g, centres.shape[1]), dtype=np.float32)
-    return qf, gf, qp, gp, qc, gc
+    centres = rng.standard_normal((num_ids, dim)).astype(np.float32)
+    qf = centres[qp] + 2.0 * rng.standard_normal((num_q, dim), dtype=np.float32)
+    gf = centres[gp] + 2.0 * rng.standard_normal((num_g, dim), dtype=np.float32)
+    qf /= np.linalg.norm(qf, axis=1, keepdims=True)
+    gf /= np.linalg.norm(gf, axis=1, keepdims=True)
+    return 1.0 - qf @ gf.T, qp, gp, qc, gc
 
 
-def _cosine(qf, gf):
-    qn = qf / np.linalg.norm(qf, axis=1, keepdims=True)
-    gn = gf / np.linalg.norm(gf, axis=1, keepdims=True)
-    return 1.0 - qn @ gn.T
+def fastreid_rank():
+    """fast-reid's rank module with its Cython core, or None (and why) when not installable."""
+    spec = importlib.util.find_spec("fastreid")
+    if spec is None:
+        return None, "fastreid is not installed (pip install --no-deps fastreid)"
+    try:
+        import pyximport
+    except ImportError:
+        return None, "Cython is not installed (pip install cython)"
+    root = os.path.dirname(spec.origin)
+    if "fastreid.evaluation" not in sys.modules:  # its __init__ fails on Python >= 3.10
+        pkg = types.ModuleType("fastreid.evaluation")
+        pkg.__path__ = [os.path.join(root, "evaluation")]
+        sys.modules["fastreid.evaluation"] = pkg
+    BUILD.mkdir(parents=True, exist_ok=True)
+    pyximport.install(build_dir=str(BUILD), setup_args={"include_dirs": np.get_include()}, language_level=3)
+    from fastreid.evaluation import rank
+
+    if not rank.IS_CYTHON_AVAI:
+        return None, "fast-reid's Cython core did not compile"
+    return rank, ""
 
 
-def _timed(fn, *args, repeat=1, **kw):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn(*args, **kw)
-        best = min(best, time.perf_counter() - t)
-    return best, out
+def ours(d, qp, gp, qc, gc):
+    return evaluate(d, qp, gp, qc, gc, backend="native")
 
 
-def run_moderate(num_q=2000, num_g=15000):
-    rng = np.random.default_rng(0)
-    qf, gf, qp, gp, qc, gc = _case(rng, num_q, num_g, num_ids=750)
-    d = _cosine(qf, gf)
-    t_ref, ref = _timed(evaluate_ref, d, qp, gp, qc, gc)
-    print(f"\nevaluate {num_q} x {num_g} on the CPU ({torch.get_num_threads()} threads): "
-          f"per-query reference {t_ref:.2f} s")
-    for backend in ("native", "torch"):
-        t_fast, got = _timed(evaluate, d, qp, gp, qc, gc, backend=backend, repeat=3)
-        np.testing.assert_allclose(got[0], ref[0], atol=1e-12)
-        assert abs(got[1] - ref[1]) < 1e-12
-        print(f"  backend={backend:6s} {t_fast:.3f} s, {t_ref / t_fast:.1f}x the reference "
-              f"(mAP {got[1]:.4f}, rank-1 {got[0][0]:.4f})")
+def fastreid(d, qp, gp, qc, gc):
+    rank, why = fastreid_rank()
+    return rank.evaluate_rank(d, qp, gp, qc, gc, max_rank=50)
 
 
-PROBE = """
-import sys, time
-sys.path.insert(0, {here!r})
-import numpy as np
-from bench_evaluation import _case
-from iics_fast.evaluation import evaluate_features
-
-def kib(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-
-qf, gf, qp, gp, qc, gc = _case(np.random.default_rng(1), {num_q}, {num_g}, num_ids=3060, num_cams=15)
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # reset the peak resident size to the current one
-base = kib("VmRSS:")
-t = time.perf_counter()
-cmc, mAP = evaluate_features(qf, gf, qp, gp, qc, gc, backend="native")
-print(time.perf_counter() - t, (kib("VmHWM:") - base) / 1024, mAP)
-"""
+IMPLS = {"ours": ours, FASTREID: fastreid}
 
 
-def run_msmt(num_q=11659, num_g=82161, ref_queries=500):
-    """Time and peak memory of the full evaluation in a fresh process; the reference on a slice."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-c", PROBE.format(here=here, num_q=num_q, num_g=num_g)],
-                         check=True, capture_output=True, text=True).stdout.split()
-    t_fast, peak_mb, mAP = float(out[0]), float(out[1]), float(out[2])
-    rng = np.random.default_rng(1)
-    qf, gf, qp, gp, qc, gc = _case(rng, num_q, num_g, num_ids=3060, num_cams=15)
-    sl = slice(0, ref_queries)
-    t_ref, ref = _timed(evaluate_ref, _cosine(qf[sl], gf), qp[sl], gp, qc[sl], gc)
-    part = evaluate_features(qf[sl], gf, qp[sl], gp, qc[sl], gc, backend="native")
-    assert abs(part[1] - ref[1]) < 1e-6
-    est = t_ref * num_q / ref_queries
-    print(f"\nevaluate_features {num_q} x {num_g} (C++ core): {t_fast:.1f} s, peak memory "
-          f"+{peak_mb:.0f} MB above the features (the full distance matrix would be "
-          f"{num_q * num_g * 4 / 2**20:.0f} MB); per-query reference on {ref_queries} queries "
-          f"{t_ref:.1f} s -> about {est:.0f} s for all, {est / t_fast:.1f}x (mAP {mAP:.4f})")
+def build(impl, **size):
+    fn = IMPLS[impl]
+    fn(*case(20, 200, 10, 3))  # warm-up: extension, Cython import
+    args = case(**size)
+    return lambda: fn(*args)
 
 
-def test_evaluation_speed():
-    run_moderate()
-
-
-@pytest.mark.skipif(os.environ.get("IICS_BENCH_SCALE") != "large",
-                    reason="set IICS_BENCH_SCALE=large for the MSMT17 size")
-def test_evaluation_speed_msmt():
-    run_msmt()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_evaluation_speed_gpu():
-    rng = np.random.default_rng(2)
-    qf, gf, qp, gp, qc, gc = _case(rng, 11659, 82161, num_ids=3060, num_cams=15)
+def compare(side_by_side, size, rounds):
+    rank, why = fastreid_rank()
+    if rank is None:
+        pytest.skip(why)
+    args = case(**size)
     sl = slice(0, 300)
-    ref = evaluate_ref(_cosine(qf[sl], gf), qp[sl], gp, qc[sl], gc)
-    part = evaluate_features(qf[sl], gf, qp[sl], gp, qc[sl], gc, device="cuda")
-    assert abs(part[1] - ref[1]) < 1e-6
-    evaluate_features(qf, gf, qp, gp, qc, gc, device="cuda")  # warm-up
-    torch.cuda.synchronize()
-    t, got = _timed(evaluate_features, qf, gf, qp, gp, qc, gc, device="cuda", repeat=3)
-    print(f"\nevaluate_features on {torch.cuda.get_device_name()} 11659 x 82161: {t:.2f} s "
-          f"(mAP {got[1]:.4f})")
+    ref = evaluate_ref(args[0][sl], args[1][sl], args[2], args[3][sl], args[4])
+    got = ours(args[0][sl], args[1][sl], *args[2:3], args[3][sl], args[4])
+    peer = fastreid(args[0][sl], args[1][sl], *args[2:3], args[3][sl], args[4])
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-12)
+    assert abs(got[1] - ref[1]) < 1e-12
+    np.testing.assert_allclose(peer[0][:50], ref[0], atol=1e-6)
+    assert abs(peer[1] - ref[1]) < 1e-6
+    side_by_side("evaluation (CMC + mAP)", f"{size['num_q']} x {size['num_g']}", lambda: ours(*args),
+                 {FASTREID: lambda: fastreid(*args)}, rounds=rounds,
+                 memory={k: dict(module_file=__file__, impl=k, **size) for k in IMPLS})
 
 
-if __name__ == "__main__":
-    run_moderate()
-    if os.environ.get("IICS_BENCH_SCALE") == "large":
-        run_msmt()
+def test_evaluation_vs_fastreid(side_by_side):
+    compare(side_by_side, MARKET, rounds=3)
+
+
+@pytest.mark.large
+def test_evaluation_msmt17(side_by_side):
+    """11,659 x 82,161: the distance matrix alone is 3.8 GB."""
+    compare(side_by_side, MSMT, rounds=1)

@@ -1,154 +1,222 @@
-"""Sparse k-reciprocal re-ranking against the dense reference, time and peak memory.
+"""k-reciprocal re-ranking, side by side with its peers at equal input.
 
-    pytest benchmarks/bench_rerank.py -s                          # N = 8,000 (a minute or two)
-    IICS_BENCH_SCALE=large pytest benchmarks/bench_rerank.py -s   # + N = 32,621 (MSMT17), ~3 GB
+* iics_fast: ``k_reciprocal(dist, out=dist)`` (sparse, in place);
+* the sparse k-NN Jaccard of SpCL / Cluster Contrast (``compute_jaccard_distance``), re-created
+  here: k1 nearest neighbours, k-reciprocal sets and their expansion, V as a sparse matrix
+  (softmax of the negative distances over each expanded set), query expansion over the k2
+  nearest as a sparse product, the Jaccard through the inverted index (V's columns) one row at
+  a time with ``np.bincount``; dense N x N output like theirs. Its neighbours come from faiss
+  (``IndexFlatIP`` on the features) when the input is the features, and from the same rows'
+  ``np.argpartition`` when the input is the distance matrix;
+* the dense reference transcription (``k_reciprocal_ref(stable=False)``: NumPy quicksort, dense
+  float16 V and Jaccard), whose result checks ours first.
 
-Every measurement runs in a fresh subprocess that builds the input (cosine distance of random
-clustered features, seeded), resets the peak resident size (/proc/self/clear_refs) and reports
-the wall time and the peak RSS above the input. At N = 8,000 the baseline is the dense
-transcription of the IICS reference (`k_reciprocal_ref(stable=False)`: NumPy quicksort, dense
-float16 V and Jaccard), run in the same session; its result checks ours first.
+Equal input: the all-vs-all distance of N samples (what IICS re-ranks: the Eq. 5 distance,
+which has no feature form), and, in a second comparison, the L2-normalised features (d = 2,048)
+from which both sides start: ours builds ``1 - x x^T`` with one GEMM, faiss searches the same
+GEMM. The two methods differ in their weights (IICS: exp(-normalised distance) and the lambda
+mix; SpCL: a softmax, lambda = 0), not in their work.
+
+    pytest benchmarks/bench_rerank.py -s                          # N = 8,000
+    IICS_BENCH_SCALE=large pytest benchmarks/bench_rerank.py -s   # + N = 32,621 (MSMT17)
 """
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-import tempfile
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-PROBE = textwrap.dedent("""
-    import json, sys, time
-    import numpy as np
-    from iics_fast.rerank import k_reciprocal, k_reciprocal_ref
+from iics_fast.rerank import k_reciprocal, k_reciprocal_ref
 
-    def kib(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
-
-    def features(n, dim=128, clusters=None, seed=0):
-        rng = np.random.default_rng(seed)
-        clusters = clusters or max(1, n // 25)
-        centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-        x = centres[rng.integers(0, clusters, n)]
-        x += 0.8 * rng.standard_normal((n, dim)).astype(np.float32)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    def square_distance(x):
-        d = 1 - x @ x.T
-        d += d.T
-        d *= 0.5  # exactly symmetric, like the condensed form
-        np.fill_diagonal(d, 0)
-        return d
-
-    def condensed_distance(x, block=1024):
-        n = len(x)
-        if n <= 16384:  # the upper triangle of exactly the reference's square input
-            return square_distance(x)[np.triu_indices(n, 1)]
-        d = np.empty(n * (n - 1) // 2, np.float32)  # in row blocks: no square matrix at all
-        for i0 in range(0, n, block):
-            sim = x[i0:i0 + block] @ x.T
-            for r in range(sim.shape[0]):
-                i = i0 + r
-                start = n * i - i * (i + 1) // 2
-                d[start:start + n - 1 - i] = 1 - sim[r, i + 1:]
-        return d
-
-    mode, n, repeat, save = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    x = features(n)
-    make = condensed_distance if mode == "condensed" else square_distance
-    k_reciprocal(np.eye(30, dtype=np.float32))  # load the extension, start the threads
-    times, peak = [], None
-    for rep in range(repeat):
-        d = make(x)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = kib("VmRSS")
-        t0 = time.perf_counter()
-        if mode == "reference":
-            d = k_reciprocal_ref(d, stable=False)
-        else:
-            k_reciprocal(d, out=d)
-        times.append(time.perf_counter() - t0)
-        if peak is None:
-            peak = kib("VmHWM") - base
-        if save != "-" and rep == 0:
-            np.save(save, d)
-        del d
-    print(json.dumps({"best_s": min(times), "times_s": times, "peak_extra_mb": peak / 1024}))
-""")
+PEER = "SpCL/Cluster Contrast k-NN Jaccard (sparse V), re-created"
+PEER_FAISS = "SpCL/Cluster Contrast k-NN Jaccard, faiss IndexFlatIP k-NN"
+REFERENCE = "dense reference transcription (IICS re_ranking)"
+K1, K2 = 20, 6
 
 
-def run_probe(mode: str, n: int, repeat: int, save: str = "-") -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode, str(n), str(repeat), save],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{mode} probe at N={n} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def features(n, dim=128, seed=0):
+    """Clustered L2-normalised features (about 25 samples a cluster), float32 (n, dim)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 25), dim)).astype(np.float32)
+    x = centres[rng.integers(0, len(centres), n)]
+    x += 0.8 * rng.standard_normal((n, dim)).astype(np.float32) * np.float32(np.sqrt(128 / dim))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def record(request, *args, **kwargs):
-    """Add a row to the session's comparison table when benchmarks/conftest.py provides one."""
-    try:
-        compare = request.getfixturevalue("compare")
-    except pytest.FixtureLookupError:
-        return
-    compare(*args, **kwargs)
+def square_distance(x):
+    """1 - x x^T, exactly symmetric, zero diagonal, float32."""
+    d = x @ x.T
+    np.subtract(1.0, d, out=d)
+    d += d.T
+    d *= 0.5
+    np.fill_diagonal(d, 0)
+    return d
 
 
-needs_proc = pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
-                                reason="peak memory needs Linux /proc/self/clear_refs")
+# ----------------------------------------------------------------------------- the peer
 
 
-@needs_proc
-def test_bench_rerank_vs_dense_reference(request):
+def _reciprocal(rank, i, k):
+    forward = rank[i, : k + 1]
+    return forward[(rank[forward, : k + 1] == i).any(axis=1)]
+
+
+def knn_jaccard(rank, weights, k1=K1, k2=K2):
+    """SpCL's Jaccard distance from each row's neighbours `rank` (n, >= k1 + 1, nearest first,
+    the sample itself included) and `weights(i, idx)`, the unnormalised V weights of row i on
+    the columns idx. Dense float32 (n, n)."""
+    from scipy import sparse
+
+    n = rank.shape[0]
+    half = int(np.around(k1 / 2))
+    r_full = [_reciprocal(rank, i, k1) for i in range(n)]
+    r_half = [_reciprocal(rank, i, half) for i in range(n)]
+    cols, vals, ptr = [], [], [0]
+    for i in range(n):
+        r = r_full[i]
+        parts = [r]
+        for c in r:
+            rc = r_half[c]
+            if len(np.intersect1d(rc, r, assume_unique=True)) > 2 / 3 * len(rc):
+                parts.append(rc)
+        idx = np.unique(np.concatenate(parts))
+        w = weights(i, idx)
+        cols.append(idx)
+        vals.append(w / w.sum())
+        ptr.append(ptr[-1] + len(idx))
+    v = sparse.csr_matrix((np.concatenate(vals).astype(np.float32), np.concatenate(cols), ptr), shape=(n, n))
+    if k2 != 1:  # query expansion: the mean of the k2 nearest rows of V
+        qe = sparse.csr_matrix((np.full(n * k2, 1.0 / k2, np.float32), rank[:, :k2].ravel(),
+                                np.arange(0, n * k2 + 1, k2)), shape=(n, n))
+        v = (qe @ v).tocsr()
+    vc = v.tocsc()  # the inverted index: who holds column c
+    jac = np.empty((n, n), np.float32)
+    for i in range(n):
+        c0, c1 = v.indptr[i], v.indptr[i + 1]
+        holders, mins = [], []
+        for c, val in zip(v.indices[c0:c1], v.data[c0:c1]):
+            h0, h1 = vc.indptr[c], vc.indptr[c + 1]
+            holders.append(vc.indices[h0:h1])
+            mins.append(np.minimum(val, vc.data[h0:h1]))
+        m = np.bincount(np.concatenate(holders), np.concatenate(mins), minlength=n) if holders else np.zeros(n)
+        jac[i] = 1 - m / (2 - m)
+    np.maximum(jac, 0, out=jac)
+    return jac
+
+
+def peer_from_distance(dist, k1=K1, k2=K2, iics_weights=False):
+    """The peer on a distance matrix: exact k1 + 1 nearest of each row, softmax(-d) weights
+    (``iics_weights``: IICS's exp(-d normalised by the row's range), for checking the algorithm
+    against ours)."""
+    part = np.argpartition(dist, k1, axis=1)[:, : k1 + 1]
+    order = np.argsort(np.take_along_axis(dist, part, 1), axis=1, kind="stable")
+    rank = np.take_along_axis(part, order, 1)
+
+    def weights(i, idx):
+        d = dist[i, idx]
+        if iics_weights:
+            lo = dist[i].min()
+            return np.exp(-(d - lo) / (dist[i].max() - lo))
+        return np.exp(-(d - d.min()))
+
+    return knn_jaccard(rank, weights, k1, k2)
+
+
+def peer_from_features(x, k1=K1, k2=K2):
+    """The peer as SpCL runs it: faiss flat inner-product search for the k1 nearest, softmax of
+    -(2 - 2 cos) weights from the features."""
+    import faiss
+
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    _, rank = index.search(x, k1 + 1)
+
+    def weights(i, idx):
+        d = 2 - 2 * (x[idx] @ x[i])
+        return np.exp(-(d - d.min()))
+
+    return knn_jaccard(rank, weights, k1, k2)
+
+
+def ours_from_features(x):
+    d = square_distance(x)
+    return k_reciprocal(d, out=d)
+
+
+IMPLS = {
+    "ours": lambda d: k_reciprocal(d, out=d),
+    PEER: peer_from_distance,
+    REFERENCE: lambda d: k_reciprocal_ref(d, stable=False),
+    "ours from features": ours_from_features,
+    PEER_FAISS: peer_from_features,
+}
+
+
+def build(impl, n, dim=128, layout="square"):
+    """Inputs and a callable running `impl` whole on them (for memory_probe)."""
+    fn = IMPLS[impl]
+    small = features(60, dim)
+    fn(small if "features" in impl or impl == PEER_FAISS else square_distance(small))  # warm-up
+    x = features(n, dim)
+    arg = x if "features" in impl or impl == PEER_FAISS else square_distance(x)
+    return lambda: fn(arg)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def test_rerank_vs_peers(side_by_side):
+    """N = 8,000, input the distance matrix: ours, the k-NN peer and the dense reference."""
     n = 8000
-    matrix_mb = n * n * 4 / 2**20
-    with tempfile.TemporaryDirectory() as tmp:
-        ref_file, sq_file, cond_file = (str(Path(tmp) / f) for f in ("r.npy", "s.npy", "c.npy"))
-        ref = run_probe("reference", n, 1, ref_file)
-        sq = run_probe("square", n, 3, sq_file)
-        cond = run_probe("condensed", n, 3, cond_file)
-        expect = np.load(ref_file)
-        got_sq = np.load(sq_file)
-        # NumPy's float32 exp may be an ulp off the correctly rounded one used here: in rare
-        # entries a float16 step of the Jaccard sum moves (<= ~2e-3, see k_reciprocal_ref).
-        np.testing.assert_allclose(got_sq, expect, rtol=0, atol=3e-3)
-        assert np.mean(got_sq != expect) < 1e-4
-        del got_sq
-        upper = expect[np.triu_indices(n, 1)]
-        del expect
-        got_cond = np.load(cond_file)
-        np.testing.assert_allclose(got_cond, upper, rtol=0, atol=3e-3)
-        assert np.mean(got_cond != upper) < 1e-4
-
-    print(f"\nk-reciprocal re-ranking, N = {n} (one N x N float32 matrix = {matrix_mb:.0f} MB)")
-    print(f"  dense reference        {ref['best_s']:8.2f} s   peak +{ref['peak_extra_mb']:7.0f} MB")
-    for name, r in (("square, in place", sq), ("condensed, in place", cond)):
-        print(f"  sparse {name:20s} {r['best_s']:6.3f} s   peak +{r['peak_extra_mb']:7.1f} MB "
-              f"({100 * r['peak_extra_mb'] / matrix_mb:.1f}% of a matrix)   "
-              f"{ref['best_s'] / r['best_s']:.0f}x faster (best of {len(r['times_s'])})")
-    for name, r in (("square", sq), ("condensed", cond)):
-        record(request, f"rerank {name} in place", f"N={n}", r["best_s"], ref["best_s"],
-               peak_mb=r["peak_extra_mb"], baseline_peak_mb=ref["peak_extra_mb"],
-               baseline="dense NumPy transcription of IICS re_ranking")
+    d = square_distance(features(n))
+    expect = k_reciprocal_ref(d, stable=False)
+    got = k_reciprocal(d.copy(), out="square")
+    # NumPy's float32 exp may be an ulp off the correctly rounded one used here: in rare
+    # entries a float16 step of the Jaccard sum moves (<= ~2e-3, see k_reciprocal_ref).
+    np.testing.assert_allclose(got, expect, rtol=0, atol=3e-3)
+    assert np.mean(got != expect) < 1e-4
+    del got, expect
+    # the peer runs the same algorithm: with IICS's weights it gives our Jaccard term
+    small = square_distance(features(600))
+    np.testing.assert_allclose(peer_from_distance(small, iics_weights=True),
+                               k_reciprocal(small, lambda_value=0.0, out="square"), rtol=0, atol=2e-2)
+    size = dict(n=n)
+    side_by_side("k-reciprocal re-ranking", f"N={n}, input: distance matrix",
+                 lambda dist: k_reciprocal(dist, out=dist),
+                 {PEER: lambda dist: peer_from_distance(dist),
+                  REFERENCE: (lambda dist: k_reciprocal_ref(dist, stable=False), 1)},
+                 prepare=lambda: (d.copy(),), rounds=3,
+                 memory={k: dict(module_file=__file__, impl=k, **size) for k in ("ours", PEER, REFERENCE)})
 
 
-@needs_proc
-@pytest.mark.skipif(os.environ.get("IICS_BENCH_SCALE") != "large",
-                    reason="MSMT17 scale runs under IICS_BENCH_SCALE=large")
-def test_bench_rerank_msmt17_scale(request):
+def test_rerank_from_features_vs_faiss(side_by_side):
+    """N = 8,000, input the features (d = 2,048): ours (one GEMM + re-ranking) against the
+    faiss k-NN peer (the same GEMM inside its flat search)."""
+    n, dim = 8000, 2048
+    x = features(n, dim)
+    side_by_side("k-reciprocal re-ranking", f"N={n}, input: features d={dim}",
+                 lambda: ours_from_features(x), {PEER_FAISS: lambda: peer_from_features(x)}, rounds=3,
+                 memory={("ours" if k == "ours from features" else k): dict(module_file=__file__, impl=k, n=n, dim=dim)
+                         for k in ("ours from features", PEER_FAISS)})
+
+
+@pytest.mark.large
+def test_rerank_msmt17(side_by_side):
+    """N = 32,621 (MSMT17), condensed input re-ranked in place. The dense reference holds
+    several N x N arrays (about 45 GB) and does not fit this 24 GB machine; the k-NN peer's
+    dense N x N output and argpartition copy (about 13 GB) beside the 4.3 GB square input do
+    not either."""
     n = 32621
-    cond = run_probe("condensed", n, 1)
-    cond_gb = n * (n - 1) // 2 * 4 / 1e9
-    print(f"\nk-reciprocal re-ranking, N = {n}, condensed float32 input ({cond_gb:.2f} GB) "
-          f"re-ranked in place: {cond['best_s']:.1f} s, peak +{cond['peak_extra_mb']:.0f} MB "
-          f"above the input (total ~{cond_gb + cond['peak_extra_mb'] / 1e3:.2f} GB)")
-    record(request, "rerank condensed in place", f"N={n}", cond["best_s"], None,
-           peak_mb=cond["peak_extra_mb"], baseline="reference needs ~45 GB: not run")
+    x = features(n)
+    d = np.empty(n * (n - 1) // 2, np.float32)  # in row blocks: no square matrix at all
+    for i0 in range(0, n, 1024):
+        sim = x[i0:i0 + 1024] @ x.T
+        for r in range(sim.shape[0]):
+            i = i0 + r
+            start = n * i - i * (i + 1) // 2
+            d[start:start + n - 1 - i] = 1 - sim[r, i + 1:]
+    base = d.copy()
+    side_by_side("k-reciprocal re-ranking", f"N={n}, input: condensed distance",
+                 lambda dist: k_reciprocal(dist, out=dist), {}, prepare=lambda: (base.copy(),), rounds=1,
+                 extra={"not_run": {REFERENCE: "several dense N x N arrays, about 45 GB",
+                                    PEER: "dense N x N output plus the square input and its neighbour "
+                                          "selection, about 13 GB beside the other arrays"}})

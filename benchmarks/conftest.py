@@ -1,32 +1,67 @@
-"""Shared benchmark options, the comparison-row recorder and the GPU marker.
+"""Side-by-side benchmarks: ours and the peers a user would pick, at equal work, in one run.
 
-    pytest benchmarks/                         # default sizes: a few minutes on 2 cores
-    pytest benchmarks/ --scale large           # larger sizes (or IICS_BENCH_SCALE=large)
+    pytest benchmarks/                          # default sizes: minutes on 2 cores
+    IICS_BENCH_SCALE=large pytest benchmarks/   # + MSMT17-scale cases (or --scale large)
+    python benchmarks/report.py                 # docs/performance.md from the records
 
-Files ``bench_*.py`` are collected (functions ``test_*`` as usual). A benchmark checks its
-result against the reference first, then records one comparison row
-through the ``compare`` fixture:
+Files ``bench_*.py`` are collected. A benchmark checks its result against the reference first,
+then calls the ``side_by_side`` fixture, which times ours through pytest-benchmark's
+``benchmark`` fixture (its statistics, ``--benchmark-json``, ``--benchmark-compare``) and runs
+every peer in the same rounds, interleaved with ours (the peer's run is the round's untimed
+``setup`` for pytest-benchmark, timed here), so load on a shared machine falls on both sides
+alike. Peers too slow for several rounds run in the first round only. Peak resident memory of
+each side is measured in a fresh subprocess (``memory_probe``), never computed.
 
-    def test_bench_thing(compare, bench_scale):
-        n = 2000 if bench_scale == "small" else 20000
-        ...
-        compare("pairwise eq5", f"N={n}", ours_s, baseline_s, peak_mb=ours_peak, baseline="IICS row loop")
-
-All rows are printed as one table at the end of the session and written to
-``.benchmarks/results.json`` (where pytest-benchmark keeps its own records) for
-``benchmarks/readme_table.py``. ``@pytest.mark.gpu`` skips a benchmark without CUDA.
+Each comparison writes one machine- and commit-tagged JSON record under
+``benchmarks/results/<machine>/`` (committed: the README's figures come from these records
+through ``benchmarks/report.py``), with the load average before and after, every round's time,
+the medians, the ratio per round, the peak memory and, where the operation has one, this
+machine's ceiling for its inner loop. ``@pytest.mark.gpu`` skips without CUDA;
+``@pytest.mark.large`` runs only with IICS_BENCH_SCALE=large (the MSMT17-scale cases).
 """
 from __future__ import annotations
 
 import json
 import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 SCALES = ("small", "large")
-RESULTS = Path(__file__).resolve().parent.parent / ".benchmarks" / "results.json"
-_rows: list[dict] = []
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MEMORY_DRIVER = """
+import importlib.util, json, sys, time
+spec = importlib.util.spec_from_file_location("bench_module", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+sys.modules["bench_module"] = mod
+spec.loader.exec_module(mod)
+
+def kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+
+run = mod.build(sys.argv[2], **json.loads(sys.argv[3]))  # inputs built (and libraries warmed) here
+import ctypes
+try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+except OSError:
+    pass
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+base = kib("VmRSS:")
+t0 = time.perf_counter()
+run()
+print(json.dumps({"peak_mb": (kib("VmHWM:") - base) / 1024, "input_mb": base / 1024,
+                  "time_s": time.perf_counter() - t0}))
+"""
 
 
 def pytest_collect_file(file_path, parent):
@@ -37,17 +72,23 @@ def pytest_collect_file(file_path, parent):
 
 
 def pytest_addoption(parser):
-    parser.addoption(
-        "--scale", choices=SCALES, default=None,
-        help="benchmark sizes: small (default, a few minutes) or large; env IICS_BENCH_SCALE",
-    )
+    parser.addoption("--scale", choices=SCALES, default=None,
+                     help="small (default) or large (adds the MSMT17-scale cases); env IICS_BENCH_SCALE")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "large: MSMT17-scale case, runs only with IICS_BENCH_SCALE=large")
     scale = config.getoption("--scale", default=None)
-    if scale:  # benchmark files may read the environment variable directly
+    if scale:
         os.environ["IICS_BENCH_SCALE"] = scale
+
+
+def bench_scale() -> str:
+    scale = os.environ.get("IICS_BENCH_SCALE", "small")
+    if scale not in SCALES:
+        raise pytest.UsageError(f"IICS_BENCH_SCALE must be one of {SCALES}, got {scale!r}")
+    return scale
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,68 +98,179 @@ def pytest_collection_modifyitems(config, items):
         has_cuda = torch.cuda.is_available()
     except ImportError:
         has_cuda = False
-    if has_cuda:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device (none found)")
+    large = bench_scale() == "large"
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (none found)"))
+        if "large" in item.keywords and not large:
+            item.add_marker(pytest.mark.skip(reason="MSMT17 scale: set IICS_BENCH_SCALE=large"))
 
 
-@pytest.fixture(scope="session")
-def bench_scale(request) -> str:
-    """'small' or 'large', from --scale, else IICS_BENCH_SCALE, else 'small'."""
-    scale = request.config.getoption("--scale") or os.environ.get("IICS_BENCH_SCALE", "small")
-    if scale not in SCALES:
-        raise pytest.UsageError(f"IICS_BENCH_SCALE must be one of {SCALES}, got {scale!r}")
-    return scale
+# ----------------------------------------------------------------------------- machine, commit
+
+
+def machine_info() -> dict:
+    """CPU model, SIMD, cores, memory and library versions: where a record was measured."""
+    cpu, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    simd = [s for s in ("avx512f", "avx2", "fma") if f" {s}" in flags]
+    info = {"cpu": cpu, "cores": os.cpu_count(), "simd": simd, "python": platform.python_version()}
+    try:
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    for mod in ("numpy", "torch", "scipy", "fastcluster", "faiss"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - an absent peer is simply not listed
+            pass
+    try:
+        from iics_fast._native import native
+
+        info["iics_simd"] = native().simd_variant()
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def machine_tag(info: dict) -> str:
+    """Folder name of a machine's records: CPU model and core count."""
+    slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
+    return f"{slug}-{info['cores']}c"
+
+
+def commit_info() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+
+    return {"id": git("rev-parse", "HEAD"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def memory_probe(module_file: str, impl: str, **size) -> dict:
+    """Peak resident memory of one implementation in a fresh process.
+
+    The module's ``build(impl, **size)`` makes the inputs, warms the libraries up on a tiny
+    case and returns a callable; then the process's peak RSS (VmHWM) is reset to its current
+    RSS and the callable run once: the peak above that start is what the implementation itself
+    needs. Returns {"peak_mb", "input_mb", "time_s"}; {"error": ...} when it failed.
+    """
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        return {"error": "peak memory needs Linux /proc/self/clear_refs"}
+    proc = subprocess.run([sys.executable, "-c", MEMORY_DRIVER, module_file, impl, json.dumps(size)],
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- side by side
+
+
+def _stats(times):
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "rounds": len(times), "times_s": times}
+
+
+def _slug(text):
+    return re.sub(r"[^A-Za-z0-9=.,]+", "_", text).strip("_")
 
 
 @pytest.fixture
-def compare(request, bench_scale):
-    """Record one comparison row: compare(op, size, ours_s, baseline_s, peak_mb=None,
-    baseline_peak_mb=None, baseline="what the baseline is", note="")."""
+def side_by_side(benchmark, request):
+    """run(op, size, ours, peers, ...) -> the record written; see the module docstring.
 
-    def record(op, size, ours_s, baseline_s, peak_mb=None, baseline_peak_mb=None, baseline="", note=""):
-        ratio = baseline_s / ours_s if ours_s and baseline_s else None
-        row = {
-            "op": op, "size": str(size), "ours_s": ours_s, "baseline_s": baseline_s, "ratio": ratio,
-            "peak_mb": peak_mb, "baseline_peak_mb": baseline_peak_mb, "baseline": baseline, "note": note,
-            "scale": bench_scale, "test": request.node.nodeid,
-            "command": f"pytest {request.node.nodeid}" + (" --scale large" if bench_scale == "large" else ""),
+    ours: callable; peers: {label: callable | (callable, rounds) | (callable, rounds, prepare)};
+    prepare: callable returning the positional arguments of one run (fresh inputs for in-place
+    operations; its time is not counted), else the callables take none; a peer's own prepare
+    gives it its inputs in its own form; rounds: rounds of ours; memory:
+    {label: dict(module_file=..., impl=..., **size)} for memory_probe ("ours" for ours);
+    ceiling: {"work": units of work of one run, "unit": name, "rate": units/s this machine can
+    do, "rate_per_core": the same for one core, "how": how it was measured}; extra: anything else to keep in the record.
+    """
+
+    def run(op, size, ours, peers, *, prepare=None, rounds=3, memory=None, ceiling=None, extra=None,
+            ours_label="iics_fast"):
+        load_before = os.getloadavg()
+        peer_fns = {k: (v if isinstance(v, tuple) else (v,)) for k, v in peers.items()}
+        peer_fns = {k: (v[0], v[1] if len(v) > 1 else rounds, v[2] if len(v) > 2 else prepare)
+                    for k, v in peer_fns.items()}
+        peer_times = {k: [] for k in peer_fns}
+        peer_cpu = {k: [] for k in peer_fns}
+        ours_cpu = []
+        round_no = [0]
+
+        def setup():
+            for label, (fn, n_rounds, prep) in peer_fns.items():
+                if round_no[0] < n_rounds:
+                    args = prep() if prep else ()
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    fn(*args)
+                    peer_times[label].append(time.perf_counter() - t0)
+                    peer_cpu[label].append(time.process_time() - c0)
+            round_no[0] += 1
+            return (prepare() if prepare else ()), {}
+
+        def timed_ours(*args):  # CPU seconds (all threads) beside pytest-benchmark's wall time
+            c0 = time.process_time()
+            out = ours(*args)
+            ours_cpu.append(time.process_time() - c0)
+            return out
+
+        benchmark.group = f"{op} {size}"
+        benchmark.extra_info.update({"op": op, "size": size})
+        benchmark.pedantic(timed_ours, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
+        ours_times = list(benchmark.stats.stats.data)
+        record = {
+            "op": op, "size": size, "test": request.node.nodeid,
+            "command": f"{'IICS_BENCH_SCALE=large ' if bench_scale() == 'large' else ''}pytest '{request.node.nodeid}'",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine_info(), "commit": commit_info(),
+            "load_average": {"before": load_before, "after": os.getloadavg()},
+            "ours": {"label": ours_label, **_stats(ours_times), "cpu_s": ours_cpu}, "peers": [],
         }
-        _rows.append(row)
-        print("\n" + _format([row], header=False))
-        return row
+        med = statistics.median(ours_times)
+        for label, times in peer_times.items():
+            pairs = [p / o for p, o in zip(times, ours_times)]
+            record["peers"].append({"label": label, **_stats(times), "cpu_s": peer_cpu[label],
+                                    "ratio": statistics.median(times) / med,
+                                    "ratio_per_round": pairs})
+        if memory:
+            record["memory"] = {label: memory_probe(**spec) for label, spec in memory.items()}
+        if ceiling:
+            ceil = dict(ceiling)
+            ceil["ours_rate"] = ceil["work"] / min(ours_times)
+            ceil["fraction"] = ceil["ours_rate"] / ceil["rate"]
+            if ceil.get("rate_per_core"):  # robust to load: work per CPU-second against one core
+                ceil["fraction_cpu"] = ceil["work"] / min(ours_cpu) / ceil["rate_per_core"]
+            for p in record["peers"]:
+                p["ceiling_fraction"] = ceil["work"] / p["min_s"] / ceil["rate"]
+            record["ceiling"] = ceil
+        if extra:
+            record.update(extra)
+        benchmark.extra_info["peers"] = {p["label"]: p["median_s"] for p in record["peers"]}
+        out = RESULTS / machine_tag(record["machine"]) / f"{_slug(op)}__{_slug(size)}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(out)  # atomic: a killed run never leaves half a record
+        print(f"\n{op} {size}: ours {med:.4g} s" + "".join(
+            f"; {p['label']} {p['median_s']:.4g} s ({p['ratio']:.2f}x)" for p in record["peers"])
+            + (f"; ceiling fraction {record['ceiling']['fraction']:.2f}" if ceiling else "")
+            + f"; load {load_before[0]:.1f} -> {record['load_average']['after'][0]:.1f}  [{out.relative_to(HERE.parent)}]")
+        return record
 
-    return record
-
-
-def _fmt(v, spec):
-    return format(v, spec) if isinstance(v, (int, float)) else "-"
-
-
-def _format(rows, header=True):
-    lines = []
-    if header:
-        lines.append(f"{'op':28s} {'size':>18s} {'ours s':>10s} {'baseline s':>11s} {'ratio':>8s} {'peak MB':>9s} {'base MB':>9s}  baseline")
-    for r in rows:
-        ratio = f"{r['ratio']:.1f}x" if r["ratio"] else "-"
-        lines.append(
-            f"{r['op'][:28]:28s} {r['size'][:18]:>18s} {_fmt(r['ours_s'], '10.4f')} {_fmt(r['baseline_s'], '11.4f')} "
-            f"{ratio:>8s} {_fmt(r['peak_mb'], '9.0f')} {_fmt(r['baseline_peak_mb'], '9.0f')}  {r['baseline']}"
-        )
-    return "\n".join(lines)
-
-
-def pytest_terminal_summary(terminalreporter):
-    if not _rows:
-        return
-    terminalreporter.section("iics_fast comparisons (baseline measured in the same run)")
-    terminalreporter.write_line(_format(_rows))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    from iics_fast.profile import machine_info
-
-    with open(RESULTS, "w") as f:
-        json.dump({"machine": machine_info(), "rows": _rows}, f, indent=1)
-    terminalreporter.write_line(f"written to {RESULTS}")
+    return run
