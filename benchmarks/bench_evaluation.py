@@ -115,5 +115,15 @@ def test_evaluation_vs_fastreid(side_by_side):
 
 @pytest.mark.large
 def test_evaluation_msmt17(side_by_side):
-    """11,659 x 82,161: the distance matrix alone is 3.8 GB."""
-    compare(side_by_side, MSMT, rounds=1)
+    """11,659 x 82,161: the distance matrix alone is 3.8 GB. fast-reid's evaluate_rank sorts the
+    whole matrix first (np.argsort: 7.7 GB of int64 indices) and builds an int32 match matrix
+    (3.8 GB) beside it: with the input that is beyond this 24 GB machine's share, not run."""
+    args = case(**MSMT)
+    sl = slice(0, 200)
+    ref = evaluate_ref(args[0][sl], args[1][sl], args[2], args[3][sl], args[4])
+    got = ours(args[0][sl], args[1][sl], args[2], args[3][sl], args[4])
+    assert abs(got[1] - ref[1]) < 1e-12
+    side_by_side("evaluation (CMC + mAP)", f"{MSMT['num_q']} x {MSMT['num_g']}", lambda: ours(*args), {},
+                 rounds=1, memory_inline=True,
+                 extra={"not_run": {FASTREID: "np.argsort of the whole matrix (7.7 GB int64) and an int32 "
+                                              "match matrix (3.8 GB) beside the 3.8 GB input"}})

@@ -217,6 +217,7 @@ def test_rerank_msmt17(side_by_side):
     base = d.copy()
     side_by_side("k-reciprocal re-ranking", f"N={n}, input: condensed distance",
                  lambda dist: k_reciprocal(dist, out=dist), {}, prepare=lambda: (base.copy(),), rounds=1,
+                 memory_inline=True,
                  extra={"not_run": {REFERENCE: "several dense N x N arrays, about 45 GB",
                                     PEER: "dense N x N output plus the square input and its neighbour "
                                           "selection, about 13 GB beside the other arrays"}})

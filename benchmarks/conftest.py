@@ -180,6 +180,27 @@ def memory_probe(module_file: str, impl: str, **size) -> dict:
 # ----------------------------------------------------------------------------- side by side
 
 
+def _kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak():
+    """Reset VmHWM to the current RSS (after returning freed heap); returns that RSS in KiB."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _kib("VmRSS:")
+
+
 def _stats(times):
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "rounds": len(times), "times_s": times}
@@ -199,11 +220,13 @@ def side_by_side(benchmark, request):
     gives it its inputs in its own form; rounds: rounds of ours; memory:
     {label: dict(module_file=..., impl=..., **size)} for memory_probe ("ours" for ours);
     ceiling: {"work": units of work of one run, "unit": name, "rate": units/s this machine can
-    do, "rate_per_core": the same for one core, "how": how it was measured}; extra: anything else to keep in the record.
+    do, "rate_per_core": the same for one core, "how": how it was measured}; memory_inline: our
+    peak measured in this process around each timed run (VmHWM reset first), for the largest
+    cases where a second run in a fresh process would double hours of work; extra: anything else to keep in the record.
     """
 
     def run(op, size, ours, peers, *, prepare=None, rounds=3, memory=None, ceiling=None, extra=None,
-            ours_label="iics_fast"):
+            ours_label="iics_fast", memory_inline=False):
         load_before = os.getloadavg()
         peer_fns = {k: (v if isinstance(v, tuple) else (v,)) for k, v in peers.items()}
         peer_fns = {k: (v[0], v[1] if len(v) > 1 else rounds, v[2] if len(v) > 2 else prepare)
@@ -224,10 +247,15 @@ def side_by_side(benchmark, request):
             round_no[0] += 1
             return (prepare() if prepare else ()), {}
 
+        inline = []
+
         def timed_ours(*args):  # CPU seconds (all threads) beside pytest-benchmark's wall time
+            base = _reset_peak() if memory_inline else None
             c0 = time.process_time()
             out = ours(*args)
             ours_cpu.append(time.process_time() - c0)
+            if base is not None:
+                inline.append((_kib("VmHWM:") - base) / 1024)
             return out
 
         benchmark.group = f"{op} {size}"
@@ -250,6 +278,9 @@ def side_by_side(benchmark, request):
                                     "ratio_per_round": pairs})
         if memory:
             record["memory"] = {label: memory_probe(**spec) for label, spec in memory.items()}
+        if inline:
+            record.setdefault("memory", {})["ours"] = {
+                "peak_mb": max(inline), "how": "in this process: VmHWM reset before the timed run"}
         if ceiling:
             ceil = dict(ceiling)
             ceil["ours_rate"] = ceil["work"] / min(ours_times)
