@@ -102,5 +102,7 @@ def test_merge_vs_peers(side_by_side, n):
 
 @pytest.mark.large
 def test_merge_msmt17(side_by_side):
-    """N = 32,621: input 2.1 GB float32 (ours) and 4.3 GB float64 (the peers)."""
-    compare(side_by_side, 32621, rounds=2)
+    """N = 32,621: input 2.1 GB float32 (ours) and 4.3 GB float64 (fastcluster). SciPy is left
+    out here: its float64 input and the copy it makes (8.5 GB) beside the kept inputs exceed
+    what this shared 24 GB machine has free; it is measured at N = 16,000."""
+    compare(side_by_side, 32621, rounds=2, with_scipy=False)

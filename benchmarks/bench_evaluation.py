@@ -102,8 +102,8 @@ def compare(side_by_side, size, rounds):
     peer = fastreid(args[0][sl], args[1][sl], *args[2:3], args[3][sl], args[4])
     np.testing.assert_allclose(got[0], ref[0], atol=1e-12)
     assert abs(got[1] - ref[1]) < 1e-12
-    np.testing.assert_allclose(peer[0][:50], ref[0], atol=1e-6)
-    assert abs(peer[1] - ref[1]) < 1e-6
+    np.testing.assert_allclose(peer[0][:50], ref[0], atol=1e-6)  # its mean CMC (float32)
+    assert abs(np.mean(peer[1]) - ref[1]) < 1e-6  # its per-query APs
     side_by_side("evaluation (CMC + mAP)", f"{size['num_q']} x {size['num_g']}", lambda: ours(*args),
                  {FASTREID: lambda: fastreid(*args)}, rounds=rounds,
                  memory={k: dict(module_file=__file__, impl=k, **size) for k in IMPLS})

@@ -154,6 +154,17 @@ def test_inter_camera_vs_blocked_torch(side_by_side):
                  memory=_memory(MARKET, ["ours", PEER]), ceiling=_ceiling(n, 3600))
 
 
+@pytest.mark.parametrize("size", [MARKET, pytest.param(MSMT, marks=pytest.mark.large)], ids=["6000", "msmt17"])
+def test_min_sum_loop_vs_ceiling(side_by_side, size):
+    """The sum-of-minima sweep alone (mode="jaccard": no cosine GEMM, no mask) against the
+    ceiling of its inner loop: what the tiling, the reductions and the writes cost."""
+    case = make_case(**size)
+    n, dim = size["n"], size["cams"] * size["dim_per_cam"]
+    side_by_side("sum-of-minima sweep (mode='jaccard')", f"N={n} D={dim}",
+                 lambda: inter_camera_distance(*case, MU, mode="jaccard", backend="cpu"), {}, rounds=3 if n < 10000 else 1,
+                 ceiling=_ceiling(n, dim), memory_inline=n >= 10000)
+
+
 @pytest.mark.large
 def test_inter_camera_reference_6000(side_by_side):
     """N = 6,000: the reference row loop whole (minutes) beside ours."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,18 +82,20 @@ def _size_key(r):
 
 def comparison_table(records):
     lines = ["| operation | size | iics_fast | peer | peer time | ours faster by (median; per round) | "
-             "peak memory ours / peer | load | record |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+             "by CPU time | peak memory ours / peer | load | record |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sorted(records, key=_size_key):
         mem = r.get("memory", {})
         if not r["peers"]:
-            lines.append(f"| {r['op']} | {r['size']} | {_spread(r['ours'])} | (none run: see below) | | | "
+            lines.append(f"| {r['op']} | {r['size']} | {_spread(r['ours'])} | (none run: see below) | | | | "
                          f"{_mb(mem.get('ours'))} | {_load(r)} | `{r['command']}` |")
         for p in r["peers"]:
             per = p["ratio_per_round"]
             rr = f"{_x(p['ratio'])}; {_x(min(per))}-{_x(max(per))}" if len(per) > 1 else _x(p["ratio"])
+            cpu = (f"{_x(statistics.median(p['cpu_s']) / statistics.median(r['ours']['cpu_s']))}"
+                   if p.get("cpu_s") and r["ours"].get("cpu_s") else "-")
             lines.append(f"| {r['op']} | {r['size']} | {_spread(r['ours'])} | {p['label']} | {_spread(p)} | {rr} | "
-                         f"{_mb(mem.get('ours'))} / {_mb(mem.get(p['label']))} | {_load(r)} | `{r['command']}` |")
+                         f"{cpu} | {_mb(mem.get('ours'))} / {_mb(mem.get(p['label']))} | {_load(r)} | `{r['command']}` |")
     return "\n".join(lines)
 
 
@@ -161,8 +164,10 @@ def render(tag, records):
         "machine falls on both alike); the ratio is the peer's median over ours, with the range of the "
         "per-round ratios. Peak memory is each side's resident high-water mark above its inputs, "
         "measured in a fresh process. The load column is the 1-minute load average before and after "
-        "the comparison: this machine has 2 cores, and a load above 2 means other work shared them "
-        "(times inflate, ratios much less). Nothing here is extrapolated.",
+        "the comparison: this machine has 2 cores, and a load above 2 means other work shared them: "
+        "wall times inflate and per-round ratios scatter. The CPU-time ratio (process CPU seconds "
+        "of all threads, median over the rounds) is what preemption does not distort; on an idle "
+        "machine the two agree for sides that keep both cores busy. Nothing here is extrapolated.",
         "",
         "## At MSMT17 scale",
         "",
