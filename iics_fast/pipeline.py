@@ -10,7 +10,8 @@
 Distances are condensed (SciPy `pdist` order) float32. The distance builds take torch tensors on
 any device and return them there; the re-ranking and the merge run on the host, in place on the
 buffer (a device tensor is copied to the host once). `rerank` is None (plain distance) or a
-mapping of `k_reciprocal`'s parameters k1, k2, lambda_value.
+mapping of `k_reciprocal`'s parameters k1, k2, lambda_value. The round, step by step:
+docs/method.md.
 """
 from __future__ import annotations
 

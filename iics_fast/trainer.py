@@ -1,6 +1,6 @@
 """The IICS training rounds, resumable at every stage boundary.
 
-One round (`Trainer.run`): extract features -> intra-camera clustering -> stage 1 (one head a
+One round (`Trainer.run`; docs/method.md): extract features -> intra-camera clustering -> stage 1 (one head a
 camera) -> features + scores -> inter-camera distance (Eq. 5) -> inter-camera clustering ->
 stage 2 (CE + batch-hard triplet, PK batches) -> evaluation every `eval_every` rounds. The
 clustering steps are `iics_fast.pipeline`'s; the two stages are `stage1` and `stage2`.
