@@ -26,10 +26,10 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_pairwise import make_case  # noqa: E402
+from bench_pairwise import make_case
 
-from iics_fast import distributed as D  # noqa: E402
-from iics_fast.similarity import inter_camera_distance, sharded_inter_camera_distance  # noqa: E402
+from iics_fast import distributed as D
+from iics_fast.similarity import inter_camera_distance, sharded_inter_camera_distance
 
 MU = 0.02
 

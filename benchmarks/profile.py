@@ -31,6 +31,7 @@ Output under --out: profile_<scale>.json and profile_<scale>.png, and a table on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -307,7 +308,7 @@ def run_reference_inter(n, cameras, d_heads, k_inter, seed=0, rows=16, log=print
     with meter("merge", res):
         B.reference_cluster(dist, min(k_inter, n))
     del dist
-    log("  reference N={:6d}  ".format(n) + "  ".join(f"{r.name} {r.time_s:7.2f} s {r.delta_mb:7.0f} MB" for r in res))
+    log(f"  reference N={n:6d}  " + "  ".join(f"{r.name} {r.time_s:7.2f} s {r.delta_mb:7.0f} MB" for r in res))
     return res
 
 
@@ -353,10 +354,8 @@ def machine_info():
     except OSError:
         pass
     mem_gb = None
-    try:
+    with contextlib.suppress(ValueError, OSError):
         mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "python": platform.python_version(),
             "numpy": np.__version__}
     try:
@@ -393,7 +392,8 @@ def _plot(record, path):
             ref = record["reference"]["at_target"].get(phase)
             if ref:  # the figure the table reports at the target N
                 ax.plot([n_target], [ref[key]], "s" if ref["extrapolated"] else "o", color=c, mfc="none", ms=9,
-                        label=f"reference {phase} at N={n_target} ({'extrapolated' if ref['extrapolated'] else 'measured'})")
+                        label=f"reference {phase} at N={n_target} "
+                              f"({'extrapolated' if ref['extrapolated'] else 'measured'})")
             ours = next((p for p in record["phases"] if p["name"] == phase), None)
             if ours:
                 ax.plot([n_target], [max(ours[key], 1e-3)], "*", ms=14, color=c, label=f"iics_fast {phase}")
@@ -412,7 +412,8 @@ def _plot(record, path):
 
 
 def _table(record):
-    lines = [f"{'phase':22s} {'iics_fast s':>11s} {'peak MB':>9s} {'+MB':>8s} | {'reference s':>12s} {'+MB':>9s} {'':4s} {'speed-up':>9s} {'mem ratio':>9s}"]
+    lines = [f"{'phase':22s} {'iics_fast s':>11s} {'peak MB':>9s} {'+MB':>8s} | {'reference s':>12s} "
+             f"{'+MB':>9s} {'':4s} {'speed-up':>9s} {'mem ratio':>9s}"]
     at = record["reference"]["at_target"]
     for p in record["phases"]:
         name = p["name"] + (" (simulated)" if p["name"] in SIMULATED else "")
@@ -426,7 +427,8 @@ def _table(record):
         lines.append(row)
     tot = record["totals"]
     lines.append(f"{'round (compared phases)':22s} {tot['ours_time_s']:11.2f} {tot['ours_peak_mb']:9.0f} {'':8s} |"
-                 + (f" {tot['reference_time_s']:12.1f} {tot['reference_peak_delta_mb']:9.0f}" if tot.get("reference_time_s") else ""))
+                 + (f" {tot['reference_time_s']:12.1f} {tot['reference_peak_delta_mb']:9.0f}"
+                    if tot.get("reference_time_s") else ""))
     return "\n".join(lines)
 
 

@@ -197,7 +197,8 @@ def test_kernel_mixed_layouts_and_strided_input(rng):
     _compare(_run(aibn, inp, True, g, layout=torch.channels_last), _run(aibn_ref, inp, True, g), torch.float32)
     x = inp["x"].clone().requires_grad_()  # y.sum(): the upstream gradient is a stride-0 view
     ref_x = inp["x"].clone().requires_grad_()
-    aibn(x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"], inp["alpha"], True).sum().backward()
+    aibn(x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"],
+         inp["alpha"], True).sum().backward()
     aibn_ref(ref_x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"], inp["alpha"],
              True).sum().backward()
     torch.testing.assert_close(x.grad, ref_x.grad, **TOL[torch.float32])

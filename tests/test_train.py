@@ -1,10 +1,12 @@
 """The trainer end to end on a tiny synthetic camera network: artifacts, resume after a kill,
 the errors raised before any training, pseudo-label metrics and the extract CLI."""
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,11 +57,11 @@ def _strip_times(rows):
 
 def test_run_writes_config_metrics_checkpoints_and_plots(full_run, capsys):
     out, metrics = full_run
-    config = json.load(open(os.path.join(out, "config.json")))
+    config = json.loads(Path(out, "config.json").read_text())
     assert config["rounds"] == 2 and config["k_inter"] == 8 and config["arch"] == "resnet18"
     assert config["lr_intra"] == train.PRESETS["synthetic"]["lr_intra"]  # preset applied
     assert config["mu"] == 0.02 and config["margin"] == 0.3  # paper defaults kept
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = _metrics(out)
     assert len(rows) == 2 and _strip_times(rows) == json.loads(json.dumps(_strip_times(metrics)))
     for r, row in enumerate(rows):
         assert row["round"] == r
@@ -159,7 +161,7 @@ def test_errors_before_training(cache, tmp_path):
     _error(["--out", out, "--config", str(cfg)], "unknown keys")
     assert not os.path.exists(os.path.join(out, "last.pt"))
     os.makedirs(out, exist_ok=True)
-    open(os.path.join(out, "config.json"), "w").write("{}")
+    Path(out, "config.json").write_text("{}")
     _error(["--out", out], "holds another run")
 
 
@@ -183,7 +185,7 @@ def test_extract_cli(full_run, tmp_path, capsys):
     feats = str(tmp_path / "g.npy")
     extract.main(["features", os.path.join(out, "best.pt"), images, "--save", feats])
     f = np.load(feats)
-    names = open(str(tmp_path / "g.txt")).read().split()
+    names = (tmp_path / "g.txt").read_text().split()
     assert f.shape == (len(names), 512)
     np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, rtol=1e-5)
     capsys.readouterr()
@@ -236,7 +238,7 @@ def _torchrun(argv):
 
 
 def _metrics(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
 
 
 def _assert_rows_close(got, want, keys):
@@ -298,10 +300,8 @@ def _spawned_train(r, port, argv, kill):
         if (event, rnd) == kill:
             raise Killed
 
-    try:
+    with contextlib.suppress(Killed):
         train.main(argv, hook=hook)
-    except Killed:
-        pass
 
 
 def test_two_processes_resume_after_a_kill(two_process_run, tmp_path):
