@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from benchmarks.probes import PeakMemory
 from iics_fast import pipeline
 
 #: name -> (images N, cameras C, inter-camera clusters k_inter)
@@ -61,24 +61,6 @@ COMPARED = ("intra", "similarity", "rerank", "merge")
 
 
 # --------------------------------------------------------------------------- memory metering
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not found in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    """Reset the process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _trim_heap() -> None:
     """Return freed heap memory to the OS (glibc malloc_trim), so a phase's peak RSS counts
     its own allocations rather than reusing pages an earlier phase left resident."""
@@ -103,29 +85,11 @@ class PhaseResult:
 def meter(name: str, results: list, note: str = ""):
     """Time a block and record its peak RSS into `results` as a PhaseResult."""
     _trim_heap()
-    start_kb = _status_kb("VmRSS")
-    sampler = None
-    if not _reset_hwm():  # fall back to sampling VmRSS every 2 ms
-        peak = [start_kb]
-        stop = threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], _status_kb("VmRSS"))
-                stop.wait(0.002)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-    t0 = time.perf_counter()
-    yield
-    elapsed = time.perf_counter() - t0
-    if sampler is None:
-        peak_kb = _status_kb("VmHWM")
-    else:
-        stop.set()
-        sampler.join()
-        peak_kb = max(peak[0], _status_kb("VmRSS"))
-    results.append(PhaseResult(name, elapsed, peak_kb / 1024, (peak_kb - start_kb) / 1024, note=note))
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - t0
+    results.append(PhaseResult(name, elapsed, mem.peak_mib, mem.grew_mib, note=note))
 
 
 # --------------------------------------------------------------------------- synthetic round

@@ -4,13 +4,13 @@ build; the pure pieces (splits, shards, samplers) are checked in-process for man
 Row ranges of the distance itself (`inter_camera_distance(..., rows=)`) are tested in
 tests/test_pairwise.py."""
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from benchmarks.probes import free_port
 from iics_fast import condensed, norm_sync as N
 from iics_fast import distributed as D
 from iics_fast.data import samplers
@@ -222,10 +222,7 @@ def _worker(r, port, outdir):
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("dist"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, outdir), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), outdir), nprocs=WORLD, join=True)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 

@@ -3,7 +3,6 @@ the errors raised before any training, pseudo-label metrics and the extract CLI.
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 import torch.multiprocessing as mp
 
+from benchmarks.probes import free_port
 from iics_fast import train
 from iics_fast.evaluation import adjusted_rand_index, normalized_mutual_info
 from iics_fast.losses import batch_hard_triplet
@@ -307,11 +307,8 @@ def _spawned_train(r, port, argv, kill):
 def test_two_processes_resume_after_a_kill(two_process_run, tmp_path):
     out_full, _ = two_process_run
     out = str(tmp_path / "run")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     # both ranks stop right after the stage-1 checkpoint of round 2
-    mp.spawn(_spawned_train, args=(port, TINY + ["--out", out], ("stage1", 1)), nprocs=2)
+    mp.spawn(_spawned_train, args=(free_port(), TINY + ["--out", out], ("stage1", 1)), nprocs=2)
     assert _load(out)["progress"] == {"round": 1, "done": "stage1"}
     assert len(_metrics(out)) == 1
     stdout = _torchrun(["--resume", "--out", out, "--no-progress", "--no-verbose"])
