@@ -326,6 +326,7 @@ def test_launcher_rejects_bad_input(rng):
         aibn(**args(running_var=inp["running_var"].double()))
 
 
+@pytest.mark.slow
 def test_compile_sm80_sm90_no_spills():
     """Kernels compile for real GPU targets with zero spills (a spread of kernels, dtypes, layouts;
     `python -m benchmarks.gpu_report` compiles all of COMPILE_SPECS)."""

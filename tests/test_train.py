@@ -55,6 +55,7 @@ def _strip_times(rows):
     return [{k: v for k, v in row.items() if k != "time"} for row in rows]
 
 
+@pytest.mark.slow
 def test_run_writes_config_metrics_checkpoints_and_plots(full_run, capsys):
     out, metrics = full_run
     config = json.loads(Path(out, "config.json").read_text())
@@ -87,6 +88,7 @@ def test_run_writes_config_metrics_checkpoints_and_plots(full_run, capsys):
         assert os.path.getsize(os.path.join(out, plot)) > 1000
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_matches_the_uninterrupted_run(full_run, tmp_path):
     out_full, metrics_full = full_run
     out = str(tmp_path / "run")
@@ -122,6 +124,7 @@ def intra_run(cache, tmp_path_factory):
     return out, train.main(INTRA + ["--out", out])
 
 
+@pytest.mark.slow
 def test_intra_only_ablation_runs(intra_run):
     out, metrics = intra_run
     assert len(metrics) == 2 and _strip_times(_metrics(out)) == _strip_times(metrics)
@@ -135,6 +138,7 @@ def test_intra_only_ablation_runs(intra_run):
     assert last["inter_labels"] is None and len(last["intra_labels"]) > 0
 
 
+@pytest.mark.slow
 def test_rerank_threshold_and_jaccard_paths_run(cache, tmp_path):
     metrics = train.main(TINY + ["--out", str(tmp_path / "run"), "--rounds", "1",
                                  "--similarity", "rerank", "--inter-similarity", "jaccard",
@@ -183,6 +187,7 @@ def test_config_file_and_command_line_precedence(tmp_path):
     assert config["arch"] == "resnet50" and config["device"] in ("cpu", "cuda")
 
 
+@pytest.mark.slow
 def test_extract_cli(full_run, tmp_path, capsys):
     from iics_fast import extract
     out, _ = full_run
@@ -265,6 +270,7 @@ def two_process_run(cache, tmp_path_factory):
     return out, stdout
 
 
+@pytest.mark.slow
 def test_two_processes_stage1_only_match_one_process(intra_run, tmp_path):
     # stage 1 is the single-process computation: the same cameras per step, summed gradients,
     # merged per-camera statistics; so both rounds, their labels and evaluations agree
@@ -280,6 +286,7 @@ def test_two_processes_stage1_only_match_one_process(intra_run, tmp_path):
         torch.testing.assert_close(a["model"][key], value, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_full_rounds(full_run, two_process_run):
     # round 1 up to the inter-camera clustering matches one process exactly; stage 2 is the
     # one-process computation up to float rounding (whole-batch statistics over the ranks),
@@ -311,6 +318,7 @@ def _spawned_train(r, port, argv, kill):
         train.main(argv, hook=hook)
 
 
+@pytest.mark.slow
 def test_two_processes_resume_after_a_kill(two_process_run, tmp_path):
     out_full, _ = two_process_run
     out = str(tmp_path / "run")
@@ -328,6 +336,7 @@ def test_two_processes_resume_after_a_kill(two_process_run, tmp_path):
         torch.testing.assert_close(a["model"][key], value, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_two_processes_refuse_a_batch_they_cannot_split(cache, tmp_path):
     proc = _launch(TINY + ["--out", str(tmp_path / "run"), "--batch-p", "1"])
     assert proc.returncode != 0
