@@ -10,7 +10,7 @@ from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import adjusted_rand_score
 
 from benchmarks.probes import can_reset_peak, run_python
-from iics_fast import cluster
+from iics_fast import cluster, condensed
 from iics_fast._native import native
 
 # float64 runs SciPy's arithmetic (bit-identical in practice; the tolerance only allows a compiler
@@ -29,7 +29,7 @@ def as_layout(cond, layout, rng):
     triangle and diagonal are junk, so only an upper-triangle reader can pass."""
     if layout == "condensed":
         return cond
-    n = (1 + int(np.sqrt(1 + 8 * cond.size))) // 2
+    n = condensed.points(cond.size)
     sq = rng.random((n, n)).astype(cond.dtype) * 10 - 5
     sq[np.triu_indices(n, 1)] = cond
     return sq
