@@ -154,7 +154,8 @@ def run_traffic(batch=64, hbm=3.35e12):
     n_el = batch * 1024 * 128
     rf, rb, re, (nf, nb, ne) = reference_traffic()
     print(f"\naibn_ref float32 training: forward {rf:.1f} B/element ({nf} activation-sized ops), "
-          f"backward {rb:.1f} B/element ({nb} ops); H100 at layer3 batch {batch}: {(rf + rb) * n_el / hbm * 1e6:.0f} us")
+          f"backward {rb:.1f} B/element ({nb} ops); H100 at layer3 batch {batch}: "
+          f"{(rf + rb) * n_el / hbm * 1e6:.0f} us")
     print(f"aibn_ref float32 eval forward: {re:.1f} B/element ({ne} ops); {re * n_el / hbm * 1e6:.0f} us")
     fused = {}
     for name, size in (("float32", 4), ("bfloat16", 2)):

@@ -191,6 +191,7 @@ def gpu_estimate():
     schedulers x 1 warp-instruction / cycle at 1.7 GHz; cosines at tensor-core / FFMA rates."""
     from benchmarks.gpu_report import compile_report
     from benchmarks.gpu_specs.pairwise import COMPILE_SPECS
+    from iics_fast.kernels import pairwise as K
 
     reports = {s.name: compile_report(s, 90) for s in COMPILE_SPECS}
     for name, r in reports.items():

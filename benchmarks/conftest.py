@@ -101,7 +101,8 @@ def _fmt(v, spec):
 def _format(rows, header=True):
     lines = []
     if header:
-        lines.append(f"{'op':28s} {'size':>18s} {'ours s':>10s} {'baseline s':>11s} {'ratio':>8s} {'peak MB':>9s} {'base MB':>9s}  baseline")
+        lines.append(f"{'op':28s} {'size':>18s} {'ours s':>10s} {'baseline s':>11s} {'ratio':>8s} "
+                     f"{'peak MB':>9s} {'base MB':>9s}  baseline")
     for r in rows:
         ratio = f"{r['ratio']:.1f}x" if r["ratio"] else "-"
         lines.append(

@@ -295,12 +295,13 @@ def main(argv=None):
         if 90 not in args.arch:
             reports += [compile_report(s, 90) for s in specs]
         est = estimates(reports)
-        print(f"\nH100 estimates ({H100.sms} SMs x {H100.schedulers_per_sm} issue/cycle at {H100.clock_hz / 1e9:.3f} GHz,"
-              f" {H100.hbm_bytes_per_s / 1e12:.2f} TB/s HBM3)")
-        print(f"{'kernel':40s} {'scale':>11s} {'instr/elem':>10s} {'issue us':>10s} {'memory us':>10s} {'estimate us':>11s}  bound")
+        print(f"\nH100 estimates ({H100.sms} SMs x {H100.schedulers_per_sm} issue/cycle at "
+              f"{H100.clock_hz / 1e9:.3f} GHz, {H100.hbm_bytes_per_s / 1e12:.2f} TB/s HBM3)")
+        print(f"{'kernel':40s} {'scale':>11s} {'instr/elem':>10s} {'issue us':>10s} {'memory us':>10s} "
+              f"{'estimate us':>11s}  bound")
         for e in est:
-            print(f"{e.kernel:40s} {e.scale:>11s} {e.instr_per_element:10.4f} {e.issue_s * 1e6:10.4g} {e.memory_s * 1e6:10.4g}"
-                  f" {e.estimate_s * 1e6:11.4g}  {e.bound}")
+            print(f"{e.kernel:40s} {e.scale:>11s} {e.instr_per_element:10.4f} {e.issue_s * 1e6:10.4g} "
+                  f"{e.memory_s * 1e6:10.4g} {e.estimate_s * 1e6:11.4g}  {e.bound}")
         unmodelled = sorted({r.name for r in reports if r.arch == 90} - {e.kernel for e in est})
         if unmodelled:
             print("no work model (no estimate): " + ", ".join(unmodelled))

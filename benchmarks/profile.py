@@ -31,11 +31,11 @@ Output under --out: profile_<scale>.json and profile_<scale>.png, and a table on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from benchmarks.probes import PeakMemory
 from iics_fast import pipeline
 
 #: name -> (images N, cameras C, inter-camera clusters k_inter)
@@ -60,24 +61,6 @@ COMPARED = ("intra", "similarity", "rerank", "merge")
 
 
 # --------------------------------------------------------------------------- memory metering
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not found in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    """Reset the process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _trim_heap() -> None:
     """Return freed heap memory to the OS (glibc malloc_trim), so a phase's peak RSS counts
     its own allocations rather than reusing pages an earlier phase left resident."""
@@ -102,29 +85,11 @@ class PhaseResult:
 def meter(name: str, results: list, note: str = ""):
     """Time a block and record its peak RSS into `results` as a PhaseResult."""
     _trim_heap()
-    start_kb = _status_kb("VmRSS")
-    sampler = None
-    if not _reset_hwm():  # fall back to sampling VmRSS every 2 ms
-        peak = [start_kb]
-        stop = threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], _status_kb("VmRSS"))
-                stop.wait(0.002)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-    t0 = time.perf_counter()
-    yield
-    elapsed = time.perf_counter() - t0
-    if sampler is None:
-        peak_kb = _status_kb("VmHWM")
-    else:
-        stop.set()
-        sampler.join()
-        peak_kb = max(peak[0], _status_kb("VmRSS"))
-    results.append(PhaseResult(name, elapsed, peak_kb / 1024, (peak_kb - start_kb) / 1024, note=note))
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - t0
+    results.append(PhaseResult(name, elapsed, mem.peak_mib, mem.grew_mib, note=note))
 
 
 # --------------------------------------------------------------------------- synthetic round
@@ -307,7 +272,7 @@ def run_reference_inter(n, cameras, d_heads, k_inter, seed=0, rows=16, log=print
     with meter("merge", res):
         B.reference_cluster(dist, min(k_inter, n))
     del dist
-    log("  reference N={:6d}  ".format(n) + "  ".join(f"{r.name} {r.time_s:7.2f} s {r.delta_mb:7.0f} MB" for r in res))
+    log(f"  reference N={n:6d}  " + "  ".join(f"{r.name} {r.time_s:7.2f} s {r.delta_mb:7.0f} MB" for r in res))
     return res
 
 
@@ -353,10 +318,8 @@ def machine_info():
     except OSError:
         pass
     mem_gb = None
-    try:
+    with contextlib.suppress(ValueError, OSError):
         mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "python": platform.python_version(),
             "numpy": np.__version__}
     try:
@@ -393,7 +356,8 @@ def _plot(record, path):
             ref = record["reference"]["at_target"].get(phase)
             if ref:  # the figure the table reports at the target N
                 ax.plot([n_target], [ref[key]], "s" if ref["extrapolated"] else "o", color=c, mfc="none", ms=9,
-                        label=f"reference {phase} at N={n_target} ({'extrapolated' if ref['extrapolated'] else 'measured'})")
+                        label=f"reference {phase} at N={n_target} "
+                              f"({'extrapolated' if ref['extrapolated'] else 'measured'})")
             ours = next((p for p in record["phases"] if p["name"] == phase), None)
             if ours:
                 ax.plot([n_target], [max(ours[key], 1e-3)], "*", ms=14, color=c, label=f"iics_fast {phase}")
@@ -412,7 +376,8 @@ def _plot(record, path):
 
 
 def _table(record):
-    lines = [f"{'phase':22s} {'iics_fast s':>11s} {'peak MB':>9s} {'+MB':>8s} | {'reference s':>12s} {'+MB':>9s} {'':4s} {'speed-up':>9s} {'mem ratio':>9s}"]
+    lines = [f"{'phase':22s} {'iics_fast s':>11s} {'peak MB':>9s} {'+MB':>8s} | {'reference s':>12s} "
+             f"{'+MB':>9s} {'':4s} {'speed-up':>9s} {'mem ratio':>9s}"]
     at = record["reference"]["at_target"]
     for p in record["phases"]:
         name = p["name"] + (" (simulated)" if p["name"] in SIMULATED else "")
@@ -426,7 +391,8 @@ def _table(record):
         lines.append(row)
     tot = record["totals"]
     lines.append(f"{'round (compared phases)':22s} {tot['ours_time_s']:11.2f} {tot['ours_peak_mb']:9.0f} {'':8s} |"
-                 + (f" {tot['reference_time_s']:12.1f} {tot['reference_peak_delta_mb']:9.0f}" if tot.get("reference_time_s") else ""))
+                 + (f" {tot['reference_time_s']:12.1f} {tot['reference_peak_delta_mb']:9.0f}"
+                    if tot.get("reference_time_s") else ""))
     return "\n".join(lines)
 
 

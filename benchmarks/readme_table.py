@@ -71,7 +71,8 @@ def profile_table(rec):
     at = rec["reference"]["at_target"]
     lines = [f"`{rec['command']}` — N = {rec['N']:,}, C = {rec['C']}, D = {rec['D']:,}, "
              f"k_inter = {rec['k_inter']}; measured on {machine_line(rec['machine'])}.", "",
-             "| phase | iics_fast time | iics_fast peak RSS (+ phase) | reference time | reference + phase memory | speed-up |",
+             "| phase | iics_fast time | iics_fast peak RSS (+ phase) | reference time "
+             "| reference + phase memory | speed-up |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for p in rec["phases"]:
         if p["name"] not in PHASE_LABELS:
@@ -91,7 +92,8 @@ def profile_table(rec):
     tot = rec["totals"]
     if tot.get("reference_time_s") and tot["ours_time_s"] > 0:
         mark = " (extrapolated)" if tot.get("reference_extrapolated") else ""
-        lines.append(f"| **round (these four phases)** | **{_t(tot['ours_time_s'])}** | **{_mb(tot['ours_peak_mb'])}** | "
+        lines.append(f"| **round (these four phases)** | **{_t(tot['ours_time_s'])}** "
+                     f"| **{_mb(tot['ours_peak_mb'])}** | "
                      f"**{_t(tot['reference_time_s'])}**{mark} | {_mb(tot['reference_peak_delta_mb'])}{mark} | "
                      f"**{_ratio(tot['reference_time_s'] / tot['ours_time_s'])}** |")
     measured = rec["reference"]["measured"]
@@ -99,8 +101,9 @@ def profile_table(rec):
         sizes = ", ".join(f"{m['N']:,}" for m in measured)
         fits = "; ".join(f"{ph} time ~ N^{v['time_exponent']:.2f}, memory ~ N^{v['memory_exponent']:.2f}"
                          for ph, v in rec["reference"]["fit"].items())
-        lines += ["", f"Reference measured at N = {sizes} (Jaccard row loop timed on {rec['reference']['rows_timed']} rows"
-                  f" and scaled){'; growth fitted on the largest: ' + fits if fits else ''}."]
+        lines += ["", f"Reference measured at N = {sizes} (Jaccard row loop timed on "
+                      f"{rec['reference']['rows_timed']} rows and scaled)"
+                      f"{'; growth fitted on the largest: ' + fits if fits else ''}."]
     return "\n".join(lines)
 
 
@@ -110,7 +113,9 @@ def main(argv=None):
     parser.add_argument("--profiles", nargs="*", help="profile JSON records (default profile_out/profile_*.json)")
     args = parser.parse_args(argv)
     out = []
-    for path in args.profiles if args.profiles is not None else sorted(glob.glob(os.path.join(ROOT, "profile_out", "profile_*.json"))):
+    if args.profiles is None:
+        args.profiles = sorted(glob.glob(os.path.join(ROOT, "profile_out", "profile_*.json")))
+    for path in args.profiles:
         with open(path) as f:
             out.append(profile_table(json.load(f)))
     if os.path.exists(args.results):

@@ -110,10 +110,18 @@ def reference_inter_camera_distance(features, scores, camids, mu, rows=None):
     features = _as_2d_float("features", features)
     scores = _as_2d_float("scores", scores)
     if features.shape[0] != scores.shape[0]:
-        raise ValueError(f"features and scores must have the same number of rows, got {features.shape[0]} and {scores.shape[0]}")
+        raise ValueError(f"features and scores must have the same number of rows, "
+                         f"got {features.shape[0]} and {scores.shape[0]}")
     dist = reference_cosine_distance(features)
     jac = reference_jaccard(scores, rows=rows)
     return reference_fuse(dist, jac, camids, mu)
+
+
+def _reciprocal(rank, i, k):
+    """k-reciprocal neighbours of row i: its k nearest that have i among their k nearest."""
+    forward = rank[i, : k + 1]
+    backward = rank[forward, : k + 1]
+    return forward[np.where(backward == i)[0]]
 
 
 def reference_rerank(dist, k1=20, k2=6, lambda_value=0.3):
@@ -136,16 +144,11 @@ def reference_rerank(dist, k1=20, k2=6, lambda_value=0.3):
     rank = np.argsort(d).astype(np.int32)
     half = int(np.around(k1 / 2))
 
-    def reciprocal(i, k):
-        forward = rank[i, : k + 1]
-        backward = rank[forward, : k + 1]
-        return forward[np.where(backward == i)[0]]
-
     for i in range(n):
-        r_i = reciprocal(i, k1)
+        r_i = _reciprocal(rank, i, k1)
         expanded = r_i
         for c in r_i:
-            r_c = reciprocal(c, half)
+            r_c = _reciprocal(rank, c, half)
             if len(np.intersect1d(r_c, r_i)) > 2 / 3 * len(r_c):
                 expanded = np.append(expanded, r_c)
         expanded = np.unique(expanded)

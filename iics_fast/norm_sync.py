@@ -52,7 +52,7 @@ class SequentialStatsSync:
     Call `snapshot()` before the step's forwards and `merge()` after them."""
 
     def __init__(self, module, first: int, count: int, total: int):
-        if not (0 <= first and count >= 1 and first + count <= total):
+        if not (first >= 0 and count >= 1 and first + count <= total):
             raise ValueError(f"need 0 <= first, count >= 1, first + count <= total; got "
                              f"first={first}, count={count}, total={total}")
         self.layers = _norm_layers(module)

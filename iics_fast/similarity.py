@@ -268,7 +268,8 @@ def pairwise_jaccard(a, b=None, *, backend="auto", out=None):
     m, p = a.shape[0], b.shape[0]
     if out is not None:
         out = _as_tensor(out, "out")
-        if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (m, p) or out.device != a.device:
+        if (out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (m, p)
+                or out.device != a.device):
             raise ValueError(f"out must be a contiguous float32 ({m}, {p}) array on {a.device}")
     backend = _resolve_backend(backend, a.device)
     if backend in ("ref", "triton"):

@@ -19,6 +19,7 @@ summed so that a step is the single-process step, and only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import numpy as np
@@ -75,10 +76,10 @@ class Trainer(TrainerBase):
             feats, _ = self.extract(self.items(self.pids), to="main")
         self.histogram(f"round {r} start", feats, r)
         with self.timed("intra_cluster"):
-            self.intra_labels = D.agree(lambda: pipeline.intra_camera_labels(
-                feats, self.camids, cfg.k_intra, quantile=cfg.threshold_intra,
-                rerank=self.rerank, progress=lambda c: self.bar(c, "intra clustering")),
-                on_main_only=True)
+            self.intra_labels = D.agree(functools.partial(
+                pipeline.intra_camera_labels, feats, self.camids, cfg.k_intra,
+                quantile=cfg.threshold_intra, rerank=self.rerank,
+                progress=lambda c: self.bar(c, "intra clustering")), on_main_only=True)
         del feats
         counts = [int(self.intra_labels[self.camids == c].max()) + 1 for c in self.cameras]
         self.row["intra_clusters"] = counts
@@ -113,8 +114,9 @@ class Trainer(TrainerBase):
         del feats, scores
         with self.timed("inter_cluster"):
             k = None if cfg.threshold_inter is not None else cfg.k_inter
-            self.inter_labels = D.agree(lambda: pipeline.cluster_distance(
-                dist, k=k, quantile=cfg.threshold_inter, rerank=self.rerank), on_main_only=True)
+            self.inter_labels = D.agree(functools.partial(
+                pipeline.cluster_distance, dist, k=k, quantile=cfg.threshold_inter,
+                rerank=self.rerank), on_main_only=True)
         del dist
         self.row["inter_clusters"] = n_inter = int(self.inter_labels.max()) + 1
         self.quality("inter_quality", self.inter_labels, self.pids)

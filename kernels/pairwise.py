@@ -141,7 +141,8 @@ def _pairwise_jaccard_kernel(
     # k-steps keep 16-byte alignment and the row loads vectorise
     stride_a = (M_pad // BM) * BM * 4
     stride_b = (P_pad // BN) * BN * 4
-    l1 = _l1_tile(at_ptr, rows, stride_a, bt_ptr, cols, stride_b, (D_pad // (4 * UNROLL)) * (4 * UNROLL), BM, BN, UNROLL)
+    l1 = _l1_tile(at_ptr, rows, stride_a, bt_ptr, cols, stride_b,
+                  (D_pad // (4 * UNROLL)) * (4 * UNROLL), BM, BN, UNROLL)
     j = _jaccard_from_l1(l1, tl.load(sa_ptr + rows), tl.load(sb_ptr + cols))
     mask = (rows[:, None] < M) & (cols[None, :] < P)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * P + cols[None, :], j, mask=mask)

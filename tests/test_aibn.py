@@ -197,7 +197,8 @@ def test_kernel_mixed_layouts_and_strided_input(rng):
     _compare(_run(aibn, inp, True, g, layout=torch.channels_last), _run(aibn_ref, inp, True, g), torch.float32)
     x = inp["x"].clone().requires_grad_()  # y.sum(): the upstream gradient is a stride-0 view
     ref_x = inp["x"].clone().requires_grad_()
-    aibn(x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"], inp["alpha"], True).sum().backward()
+    aibn(x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"],
+         inp["alpha"], True).sum().backward()
     aibn_ref(ref_x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"], inp["alpha"],
              True).sum().backward()
     torch.testing.assert_close(x.grad, ref_x.grad, **TOL[torch.float32])
@@ -325,6 +326,7 @@ def test_launcher_rejects_bad_input(rng):
         aibn(**args(running_var=inp["running_var"].double()))
 
 
+@pytest.mark.slow
 def test_compile_sm80_sm90_no_spills():
     """Kernels compile for real GPU targets with zero spills (a spread of kernels, dtypes, layouts;
     `python -m benchmarks.gpu_report` compiles all of COMPILE_SPECS)."""

@@ -1,6 +1,4 @@
 """Agglomerative clustering (iics_fast.cluster) against SciPy, scikit-learn and a naive oracle."""
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -11,6 +9,7 @@ from scipy.spatial.distance import pdist, squareform
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import adjusted_rand_score
 
+from benchmarks.probes import can_reset_peak, run_python
 from iics_fast import cluster, condensed
 from iics_fast._native import native
 
@@ -193,37 +192,31 @@ def test_labels_numbered_by_first_appearance(rng):
     assert labels[0] == 0 and firsts == sorted(firsts)
 
 
-# The peak resident set of this process (VmHWM). Not ru_maxrss: a child's ru_maxrss starts from
+# The peak resident set of a fresh process (VmHWM). Not ru_maxrss: a child's ru_maxrss starts from
 # its parent's resident size at fork, so under pytest it would hide the child's own growth.
 PEAK_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
-    from iics_fast import cluster, condensed
-
-    def peak_bytes():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    from benchmarks.probes import PeakMemory
+    from iics_fast import cluster
 
     n, inplace = int(sys.argv[1]), sys.argv[2] == "1"
     x = np.random.default_rng(0).random((n, n), dtype=np.float32)
     cluster.linkage(x[:3, :3].copy())  # load the extension before the baseline
-    before = peak_bytes()
-    Z = cluster.linkage(x, inplace=inplace)
-    print(peak_bytes() - before)
+    with PeakMemory() as mem:
+        Z = cluster.linkage(x, inplace=inplace)
+    print(mem.grew_mib * 2**20)
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.skipif(not can_reset_peak(), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
 @pytest.mark.parametrize("inplace", [True, False])
 def test_peak_memory(inplace):
     """In place: the process peak grows by O(n) only; otherwise by one condensed copy (half a
     square matrix). N = 6000 float32: the square buffer is 144 MB."""
     n = 6000
     square_bytes = n * n * 4
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(n), "1" if inplace else "0"],
-                         capture_output=True, text=True, check=True)
-    grew = int(out.stdout.split()[-1])
+    grew = float(run_python(PEAK_SCRIPT, n, int(inplace)).split()[-1])
     if inplace:
         assert grew < 0.05 * square_bytes, grew
     else:

@@ -4,13 +4,13 @@ build; the pure pieces (splits, shards, samplers) are checked in-process for man
 Row ranges of the distance itself (`inter_camera_distance(..., rows=)`) are tested in
 tests/test_pairwise.py."""
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from benchmarks.probes import free_port
 from iics_fast import condensed, norm_sync as N
 from iics_fast import distributed as D
 from iics_fast.data import samplers
@@ -222,28 +222,28 @@ def _worker(r, port, outdir):
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("dist"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, outdir), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), outdir), nprocs=WORLD, join=True)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
 # ----------------------------------------------------------------------------- two processes
 
 
+@pytest.mark.slow
 def test_init_rank_and_teardown(spawned):
     for r, res in enumerate(spawned):
         assert res["ctx"] == (r, WORLD, "gloo", r, WORLD, r == 0)
         assert res["after"] == (0, 1)  # the context destroyed its group
 
 
+@pytest.mark.slow
 def test_broadcast_object(spawned):
     for res in spawned:
         assert res["bcast"] == {"from": 0, "payload": [1, "x"]}
         assert res["bcast_src1"] == ("rank", 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lens", GATHER_LENGTHS)
 def test_all_gather_rows_unequal_lengths(spawned, lens):
     expect = torch.cat([_block(r, lens[r]) for r in range(WORLD)])
@@ -254,18 +254,21 @@ def test_all_gather_rows_unequal_lengths(spawned, lens):
         assert (to1 is None) if r != 1 else torch.equal(to1, expect)
 
 
+@pytest.mark.slow
 def test_all_gather_rows_dtype_and_mismatch(spawned):
     for res in spawned:
         assert torch.equal(res["gather_int"], torch.tensor([0, 1, 1]))
         assert res["gather_mismatch"] is not None and "trailing shape" in res["gather_mismatch"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 10])
 def test_shards_reassemble_in_order(spawned, n):
     for res in spawned:
         assert torch.equal(res[("shard", n)], torch.arange(n))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", DIST_CASES, ids=lambda c: f"n{c[0]}-{c[4]}-dst{c[5]}")
 def test_sharded_distance_equals_single_process(spawned, case):
     n, d, big_d, cams, mode, dst = case
@@ -280,12 +283,14 @@ def test_sharded_distance_equals_single_process(spawned, case):
         assert torch.equal(got, full)
 
 
+@pytest.mark.slow
 def test_sampler_uses_process_group_rank(spawned):
     # global batches [0..7], [8..15] shifted by epoch 1; groups of 2 split 2 + 2 per rank
     assert spawned[0]["sampler"] == [[1000, 1001, 1002, 1003], [1008, 1009, 1010, 1011]]
     assert spawned[1]["sampler"] == [[1004, 1005, 1006, 1007], [1012, 1013, 1014, 1015]]
 
 
+@pytest.mark.slow
 def test_agree_stops_every_rank_with_the_failing_ranks_message(spawned):
     for who in (0, 1):
         msgs = [res[("agree", who)] for res in spawned]
@@ -295,6 +300,7 @@ def test_agree_stops_every_rank_with_the_failing_ranks_message(spawned):
     assert [res["agree_main"] for res in spawned] == ["ok from 0", "ok from 0"]
 
 
+@pytest.mark.slow
 def test_split_batch_gradients_equal_the_single_process_gradient(spawned):
     torch.manual_seed(1)
     net = torch.nn.Linear(4, 3)
@@ -307,6 +313,7 @@ def test_split_batch_gradients_equal_the_single_process_gradient(spawned):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_per_camera_statistics_merge_equals_sequential_forwards(spawned):
     model = _tiny_net()
     model.train()
@@ -328,6 +335,7 @@ def test_per_camera_statistics_merge_equals_sequential_forwards(spawned):
     assert not torch.allclose(alone.state_dict()["2.running_var"], want["2.running_var"], rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_synced_batch_statistics_equal_one_process_on_the_whole_batch(spawned):
     net = _tiny_net()
     both = torch.nn.Sequential(net, torch.nn.BatchNorm1d(5))
@@ -350,6 +358,7 @@ def test_synced_batch_statistics_equal_one_process_on_the_whole_batch(spawned):
         assert res["synced_restored"] == []  # the layers are plain again after the context
 
 
+@pytest.mark.slow
 def test_fused_aibn_over_ranks_equals_one_process_on_the_whole_batch(spawned):
     from iics_fast.kernels.aibn import aibn_ref
     x, coef, params = _aibn_problem()
@@ -370,6 +379,7 @@ def test_fused_aibn_over_ranks_equals_one_process_on_the_whole_batch(spawned):
         torch.testing.assert_close(got[0][key] + got[1][key], want, rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_average_statistics_and_broadcast_module(spawned):
     for res in spawned:
         for k, v in res["averaged"].items():
@@ -418,7 +428,7 @@ def test_training_helpers_in_one_process():
         N.SequentialStatsSync(model, 0, 0, 3)
     with pytest.raises(ValueError, match="momentum=None"):
         N.SequentialStatsSync(torch.nn.BatchNorm1d(3, momentum=None), 0, 1, 1)
-    assert [samplers.group_share(5, r, 2) for r in range(2)] == [range(0, 3), range(3, 5)]
+    assert [samplers.group_share(5, r, 2) for r in range(2)] == [range(3), range(3, 5)]
     with N.synced_batch_stats(model) as same:  # one process: nothing to synchronise
         assert same is model and _patched_norms(model) == []
 

@@ -17,6 +17,7 @@ def _row_sum(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
     tl.store(out_ptr + row, tl.sum(acc, axis=0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_compile_report_reads_registers_and_loop(arch):
     spec = KernelSpec("row_sum", _row_sum, {"x_ptr": "*fp32", "out_ptr": "*fp32", "n_cols": "i32"}, {"BLOCK": 256})
@@ -70,6 +71,7 @@ def test_estimate_rejects_incomplete_work_model():
         estimate_time(_report(0), {"elements": 1, "elements_per_iteration": 1, "bytes": 1})
 
 
+@pytest.mark.slow
 def test_estimates_from_a_compiled_kernel_and_its_work_model():
     from benchmarks.gpu_report import DATASET_SCALES, estimates
 

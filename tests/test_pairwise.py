@@ -377,6 +377,7 @@ def test_bad_jaccard_inputs_raise():
 # ----------------------------------------------------------------------------- GPU compile
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernels_compile_without_spills(arch):
     from concurrent.futures import ThreadPoolExecutor

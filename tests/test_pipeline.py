@@ -73,6 +73,7 @@ def recorded(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_trainer_and_profiler_run_the_same_pipeline(recorded, tmp_path, monkeypatch):
     """Both compute every clustering phase through the pipeline functions, with re-ranking set
     as the trainer's default: a phase computed on its own leaves its counter empty."""

@@ -162,8 +162,9 @@ class ShardedBatchSampler:
 
     split="within" (default): every global batch is cut into `world` parts of whole groups of
     `group_size` consecutive items, rank r taking groups ceil(r G / world) .. ceil((r+1) G / world) - 1
-    of the G groups (contiguous, counts differ by at most one): the ranks' parts of a step are disjoint and together are exactly the
-    global batch, so the global batch size and the learning rate stay those of one process.
+    of the G groups (contiguous, counts differ by at most one): the ranks' parts of a step are
+    disjoint and together are exactly the global batch, so the global batch size and the learning
+    rate stay those of one process.
     With the stage-1 camera sampler use group_size = per_camera (each camera's images stay on
     one rank, whose batch-norm statistics then stay per camera); with a P x K sampler use
     group_size = K (an identity's K images stay together, so in-batch positives for triplet

@@ -12,7 +12,7 @@ Test:  resize (bicubic) -> to tensor -> ImageNet normalisation.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -121,7 +121,7 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: Sequence[tuple], transform):
-        self.items = [(str(p), int(l), int(c)) for p, l, c in items]
+        self.items = [(str(p), int(pid), int(c)) for p, pid, c in items]
         self.transform = transform
 
     def __len__(self) -> int:

@@ -48,7 +48,8 @@ class AIBN2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_features:
-            raise ValueError(f"AIBN2d({self.num_features}) expects (N, {self.num_features}, H, W); got {tuple(x.shape)}")
+            raise ValueError(f"AIBN2d({self.num_features}) expects (N, {self.num_features}, H, W); "
+                             f"got {tuple(x.shape)}")
         if x.shape[2] * x.shape[3] < 2:
             raise ValueError(
                 f"AIBN2d needs H*W >= 2 (the instance variance is unbiased, undefined for one value); got "
