@@ -76,7 +76,7 @@ def read_market_layout(root: str, name: str, pattern: re.Pattern = MARKET_PATTER
     if verify:
         for items in splits:
             verify_images(items)
-    return ReidDataset(name, root, *splits, camera_names=cams)
+    return ReidDataset(name, root, *splits, camera_names=cams, camera_format="c{}")
 
 
 def load_market1501(root: str, *, verify: bool = False) -> ReidDataset:
