@@ -45,22 +45,24 @@ _INTS = {
     "threads": (1, None, "CPU threads of torch"),
     "seed": (0, 2**63 - 1, "the seed of every random draw"),
 }
-# real options: key -> (lowest, highest or None, lowest excluded, highest excluded, what)
+# real options: key -> (lowest, highest or None, highest excluded, what)
 _REALS = {
-    "init_alpha": (0.0, 1.0, False, False, "the initial AIBN mixture weight"),
-    "rerank_lambda": (0.0, 1.0, False, False, "the re-ranking weight lambda"),
-    "threshold_intra": (0.0, 1.0, False, True, "a quantile of the intra-camera distances"),
-    "lr_intra": (0.0, None, False, False, "a learning rate"),
-    "lr_intra_head": (0.0, None, False, False, "a learning rate"),
-    "mu": (0.0, None, False, False, "the weight of the Jaccard term of Eq. 5"),
-    "mu_power": (0.0, None, False, False, "the power of the mu decay"),
-    "threshold_inter": (0.0, 1.0, False, True, "a quantile of the inter-camera distances"),
-    "lr_inter": (0.0, None, False, False, "a learning rate"),
-    "lr_inter_head": (0.0, None, False, False, "a learning rate"),
-    "margin": (0.0, None, False, False, "the triplet margin"),
-    "triplet_weight": (0.0, None, False, False, "the weight of the triplet loss"),
-    "momentum": (0.0, 1.0, False, True, "the SGD momentum"),
-    "weight_decay": (0.0, None, False, False, "the SGD weight decay"),
+    "init_alpha": (0, 1, False, "the initial AIBN mixture weight"),
+    "rerank_lambda": (0, 1, False, "the re-ranking weight lambda"),
+    "threshold_intra": (0, 1, True, "a quantile of the intra-camera distances "
+                        "(paper: 0.0025)"),
+    "lr_intra": (0, None, False, "a learning rate"),
+    "lr_intra_head": (0, None, False, "a learning rate"),
+    "mu": (0, None, False, "the weight of the Jaccard term of Eq. 5"),
+    "mu_power": (0, None, False, "the power of the mu decay"),
+    "threshold_inter": (0, 1, True, "a quantile of the inter-camera distances "
+                        "(paper: 0.0017)"),
+    "lr_inter": (0, None, False, "a learning rate"),
+    "lr_inter_head": (0, None, False, "a learning rate"),
+    "margin": (0, None, False, "the triplet margin"),
+    "triplet_weight": (0, None, False, "the weight of the triplet loss"),
+    "momentum": (0, 1, True, "the SGD momentum"),
+    "weight_decay": (0, None, False, "the SGD weight decay"),
 }
 _OPTIONAL = {"threshold_intra", "threshold_inter", "workers", "threads"}
 _BOOLS = ("sync_bn", "progress", "verbose")
@@ -71,12 +73,18 @@ _CHOICES = {"arch": ("resnet50", "resnet18"), "stages": ("both", "intra"),
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-def _range_text(lo, hi, lo_open=False, hi_open=False) -> str:
-    low = f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else ""
+def _range_text(lo, hi, hi_open=False) -> str:
     if hi is None:
-        return low
-    high = f"{'<' if hi_open else '<='} {hi:g}"
-    return f"{low} and {high}" if low else high
+        return f">= {lo}"
+    return f">= {lo} and {'<' if hi_open else '<='} {hi}"
+
+
+def _example(key) -> str:
+    """`, e.g. the default --rounds 40` where the option has a default value."""
+    from .train import DEFAULTS
+
+    default = DEFAULTS.get(key, (None,))[0]
+    return "" if default is None else f"; e.g. the default {flag(key)} {default}"
 
 
 def _check_int(key, value, lo, hi, what):
@@ -84,19 +92,18 @@ def _check_int(key, value, lo, hi, what):
         raise ConfigError(f"{flag(key)} must be an integer ({what}), got {value!r}")
     if value < lo or (hi is not None and value > hi):
         raise ConfigError(f"{flag(key)} {value} is out of range: {what} must be "
-                          f"{_range_text(lo, hi)}; pass such a value")
+                          f"{_range_text(lo, hi)}{_example(key)}")
 
 
-def _check_real(key, value, lo, hi, lo_open, hi_open, what):
+def _check_real(key, value, lo, hi, hi_open, what):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{flag(key)} must be a number ({what}), got {value!r}")
     if not math.isfinite(value):
         raise ConfigError(f"{flag(key)} is {value}: {what} must be a finite number "
-                          f"{_range_text(lo, hi, lo_open, hi_open)}")
-    if (value < lo or (lo_open and value == lo)
-            or (hi is not None and (value > hi or (hi_open and value == hi)))):
+                          f"{_range_text(lo, hi, hi_open)}{_example(key)}")
+    if value < lo or (hi is not None and (value > hi or (hi_open and value == hi))):
         raise ConfigError(f"{flag(key)} {value:g} is out of range: {what} must be "
-                          f"{_range_text(lo, hi, lo_open, hi_open)}")
+                          f"{_range_text(lo, hi, hi_open)}{_example(key)}")
 
 
 def check_device(device) -> None:
@@ -122,9 +129,9 @@ def check_config(config: dict) -> None:
     for key, (lo, hi, what) in _INTS.items():
         if key in config and not (key in _OPTIONAL and config[key] is None):
             _check_int(key, config[key], lo, hi, what)
-    for key, (lo, hi, lo_open, hi_open, what) in _REALS.items():
+    for key, (lo, hi, hi_open, what) in _REALS.items():
         if key in config and not (key in _OPTIONAL and config[key] is None):
-            _check_real(key, config[key], lo, hi, lo_open, hi_open, what)
+            _check_real(key, config[key], lo, hi, hi_open, what)
     for key in _BOOLS:
         if key in config and not isinstance(config[key], bool):
             raise ConfigError(f"{flag(key)} must be true or false, got {config[key]!r}")

@@ -2,7 +2,7 @@
 distributions of the paper's Figure 3."""
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 
@@ -17,9 +17,12 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    """Rendered in memory, then written atomically (iics_fast.rundir.write_atomic)."""
+    from .rundir import write_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    write_atomic(path, buf.getvalue())
 
 
 def plot_metrics(rows: list[dict], path: str, initial: dict | None = None) -> None:

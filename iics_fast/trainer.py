@@ -176,15 +176,16 @@ class Trainer:
 
     def __init__(self, config: dict, resume_state: dict | None = None, hook=None):
         from . import datasets, models  # imported here: building them is the first check
+        from .config import check_config
 
+        check_config(config)
         self.config = dict(config)
         self.cfg = cfg = SimpleNamespace(**config)
         self.hook = hook  # hook(event, round): called after each checkpoint (tests use it)
+        self.folder = None  # the RunFolder rank 0 writes into (iics_fast.rundir)
         self.world, self.rank = D.world_size(), D.rank()
         self.main = self.rank == 0  # the rank that clusters, logs and writes files
         self.device = torch.device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
         if self.world > 1:
             comm = D.comm_device()
             if comm.type != self.device.type:
@@ -219,7 +220,20 @@ class Trainer:
         self.camids = np.array([cam for _, _, cam in train], dtype=np.int64)
         self.cameras = np.unique(self.camids)
         self.has_labels = bool((self.pids >= 0).any()) and len(np.unique(self.pids)) > 1
-        CameraBatchSampler(self.camids, cfg.batch_per_camera)  # raises on a too-small camera
+        self.camera_name = self.dataset.camera_name  # cameras as the user names them
+        self.fingerprint = self.dataset.fingerprint()
+        if resume_state is not None and resume_state.get("dataset_fingerprint") not in (
+                None, self.fingerprint):
+            raise ValueError(f"--resume: the training set under --root {cfg.root} is not the "
+                             f"one the run was trained on ({len(train)} images now, "
+                             f"{resume_state.get('dataset_size', '?')} then, or other files): "
+                             f"point --root at the run's dataset")
+        if cfg.stages == "both" and len(self.cameras) == 1:
+            raise ValueError(f"the training set has one camera ({self.camera_name(self.cameras[0])})"
+                             f": the inter-camera stage associates images across cameras and has "
+                             f"nothing to do; train with --stages intra, or add other cameras")
+        # raises on a too-small camera
+        CameraBatchSampler(self.camids, cfg.batch_per_camera, camera_name=self.camera_name)
         if self.world > len(self.cameras):
             raise ValueError(f"stage 1 gives every process whole cameras, but there are "
                              f"{self.world} processes for {len(self.cameras)} cameras: launch "
@@ -239,6 +253,7 @@ class Trainer:
         if cfg.k_intra is not None and cfg.k_intra < 1:
             raise ValueError(f"--k-intra must be >= 1, got {cfg.k_intra}")
         self.can_evaluate = bool(self.dataset.query) and bool(self.dataset.gallery)
+        self._check_memory()
 
         # ---- model (a pretrained file that does not fit the arch fails here)
         if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
@@ -260,14 +275,41 @@ class Trainer:
         self.best = {"rank1": -1.0, "round": None}
         self.sim_hists: dict = {}
         self.initial_eval: dict | None = None
-        if resume_state is not None:
+        self.resumed = resume_state is not None
+        if self.resumed:
             self._load_state(resume_state)
-        os.makedirs(cfg.out, exist_ok=True)
+
+    def set_out(self, out: str) -> None:
+        """The run folder's final name (a default --out made unique when it was claimed)."""
+        self.config["out"] = self.cfg.out = out
+
+    def _check_memory(self) -> None:
+        """A round's largest arrays against the memory available, before any work: the
+        inter-camera distance (condensed, on rank 0) beside the features and scores, and the
+        largest camera's square intra-camera distance."""
+        from . import memory
+
+        cfg, n = self.cfg, len(self.paths)
+        sizes = np.bincount(self.camids)
+        dim = 2048 if cfg.arch == "resnet50" else 512
+        intra = 2 * 4 * int(sizes.max()) ** 2  # 1 - x x^T: the product and the result
+        need, what = intra, f"intra-camera clustering of the largest camera ({sizes.max()} images)"
+        if cfg.stages == "both" and self.main:
+            heads = sum(min(cfg.k_intra, max(1, c // 2)) if c < cfg.k_intra else cfg.k_intra
+                        for c in sizes[sizes > 0])
+            inter = memory.condensed_bytes(n) + 4 * n * (dim + heads) * 2
+            if inter > need:
+                need = inter
+                what = (f"the inter-camera distance of the N = {n} training images "
+                        f"({memory.format_bytes(memory.condensed_bytes(n))} condensed, with the "
+                        f"features and scores)")
+        memory.require(need, f"one training round: {what}")
 
     # ------------------------------------------------------------------ checkpointing
 
     def _state(self) -> dict:
         return {"config": self.config, "progress": dict(self.progress),
+                "dataset_fingerprint": self.fingerprint, "dataset_size": len(self.paths),
                 "model": self.model.state_dict(), "heads": self.heads_state,
                 "intra_labels": self.intra_labels, "inter_labels": self.inter_labels,
                 "metrics": self.metrics, "row": self.row, "best": self.best,
@@ -283,13 +325,22 @@ class Trainer:
         self.initial_eval = state["initial_eval"]
         set_rng_states(state["rng"])
 
-    def _checkpoint(self, done: str | None, r: int) -> None:
+    def _checkpoint(self, done: str | None, r: int, event: str | None = None) -> None:
         self.progress = {"round": r, "done": done}
         if self.main:
-            atomic_save(self._state(), os.path.join(self.cfg.out, "last.pt"))
+            self.folder.save_checkpoint(self._state())
         D.barrier()  # no rank moves on (or is stopped) before the checkpoint is on disk
         if self.hook is not None:
-            self.hook(done or "start", r)
+            self.hook(event or done or "start", r)
+
+    def _write(self, name: str, data) -> None:
+        """Rank 0 writes `name` in the run folder atomically (bytes/str, or a torch object)."""
+        from .rundir import save_atomic
+
+        if isinstance(data, (bytes, str)):
+            self.folder.write(name, data)
+        else:
+            save_atomic(data, self.folder.path(name))
 
     # ------------------------------------------------------------------ building blocks
 
@@ -564,14 +615,21 @@ class Trainer:
 
     def run(self) -> list[dict]:
         cfg, models, log = self.cfg, self.models, self.log
+        if self.main and self.folder is None:  # used as a library: take the folder here
+            from .rundir import RunFolder
+
+            self.folder = RunFolder(cfg.out, resume=self.resumed).acquire()
         start = self.progress["round"] + (self.progress["done"] == "round")
-        fresh = D.agree(lambda: not os.path.exists(os.path.join(cfg.out, "last.pt")),
-                        on_main_only=True)  # rank 0's disk decides
-        if fresh:
-            if self.can_evaluate and cfg.eval_every > 0:
-                self.initial_eval = self.evaluate()  # the starting point the rounds improve on
-                log(self._describe_eval("before training", self.initial_eval))
-            self._checkpoint(None, 0)  # so that a run killed in its first round can resume
+        at_start = self.progress == {"round": 0, "done": None}
+        if at_start and self.initial_eval is None:
+            # the first thing written: every folder a run leaves can be resumed
+            self._checkpoint(None, 0)
+        if self.main:
+            self._write("config.json", json.dumps(self.config, indent=2) + "\n")
+        if at_start and self.initial_eval is None and self.can_evaluate and cfg.eval_every > 0:
+            self.initial_eval = self.evaluate()  # the starting point the rounds improve on
+            log(self._describe_eval("before training", self.initial_eval))
+            self._checkpoint(None, 0, event="initial eval")
         for r in range(start, cfg.rounds):
             done = self.progress["done"] if self.progress["round"] == r else None
             if done is None:
@@ -661,9 +719,8 @@ class Trainer:
                                                        self.best.get("mAP", -1.0)):
                     self.best = {"rank1": result["rank1"], "mAP": result["mAP"], "round": r}
                     if self.main:
-                            atomic_save({"config": self.config, "round": r, "model":
-                                     self.model.state_dict(), "eval": result},
-                                    os.path.join(cfg.out, "best.pt"))
+                        self._write("best.pt", {"config": self.config, "round": r, "model":
+                                                self.model.state_dict(), "eval": result})
             log("  time: " + "  ".join(f"{k} {v:.1f}s" for k, v in t.items()))
             self.metrics.append(self.row)
             self._write_metrics()
@@ -700,13 +757,11 @@ class Trainer:
     def _write_metrics(self) -> None:
         if not self.main:
             return
-        out = self.cfg.out
-        atomic_write_text("".join(json.dumps(row) + "\n" for row in self.metrics),
-                          os.path.join(out, "metrics.jsonl"))
+        self._write("metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.metrics))
         from .plots import plot_metrics, plot_similarity
-        plot_metrics(self.metrics, os.path.join(out, "metrics.png"), self.initial_eval)
+        plot_metrics(self.metrics, self.folder.path("metrics.png"), self.initial_eval)
         if self.sim_hists:
-            plot_similarity(self.sim_hists, os.path.join(out, "similarity.png"))
+            plot_similarity(self.sim_hists, self.folder.path("similarity.png"))
 
 
 __all__ = ["Trainer", "PHASES", "derive_seed", "adjusted_rand_index", "normalized_mutual_info",

@@ -50,6 +50,19 @@ class ReidDataset:
         ``lobby``."""
         return self.camera_format.format(self.camera_names[int(camid)])
 
+    def fingerprint(self) -> str:
+        """A digest of the training list (paths relative to the dataset's folder, pids,
+        camids, in order): the same dataset moved elsewhere keeps it, any other change of the
+        training set does not."""
+        import hashlib
+
+        base = self.root if os.path.isdir(self.root) else os.path.dirname(self.root)
+        digest = hashlib.sha256()
+        for path, pid, cam in self.train:
+            rel = os.path.relpath(path, base).replace(os.sep, "/")
+            digest.update(f"{rel}\t{pid}\t{cam}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
+
     @property
     def train_cameras(self) -> list:
         """Sorted camids that have at least one training image."""
