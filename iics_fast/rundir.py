@@ -260,11 +260,33 @@ class RunFolder:
     def acquire(self) -> "RunFolder":
         """Create and lock the folder, check it again under the lock, remove stale temporary
         files. Refuses at once when another run holds the folder."""
-        self.check()
-        self._make_folder()
+        if not self.claim and os.path.isfile(os.path.join(self.out, LOCK)):
+            self._lock(create=False)  # a run's folder: a run holding it is named first
+        else:
+            self.check()
+            self._make_folder()
+            self._lock(create=True)
+        try:
+            self.check()  # what another run may have left before we held the lock
+        except RunFolderError:
+            self.release()
+            raise
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, (f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
+        for name in sorted(os.listdir(self.out)):
+            if _stale(name):  # no run writes here but us: every temporary file is stale
+                try:
+                    os.unlink(os.path.join(self.out, name))
+                    self.removed.append(name)
+                except OSError:
+                    pass
+        return self
+
+    def _lock(self, create: bool) -> None:
         path = os.path.join(self.out, LOCK)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
         except OSError as exc:
             raise _write_error(exc, path, None) from None
         try:
@@ -275,22 +297,6 @@ class RunFolder:
             raise RunFolderError(f"--out {self.out} is in use by another run ({holder}): wait "
                                  f"for it to end, or choose another --out") from None
         self._fd = fd
-        try:
-            self.check()  # what another run may have left before we held the lock
-        except RunFolderError:
-            self.release()
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, since "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
-        for name in sorted(os.listdir(self.out)):
-            if _stale(name):  # no run writes here but us: every temporary file is stale
-                try:
-                    os.unlink(os.path.join(self.out, name))
-                    self.removed.append(name)
-                except OSError:
-                    pass
-        return self
 
     def release(self) -> None:
         if self._fd is not None:
