@@ -76,12 +76,12 @@ def save_features(feats: torch.Tensor, paths: list[str], path: str) -> None:
     """Features and their paths, written atomically: a .pt file holding both, or a .npy beside a
     .txt path list (one path a line, file names that are not UTF-8 kept byte for byte). A
     failure leaves any previous files whole."""
-    from .rundir import save_atomic, write_atomic
+    from .checkpoint import atomic_save, write_atomic
 
     if len(feats) != len(paths):
         raise ValueError(f"{len(feats)} feature rows for {len(paths)} paths")
     if path.endswith(".pt"):
-        save_atomic({"features": feats, "paths": list(paths)}, path)
+        atomic_save({"features": feats, "paths": list(paths)}, path)
         return
     check_paths(paths)
     buf = io.BytesIO()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["NotEnoughMemory", "available", "require", "condensed_bytes", "format_bytes"]
+__all__ = ["NotEnoughMemory", "available", "require", "format_bytes"]
 
 
 class NotEnoughMemory(MemoryError, ValueError):
@@ -31,11 +31,6 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return ""
-
-
-def condensed_bytes(n: int, itemsize: int = 4) -> int:
-    """Bytes of a condensed (upper-triangle) distance vector of n points."""
-    return n * (n - 1) // 2 * itemsize
 
 
 def _read_int(path: str):

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import io
 import os
 import re
 import shutil
 import socket
 import time
 
-__all__ = ["RunFolder", "RunFolderError", "write_atomic", "save_atomic", "load_checkpoint",
-           "default_out", "OUTPUTS", "LOCK", "CHECKPOINT", "PREVIOUS"]
+from .checkpoint import fsync_dir, serialise, write_atomic, write_error
+
+__all__ = ["RunFolder", "RunFolderError", "load_checkpoint", "default_out", "OUTPUTS", "LOCK", "CHECKPOINT", "PREVIOUS"]
 
 LOCK = "run.lock"
 CHECKPOINT = "last.pt"
@@ -42,63 +42,6 @@ class RunFolderError(ValueError):
     """The run folder cannot be used as asked; the message says why and what to do."""
 
 
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(nbytes) < 1024 or unit == "TiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
-
-
-def _write_error(exc: OSError, path: str, nbytes: int | None) -> RunFolderError:
-    """A write failure in the user's terms."""
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    need = f" ({_size(nbytes)} to write)" if nbytes else ""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return RunFolderError(f"the disk holding {folder} is full: could not write "
-                              f"{os.path.basename(path)}{need}; free space there (or choose "
-                              f"another folder); files written before are intact")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return RunFolderError(f"cannot write into {folder} ({exc.strerror}): choose a folder you "
-                              f"can write into")
-    return RunFolderError(f"could not write {path}: {exc.strerror or exc}")
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot sync a directory; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, data: bytes | str) -> None:
-    """Write `data` to `path` through `path.tmp<pid>` + fsync + rename: the old file stays
-    whole until the new one is complete. A failure removes the temporary file and raises
-    RunFolderError saying why (a full disk, a folder without write permission)."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise _write_error(exc, path, len(data)) from None
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 def _link_or_copy(src: str, dst: str) -> None:
     """A hard link where the file system has them, else a synced copy."""
     try:
@@ -111,20 +54,6 @@ def _link_or_copy(src: str, dst: str) -> None:
             shutil.copyfileobj(a, b)
             b.flush()
             os.fsync(b.fileno())
-
-
-def _serialise(obj) -> bytes:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save `obj` to `path` atomically (see `write_atomic`). It is serialised in memory
-    first, so a full disk is reported as such rather than as a serialiser failure."""
-    write_atomic(path, _serialise(obj))
 
 
 def _read_checkpoint(path: str):
@@ -241,7 +170,7 @@ class RunFolder:
             try:
                 os.makedirs(self.out, exist_ok=True)
             except OSError as exc:
-                raise _write_error(exc, os.path.join(self.out, LOCK), None) from None
+                raise write_error(exc, os.path.join(self.out, LOCK), None) from None
             return
         base, k = self.out, 1
         os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
@@ -253,7 +182,7 @@ class RunFolder:
                 k += 1
                 continue
             except OSError as exc:
-                raise _write_error(exc, os.path.join(name, LOCK), None) from None
+                raise write_error(exc, os.path.join(name, LOCK), None) from None
             self.out = name
             return
 
@@ -288,7 +217,7 @@ class RunFolder:
         try:
             fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
         except OSError as exc:
-            raise _write_error(exc, path, None) from None
+            raise write_error(exc, path, None) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -321,7 +250,7 @@ class RunFolder:
     def save_checkpoint(self, state: dict) -> None:
         """Write `last.pt`; the one it replaces becomes `previous.pt` (linked, never copied
         through a gap: at every moment `last.pt` is a complete checkpoint)."""
-        data = _serialise(state)
+        data = serialise(state)
         last, prev = self.path(CHECKPOINT), self.path(PREVIOUS)
         tmp = f"{last}.tmp{os.getpid()}"
         try:
@@ -342,8 +271,8 @@ class RunFolder:
                     os.unlink(name)
                 except OSError:
                     pass
-            raise _write_error(exc, last, len(data)) from None
-        _fsync_dir(self.out)
+            raise write_error(exc, last, len(data)) from None
+        fsync_dir(self.out)
 
     def load_checkpoint(self, say=print) -> dict:
         return load_checkpoint(self.out, say)

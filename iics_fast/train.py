@@ -20,7 +20,7 @@ import torch
 from . import distributed as D
 
 # ---------------------------------------------------------------------------------------------
-# defaults: the paper / reference code (DESIGN.md section 1). key: (default, help)
+# defaults: the paper / reference code. key: (default, help)
 DEFAULTS = {
     # data
     "dataset": ("synthetic", "market1501 | dukemtmc | msmt17 | synthetic | folder"),
@@ -298,7 +298,7 @@ def _run(args, config, state, folder, hook, say):
         say(f"{D.world_size()} processes ({torch.distributed.get_backend()})", flush=True)
     if state is not None:
         p = state["progress"]
-        say(f"resuming after round {p['round'] + 1} ({p['done']})", flush=True)
+        say(f"resuming after round {p['round'] + 1} ({p['done'] or 'start'})", flush=True)
     tic = time.perf_counter()
     metrics = trainer.run()
     say(f"\ntrained {config['rounds']} rounds in {time.perf_counter() - tic:.0f}s; "

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from iics_fast import rundir, train
+from iics_fast import checkpoint, rundir, train
 from iics_fast.rundir import RunFolder, RunFolderError
 
 DATA = {"num_ids": 8, "num_test_ids": 4, "num_cameras": 2, "images_per_camera": [2, 3],
@@ -218,12 +218,12 @@ class _FullDisk:
 
 def _check_full_disk(out, folder):
     before = open(os.path.join(out, "last.pt"), "rb").read()
-    with pytest.raises(RunFolderError, match=r"the disk holding .* is full: could not write "
-                                             r"last.pt \(.* to write\)"):
+    with pytest.raises(ValueError, match=r"the disk holding .* is full: could not write "
+                                         r"last.pt \(.* to write\)"):
         folder.save_checkpoint({**_state(2), "model": {"w": torch.zeros(400_000)}})
     assert open(os.path.join(out, "last.pt"), "rb").read() == before  # intact
     assert not [n for n in os.listdir(out) if ".tmp" in n]  # no torn temporary left
-    with pytest.raises(RunFolderError, match="is full: could not write metrics.jsonl"):
+    with pytest.raises(ValueError, match="is full: could not write metrics.jsonl"):
         folder.write("metrics.jsonl", "x" * 2_000_000)
 
 
@@ -232,8 +232,9 @@ def test_full_disk_simulated(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     folder = RunFolder(out).acquire()
     folder.save_checkpoint(_state(1))
-    monkeypatch.setattr(rundir, "open", lambda p, m="r": _FullDisk(p, m, 100_000),
-                        raising=False)
+    for module in (rundir, checkpoint):
+        monkeypatch.setattr(module, "open", lambda p, m="r": _FullDisk(p, m, 100_000),
+                            raising=False)
     _check_full_disk(out, folder)
     folder.release()
 
@@ -279,7 +280,7 @@ def test_unwritable_folder_refused_before_any_work(cache, read_only_folder):
     out = os.path.join(read_only_folder, "run")
     with pytest.raises(ValueError, match=r"cannot write into .* choose a folder you can write"):
         train.main(TINY + ["--out", out])
-    with pytest.raises(RunFolderError, match="cannot write into"):
+    with pytest.raises(ValueError, match="cannot write into"):
         RunFolder(read_only_folder, allow_nonempty=True).acquire()
 
 
@@ -438,7 +439,7 @@ def _assert_same_run(out, reference):
 
 _KILLER = """
 import os, signal, sys
-from iics_fast import rundir, train
+from iics_fast import checkpoint, rundir, train
 event, argv = sys.argv[1], sys.argv[2:]
 if event.startswith("write:"):  # die inside the Nth checkpoint write, between its renames
     n, real = [int(event[6:])], rundir.os.replace
