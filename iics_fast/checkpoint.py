@@ -75,9 +75,10 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes | str) -> None:
+def write_atomic(path: str, data: bytes | str, before_replace=None) -> None:
     """Write `data` to `path` through `path.tmp<pid>` + fsync + rename: the old file stays whole
-    until the new one is complete. A failure removes the temporary file and raises WriteError
+    until the new one is complete (`before_replace()` runs between the two, e.g. to keep the
+    old file under another name). A failure removes the temporary file and raises WriteError
     saying why."""
     if isinstance(data, str):
         data = data.encode("utf-8")
@@ -87,6 +88,8 @@ def write_atomic(path: str, data: bytes | str) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except OSError as exc:
         try:

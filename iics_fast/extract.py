@@ -165,7 +165,9 @@ def main(argv=None) -> None:
     if qf.shape[1] != gf.shape[1]:
         raise ValueError(f"gallery features are {gf.shape[1]}-d but the model gives "
                          f"{qf.shape[1]}-d: extract them with this checkpoint")
-    dist = 1.0 - (F.normalize(gf.float(), dim=1) @ qf[0])
+    from .similarity import normalize_rows  # saved features of any magnitude
+
+    dist = 1.0 - (normalize_rows(gf) @ qf[0])
     order = torch.argsort(dist)[: args.top_k]
     print(f"top {len(order)} of {len(paths)} for {args.query} (cosine distance):")
     for rank, i in enumerate(order.tolist(), 1):

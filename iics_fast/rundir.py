@@ -24,7 +24,7 @@ import shutil
 import socket
 import time
 
-from .checkpoint import fsync_dir, serialise, write_atomic, write_error
+from .checkpoint import serialise, write_atomic, write_error
 
 __all__ = ["RunFolder", "RunFolderError", "load_checkpoint", "default_out", "OUTPUTS", "LOCK", "CHECKPOINT", "PREVIOUS"]
 
@@ -250,29 +250,21 @@ class RunFolder:
     def save_checkpoint(self, state: dict) -> None:
         """Write `last.pt`; the one it replaces becomes `previous.pt` (linked, never copied
         through a gap: at every moment `last.pt` is a complete checkpoint)."""
-        data = serialise(state)
-        last, prev = self.path(CHECKPOINT), self.path(PREVIOUS)
-        tmp = f"{last}.tmp{os.getpid()}"
+        write_atomic(self.path(CHECKPOINT), serialise(state), before_replace=self._keep_previous)
+
+    def _keep_previous(self) -> None:
+        last, link = self.path(CHECKPOINT), self.path(f"{PREVIOUS}.tmp{os.getpid()}")
+        if not os.path.exists(last):
+            return
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if os.path.exists(last):
-                link = f"{prev}.tmp{os.getpid()}"
-                if os.path.exists(link):
-                    os.unlink(link)
-                _link_or_copy(last, link)
-                os.replace(link, prev)
-            os.replace(tmp, last)
-        except OSError as exc:
-            for name in (tmp, f"{prev}.tmp{os.getpid()}"):
-                try:
-                    os.unlink(name)
-                except OSError:
-                    pass
-            raise write_error(exc, last, len(data)) from None
-        fsync_dir(self.out)
+            if os.path.exists(link):
+                os.unlink(link)
+            _link_or_copy(last, link)
+            os.replace(link, self.path(PREVIOUS))
+        except OSError:
+            if os.path.exists(link):
+                os.unlink(link)
+            raise
 
     def load_checkpoint(self, say=print) -> dict:
         return load_checkpoint(self.out, say)

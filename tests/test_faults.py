@@ -239,16 +239,20 @@ def test_full_disk_simulated(tmp_path, monkeypatch):
     folder.release()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (needs root and a kernel that lets us mount; skipped otherwise)."""
+def _tmpfs(tmp_path, size):
+    """A tmpfs of `size` (needs root and a kernel that lets us mount; skipped otherwise)."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (test_full_disk_simulated covers the writer)")
     yield str(mnt)
-    subprocess.run(["umount", str(mnt)], check=True)
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield from _tmpfs(tmp_path, "1m")
 
 
 def test_full_disk_on_a_real_small_disk(small_disk):
@@ -473,7 +477,7 @@ def test_sigkill_at_a_checkpoint_then_resume_ends_as_the_uninterrupted_run(refer
                                                                             event):
     out = str(tmp_path / "run")
     _killed_run(event, out)
-    assert RunFolder(out, resume=True).acquire() is not None  # the lock died with the process
+    RunFolder(out, resume=True).acquire().release()  # the lock died with the process
     proc = _cli(["--resume", "--out", out] + QUIET)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _assert_same_run(out, reference)
@@ -565,14 +569,8 @@ def test_full_disk_mid_run_then_resume_elsewhere(reference, small_disk_120m, tmp
 
 @pytest.fixture
 def small_disk_120m(tmp_path):
-    """A tmpfs with room for two ResNet-18 checkpoints of the tiny run, not three."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (test_full_disk_simulated covers the writer)")
-    yield str(mnt)
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
+    """Room for two ResNet-18 checkpoints of the tiny run, not three."""
+    yield from _tmpfs(tmp_path, "120m")
 
 
 @pytest.mark.slow
