@@ -147,7 +147,8 @@ class TrainerBase:
         dim = 2048 if cfg.arch == "resnet50" else 512
         need = 4 * condensed.size(largest) + 4 * largest * dim
         what = f"intra-camera clustering of the largest camera ({largest} images)"
-        if cfg.stages == "both" and self.main:
+        dense = getattr(cfg, "inter_mode", None) != "sparse"  # the sparse round has no N x N
+        if cfg.stages == "both" and self.main and dense:
             heads = sum(cfg.k_intra if c >= cfg.k_intra else max(1, c // 2) for c in sizes if c)
             inter = 4 * condensed.size(n) + 4 * n * (dim + heads) * 2
             if inter > need:

@@ -379,6 +379,10 @@ def test_memory_guard_before_every_n2_allocation(monkeypatch, rng):
         rerank.k_reciprocal(d)
     with pytest.raises(ValueError, match="the clustering's copy .* pass inplace=True"):
         cluster.agglomerative(d, n_clusters=5)
+    # the sparse inter-camera round is offered where the trainer has it
+    monkeypatch.setitem(train.DEFAULTS, "inter_mode", ("dense", "dense | sparse"))
+    with pytest.raises(MemoryError, match=r"or train with --inter-mode sparse"):
+        inter_camera_distance(f, s, c)
     monkeypatch.setenv("IICS_FAST_MEMORY_LIMIT", "1G")
     assert len(cluster.agglomerative(d, n_clusters=5)) == n
 
@@ -390,11 +394,18 @@ def test_memory_guard_refuses_a_run_before_any_work(cache, tmp_path, monkeypatch
     assert not (tmp_path / "run").exists()
 
 
-def test_memory_available_reads_the_machine():
+def test_memory_available_reads_the_machine(monkeypatch):
     from iics_fast import memory
 
     have, source = memory.available()
     assert have is None or (have > 0 and source)
+    # a container's cgroup limit lowers what MemAvailable says
+    files = {"/sys/fs/cgroup/memory.max": 3 * 2**30, "/sys/fs/cgroup/memory.current": 2**30}
+    monkeypatch.setattr(memory, "_read_int", files.get)
+    monkeypatch.setattr(memory, "_meminfo_available", lambda: 8 * 2**30)
+    assert memory.available() == (2 * 2**30, "left by the cgroup limit")
+    files["/sys/fs/cgroup/memory.max"] = None  # "max": no limit
+    assert memory.available() == (8 * 2**30, "MemAvailable")
 
 
 # ----------------------------------------------------------------------------- extraction

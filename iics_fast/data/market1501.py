@@ -50,7 +50,8 @@ def parse_split(folder: str, pattern: re.Pattern, example: str, cameras: range |
         pid, cam = int(m.group(1)), int(m.group(2))
         if cameras is not None and cam not in cameras:
             raise DatasetError(
-                f"camera {cam} in {path} is outside the expected {cameras.start}..{cameras.stop - 1}"
+                f"camera c{cam} in {path} is outside the expected c{cameras.start}.."
+                f"c{cameras.stop - 1}"
             )
         if pid == -1:
             continue
