@@ -135,8 +135,9 @@ class RunFolder:
                                      f"folder of the run to continue")
             names = os.listdir(out)
             if CHECKPOINT not in names and PREVIOUS not in names:
-                raise RunFolderError(f"--resume: {out} holds no checkpoint ({CHECKPOINT}); "
-                                     f"start the run without --resume")
+                raise RunFolderError(f"--resume: {out} holds no checkpoint ({CHECKPOINT}): "
+                                     f"no run has written one there yet; start the run "
+                                     f"without --resume")
             if not os.access(out, os.W_OK | os.X_OK):
                 raise RunFolderError(f"--out {out}: cannot write into it (permission denied); "
                                      f"copy the run to a folder you can write and resume there")

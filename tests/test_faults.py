@@ -488,8 +488,17 @@ def test_sigkill_at_a_checkpoint_then_resume_ends_as_the_uninterrupted_run(refer
                                                                             event):
     out = str(tmp_path / "run")
     _killed_run(event, out)
-    RunFolder(out, resume=True).acquire().release()  # the lock died with the process
-    proc = _cli(["--resume", "--out", out] + QUIET)
+    if event == "write:1":  # killed inside the first checkpoint: nothing to resume from, and
+        # the folder (a lock and a torn temporary file) starts the run again as if empty
+        assert sorted(os.listdir(out))[1:] == ["run.lock"]
+        assert sorted(os.listdir(out))[0].startswith("last.pt.tmp")
+        proc = _cli(["--resume", "--out", out] + QUIET)
+        assert proc.returncode == 2 and "holds no checkpoint" in proc.stderr
+        proc = _cli(TINY + ["--out", out])
+        assert "removed 1 temporary file(s) a stopped run left" in proc.stdout
+    else:
+        RunFolder(out, resume=True).acquire().release()  # the lock died with the process
+        proc = _cli(["--resume", "--out", out] + QUIET)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _assert_same_run(out, reference)
 
