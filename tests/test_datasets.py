@@ -100,9 +100,9 @@ def test_dukemtmc_layout(tmp_path):
     (lambda r: _market_tree(r, train=["0005_c2_f0046985.jpg"]), "market1501",
      "0005_c2_f0046985.jpg"),  # a Duke name in a Market tree
     (lambda r: _market_tree(r, train=["0002_c7s1_000451_03.jpg"]), "market1501",
-     "camera 7 in .* outside the expected 1..6"),
+     "camera c7 in .* outside the expected c1..c6"),
     (lambda r: _market_tree(r, train=["0005_c9_f0046985.jpg"], query=["0005_c1_f0046985.jpg"],
-                            gallery=["0005_c2_f0046985.jpg"]), "dukemtmc", "camera 9"),
+                            gallery=["0005_c2_f0046985.jpg"]), "dukemtmc", "camera c9"),
 ])
 def test_market_style_errors(tmp_path, setup, name, match):
     setup(tmp_path)

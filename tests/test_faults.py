@@ -317,6 +317,19 @@ def test_dataset_messages_in_the_users_terms(tmp_path):
         datasets.build("folder", str(tmp_path / "latin.csv"))
 
 
+def test_damaged_pretrained_weights_refused_before_training(cache, tmp_path):
+    from iics_fast import models
+
+    state = models.build_backbone("resnet18").state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match=r"holds NaN or infinite values in 1 tensors, e\.g\. "
+                                         r"\['layer1.0.conv1.weight'\]"):
+        train.main(TINY + ["--out", str(tmp_path / "run"), "--pretrained",
+                           str(tmp_path / "r18.pth")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_market_cameras_named_c1_to_c6(cache):
     from iics_fast import datasets
 

@@ -168,4 +168,5 @@ def read_image(path: str):
         with Image.open(path) as im:
             return im.convert("RGB")
     except Exception as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        raise DatasetError(f"cannot read image {path}: {exc}; replace or remove it (the dataset "
+                           f"option verify=true checks every image before training)") from exc
