@@ -191,6 +191,10 @@ def load_pretrained(model: ResNet, path) -> ResNet:
             lines.append(f"  {len(missing)} missing keys, e.g. {missing[:3]} (torchvision names expected, "
                          "like 'conv1.weight', 'layer1.0.bn1.running_mean')")
         raise ValueError("\n".join(lines))
+    broken = sorted(k for k, v in src.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if broken:  # such weights give NaN features, refused only once the training has begun
+        raise ValueError(f"{path!r} holds NaN or infinite values in {len(broken)} tensors, e.g. {broken[:3]}: "
+                         "the file is damaged; fetch it again")
     merged = dict(own)
     merged.update(src)
     model.load_state_dict(merged)
