@@ -10,6 +10,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -73,8 +74,17 @@ void copy_triangle(const T* src, int64_t n, bool square, T* dst) {
 }
 
 template <typename T>
+void merge(T* D, int64_t n, iics::LinkageMethod how, int32_t* a, int32_t* b, double* h,
+           bool force_threads, bool rnn) {
+  if (rnn)
+    iics::rnn_linkage(D, n, how, a, b, h);
+  else
+    iics::nn_chain_linkage(D, n, how, a, b, h, force_threads);
+}
+
+template <typename T>
 py::array_t<double> linkage_typed(py::array_t<T, py::array::c_style> a, int method,
-                                  bool inplace, bool force_threads) {
+                                  bool inplace, bool force_threads, bool rnn) {
   const int64_t n = points_of(a);
   const bool square = a.ndim() == 2;
   if (n < 1) throw std::invalid_argument("linkage needs at least one point");
@@ -91,18 +101,44 @@ py::array_t<double> linkage_typed(py::array_t<T, py::array::c_style> a, int meth
     T* data = a.mutable_data();
     py::gil_scoped_release release;
     if (square) iics::square_to_condensed(data, n);
-    iics::nn_chain_linkage(data, n, how, ma.get(), mb.get(), mh.get(), force_threads);
+    merge(data, n, how, ma.get(), mb.get(), mh.get(), force_threads, rnn);
     iics::merges_to_linkage(n, ma.get(), mb.get(), mh.get(), z);
   } else {
     const T* data = a.data();
     py::gil_scoped_release release;
     auto work = alloc_triangle<T>(iics::condensed_size(n));
     copy_triangle(data, n, square, work.get());
-    iics::nn_chain_linkage(work.get(), n, how, ma.get(), mb.get(), mh.get(), force_threads);
+    merge(work.get(), n, how, ma.get(), mb.get(), mh.get(), force_threads, rnn);
     work.reset();
     iics::merges_to_linkage(n, ma.get(), mb.get(), mh.get(), z);
   }
   return Z;
+}
+
+template <typename T>
+py::array_t<int64_t> rnn_passes_typed(py::array_t<T, py::array::c_style> a, int method) {
+  if (a.ndim() != 1) throw std::invalid_argument("cluster_rnn_passes expects a condensed array");
+  const int64_t n = points_of(a);
+  if (method < 0 || method > 3) throw std::invalid_argument("unknown linkage method code");
+  std::vector<iics::RnnPass> passes;
+  {
+    const T* data = a.data();
+    py::gil_scoped_release release;
+    if (n >= 2) {
+      auto work = alloc_triangle<T>(iics::condensed_size(n));
+      copy_triangle(data, n, false, work.get());
+      std::vector<int32_t> ma(n - 1), mb(n - 1);
+      std::vector<double> mh(n - 1);
+      iics::rnn_linkage(work.get(), n, static_cast<iics::LinkageMethod>(method), ma.data(),
+                        mb.data(), mh.data(), &passes);
+    }
+  }
+  py::array_t<int64_t> out({static_cast<int64_t>(passes.size()), int64_t(5)});
+  int64_t* o = out.mutable_data();
+  for (const auto& p : passes) {
+    *o++ = p.live, *o++ = p.merges, *o++ = p.rescans, *o++ = p.strided, *o++ = p.contiguous;
+  }
+  return out;
 }
 
 template <typename T>
@@ -143,9 +179,14 @@ py::array_t<int64_t> cut_py(py::array_t<double, py::array::c_style> Z, int64_t n
 template <typename T>
 void def_typed(py::module_& m) {
   m.def("cluster_linkage", &linkage_typed<T>, py::arg("dist").noconvert(), py::arg("method"),
-        py::arg("inplace"), py::arg("force_threads") = false,
+        py::arg("inplace"), py::arg("force_threads") = false, py::arg("rnn") = false,
         "Linkage matrix of a condensed or square (upper triangle) float array; method codes "
-        "single 0, complete 1, average 2, weighted 3. inplace destroys the array.");
+        "single 0, complete 1, average 2, weighted 3. inplace destroys the array. rnn: "
+        "reciprocal-nearest-neighbour passes instead of the nearest-neighbour chain.");
+  m.def("cluster_rnn_passes", &rnn_passes_typed<T>, py::arg("dist").noconvert(),
+        py::arg("method"),
+        "Work of each pass of the reciprocal-nearest-neighbour merge of a condensed array "
+        "(not modified): int64 rows (live, merges, rescans, strided, contiguous).");
   m.def("cluster_first_nonfinite", &first_nonfinite_typed<T>, py::arg("values").noconvert(),
         "First non-finite entry of a 1-D array, or of a square array's upper triangle as a "
         "condensed offset; -1 if none.");
