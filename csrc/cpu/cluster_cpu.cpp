@@ -409,9 +409,10 @@ class RnnHost {
           stale_.data(), size_.data(), pi_.data(), pj_.data(), method};
   }
 
-  void run(int32_t* merge_a, int32_t* merge_b, double* merge_h, std::vector<RnnPass>* passes) {
+  void run(int32_t* merge_a, int32_t* merge_b, double* merge_h, int32_t* merge_pass,
+           std::vector<RnnPass>* passes) {
     int64_t m = n_, done = 0;
-    while (m > 1) {
+    for (int32_t pass = 0; m > 1; ++pass) {
       RnnPass stats{m, 0, static_cast<int64_t>(rows_.size()), 0, 0};
       // 1. rescans
       const int64_t r = static_cast<int64_t>(rows_.size());
@@ -432,7 +433,7 @@ class RnnHost {
         pi_[p] = x, pj_[p] = y, ++p;
         partner_[x] = y, partner_[y] = x;
         merge_a[done] = x, merge_b[done] = y, merge_h[done] = static_cast<double>(dnn_[x]);
-        ++done;
+        merge_pass[done++] = pass;
       }
       if (passes) {
         for (const int32_t x : rows_) count(x, m, 1, stats);
@@ -481,9 +482,23 @@ class RnnHost {
 
 template <typename T>
 void rnn_linkage(T* D, int64_t n, LinkageMethod method, int32_t* merge_a, int32_t* merge_b,
-                 double* merge_h, std::vector<RnnPass>* passes) {
+                 double* merge_h, int32_t* merge_pass, std::vector<RnnPass>* passes) {
   if (n < 2) return;
-  RnnHost<T>(D, n, static_cast<int>(method)).run(merge_a, merge_b, merge_h, passes);
+  RnnHost<T>(D, n, static_cast<int>(method)).run(merge_a, merge_b, merge_h, merge_pass, passes);
+}
+
+void rnn_merges_to_linkage(int64_t n, const int32_t* merge_a, const int32_t* merge_b,
+                           const double* merge_h, const int32_t* merge_pass, double* Z) {
+  if (n < 2) return;
+  std::vector<int64_t> order(n - 1);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t u, int64_t v) {
+    return merge_pass[u] != merge_pass[v] ? merge_pass[u] < merge_pass[v] : merge_a[u] < merge_a[v];
+  });
+  std::vector<int32_t> a(n - 1), b(n - 1);
+  std::vector<double> h(n - 1);
+  for (int64_t r = 0; r < n - 1; ++r) a[r] = merge_a[order[r]], b[r] = merge_b[order[r]], h[r] = merge_h[order[r]];
+  merges_to_linkage(n, a.data(), b.data(), h.data(), Z);
 }
 
 // SciPy's order and naming (scipy.cluster.hierarchy: stable sort by height, then union-find
@@ -604,9 +619,9 @@ template void nn_chain_linkage<float>(float*, int64_t, LinkageMethod, int32_t*, 
 template void nn_chain_linkage<double>(double*, int64_t, LinkageMethod, int32_t*, int32_t*,
                                        double*, bool);
 template void rnn_linkage<float>(float*, int64_t, LinkageMethod, int32_t*, int32_t*, double*,
-                                 std::vector<RnnPass>*);
+                                 int32_t*, std::vector<RnnPass>*);
 template void rnn_linkage<double>(double*, int64_t, LinkageMethod, int32_t*, int32_t*, double*,
-                                  std::vector<RnnPass>*);
+                                  int32_t*, std::vector<RnnPass>*);
 template int64_t first_nonfinite<float>(const float*, int64_t);
 template int64_t first_nonfinite<double>(const double*, int64_t);
 template int64_t first_nonfinite_upper<float>(const float*, int64_t);

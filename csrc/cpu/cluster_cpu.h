@@ -38,13 +38,20 @@ struct RnnPass {
 };
 
 // The same merges as nn_chain_linkage by parallel reciprocal-nearest-neighbour passes
-// (cluster_rnn.h, shared with the CUDA launcher): the merges of a pass are written in increasing
-// order of their dropped slot, passes in order. Equal to SciPy's dendrogram when no candidate
-// merges tie; with ties nearest neighbours break by the lowest slot (a valid dendrogram that can
-// differ from the chain's). `passes`, when given, receives each pass's work.
+// (cluster_rnn.h, shared with the CUDA launcher): merge r joins slots merge_a[r] < merge_b[r] in
+// pass merge_pass[r]; the merges of a pass are written in increasing order of merge_a, passes in
+// order. Equal to SciPy's dendrogram when no candidate merges tie; with ties nearest neighbours
+// break by the lowest slot (a valid dendrogram that can differ from the chain's). `passes`, when
+// given, receives each pass's work.
 template <typename T>
 void rnn_linkage(T* D, int64_t n, LinkageMethod method, int32_t* merge_a, int32_t* merge_b,
-                 double* merge_h, std::vector<RnnPass>* passes = nullptr);
+                 double* merge_h, int32_t* merge_pass, std::vector<RnnPass>* passes = nullptr);
+
+// SciPy's linkage matrix of reciprocal-nearest-neighbour merges given in any order within their
+// passes (the device appends them concurrently): puts them in the host's order (pass, then
+// merge_a), then labels them as merges_to_linkage does.
+void rnn_merges_to_linkage(int64_t n, const int32_t* merge_a, const int32_t* merge_b,
+                           const double* merge_h, const int32_t* merge_pass, double* Z);
 
 // Turns merges from nn_chain_linkage into SciPy's linkage matrix Z ((n-1) x 4, row-major): rows
 // sorted stably by height; Z[r,0] < Z[r,1] are the ids of the merged clusters (points 0..n-1,
