@@ -7,8 +7,9 @@
 //      start; then the slots that received a union and those whose neighbour merged);
 //   2. pairs: every reciprocal pair x < y (nn[x] == y, nn[y] == x) merges at height D(x, y);
 //      y keeps the union, x is dropped (SciPy's convention);
-//   3. update: Lance-Williams for every live slot k against every merge of the pass; a slot
-//      whose cached neighbour merged is marked stale, the others keep or improve their cache;
+//   3. update: Lance-Williams for every (merge, live slot) item of the pass; a slot whose cached
+//      neighbour merged is marked stale, the others keep their cache or take a better updated
+//      entry (the lexicographic minimum over the items, which does not depend on their order);
 //   4. finish (serial on the host, one block on the device): sizes, the live list, the stale
 //      list of the next pass.
 // Exact for the reducible linkages (single, complete, average, weighted): merging a reciprocal
@@ -112,47 +113,39 @@ IICS_HD inline bool pair_at(const State<T>& s, int32_t t, int32_t& x, int32_t& y
   return x < y && s.nn[y] == x;
 }
 
-// Update of live slot k = act[t] for the p merges of the pass (pi, pj, partner set).
-//  * k in no merge: D(j_q, k) for every merge q; the cache of k is marked stale if its neighbour
-//    merged, otherwise it takes the best updated entry if that one is better.
-//  * k = j_q: D(j_p, j_q) for every merge p with i_p < i_q (p applied before q).
-//  * k = i_q: nothing (dropped).
+// Whether the cached nearest neighbour of slot k merges in this pass (then k is rescanned).
 template <typename T>
-IICS_HD inline void update_slot(const State<T>& s, int32_t t, int32_t p) {
-  const int32_t k = s.act[t];
-  const int32_t mate = s.partner[k];
+IICS_HD inline bool lost(const State<T>& s, int32_t k) {
+  return s.partner[s.nn[k]] >= 0;
+}
+
+// The work of merge q against live slot k = act[t]:
+//  * k in no merge: D(j_q, k) <- LW(D(i_q, k), D(j_q, k)). Returns true (and the new value in v)
+//    when that entry is better than k's cache and the cache stays valid (its neighbour did not
+//    merge): the caller folds such entries into the cache, lexicographically, after the pass.
+//  * k = j_r with i_q < i_r: D(j_q, j_r), merge q applied before merge r.
+//  * otherwise (k = i_r, or k = j_r with i_r <= i_q): nothing.
+// Items of one pass write disjoint entries and read no written entry of another item, so they run
+// in any order, concurrently.
+template <typename T>
+IICS_HD inline bool update_item(const State<T>& s, int32_t q, int32_t t, T& v) {
+  const int32_t k = s.act[t], mate = s.partner[k];
+  const int32_t iq = s.pi[q], jq = s.pj[q];
+  const double siq = s.size[iq], sjq = s.size[jq];
   if (mate < 0) {
-    const int32_t c = s.nn[k];
-    const bool lost = s.partner[c] >= 0;
-    T best = s.dnn[k];
-    int32_t arg = c;
-    for (int32_t q = 0; q < p; ++q) {
-      const int32_t i = s.pi[q], j = s.pj[q];
-      T& dj = s.at(j, k);
-      const T v = static_cast<T>(lance_williams(s.method, s.at(i, k), dj, s.size[i], s.size[j]));
-      dj = v;
-      if (better(v, j, best, arg)) best = v, arg = j;
-    }
-    if (lost) {
-      s.stale[k] = 1;
-    } else {
-      s.nn[k] = arg;
-      s.dnn[k] = best;
-    }
-  } else if (mate < k) {
-    const int32_t iq = mate, jq = k;
-    const double siq = s.size[iq], sjq = s.size[jq];
-    for (int32_t r = 0; r < p; ++r) {
-      const int32_t ip = s.pi[r];
-      if (ip >= iq) continue;
-      const int32_t jp = s.pj[r];
-      const double sip = s.size[ip], sjp = s.size[jp];
-      const T to_i = static_cast<T>(lance_williams(s.method, s.at(ip, iq), s.at(jp, iq), sip, sjp));
-      T& d = s.at(jp, jq);
-      const T to_j = static_cast<T>(lance_williams(s.method, s.at(ip, jq), d, sip, sjp));
-      d = static_cast<T>(lance_williams(s.method, to_i, to_j, siq, sjq));
-    }
+    T& d = s.at(jq, k);
+    v = static_cast<T>(lance_williams(s.method, s.at(iq, k), d, siq, sjq));
+    d = v;
+    return !lost(s, k) && better(v, jq, s.dnn[k], s.nn[k]);
   }
+  if (mate < k && iq < mate) {
+    const int32_t ir = mate, jr = k;
+    const T to_i = static_cast<T>(lance_williams(s.method, s.at(iq, ir), s.at(jq, ir), siq, sjq));
+    T& d = s.at(jq, jr);
+    const T to_j = static_cast<T>(lance_williams(s.method, s.at(iq, jr), d, siq, sjq));
+    d = static_cast<T>(lance_williams(s.method, to_i, to_j, s.size[ir], s.size[jr]));
+  }
+  return false;
 }
 
 }  // namespace rnn

@@ -513,3 +513,48 @@ def test_cuda_tensor_without_cuda_build_says_how_to_build(monkeypatch):
     monkeypatch.setattr(cluster, "native", lambda: object())
     with pytest.raises(RuntimeError, match="IICS_WITH_CUDA=1"):
         cluster.linkage(torch.empty(45, device="meta"))
+
+
+@pytest.mark.slow
+def test_cuda_kernels_compile_for_sm80_sm90_without_spills():
+    """Every kernel of csrc/cuda, compiled by nvcc for sm_80 and sm_90: no register spills, and
+    the merge's kernels are all there (a renamed or dropped kernel fails here)."""
+    gpu_cuda = pytest.importorskip("benchmarks.gpu_cuda")
+    if gpu_cuda.nvcc() is None:
+        pytest.skip("nvcc not found: the CUDA sources cannot be compiled here (set CUDA_HOME)")
+    kernels = gpu_cuda.compile_all((80, 90))
+    for arch in (80, 90):
+        names = {k.kernel for k in kernels if k.arch == arch}
+        assert {"rnn_init", "rnn_rescan", "rnn_pairs", "rnn_update", "rnn_finish"} <= names
+    for k in kernels:
+        assert k.spill_bytes == 0 and k.stack_bytes == 0, k
+        assert 0 < k.registers <= 64, k  # the launch bounds allow 1024 threads a block
+
+
+def test_ptxas_parser_reads_spills():
+    """The parser behind the compile check sees spills when ptxas reports them."""
+    from benchmarks.gpu_cuda import parse_ptxas
+
+    text = """ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'
+ptxas info    : Function properties for _Z3fooPf
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 512 bytes smem"""
+    (k,) = parse_ptxas(text, "x.cu")
+    assert (k.kernel, k.arch, k.registers, k.spill_bytes, k.stack_bytes, k.shared_bytes) == (
+        "foo", 90, 255, 8, 8, 512)
+
+
+def test_merge_estimate_model(rng):
+    """The bandwidth model of the CUDA merge on measured passes: bytes and fixed costs add up."""
+    from benchmarks import gpu_cuda as G
+
+    passes = np.array([[100, 30, 100, 1000, 2000], [70, 1, 31, 10, 20]])
+    want = [(32 * 1000 + 4 * 2000 + 48 * 100) / G.H100_BYTES_PER_S
+            + 100 * 48 / (G.H100_BYTES_PER_S / G.H100_SMS),
+            (32 * 10 + 4 * 20 + 48 * 70) / G.H100_BYTES_PER_S
+            + 70 * 48 / (G.H100_BYTES_PER_S / G.H100_SMS)]
+    fixed = 2 * G.ROUND_TRIP_S + 4 * G.LAUNCH_S
+    np.testing.assert_allclose(G.pass_seconds(passes), np.array(want) + fixed)
+    e = G.merge_estimate(n=400, ids=50, cameras=3)
+    assert e["passes"] == len(e["passes_table"]) and e["passes_table"][:, 1].sum() == 399
+    assert 0 < e["estimate_s"] < 1

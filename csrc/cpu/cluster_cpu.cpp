@@ -443,7 +443,16 @@ class RnnHost {
       }
       // 3. Lance-Williams updates
 #pragma omp parallel for schedule(static) if (m * p >= kParallelWork)
-      for (int64_t t = 0; t < m; ++t) rnn::update_slot(s_, static_cast<int32_t>(t), p);
+      for (int64_t t = 0; t < m; ++t) {
+        const int32_t k = act_[t];
+        T best = dnn_[k], v;
+        int32_t arg = nn_[k];
+        for (int32_t q = 0; q < p; ++q)
+          if (rnn::update_item(s_, q, static_cast<int32_t>(t), v) && rnn::better(v, pj_[q], best, arg))
+            best = v, arg = pj_[q];
+        if (partner_[k] < 0 && rnn::lost(s_, k)) stale_[k] = 1;
+        nn_[k] = arg, dnn_[k] = best;
+      }
       // 4. sizes, live list (dropped slots out), rescans of the next pass
       for (int32_t q = 0; q < p; ++q) size_[pj_[q]] += size_[pi_[q]];
       rows_.clear();

@@ -3,9 +3,9 @@
 //
 // One pass is four kernels on the caller's stream: rnn_rescan (a block per stale row, a block
 // reduction of the row's minimum), rnn_pairs (a thread per live slot, merges appended
-// atomically), rnn_update (a thread per live slot, looping over the pass's merges) and
-// rnn_finish (one block: sizes, the compacted live list, the next rescans). The host reads four
-// counters back after each pass (passes are few: tens at tens of thousands of points).
+// atomically), rnn_update (a thread per (live slot, few merges) item) and rnn_finish (one block:
+// caches, sizes, the compacted live list, the next rescans). The host reads the counters back
+// twice a pass (passes are few: tens at tens of thousands of points).
 #include "cuda/cluster_cuda.h"
 
 #include <cuda_runtime.h>
@@ -26,6 +26,8 @@ using State = rnn::State<float>;
 constexpr int kThreads = 256;        // rescan, pairs, update
 constexpr int kFinishThreads = 1024; // the one block of rnn_finish
 constexpr int kRescanBlocks = 4096;  // grid-stride cap of rnn_rescan
+constexpr int kMergesPerThread = 4;  // merges a thread of rnn_update takes
+constexpr unsigned kMaxGridY = 65535;
 
 // counters[]: merges of this pass, merges so far, live slots, rows to rescan.
 enum Counter { kPairs = 0, kDone = 1, kLive = 2, kRows = 3, kCounters = 4 };
@@ -89,9 +91,10 @@ __device__ void block_exclusive_scan(int32_t& a, int32_t& b, int32_t& ta, int32_
 }
 
 __global__ void __launch_bounds__(kThreads)
-    rnn_init(State s, int64_t n, int64_t* roff, int32_t* rows) {
+    rnn_init(State s, int64_t n, int64_t* roff, int32_t* rows, unsigned long long* key) {
   const int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (k >= n) return;
+  key[k] = ~0ull;
   roff[k] = condensed_row(n, k) - k - 1;
   s.act[k] = static_cast<int32_t>(k);
   rows[k] = static_cast<int32_t>(k);
@@ -126,20 +129,58 @@ __global__ void __launch_bounds__(kThreads)
   out_a[r] = x, out_b[r] = y, out_h[r] = static_cast<double>(s.dnn[x]), out_pass[r] = pass;
 }
 
-__global__ void __launch_bounds__(kThreads)
-    rnn_update(State s, int32_t m, const int32_t* counters) {
-  const int32_t t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t < m) rnn::update_slot(s, t, counters[kPairs]);
+// Order-preserving 64-bit key of (distance, slot): the lexicographic order of better(). -0 is
+// folded into +0, which better() treats as equal.
+__device__ unsigned long long pack(float v, int32_t k) {
+  uint32_t b = __float_as_uint(v == 0.0f ? 0.0f : v);
+  b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  return (static_cast<unsigned long long>(b) << 32) | static_cast<uint32_t>(k);
+}
+__device__ float unpack_value(unsigned long long key) {
+  uint32_t b = static_cast<uint32_t>(key >> 32);
+  b = (b & 0x80000000u) ? (b & 0x7fffffffu) : ~b;
+  return __uint_as_float(b);
 }
 
-// Sizes of the unions; the live list without the dropped slots (in order) into act_out; the
+// Items (merge q, live slot act[t]): t along x, kMergesPerThread merges a thread along y. Entries
+// that improve a cache go to its key by atomicMin (rare: for reducible linkages an updated
+// distance is never below the cached one, so only exact ties with a lower slot get there).
+__global__ void __launch_bounds__(kThreads)
+    rnn_update(State s, int32_t m, int32_t p, unsigned long long* key) {
+  const int32_t t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= m) return;
+  for (int64_t q0 = blockIdx.y * static_cast<int64_t>(kMergesPerThread); q0 < p;
+       q0 += static_cast<int64_t>(gridDim.y) * kMergesPerThread) {
+    const int32_t q1 = static_cast<int32_t>(q0 + kMergesPerThread < p ? q0 + kMergesPerThread : p);
+    for (int32_t q = static_cast<int32_t>(q0); q < q1; ++q) {
+      float v;
+      if (rnn::update_item(s, q, t, v)) atomicMin(&key[s.act[t]], pack(v, s.pj[q]));
+    }
+  }
+}
+
+// The caches: a slot whose neighbour merged is stale, the others take their key if one was set.
+// Then sizes of the unions; the live list without the dropped slots (in order) into act_out; the
 // slots to rescan next (unions and stale caches) into rows; then the pass's marks are cleared.
 __global__ void __launch_bounds__(kFinishThreads)
-    rnn_finish(State s, int32_t m, int32_t* act_out, int32_t* rows, int32_t* counters) {
+    rnn_finish(State s, int32_t m, int32_t* act_out, int32_t* rows, int32_t* counters,
+               unsigned long long* key) {
   const int32_t p = counters[kPairs];
-  for (int32_t q = threadIdx.x; q < p; q += blockDim.x) s.size[s.pj[q]] += s.size[s.pi[q]];
   const int32_t chunk = (m + blockDim.x - 1) / blockDim.x;
   const int32_t b = min(m, static_cast<int32_t>(threadIdx.x) * chunk), e = min(m, b + chunk);
+  for (int32_t t = b; t < e; ++t) {
+    const int32_t k = s.act[t];
+    if (s.partner[k] >= 0) continue;
+    if (rnn::lost(s, k)) {
+      s.stale[k] = 1;
+    } else if (key[k] != ~0ull) {
+      s.nn[k] = static_cast<int32_t>(key[k] & 0xffffffffu);
+      s.dnn[k] = unpack_value(key[k]);
+    }
+    key[k] = ~0ull;
+  }
+  __syncthreads();  // every lost() read its neighbour before any cache changed
+  for (int32_t q = threadIdx.x; q < p; q += blockDim.x) s.size[s.pj[q]] += s.size[s.pi[q]];
   int32_t kept = 0, stale = 0;
   for (int32_t t = b; t < e; ++t) {
     const int32_t k = s.act[t], mate = s.partner[k];
@@ -200,8 +241,8 @@ void rnn_linkage_cuda(float* D, int64_t n, int method, int device, void* stream,
   Workspace ws(device);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   // int64 roff; int32 act x2, nn, partner, pi, pj, rows, out_a, out_b, out_pass; float dnn;
-  // uint8 stale; double size, out_h; int32 counters.
-  const int64_t bytes = 256 * 20 + n * (8 + 4 * 10 + 4 + 1 + 8 + 8) + 64;
+  // uint8 stale; double size, out_h; uint64 key; int32 counters.
+  const int64_t bytes = 256 * 20 + n * (8 + 4 * 10 + 4 + 1 + 8 + 8 + 8) + 64;
   check(cudaMalloc(&ws.base, bytes), "allocating the work space");
   Carver c{static_cast<char*>(ws.base)};
   State s;
@@ -223,6 +264,7 @@ void rnn_linkage_cuda(float* D, int64_t n, int method, int device, void* stream,
   int32_t* out_b = c.take<int32_t>(n);
   int32_t* out_pass = c.take<int32_t>(n);
   double* out_h = c.take<double>(n);
+  unsigned long long* key = c.take<unsigned long long>(n);
   int32_t* counters = c.take<int32_t>(kCounters);
 
   const int32_t host_init[kCounters] = {0, 0, static_cast<int32_t>(n), static_cast<int32_t>(n)};
@@ -231,24 +273,29 @@ void rnn_linkage_cuda(float* D, int64_t n, int method, int device, void* stream,
   const auto blocks = [](int64_t items) {
     return static_cast<unsigned>((items + kThreads - 1) / kThreads);
   };
-  rnn_init<<<blocks(n), kThreads, 0, st>>>(s, n, roff, rows);
+  rnn_init<<<blocks(n), kThreads, 0, st>>>(s, n, roff, rows, key);
   check(cudaGetLastError(), "launching rnn_init");
 
-  int32_t m = static_cast<int32_t>(n), n_rows = m, done = 0;
+  int32_t m = static_cast<int32_t>(n), n_rows = m;
   for (int32_t pass = 0, cur = 0; m > 1; ++pass, cur ^= 1) {
     s.act = act[cur];
     if (n_rows > 0)
       rnn_rescan<<<std::min(n_rows, kRescanBlocks), kThreads, 0, st>>>(s, rows, n_rows, m);
     rnn_pairs<<<blocks(m), kThreads, 0, st>>>(s, m, counters, pass, out_a, out_b, out_h, out_pass);
-    rnn_update<<<blocks(m), kThreads, 0, st>>>(s, m, counters);
-    rnn_finish<<<1, kFinishThreads, 0, st>>>(s, m, act[cur ^ 1], rows, counters);
-    check(cudaGetLastError(), "launching a merge pass");
     int32_t h[kCounters];
     check(cudaMemcpyAsync(h, counters, sizeof h, cudaMemcpyDeviceToHost, st), "reading counters");
-    check(cudaStreamSynchronize(st), "running a merge pass");
-    if (h[kDone] == done)
+    check(cudaStreamSynchronize(st), "finding reciprocal pairs");
+    const int32_t p = h[kPairs];
+    if (p == 0)
       throw std::runtime_error("CUDA merge: a pass found no reciprocal pair (non-finite input?)");
-    done = h[kDone], m = h[kLive], n_rows = h[kRows];
+    const unsigned ys = static_cast<unsigned>(
+        std::min<int64_t>((p + kMergesPerThread - 1) / kMergesPerThread, kMaxGridY));
+    rnn_update<<<dim3(blocks(m), ys), kThreads, 0, st>>>(s, m, p, key);
+    rnn_finish<<<1, kFinishThreads, 0, st>>>(s, m, act[cur ^ 1], rows, counters, key);
+    check(cudaGetLastError(), "launching a merge pass");
+    check(cudaMemcpyAsync(h, counters, sizeof h, cudaMemcpyDeviceToHost, st), "reading counters");
+    check(cudaStreamSynchronize(st), "running a merge pass");
+    m = h[kLive], n_rows = h[kRows];
   }
   check(cudaMemcpyAsync(merge_a, out_a, (n - 1) * sizeof(int32_t), cudaMemcpyDeviceToHost, st),
         "copying merges");
