@@ -136,9 +136,11 @@ def compile_all(archs=(80, 90)) -> list[CudaKernel]:
 # ----------------------------------------------------------------------------- merge estimate
 
 
-def synthetic_condensed(n: int, ids: int, cameras: int, dim: int = 256, seed: int = 0):
-    """float32 condensed cosine distances of n unit features: `ids` identities (a direction
-    each), `cameras` cameras (a shared shift each), per-image noise."""
+def synthetic_condensed(n: int, ids: int, cameras: int, dim: int = 256, seed: int = 0,
+                        device="cpu"):
+    """float32 condensed cosine distances (a torch tensor on `device`) of n unit features:
+    `ids` identities (a direction each), `cameras` cameras (a shared shift each), per-image
+    noise."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -146,15 +148,16 @@ def synthetic_condensed(n: int, ids: int, cameras: int, dim: int = 256, seed: in
     cam = torch.randint(0, cameras, (n,), generator=g)
     x = (torch.randn(ids, dim, generator=g)[pid] + 0.6 * torch.randn(cameras, dim, generator=g)[cam]
          + 0.8 * torch.randn(n, dim, generator=g))
-    x = torch.nn.functional.normalize(x, dim=1)
-    out = np.empty(n * (n - 1) // 2, np.float32)
-    rows = 2048
-    for r0 in range(0, n - 1, rows):  # one row block of the triangle at a time
+    x = torch.nn.functional.normalize(x, dim=1).to(device)
+    out = torch.empty(n * (n - 1) // 2, dtype=torch.float32, device=device)
+    at, rows = 0, 1024
+    for r0 in range(0, n - 1, rows):  # a row block of the triangle at a time
         r1 = min(n - 1, r0 + rows)
-        block = (1.0 - x[r0:r1] @ x.T).numpy()
-        for i in range(r0, r1):
-            start = i * n - i * (i + 1) // 2
-            out[start:start + n - 1 - i] = block[i - r0, i + 1:]
+        block = 1.0 - x[r0:r1] @ x.T
+        upper = torch.arange(n, device=device)[None, :] > torch.arange(r0, r1, device=device)[:, None]
+        vals = block[upper]  # row-major: the condensed order
+        out[at:at + vals.numel()] = vals
+        at += vals.numel()
     return out
 
 
@@ -168,13 +171,14 @@ def pass_seconds(passes: np.ndarray, bytes_per_s=H100_BYTES_PER_S, sms=H100_SMS)
 
 def merge_estimate(n=MSMT17["N"], ids=MSMT17["ids"], cameras=MSMT17["C"], seed=0) -> dict:
     """Measures the passes of the host instantiation on synthetic data of that shape and models
-    the H100 time of the CUDA merge."""
+    the H100 time of the CUDA merge; also returns the host's linkage matrix Z (the device's
+    must equal it)."""
     from iics_fast import cluster
     from iics_fast._native import native
 
-    cond = synthetic_condensed(n, ids, cameras, seed=seed)
+    cond = synthetic_condensed(n, ids, cameras, seed=seed).numpy()
     tic = time.perf_counter()
-    passes = native().cluster_rnn_passes(cond, cluster.METHODS["average"])
+    Z, passes = native().cluster_rnn_passes(cond, cluster.METHODS["average"])
     host_s = time.perf_counter() - tic
     per_pass = pass_seconds(passes)
     live, merges, rescans, strided, contiguous = passes.T
@@ -183,6 +187,7 @@ def merge_estimate(n=MSMT17["N"], ids=MSMT17["ids"], cameras=MSMT17["C"], seed=0
         "strided": int(strided.sum()), "contiguous": int(contiguous.sum()),
         "gbytes": float((SECTOR_BYTES * strided + 4 * contiguous + SLOT_BYTES * live).sum() / 1e9),
         "estimate_s": float(per_pass.sum()), "host_passes_s": host_s, "passes_table": passes,
+        "Z": Z,
     }
 
 

@@ -120,29 +120,31 @@ py::array_t<double> linkage_typed(py::array_t<T, py::array::c_style> a, int meth
 }
 
 template <typename T>
-py::array_t<int64_t> rnn_passes_typed(py::array_t<T, py::array::c_style> a, int method) {
+py::tuple rnn_passes_typed(py::array_t<T, py::array::c_style> a, int method) {
   if (a.ndim() != 1) throw std::invalid_argument("cluster_rnn_passes expects a condensed array");
   const int64_t n = points_of(a);
   if (method < 0 || method > 3) throw std::invalid_argument("unknown linkage method code");
+  py::array_t<double> Z({std::max<int64_t>(n - 1, 0), int64_t(4)});
   std::vector<iics::RnnPass> passes;
-  {
+  if (n >= 2) {
     const T* data = a.data();
+    double* z = Z.mutable_data();
     py::gil_scoped_release release;
-    if (n >= 2) {
-      auto work = alloc_triangle<T>(iics::condensed_size(n));
-      copy_triangle(data, n, false, work.get());
-      std::vector<int32_t> ma(n - 1), mb(n - 1), mp(n - 1);
-      std::vector<double> mh(n - 1);
-      iics::rnn_linkage(work.get(), n, static_cast<iics::LinkageMethod>(method), ma.data(),
-                        mb.data(), mh.data(), mp.data(), &passes);
-    }
+    auto work = alloc_triangle<T>(iics::condensed_size(n));
+    copy_triangle(data, n, false, work.get());
+    std::vector<int32_t> ma(n - 1), mb(n - 1), mp(n - 1);
+    std::vector<double> mh(n - 1);
+    iics::rnn_linkage(work.get(), n, static_cast<iics::LinkageMethod>(method), ma.data(),
+                      mb.data(), mh.data(), mp.data(), &passes);
+    work.reset();
+    iics::rnn_merges_to_linkage(n, ma.data(), mb.data(), mh.data(), mp.data(), z);
   }
   py::array_t<int64_t> out({static_cast<int64_t>(passes.size()), int64_t(5)});
   int64_t* o = out.mutable_data();
   for (const auto& p : passes) {
     *o++ = p.live, *o++ = p.merges, *o++ = p.rescans, *o++ = p.strided, *o++ = p.contiguous;
   }
-  return out;
+  return py::make_tuple(Z, out);
 }
 
 template <typename T>
@@ -214,8 +216,8 @@ void def_typed(py::module_& m) {
         "reciprocal-nearest-neighbour passes instead of the nearest-neighbour chain.");
   m.def("cluster_rnn_passes", &rnn_passes_typed<T>, py::arg("dist").noconvert(),
         py::arg("method"),
-        "Work of each pass of the reciprocal-nearest-neighbour merge of a condensed array "
-        "(not modified): int64 rows (live, merges, rescans, strided, contiguous).");
+        "The reciprocal-nearest-neighbour merge of a condensed array (not modified) with the "
+        "work of each pass: (Z, int64 rows (live, merges, rescans, strided, contiguous)).");
   m.def("cluster_first_nonfinite", &first_nonfinite_typed<T>, py::arg("values").noconvert(),
         "First non-finite entry of a 1-D array, or of a square array's upper triangle as a "
         "condensed offset; -1 if none.");

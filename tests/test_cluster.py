@@ -465,13 +465,15 @@ def test_rnn_pass_counts(rng):
     counts fall by the merges, and the accesses of a pass cover its rescans and updates."""
     n = 300
     cond = random_condensed(rng, n, np.float32)
-    P = native().cluster_rnn_passes(cond, cluster.METHODS["average"])
+    Z, P = native().cluster_rnn_passes(cond, cluster.METHODS["average"])
+    np.testing.assert_array_equal(Z, rnn_host(cond))
     live, merges, rescans, strided, contiguous = P.T
     assert merges.sum() == n - 1 and np.all(merges >= 1)
     assert live[0] == n and np.array_equal(live[1:], live[:-1] - merges[:-1])
     assert rescans[0] == n and np.all(rescans[1:] >= merges[:-1])
     np.testing.assert_array_equal(strided + contiguous, (rescans + 3 * merges) * (live - 1))
-    assert native().cluster_rnn_passes(np.zeros(0, np.float32), 2).shape == (0, 5)
+    Z, P = native().cluster_rnn_passes(np.zeros(0, np.float32), 2)
+    assert Z.shape == (0, 4) and P.shape == (0, 5)
 
 
 @pytest.mark.gpu
