@@ -54,10 +54,8 @@ def _best_of(fn, device, repeats):
 
 def _triton_estimate(name, scale):
     """The gpu_report H100 estimate of one Triton kernel at a scale, from its sm_90 compile."""
-    try:
-        from benchmarks import gpu_report
-    except ImportError:
-        from iics_fast import gpu_report
+    from benchmarks import gpu_report
+
     spec = next(s for s in gpu_report.all_specs() if s.name == name)
     report = gpu_report.compile_report(spec, 90)
     return gpu_report.estimate_time(report, gpu_report.all_work_models()[name](scale)).estimate_s

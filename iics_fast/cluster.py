@@ -33,6 +33,7 @@ import numbers
 
 import numpy as np
 
+from . import condensed
 from ._native import native
 
 METHODS = {"single": 0, "complete": 1, "average": 2, "weighted": 3}
@@ -57,6 +58,14 @@ def _as_numpy(x, name):
 
 #: entries checked for finiteness at a time on the device (bounds the temporary mask)
 _FINITE_CHUNK = 1 << 26
+
+
+def has_cuda_merge() -> bool:
+    """Whether the extension was built with the CUDA merge (IICS_WITH_CUDA=1)."""
+    try:
+        return hasattr(native(), "cluster_linkage_cuda")
+    except ImportError:
+        return False
 
 
 def _linkage_cuda(dist, method, inplace):
@@ -85,20 +94,27 @@ def _linkage_cuda(dist, method, inplace):
         chunk = dist[start:start + _FINITE_CHUNK]
         bad = torch.nonzero(~torch.isfinite(chunk))
         if bad.numel():
-            i, j = _pair_of(n, start + int(bad[0, 0]))
+            i, j = condensed.pair(n, start + int(bad[0, 0]))
             raise ValueError(f"dist has a NaN or infinite entry at pair ({i}, {j}) (of the upper "
                              "triangle); distances must be finite")
     work = dist.detach() if inplace else dist.detach().clone()
-    stream = torch.cuda.current_stream(work.device).cuda_stream
-    return C.cluster_linkage_cuda(work.data_ptr(), n, METHODS[method], work.device.index, stream)
+    return C.cluster_linkage_cuda(work.data_ptr(), n, METHODS[method], work.device.index,
+                                  _cuda_stream(work))
+
+
+def _cuda_stream(t):
+    """The current CUDA stream of t's device, as the launcher takes it (a cudaStream_t)."""
+    import torch
+
+    return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def _num_points(arr, name="dist"):
     """n for a condensed (length n(n-1)/2) or square (n x n) distance array."""
     if arr.ndim == 1:
         m = arr.shape[0]
-        n = (1 + math.isqrt(1 + 8 * m)) // 2
-        if n * (n - 1) // 2 != m:
+        n = condensed.points(m)
+        if n < 0:
             raise ValueError(f"{name} has length {m}, which is not n*(n-1)/2 for any n: pass the "
                              "condensed upper triangle (scipy.spatial.distance.pdist order) or the "
                              "square n x n matrix")
@@ -141,19 +157,10 @@ def _prepare(dist, method, inplace):
         core_inplace = True
     bad = native().cluster_first_nonfinite(arr)
     if bad >= 0:
-        i, j = _pair_of(n, bad)
+        i, j = condensed.pair(n, bad)
         raise ValueError(f"dist has a NaN or infinite entry at pair ({i}, {j}) (of the upper "
                          "triangle); distances must be finite")
     return arr, n, METHODS[method], core_inplace
-
-
-def _pair_of(n, offset):
-    """(i, j), i < j, of a condensed offset."""
-    i = 0
-    while offset >= n - 1 - i:
-        offset -= n - 1 - i
-        i += 1
-    return i, i + 1 + offset
 
 
 def linkage(dist, method="average", inplace=False):
@@ -208,13 +215,18 @@ def agglomerative(dist, n_clusters=None, distance_threshold=None, method="averag
 
 
 def quantile_threshold(dist, q):
-    """The q-quantile of the pairwise distances by the reference's rule: sort all condensed
-    distances ascending and take the one at rank int(q * len(dist)) (no interpolation).
+    """The reference's distance threshold at quantile q: of the condensed distances, drop the
+    exact zeros (the reference takes ``np.nonzero`` of the upper triangle), sort the rest
+    ascending and take the one at rank ``round(q * count)`` (NumPy's round half to even; no
+    interpolation).
 
-    Exact, without sorting or copying: a two-pass (float32) or four-pass (float64) radix
-    selection with one 2^16-bin histogram a thread. dist: condensed 1-D array or CPU tensor,
-    float32 or float64 (other real dtypes are converted, which copies).
+    Exact, without sorting or copying: the zeros and negatives are counted in chunks, then a
+    two-pass (float32) or four-pass (float64) radix selection with one 2^16-bin histogram a
+    thread picks the value. dist: condensed 1-D array or CPU tensor, float32 or float64 (other
+    real dtypes are converted, which copies).
     """
+    if _is_cuda(dist):
+        return _quantile_threshold_torch(dist, q)
     arr = _as_numpy(dist, "dist")
     if arr.ndim != 1:
         raise ValueError(f"dist must be the condensed (1-D) distances, got shape {arr.shape}")
@@ -222,10 +234,6 @@ def quantile_threshold(dist, q):
         raise ValueError("dist is empty: no pairwise distances to take a quantile of")
     if isinstance(q, bool) or not isinstance(q, numbers.Real):
         raise TypeError(f"q must be a real number, got {q!r}")
-    rank = int(q * arr.shape[0]) if 0.0 <= q else -1
-    if not 0 <= rank < arr.shape[0]:
-        raise ValueError(f"q={q} gives rank int(q * {arr.shape[0]}) = {rank}, outside "
-                         f"0..{arr.shape[0] - 1}; use 0 <= q < 1")
     if arr.dtype not in (np.float32, np.float64):
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(f"dist has dtype {arr.dtype}; distances must be real numbers")
@@ -236,7 +244,58 @@ def quantile_threshold(dist, q):
     bad = C.cluster_first_nonfinite(arr)
     if bad >= 0:
         raise ValueError(f"dist[{bad}] is NaN or infinite; distances must be finite")
-    return float(C.cluster_select_rank(arr, rank))
+    zeros, negatives = _zeros_and_negatives(arr)
+    count = arr.shape[0] - zeros
+    if count == 0:
+        raise ValueError("every distance is 0: no nonzero distance to take a quantile of")
+    rank = int(np.round(q * count)) if 0.0 <= q < 1.0 else -1
+    if not 0 <= rank < count:
+        raise ValueError(f"q={q} gives rank round(q * {count}) = {rank}, outside 0..{count - 1} "
+                         f"(the nonzero distances); use 0 <= q < 1, a little lower")
+    # sorted order: the negatives, then the zeros, then the positives
+    return float(C.cluster_select_rank(arr, rank if rank < negatives else rank + zeros))
+
+
+def _quantile_threshold_torch(dist, q):
+    """quantile_threshold of a torch tensor where it lives (the CUDA path; the same rule): zeros
+    and negatives counted in chunks, then torch.kthvalue at the rank."""
+    import torch
+
+    if dist.dim() != 1:
+        raise ValueError(f"dist must be the condensed (1-D) distances, got shape {tuple(dist.shape)}")
+    if dist.shape[0] == 0:
+        raise ValueError("dist is empty: no pairwise distances to take a quantile of")
+    if isinstance(q, bool) or not isinstance(q, numbers.Real):
+        raise TypeError(f"q must be a real number, got {q!r}")
+    if not dist.is_floating_point():
+        dist = dist.double()
+    zeros = negatives = 0
+    for start in range(0, dist.shape[0], _FINITE_CHUNK):
+        chunk = dist[start:start + _FINITE_CHUNK]
+        if not bool(torch.isfinite(chunk).all()):
+            bad = start + int(torch.nonzero(~torch.isfinite(chunk))[0, 0])
+            raise ValueError(f"dist[{bad}] is NaN or infinite; distances must be finite")
+        zeros += int((chunk == 0).sum())
+        negatives += int((chunk < 0).sum())
+    count = dist.shape[0] - zeros
+    if count == 0:
+        raise ValueError("every distance is 0: no nonzero distance to take a quantile of")
+    rank = int(np.round(q * count)) if 0.0 <= q < 1.0 else -1
+    if not 0 <= rank < count:
+        raise ValueError(f"q={q} gives rank round(q * {count}) = {rank}, outside 0..{count - 1} "
+                         f"(the nonzero distances); use 0 <= q < 1, a little lower")
+    full = rank if rank < negatives else rank + zeros
+    return float(torch.kthvalue(dist.detach(), full + 1).values)
+
+
+def _zeros_and_negatives(arr, chunk=1 << 22):
+    """Counts of the exact zeros and of the negative entries of a 1-D array, chunk by chunk."""
+    zeros = negatives = 0
+    for start in range(0, arr.shape[0], chunk):
+        block = arr[start:start + chunk]
+        zeros += int(np.count_nonzero(block == 0))
+        negatives += int(np.count_nonzero(block < 0))
+    return zeros, negatives
 
 
 # ----------------------------------------------------------------------------- references
@@ -244,9 +303,7 @@ def quantile_threshold(dist, q):
 
 def _condensed64(dist):
     arr = np.asarray(_as_numpy(dist, "dist"), dtype=np.float64)
-    if arr.ndim == 2:
-        return arr[np.triu_indices(arr.shape[0], 1)]
-    return arr.copy()
+    return condensed.upper(arr) if arr.ndim == 2 else arr.copy()
 
 
 def linkage_ref(dist, method="average"):
@@ -263,11 +320,8 @@ def linkage_naive_ref(dist, method="average"):
     """Independent O(n^3) reference: repeatedly merge the closest pair of live clusters (lowest
     pair on ties) and update distances by Lance-Williams, in float64; SciPy's Z format."""
     cond = _condensed64(dist)
-    n = (1 + math.isqrt(1 + 8 * cond.size)) // 2
-    D = np.full((n, n), np.inf)
-    iu = np.triu_indices(n, 1)
-    D[iu] = cond
-    D[(iu[1], iu[0])] = cond
+    D = condensed.to_square(cond, diagonal=np.inf)
+    n = D.shape[0]
     size = np.ones(n)
     ident = list(range(n))  # the linkage id of the cluster held in each slot
     live = np.ones(n, bool)
@@ -327,6 +381,7 @@ def agglomerative_ref(dist, n_clusters=None, distance_threshold=None, method="av
 
 
 def quantile_threshold_ref(dist, q):
-    """Reference: the full sort, value at rank int(q * len)."""
+    """Reference: the nonzero distances sorted in full, value at rank round(q * count)."""
     arr = np.asarray(_as_numpy(dist, "dist"))
-    return float(np.sort(arr)[int(q * arr.shape[0])])
+    nonzero = np.sort(arr[arr != 0])
+    return float(nonzero[int(np.round(q * nonzero.shape[0]))])
