@@ -90,13 +90,11 @@ def _linkage_cuda(dist, method, inplace):
         raise ValueError("dist is not contiguous; pass dist.contiguous()")
     if inplace and dist.requires_grad:
         raise ValueError("inplace=True on a tensor that requires grad; pass dist.detach()")
-    for start in range(0, dist.shape[0], _FINITE_CHUNK):
-        chunk = dist[start:start + _FINITE_CHUNK]
-        bad = torch.nonzero(~torch.isfinite(chunk))
-        if bad.numel():
-            i, j = condensed.pair(n, start + int(bad[0, 0]))
-            raise ValueError(f"dist has a NaN or infinite entry at pair ({i}, {j}) (of the upper "
-                             "triangle); distances must be finite")
+    bad = _first_nonfinite_torch(dist)
+    if bad >= 0:
+        i, j = condensed.pair(n, bad)
+        raise ValueError(f"dist has a NaN or infinite entry at pair ({i}, {j}) (of the upper "
+                         "triangle); distances must be finite")
     work = dist.detach() if inplace else dist.detach().clone()
     return C.cluster_linkage_cuda(work.data_ptr(), n, METHODS[method], work.device.index,
                                   _cuda_stream(work))
@@ -225,15 +223,12 @@ def quantile_threshold(dist, q):
     thread picks the value. dist: condensed 1-D array or CPU tensor, float32 or float64 (other
     real dtypes are converted, which copies).
     """
+    if isinstance(q, bool) or not isinstance(q, numbers.Real):
+        raise TypeError(f"q must be a real number, got {q!r}")
     if _is_cuda(dist):
         return _quantile_threshold_torch(dist, q)
     arr = _as_numpy(dist, "dist")
-    if arr.ndim != 1:
-        raise ValueError(f"dist must be the condensed (1-D) distances, got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise ValueError("dist is empty: no pairwise distances to take a quantile of")
-    if isinstance(q, bool) or not isinstance(q, numbers.Real):
-        raise TypeError(f"q must be a real number, got {q!r}")
+    _check_quantile_input(arr.shape)
     if arr.dtype not in (np.float32, np.float64):
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(f"dist has dtype {arr.dtype}; distances must be real numbers")
@@ -245,47 +240,57 @@ def quantile_threshold(dist, q):
     if bad >= 0:
         raise ValueError(f"dist[{bad}] is NaN or infinite; distances must be finite")
     zeros, negatives = _zeros_and_negatives(arr)
-    count = arr.shape[0] - zeros
+    return float(C.cluster_select_rank(arr, _sorted_rank(arr.shape[0], zeros, negatives, q)))
+
+
+def _check_quantile_input(shape):
+    if len(shape) != 1:
+        raise ValueError(f"dist must be the condensed (1-D) distances, got shape {tuple(shape)}")
+    if shape[0] == 0:
+        raise ValueError("dist is empty: no pairwise distances to take a quantile of")
+
+
+def _sorted_rank(m, zeros, negatives, q):
+    """The position in the fully sorted m distances (negatives, zeros, positives) of the nonzero
+    distance at rank round(q * count)."""
+    count = m - zeros
     if count == 0:
         raise ValueError("every distance is 0: no nonzero distance to take a quantile of")
     rank = int(np.round(q * count)) if 0.0 <= q < 1.0 else -1
     if not 0 <= rank < count:
         raise ValueError(f"q={q} gives rank round(q * {count}) = {rank}, outside 0..{count - 1} "
                          f"(the nonzero distances); use 0 <= q < 1, a little lower")
-    # sorted order: the negatives, then the zeros, then the positives
-    return float(C.cluster_select_rank(arr, rank if rank < negatives else rank + zeros))
+    return rank if rank < negatives else rank + zeros
+
+
+def _first_nonfinite_torch(t):
+    """Offset of the first NaN or infinite entry of a 1-D tensor (in chunks, on its device), or
+    -1."""
+    import torch
+
+    for start in range(0, t.shape[0], _FINITE_CHUNK):
+        bad = torch.nonzero(~torch.isfinite(t[start:start + _FINITE_CHUNK]))
+        if bad.numel():
+            return start + int(bad[0, 0])
+    return -1
 
 
 def _quantile_threshold_torch(dist, q):
     """quantile_threshold of a torch tensor where it lives (the CUDA path; the same rule): zeros
     and negatives counted in chunks, then torch.kthvalue at the rank."""
-    import torch
-
-    if dist.dim() != 1:
-        raise ValueError(f"dist must be the condensed (1-D) distances, got shape {tuple(dist.shape)}")
-    if dist.shape[0] == 0:
-        raise ValueError("dist is empty: no pairwise distances to take a quantile of")
-    if isinstance(q, bool) or not isinstance(q, numbers.Real):
-        raise TypeError(f"q must be a real number, got {q!r}")
+    _check_quantile_input(dist.shape)
     if not dist.is_floating_point():
         dist = dist.double()
+    bad = _first_nonfinite_torch(dist)
+    if bad >= 0:
+        raise ValueError(f"dist[{bad}] is NaN or infinite; distances must be finite")
     zeros = negatives = 0
     for start in range(0, dist.shape[0], _FINITE_CHUNK):
         chunk = dist[start:start + _FINITE_CHUNK]
-        if not bool(torch.isfinite(chunk).all()):
-            bad = start + int(torch.nonzero(~torch.isfinite(chunk))[0, 0])
-            raise ValueError(f"dist[{bad}] is NaN or infinite; distances must be finite")
         zeros += int((chunk == 0).sum())
         negatives += int((chunk < 0).sum())
-    count = dist.shape[0] - zeros
-    if count == 0:
-        raise ValueError("every distance is 0: no nonzero distance to take a quantile of")
-    rank = int(np.round(q * count)) if 0.0 <= q < 1.0 else -1
-    if not 0 <= rank < count:
-        raise ValueError(f"q={q} gives rank round(q * {count}) = {rank}, outside 0..{count - 1} "
-                         f"(the nonzero distances); use 0 <= q < 1, a little lower")
-    full = rank if rank < negatives else rank + zeros
-    return float(torch.kthvalue(dist.detach(), full + 1).values)
+    rank = _sorted_rank(dist.shape[0], zeros, negatives, q)
+    return float(dist.detach().kthvalue(rank + 1).values)
 
 
 def _zeros_and_negatives(arr, chunk=1 << 22):
