@@ -548,7 +548,8 @@ def test_cuda_tensor_without_cuda_build_says_how_to_build(monkeypatch):
 def test_cuda_kernels_compile_for_sm80_sm90_without_spills():
     """Every kernel of csrc/cuda, compiled by nvcc for sm_80 and sm_90: no register spills, and
     the merge's kernels are all there (a renamed or dropped kernel fails here)."""
-    gpu_cuda = pytest.importorskip("benchmarks.gpu_cuda")
+    from benchmarks import gpu_cuda
+
     if gpu_cuda.nvcc() is None:
         pytest.skip("nvcc not found: the CUDA sources cannot be compiled here (set CUDA_HOME)")
     kernels = gpu_cuda.compile_all((80, 90))
