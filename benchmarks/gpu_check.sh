@@ -61,10 +61,10 @@ if [[ $DRY -eq 1 ]]; then
     --batch-per-camera 4 --batch-p 4 --batch-k 2 --epochs-intra 1 --epochs-inter 1 \
     --threads 1 --no-progress --no-verbose
 else
-  step gpu_tests 180 "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow or gpu" \
+  step gpu_tests 210 "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow or gpu" \
     tests/test_cluster.py tests/test_pairwise.py tests/test_aibn.py
-  step kernels 150 "$PYTHON" -m benchmarks.gpu_check --json "$WORK/kernels.json"
-  step train 150 "$PYTHON" -m iics_fast.train --device cuda --rounds 2 --out "$WORK/train" \
+  step kernels 180 "$PYTHON" -m benchmarks.gpu_check --json "$WORK/kernels.json"
+  step train 90 "$PYTHON" -m iics_fast.train --device cuda --rounds 2 --out "$WORK/train" \
     --eval-every 1 --no-progress --no-verbose
 fi
 
