@@ -85,8 +85,8 @@ def merge_row(device, scale, repeats):
     from iics_fast import cluster
 
     n = scale["N"]
-    est = gpu_cuda.merge_estimate(n, scale["ids"], scale["C"])
     cond = gpu_cuda.synthetic_condensed(n, scale["ids"], scale["C"], device=device)
+    est = gpu_cuda.merge_estimate(cond=cond.cpu().numpy())  # the same distances on the host
     if device.type == "cuda":
         def run():
             return cluster.linkage(cond, inplace=False)

@@ -25,6 +25,7 @@ distance of a trained network). Launch and round-trip costs are typical figures,
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -169,14 +170,17 @@ def pass_seconds(passes: np.ndarray, bytes_per_s=H100_BYTES_PER_S, sms=H100_SMS)
     return moved / bytes_per_s + 2 * ROUND_TRIP_S + 4 * LAUNCH_S + finish
 
 
-def merge_estimate(n=MSMT17["N"], ids=MSMT17["ids"], cameras=MSMT17["C"], seed=0) -> dict:
-    """Measures the passes of the host instantiation on synthetic data of that shape and models
-    the H100 time of the CUDA merge; also returns the host's linkage matrix Z (the device's
-    must equal it)."""
+def merge_estimate(n=MSMT17["N"], ids=MSMT17["ids"], cameras=MSMT17["C"], seed=0,
+                   cond=None) -> dict:
+    """Measures the passes of the host instantiation on synthetic data of that shape (or on the
+    given float32 condensed array `cond`) and models the H100 time of the CUDA merge; also
+    returns the host's linkage matrix Z (the device's must equal it on the same distances)."""
     from iics_fast import cluster
     from iics_fast._native import native
 
-    cond = synthetic_condensed(n, ids, cameras, seed=seed).numpy()
+    if cond is None:
+        cond = synthetic_condensed(n, ids, cameras, seed=seed).numpy()
+    n = (1 + math.isqrt(1 + 8 * cond.shape[0])) // 2
     tic = time.perf_counter()
     Z, passes = native().cluster_rnn_passes(cond, cluster.METHODS["average"])
     host_s = time.perf_counter() - tic
