@@ -12,7 +12,8 @@ reuse assumed) and along rows (4 bytes each, coalesced). The model of one pass o
 
     bytes   = 32 * strided + 4 * contiguous + 48 * live     (the O(n) arrays of four kernels)
     seconds = bytes / HBM bandwidth + 2 host round trips + 4 launches + the one-block finish
-              (live * 48 bytes at one SM's share of the bandwidth)
+              (live * 48 bytes at one SM's share of the bandwidth) + the rescan's latency
+              floor (a block walks a row in live / 256 trips of one memory latency each)
 
 summed over the passes measured on synthetic data of the dataset's shape: N points in
 identities of ~8 images seen by C cameras, unit features with a camera shift, cosine distance
@@ -47,6 +48,8 @@ H100_SMS = 132
 #: device-to-host copy of a few counters with a stream synchronisation
 LAUNCH_S = 5e-6
 ROUND_TRIP_S = 15e-6
+LATENCY_S = 0.6e-6  # one dependent trip to HBM (assumed)
+RESCAN_THREADS = 256  # threads of a rescan block (csrc/cuda/cluster_cuda.cu kThreads)
 SECTOR_BYTES = 32
 SLOT_BYTES = 48  # act, nn, dnn, partner, stale, key, size, rows touched per live slot and pass
 MSMT17 = {"name": "msmt17", "N": 32621, "ids": 4101, "C": 15}
@@ -167,7 +170,8 @@ def pass_seconds(passes: np.ndarray, bytes_per_s=H100_BYTES_PER_S, sms=H100_SMS)
     live, _, _, strided, contiguous = passes.T.astype(np.float64)
     moved = SECTOR_BYTES * strided + 4 * contiguous + SLOT_BYTES * live
     finish = live * SLOT_BYTES / (bytes_per_s / sms)
-    return moved / bytes_per_s + 2 * ROUND_TRIP_S + 4 * LAUNCH_S + finish
+    floor = np.ceil(live / RESCAN_THREADS) * LATENCY_S
+    return moved / bytes_per_s + 2 * ROUND_TRIP_S + 4 * LAUNCH_S + finish + floor
 
 
 def merge_estimate(n=MSMT17["N"], ids=MSMT17["ids"], cameras=MSMT17["C"], seed=0,
@@ -221,7 +225,8 @@ def print_estimate(e):
     print(f"  {e['passes']} passes, {e['rescans']:,} rescans, {e['strided']:.3g} entries across rows"
           f" (32 B each), {e['contiguous']:.3g} along rows (4 B), {e['gbytes']:.1f} GB in all")
     print(f"  estimate {e['estimate_s'] * 1e3:.1f} ms at {H100_BYTES_PER_S / 1e12:.2f} TB/s, with "
-          f"{LAUNCH_S * 1e6:.0f} us a launch and {ROUND_TRIP_S * 1e6:.0f} us a round trip assumed")
+          f"{LAUNCH_S * 1e6:.0f} us a launch, {ROUND_TRIP_S * 1e6:.0f} us a round trip and "
+          f"{LATENCY_S * 1e6:.1f} us a memory latency assumed")
 
 
 if __name__ == "__main__":
