@@ -23,6 +23,8 @@ Run: ``python benchmarks/bench_cluster.py`` (N = 4,000) or ``IICS_BENCH_SCALE=la
 benchmarks/bench_cluster.py`` (N = 8,000, 16,000, 32,621: needs ~11 GB free, and minutes), or
 ``IICS_BENCH_SIZES=8000,16000 python benchmarks/bench_cluster.py`` for chosen sizes;
 ``pytest benchmarks/bench_cluster.py`` runs the same comparison plus a pytest-benchmark timing.
+``python benchmarks/bench_cluster.py --rnn`` times the host instantiation of the CUDA merge's
+reciprocal-nearest-neighbour passes against the chain instead (interleaved, best of three).
 """
 import json
 import os
@@ -81,6 +83,10 @@ CHILD = textwrap.dedent("""
         from iics_fast import cluster
         cluster.linkage(d[:3].copy())  # load the extension before the baseline
         run = lambda: cluster.linkage(d, inplace=True)
+    elif method == "rnn_host":  # the host instantiation of the CUDA merge's passes
+        from iics_fast._native import native
+        native().cluster_linkage(d[:3].copy(), 2, True, False, True)
+        run = lambda: native().cluster_linkage(d, 2, True, False, True)
     elif method == "fastcluster":
         import fastcluster
         if n <= int(sys.argv[4]):
@@ -153,6 +159,31 @@ def compare(n, methods=None):
     return results
 
 
+def rnn_versus_chain(n, repeats=3):
+    """The reciprocal-nearest-neighbour passes of the CUDA merge, run on the host, against the
+    nearest-neighbour chain (ours) on the same input: interleaved runs, best of `repeats` each;
+    the answer to whether the CPU should use the passes too. Returns {method: best wall s}."""
+    walls, Z = {"ours": [], "rnn_host": []}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "d.npy")
+        np.save(path, clustered_condensed(n))
+        for _ in range(repeats):
+            for m in walls:
+                r = measure(m, path, tmp)
+                walls[m].append(r["wall"])
+                Z[m] = r["Z"]
+    check(Z["rnn_host"], Z["ours"], n)
+    print(f"\nN = {n}: host passes against the chain, wall s over {repeats} interleaved runs")
+    for m, w in walls.items():
+        print(f"  {m:<10} best {min(w):8.2f}   all " + " ".join(f"{x:.2f}" for x in w))
+    return {m: min(w) for m, w in walls.items()}
+
+
+def test_bench_rnn_host_versus_chain():
+    for n in sizes():
+        rnn_versus_chain(n)
+
+
 def test_bench_cluster_average(benchmark):
     """The side-by-side comparison, then our in-place run under pytest-benchmark."""
     from iics_fast import cluster
@@ -166,4 +197,4 @@ def test_bench_cluster_average(benchmark):
 
 if __name__ == "__main__":
     for n in sizes():
-        compare(n)
+        rnn_versus_chain(n) if "--rnn" in sys.argv else compare(n)

@@ -11,6 +11,10 @@ memory, and the SASS, from which the instruction mix of the innermost loop is co
 (run from the repository root). The kernels' compile specs and work models are in
 benchmarks/gpu_specs/<kernel>.py.
 
+Then the extension's CUDA kernels (registers, spills) and, with --estimate, the CUDA merge's
+H100 estimate at MSMT17 scale (benchmarks/gpu_cuda.py: a bandwidth model over passes that the
+host instantiation measures on synthetic distances, a few minutes on 2 cores).
+
 H100 estimates. From the sm_90 compile, the estimate of a kernel at a dataset scale is the larger
 of an issue-bound time (inner-loop SASS instructions per element against the H100's issue rate:
 132 SMs x 4 schedulers x 1 warp-instruction per cycle at ~1.755 GHz boost) and a memory-bound
@@ -305,10 +309,28 @@ def main(argv=None):
         unmodelled = sorted({r.name for r in reports if r.arch == 90} - {e.kernel for e in est})
         if unmodelled:
             print("no work model (no estimate): " + ", ".join(unmodelled))
+    _cuda_sources(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"reports": [asdict(r) for r in reports], "estimates": [asdict(e) for e in est]}, f, indent=1)
     return reports
+
+
+def _cuda_sources(args):
+    """The extension's CUDA kernels (csrc/cuda) and, with --estimate, the CUDA merge's estimate:
+    see benchmarks/gpu_cuda.py (needs the source tree and nvcc)."""
+    try:
+        from benchmarks import gpu_cuda
+    except ImportError:
+        print("\nCUDA sources: not reported (run from the repository root)")
+        return
+    if gpu_cuda.nvcc() is None:
+        print("\nCUDA sources: not reported (nvcc not found; set CUDA_HOME)")
+        return
+    print()
+    gpu_cuda.print_kernels(gpu_cuda.compile_all(args.arch))
+    if args.estimate and (args.only is None or "merge" in args.only):
+        gpu_cuda.print_estimate(gpu_cuda.merge_estimate())
 
 
 if __name__ == "__main__":

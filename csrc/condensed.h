@@ -6,10 +6,17 @@
 #include <cmath>
 #include <cstdint>
 
+// Functions marked IICS_HD compile for the host and, under nvcc, for the device too.
+#ifdef __CUDACC__
+#define IICS_HD __host__ __device__
+#else
+#define IICS_HD
+#endif
+
 namespace iics {
 
 // Number of entries of the condensed triangle of n points.
-inline int64_t condensed_size(int64_t n) { return n * (n - 1) / 2; }
+IICS_HD inline int64_t condensed_size(int64_t n) { return n * (n - 1) / 2; }
 
 // Number of points n with condensed_size(n) == m, or -1 when m is no such number.
 inline int64_t condensed_points(int64_t m) {
@@ -20,10 +27,10 @@ inline int64_t condensed_points(int64_t m) {
 }
 
 // Offset of row i's first entry (i, i+1). Precondition: 0 <= i < n.
-inline int64_t condensed_row(int64_t n, int64_t i) { return n * i - i * (i + 1) / 2; }
+IICS_HD inline int64_t condensed_row(int64_t n, int64_t i) { return n * i - i * (i + 1) / 2; }
 
 // Offset of (i, j). Precondition: 0 <= i < j < n (callers order the pair).
-inline int64_t condensed_index(int64_t n, int64_t i, int64_t j) {
+IICS_HD inline int64_t condensed_index(int64_t n, int64_t i, int64_t j) {
   return condensed_row(n, i) + (j - i - 1);
 }
 

@@ -13,6 +13,13 @@ symmetric and, as in the reference, only i < j counts; the diagonal and lower tr
 NumPy arrays or CPU torch tensors. Distances may be negative (the IICS inter-camera distance can be);
 NaN or infinite ones are rejected.
 
+CUDA tensors. A float32 condensed triangle on a CUDA device is merged there, by reciprocal-
+nearest-neighbour passes (every pass merges all pairs of clusters that are each other's nearest
+neighbour, exact for these linkages) with the same per-pass code as a host version that the tests
+hold to SciPy (csrc/cluster_rnn.h); only the (n-1) x 4 linkage matrix comes back. Without ties its
+dendrogram is SciPy's; tied distances are broken by the lowest index, which is a valid dendrogram
+but not always the one SciPy's chain picks. Needs the extension built with IICS_WITH_CUDA=1.
+
 Precision. The Lance-Williams update is computed in float64 and stored in the input's precision.
 For float64 input the result is SciPy's, bit for bit (same tie rules, same arithmetic). For float32
 input every updated cluster distance is rounded to float32 (relative error about 6e-8 a merge
@@ -33,6 +40,10 @@ METHODS = {"single": 0, "complete": 1, "average": 2, "weighted": 3}
 _INDEX_MAX = 2**31 - 1  # the core names points by int32
 
 
+def _is_cuda(x):
+    return type(x).__module__.split(".")[0] == "torch" and x.device.type == "cuda"
+
+
 def _as_numpy(x, name):
     """A NumPy view of a NumPy array or CPU torch tensor (no copy)."""
     if isinstance(x, np.ndarray):
@@ -43,6 +54,57 @@ def _as_numpy(x, name):
                              "(tensor.cpu())")
         return x.detach().numpy()
     raise TypeError(f"{name} must be a NumPy array or a CPU torch tensor, got {type(x).__name__}")
+
+
+#: entries checked for finiteness at a time on the device (bounds the temporary mask)
+_FINITE_CHUNK = 1 << 26
+
+
+def has_cuda_merge() -> bool:
+    """Whether the extension was built with the CUDA merge (IICS_WITH_CUDA=1)."""
+    try:
+        return hasattr(native(), "cluster_linkage_cuda")
+    except ImportError:
+        return False
+
+
+def _linkage_cuda(dist, method, inplace):
+    """linkage() of a CUDA tensor: validation, then the merge on its device."""
+    import torch
+
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; use one of {sorted(METHODS)}")
+    C = native()
+    if not hasattr(C, "cluster_linkage_cuda"):
+        raise RuntimeError("dist is a CUDA tensor, but iics_fast._C was built without CUDA: "
+                           "rebuild with `IICS_WITH_CUDA=1 pip install -e .` (needs nvcc), or "
+                           "pass dist.cpu()")
+    if dist.dtype != torch.float32:
+        raise TypeError(f"the CUDA merge works on float32 distances, got {dist.dtype}; pass "
+                        "dist.float() (or dist.cpu() for the float64 CPU merge)")
+    if dist.dim() != 1:
+        raise ValueError(f"dist has shape {tuple(dist.shape)}: on CUDA pass the condensed upper "
+                         "triangle (1-D, scipy.spatial.distance.pdist order)")
+    n = _num_points(dist)
+    if not dist.is_contiguous():
+        raise ValueError("dist is not contiguous; pass dist.contiguous()")
+    if inplace and dist.requires_grad:
+        raise ValueError("inplace=True on a tensor that requires grad; pass dist.detach()")
+    bad = _first_nonfinite_torch(dist)
+    if bad >= 0:
+        i, j = condensed.pair(n, bad)
+        raise ValueError(f"dist has a NaN or infinite entry at pair ({i}, {j}) (of the upper "
+                         "triangle); distances must be finite")
+    work = dist.detach() if inplace else dist.detach().clone()
+    return C.cluster_linkage_cuda(work.data_ptr(), n, METHODS[method], work.device.index,
+                                  _cuda_stream(work))
+
+
+def _cuda_stream(t):
+    """The current CUDA stream of t's device, as the launcher takes it (a cudaStream_t)."""
+    import torch
+
+    return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def _num_points(arr, name="dist"):
@@ -110,7 +172,10 @@ def linkage(dist, method="average", inplace=False):
     With inplace=False the triangle is copied once (a condensed copy, half a square one); with
     inplace=True the caller's float32/float64 C-contiguous buffer is destroyed and nothing of
     size O(n^2) is allocated (a square buffer is first compacted into its condensed prefix).
+    A float32 condensed CUDA tensor is merged on its device (see the module docstring).
     """
+    if _is_cuda(dist):
+        return _linkage_cuda(dist, method, inplace)
     arr, n, code, core_inplace = _prepare(dist, method, inplace)
     if not core_inplace:
         from .condensed import size
@@ -142,7 +207,7 @@ def agglomerative(dist, n_clusters=None, distance_threshold=None, method="averag
                             f"{distance_threshold!r}")
         if math.isnan(distance_threshold):
             raise ValueError("distance_threshold is NaN")
-    n = _num_points(_as_numpy(dist, "dist"))
+    n = _num_points(dist if _is_cuda(dist) else _as_numpy(dist, "dist"))
     if n_clusters is not None and not 1 <= n_clusters <= n:
         raise ValueError(f"n_clusters={n_clusters} is outside 1..{n} (the number of points)")
     Z = linkage(dist, method=method, inplace=inplace)
@@ -164,13 +229,12 @@ def quantile_threshold(dist, q):
     thread picks the value. dist: condensed 1-D array or CPU tensor, float32 or float64 (other
     real dtypes are converted, which copies).
     """
-    arr = _as_numpy(dist, "dist")
-    if arr.ndim != 1:
-        raise ValueError(f"dist must be the condensed (1-D) distances, got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise ValueError("dist is empty: no pairwise distances to take a quantile of")
     if isinstance(q, bool) or not isinstance(q, numbers.Real):
         raise TypeError(f"q must be a real number, got {q!r}")
+    if _is_cuda(dist):
+        return _quantile_threshold_torch(dist, q)
+    arr = _as_numpy(dist, "dist")
+    _check_quantile_input(arr.shape)
     if arr.dtype not in (np.float32, np.float64):
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(f"dist has dtype {arr.dtype}; distances must be real numbers")
@@ -182,15 +246,57 @@ def quantile_threshold(dist, q):
     if bad >= 0:
         raise ValueError(f"dist[{bad}] is NaN or infinite; distances must be finite")
     zeros, negatives = _zeros_and_negatives(arr)
-    count = arr.shape[0] - zeros
+    return float(C.cluster_select_rank(arr, _sorted_rank(arr.shape[0], zeros, negatives, q)))
+
+
+def _check_quantile_input(shape):
+    if len(shape) != 1:
+        raise ValueError(f"dist must be the condensed (1-D) distances, got shape {tuple(shape)}")
+    if shape[0] == 0:
+        raise ValueError("dist is empty: no pairwise distances to take a quantile of")
+
+
+def _sorted_rank(m, zeros, negatives, q):
+    """The position in the fully sorted m distances (negatives, zeros, positives) of the nonzero
+    distance at rank round(q * count)."""
+    count = m - zeros
     if count == 0:
         raise ValueError("every distance is 0: no nonzero distance to take a quantile of")
     rank = int(np.round(q * count)) if 0.0 <= q < 1.0 else -1
     if not 0 <= rank < count:
         raise ValueError(f"q={q} gives rank round(q * {count}) = {rank}, outside 0..{count - 1} "
                          f"(the nonzero distances); use 0 <= q < 1, a little lower")
-    # sorted order: the negatives, then the zeros, then the positives
-    return float(C.cluster_select_rank(arr, rank if rank < negatives else rank + zeros))
+    return rank if rank < negatives else rank + zeros
+
+
+def _first_nonfinite_torch(t):
+    """Offset of the first NaN or infinite entry of a 1-D tensor (in chunks, on its device), or
+    -1."""
+    import torch
+
+    for start in range(0, t.shape[0], _FINITE_CHUNK):
+        bad = torch.nonzero(~torch.isfinite(t[start:start + _FINITE_CHUNK]))
+        if bad.numel():
+            return start + int(bad[0, 0])
+    return -1
+
+
+def _quantile_threshold_torch(dist, q):
+    """quantile_threshold of a torch tensor where it lives (the CUDA path; the same rule): zeros
+    and negatives counted in chunks, then torch.kthvalue at the rank."""
+    _check_quantile_input(dist.shape)
+    if not dist.is_floating_point():
+        dist = dist.double()
+    bad = _first_nonfinite_torch(dist)
+    if bad >= 0:
+        raise ValueError(f"dist[{bad}] is NaN or infinite; distances must be finite")
+    zeros = negatives = 0
+    for start in range(0, dist.shape[0], _FINITE_CHUNK):
+        chunk = dist[start:start + _FINITE_CHUNK]
+        zeros += int((chunk == 0).sum())
+        negatives += int((chunk < 0).sum())
+    rank = _sorted_rank(dist.shape[0], zeros, negatives, q)
+    return float(dist.detach().kthvalue(rank + 1).values)
 
 
 def _zeros_and_negatives(arr, chunk=1 << 22):

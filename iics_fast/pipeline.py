@@ -8,10 +8,13 @@
         = rerank_distance(dist, rerank) -> merge(dist, k | threshold)
 
 Distances are condensed (SciPy `pdist` order) float32. The distance builds take torch tensors on
-any device and return them there; the re-ranking and the merge run on the host, in place on the
-buffer (a device tensor is copied to the host once). `rerank` is None (plain distance) or a
-mapping of `k_reciprocal`'s parameters k1, k2, lambda_value. The round, step by step:
-docs/method.md.
+any device and return them there (the Triton kernels on CUDA, the C++ core on the CPU). `route`
+says where the rest of a clustering runs: on a CUDA device without re-ranking the merge (and the
+threshold) run there too and only the linkage matrix comes back; with re-ranking, which runs on
+the host, the condensed matrix is copied to the host once (`to_host`, the round's only copy of an
+N x N or N x D tensor to the host) and re-ranked and merged there in place. `rerank` is None
+(plain distance) or a mapping of `k_reciprocal`'s parameters k1, k2, lambda_value. The round,
+step by step: docs/method.md.
 """
 from __future__ import annotations
 
@@ -30,11 +33,23 @@ def cluster_count(n_c: int, k_intra: int) -> int:
     return k_intra if n_c >= k_intra else max(1, n_c // 2)
 
 
-def _host(dist) -> np.ndarray:
-    """A writable host NumPy view of a condensed distance (a device tensor is copied once)."""
-    if isinstance(dist, torch.Tensor):
-        return dist.detach().cpu().numpy()
-    return np.asarray(dist)
+def route(device, rerank=None) -> dict:
+    """Where each step of a clustering runs for a distance built on `device`:
+    distance ("triton" on CUDA, "cpu"), rerank (None or "cpu"), merge ("cuda" or "cpu": on CUDA
+    when the extension has the CUDA merge and nothing runs on the host before it) and
+    host_copies (copies of the condensed matrix to the host: 1 when a CUDA distance is merged on
+    the host, else 0)."""
+    cuda = torch.device(device).type == "cuda"
+    on_device = cuda and rerank is None and cluster.has_cuda_merge()
+    return {"distance": "triton" if cuda else "cpu",
+            "rerank": None if rerank is None else "cpu",
+            "merge": "cuda" if on_device else "cpu",
+            "host_copies": int(cuda and not on_device)}
+
+
+def to_host(dist: torch.Tensor) -> np.ndarray:
+    """The host copy of a condensed distance on a device (the one copy a clustering may make)."""
+    return dist.detach().cpu().numpy()
 
 
 def rerank_distance(dist: np.ndarray, rerank=None) -> np.ndarray:
@@ -44,15 +59,16 @@ def rerank_distance(dist: np.ndarray, rerank=None) -> np.ndarray:
     return dist
 
 
-def threshold(dist: np.ndarray, quantile: float) -> float:
+def threshold(dist, quantile: float) -> float:
     """The reference's threshold: the distance at `quantile` of the nonzero pairwise distances,
     rank round(quantile * count) (see `cluster.quantile_threshold`)."""
     return cluster.quantile_threshold(dist, quantile)
 
 
-def merge(dist: np.ndarray, k: int | None = None, quantile: float | None = None) -> np.ndarray:
-    """Average-linkage labels of the condensed `dist` (destroyed): k clusters, or every merge
-    below the distance at `quantile` when k is None."""
+def merge(dist, k: int | None = None, quantile: float | None = None) -> np.ndarray:
+    """Average-linkage labels of the condensed `dist` (destroyed; a host array, or a CUDA tensor
+    merged on its device): k clusters, or every merge below the distance at `quantile` when k is
+    None."""
     if quantile is None:
         return np.asarray(cluster.agglomerative(dist, n_clusters=k, inplace=True))
     return np.asarray(cluster.agglomerative(dist, distance_threshold=threshold(dist, quantile),
@@ -61,18 +77,24 @@ def merge(dist: np.ndarray, k: int | None = None, quantile: float | None = None)
 
 def cluster_distance(dist, *, k: int | None = None, quantile: float | None = None,
                      rerank=None) -> np.ndarray:
-    """One clustering of a round: re-rank (optional) then average linkage, in place on `dist`."""
+    """One clustering of a round: re-rank (optional) then average linkage, in place on `dist`,
+    where `route` says."""
     if (k is None) == (quantile is None):
         raise ValueError("give exactly one of k (a cluster count) and quantile (a threshold)")
-    dist = rerank_distance(_host(dist), rerank)
+    device = dist.device if isinstance(dist, torch.Tensor) else "cpu"
+    plan = route(device, rerank)
+    if plan["merge"] == "cuda":
+        return merge(dist.detach(), k, quantile)
+    if isinstance(dist, torch.Tensor):
+        dist = to_host(dist) if plan["host_copies"] else dist.detach().numpy()
+    dist = rerank_distance(np.asarray(dist), rerank)
     return merge(dist, k, quantile)
 
 
 def intra_camera_distance(features: torch.Tensor) -> torch.Tensor:
     """Condensed 1 - cos of one camera's features (normalised here), on their device."""
-    return similarity.inter_camera_distance(features, None, torch.zeros(len(features),
-                                                                        dtype=torch.int64),
-                                            mode="feature")
+    one_camera = torch.zeros(len(features), dtype=torch.int64, device=features.device)
+    return similarity.inter_camera_distance(features, None, one_camera, mode="feature")
 
 
 def intra_camera_labels(features: torch.Tensor, camids: np.ndarray, k_intra: int | None = 600,
@@ -114,6 +136,6 @@ def inter_camera_labels(features, scores, camids, mu: float, *, mode: str = "eq5
     return distributed.broadcast_object(labels)
 
 
-__all__ = ["RERANK", "cluster_count", "rerank_distance", "threshold", "merge",
+__all__ = ["RERANK", "cluster_count", "route", "to_host", "rerank_distance", "threshold", "merge",
            "cluster_distance", "intra_camera_distance", "intra_camera_labels",
            "inter_camera_distance", "inter_camera_labels"]

@@ -17,7 +17,7 @@ def similarity_histograms(feats: torch.Tensor, pids: np.ndarray, camids: np.ndar
     keep = np.flatnonzero(pids >= 0)
     if len(keep) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(keep, max_images, replace=False))
-    x = F.normalize(feats[keep].float(), dim=1)
+    x = F.normalize(feats[torch.from_numpy(keep).to(feats.device)].float(), dim=1).cpu()
     iu = torch.triu_indices(len(keep), len(keep), 1)
     sim = (x @ x.t())[iu[0], iu[1]].numpy()
     p, c = pids[keep], camids[keep]

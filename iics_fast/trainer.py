@@ -115,8 +115,10 @@ class Trainer(TrainerBase):
         self.histogram(f"round {r} after stage 1", feats, r)
         with self.timed("similarity"):
             self.row["mu"] = mu = mu_schedule(cfg.mu, r, cfg.rounds, cfg.mu_power)
-            comm = D.comm_device()  # the sharded build's device (the CPU in one process)
-            dist = pipeline.inter_camera_distance(feats.to(comm), scores.to(comm), self.camids,
+            # the sharded build's device under several processes; in one process where the
+            # features are (on a GPU: the Triton kernel, no copy to the host)
+            dev = D.comm_device() if self.world > 1 else feats.device
+            dist = pipeline.inter_camera_distance(feats.to(dev), scores.to(dev), self.camids,
                                                   mu, cfg.inter_similarity)
         del feats, scores
         with self.timed("inter_cluster"):

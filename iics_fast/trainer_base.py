@@ -296,25 +296,27 @@ class TrainerBase:
     @torch.no_grad()
     def extract(self, items, heads=None, desc="extract", to="all"):
         """Flip-averaged pool5 features (eval mode) and, given heads, the scores
-        s = concat_c softmax(head_c(f)). Returns float32 CPU tensors (features, scores|None).
-        Under several processes each rank extracts its contiguous share of `items` and the
-        shares are gathered in order, to every rank (to="all") or to rank 0 (to="main"; the
-        other ranks get (None, None))."""
+        s = concat_c softmax(head_c(f)). Returns float32 tensors (features, scores|None) on the
+        training device in one process (on a GPU they stay there for the distance kernels, the
+        merge and the evaluation), on the CPU under several processes: each rank extracts its
+        contiguous share of `items` and the shares are gathered in order, to every rank
+        (to="all") or to rank 0 (to="main"; the other ranks get (None, None))."""
         self.model.eval()
         part = D.shard_indices(len(items), self.rank, self.world)
         loader = DataLoader(ImageDataset(items[part.start:part.stop],
                                          EvalTransform(self.cfg.height, self.cfg.width)),
                             batch_size=self.cfg.batch_extract, shuffle=False,
                             num_workers=self.workers, pin_memory=self.cuda)
-        feats = [torch.zeros(0, self.model.out_dim)]
-        scores = [torch.zeros(0, sum(h.classifier.out_features for h in heads))] if heads else []
+        feats = [torch.zeros(0, self.model.out_dim, device=self.device)]
+        scores = ([torch.zeros(0, sum(h.classifier.out_features for h in heads),
+                               device=self.device)] if heads else [])
         for x, *_ in self.bar(loader, desc):
             x = self.to_device(x)
             with self.autocast():
                 f = (self.model(x).float() + self.model(x.flip(3)).float()) / 2
                 if heads is not None:
-                    scores.append(torch.cat([F.softmax(h(f).float(), 1) for h in heads], 1).cpu())
-            feats.append(f.float().cpu())
+                    scores.append(torch.cat([F.softmax(h(f).float(), 1) for h in heads], 1))
+            feats.append(f.float())
         scores = torch.cat(scores) if heads is not None else None
         return self.gather_rows(torch.cat(feats), to), self.gather_rows(scores, to)
 

@@ -32,6 +32,23 @@ def _seed_global_generators(request):
     random.seed(seed)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu are skipped, with the reason, where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """Where kernel tests put their tensors: the GPU when there is one (compiled kernels), else
+    the CPU (Triton's interpreter, the C++ paths)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @pytest.fixture
 def rng(request):
     """A fresh generator a test, seeded from the test's node id so failures reproduce."""

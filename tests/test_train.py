@@ -376,3 +376,47 @@ def test_resolved_defaults_are_the_reference_codes(dataset):
     if dataset == "msmt17":  # the reference trains on list_train.txt alone
         assert not config["dataset_options"].get("combine_val", False)
         assert inspect.signature(load_msmt17).parameters["combine_val"].default is False
+
+
+def test_round_keeps_tensors_on_the_training_device(cache, tmp_path, monkeypatch):
+    """In one process extraction returns the features and scores where the model runs, and the
+    inter-camera distance is built there: nothing calls Tensor.cpu() on the way (on a GPU that
+    would be an N x D copy to the host). pipeline.to_host, the one copy a clustering may make,
+    is not called for a distance already on the host (tests/test_pipeline.py checks the CUDA
+    routes)."""
+    from iics_fast import pipeline
+    from iics_fast.trainer import Trainer
+
+    config = train.resolve(train.parse_args(TINY + ["--out", str(tmp_path / "run")]))
+    trainer = Trainer(config)
+    heads = trainer.new_heads([3, 4])
+    built, copies = [], []
+    real_distance, real_to_host = pipeline.inter_camera_distance, pipeline.to_host
+
+    def no_cpu(self, *args, **kwargs):
+        raise AssertionError(f"Tensor.cpu() on a {tuple(self.shape)} tensor")
+
+    def distance(features, scores, *args, **kwargs):
+        built.append((features.device, scores.device))
+        return real_distance(features, scores, *args, **kwargs)
+
+    def to_host(dist):
+        copies.append(tuple(dist.shape))
+        return real_to_host(dist)
+
+    monkeypatch.setattr(pipeline, "inter_camera_distance", distance)
+    monkeypatch.setattr(pipeline, "to_host", to_host)
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "cpu", no_cpu)
+        feats, scores = trainer.extract(trainer.items(trainer.pids), heads=heads)
+    assert feats.device == scores.device == trainer.device
+    assert feats.shape == (len(trainer.pids), trainer.model.out_dim) and scores.shape[1] == 7
+    trainer.row = {"round": 0, "time": {}, "intra_clusters": [3, 4]}
+    trainer.heads_state = heads.state_dict()
+    monkeypatch.setattr(trainer, "stage2", lambda head, seed: {})
+    monkeypatch.setattr(trainer, "checkpoint", lambda *a: None)
+    monkeypatch.setattr(trainer, "describe_stage2", lambda: "")
+    trainer.inter_camera_round(0)
+    assert built == [(trainer.device, trainer.device)]
+    n = len(trainer.pids)
+    assert copies == [] and trainer.inter_labels.shape == (n,)
