@@ -178,10 +178,12 @@ def summary(work: str) -> tuple[str, bool]:
             lines.append(f"{step:24s} {result:>8s} {float(secs):8.0f} {budget:>7s}")
     path = os.path.join(work, "kernels.json")
     if os.path.exists(path):
-        lines += ["", HEADER] + [format_row(r) for r in json.load(open(path))]
+        with open(path) as fh:
+            lines += ["", HEADER] + [format_row(r) for r in json.load(fh)]
     path = os.path.join(work, "train", "metrics.jsonl")
     if os.path.exists(path):
-        rounds = [json.loads(line) for line in open(path)]
+        with open(path) as fh:
+            rounds = [json.loads(line) for line in fh]
         phases = list(rounds[0]["time"]) if rounds else []
         lines += ["", f"{'training round':16s}" + "".join(f"{p[:12]:>13s}" for p in phases)]
         for r in rounds:

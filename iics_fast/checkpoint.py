@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import contextlib
 import os
 import random
 
@@ -92,10 +93,8 @@ def write_atomic(path: str, data: bytes | str, before_replace=None) -> None:
             before_replace()
         os.replace(tmp, path)
     except OSError as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise write_error(exc, path, len(data)) from None
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 

@@ -187,7 +187,7 @@ class RunFolder:
             self.out = name
             return
 
-    def acquire(self) -> "RunFolder":
+    def acquire(self) -> RunFolder:
         """Create and lock the folder, check it again under the lock, remove stale temporary
         files. Refuses at once when another run holds the folder."""
         if not self.claim and os.path.isfile(os.path.join(self.out, LOCK)):

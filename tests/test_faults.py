@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def _snapshot(folder):
     for d, _, files in os.walk(folder):
         for f in files:
             p = os.path.join(d, f)
-            found[os.path.relpath(p, folder)] = open(p, "rb").read()
+            found[os.path.relpath(p, folder)] = Path(p).read_bytes()
     return found
 
 
@@ -183,12 +184,12 @@ def test_checkpoint_keeps_its_predecessor_and_falls_back(tmp_path):
         folder.save_checkpoint(_state(k))
     assert _load(os.path.join(out, "last.pt"))["config"] == {"k": 2}
     assert _load(os.path.join(out, "previous.pt"))["config"] == {"k": 1}
-    data = open(os.path.join(out, "last.pt"), "rb").read()
-    open(os.path.join(out, "last.pt"), "wb").write(data[: len(data) // 2])  # truncated
+    data = Path(out, "last.pt").read_bytes()
+    Path(out, "last.pt").write_bytes(data[: len(data) // 2])  # truncated
     said = []
     assert folder.load_checkpoint(said.append)["config"] == {"k": 1}
     assert "last.pt is unreadable" in said[0] and "resuming from previous.pt" in said[0]
-    open(os.path.join(out, "previous.pt"), "wb").write(b"garbage")
+    Path(out, "previous.pt").write_bytes(b"garbage")
     with pytest.raises(RunFolderError, match="no usable checkpoint"):
         folder.load_checkpoint()
     folder.release()
@@ -198,7 +199,7 @@ class _FullDisk:
     """A file whose writes fail with ENOSPC after `room` bytes (the simulated full disk)."""
 
     def __init__(self, path, mode, room):
-        self.fh, self.room = open(path, mode), room
+        self.fh, self.room = open(path, mode), room  # noqa: SIM115 (closed by the wrapper)
 
     def write(self, data):
         if len(data) > self.room:
@@ -218,11 +219,11 @@ class _FullDisk:
 
 
 def _check_full_disk(out, folder):
-    before = open(os.path.join(out, "last.pt"), "rb").read()
+    before = Path(out, "last.pt").read_bytes()
     with pytest.raises(ValueError, match=r"the disk holding .* is full: could not write "
                                          r"last.pt \(.* to write\)"):
         folder.save_checkpoint({**_state(2), "model": {"w": torch.zeros(400_000)}})
-    assert open(os.path.join(out, "last.pt"), "rb").read() == before  # intact
+    assert Path(out, "last.pt").read_bytes() == before  # intact
     assert not [n for n in os.listdir(out) if ".tmp" in n]  # no torn temporary left
     with pytest.raises(ValueError, match="is full: could not write metrics.jsonl"):
         folder.write("metrics.jsonl", "x" * 2_000_000)

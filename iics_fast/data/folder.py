@@ -73,7 +73,8 @@ def _from_csv(csv_path: str) -> list:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
     except UnicodeDecodeError as exc:
-        line = open(csv_path, "rb").read()[:exc.start].count(b"\n") + 1
+        with open(csv_path, "rb") as raw:
+            line = raw.read()[:exc.start].count(b"\n") + 1
         raise DatasetError(f"{csv_path}:{line}: the file is not UTF-8 text (byte "
                            f"0x{exc.object[exc.start]:02x}); save it as UTF-8 (e.g. "
                            f"`iconv -f latin1 -t utf-8`)") from None
