@@ -74,6 +74,9 @@ setup(
             "scikit-learn>=1.2",
             "fastcluster>=1.2",
         ],
+        # the benchmarks' peers beyond the test extras; fast-reid itself: pip install --no-deps
+        # fastreid (its wheel pins torch 1.13.1), see benchmarks/bench_evaluation.py
+        "bench": ["cython>=3"],
     },
     zip_safe=False,
 )

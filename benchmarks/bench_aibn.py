@@ -7,7 +7,7 @@ to `aibn_ref` and BatchNorm2d, float32 and bfloat16, channels-first and channels
 Layer3 of ResNet-50 at 256x128 input is (batch, 1024, 16, 8). Default batch 16 (CPU) / 64 (GPU);
 IICS_BENCH_SCALE=large uses batch 64 on CPU too.
 
-    pytest benchmarks/bench_aibn.py -s          # or: python benchmarks/bench_aibn.py
+    pytest benchmarks/bench_aibn.py -s          # or: python -m benchmarks.bench_aibn
 """
 import os
 import time
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from iics_fast.kernels.aibn import aibn, aibn_ref, traffic_bytes
+from benchmarks.gpu_specs.aibn import traffic_bytes
+from iics_fast.kernels.aibn import aibn, aibn_ref
 
 LARGE = os.environ.get("IICS_BENCH_SCALE", "small") == "large"
 
@@ -153,7 +154,8 @@ def run_traffic(batch=64, hbm=3.35e12):
     n_el = batch * 1024 * 128
     rf, rb, re, (nf, nb, ne) = reference_traffic()
     print(f"\naibn_ref float32 training: forward {rf:.1f} B/element ({nf} activation-sized ops), "
-          f"backward {rb:.1f} B/element ({nb} ops); H100 at layer3 batch {batch}: {(rf + rb) * n_el / hbm * 1e6:.0f} us")
+          f"backward {rb:.1f} B/element ({nb} ops); H100 at layer3 batch {batch}: "
+          f"{(rf + rb) * n_el / hbm * 1e6:.0f} us")
     print(f"aibn_ref float32 eval forward: {re:.1f} B/element ({ne} ops); {re * n_el / hbm * 1e6:.0f} us")
     fused = {}
     for name, size in (("float32", 4), ("bfloat16", 2)):

@@ -14,7 +14,7 @@ timed) and its peak memory measured in a fresh process above its input. Before t
 heights match fastcluster's (rtol 1e-4: float32 storage) and the partitions at N/40 clusters
 are the same (adjusted Rand index 1).
 
-    pytest benchmarks/bench_cluster.py -s                          # N = 4,000 and 16,000
+    pytest benchmarks/bench_cluster.py -s                          # N = 4,000 and 16,000, + host RNN passes
     IICS_BENCH_SCALE=large pytest benchmarks/bench_cluster.py -s   # + N = 32,621 (MSMT17)
 """
 from __future__ import annotations
@@ -62,7 +62,17 @@ def scipy_linkage(d64):
     return linkage(d64, method="average")
 
 
-IMPLS = {"ours": (ours, np.float32), FASTCLUSTER: (fastcluster_inplace, np.float64), SCIPY: (scipy_linkage, np.float64)}
+def rnn_host(d):
+    """The host instantiation of the CUDA merge's reciprocal-nearest-neighbour passes (average
+    linkage, in place): the answer to whether the CPU should use the passes too."""
+    from iics_fast._native import native
+
+    return native().cluster_linkage(d, 2, True, False, True)
+
+
+RNN_HOST = "host RNN passes (the CUDA merge's algorithm)"
+IMPLS = {"ours": (ours, np.float32), FASTCLUSTER: (fastcluster_inplace, np.float64), SCIPY: (scipy_linkage, np.float64),
+         RNN_HOST: (rnn_host, np.float32)}
 
 
 def build(impl, n):
@@ -98,6 +108,14 @@ def compare(side_by_side, n, rounds, with_scipy=True):
 @pytest.mark.parametrize("n", [4000, 16000])
 def test_merge_vs_peers(side_by_side, n):
     compare(side_by_side, n, rounds=3)
+
+
+def test_rnn_host_versus_chain(side_by_side):
+    """Our nearest-neighbour chain against the host RNN passes, interleaved, same input."""
+    n = 16000
+    d = clustered_condensed(n)
+    side_by_side("merge: chain vs host RNN passes", f"N={n}", ours, {RNN_HOST: rnn_host},
+                 prepare=lambda: (d.copy(),), rounds=3)
 
 
 @pytest.mark.large

@@ -5,7 +5,7 @@ torchrun against one process (`test_bench_training_round`).
 
     pytest benchmarks/bench_distributed.py -s                        # N = 4,000, 2 ranks
     IICS_BENCH_SCALE=large pytest benchmarks/bench_distributed.py -s  # N = 8,000
-    python benchmarks/bench_distributed.py [--n N] [--world W]
+    python -m benchmarks.bench_distributed [--n N] [--world W]      # from the repository root
 
 The sharded result is checked bitwise against the single-process build first. Peak = growth of
 each rank's peak resident size (VmHWM, reset once the inputs are loaded) during the build. On a machine with fewer
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,11 +24,10 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_pairwise import make_case  # noqa: E402
-
-from iics_fast import distributed as D  # noqa: E402
-from iics_fast.similarity import inter_camera_distance  # noqa: E402
+from benchmarks.bench_pairwise import make_case
+from benchmarks.probes import PeakMemory, free_port
+from iics_fast import distributed as D
+from iics_fast.similarity import inter_camera_distance, sharded_inter_camera_distance
 
 MU = 0.02
 
@@ -38,48 +36,29 @@ def _case(n):
     return make_case(n, cams=6, dim_per_cam=600, d=2048)
 
 
-def _status_mb(key):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak_mb():
-    """Resets the peak resident size (VmHWM) to the current one; returns the current one."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    return _status_mb("VmRSS")
-
-
 def _rank_main(r, world, port, n, outdir):
     os.environ.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     feats, scores, camids = _case(n)
     with D.init_from_env():
-        base = _reset_peak_mb()
-        D.barrier()
-        t0 = time.perf_counter()
-        out = D.sharded_inter_camera_distance(feats, scores, camids, MU, dst=0)
-        wall = time.perf_counter() - t0
-        peak = _status_mb("VmHWM") - base
-        torch.save({"wall": wall, "peak": peak, "out": out}, os.path.join(outdir, f"rank{r}.pt"))
+        with PeakMemory() as mem:
+            D.barrier()
+            t0 = time.perf_counter()
+            out = sharded_inter_camera_distance(feats, scores, camids, MU, dst=0)
+            wall = time.perf_counter() - t0
+        torch.save({"wall": wall, "peak": mem.grew_mib, "out": out}, os.path.join(outdir, f"rank{r}.pt"))
         D.barrier()
 
 
 def run(n, world, outdir):
     feats, scores, camids = _case(n)
-    base = _reset_peak_mb()
-    t0 = time.perf_counter()
-    fused = inter_camera_distance(feats, scores, camids, MU, backend="cpu")
-    t_fused = time.perf_counter() - t0
-    p_fused = _status_mb("VmHWM") - base
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank_main, args=(world, port, n, outdir), nprocs=world, join=True)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        fused = inter_camera_distance(feats, scores, camids, MU, backend="cpu")
+        t_fused = time.perf_counter() - t0
+    p_fused = mem.grew_mib
+    mp.spawn(_rank_main, args=(world, free_port(), n, outdir), nprocs=world, join=True)
     res = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
     assert torch.equal(res[0]["out"], fused), "sharded build differs from inter_camera_distance"
     assert all(x["out"] is None for x in res[1:])

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from iics_fast import condensed
 from iics_fast.similarity import inter_camera_distance
 
 MARKET = dict(n=6000, cams=6, dim_per_cam=600, d=2048)   # D = 3,600 (Market-1501's)
@@ -68,7 +69,7 @@ def blocked_torch(feats, scores, camids, mu=MU, block=256):
         d -= mu * jac * (camids[i0:i1, None] != camids[None, i0:])
         for r in range(i1 - i0):
             i = i0 + r
-            start = n * i - i * (i + 1) // 2
+            start = condensed.row_offset(n, i)
             out[start : start + n - i - 1] = d[r, r + 1 :]
     return out
 
@@ -191,7 +192,7 @@ def test_inter_camera_msmt17(side_by_side):
                                     PEER: "about 10x ours here (most of an hour); measured at N = 6,000"}})
     got = last.pop("out")  # the timed build's output, checked against the reference's rows
     for i, row in reference_rows(case, [0, n // 2, n - 2]).items():
-        start = n * i - i * (i + 1) // 2
+        start = condensed.row_offset(n, i)
         np.testing.assert_allclose(got[start : start + n - i - 1].numpy(), row[i + 1 :], atol=3e-5)
 
 
@@ -218,10 +219,11 @@ def gpu_estimate():
     """Registers, spills and inner-loop mix of the sm_90 cubins, and the H100 time they imply at
     MSMT17 scale: warp-instructions of the L1 loop per pair-element against 132 SMs x 4
     schedulers x 1 warp-instruction / cycle at 1.7 GHz; cosines at tensor-core / FFMA rates."""
-    from iics_fast.gpu_report import compile_report
+    from benchmarks.gpu_report import compile_report
+    from benchmarks.gpu_specs.pairwise import COMPILE_SPECS
     from iics_fast.kernels import pairwise as K
 
-    reports = {s.name: compile_report(s, 90) for s in K.COMPILE_SPECS}
+    reports = {s.name: compile_report(s, 90) for s in COMPILE_SPECS}
     for name, r in reports.items():
         mix = " ".join(f"{k}:{v}" for k, v in list(r.inner_loop.items())[:6])
         print(f"  sm_90 {name:28s} regs {r.registers:3d} spill {r.spill_bytes} smem {r.shared_bytes:6d}  "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from iics_fast import condensed
 from iics_fast.rerank import k_reciprocal, k_reciprocal_ref
 
 PEER = "SpCL/Cluster Contrast k-NN Jaccard (sparse V), re-created"
@@ -212,7 +213,7 @@ def test_rerank_msmt17(side_by_side):
         sim = x[i0:i0 + 1024] @ x.T
         for r in range(sim.shape[0]):
             i = i0 + r
-            start = n * i - i * (i + 1) // 2
+            start = condensed.row_offset(n, i)
             d[start:start + n - 1 - i] = 1 - sim[r, i + 1:]
     base = d.copy()
     side_by_side("k-reciprocal re-ranking", f"N={n}, input: condensed distance",

@@ -21,6 +21,7 @@ machine's ceiling for its inner loop. ``@pytest.mark.gpu`` skips without CUDA;
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -33,34 +34,29 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.probes import PeakMemory
+
 SCALES = ("small", "large")
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MEMORY_DRIVER = """
 import importlib.util, json, sys, time
+from benchmarks.probes import PeakMemory
 spec = importlib.util.spec_from_file_location("bench_module", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 sys.modules["bench_module"] = mod
 spec.loader.exec_module(mod)
-
-def kib(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-
 run = mod.build(sys.argv[2], **json.loads(sys.argv[3]))  # inputs built (and libraries warmed) here
 import ctypes
 try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS: the start is the inputs
 except OSError:
     pass
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # VmHWM := VmRSS
-base = kib("VmRSS:")
 t0 = time.perf_counter()
-run()
-print(json.dumps({"peak_mb": (kib("VmHWM:") - base) / 1024, "input_mb": base / 1024,
-                  "time_s": time.perf_counter() - t0}))
+with PeakMemory() as mem:
+    run()
+print(json.dumps({"peak_mb": mem.grew_mib, "input_mb": mem.start_kib / 1024,
+                  "time_s": time.perf_counter() - t0, "sampled": mem.sampled}))
 """
 
 
@@ -163,42 +159,20 @@ def memory_probe(module_file: str, impl: str, **size) -> dict:
     """Peak resident memory of one implementation in a fresh process.
 
     The module's ``build(impl, **size)`` makes the inputs, warms the libraries up on a tiny
-    case and returns a callable; then the process's peak RSS (VmHWM) is reset to its current
-    RSS and the callable run once: the peak above that start is what the implementation itself
-    needs. Returns {"peak_mb", "input_mb", "time_s"}; {"error": ...} when it failed.
+    case and returns a callable, which then runs once under ``benchmarks.probes.PeakMemory``:
+    the peak above the resident size at its start is what the implementation itself needs.
+    Returns {"peak_mb", "input_mb", "time_s", "sampled"}; {"error": ...} when it failed.
     """
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        return {"error": "peak memory needs Linux /proc/self/clear_refs"}
-    proc = subprocess.run([sys.executable, "-c", MEMORY_DRIVER, module_file, impl, json.dumps(size)],
-                          capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")})
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from benchmarks.probes import run_python
+
+    try:
+        out = run_python(MEMORY_DRIVER, module_file, impl, json.dumps(size))
+    except RuntimeError as exc:
+        return {"error": str(exc).strip().splitlines()[-1][:300]}
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- side by side
-
-
-def _kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak():
-    """Reset VmHWM to the current RSS (after returning freed heap); returns that RSS in KiB."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _kib("VmRSS:")
 
 
 def _stats(times):
@@ -250,12 +224,13 @@ def side_by_side(benchmark, request):
         inline = []
 
         def timed_ours(*args):  # CPU seconds (all threads) beside pytest-benchmark's wall time
-            base = _reset_peak() if memory_inline else None
-            c0 = time.process_time()
-            out = ours(*args)
-            ours_cpu.append(time.process_time() - c0)
-            if base is not None:
-                inline.append((_kib("VmHWM:") - base) / 1024)
+            mem = PeakMemory() if memory_inline else contextlib.nullcontext()
+            with mem:
+                c0 = time.process_time()
+                out = ours(*args)
+                ours_cpu.append(time.process_time() - c0)
+            if memory_inline:
+                inline.append(mem.grew_mib)
             return out
 
         benchmark.group = f"{op} {size}"
@@ -280,7 +255,7 @@ def side_by_side(benchmark, request):
             record["memory"] = {label: memory_probe(**spec) for label, spec in memory.items()}
         if inline:
             record.setdefault("memory", {})["ours"] = {
-                "peak_mb": max(inline), "how": "in this process: VmHWM reset before the timed run"}
+                "peak_mb": max(inline), "how": "in this process, around the timed run (benchmarks.probes.PeakMemory)"}
         if ceiling:
             ceil = dict(ceiling)
             ceil["ours_rate"] = ceil["work"] / min(ours_times)

@@ -10,6 +10,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -17,6 +18,9 @@
 
 #include "condensed.h"
 #include "cpu/cluster_cpu.h"
+#ifdef IICS_WITH_CUDA
+#include "cuda/cluster_cuda.h"
+#endif
 
 namespace py = pybind11;
 
@@ -30,10 +34,8 @@ int64_t points_of(const py::array& a) {
   }
   if (a.ndim() != 1) throw std::invalid_argument("expected a condensed (1-D) or square array");
   const int64_t m = a.shape(0);
-  int64_t n = static_cast<int64_t>((1.0 + std::sqrt(1.0 + 8.0 * static_cast<double>(m))) / 2.0);
-  while (iics::condensed_size(n) > m) --n;
-  while (iics::condensed_size(n + 1) <= m) ++n;
-  if (iics::condensed_size(n) != m)
+  const int64_t n = iics::condensed_points(m);
+  if (n < 0)
     throw std::invalid_argument("condensed length " + std::to_string(m) +
                                 " is not n*(n-1)/2 for any n");
   return n;
@@ -72,9 +74,24 @@ void copy_triangle(const T* src, int64_t n, bool square, T* dst) {
     std::memcpy(dst + iics::condensed_row(n, i), src + n * i + i + 1, (n - i - 1) * sizeof(T));
 }
 
+// The merge of the working triangle D, labelled into Z (SciPy's linkage matrix).
+template <typename T>
+void merge(T* D, int64_t n, iics::LinkageMethod how, bool force_threads, bool rnn, double* z) {
+  std::vector<int32_t> a(n - 1), b(n - 1);
+  std::vector<double> h(n - 1);
+  if (rnn) {
+    std::vector<int32_t> pass(n - 1);
+    iics::rnn_linkage(D, n, how, a.data(), b.data(), h.data(), pass.data());
+    iics::rnn_merges_to_linkage(n, a.data(), b.data(), h.data(), pass.data(), z);
+  } else {
+    iics::nn_chain_linkage(D, n, how, a.data(), b.data(), h.data(), force_threads);
+    iics::merges_to_linkage(n, a.data(), b.data(), h.data(), z);
+  }
+}
+
 template <typename T>
 py::array_t<double> linkage_typed(py::array_t<T, py::array::c_style> a, int method,
-                                  bool inplace, bool force_threads) {
+                                  bool inplace, bool force_threads, bool rnn) {
   const int64_t n = points_of(a);
   const bool square = a.ndim() == 2;
   if (n < 1) throw std::invalid_argument("linkage needs at least one point");
@@ -83,26 +100,49 @@ py::array_t<double> linkage_typed(py::array_t<T, py::array::c_style> a, int meth
   if (inplace && !a.writeable()) throw std::invalid_argument("inplace=True needs a writable array");
   py::array_t<double> Z({std::max<int64_t>(n - 1, 0), int64_t(4)});
   if (n < 2) return Z;
-  std::unique_ptr<int32_t[]> ma(new int32_t[n - 1]), mb(new int32_t[n - 1]);
-  std::unique_ptr<double[]> mh(new double[n - 1]);
   double* z = Z.mutable_data();
   const auto how = static_cast<iics::LinkageMethod>(method);
   if (inplace) {
     T* data = a.mutable_data();
     py::gil_scoped_release release;
     if (square) iics::square_to_condensed(data, n);
-    iics::nn_chain_linkage(data, n, how, ma.get(), mb.get(), mh.get(), force_threads);
-    iics::merges_to_linkage(n, ma.get(), mb.get(), mh.get(), z);
+    merge(data, n, how, force_threads, rnn, z);
   } else {
     const T* data = a.data();
     py::gil_scoped_release release;
     auto work = alloc_triangle<T>(iics::condensed_size(n));
     copy_triangle(data, n, square, work.get());
-    iics::nn_chain_linkage(work.get(), n, how, ma.get(), mb.get(), mh.get(), force_threads);
-    work.reset();
-    iics::merges_to_linkage(n, ma.get(), mb.get(), mh.get(), z);
+    merge(work.get(), n, how, force_threads, rnn, z);
   }
   return Z;
+}
+
+template <typename T>
+py::tuple rnn_passes_typed(py::array_t<T, py::array::c_style> a, int method) {
+  if (a.ndim() != 1) throw std::invalid_argument("cluster_rnn_passes expects a condensed array");
+  const int64_t n = points_of(a);
+  if (method < 0 || method > 3) throw std::invalid_argument("unknown linkage method code");
+  py::array_t<double> Z({std::max<int64_t>(n - 1, 0), int64_t(4)});
+  std::vector<iics::RnnPass> passes;
+  if (n >= 2) {
+    const T* data = a.data();
+    double* z = Z.mutable_data();
+    py::gil_scoped_release release;
+    auto work = alloc_triangle<T>(iics::condensed_size(n));
+    copy_triangle(data, n, false, work.get());
+    std::vector<int32_t> ma(n - 1), mb(n - 1), mp(n - 1);
+    std::vector<double> mh(n - 1);
+    iics::rnn_linkage(work.get(), n, static_cast<iics::LinkageMethod>(method), ma.data(),
+                      mb.data(), mh.data(), mp.data(), &passes);
+    work.reset();
+    iics::rnn_merges_to_linkage(n, ma.data(), mb.data(), mh.data(), mp.data(), z);
+  }
+  py::array_t<int64_t> out({static_cast<int64_t>(passes.size()), int64_t(5)});
+  int64_t* o = out.mutable_data();
+  for (const auto& p : passes) {
+    *o++ = p.live, *o++ = p.merges, *o++ = p.rescans, *o++ = p.strided, *o++ = p.contiguous;
+  }
+  return py::make_tuple(Z, out);
 }
 
 template <typename T>
@@ -139,13 +179,43 @@ py::array_t<int64_t> cut_py(py::array_t<double, py::array::c_style> Z, int64_t n
   return labels;
 }
 
+#ifdef IICS_WITH_CUDA
+// The merge of a condensed float32 triangle on a CUDA device, given as the address of its first
+// entry (the Python layer checks the tensor); the triangle is destroyed. Merges come back to the
+// host, are put in the host's pass order and labelled as the CPU merges are.
+py::array_t<double> linkage_cuda(uintptr_t ptr, int64_t n, int method, int device,
+                                 uintptr_t stream) {
+  if (n < 1) throw std::invalid_argument("linkage needs at least one point");
+  if (n > 2147483647) throw std::invalid_argument("linkage supports at most 2^31 - 1 points");
+  if (method < 0 || method > 3) throw std::invalid_argument("unknown linkage method code");
+  py::array_t<double> Z({std::max<int64_t>(n - 1, 0), int64_t(4)});
+  if (n < 2) return Z;
+  std::vector<int32_t> a(n - 1), b(n - 1), pass(n - 1);
+  std::vector<double> h(n - 1);
+  double* z = Z.mutable_data();
+  {
+    py::gil_scoped_release release;
+    iics::rnn_linkage_cuda(reinterpret_cast<float*>(ptr), n, method, device,
+                           reinterpret_cast<void*>(stream), a.data(), b.data(), h.data(),
+                           pass.data());
+    iics::rnn_merges_to_linkage(n, a.data(), b.data(), h.data(), pass.data(), z);
+  }
+  return Z;
+}
+#endif
+
 // Exact-dtype overloads only: a float64 array must never be silently cast to a float32 copy.
 template <typename T>
 void def_typed(py::module_& m) {
   m.def("cluster_linkage", &linkage_typed<T>, py::arg("dist").noconvert(), py::arg("method"),
-        py::arg("inplace"), py::arg("force_threads") = false,
+        py::arg("inplace"), py::arg("force_threads") = false, py::arg("rnn") = false,
         "Linkage matrix of a condensed or square (upper triangle) float array; method codes "
-        "single 0, complete 1, average 2, weighted 3. inplace destroys the array.");
+        "single 0, complete 1, average 2, weighted 3. inplace destroys the array. rnn: "
+        "reciprocal-nearest-neighbour passes instead of the nearest-neighbour chain.");
+  m.def("cluster_rnn_passes", &rnn_passes_typed<T>, py::arg("dist").noconvert(),
+        py::arg("method"),
+        "The reciprocal-nearest-neighbour merge of a condensed array (not modified) with the "
+        "work of each pass: (Z, int64 rows (live, merges, rescans, strided, contiguous)).");
   m.def("cluster_first_nonfinite", &first_nonfinite_typed<T>, py::arg("values").noconvert(),
         "First non-finite entry of a 1-D array, or of a square array's upper triangle as a "
         "condensed offset; -1 if none.");
@@ -158,6 +228,13 @@ void def_typed(py::module_& m) {
 void bind_cluster(py::module_& m) {
   def_typed<float>(m);
   def_typed<double>(m);
+#ifdef IICS_WITH_CUDA
+  m.def("cluster_linkage_cuda", &linkage_cuda, py::arg("ptr"), py::arg("n"), py::arg("method"),
+        py::arg("device"), py::arg("stream"),
+        "Linkage matrix of the condensed float32 triangle at device address ptr (n points, "
+        "destroyed) by the reciprocal-nearest-neighbour merge on CUDA device `device`, on the "
+        "cudaStream_t `stream`.");
+#endif
   m.def("cluster_cut", &cut_py, py::arg("Z"), py::arg("n"), py::arg("n_merges"),
         "Flat labels after the first n_merges merges of a linkage matrix (first-appearance "
         "numbering).");

@@ -13,6 +13,13 @@ symmetric and, as in the reference, only i < j counts; the diagonal and lower tr
 NumPy arrays or CPU torch tensors. Distances may be negative (the IICS inter-camera distance can be);
 NaN or infinite ones are rejected.
 
+CUDA tensors. A float32 condensed triangle on a CUDA device is merged there, by reciprocal-
+nearest-neighbour passes (every pass merges all pairs of clusters that are each other's nearest
+neighbour, exact for these linkages) with the same per-pass code as a host version that the tests
+hold to SciPy (csrc/cluster_rnn.h); only the (n-1) x 4 linkage matrix comes back. Without ties its
+dendrogram is SciPy's; tied distances are broken by the lowest index, which is a valid dendrogram
+but not always the one SciPy's chain picks. Needs the extension built with IICS_WITH_CUDA=1.
+
 Precision. The Lance-Williams update is computed in float64 and stored in the input's precision.
 For float64 input the result is SciPy's, bit for bit (same tie rules, same arithmetic). For float32
 input every updated cluster distance is rounded to float32 (relative error about 6e-8 a merge
@@ -26,10 +33,15 @@ import numbers
 
 import numpy as np
 
+from . import condensed
 from ._native import native
 
 METHODS = {"single": 0, "complete": 1, "average": 2, "weighted": 3}
 _INDEX_MAX = 2**31 - 1  # the core names points by int32
+
+
+def _is_cuda(x):
+    return type(x).__module__.split(".")[0] == "torch" and x.device.type == "cuda"
 
 
 def _as_numpy(x, name):
@@ -44,12 +56,63 @@ def _as_numpy(x, name):
     raise TypeError(f"{name} must be a NumPy array or a CPU torch tensor, got {type(x).__name__}")
 
 
+#: entries checked for finiteness at a time on the device (bounds the temporary mask)
+_FINITE_CHUNK = 1 << 26
+
+
+def has_cuda_merge() -> bool:
+    """Whether the extension was built with the CUDA merge (IICS_WITH_CUDA=1)."""
+    try:
+        return hasattr(native(), "cluster_linkage_cuda")
+    except ImportError:
+        return False
+
+
+def _linkage_cuda(dist, method, inplace):
+    """linkage() of a CUDA tensor: validation, then the merge on its device."""
+    import torch
+
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; use one of {sorted(METHODS)}")
+    C = native()
+    if not hasattr(C, "cluster_linkage_cuda"):
+        raise RuntimeError("dist is a CUDA tensor, but iics_fast._C was built without CUDA: "
+                           "rebuild with `IICS_WITH_CUDA=1 pip install -e .` (needs nvcc), or "
+                           "pass dist.cpu()")
+    if dist.dtype != torch.float32:
+        raise TypeError(f"the CUDA merge works on float32 distances, got {dist.dtype}; pass "
+                        "dist.float() (or dist.cpu() for the float64 CPU merge)")
+    if dist.dim() != 1:
+        raise ValueError(f"dist has shape {tuple(dist.shape)}: on CUDA pass the condensed upper "
+                         "triangle (1-D, scipy.spatial.distance.pdist order)")
+    n = _num_points(dist)
+    if not dist.is_contiguous():
+        raise ValueError("dist is not contiguous; pass dist.contiguous()")
+    if inplace and dist.requires_grad:
+        raise ValueError("inplace=True on a tensor that requires grad; pass dist.detach()")
+    bad = _first_nonfinite_torch(dist)
+    if bad >= 0:
+        i, j = condensed.pair(n, bad)
+        raise ValueError(f"dist has a NaN or infinite entry at pair ({i}, {j}) (of the upper "
+                         "triangle); distances must be finite")
+    work = dist.detach() if inplace else dist.detach().clone()
+    return C.cluster_linkage_cuda(work.data_ptr(), n, METHODS[method], work.device.index,
+                                  _cuda_stream(work))
+
+
+def _cuda_stream(t):
+    """The current CUDA stream of t's device, as the launcher takes it (a cudaStream_t)."""
+    import torch
+
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
 def _num_points(arr, name="dist"):
     """n for a condensed (length n(n-1)/2) or square (n x n) distance array."""
     if arr.ndim == 1:
         m = arr.shape[0]
-        n = (1 + math.isqrt(1 + 8 * m)) // 2
-        if n * (n - 1) // 2 != m:
+        n = condensed.points(m)
+        if n < 0:
             raise ValueError(f"{name} has length {m}, which is not n*(n-1)/2 for any n: pass the "
                              "condensed upper triangle (scipy.spatial.distance.pdist order) or the "
                              "square n x n matrix")
@@ -92,19 +155,10 @@ def _prepare(dist, method, inplace):
         core_inplace = True
     bad = native().cluster_first_nonfinite(arr)
     if bad >= 0:
-        i, j = _pair_of(n, bad)
+        i, j = condensed.pair(n, bad)
         raise ValueError(f"dist has a NaN or infinite entry at pair ({i}, {j}) (of the upper "
                          "triangle); distances must be finite")
     return arr, n, METHODS[method], core_inplace
-
-
-def _pair_of(n, offset):
-    """(i, j), i < j, of a condensed offset."""
-    i = 0
-    while offset >= n - 1 - i:
-        offset -= n - 1 - i
-        i += 1
-    return i, i + 1 + offset
 
 
 def linkage(dist, method="average", inplace=False):
@@ -118,8 +172,17 @@ def linkage(dist, method="average", inplace=False):
     With inplace=False the triangle is copied once (a condensed copy, half a square one); with
     inplace=True the caller's float32/float64 C-contiguous buffer is destroyed and nothing of
     size O(n^2) is allocated (a square buffer is first compacted into its condensed prefix).
+    A float32 condensed CUDA tensor is merged on its device (see the module docstring).
     """
-    arr, _, code, core_inplace = _prepare(dist, method, inplace)
+    if _is_cuda(dist):
+        return _linkage_cuda(dist, method, inplace)
+    arr, n, code, core_inplace = _prepare(dist, method, inplace)
+    if not core_inplace:
+        from .condensed import size
+        from .memory import require
+        require(size(n) * arr.itemsize, f"the clustering's copy of the distances of "
+                f"N = {n} points", way_out="pass inplace=True (the distances are overwritten), "
+                "or cluster fewer points")
     return native().cluster_linkage(arr, code, core_inplace)
 
 
@@ -144,7 +207,7 @@ def agglomerative(dist, n_clusters=None, distance_threshold=None, method="averag
                             f"{distance_threshold!r}")
         if math.isnan(distance_threshold):
             raise ValueError("distance_threshold is NaN")
-    n = _num_points(_as_numpy(dist, "dist"))
+    n = _num_points(dist if _is_cuda(dist) else _as_numpy(dist, "dist"))
     if n_clusters is not None and not 1 <= n_clusters <= n:
         raise ValueError(f"n_clusters={n_clusters} is outside 1..{n} (the number of points)")
     Z = linkage(dist, method=method, inplace=inplace)
@@ -156,24 +219,22 @@ def agglomerative(dist, n_clusters=None, distance_threshold=None, method="averag
 
 
 def quantile_threshold(dist, q):
-    """The q-quantile of the pairwise distances by the reference's rule: sort all condensed
-    distances ascending and take the one at rank int(q * len(dist)) (no interpolation).
+    """The reference's distance threshold at quantile q: of the condensed distances, drop the
+    exact zeros (the reference takes ``np.nonzero`` of the upper triangle), sort the rest
+    ascending and take the one at rank ``round(q * count)`` (NumPy's round half to even; no
+    interpolation).
 
-    Exact, without sorting or copying: a two-pass (float32) or four-pass (float64) radix
-    selection with one 2^16-bin histogram a thread. dist: condensed 1-D array or CPU tensor,
-    float32 or float64 (other real dtypes are converted, which copies).
+    Exact, without sorting or copying: the zeros and negatives are counted in chunks, then a
+    two-pass (float32) or four-pass (float64) radix selection with one 2^16-bin histogram a
+    thread picks the value. dist: condensed 1-D array or CPU tensor, float32 or float64 (other
+    real dtypes are converted, which copies).
     """
-    arr = _as_numpy(dist, "dist")
-    if arr.ndim != 1:
-        raise ValueError(f"dist must be the condensed (1-D) distances, got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise ValueError("dist is empty: no pairwise distances to take a quantile of")
     if isinstance(q, bool) or not isinstance(q, numbers.Real):
         raise TypeError(f"q must be a real number, got {q!r}")
-    rank = int(q * arr.shape[0]) if 0.0 <= q else -1
-    if not 0 <= rank < arr.shape[0]:
-        raise ValueError(f"q={q} gives rank int(q * {arr.shape[0]}) = {rank}, outside "
-                         f"0..{arr.shape[0] - 1}; use 0 <= q < 1")
+    if _is_cuda(dist):
+        return _quantile_threshold_torch(dist, q)
+    arr = _as_numpy(dist, "dist")
+    _check_quantile_input(arr.shape)
     if arr.dtype not in (np.float32, np.float64):
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(f"dist has dtype {arr.dtype}; distances must be real numbers")
@@ -184,7 +245,68 @@ def quantile_threshold(dist, q):
     bad = C.cluster_first_nonfinite(arr)
     if bad >= 0:
         raise ValueError(f"dist[{bad}] is NaN or infinite; distances must be finite")
-    return float(C.cluster_select_rank(arr, rank))
+    zeros, negatives = _zeros_and_negatives(arr)
+    return float(C.cluster_select_rank(arr, _sorted_rank(arr.shape[0], zeros, negatives, q)))
+
+
+def _check_quantile_input(shape):
+    if len(shape) != 1:
+        raise ValueError(f"dist must be the condensed (1-D) distances, got shape {tuple(shape)}")
+    if shape[0] == 0:
+        raise ValueError("dist is empty: no pairwise distances to take a quantile of")
+
+
+def _sorted_rank(m, zeros, negatives, q):
+    """The position in the fully sorted m distances (negatives, zeros, positives) of the nonzero
+    distance at rank round(q * count)."""
+    count = m - zeros
+    if count == 0:
+        raise ValueError("every distance is 0: no nonzero distance to take a quantile of")
+    rank = int(np.round(q * count)) if 0.0 <= q < 1.0 else -1
+    if not 0 <= rank < count:
+        raise ValueError(f"q={q} gives rank round(q * {count}) = {rank}, outside 0..{count - 1} "
+                         f"(the nonzero distances); use 0 <= q < 1, a little lower")
+    return rank if rank < negatives else rank + zeros
+
+
+def _first_nonfinite_torch(t):
+    """Offset of the first NaN or infinite entry of a 1-D tensor (in chunks, on its device), or
+    -1."""
+    import torch
+
+    for start in range(0, t.shape[0], _FINITE_CHUNK):
+        bad = torch.nonzero(~torch.isfinite(t[start:start + _FINITE_CHUNK]))
+        if bad.numel():
+            return start + int(bad[0, 0])
+    return -1
+
+
+def _quantile_threshold_torch(dist, q):
+    """quantile_threshold of a torch tensor where it lives (the CUDA path; the same rule): zeros
+    and negatives counted in chunks, then torch.kthvalue at the rank."""
+    _check_quantile_input(dist.shape)
+    if not dist.is_floating_point():
+        dist = dist.double()
+    bad = _first_nonfinite_torch(dist)
+    if bad >= 0:
+        raise ValueError(f"dist[{bad}] is NaN or infinite; distances must be finite")
+    zeros = negatives = 0
+    for start in range(0, dist.shape[0], _FINITE_CHUNK):
+        chunk = dist[start:start + _FINITE_CHUNK]
+        zeros += int((chunk == 0).sum())
+        negatives += int((chunk < 0).sum())
+    rank = _sorted_rank(dist.shape[0], zeros, negatives, q)
+    return float(dist.detach().kthvalue(rank + 1).values)
+
+
+def _zeros_and_negatives(arr, chunk=1 << 22):
+    """Counts of the exact zeros and of the negative entries of a 1-D array, chunk by chunk."""
+    zeros = negatives = 0
+    for start in range(0, arr.shape[0], chunk):
+        block = arr[start:start + chunk]
+        zeros += int(np.count_nonzero(block == 0))
+        negatives += int(np.count_nonzero(block < 0))
+    return zeros, negatives
 
 
 # ----------------------------------------------------------------------------- references
@@ -192,9 +314,7 @@ def quantile_threshold(dist, q):
 
 def _condensed64(dist):
     arr = np.asarray(_as_numpy(dist, "dist"), dtype=np.float64)
-    if arr.ndim == 2:
-        return arr[np.triu_indices(arr.shape[0], 1)]
-    return arr.copy()
+    return condensed.upper(arr) if arr.ndim == 2 else arr.copy()
 
 
 def linkage_ref(dist, method="average"):
@@ -211,11 +331,8 @@ def linkage_naive_ref(dist, method="average"):
     """Independent O(n^3) reference: repeatedly merge the closest pair of live clusters (lowest
     pair on ties) and update distances by Lance-Williams, in float64; SciPy's Z format."""
     cond = _condensed64(dist)
-    n = (1 + math.isqrt(1 + 8 * cond.size)) // 2
-    D = np.full((n, n), np.inf)
-    iu = np.triu_indices(n, 1)
-    D[iu] = cond
-    D[(iu[1], iu[0])] = cond
+    D = condensed.to_square(cond, diagonal=np.inf)
+    n = D.shape[0]
     size = np.ones(n)
     ident = list(range(n))  # the linkage id of the cluster held in each slot
     live = np.ones(n, bool)
@@ -275,6 +392,7 @@ def agglomerative_ref(dist, n_clusters=None, distance_threshold=None, method="av
 
 
 def quantile_threshold_ref(dist, q):
-    """Reference: the full sort, value at rank int(q * len)."""
+    """Reference: the nonzero distances sorted in full, value at rank round(q * count)."""
     arr = np.asarray(_as_numpy(dist, "dist"))
-    return float(np.sort(arr)[int(q * arr.shape[0])])
+    nonzero = np.sort(arr[arr != 0])
+    return float(nonzero[int(np.round(q * nonzero.shape[0]))])

@@ -27,13 +27,17 @@ prefix sums of those counts give the rank of every match. Queries go in blocks s
 or with ``backend="torch"``, as batched torch operations (``_rank_block``).
 ``evaluate_features`` computes the cosine distances block by block, so the full distance matrix
 is never formed either. ``evaluate_ref`` is the plain per-query loop the tests hold both to.
+
+The pseudo labels of a round are scored against the true identities by ``adjusted_rand_index``
+and ``normalized_mutual_info``.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-__all__ = ["evaluate", "evaluate_features", "evaluate_ref"]
+__all__ = ["evaluate", "evaluate_features", "evaluate_ref", "adjusted_rand_index",
+           "normalized_mutual_info"]
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 # Elements (queries x gallery) handled at once: the torch path holds ~30 bytes each at peak,
@@ -107,14 +111,16 @@ def _as_float_matrix(x, name: str):
     return a
 
 
-def _count_nan(x, block_rows: int) -> int:
-    """NaN count of a 2-D array/tensor, read in row blocks (no full-size temporary)."""
+def _count_bad(x, block_rows: int, infinite: bool = False) -> int:
+    """Count of NaN (with `infinite`, also +-inf) entries of a 2-D array/tensor, read in row
+    blocks (no full-size temporary)."""
     total = 0
     for s in range(0, x.shape[0], block_rows):
         part = x[s : s + block_rows]
-        total += int(torch.isnan(part).sum()) if isinstance(x, torch.Tensor) else int(
-            np.isnan(part).sum()
-        )
+        if isinstance(x, torch.Tensor):
+            total += int((~torch.isfinite(part) if infinite else torch.isnan(part)).sum())
+        else:
+            total += int((~np.isfinite(part) if infinite else np.isnan(part)).sum())
     return total
 
 
@@ -249,7 +255,7 @@ def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, *,
     dev = _pick_device(device, d)
     rank, native = _ranker(dev, backend, gp, gc)
     rows = _block_rows(num_g, dev, block_elems, native)
-    nan = _count_nan(d, max(1, _BLOCK_ELEMS_TORCH_CPU // num_g))
+    nan = _count_bad(d, max(1, _BLOCK_ELEMS_TORCH_CPU // num_g))
     if nan:
         raise ValueError(f"distmat has {nan} NaN entries; distances must be comparable numbers")
     parts = [rank(d[s : s + rows], qp[s : s + rows], qc[s : s + rows])
@@ -278,12 +284,14 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank: int 
     max_rank = _check_max_rank(max_rank)
     dev = _pick_device(device, qf, gf)
     for x, name in ((qf, "qf"), (gf, "gf")):
-        bad = _count_nan(x, 4096)
+        bad = _count_bad(x, 4096, infinite=True)
         if bad:
-            raise ValueError(f"{name} has {bad} NaN entries; features must be finite")
+            raise ValueError(f"{name} has {bad} NaN or infinite entries; features must be finite")
     rank, native = _ranker(dev, backend, gp, gc)
-    qf = torch.nn.functional.normalize(torch.as_tensor(qf).to(dev, torch.float32), dim=1)
-    gf = torch.nn.functional.normalize(torch.as_tensor(gf).to(dev, torch.float32), dim=1)
+    from .similarity import normalize_rows  # overflow-safe for very large features
+
+    qf = normalize_rows(torch.as_tensor(qf).to(dev))
+    gf = normalize_rows(torch.as_tensor(gf).to(dev))
     rows = _block_rows(num_g, dev, block_elems, native)
     parts = [rank((qf[s : s + rows] @ gf.T).neg_().add_(1.0), qp[s : s + rows], qc[s : s + rows])
              for s in range(0, num_q, rows)]  # 1 - cos, in place: one block buffer
@@ -320,3 +328,37 @@ def evaluate_ref(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50
     if num_valid == 0:
         raise ValueError("no query has a valid match in the gallery")
     return cmc_sum / num_valid, ap_sum / num_valid
+
+
+# ----------------------------------------------------------------------------- pseudo labels
+
+
+def _contingency(a, b):
+    """Sparse contingency table of two labelings: (row, column, count) of every nonzero cell,
+    and the row and column sums."""
+    _, ai = np.unique(np.asarray(a), return_inverse=True)
+    _, bi = np.unique(np.asarray(b), return_inverse=True)
+    width = int(bi.max()) + 1
+    key, cells = np.unique(ai.astype(np.int64) * width + bi, return_counts=True)
+    return key // width, key % width, cells, np.bincount(ai), np.bincount(bi)
+
+
+def adjusted_rand_index(a, b) -> float:
+    """Adjusted Rand index (Hubert & Arabie) of two labelings."""
+    _, _, cells, rows, cols = _contingency(a, b)
+    n = len(a)
+    comb = lambda x: (x * (x - 1) / 2.0).sum()  # noqa: E731
+    sum_cells, sum_rows, sum_cols = comb(cells), comb(rows), comb(cols)
+    expected = sum_rows * sum_cols / (n * (n - 1) / 2.0) if n > 1 else 0.0
+    top = 0.5 * (sum_rows + sum_cols)
+    return 1.0 if top == expected else float((sum_cells - expected) / (top - expected))
+
+
+def normalized_mutual_info(a, b) -> float:
+    """Normalised mutual information with the arithmetic-mean normalisation."""
+    r, c, cells, rows, cols = _contingency(a, b)
+    n = len(a)
+    mi = (cells / n * np.log(cells * n / (rows[r] * cols[c]))).sum()
+    entropy = lambda x: -(x / n * np.log(x / n)).sum()  # noqa: E731
+    ha, hb = entropy(rows), entropy(cols)
+    return 1.0 if ha + hb == 0 else float(max(0.0, mi) / (0.5 * (ha + hb)))

@@ -32,11 +32,24 @@ import os
 import numpy as np
 import torch
 
+from . import distributed as D
+from .condensed import row_offset as condensed_row_offset, row_splits
+
 MODES = ("eq5", "feature", "jaccard")
 LAYOUTS = ("condensed", "square")
 BACKENDS = ("auto", "triton", "cpu", "ref")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _GRAM_BUDGET = 2**24  # float32 entries of the cosine block on the CPU path (64 MiB)
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm in float32, without overflow or underflow: each row is
+    divided by its largest magnitude before the norm is taken (float32 squares overflow above
+    ~1.8e19 and vanish below ~1e-23). A zero row stays zero."""
+    x = x.to(torch.float32)
+    top = x.abs().amax(1, keepdim=True) if x.shape[0] else x[:, :1]
+    x = x / torch.where(top > 0, top, torch.ones_like(top))
+    return torch.nn.functional.normalize(x, dim=1)
 
 
 def _as_tensor(x, name):
@@ -62,6 +75,9 @@ def _check_matrix(x, name, n=None, nonnegative=False):
             raise ValueError(f"{name} contains NaN or Inf; clean the input (e.g. torch.nan_to_num)")
         if nonnegative and lo < 0:
             raise ValueError(f"{name} must be nonnegative (softmax scores), found minimum {lo:g}")
+        if nonnegative and hi * x.shape[1] > torch.finfo(torch.float32).max:
+            raise ValueError(f"{name} reach {hi:g}: their sums over {x.shape[1]} columns overflow "
+                             f"float32; scale them down (softmax scores are at most 1)")
     return x
 
 
@@ -108,14 +124,6 @@ def _resolve_backend(backend, device):
     if backend == "cpu" and device.type != "cpu":
         raise ValueError("backend='cpu' needs CPU tensors; move them with .cpu() or use backend='auto'")
     return backend
-
-
-def condensed_row_offset(n: int, i: int) -> int:
-    """Position of entry (i, i+1) in the condensed (pdist-order) vector of n points, i.e. the
-    number of entries of rows 0..i-1 (row i holds n-1-i entries); i = n gives n(n-1)/2."""
-    if not 0 <= i <= n:
-        raise ValueError(f"row {i} is outside 0..{n}")
-    return i * (2 * n - i - 1) // 2
 
 
 def _check_rows(rows, n):
@@ -195,6 +203,7 @@ def inter_camera_distance(features, scores, camids, mu=0.02, *, out="condensed",
         rows = _check_rows(rows, n)
     layout, buf = _check_out(out, n, device, rows)
     backend = _resolve_backend(backend, device)
+    _check_memory(n, feats, scr, layout, buf, rows, backend, device)
 
     if backend == "ref":
         from iics_fast.kernels.pairwise import inter_camera_distance_ref
@@ -211,6 +220,23 @@ def inter_camera_distance(features, scores, camids, mu=0.02, *, out="condensed",
 
         return triton_distance(feats, scr, cam, mu, layout, mode, out_buf=buf, rows=rows)
     return _cpu_distance(feats, scr, cam, mu, layout, mode, buf, rows)
+
+
+def _check_memory(n, feats, scr, layout, buf, rows, backend, device):
+    """Refuse before allocating when the output and the work arrays do not fit in memory."""
+    from . import memory
+
+    r0, r1 = (0, n) if rows is None else rows
+    entries = n * n if layout == "square" else (condensed_row_offset(n, r1) -
+                                                condensed_row_offset(n, r0))
+    need = 0 if buf is not None else 4 * entries
+    if backend == "ref":  # float64 square matrices of the plain implementation
+        need += 3 * 8 * n * n
+    need += sum(4 * x.shape[0] * x.shape[1] for x in (feats, scr) if x is not None)  # copies
+    if feats is not None and backend == "cpu":
+        need += 4 * _GRAM_BUDGET
+    what = f"the inter-camera distance of N = {n} images ({layout}"
+    memory.require(need, what + (f", rows {r0}..{r1})" if rows else ")"), device=device)
 
 
 def _cpu_distance(feats, scr, cam, mu, layout, mode, buf, rows):
@@ -244,7 +270,7 @@ def _cpu_distance(feats, scr, cam, mu, layout, mode, buf, rows):
         s_np = s.numpy()
     f = None
     if feats is not None:
-        f = torch.nn.functional.normalize(feats.to(torch.float32), dim=1).contiguous()
+        f = normalize_rows(feats).contiguous()
     block = max(24, min(n, _GRAM_BUDGET // n) // 24 * 24)
     first = r0 // block * block
     gram = torch.empty(min(block, n - first) * (n - first), dtype=torch.float32) if f is not None else None
@@ -273,7 +299,8 @@ def pairwise_jaccard(a, b=None, *, backend="auto", out=None):
     m, p = a.shape[0], b.shape[0]
     if out is not None:
         out = _as_tensor(out, "out")
-        if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (m, p) or out.device != a.device:
+        if (out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (m, p)
+                or out.device != a.device):
             raise ValueError(f"out must be a contiguous float32 ({m}, {p}) array on {a.device}")
     backend = _resolve_backend(backend, a.device)
     if backend in ("ref", "triton"):
@@ -294,4 +321,48 @@ def pairwise_jaccard(a, b=None, *, backend="auto", out=None):
         a32.numpy(), a32.sum(1, dtype=torch.float64).to(torch.float32).numpy(),
         b32.numpy(), b32.sum(1, dtype=torch.float64).to(torch.float32).numpy(), out.numpy(),
     )
+    return out
+
+
+def sharded_inter_camera_distance(features, scores, camids, mu=0.02, *, mode="eq5", dst=0, backend="auto"):
+    """The condensed inter-camera distance (SciPy pdist order, float32) built by all ranks: rank
+    r computes the rows [p_r, p_{r+1}) of `condensed.row_splits(N, world)` (equal numbers of
+    entries) with `similarity.inter_camera_distance(..., rows=(p_r, p_{r+1}))`, and rank `dst`
+    receives every block point-to-point straight into its preallocated result. Returns the full
+    vector on `dst`, None elsewhere; without a process group it is the single-process build.
+
+    Every rank passes the same full inputs (features (N, d), scores (N, D), camids (N,), e.g.
+    from `all_gather_rows`), on its communication device (CUDA under NCCL, CPU under gloo).
+    Memory: one block (~N(N-1)/(2 world) float32) per rank plus a few slabs of work, and the
+    N(N-1)/2 result at dst (which writes its own block into it directly). On the CPU the result
+    is bitwise the single-process `inter_camera_distance` for every world size; on the GPU
+    (row ranges keep the caller's order, the whole build sorts by camera) it is bitwise
+    `inter_camera_distance(..., rows=(0, N))` and equal to the whole build to float32 rounding."""
+    world, me = D.world_size(), D.rank()
+    if not 0 <= dst < world:
+        raise ValueError(f"dst must be a rank in 0..{world - 1}, got {dst}")
+    n = int(camids.shape[0]) if hasattr(camids, "shape") else len(camids)
+    if n < 1:
+        raise ValueError("camids must hold at least one sample")
+    if D.world_size() > 1:
+        ref = features if mode != "jaccard" else scores
+        D.check_comm_tensor(ref, "features" if mode != "jaccard" else "scores")
+        seen = D.all_gather_object(n)
+        if len(set(seen)) != 1:
+            raise ValueError(f"every rank must pass the same N samples, got N per rank = {seen}")
+    splits = row_splits(n, world)
+    r0, r1 = splits[me], splits[me + 1]
+    if me != dst:
+        block = inter_camera_distance(features, scores, camids, mu, mode=mode, backend=backend, rows=(r0, r1))
+        if block.numel():
+            torch.distributed.send(block, dst=dst)
+        return None
+    device = (features if mode != "jaccard" else scores).device
+    out = torch.empty(n * (n - 1) // 2, dtype=torch.float32, device=device)
+    offs = [condensed_row_offset(n, p) for p in splits]
+    inter_camera_distance(features, scores, camids, mu, mode=mode, backend=backend, rows=(r0, r1),
+                          out=out[offs[me]:offs[me + 1]])
+    for r in range(world):
+        if r != me and offs[r + 1] > offs[r]:
+            torch.distributed.recv(out[offs[r]:offs[r + 1]], src=r)
     return out

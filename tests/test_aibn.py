@@ -6,13 +6,16 @@ import pytest
 import torch
 
 import iics_fast.kernels.aibn as aibn_module
-from iics_fast.gpu_report import compile_report
-from iics_fast.kernels.aibn import COMPILE_SPECS, aibn, aibn_ref
+from benchmarks.gpu_report import compile_report
+from benchmarks.gpu_specs.aibn import COMPILE_SPECS
+from iics_fast.kernels.aibn import aibn, aibn_ref
 from iics_fast.models import AIBN2d
 
 
 def eq12_float64(x, running_mean, running_var, weight, bias, alpha, training, momentum=0.1, eps=1e-5):
     """Eq. 12 transcribed independently in NumPy float64: (y, new running mean, new running var)."""
+    x, running_mean, running_var, weight, bias = (
+        v.detach().cpu() if torch.is_tensor(v) else v for v in (x, running_mean, running_var, weight, bias))
     x = np.asarray(x, np.float64)
     n, c, h, w = x.shape
     flat = x.reshape(n, c, h * w)
@@ -33,14 +36,20 @@ def eq12_float64(x, running_mean, running_var, weight, bias, alpha, training, mo
     return y.reshape(n, c, h, w), rm, rv
 
 
-def _inputs(shape, rng, dtype=torch.float32, alpha=0.3, offset=1.0):
+def _inputs(shape, rng, dtype=torch.float32, alpha=0.3, offset=1.0, device="cpu"):
     c = shape[1]
     t = lambda *s: torch.from_numpy(rng.standard_normal(s).astype(np.float32))  # noqa: E731
     x = (t(*shape) * 2 + offset).to(dtype)
-    return dict(
+    inp = dict(
         x=x, weight=t(c) * 0.5 + 1, bias=t(c), alpha=torch.tensor([alpha]),
         running_mean=t(c), running_var=torch.from_numpy(rng.uniform(0.5, 2.0, c).astype(np.float32)),
     )
+    return {k: v.to(device) for k, v in inp.items()}
+
+
+def _grad(shape, rng, device, dtype=torch.float32):
+    """An upstream gradient of the given shape on the test's device."""
+    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(device, dtype)
 
 
 def _run(fn, inp, training, grad_out, momentum=0.1, layout=torch.contiguous_format):
@@ -149,10 +158,10 @@ def _compare(got, ref, dtype):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 3), (2, 130, 4, 4), (1, 3, 40, 30)], ids=["odd", "c130", "hw1200"])
-def test_kernel_matches_ref(rng, training, layout, shape):
+def test_kernel_matches_ref(device, rng, training, layout, shape):
     """Odd sizes; C over one finalize block; H*W over one tile (partial last tile); batch 1."""
-    inp = _inputs(shape, rng)
-    g = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+    inp = _inputs(shape, rng, device=device)
+    g = _grad(shape, rng, device)
     got = _run(aibn, inp, training, g, layout=layout)
     ref = _run(aibn_ref, inp, training, g, layout=layout)
     _compare(got, ref, torch.float32)
@@ -160,67 +169,68 @@ def test_kernel_matches_ref(rng, training, layout, shape):
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-def test_kernel_eval_three_kernel_path(rng, monkeypatch, layout):
+def test_kernel_eval_three_kernel_path(device, rng, monkeypatch, layout):
     """Eval with H*W beyond the one-pass eval kernel (forced small here) takes the stats /
     finalize / apply path with the running statistics."""
     monkeypatch.setattr(aibn_module, "EVAL_MAX_HW", 4)
-    inp = _inputs((3, 5, 4, 3), rng)
-    g = torch.from_numpy(rng.standard_normal((3, 5, 4, 3)).astype(np.float32))
+    inp = _inputs((3, 5, 4, 3), rng, device=device)
+    g = _grad((3, 5, 4, 3), rng, device)
     _compare(_run(aibn, inp, False, g, layout=layout), _run(aibn_ref, inp, False, g, layout=layout), torch.float32)
 
 
-def test_kernel_finalize_walks_sample_tiles(rng, monkeypatch):
+def test_kernel_finalize_walks_sample_tiles(device, rng, monkeypatch):
     """N over the finalize kernels' sample tile (forced small here), not a multiple of it."""
     monkeypatch.setattr(aibn_module, "FINALIZE_BLOCK_N", 2)
-    inp = _inputs((5, 3, 2, 3), rng)
-    g = torch.from_numpy(rng.standard_normal((5, 3, 2, 3)).astype(np.float32))
+    inp = _inputs((5, 3, 2, 3), rng, device=device)
+    g = _grad((5, 3, 2, 3), rng, device)
     for training in (True, False):
         _compare(_run(aibn, inp, training, g), _run(aibn_ref, inp, training, g), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
-def test_kernel_half_inputs(rng, dtype, training):
-    inp = _inputs((3, 6, 5, 4), rng, dtype=dtype)
-    g = torch.from_numpy(rng.standard_normal((3, 6, 5, 4)).astype(np.float32)).to(dtype)
+def test_kernel_half_inputs(device, rng, dtype, training):
+    inp = _inputs((3, 6, 5, 4), rng, dtype=dtype, device=device)
+    g = _grad((3, 6, 5, 4), rng, device, dtype)
     got = _run(aibn, inp, training, g, layout=torch.channels_last)
     ref = _run(aibn_ref, inp, training, g)
     assert got["y"].dtype == dtype and got["dx"].dtype == dtype and got["dweight"].dtype == torch.float32
     _compare(got, ref, dtype)
 
 
-def test_kernel_mixed_layouts_and_strided_input(rng):
+def test_kernel_mixed_layouts_and_strided_input(device, rng):
     """x channels-last with a contiguous upstream gradient; a broadcast gradient; a non-dense x."""
-    inp = _inputs((2, 4, 6, 5), rng)
-    g = torch.from_numpy(rng.standard_normal((2, 4, 6, 5)).astype(np.float32))
+    inp = _inputs((2, 4, 6, 5), rng, device=device)
+    g = _grad((2, 4, 6, 5), rng, device)
     _compare(_run(aibn, inp, True, g, layout=torch.channels_last), _run(aibn_ref, inp, True, g), torch.float32)
     x = inp["x"].clone().requires_grad_()  # y.sum(): the upstream gradient is a stride-0 view
     ref_x = inp["x"].clone().requires_grad_()
-    aibn(x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"], inp["alpha"], True).sum().backward()
+    aibn(x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"],
+         inp["alpha"], True).sum().backward()
     aibn_ref(ref_x, inp["running_mean"].clone(), inp["running_var"].clone(), inp["weight"], inp["bias"], inp["alpha"],
              True).sum().backward()
     torch.testing.assert_close(x.grad, ref_x.grad, **TOL[torch.float32])
-    big = _inputs((2, 4, 6, 10), rng)
+    big = _inputs((2, 4, 6, 10), rng, device=device)
     inp["x"] = big["x"][..., ::2]
     _compare(_run(aibn, inp, False, g), _run(aibn_ref, inp, False, g), torch.float32)
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_kernel_large_mean_is_accurate(rng, training):
+def test_kernel_large_mean_is_accurate(device, rng, training):
     """|mean| >> std: the shifted sums keep var_in accurate in float32 (plain sums would not)."""
-    inp = _inputs((4, 3, 8, 8), rng, offset=3000.0)
+    inp = _inputs((4, 3, 8, 8), rng, offset=3000.0, device=device)
     rm = inp["running_mean"].clone()
     if not training:  # eval against running stats near the data, so y is O(1)
         rm = inp["x"].double().mean((0, 2, 3)).float()
     y = aibn(inp["x"], rm.clone(), inp["running_var"].clone(), inp["weight"], inp["bias"], inp["alpha"], training)
     y64, *_ = eq12_float64(inp["x"], rm, inp["running_var"], inp["weight"], inp["bias"], inp["alpha"], training)
-    np.testing.assert_allclose(y.numpy(), y64, rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(y.detach().cpu().numpy(), y64, rtol=1e-3, atol=2e-3)
 
 
-def test_kernel_batch_one(rng):
+def test_kernel_batch_one(device, rng):
     """N = 1: training mixes the instance statistics with themselves; eval uses the running ones."""
-    inp = _inputs((1, 4, 3, 5), rng)
-    g = torch.from_numpy(rng.standard_normal((1, 4, 3, 5)).astype(np.float32))
+    inp = _inputs((1, 4, 3, 5), rng, device=device)
+    g = _grad((1, 4, 3, 5), rng, device)
     for training in (True, False):
         got = _run(aibn, inp, training, g)
         _compare(got, _run(aibn_ref, inp, training, g), torch.float32)
@@ -229,10 +239,10 @@ def test_kernel_batch_one(rng):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("training", [True, False])
-def test_hw_one_follows_reference_nan(rng, training):
+def test_hw_one_follows_reference_nan(device, rng, training):
     """H*W = 1: the unbiased instance variance is 0/0, so y is NaN as in the reference."""
-    inp = _inputs((3, 4, 1, 1), rng)
-    g = torch.ones(3, 4, 1, 1)
+    inp = _inputs((3, 4, 1, 1), rng, device=device)
+    g = torch.ones(3, 4, 1, 1, device=device)
     with pytest.warns(UserWarning, match="degrees of freedom"):
         ref = _run(aibn_ref, inp, training, g)
     got = _run(aibn, inp, training, g)
@@ -251,12 +261,12 @@ def test_hw_one_follows_reference_nan(rng, training):
 
 @pytest.mark.parametrize("fn", [aibn, aibn_ref], ids=["kernel", "ref"])
 @pytest.mark.parametrize("training", [True, False])
-def test_alpha_clamp(rng, fn, training):
-    inp = _inputs((3, 4, 5, 3), rng)
-    g = torch.from_numpy(rng.standard_normal((3, 4, 5, 3)).astype(np.float32))
+def test_alpha_clamp(device, rng, fn, training):
+    inp = _inputs((3, 4, 5, 3), rng, device=device)
+    g = _grad((3, 4, 5, 3), rng, device)
     for outside, bound in ((-0.7, 0.0), (1.6, 1.0)):
-        out = _run(fn, dict(inp, alpha=torch.tensor([outside])), training, g)
-        at = _run(fn, dict(inp, alpha=torch.tensor([bound])), training, g)
+        out = _run(fn, dict(inp, alpha=torch.tensor([outside], device=device)), training, g)
+        at = _run(fn, dict(inp, alpha=torch.tensor([bound], device=device)), training, g)
         torch.testing.assert_close(out["y"], at["y"], rtol=0, atol=0)
         assert out["dalpha"].item() == 0.0
         assert at["dalpha"].item() != 0.0  # torch.clamp passes the gradient at the bounds
@@ -268,18 +278,19 @@ def test_alpha_clamp(rng, fn, training):
 
 
 @pytest.mark.parametrize("fn", [aibn, aibn_ref], ids=["kernel", "ref"])
-def test_running_statistics(rng, fn):
-    inp = _inputs((5, 3, 4, 6), rng)
-    g = torch.zeros(5, 3, 4, 6)
+def test_running_statistics(device, rng, fn):
+    inp = _inputs((5, 3, 4, 6), rng, device=device)
+    g = torch.zeros(5, 3, 4, 6, device=device)
     out = _run(fn, inp, True, g, momentum=0.3)
     _, rm64, rv64 = eq12_float64(inp["x"], inp["running_mean"], inp["running_var"], inp["weight"], inp["bias"],
                                  inp["alpha"], True, momentum=0.3)
-    np.testing.assert_allclose(out["running_mean"].numpy(), rm64, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out["running_var"].numpy(), rv64, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["running_mean"].cpu().numpy(), rm64, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["running_var"].cpu().numpy(), rv64, rtol=1e-5, atol=1e-6)
     # var_bn = mean_n var_in (unbiased over H*W) + biased variance over n of mu_in
-    x64 = inp["x"].double()
+    x64 = inp["x"].double().cpu()
     var_bn = x64.var((2, 3), unbiased=True).mean(0) + x64.mean((2, 3)).var(0, unbiased=False)
-    np.testing.assert_allclose(rv64, 0.7 * inp["running_var"].double().numpy() + 0.3 * var_bn.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(rv64, 0.7 * inp["running_var"].double().cpu().numpy() + 0.3 * var_bn.numpy(),
+                               rtol=1e-12)
     ev = _run(fn, inp, False, g)
     assert torch.equal(ev["running_mean"], inp["running_mean"]) and torch.equal(ev["running_var"], inp["running_var"])
 
@@ -324,9 +335,10 @@ def test_launcher_rejects_bad_input(rng):
         aibn(**args(running_var=inp["running_var"].double()))
 
 
+@pytest.mark.slow
 def test_compile_sm80_sm90_no_spills():
     """Kernels compile for real GPU targets with zero spills (a spread of kernels, dtypes, layouts;
-    `python -m iics_fast.gpu_report` compiles all of COMPILE_SPECS)."""
+    `python -m benchmarks.gpu_report` compiles all of COMPILE_SPECS)."""
     wanted = [("aibn_stats_fp32_cf", 90), ("aibn_bwd_apply_bf16_cl", 80), ("aibn_bwd_finalize_train", 90),
               ("aibn_eval_bf16_cl", 80)]
     specs = {s.name: s for s in COMPILE_SPECS}

@@ -4,15 +4,17 @@ build; the pure pieces (splits, shards, samplers) are checked in-process for man
 Row ranges of the distance itself (`inter_camera_distance(..., rows=)`) are tested in
 tests/test_pairwise.py."""
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from benchmarks.probes import free_port
+from iics_fast import condensed, norm_sync as N
 from iics_fast import distributed as D
-from iics_fast.similarity import condensed_row_offset, inter_camera_distance
+from iics_fast.data import samplers
+from iics_fast.similarity import inter_camera_distance, sharded_inter_camera_distance
 
 WORLD = 2
 # (n, feature dims, score dims, cameras, mode, dst): N below, at and above the world size, N not
@@ -129,7 +131,7 @@ def _training_helpers(r, res):
     # stage-1 statistics: rank 0 runs cameras [0, 2), rank 1 camera 2, two steps
     model = _tiny_net()
     first, count = (0, 2) if r == 0 else (2, 1)
-    sync = D.SequentialStatsSync(model, first, count, STATS_CAMERAS)
+    sync = N.SequentialStatsSync(model, first, count, STATS_CAMERAS)
     model.train()
     for step in range(2):
         sync.snapshot()
@@ -145,7 +147,7 @@ def _training_helpers(r, res):
     ddp.register_comm_hook(None, D.sum_gradients_hook)
     x, y = _synced_batch()
     mine = slice(0, 3) if r == 0 else slice(3, GRAD_ROWS)
-    with D.synced_batch_stats(both):
+    with N.synced_batch_stats(both):
         res["synced_patched"] = _patched_norms(both)
         out = ddp(x[mine])
         loss = torch.nn.functional.cross_entropy(out, y[mine]) * len(y[mine]) / GRAD_ROWS
@@ -173,7 +175,7 @@ def _training_helpers(r, res):
             if hasattr(m, "running_mean"):
                 m.running_mean.fill_(r)
                 m.running_var.fill_(2 + 2 * r)
-    D.average_running_stats(other)
+    N.average_running_stats(other)
     res["averaged"] = {k: v.clone() for k, v in other.state_dict().items() if "running" in k}
     with torch.no_grad():
         for p in other.parameters():
@@ -207,9 +209,9 @@ def _worker(r, port, outdir):
         for case in DIST_CASES:
             n, d, big_d, cams, mode, dst = case
             f, s, c = _problem(n, d, big_d, cams, seed=n)
-            res[("dist", case)] = D.sharded_inter_camera_distance(f, s, c, 0.3, mode=mode, dst=dst)
+            res[("dist", case)] = sharded_inter_camera_distance(f, s, c, 0.3, mode=mode, dst=dst)
         D.barrier()
-        sampler = D.ShardedBatchSampler(_ListSampler([list(range(8)), list(range(8, 16))]), group_size=2)
+        sampler = samplers.ShardedBatchSampler(_ListSampler([list(range(8)), list(range(8, 16))]), group_size=2)
         sampler.set_epoch(1)
         res["sampler"] = list(sampler)
         _training_helpers(r, res)
@@ -220,28 +222,28 @@ def _worker(r, port, outdir):
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("dist"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, outdir), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), outdir), nprocs=WORLD, join=True)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
 # ----------------------------------------------------------------------------- two processes
 
 
+@pytest.mark.slow
 def test_init_rank_and_teardown(spawned):
     for r, res in enumerate(spawned):
         assert res["ctx"] == (r, WORLD, "gloo", r, WORLD, r == 0)
         assert res["after"] == (0, 1)  # the context destroyed its group
 
 
+@pytest.mark.slow
 def test_broadcast_object(spawned):
     for res in spawned:
         assert res["bcast"] == {"from": 0, "payload": [1, "x"]}
         assert res["bcast_src1"] == ("rank", 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lens", GATHER_LENGTHS)
 def test_all_gather_rows_unequal_lengths(spawned, lens):
     expect = torch.cat([_block(r, lens[r]) for r in range(WORLD)])
@@ -252,18 +254,21 @@ def test_all_gather_rows_unequal_lengths(spawned, lens):
         assert (to1 is None) if r != 1 else torch.equal(to1, expect)
 
 
+@pytest.mark.slow
 def test_all_gather_rows_dtype_and_mismatch(spawned):
     for res in spawned:
         assert torch.equal(res["gather_int"], torch.tensor([0, 1, 1]))
         assert res["gather_mismatch"] is not None and "trailing shape" in res["gather_mismatch"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 10])
 def test_shards_reassemble_in_order(spawned, n):
     for res in spawned:
         assert torch.equal(res[("shard", n)], torch.arange(n))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", DIST_CASES, ids=lambda c: f"n{c[0]}-{c[4]}-dst{c[5]}")
 def test_sharded_distance_equals_single_process(spawned, case):
     n, d, big_d, cams, mode, dst = case
@@ -278,12 +283,14 @@ def test_sharded_distance_equals_single_process(spawned, case):
         assert torch.equal(got, full)
 
 
+@pytest.mark.slow
 def test_sampler_uses_process_group_rank(spawned):
     # global batches [0..7], [8..15] shifted by epoch 1; groups of 2 split 2 + 2 per rank
     assert spawned[0]["sampler"] == [[1000, 1001, 1002, 1003], [1008, 1009, 1010, 1011]]
     assert spawned[1]["sampler"] == [[1004, 1005, 1006, 1007], [1012, 1013, 1014, 1015]]
 
 
+@pytest.mark.slow
 def test_agree_stops_every_rank_with_the_failing_ranks_message(spawned):
     for who in (0, 1):
         msgs = [res[("agree", who)] for res in spawned]
@@ -293,6 +300,7 @@ def test_agree_stops_every_rank_with_the_failing_ranks_message(spawned):
     assert [res["agree_main"] for res in spawned] == ["ok from 0", "ok from 0"]
 
 
+@pytest.mark.slow
 def test_split_batch_gradients_equal_the_single_process_gradient(spawned):
     torch.manual_seed(1)
     net = torch.nn.Linear(4, 3)
@@ -305,6 +313,7 @@ def test_split_batch_gradients_equal_the_single_process_gradient(spawned):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_per_camera_statistics_merge_equals_sequential_forwards(spawned):
     model = _tiny_net()
     model.train()
@@ -326,6 +335,7 @@ def test_per_camera_statistics_merge_equals_sequential_forwards(spawned):
     assert not torch.allclose(alone.state_dict()["2.running_var"], want["2.running_var"], rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_synced_batch_statistics_equal_one_process_on_the_whole_batch(spawned):
     net = _tiny_net()
     both = torch.nn.Sequential(net, torch.nn.BatchNorm1d(5))
@@ -348,6 +358,7 @@ def test_synced_batch_statistics_equal_one_process_on_the_whole_batch(spawned):
         assert res["synced_restored"] == []  # the layers are plain again after the context
 
 
+@pytest.mark.slow
 def test_fused_aibn_over_ranks_equals_one_process_on_the_whole_batch(spawned):
     from iics_fast.kernels.aibn import aibn_ref
     x, coef, params = _aibn_problem()
@@ -368,6 +379,7 @@ def test_fused_aibn_over_ranks_equals_one_process_on_the_whole_batch(spawned):
         torch.testing.assert_close(got[0][key] + got[1][key], want, rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_average_statistics_and_broadcast_module(spawned):
     for res in spawned:
         for k, v in res["averaged"].items():
@@ -387,7 +399,7 @@ def test_single_process_fallbacks():
     t = torch.arange(6).reshape(3, 2)
     assert D.all_gather_rows(t) is t
     f, s, c = _problem(20, 8, 6, 3, seed=1)
-    assert torch.equal(D.sharded_inter_camera_distance(f, s, c, 0.3), inter_camera_distance(f, s, c, 0.3))
+    assert torch.equal(sharded_inter_camera_distance(f, s, c, 0.3), inter_camera_distance(f, s, c, 0.3))
 
 
 def test_training_helpers_in_one_process():
@@ -400,7 +412,7 @@ def test_training_helpers_in_one_process():
     # one rank running every camera: the merge leaves the sequential statistics as they are
     model = _tiny_net()
     model.train()
-    sync = D.SequentialStatsSync(model, 0, STATS_CAMERAS, STATS_CAMERAS)
+    sync = N.SequentialStatsSync(model, 0, STATS_CAMERAS, STATS_CAMERAS)
     sync.snapshot()
     for x in _camera_chunks(0):
         model(x)
@@ -411,13 +423,13 @@ def test_training_helpers_in_one_process():
     with pytest.raises(RuntimeError, match="snapshot"):
         sync.merge()
     with pytest.raises(ValueError, match="first \\+ count <= total"):
-        D.SequentialStatsSync(model, 2, 2, 3)
+        N.SequentialStatsSync(model, 2, 2, 3)
     with pytest.raises(ValueError, match="count >= 1"):
-        D.SequentialStatsSync(model, 0, 0, 3)
+        N.SequentialStatsSync(model, 0, 0, 3)
     with pytest.raises(ValueError, match="momentum=None"):
-        D.SequentialStatsSync(torch.nn.BatchNorm1d(3, momentum=None), 0, 1, 1)
-    assert [D.group_share(5, r, 2) for r in range(2)] == [range(0, 3), range(3, 5)]
-    with D.synced_batch_stats(model) as same:  # one process: nothing to synchronise
+        N.SequentialStatsSync(torch.nn.BatchNorm1d(3, momentum=None), 0, 1, 1)
+    assert [samplers.group_share(5, r, 2) for r in range(2)] == [range(3), range(3, 5)]
+    with N.synced_batch_stats(model) as same:  # one process: nothing to synchronise
         assert same is model and _patched_norms(model) == []
 
 
@@ -432,17 +444,17 @@ def test_shard_indices_partition(n, world):
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 9, 64, 1000, 32621])
 def test_condensed_row_splits_balance(n, world):
-    p = D.condensed_row_splits(n, world)
+    p = condensed.row_splits(n, world)
     assert p[0] == 0 and p[-1] == n and len(p) == world + 1
     assert all(a <= b for a, b in zip(p, p[1:]))
     total = n * (n - 1) // 2
-    counts = [condensed_row_offset(n, b) - condensed_row_offset(n, a) for a, b in zip(p, p[1:])]
+    counts = [condensed.row_offset(n, b) - condensed.row_offset(n, a) for a, b in zip(p, p[1:])]
     assert sum(counts) == total
     # each split point is the first row reaching its share: no part is short by a whole row
     for k in range(1, world):
         target = -(-k * total // world)
-        assert condensed_row_offset(n, p[k]) >= target
-        assert p[k] == 0 or condensed_row_offset(n, p[k] - 1) < target
+        assert condensed.row_offset(n, p[k]) >= target
+        assert p[k] == 0 or condensed.row_offset(n, p[k] - 1) < target
     # a split point overshoots its share by less than one row (< n entries)
     assert all(abs(cnt - total / world) < max(n, 1) for cnt in counts)
 
@@ -451,19 +463,19 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="rank < world"):
         D.shard_indices(5, 2, 2)
     with pytest.raises(ValueError, match="parts >= 1"):
-        D.condensed_row_splits(5, 0)
+        condensed.row_splits(5, 0)
     with pytest.raises(ValueError, match="split"):
-        D.ShardedBatchSampler([[0]], split="rows")
+        samplers.ShardedBatchSampler([[0]], split="rows")
     with pytest.raises(ValueError, match="rank < world"):
-        D.ShardedBatchSampler([[0]], rank=3, world=2)
+        samplers.ShardedBatchSampler([[0]], rank=3, world=2)
     with pytest.raises(TypeError, match="torch.Tensor"):
         D.all_gather_rows(np.zeros(3))
     with pytest.raises(ValueError, match="backend"):
         D.init_from_env("mpi")
     with pytest.raises(ValueError, match="groups of 8"):
-        list(D.ShardedBatchSampler([list(range(12))], group_size=8, rank=0, world=2))
+        list(samplers.ShardedBatchSampler([list(range(12))], group_size=8, rank=0, world=2))
     with pytest.raises(ValueError, match="split='across'"):
-        list(D.ShardedBatchSampler([list(range(8))], group_size=8, rank=0, world=2))
+        list(samplers.ShardedBatchSampler([list(range(8))], group_size=8, rank=0, world=2))
 
 
 def _camera_batches(rng, n_batches, cams, per_camera):
@@ -477,7 +489,7 @@ def _camera_batches(rng, n_batches, cams, per_camera):
 def test_sampler_within_keeps_groups_and_covers_each_batch(rng, world):
     cams, per_camera = 6, 8
     batches = _camera_batches(rng, 5, cams, per_camera)
-    parts_sampler = [D.ShardedBatchSampler(batches, group_size=per_camera, rank=r, world=world)
+    parts_sampler = [samplers.ShardedBatchSampler(batches, group_size=per_camera, rank=r, world=world)
                      for r in range(world)]
     parts = [list(p) for p in parts_sampler]
     assert all(len(p) == len(batches) for p in parts)
@@ -500,7 +512,7 @@ def test_sampler_within_keeps_groups_and_covers_each_batch(rng, world):
 @pytest.mark.parametrize("n_batches", [0, 1, 5, 8])
 def test_sampler_across_gives_disjoint_whole_batches(n_batches, world):
     batches = [list(range(64 * b, 64 * (b + 1))) for b in range(n_batches)]
-    parts = [D.ShardedBatchSampler(batches, split="across", rank=r, world=world) for r in range(world)]
+    parts = [samplers.ShardedBatchSampler(batches, split="across", rank=r, world=world) for r in range(world)]
     got = [list(p) for p in parts]
     steps = n_batches // world
     assert all(len(g) == steps == len(p) for g, p in zip(got, parts))
@@ -513,6 +525,6 @@ def test_sampler_across_gives_disjoint_whole_batches(n_batches, world):
 
 def test_sampler_forwards_epoch():
     inner = _ListSampler([[0, 1], [2, 3]])
-    sh = D.ShardedBatchSampler(inner, rank=1, world=2)
+    sh = samplers.ShardedBatchSampler(inner, rank=1, world=2)
     sh.set_epoch(3)
     assert inner.epoch == 3 and list(sh) == [[3001], [3003]] and len(sh) == 2

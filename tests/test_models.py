@@ -24,10 +24,12 @@ def _randomise(model, seed=0):
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if t.is_floating_point():
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if "running_var" in name else torch.randn(t.shape, generator=g))
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if "running_var" in name
+                        else torch.randn(t.shape, generator=g))
 
 
-@pytest.mark.parametrize("arch,dim,n_alpha,n_aibn", [("resnet50", 2048, 9, 6 * 3 + 3 * 3 + 2), ("resnet18", 512, 4, 4 * 2 + 2)])
+@pytest.mark.parametrize("arch,dim,n_alpha,n_aibn",
+                         [("resnet50", 2048, 9, 6 * 3 + 3 * 3 + 2), ("resnet18", 512, 4, 4 * 2 + 2)])
 def test_shared_alphas(arch, dim, n_alpha, n_aibn):
     m = build_backbone(arch, init_alpha=0.25)
     assert m.out_dim == dim

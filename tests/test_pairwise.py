@@ -27,8 +27,9 @@ def direct_jaccard(a, b):
     return np.where(smax > 0, smin / np.where(smax > 0, smax, 1), 0.0)
 
 
-def make_inputs(rng, n, d, dim, cams, dtype=torch.float32, zero_rows=True):
-    """Features, softmax-like nonnegative scores (some sparse), camera ids in the given list."""
+def make_inputs(rng, n, d, dim, cams, dtype=torch.float32, zero_rows=True, device="cpu"):
+    """Features, softmax-like nonnegative scores (some sparse), camera ids in the given list, on
+    the given device."""
     f = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
     s = rng.random((n, dim)).astype(np.float32) ** 4
     s[rng.random((n, dim)) < 0.3] = 0.0
@@ -37,7 +38,7 @@ def make_inputs(rng, n, d, dim, cams, dtype=torch.float32, zero_rows=True):
         s[1] = 0.0
         s[2] = 0.0
     cam = torch.from_numpy(rng.choice(cams, size=n).astype(np.int64))
-    return f.to(dtype), s.to(dtype), cam
+    return f.to(device, dtype), s.to(device, dtype), cam.to(device)
 
 
 # ----------------------------------------------------------------------------- references
@@ -65,19 +66,19 @@ def test_distance_ref_matches_definition(rng):
     np.testing.assert_allclose(ref, want, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------- Triton (interpreter)
+# ----------------------------------------------------------------------------- Triton (GPU or interpreter)
 
 
 @pytest.mark.parametrize("tag", ["fp32", "fp16", "bf16"])
-def test_pairwise_jaccard_kernel(rng, tag):
-    a = torch.from_numpy(rng.random((70, 77)).astype(np.float32) ** 3).to(DTYPES[tag])
-    b = torch.from_numpy(rng.random((130, 77)).astype(np.float32) ** 3).to(DTYPES[tag])
+def test_pairwise_jaccard_kernel(device, rng, tag):
+    a = torch.from_numpy(rng.random((70, 77)).astype(np.float32) ** 3).to(device, DTYPES[tag])
+    b = torch.from_numpy(rng.random((130, 77)).astype(np.float32) ** 3).to(device, DTYPES[tag])
     a[3] = 0.0
     b[5] = 0.0
     got = K.pairwise_jaccard(a, b)
     assert got.dtype == torch.float32 and got.shape == (70, 130)
     # against the exactly rounded inputs: only float32 accumulation error remains
-    np.testing.assert_allclose(got.numpy(), direct_jaccard(a.float(), b.float()), atol=2e-6)
+    np.testing.assert_allclose(got.cpu().numpy(), direct_jaccard(a.float().cpu(), b.float().cpu()), atol=2e-6)
     assert got[3, 5] == 0.0
 
 
@@ -94,26 +95,28 @@ KERNEL_CASES = [
 
 
 @pytest.mark.parametrize("n,cams,tag,layout,mode", KERNEL_CASES)
-def test_inter_camera_kernel(rng, n, cams, tag, layout, mode):
-    f, s, cam = make_inputs(rng, n, 40, 203, cams, DTYPES[tag])
+def test_inter_camera_kernel(device, rng, n, cams, tag, layout, mode):
+    f, s, cam = make_inputs(rng, n, 40, 203, cams, DTYPES[tag], device=device)
     if len(cams) > 1:
         cam[rng.integers(n)] = 11  # a camera with a single image
     got = K.inter_camera_distance(f, s, cam, 0.3, layout, mode)
     ref = K.inter_camera_distance_ref(f, s, cam, 0.3, layout, mode)
     assert got.shape == ref.shape and got.dtype == torch.float32
-    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=KERNEL_TOL[tag])
+    np.testing.assert_allclose(got.cpu().numpy(), ref.cpu().numpy(), atol=KERNEL_TOL[tag])
     if layout == "square":
         assert torch.equal(got, got.T) and torch.all(got.diagonal() == 0)
 
 
-def test_inter_camera_kernel_fills_out_buffer(rng):
-    f, s, cam = make_inputs(rng, 70, 16, 24, [0, 1])
-    buf = torch.full((70 * 69 // 2,), -7.0)
+def test_inter_camera_kernel_fills_out_buffer(device, rng):
+    f, s, cam = make_inputs(rng, 70, 16, 24, [0, 1], device=device)
+    buf = torch.full((70 * 69 // 2,), -7.0, device=device)
     got = K.inter_camera_distance(f, s, cam, 0.1, "condensed", "eq5", out_buf=buf)
     assert got.data_ptr() == buf.data_ptr()
-    np.testing.assert_allclose(buf.numpy(), K.inter_camera_distance_ref(f, s, cam, 0.1).numpy(), atol=2e-5)
+    np.testing.assert_allclose(buf.cpu().numpy(), K.inter_camera_distance_ref(f, s, cam, 0.1).cpu().numpy(), atol=2e-5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="NumPy out buffers are host memory: CPU inputs "
+                    "run the Triton kernel only in the interpreter, which is off where CUDA is present")
 def test_dispatch_to_triton_with_numpy_buffer(rng):
     f, s, cam = make_inputs(rng, 70, 16, 24, [5, 2])
     buf = np.full((70, 70), np.nan, dtype=np.float32)
@@ -141,15 +144,15 @@ def _row_ranges(n):
 
 
 @pytest.mark.parametrize("n,cams,tag,mode", ROW_KERNEL_CASES)
-def test_inter_camera_kernel_rows(rng, n, cams, tag, mode):
-    f, s, cam = make_inputs(rng, n, 40, 203, cams, DTYPES[tag])
+def test_inter_camera_kernel_rows(device, rng, n, cams, tag, mode):
+    f, s, cam = make_inputs(rng, n, 40, 203, cams, DTYPES[tag], device=device)
     ref = K.inter_camera_distance_ref(f, s, cam, 0.3, "condensed", mode)
     blocks = {}
     for r0, r1 in _row_ranges(n):
         lo, hi = S.condensed_row_offset(n, r0), S.condensed_row_offset(n, r1)
         got = K.inter_camera_distance(f, s, cam, 0.3, "condensed", mode, rows=(r0, r1))
         assert got.shape == (hi - lo,) and got.dtype == torch.float32
-        np.testing.assert_allclose(got.numpy(), ref[lo:hi].numpy(), atol=KERNEL_TOL[tag])
+        np.testing.assert_allclose(got.cpu().numpy(), ref[lo:hi].cpu().numpy(), atol=KERNEL_TOL[tag])
         blocks[r0, r1] = got
     # every entry comes from the same tile in any range (caller's order, fixed tile grid)
     whole = blocks[0, n]
@@ -157,15 +160,15 @@ def test_inter_camera_kernel_rows(rng, n, cams, tag, mode):
                                   whole[S.condensed_row_offset(n, 70):]]), whole)
 
 
-def test_inter_camera_kernel_rows_into_buffer_slice(rng):
+def test_inter_camera_kernel_rows_into_buffer_slice(device, rng):
     n = 90
-    f, s, cam = make_inputs(rng, n, 16, 24, [0, 1, 1, 2])
-    buf = torch.full((n * (n - 1) // 2,), -7.0)
+    f, s, cam = make_inputs(rng, n, 16, 24, [0, 1, 1, 2], device=device)
+    buf = torch.full((n * (n - 1) // 2,), -7.0, device=device)
     lo, hi = S.condensed_row_offset(n, 30), S.condensed_row_offset(n, 70)
     got = S.inter_camera_distance(f, s, cam, 0.1, out=buf[lo:hi], backend="triton", rows=(30, 70))
     assert got.data_ptr() == buf[lo:].data_ptr()
     ref = S.inter_camera_distance(f, s, cam, 0.1, backend="ref")
-    np.testing.assert_allclose(buf[lo:hi].numpy(), ref[lo:hi].numpy(), atol=2e-5)
+    np.testing.assert_allclose(buf[lo:hi].cpu().numpy(), ref[lo:hi].cpu().numpy(), atol=2e-5)
     assert bool((buf[:lo] == -7).all() and (buf[hi:] == -7).all())  # nothing written outside
 
 
@@ -377,15 +380,17 @@ def test_bad_jaccard_inputs_raise():
 # ----------------------------------------------------------------------------- GPU compile
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernels_compile_without_spills(arch):
     from concurrent.futures import ThreadPoolExecutor
 
-    from iics_fast.gpu_report import compile_report
+    from benchmarks.gpu_report import compile_report
+    from benchmarks.gpu_specs.pairwise import COMPILE_SPECS
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # each compile is a child process
-        reports = list(pool.map(lambda spec: compile_report(spec, arch), K.COMPILE_SPECS))
-    for spec, r in zip(K.COMPILE_SPECS, reports):
+        reports = list(pool.map(lambda spec: compile_report(spec, arch), COMPILE_SPECS))
+    for spec, r in zip(COMPILE_SPECS, reports):
         assert r.spill_bytes == 0, (spec.name, arch, r)
         assert 0 < r.registers <= 255
         assert r.inner_loop_len > 0

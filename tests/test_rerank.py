@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.probes import can_reset_peak, run_python
 from iics_fast._native import native
+from iics_fast.condensed import upper
 from iics_fast.rerank import k_reciprocal, k_reciprocal_ref
 
 
@@ -29,7 +31,7 @@ def all_vs_all(rng, n, dim=16, clusters=None):
 
 
 def condensed(d):
-    return d[np.triu_indices(d.shape[0], 1)].copy()
+    return upper(d).copy()
 
 
 def stable_rank(d, width):
@@ -210,12 +212,8 @@ def test_bad_input_is_refused_before_writing(rng):
 MEMORY_PROBE = textwrap.dedent("""
     import sys
     import numpy as np
+    from benchmarks.probes import PeakMemory
     from iics_fast.rerank import k_reciprocal
-
-    def kib(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
 
     n, layout = int(sys.argv[1]), sys.argv[2]
     rng = np.random.default_rng(0)
@@ -231,21 +229,16 @@ MEMORY_PROBE = textwrap.dedent("""
             d[pos:pos + n - 1 - i] = 1 - x[i + 1:] @ x[i]
             pos += n - 1 - i
     k_reciprocal(np.eye(30, dtype=np.float32))  # load the extension, start the threads
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current resident size
-    base = kib("VmRSS")
-    k_reciprocal(d, out=d)
-    print(kib("VmHWM") - base)
+    with PeakMemory() as mem:
+        k_reciprocal(d, out=d)
+    print(mem.grew_mib * 1024)
 """)
 
 
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
-                    reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
+@pytest.mark.skipif(not can_reset_peak(), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
 @pytest.mark.parametrize("layout", ["square", "condensed"])
 def test_memory_stays_far_below_one_matrix(layout):
     n = 3000
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(n), layout],
-                         capture_output=True, text=True, check=True)
-    extra_kib = int(out.stdout.split()[-1])
+    extra_kib = float(run_python(MEMORY_PROBE, n, layout).split()[-1])
     matrix_kib = n * n * 4 // 1024
     assert extra_kib < 0.3 * matrix_kib, (extra_kib, matrix_kib)

@@ -18,6 +18,8 @@
 // (which -march=native would otherwise contract them into), so float64 heights match bit for bit.
 #pragma GCC optimize("fp-contract=off")
 
+#include "cluster_rnn.h"  // after the pragma: its Lance-Williams steps must not be contracted either
+
 
 namespace iics {
 namespace {
@@ -391,6 +393,123 @@ void nn_chain_linkage(T* D, int64_t n, LinkageMethod method, int32_t* merge_a, i
   }
 }
 
+namespace {
+
+// The host loops of the RNN passes around the shared per-item work (cluster_rnn.h).
+template <typename T>
+class RnnHost {
+ public:
+  RnnHost(T* D, int64_t n, int method)
+      : n_(n), roff_(n), act_(n), nn_(n), partner_(n, -1), pi_(n / 2 + 1), pj_(n / 2 + 1),
+        dnn_(n), stale_(n, 0), size_(n, 1.0) {
+    for (int64_t k = 0; k < n; ++k) roff_[k] = condensed_row(n, k) - k - 1;
+    std::iota(act_.begin(), act_.end(), 0);
+    rows_.assign(act_.begin(), act_.end());
+    s_ = {D, roff_.data(), act_.data(), nn_.data(), dnn_.data(), partner_.data(),
+          stale_.data(), size_.data(), pi_.data(), pj_.data(), method};
+  }
+
+  void run(int32_t* merge_a, int32_t* merge_b, double* merge_h, int32_t* merge_pass,
+           std::vector<RnnPass>* passes) {
+    int64_t m = n_, done = 0;
+    for (int32_t pass = 0; m > 1; ++pass) {
+      RnnPass stats{m, 0, static_cast<int64_t>(rows_.size()), 0, 0};
+      // 1. rescans
+      const int64_t r = static_cast<int64_t>(rows_.size());
+#pragma omp parallel for schedule(dynamic, 1) if (r * m >= kParallelWork)
+      for (int64_t u = 0; u < r; ++u) {
+        const int32_t x = rows_[u];
+        T best = std::numeric_limits<T>::infinity();
+        int32_t arg = std::numeric_limits<int32_t>::max();
+        rnn::scan_row(s_, x, static_cast<int32_t>(m), 0, 1, best, arg);
+        nn_[x] = arg;
+        dnn_[x] = best;
+      }
+      // 2. reciprocal pairs, in increasing order of the dropped slot
+      int32_t p = 0;
+      for (int64_t t = 0; t < m; ++t) {
+        int32_t x, y;
+        if (!rnn::pair_at(s_, static_cast<int32_t>(t), x, y)) continue;
+        pi_[p] = x, pj_[p] = y, ++p;
+        partner_[x] = y, partner_[y] = x;
+        merge_a[done] = x, merge_b[done] = y, merge_h[done] = static_cast<double>(dnn_[x]);
+        merge_pass[done++] = pass;
+      }
+      if (passes) {
+        for (const int32_t x : rows_) count(x, m, 1, stats);
+        for (int32_t q = 0; q < p; ++q) count(pi_[q], m, 1, stats), count(pj_[q], m, 2, stats);
+        stats.merges = p;
+        passes->push_back(stats);
+      }
+      // 3. Lance-Williams updates
+#pragma omp parallel for schedule(static) if (m * p >= kParallelWork)
+      for (int64_t t = 0; t < m; ++t) {
+        const int32_t k = act_[t];
+        T best = dnn_[k], v;
+        int32_t arg = nn_[k];
+        for (int32_t q = 0; q < p; ++q)
+          if (rnn::update_item(s_, q, static_cast<int32_t>(t), v) && rnn::better(v, pj_[q], best, arg))
+            best = v, arg = pj_[q];
+        if (partner_[k] < 0 && rnn::lost(s_, k)) stale_[k] = 1;
+        nn_[k] = arg, dnn_[k] = best;
+      }
+      // 4. sizes, live list (dropped slots out), rescans of the next pass
+      for (int32_t q = 0; q < p; ++q) size_[pj_[q]] += size_[pi_[q]];
+      rows_.clear();
+      int64_t live = 0;
+      for (int64_t t = 0; t < m; ++t) {
+        const int32_t k = act_[t], mate = partner_[k];
+        if (mate > k) continue;  // dropped
+        act_[live++] = k;
+        if (stale_[k] || mate >= 0) rows_.push_back(k);
+        stale_[k] = 0;
+      }
+      for (int32_t q = 0; q < p; ++q) partner_[pi_[q]] = partner_[pj_[q]] = -1;
+      m = live;
+    }
+  }
+
+ private:
+  // Adds `times` device accesses of the row/column of live slot x (m live) to `stats`: the
+  // entries against lower slots lie in other rows, the rest along x's row.
+  void count(int32_t x, int64_t m, int64_t times, RnnPass& stats) const {
+    const int64_t below = std::lower_bound(act_.begin(), act_.begin() + m, x) - act_.begin();
+    stats.strided += times * below;
+    stats.contiguous += times * (m - 1 - below);
+  }
+
+  int64_t n_;
+  std::vector<int64_t> roff_;
+  std::vector<int32_t> act_, nn_, partner_, pi_, pj_, rows_;
+  std::vector<T> dnn_;
+  std::vector<uint8_t> stale_;
+  std::vector<double> size_;
+  rnn::State<T> s_;
+};
+
+}  // namespace
+
+template <typename T>
+void rnn_linkage(T* D, int64_t n, LinkageMethod method, int32_t* merge_a, int32_t* merge_b,
+                 double* merge_h, int32_t* merge_pass, std::vector<RnnPass>* passes) {
+  if (n < 2) return;
+  RnnHost<T>(D, n, static_cast<int>(method)).run(merge_a, merge_b, merge_h, merge_pass, passes);
+}
+
+void rnn_merges_to_linkage(int64_t n, const int32_t* merge_a, const int32_t* merge_b,
+                           const double* merge_h, const int32_t* merge_pass, double* Z) {
+  if (n < 2) return;
+  std::vector<int64_t> order(n - 1);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t u, int64_t v) {
+    return merge_pass[u] != merge_pass[v] ? merge_pass[u] < merge_pass[v] : merge_a[u] < merge_a[v];
+  });
+  std::vector<int32_t> a(n - 1), b(n - 1);
+  std::vector<double> h(n - 1);
+  for (int64_t r = 0; r < n - 1; ++r) a[r] = merge_a[order[r]], b[r] = merge_b[order[r]], h[r] = merge_h[order[r]];
+  merges_to_linkage(n, a.data(), b.data(), h.data(), Z);
+}
+
 // SciPy's order and naming (scipy.cluster.hierarchy: stable sort by height, then union-find
 // labelling): the merges of one height keep the order they were found in, which already puts
 // every merge after the merges that built its two clusters.
@@ -508,6 +627,10 @@ template void nn_chain_linkage<float>(float*, int64_t, LinkageMethod, int32_t*, 
                                       double*, bool);
 template void nn_chain_linkage<double>(double*, int64_t, LinkageMethod, int32_t*, int32_t*,
                                        double*, bool);
+template void rnn_linkage<float>(float*, int64_t, LinkageMethod, int32_t*, int32_t*, double*,
+                                 int32_t*, std::vector<RnnPass>*);
+template void rnn_linkage<double>(double*, int64_t, LinkageMethod, int32_t*, int32_t*, double*,
+                                  int32_t*, std::vector<RnnPass>*);
 template int64_t first_nonfinite<float>(const float*, int64_t);
 template int64_t first_nonfinite<double>(const double*, int64_t);
 template int64_t first_nonfinite_upper<float>(const float*, int64_t);

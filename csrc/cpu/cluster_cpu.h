@@ -5,6 +5,7 @@
 // average, weighted), O(n^2) time, and here O(n) memory beyond the caller's triangle.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace iics {
 
@@ -24,6 +25,33 @@ enum class LinkageMethod : int { Single = 0, Complete = 1, Average = 2, Weighted
 template <typename T>
 void nn_chain_linkage(T* D, int64_t n, LinkageMethod method, int32_t* merge_a, int32_t* merge_b,
                       double* merge_h, bool force_threads = false);
+
+// Work of one pass of rnn_linkage, in the units of the device's memory traffic: entries read
+// one per row (a column of the triangle: a separate memory sector each on a GPU) and entries read
+// along a row (contiguous).
+struct RnnPass {
+  int64_t live;      // live clusters at the start of the pass
+  int64_t merges;    // reciprocal pairs merged
+  int64_t rescans;   // nearest-neighbour rescans
+  int64_t strided;   // triangle entries read or written across rows
+  int64_t contiguous;  // triangle entries read or written along rows
+};
+
+// The same merges as nn_chain_linkage by parallel reciprocal-nearest-neighbour passes
+// (cluster_rnn.h, shared with the CUDA launcher): merge r joins slots merge_a[r] < merge_b[r] in
+// pass merge_pass[r]; the merges of a pass are written in increasing order of merge_a, passes in
+// order. Equal to SciPy's dendrogram when no candidate merges tie; with ties nearest neighbours
+// break by the lowest slot (a valid dendrogram that can differ from the chain's). `passes`, when
+// given, receives each pass's work.
+template <typename T>
+void rnn_linkage(T* D, int64_t n, LinkageMethod method, int32_t* merge_a, int32_t* merge_b,
+                 double* merge_h, int32_t* merge_pass, std::vector<RnnPass>* passes = nullptr);
+
+// SciPy's linkage matrix of reciprocal-nearest-neighbour merges given in any order within their
+// passes (the device appends them concurrently): puts them in the host's order (pass, then
+// merge_a), then labels them as merges_to_linkage does.
+void rnn_merges_to_linkage(int64_t n, const int32_t* merge_a, const int32_t* merge_b,
+                           const double* merge_h, const int32_t* merge_pass, double* Z);
 
 // Turns merges from nn_chain_linkage into SciPy's linkage matrix Z ((n-1) x 4, row-major): rows
 // sorted stably by height; Z[r,0] < Z[r,1] are the ids of the merged clusters (points 0..n-1,

@@ -320,14 +320,10 @@ void pairwise_jaccard_cpu(const float* a, int64_t m, int64_t lda, const float* s
   const TileFn tile = variant(isa).tile;
   const int64_t tm = (m + kMB - 1) / kMB, tp = (p + kNB - 1) / kNB;
   const TileFilter all;
-#ifdef IICS_WITH_OPENMP
 #pragma omp parallel
-#endif
   {
     std::vector<float> smin(kMB * kNB);
-#ifdef IICS_WITH_OPENMP
 #pragma omp for schedule(dynamic, 1)
-#endif
     for (int64_t t = 0; t < tm * tp; ++t) {
       const int64_t i0 = (t / tp) * kMB, j0 = (t % tp) * kNB;
       const int64_t i1 = std::min(m, i0 + kMB), j1 = std::min(p, j0 + kNB);
@@ -355,14 +351,10 @@ void inter_camera_rows_cpu(const float* scores, int64_t lds, const float* rowsum
   TileFilter filter;
   filter.upper = true;
   filter.cam = masked ? cam : nullptr;
-#ifdef IICS_WITH_OPENMP
 #pragma omp parallel
-#endif
   {
     std::vector<float> smin(kMB * kNB);
-#ifdef IICS_WITH_OPENMP
 #pragma omp for schedule(dynamic, 1)
-#endif
     for (size_t t = 0; t < tiles.size(); ++t) {
       const int64_t i0 = tiles[t].first, j0 = tiles[t].second;
       const int64_t i1 = std::min(r1, i0 + kMB), j1 = std::min(n, j0 + kNB);

@@ -30,7 +30,8 @@ class _Block(nn.Module):
         if stride == 1 and inplanes == out:
             return None
         alpha = self.bn1.alpha if aibn else None
-        return nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), _norm(out, aibn, alpha, init_alpha))
+        return nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False),
+                             _norm(out, aibn, alpha, init_alpha))
 
     def _residual(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.downsample is None else self.downsample(x)
@@ -146,8 +147,9 @@ def _read_state_dict(path) -> dict:
             "state dict (e.g. resnet50-0676ba61.pth), or pretrained=None to start from random weights")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"could not read {path!r} as a tensor state dict (torch.load weights_only=True): {exc}") from exc
+    except Exception as exc:
+        raise ValueError(f"could not read {path!r} as a tensor state dict "
+                         f"(torch.load weights_only=True): {exc}") from exc
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -168,7 +170,8 @@ def load_pretrained(model: ResNet, path) -> ResNet:
     """
     sd = _read_state_dict(path)
     own = model.state_dict()
-    src = {k: v for k, v in sd.items() if not k.startswith("fc.") and not (k.endswith("num_batches_tracked") and k not in own)}
+    src = {k: v for k, v in sd.items()
+           if not k.startswith("fc.") and not (k.endswith("num_batches_tracked") and k not in own)}
     unexpected = sorted(k for k in src if k not in own)
     mismatched = sorted(k for k in src if k in own and src[k].shape != own[k].shape)
     missing = sorted(k for k in own if k not in src and not k.endswith((".alpha", ".num_batches_tracked")))
@@ -188,6 +191,10 @@ def load_pretrained(model: ResNet, path) -> ResNet:
             lines.append(f"  {len(missing)} missing keys, e.g. {missing[:3]} (torchvision names expected, "
                          "like 'conv1.weight', 'layer1.0.bn1.running_mean')")
         raise ValueError("\n".join(lines))
+    broken = sorted(k for k, v in src.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if broken:  # such weights give NaN features, refused only once the training has begun
+        raise ValueError(f"{path!r} holds NaN or infinite values in {len(broken)} tensors, e.g. {broken[:3]}: "
+                         "the file is damaged; fetch it again")
     merged = dict(own)
     merged.update(src)
     model.load_state_dict(merged)

@@ -6,8 +6,8 @@ follow the original IICS code path step by step, dense N x N matrices included:
 * inter-camera similarity: ``1 - x x^T`` as a dense matrix, the generalised Jaccard of the
   per-camera softmax scores by a row loop (for each row, N x D |a - b| and a + b temporaries
   against all rows, then two row sums), a dense cross-camera mask from tiled camera ids, and
-  ``dist -= mask * J * mu`` (DESIGN.md section 1, Eq. 5);
-* k-reciprocal re-ranking (Zhong et al., CVPR 2017) with the IICS changes (DESIGN.md section 3):
+  ``dist -= mask * J * mu`` (the paper's Eq. 5);
+* k-reciprocal re-ranking (Zhong et al., CVPR 2017) with the IICS changes (see iics_fast.rerank):
   column min-max normalisation then transpose, a full N x N argsort, dense float16 V and query
   expansion, Jaccard through an inverted index, negatives clamped to 0;
 * average-linkage clustering with scikit-learn's ``AgglomerativeClustering`` on the dense
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from iics_fast.pipeline import cluster_count
 
 __all__ = [
     "reference_cosine_distance",
@@ -108,10 +110,18 @@ def reference_inter_camera_distance(features, scores, camids, mu, rows=None):
     features = _as_2d_float("features", features)
     scores = _as_2d_float("scores", scores)
     if features.shape[0] != scores.shape[0]:
-        raise ValueError(f"features and scores must have the same number of rows, got {features.shape[0]} and {scores.shape[0]}")
+        raise ValueError(f"features and scores must have the same number of rows, "
+                         f"got {features.shape[0]} and {scores.shape[0]}")
     dist = reference_cosine_distance(features)
     jac = reference_jaccard(scores, rows=rows)
     return reference_fuse(dist, jac, camids, mu)
+
+
+def _reciprocal(rank, i, k):
+    """k-reciprocal neighbours of row i: its k nearest that have i among their k nearest."""
+    forward = rank[i, : k + 1]
+    backward = rank[forward, : k + 1]
+    return forward[np.where(backward == i)[0]]
 
 
 def reference_rerank(dist, k1=20, k2=6, lambda_value=0.3):
@@ -134,16 +144,11 @@ def reference_rerank(dist, k1=20, k2=6, lambda_value=0.3):
     rank = np.argsort(d).astype(np.int32)
     half = int(np.around(k1 / 2))
 
-    def reciprocal(i, k):
-        forward = rank[i, : k + 1]
-        backward = rank[forward, : k + 1]
-        return forward[np.where(backward == i)[0]]
-
     for i in range(n):
-        r_i = reciprocal(i, k1)
+        r_i = _reciprocal(rank, i, k1)
         expanded = r_i
         for c in r_i:
-            r_c = reciprocal(c, half)
+            r_c = _reciprocal(rank, c, half)
             if len(np.intersect1d(r_c, r_i)) > 2 / 3 * len(r_c):
                 expanded = np.append(expanded, r_c)
         expanded = np.unique(expanded)
@@ -183,10 +188,9 @@ def reference_cluster(dist, n_clusters):
 
 
 def reference_intra_camera(features, camids, k_intra=600):
-    """Per camera: dense cosine distance, then average linkage into min(k_intra) clusters.
-
-    A camera with fewer than ``k_intra`` images gets ``max(1, n_c // 2)`` clusters. Returns
-    global labels (cluster ids offset camera by camera), int64 (n,).
+    """Per camera: dense cosine distance, then average linkage into
+    ``pipeline.cluster_count(n_c, k_intra)`` clusters. Returns global labels (cluster ids
+    offset camera by camera), int64 (n,).
     """
     features = _as_2d_float("features", features)
     camids = np.asarray(camids)
@@ -194,7 +198,7 @@ def reference_intra_camera(features, camids, k_intra=600):
     offset = 0
     for cam in np.unique(camids):
         idx = np.flatnonzero(camids == cam)
-        k = k_intra if idx.size >= k_intra else max(1, idx.size // 2)
+        k = cluster_count(idx.size, k_intra)
         if idx.size == 1:
             labels[idx] = offset
         else:

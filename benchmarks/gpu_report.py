@@ -4,9 +4,16 @@
 machine; Triton's bundled `cuobjdump` then gives registers, spills (local memory) and shared
 memory, and the SASS, from which the instruction mix of the innermost loop is counted.
 
-    python -m iics_fast.gpu_report            # every kernel of iics_fast.kernels, sm_80 and sm_90
-    python -m iics_fast.gpu_report --estimate # plus H100 time estimates at the dataset scales
-    python -m iics_fast.gpu_report --arch 90 --estimate --only inter_camera   # one kernel family
+    python -m benchmarks.gpu_report            # every kernel of iics_fast.kernels, sm_80 and sm_90
+    python -m benchmarks.gpu_report --estimate # plus H100 time estimates at the dataset scales
+    python -m benchmarks.gpu_report --arch 90 --estimate --only inter_camera   # one kernel family
+
+(run from the repository root). The kernels' compile specs and work models are in
+benchmarks/gpu_specs/<kernel>.py.
+
+Then the extension's CUDA kernels (registers, spills) and, with --estimate, the CUDA merge's
+H100 estimate at MSMT17 scale (benchmarks/gpu_cuda.py: a bandwidth model over passes that the
+host instantiation measures on synthetic distances, a few minutes on 2 cores).
 
 H100 estimates. From the sm_90 compile, the estimate of a kernel at a dataset scale is the larger
 of an issue-bound time (inner-loop SASS instructions per element against the H100's issue rate:
@@ -15,7 +22,7 @@ time (bytes moved at ~3.35 TB/s HBM3). It counts the innermost loop only, so it 
 for kernels whose work is outside that loop, and an upper bound on issue for tensor-core loops
 (one HMMA covers many elements: say so through ``elements_per_iteration``).
 
-Work-model contract. A kernel module may define, beside ``COMPILE_SPECS``,
+Work-model contract. A spec module may define, beside ``COMPILE_SPECS``,
 
     WORK_MODELS: dict[str, Callable[[dict], dict]]     # KernelSpec.name -> model
 
@@ -45,8 +52,9 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-#: kernel modules that expose COMPILE_SPECS (a list of KernelSpec)
-KERNEL_MODULES = ("iics_fast.kernels.pairwise", "iics_fast.kernels.aibn")
+#: spec modules that expose COMPILE_SPECS (a list of KernelSpec), one a kernel module
+KERNEL_MODULES = ("benchmarks.gpu_specs.pairwise", "benchmarks.gpu_specs.aibn")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -158,8 +166,8 @@ def compile_report(spec: KernelSpec, arch: int) -> CompileReport:
     }
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "iics_fast.gpu_report", "--compile-job"],
-        input=json.dumps(job), capture_output=True, text=True, env=env,
+        [sys.executable, "-m", "benchmarks.gpu_report", "--compile-job"],
+        input=json.dumps(job), capture_output=True, text=True, env=env, cwd=ROOT,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"compiling {spec.name} for sm_{arch} failed:\n{proc.stderr[-4000:]}")
@@ -196,11 +204,11 @@ def _kernel_modules():
 
 
 def all_specs() -> list[KernelSpec]:
-    """COMPILE_SPECS of every kernel module that is present."""
+    """COMPILE_SPECS of every spec module that is present."""
     return [spec for module in _kernel_modules() for spec in module.COMPILE_SPECS]
 
 
-#: the dataset scales estimates are made at (DESIGN.md: D = C x 600, d = 2048)
+#: the dataset scales estimates are made at (D = C x 600 score dims, d = 2048 feature dims)
 DATASET_SCALES = (
     {"name": "market1501", "N": 12936, "C": 6, "D": 3600, "d": 2048, "batch": 64},
     {"name": "dukemtmc", "N": 16522, "C": 8, "D": 4800, "d": 2048, "batch": 64},
@@ -243,7 +251,7 @@ def estimate_time(report: CompileReport, work: dict, scale_name: str = "", devic
     missing = {"elements", "elements_per_iteration", "bytes"} - set(work)
     if missing:
         raise ValueError(f"work model for {report.name} lacks {sorted(missing)}; see the WORK_MODELS contract "
-                         "in the iics_fast.gpu_report docstring")
+                         "in the benchmarks.gpu_report docstring")
     if report.inner_loop_len <= 0:
         raise ValueError(f"{report.name}: no inner loop found in the SASS, so no instructions per element")
     per_iter = float(work["elements_per_iteration"])
@@ -291,19 +299,38 @@ def main(argv=None):
         if 90 not in args.arch:
             reports += [compile_report(s, 90) for s in specs]
         est = estimates(reports)
-        print(f"\nH100 estimates ({H100.sms} SMs x {H100.schedulers_per_sm} issue/cycle at {H100.clock_hz / 1e9:.3f} GHz,"
-              f" {H100.hbm_bytes_per_s / 1e12:.2f} TB/s HBM3)")
-        print(f"{'kernel':40s} {'scale':>11s} {'instr/elem':>10s} {'issue us':>10s} {'memory us':>10s} {'estimate us':>11s}  bound")
+        print(f"\nH100 estimates ({H100.sms} SMs x {H100.schedulers_per_sm} issue/cycle at "
+              f"{H100.clock_hz / 1e9:.3f} GHz, {H100.hbm_bytes_per_s / 1e12:.2f} TB/s HBM3)")
+        print(f"{'kernel':40s} {'scale':>11s} {'instr/elem':>10s} {'issue us':>10s} {'memory us':>10s} "
+              f"{'estimate us':>11s}  bound")
         for e in est:
-            print(f"{e.kernel:40s} {e.scale:>11s} {e.instr_per_element:10.4f} {e.issue_s * 1e6:10.4g} {e.memory_s * 1e6:10.4g}"
-                  f" {e.estimate_s * 1e6:11.4g}  {e.bound}")
+            print(f"{e.kernel:40s} {e.scale:>11s} {e.instr_per_element:10.4f} {e.issue_s * 1e6:10.4g} "
+                  f"{e.memory_s * 1e6:10.4g} {e.estimate_s * 1e6:11.4g}  {e.bound}")
         unmodelled = sorted({r.name for r in reports if r.arch == 90} - {e.kernel for e in est})
         if unmodelled:
             print("no work model (no estimate): " + ", ".join(unmodelled))
+    _cuda_sources(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"reports": [asdict(r) for r in reports], "estimates": [asdict(e) for e in est]}, f, indent=1)
     return reports
+
+
+def _cuda_sources(args):
+    """The extension's CUDA kernels (csrc/cuda) and, with --estimate, the CUDA merge's estimate:
+    see benchmarks/gpu_cuda.py (needs the source tree and nvcc)."""
+    try:
+        from benchmarks import gpu_cuda
+    except ImportError:
+        print("\nCUDA sources: not reported (run from the repository root)")
+        return
+    if gpu_cuda.nvcc() is None:
+        print("\nCUDA sources: not reported (nvcc not found; set CUDA_HOME)")
+        return
+    print()
+    gpu_cuda.print_kernels(gpu_cuda.compile_all(args.arch))
+    if args.estimate and (args.only is None or "merge" in args.only):
+        gpu_cuda.print_estimate(gpu_cuda.merge_estimate())
 
 
 if __name__ == "__main__":
