@@ -80,6 +80,12 @@ def _size_key(r):
     return (r["op"], int(m.group(1)) if m else 0, r["size"])
 
 
+def _cpu_ratio(r, p):
+    if p.get("cpu_s") and r["ours"].get("cpu_s"):
+        return _x(statistics.median(p["cpu_s"]) / statistics.median(r["ours"]["cpu_s"]))
+    return "-"
+
+
 def comparison_table(records):
     lines = ["| operation | size | iics_fast | peer | peer time | ours faster by (median; per round) | "
              "by CPU time | peak memory ours / peer | load | record |",
@@ -92,8 +98,7 @@ def comparison_table(records):
         for p in r["peers"]:
             per = p["ratio_per_round"]
             rr = f"{_x(p['ratio'])}; {_x(min(per))}-{_x(max(per))}" if len(per) > 1 else _x(p["ratio"])
-            cpu = (f"{_x(statistics.median(p['cpu_s']) / statistics.median(r['ours']['cpu_s']))}"
-                   if p.get("cpu_s") and r["ours"].get("cpu_s") else "-")
+            cpu = _cpu_ratio(r, p)
             lines.append(f"| {r['op']} | {r['size']} | {_spread(r['ours'])} | {p['label']} | {_spread(p)} | {rr} | "
                          f"{cpu} | {_mb(mem.get('ours'))} / {_mb(mem.get(p['label']))} | {_load(r)} | `{r['command']}` |")
     return "\n".join(lines)
@@ -133,7 +138,8 @@ def headline(records):
         not_run = r.get("not_run", {})
         if peers:
             best = min(peers, key=lambda p: p["median_s"])
-            peer = f"{best['label']}: {_t(best['median_s'])}, {_mb(mem.get(best['label']))} ({_x(best['ratio'])})"
+            peer = (f"{best['label']}: {_t(best['median_s'])}, {_mb(mem.get(best['label']))} "
+                    f"(ours {_x(best['ratio'])} faster by wall time, {_cpu_ratio(r, best)} by CPU time)")
         else:
             peer = "; ".join(f"{k}: not run ({v})" for k, v in not_run.items() if "reference" not in k) or "-"
         refs = [p for p in r["peers"] if "reference" in p["label"]]
