@@ -29,7 +29,10 @@ namespace {
 
 constexpr int64_t kMB = 24;   // cache-tile rows (a multiple of every variant's MR)
 constexpr int64_t kNB = 60;   // cache-tile columns (a multiple of every variant's NR)
-constexpr int64_t kKC = 256;  // score dims a chunk
+// Score dims a chunk: long enough that the micro-kernel's closing reductions (a horizontal sum
+// an accumulator) cost little beside its loop (256 left ~40% of the loop's speed on the table),
+// short enough that a micro-tile's row panel stays in L1 and the tile's panels in L2.
+constexpr int64_t kKC = 1024;
 
 // Plain C++: the reference the vector variants are tested against, and the fallback.
 struct ScalarKernel {
@@ -181,22 +184,25 @@ void min_sum_tile(const float* a, int64_t lda, int64_t i0, int64_t i1, const flo
   }
 }
 
-// The ceiling probe: the micro-kernel alone, over and over on MR + NR rows of kKC dims that
-// stay in L1 (the same instructions as min_sum_tile, no memory traffic). Returns pair-dims.
+// The ceiling probe: the micro-kernel alone, over and over on MR + NR rows of kProbeK dims that
+// stay in L1 (the same instructions as min_sum_tile, no memory traffic: 10 rows x 3 KB fit the
+// 32 KB L1 of the machines measured). Returns pair-dims.
+constexpr int64_t kProbeK = 768;
+
 template <class K>
 double min_sum_probe(int64_t reps) {
-  std::vector<float> buf((K::MR + K::NR) * kKC);
+  std::vector<float> buf((K::MR + K::NR) * kProbeK);
   for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<float>(i % 97) * 0.01f;
   const float* ap[K::MR];
   const float* bp[K::NR];
-  for (int r = 0; r < K::MR; ++r) ap[r] = buf.data() + r * kKC;
-  for (int q = 0; q < K::NR; ++q) bp[q] = buf.data() + (K::MR + q) * kKC;
+  for (int r = 0; r < K::MR; ++r) ap[r] = buf.data() + r * kProbeK;
+  for (int q = 0; q < K::NR; ++q) bp[q] = buf.data() + (K::MR + q) * kProbeK;
   float acc[K::MR * K::NR] = {};
   for (int64_t it = 0; it < reps; ++it) {
-    K::micro(ap, bp, 0, kKC, acc);
+    K::micro(ap, bp, 0, kProbeK, acc);
     asm volatile("" : : "r"(acc) : "memory");  // keep every repetition
   }
-  return static_cast<double>(reps) * K::MR * K::NR * kKC;
+  return static_cast<double>(reps) * K::MR * K::NR * kProbeK;
 }
 
 using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
