@@ -189,7 +189,7 @@ def test_inter_camera_msmt17(side_by_side):
                  ceiling=_ceiling(n, 9000),
                  extra={"not_run": {REFERENCE: "dense N x N float32 distance, Jaccard, mask and two "
                                     "temporaries: about 6 x 4.3 GB, beyond this 24 GB machine",
-                                    PEER: "about 10x ours here (most of an hour); measured at N = 6,000"}})
+                                    PEER: "too slow at this size on 2 cores; see the N = 6,000 row (equal work)"}})
     got = last.pop("out")  # the timed build's output, checked against the reference's rows
     for i, row in reference_rows(case, [0, n // 2, n - 2]).items():
         start = condensed.row_offset(n, i)
