@@ -1,0 +1,624 @@
+"""The inter-camera round without an N x N matrix: O(N (k + d)) memory, for 10^5 to 10^6 images.
+
+The dense round (iics_fast.similarity -> iics_fast.rerank -> iics_fast.cluster) stays the exact
+reference; this module computes the same average linkage from three sparse pieces:
+
+1. **Sparse scores** (`ScoreSparsifier`, `sparse_scores`): per image and camera head, the
+   largest softmax entries until their mass reaches 1 - eps (at most `max_per_block` of them),
+   with the dropped mass r of each image. Extraction feeds it batch by batch, so the dense
+   N x D score matrix never exists. For two images with full row sums S_a, S_b (C for C heads),
+   kept-entry sum of minima m~ and dropped masses r_a, r_b, the true sum of minima m lies in
+   [m~, m~ + r_a + r_b], so the generalised Jaccard J = m / (S_a + S_b - m) and
+   J~ = m~ / (S_a + S_b - m~) satisfy
+
+       0 <= J - J~ <= (S_a + S_b) (r_a + r_b) / max(S_a, S_b)^2      (`jaccard_error_bound`)
+
+   which is <= 4 eps when every head keeps mass >= 1 - eps (S_a = S_b = C, r <= C eps).
+2. **Candidate graph** (`knn`): each image's k nearest neighbours by cosine through faiss (flat,
+   exact, up to `FLAT_MAX` images; IVF above; on the GPU where faiss has one), symmetrised. Eq. 5
+   (`d = 1 - cos - mu J~ [cam differs]`) and the re-ranking's sparse terms are computed on its
+   edges only.
+3. **Average linkage from sums** (`average_linkage`, native `SparseLinkage`): a pair of clusters
+   the graph joins holds the exact sum of its pair values; any other pair's sum comes from the
+   clusters' feature sums, `sum_{i in A, j in B} (1 - cos) = |A||B| - <F_A, F_B>` (exact). The
+   closest joined pair is merged (priority queue), its sums to every neighbour of either side
+   are the two sides' sums added (Lance-Williams for average linkage), until k_inter clusters.
+   When the graph runs out of edges first, the live clusters get new edges from a faiss search
+   over their mean features (all pairs once few enough remain).
+
+Exact and approximate, for `similarity="cosine"` (Eq. 5 then average linkage):
+  exact:   the cosine part of every cluster distance; Eq. 5 on every graph edge given J~.
+  approx.: J~ for J (bound above); the Jaccard term of pairs off the graph is dropped (it is at
+           most mu); merges are only taken along graph edges (connectivity-constrained average
+           linkage), so a closest pair of clusters with no edge between them waits until an edge
+           appears (through a merge or the fallback search).
+For `similarity="rerank"` (Eq. 5, k-reciprocal re-ranking with row min-max normalisation and the
+upper triangle read, then average linkage) additionally:
+  exact:   each row's k1 + 1 nearest by Eq. 5 distance and its min whenever the k-th cosine
+           neighbour is at least mu farther than the (k1 + 1)-th (counted in the result's
+           `info["rows_uncertified"]`, 0 with k = N - 1); the row max whenever the farthest
+           search's last cosine bounds it likewise; the k-reciprocal sets, V, the query
+           expansion and the Jaccard distance of every pair sharing a column of V (the dense
+           path's float16 arithmetic, on the native code the dense path runs); the re-ranked
+           value of every pair on the graph or sharing a V column (these pairs are the graph).
+  approx.: pairs off the graph have Jaccard distance exactly 1 and their re-ranked value
+           (1 - lambda) + lambda (d - min_i) / range_i uses row i = min(i, j); the model takes
+           the mean of the two rows' (min, range) instead, which makes it a sum of per-cluster
+           terms (`sep` in csrc/cpu/sparse_cpu.h), and drops Eq. 5's Jaccard term there.
+With k = N - 1 and eps = 0 every pair is on the graph and nothing is approximated: the partition
+is the dense round's (tests/test_sparse.py holds it there, and to ARI on the k-NN graph).
+
+Several processes (`torch.distributed`): each rank searches, sparsifies and evaluates the edges
+of its contiguous block of rows (`iics_fast.distributed.shard_indices`); the edge lists and
+neighbour lists are gathered on rank 0, which runs the re-ranking's combinatorics and the
+linkage and broadcasts the labels. The result equals one process's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums", "jaccard_on_edges",
+           "jaccard_error_bound", "knn", "sparse_inter_round", "inter_round_dense_ref", "FLAT_MAX",
+           "dense_round_bytes", "choose_inter_mode"]
+
+FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
+
+
+# ----------------------------------------------------------------------------- sparse scores
+
+
+@dataclass
+class SparseScores:
+    """CSR rows of truncated score vectors: row i is col/val[ptr[i]:ptr[i+1]] (columns ascending,
+    int32 / float32), with its full row sum `total` and the mass it dropped, `dropped`."""
+
+    ptr: np.ndarray
+    col: np.ndarray
+    val: np.ndarray
+    total: np.ndarray
+    dropped: np.ndarray
+    dims: tuple
+    sample_rows: np.ndarray = None  # rows kept whole, for the Jaccard background
+    sample_scores: np.ndarray = None
+
+    @property
+    def n(self) -> int:
+        return len(self.ptr) - 1
+
+    def rows(self, start: int, stop: int) -> "SparseScores":
+        """Rows [start, stop) as their own SparseScores."""
+        a, b = int(self.ptr[start]), int(self.ptr[stop])
+        keep = (self.sample_rows >= start) & (self.sample_rows < stop)
+        return SparseScores(self.ptr[start:stop + 1] - a, self.col[a:b], self.val[a:b],
+                            self.total[start:stop], self.dropped[start:stop], self.dims,
+                            self.sample_rows[keep] - start, self.sample_scores[keep])
+
+    @staticmethod
+    def concat(parts) -> "SparseScores":
+        """Rows of several SparseScores one after another."""
+        parts = list(parts)
+        offsets = np.cumsum([0] + [int(p.ptr[-1]) for p in parts])
+        ptr = np.concatenate([np.zeros(1, np.int64)] + [p.ptr[1:] + o for p, o in zip(parts, offsets)])
+        rows = np.cumsum([0] + [p.n for p in parts])
+        return SparseScores(ptr, np.concatenate([p.col for p in parts]), np.concatenate([p.val for p in parts]),
+                            np.concatenate([p.total for p in parts]), np.concatenate([p.dropped for p in parts]),
+                            parts[0].dims, np.concatenate([p.sample_rows + r for p, r in zip(parts, rows)]),
+                            np.concatenate([p.sample_scores for p in parts]))
+
+    def dense(self) -> np.ndarray:
+        """The truncated rows as a dense (n, D) float32 array (tests)."""
+        out = np.zeros((self.n, sum(self.dims)), np.float32)
+        rows = np.repeat(np.arange(self.n), np.diff(self.ptr))
+        out[rows, self.col] = self.val
+        return out
+
+
+def sample_rows(n_total: int, sample: int) -> np.ndarray:
+    """The min(sample, n_total) evenly spaced rows floor(t * n_total / sample) kept whole."""
+    m = min(int(sample), int(n_total))
+    return (np.arange(m, dtype=np.int64) * int(n_total)) // max(m, 1)
+
+
+class ScoreSparsifier:
+    """Turns batches of concatenated per-head scores (b, sum(dims)) into SparseScores: in every
+    head's block, the largest entries until their sum reaches (1 - eps) x the block's sum, at most
+    max_per_block of them (None: no cap). Feed `add(batch)` in row order, then `finish()`.
+
+    The rows `sample_rows(n_total, sample)` are also kept whole: the round estimates from them the
+    mean Jaccard between cameras, which it uses for pairs off its graph. `offset`: the global
+    index of the first row fed here (a rank's share under several processes)."""
+
+    def __init__(self, dims, eps: float = 1e-3, max_per_block: int | None = 32, n_total: int | None = None,
+                 sample: int = 1024, offset: int = 0):
+        dims = tuple(int(k) for k in dims)
+        if not dims or min(dims) < 1:
+            raise ValueError(f"dims must list each head's class count (>= 1), got {dims}")
+        if not 0 <= eps < 1:
+            raise ValueError(f"eps must be in [0, 1), got {eps}")
+        if max_per_block is not None and max_per_block < 1:
+            raise ValueError(f"max_per_block must be >= 1 or None, got {max_per_block}")
+        if sample and n_total is None:
+            raise ValueError("give n_total (all images, all ranks) to keep the sampled rows, or sample=0")
+        self.dims, self.eps, self.cap = dims, float(eps), max_per_block
+        self._wanted = sample_rows(n_total, sample) if sample else np.zeros(0, np.int64)
+        self._next = int(offset)
+        self._parts = []
+
+    def add(self, batch) -> None:
+        s = torch.as_tensor(batch).float()
+        if s.ndim != 2 or s.shape[1] != sum(self.dims):
+            raise ValueError(f"a score batch must be (b, {sum(self.dims)}), got {tuple(s.shape)}")
+        if s.numel() and (not torch.isfinite(s).all() or s.min() < 0):
+            raise ValueError("scores must be finite and nonnegative (softmax outputs)")
+        first = self._next
+        self._next += s.shape[0]
+        picked = self._wanted[(self._wanted >= first) & (self._wanted < self._next)] - first
+        rows, cols, vals = [], [], []
+        total = s.sum(1, dtype=torch.float64)
+        kept = torch.zeros(s.shape[0], dtype=torch.float64)
+        start = 0
+        for k in self.dims:
+            block = s[:, start:start + k]
+            v, idx = torch.sort(block, dim=1, descending=True, stable=True)
+            csum = torch.cumsum(v.double(), 1)
+            target = (1.0 - self.eps) * csum[:, -1:]
+            count = (csum < target).sum(1) + 1  # entries up to the first that reaches the target
+            count = count.clamp(max=k if self.cap is None else min(k, self.cap))
+            if self.eps == 0:
+                count = torch.full_like(count, k if self.cap is None else min(k, self.cap))
+            keep = torch.arange(k)[None, :] < count[:, None]
+            r, t = keep.nonzero(as_tuple=True)
+            rows.append(r)
+            cols.append(idx[r, t] + start)
+            vals.append(v[r, t])
+            kept += torch.where(keep, v.double(), torch.zeros((), dtype=torch.float64)).sum(1)
+            start += k
+        r, c, v = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+        order = torch.argsort(r * sum(self.dims) + c)  # row-major, columns ascending
+        ptr = torch.zeros(s.shape[0] + 1, dtype=torch.int64)
+        ptr[1:] = torch.cumsum(torch.bincount(r, minlength=s.shape[0]), 0)
+        self._parts.append(SparseScores(ptr.numpy(), c[order].to(torch.int32).numpy(), v[order].numpy(),
+                                        total.float().numpy(), (total - kept).clamp_min(0).float().numpy(),
+                                        self.dims, picked, s[torch.from_numpy(picked)].numpy()))
+
+    def finish(self) -> SparseScores:
+        if not self._parts:
+            self.add(torch.zeros(0, sum(self.dims)))
+        out = SparseScores.concat(self._parts)
+        self._parts = []
+        return out
+
+
+def sparse_scores(scores, dims, eps: float = 1e-3, max_per_block: int | None = 32, batch: int = 4096,
+                  sample: int = 1024, n_total: int | None = None):
+    """SparseScores of a dense (N, D) score array, or of an iterable of row batches (then give
+    n_total for the sampled rows)."""
+    if n_total is None and isinstance(scores, (np.ndarray, torch.Tensor)):
+        n_total = len(scores)
+    sp = ScoreSparsifier(dims, eps, max_per_block, n_total, sample)
+    if isinstance(scores, (np.ndarray, torch.Tensor)):
+        for start in range(0, len(scores), batch):
+            sp.add(scores[start:start + batch])
+    else:
+        for b in scores:
+            sp.add(b)
+    return sp.finish()
+
+
+def _native():
+    from ._native import native
+    return native()
+
+
+def sparse_min_sums(sp: SparseScores, ei, ej) -> np.ndarray:
+    """sum_c min(a_c, b_c) over the kept entries of rows ei[e], ej[e] (float32)."""
+    ei = np.ascontiguousarray(ei, np.int32)
+    ej = np.ascontiguousarray(ej, np.int32)
+    return _native().sparse_min_sums(np.ascontiguousarray(sp.ptr, np.int64), sp.col, sp.val, ei, ej)
+
+
+def jaccard_on_edges(sp: SparseScores, ei, ej) -> np.ndarray:
+    """J~ = m~ / (S_a + S_b - m~) of the truncated rows (S: the full row sums), float32; 0 for
+    two all-zero rows."""
+    m = sparse_min_sums(sp, ei, ej).astype(np.float64)
+    den = sp.total[ei].astype(np.float64) + sp.total[ej] - m
+    return np.where(den > 0, m / np.where(den > 0, den, 1), 0).astype(np.float32)
+
+
+def jaccard_error_bound(sp: SparseScores, ei, ej) -> np.ndarray:
+    """Upper bound on J - J~ for the pairs (ei, ej): (S_a + S_b)(r_a + r_b) / max(S_a, S_b)^2."""
+    sa, sb = sp.total[ei].astype(np.float64), sp.total[ej].astype(np.float64)
+    big = np.maximum(sa, sb)
+    r = sp.dropped[ei].astype(np.float64) + sp.dropped[ej]
+    return np.where(big > 0, (sa + sb) * r / np.where(big > 0, big, 1) ** 2, 0.0)
+
+
+# ----------------------------------------------------------------------------- candidate graph
+
+
+def _faiss_index(x: np.ndarray, index: str, device):
+    import faiss
+
+    n, d = x.shape
+    kind = index if index != "auto" else ("flat" if n <= FLAT_MAX else "ivf")
+    if kind == "flat":
+        idx = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = max(1, int(4 * math.sqrt(n)))
+        quantizer = faiss.IndexFlatIP(d)
+        idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        sample = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+        idx.cp.seed = 0
+        idx.train(sample)
+        idx.nprobe = min(nlist, 32)
+    else:
+        raise ValueError(f"index must be 'auto', 'flat' or 'ivf', got {index!r}")
+    if device is not None and torch.device(device).type == "cuda" and hasattr(faiss, "StandardGpuResources"):
+        idx = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), torch.device(device).index or 0, idx)
+    idx.add(x)
+    return idx, kind
+
+
+def knn(features, k: int, rows=None, index: str = "auto", farthest: bool = False, device=None,
+        _built=None):
+    """The k nearest (largest cosine) or, with farthest=True, the k farthest (smallest cosine)
+    samples of rows [r0, r1) of L2-normalised float32 `features`, self included where it falls
+    in: (cos (m, k) float32, indices (m, k) int64), best first. Flat (exact) up to FLAT_MAX images,
+    IVF (approximate) above, or as `index` says."""
+    x = np.ascontiguousarray(features, np.float32)
+    r0, r1 = (0, len(x)) if rows is None else rows
+    idx, _ = _built if _built is not None else _faiss_index(x, index, device)
+    q = x[r0:r1]
+    k = min(k, len(x))
+    if farthest:
+        sims, ids = idx.search(np.ascontiguousarray(-q), k)
+        return -sims, ids
+    return idx.search(q, k)
+
+
+# ----------------------------------------------------------------------------- the round
+
+
+def _normalise(features) -> np.ndarray:
+    f = torch.nn.functional.normalize(torch.as_tensor(features).float(), dim=1)
+    return np.ascontiguousarray(f.numpy())
+
+
+def _cross_jaccard(sp, camids, ei, ej):
+    """J~ on the pairs, 0 for pairs within one camera (Eq. 5 masks them) or without scores."""
+    out = np.zeros(len(ei), np.float32)
+    if sp is None or len(ei) == 0:
+        return out
+    cross = camids[ei] != camids[ej]
+    out[cross] = jaccard_on_edges(sp, ei[cross], ej[cross])
+    return out
+
+
+def _pair_cos(f, ei, ej, chunk=1 << 16):
+    """cos of the pairs (float32), by rows gathered in chunks."""
+    out = np.empty(len(ei), np.float32)
+    ft = torch.from_numpy(f)
+    for s in range(0, len(ei), chunk):
+        a = ft[torch.from_numpy(ei[s:s + chunk].astype(np.int64))]
+        b = ft[torch.from_numpy(ej[s:s + chunk].astype(np.int64))]
+        out[s:s + chunk] = (a * b).sum(1).numpy()
+    return out
+
+
+def _row_block(f, sp, camids, mu, k, r0, r1, rerank, k_far, index, device, built):
+    """One block of rows' share of the round: their k-NN edges with Eq. 5 on them and, for the
+    re-ranking, their candidate lists by Eq. 5 distance and row min / max."""
+    n = len(f)
+    kq = min(n, k + 1)
+    sims, ids = knn(f, kq, (r0, r1), index, device=device, _built=built)
+    rows = np.repeat(np.arange(r0, r1), kq)
+    ids = ids.reshape(-1)
+    sims = sims.reshape(-1)
+    ok = ids >= 0
+    rows, ids, sims = rows[ok], ids[ok], sims[ok]
+    own = ids == rows
+    ei, ej, cos = rows[~own].astype(np.int32), ids[~own].astype(np.int32), sims[~own]
+    d = (1.0 - cos - mu * _cross_jaccard(sp, camids, ei, ej)).astype(np.float32)
+    block = {"ei": ei, "ej": ej, "d": d}
+    if not rerank:
+        return block
+    m = r1 - r0
+    # candidates: self (distance 0) and the k-NN, ranked by Eq. 5 distance then index
+    cand_i = np.concatenate([np.arange(r0, r1, dtype=np.int32), ei])
+    cand_j = np.concatenate([np.arange(r0, r1, dtype=np.int32), ej])
+    cand_d = np.concatenate([np.zeros(m, np.float32), d])
+    order = np.lexsort((cand_j, cand_d, cand_i))
+    cand_i, cand_j, cand_d = cand_i[order], cand_j[order], cand_d[order]
+    starts = np.searchsorted(cand_i, np.arange(r0, r1))  # every row has self and k others
+    lo = np.minimum(0.0, np.minimum.reduceat(cand_d, starts))
+    # the smallest cosine among the k-NN bounds every non-candidate: d >= 1 - cos_k - mu
+    worst = np.full(m, np.inf, np.float32)
+    np.minimum.at(worst, rows - r0, sims)
+    block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=(1.0 - worst - mu).astype(np.float32))
+    # row max: the farthest by cosine, Eq. 5 on them; d <= 1 - cos for any pair
+    kf = min(n, k_far)
+    fs, fi = knn(f, kf, (r0, r1), index, farthest=True, device=device, _built=built)
+    frows = np.repeat(np.arange(r0, r1, dtype=np.int32), kf)
+    fi = fi.reshape(-1).astype(np.int32)
+    fs = fs.reshape(-1)
+    valid = fi >= 0
+    fd = np.full(len(fi), -np.inf, np.float32)
+    fd[valid] = 1.0 - fs[valid] - mu * _cross_jaccard(sp, camids, frows[valid], fi[valid])
+    hi = np.maximum(np.maximum(fd.reshape(m, kf).max(1), 0.0), np.maximum.reduceat(cand_d, starts))
+    far_cos = np.where(valid, fs, np.inf).reshape(m, kf).max(1)  # largest cosine searched
+    block.update(lo=lo.astype(np.float32), hi=hi.astype(np.float32),
+                 hi_exact=(hi >= 1.0 - far_cos) | (kf >= n))
+    return block
+
+
+def camera_jaccard(sp: SparseScores, camids) -> np.ndarray:
+    """(C x C) mean generalised Jaccard between the sampled rows of each pair of cameras (exact,
+    from the rows kept whole), indexed by the ranks of np.unique(camids); pairs of cameras
+    without two sampled rows take the mean over all cross-camera sampled pairs; diagonal 0."""
+    from .similarity import pairwise_jaccard
+
+    cams, inv = np.unique(camids, return_inverse=True)
+    out = np.zeros((len(cams), len(cams)))
+    if sp is None or sp.sample_rows is None or len(sp.sample_rows) < 2:
+        return out
+    rows = sp.sample_rows
+    J = pairwise_jaccard(torch.from_numpy(np.ascontiguousarray(sp.sample_scores))).numpy().astype(np.float64)
+    c = inv[rows]
+    one = np.eye(len(cams))[c]
+    pairs = one.T @ one - np.diag(np.bincount(c, minlength=len(cams)))  # ordered pairs, i != j
+    sums = one.T @ (J - np.diag(np.diag(J))) @ one
+    cross = c[:, None] != c[None, :]
+    fill = J[cross].mean() if cross.any() else 0.0
+    out = np.where(pairs > 0, sums / np.maximum(pairs, 1), fill)
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+def _gather_blocks(block):
+    """Every rank's block dict, concatenated in rank order, on rank 0 (None elsewhere)."""
+    from . import distributed as D
+
+    if D.world_size() == 1:
+        return block
+    parts = D.all_gather_object(block)
+    if D.rank() != 0:
+        return None
+    return {key: np.concatenate([p[key] for p in parts]) for key in block}
+
+
+def _pairs_lookup(n, ei, ej, values):
+    """Sorted keys i * n + j of the directed pairs and their values, for searchsorted lookups."""
+    key = ei.astype(np.int64) * n + ej
+    order = np.argsort(key, kind="stable")
+    return key[order], values[order]
+
+
+def _lookup(keys, values, n, qi, qj):
+    """values of the pairs (qi, qj) in the lookup, and a mask of those found."""
+    q = qi.astype(np.int64) * n + qj
+    pos = np.clip(np.searchsorted(keys, q), 0, max(len(keys) - 1, 0))
+    found = (keys[pos] == q) if len(keys) else np.zeros(len(q), bool)
+    return values[pos] if len(keys) else np.zeros(len(q), values.dtype), found
+
+
+def _undirected(ei, ej, values):
+    """Unique pairs i < j (the first value met for a pair)."""
+    a, b = np.minimum(ei, ej), np.maximum(ei, ej)
+    key = a.astype(np.int64) * (int(max(b.max(initial=0), 0)) + 1) + b
+    _, first = np.unique(key, return_index=True)
+    return a[first], b[first], values[first]
+
+
+def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
+    """The re-ranked value of every graph pair i < j (k-NN edges and pairs sharing a V column),
+    and the per-row (min, range) of the normalisation."""
+    C = _native()
+    lo, hi = blk["lo"], blk["hi"]
+    rng_ = hi - lo
+    rng_ = np.where(rng_ > 0, rng_, np.float32(1)).astype(np.float32)
+    kk = min(k1 + 1, n)
+    # each row's kk nearest by (key, index); key is monotone in d, so rank by d
+    ci, cj, cd = blk["cand_i"], blk["cand_j"], blk["cand_d"]
+    starts = np.searchsorted(ci, np.arange(n))
+    counts = np.diff(np.append(starts, len(ci)))
+    if counts.min() < kk:
+        raise ValueError(f"k = {counts.min() - 1} neighbours are fewer than k1 + 1 = {kk}; raise k")
+    sel = (starts[:, None] + np.arange(kk)[None, :]).reshape(-1)
+    nbr = np.ascontiguousarray(cj[sel].reshape(n, kk), np.int32)
+    certified = (cd[sel].reshape(n, kk)[:, -1] <= blk["bound"])
+    from .rerank import _expansion_width
+    ptr, col = C.sparse_expansion_sets(nbr, min(_expansion_width(k1), kk))
+    rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(ptr))
+    keys_d, keys_v = _pairs_lookup(n, ci, cj, cd)
+    dval, found = _lookup(keys_d, keys_v, n, rows, col)
+    if (~found).any():  # expansion members outside the candidate list: Eq. 5 computed here
+        mi, mj = rows[~found], col[~found]
+        dval[~found] = 1.0 - _pair_cos(f, mi, mj) - mu * _cross_jaccard(sp, camids, mi, mj)
+    keys = ((dval - lo[rows]) / rng_[rows]).astype(np.float32)
+    pi, pj, m = C.sparse_k_reciprocal_pairs(ptr, col, np.ascontiguousarray(keys), nbr, min(k2, kk))
+    m16 = m.astype(np.float16)
+    jac = (np.float16(1) - m16 / (np.float16(2) - m16)).astype(np.float16)
+    jac[jac < 0] = 0
+    w16 = np.float16(1 - lam)
+    jt = (jac * w16).astype(np.float32)
+    # graph pairs: k-NN edges (undirected) and the sharing pairs
+    ei, ej, _ = _undirected(blk["ei"], blk["ej"], blk["d"])
+    gi = np.concatenate([ei, pi])
+    gj = np.concatenate([ej, pj])
+    gk = gi.astype(np.int64) * n + gj
+    uniq, first = np.unique(gk, return_index=True)
+    gi, gj = gi[first], gj[first]
+    jt_all = np.full(len(gi), np.float32(w16), np.float32)
+    pk = pi.astype(np.int64) * n + pj
+    jt_all[np.searchsorted(uniq, pk)] = jt
+    dg, found = _lookup(keys_d, keys_v, n, gi, gj)
+    d2, found2 = _lookup(keys_d, keys_v, n, gj, gi)
+    dg = np.where(found, dg, d2)
+    miss = ~(found | found2)
+    if miss.any():
+        mi, mj = gi[miss], gj[miss]
+        dg[miss] = 1.0 - _pair_cos(f, mi, mj) - mu * _cross_jaccard(sp, camids, mi, mj)
+    value = jt_all + ((dg - lo[gi]) / rng_[gi]) * np.float32(lam)
+    info = {"rows_uncertified": int((~certified).sum()), "rows_max_uncertified": int((~blk["hi_exact"]).sum()),
+            "jaccard_pairs": int(len(pi))}
+    return gi, gj, value.astype(np.float64), lo, rng_, float(w16), info
+
+
+def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None, background=None,
+                    fallback_k=16):
+    """Average linkage of the N samples into k_inter clusters from the graph pairs (gi, gj) with
+    their exact pair values and, for every other pair, the model
+        c0 + (u_i + u_j) / 2 - (b_i + b_j) / 2 (cos(i, j) + background[cams_i, cams_j])
+    (b = u = 1, c0 = 0, no background: 1 - cos). The background term is carried by one column a
+    camera appended to the feature sums. Returns (labels numbered by first appearance, info)."""
+    n, d0 = f.shape
+    b = np.ones(n) if b is None else np.asarray(b, np.float64)
+    u = np.ones(n) if u is None else np.asarray(u, np.float64)
+    if background is not None and np.any(background):
+        hot = np.eye(background.shape[0], dtype=np.float32)[cams]
+        x = np.ascontiguousarray(np.concatenate([f, hot], 1), np.float32)
+        g = np.ascontiguousarray(np.concatenate([f, background.astype(np.float32)[cams]], 1) * b[:, None].astype(np.float32))
+    else:
+        x = np.array(f, np.float32, copy=True)
+        g = x if np.all(b == 1) else np.ascontiguousarray(x * b[:, None].astype(np.float32))
+    link = _native().SparseLinkage(x, g, np.ascontiguousarray(u), float(c0))
+    link.add_edges(np.ascontiguousarray(gi, np.int32), np.ascontiguousarray(gj, np.int32),
+                   np.ascontiguousarray(value, np.float64))
+    fallbacks = 0
+    while link.run(k_inter) > k_inter:
+        fallbacks += 1
+        live = link.live_slots()
+        if len(live) <= 2048:  # every pair of the few clusters left
+            a, bb = np.triu_indices(len(live), 1)
+        else:  # the nearest clusters by mean feature
+            means = x[live, :d0] / link.sizes(live)[:, None].astype(np.float32)
+            means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+            _, nb = knn(means, min(len(live), fallback_k + 1))
+            a = np.repeat(np.arange(len(live)), nb.shape[1])
+            bb = nb.reshape(-1)
+            keep = (bb >= 0) & (bb != a)
+            a, bb = a[keep], bb[keep]
+        link.add_edges(np.ascontiguousarray(live[a], np.int32), np.ascontiguousarray(live[bb], np.int32))
+    kept, absorbed, heights = link.merges()
+    parent = np.arange(n)
+    parent[absorbed] = kept
+    root = parent.copy()
+    while True:  # pointer jumping to the surviving slot
+        nxt = parent[root]
+        if np.array_equal(nxt, root):
+            break
+        root = nxt
+    _, first, inv = np.unique(root, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inv], {"fallbacks": fallbacks, "merges": len(kept)}
+
+
+def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity="rerank", k=32,
+                       k1=20, k2=6, lambda_value=0.3, k_far=16, index="auto", device=None):
+    """One inter-camera clustering round without an N x N matrix (see the module docstring for
+    what is exact and what is approximated).
+
+    features: (N, d) float array (normalised here); scores: SparseScores (or None: features
+    alone, the "feature" ablation); camids: (N,) ints; k_inter: clusters wanted; mu: Eq. 5's
+    weight; similarity: "cosine" (Eq. 5 then average linkage) or "rerank" (Eq. 5, k-reciprocal
+    re-ranking with k1, k2, lambda_value, then average linkage); k: neighbours a row in the
+    candidate graph (N - 1 or more: the complete graph, exact); k_far: farthest samples searched
+    a row for the re-ranking's row max; index: "auto" | "flat" | "ivf"; device: faiss-gpu device.
+    Under torch.distributed every rank passes the same full inputs and gets the labels.
+    Returns (labels (N,) int64 numbered by first appearance, info dict).
+    """
+    from . import distributed as D
+
+    if similarity not in ("cosine", "rerank"):
+        raise ValueError(f"similarity must be 'cosine' or 'rerank', got {similarity!r}")
+    f = _normalise(features)
+    camids = np.asarray(camids, np.int64)
+    n = len(f)
+    if len(camids) != n or (scores is not None and scores.n != n):
+        raise ValueError(f"features ({n}), scores ({None if scores is None else scores.n}) and camids "
+                         f"({len(camids)}) must have one row per image")
+    if not 1 <= k_inter <= n:
+        raise ValueError(f"k_inter = {k_inter} is outside 1..N = {n}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    rerank = similarity == "rerank"
+    if rerank and min(k, n - 1) + 1 < min(k1 + 1, n):
+        raise ValueError(f"the re-ranking reads k1 + 1 = {k1 + 1} neighbours a row but k = {k}; use k >= k1")
+    k = min(k, n - 1) if n > 1 else 0
+    info = {"N": n, "k": k, "similarity": similarity}
+    if n == 1:
+        return np.zeros(1, np.int64), info
+    part = D.shard_indices(n, D.rank(), D.world_size())
+    built = _faiss_index(f, index, device)
+    info["index"] = built[1]
+    blk = _row_block(f, scores, camids, float(mu), k, part.start, part.stop, rerank, k_far, index, device, built)
+    del built
+    blk = _gather_blocks(blk)
+    labels = None
+    if blk is not None:
+        cams = np.unique(camids, return_inverse=True)[1]
+        background = float(mu) * camera_jaccard(scores, camids) if scores is not None else None
+        if rerank:
+            gi, gj, value, lo, rng_, c0, extra = _rerank_edges(f, scores, camids, float(mu), blk, n, k1, k2,
+                                                               float(lambda_value))
+            info.update(extra)
+            lam = np.float64(lambda_value)
+            b = lam / rng_.astype(np.float64)
+            u = lam * (1.0 - lo.astype(np.float64)) / rng_.astype(np.float64)
+            labels, extra = average_linkage(f, gi, gj, value, k_inter, b=b, u=u, c0=c0, cams=cams,
+                                            background=background)
+        else:
+            gi, gj, value = _undirected(blk["ei"], blk["ej"], blk["d"])
+            labels, extra = average_linkage(f, gi, gj, value.astype(np.float64), k_inter, cams=cams,
+                                            background=background)
+        info.update(extra, graph_pairs=int(len(gi)))
+    if D.world_size() > 1:
+        labels, info = D.broadcast_object((labels, info), src=0)
+    return labels, info
+
+
+# ----------------------------------------------------------------------------- references, choice
+
+
+def inter_round_dense_ref(features, scores, camids, k_inter, mu=0.02, *, similarity="rerank", k1=20, k2=6,
+                          lambda_value=0.3):
+    """The dense round the sparse one is held to: Eq. 5 (condensed), the re-ranking in place
+    (similarity="rerank"), average linkage into k_inter. scores: dense (N, D) or None."""
+    from .cluster import agglomerative
+    from .rerank import k_reciprocal
+    from .similarity import inter_camera_distance
+
+    mode = "eq5" if scores is not None else "feature"
+    d = inter_camera_distance(features, scores, camids, mu, out="condensed", mode=mode).numpy()
+    if similarity == "rerank":
+        k_reciprocal(d, k1=k1, k2=k2, lambda_value=lambda_value, out=d)
+    return np.asarray(agglomerative(d, n_clusters=k_inter, inplace=True))
+
+
+def dense_round_bytes(n: int, d_scores: int) -> int:
+    """Peak bytes of the dense inter-camera round beyond the features: the condensed float32
+    distance plus the float32 score matrix it is built from."""
+    return 4 * (n * (n - 1) // 2) + 4 * n * d_scores
+
+
+def choose_inter_mode(mode: str, n: int, d_scores: int, available_bytes: int | None = None, log=print):
+    """'dense' or 'sparse' for --inter-mode: as given, or for 'auto' sparse exactly when the dense
+    round's matrices (dense_round_bytes) would not fit 80% of the available memory."""
+    if mode not in ("dense", "sparse", "auto"):
+        raise ValueError(f"--inter-mode must be dense, sparse or auto, got {mode!r}")
+    if mode != "auto":
+        return mode
+    if available_bytes is None:
+        from .memory import available_bytes as measure
+        available_bytes = measure()
+    need = dense_round_bytes(n, d_scores)
+    chosen = "dense" if need <= 0.8 * available_bytes else "sparse"
+    log(f"inter-mode auto: the dense round needs {need / 2**30:.1f} GiB, {available_bytes / 2**30:.1f} GiB "
+        f"available -> {chosen}")
+    return chosen
