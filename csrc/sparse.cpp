@@ -46,6 +46,23 @@ py::array_t<float> min_sums_py(const Array<int64_t>& ptr, const Array<int32_t>& 
   return out;
 }
 
+py::array_t<float> pair_dots_py(const Array<float>& f, const Array<int32_t>& ei,
+                                const Array<int32_t>& ej) {
+  require(f.ndim() == 2, "f must be n x d");
+  require(ei.size() == ej.size(), "edge endpoint arrays differ in length");
+  const int64_t n = f.shape(0);
+  for (py::ssize_t e = 0; e < ei.size(); ++e)
+    require(ei.data()[e] >= 0 && ei.data()[e] < n && ej.data()[e] >= 0 && ej.data()[e] < n,
+            "edge endpoint outside the rows");
+  py::array_t<float> out(ei.size());
+  float* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    iics::pair_dots_cpu(f.data(), f.shape(1), ei.data(), ej.data(), ei.size(), o);
+  }
+  return out;
+}
+
 py::tuple expansion_sets_py(const Array<int32_t>& nbr, int k_half) {
   require(nbr.ndim() == 2, "nbr must be n x kk");
   const int64_t n = nbr.shape(0);
@@ -149,6 +166,8 @@ void bind_sparse(py::module_& m) {
   m.def("sparse_min_sums", &min_sums_py, py::arg("ptr").noconvert(), py::arg("col").noconvert(),
         py::arg("val").noconvert(), py::arg("ei").noconvert(), py::arg("ej").noconvert(),
         "Sum of minima of CSR rows ei[e] and ej[e] (columns ascending a row), float32.");
+  m.def("sparse_pair_dots", &pair_dots_py, py::arg("f").noconvert(), py::arg("ei").noconvert(),
+        py::arg("ej").noconvert(), "Inner products of rows ei[e] and ej[e] of f (float32).");
   m.def("sparse_expansion_sets", &expansion_sets_py, py::arg("nbr").noconvert(),
         py::arg("k_half"),
         "Expanded k-reciprocal sets (ptr int64, col int32 ascending) of the n x kk lists.");

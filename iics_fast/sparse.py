@@ -66,6 +66,7 @@ __all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums"
            "dense_round_bytes", "choose_inter_mode"]
 
 FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
+FAR_FLAT_MAX = 8_192  # above this many the farthest-sample search (row max) uses an IVF index
 
 
 # ----------------------------------------------------------------------------- sparse scores
@@ -247,15 +248,16 @@ def _faiss_index(x: np.ndarray, index: str, device):
     kind = index if index != "auto" else ("flat" if n <= FLAT_MAX else "ivf")
     if kind == "flat":
         idx = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        nlist = max(1, int(4 * math.sqrt(n)))
+    elif kind == "ivf":  # 2 sqrt(N) lists trained on 40 samples a list, 16 probed
+        nlist = max(1, int(2 * math.sqrt(n)))
         quantizer = faiss.IndexFlatIP(d)
         idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
-        sample = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+        sample = x[np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))]
         idx.cp.seed = 0
+        idx.cp.niter = 10
         idx.train(sample)
-        idx.nprobe = min(nlist, 32)
+        idx.nprobe = min(nlist, 16)
     else:
         raise ValueError(f"index must be 'auto', 'flat' or 'ivf', got {index!r}")
     if device is not None and torch.device(device).type == "cuda" and hasattr(faiss, "StandardGpuResources"):
@@ -284,6 +286,20 @@ def knn(features, k: int, rows=None, index: str = "auto", farthest: bool = False
 # ----------------------------------------------------------------------------- the round
 
 
+class _Timer:
+    """Wall time of the round's steps, recorded into its info dict."""
+
+    def __init__(self):
+        import time
+        self._clock = time.perf_counter
+        self._t = self._clock()
+
+    def lap(self, info, key):
+        now = self._clock()
+        info[key] = round(now - self._t, 3)
+        self._t = now
+
+
 def _normalise(features) -> np.ndarray:
     f = torch.nn.functional.normalize(torch.as_tensor(features).float(), dim=1)
     return np.ascontiguousarray(f.numpy())
@@ -299,18 +315,13 @@ def _cross_jaccard(sp, camids, ei, ej):
     return out
 
 
-def _pair_cos(f, ei, ej, chunk=1 << 16):
-    """cos of the pairs (float32), by rows gathered in chunks."""
-    out = np.empty(len(ei), np.float32)
-    ft = torch.from_numpy(f)
-    for s in range(0, len(ei), chunk):
-        a = ft[torch.from_numpy(ei[s:s + chunk].astype(np.int64))]
-        b = ft[torch.from_numpy(ej[s:s + chunk].astype(np.int64))]
-        out[s:s + chunk] = (a * b).sum(1).numpy()
-    return out
+def _pair_cos(f, ei, ej):
+    """cos of the pairs (float32) of the normalised rows f."""
+    return _native().sparse_pair_dots(f, np.ascontiguousarray(ei, np.int32), np.ascontiguousarray(ej, np.int32))
 
 
-def _row_block(f, sp, camids, mu, k, r0, r1, rerank, k_far, index, device, built):
+
+def _row_block(f, sp, camids, mu, k, r0, r1, rerank, k_far, index, device, built, far_built):
     """One block of rows' share of the round: their k-NN edges with Eq. 5 on them and, for the
     re-ranking, their candidate lists by Eq. 5 distance and row min / max."""
     n = len(f)
@@ -342,7 +353,7 @@ def _row_block(f, sp, camids, mu, k, r0, r1, rerank, k_far, index, device, built
     block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=(1.0 - worst - mu).astype(np.float32))
     # row max: the farthest by cosine, Eq. 5 on them; d <= 1 - cos for any pair
     kf = min(n, k_far)
-    fs, fi = knn(f, kf, (r0, r1), index, farthest=True, device=device, _built=built)
+    fs, fi = knn(f, kf, (r0, r1), farthest=True, device=device, _built=far_built)
     frows = np.repeat(np.arange(r0, r1, dtype=np.int32), kf)
     fi = fi.reshape(-1).astype(np.int32)
     fs = fs.reshape(-1)
@@ -555,10 +566,16 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     if n == 1:
         return np.zeros(1, np.int64), info
     part = D.shard_indices(n, D.rank(), D.world_size())
+    timer = _Timer()
     built = _faiss_index(f, index, device)
-    info["index"] = built[1]
-    blk = _row_block(f, scores, camids, float(mu), k, part.start, part.stop, rerank, k_far, index, device, built)
-    del built
+    far_built = None
+    if rerank:
+        far_built = built if index == "flat" or n <= FAR_FLAT_MAX else _faiss_index(f, "ivf", device)
+    info.update(index=built[1], far_index=None if far_built is None else far_built[1])
+    blk = _row_block(f, scores, camids, float(mu), k, part.start, part.stop, rerank, k_far, index, device, built,
+                     far_built)
+    del built, far_built
+    timer.lap(info, "time_graph_s")
     blk = _gather_blocks(blk)
     labels = None
     if blk is not None:
@@ -568,6 +585,7 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
             gi, gj, value, lo, rng_, c0, extra = _rerank_edges(f, scores, camids, float(mu), blk, n, k1, k2,
                                                                float(lambda_value))
             info.update(extra)
+            timer.lap(info, "time_rerank_s")
             lam = np.float64(lambda_value)
             b = lam / rng_.astype(np.float64)
             u = lam * (1.0 - lo.astype(np.float64)) / rng_.astype(np.float64)
@@ -578,6 +596,7 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
             labels, extra = average_linkage(f, gi, gj, value.astype(np.float64), k_inter, cams=cams,
                                             background=background)
         info.update(extra, graph_pairs=int(len(gi)))
+        timer.lap(info, "time_linkage_s")
     if D.world_size() > 1:
         labels, info = D.broadcast_object((labels, info), src=0)
     return labels, info

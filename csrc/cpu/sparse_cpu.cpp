@@ -57,6 +57,13 @@ void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* va
   }
 }
 
+void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
+                   float* out) {
+#pragma omp parallel for schedule(static, 256) if (edges * d >= kParallelMin * 64)
+  for (int64_t e = 0; e < edges; ++e)
+    out[e] = static_cast<float>(dot(f + static_cast<int64_t>(ei[e]) * d, f + static_cast<int64_t>(ej[e]) * d, d));
+}
+
 JaccardPairs k_reciprocal_pairs_cpu(Sparse v, const float* keys, int64_t n, int kk, int k2,
                                     const std::vector<int32_t>& nbr) {
   rerank_parts::weigh_rows(v, keys);

@@ -16,6 +16,10 @@ namespace iics {
 void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* val,
                          const int32_t* ei, const int32_t* ej, int64_t edges, float* out);
 
+// out[e] = <f[ei[e]], f[ej[e]]> over rows of the n x d float32 `f`, float64 sums rounded.
+void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
+                   float* out);
+
 // The pairs i < j whose query-expanded k-reciprocal rows share a column, with the float16 sum
 // of minima m the dense re-ranking accumulates for them (same order, same rounding).
 struct JaccardPairs {
