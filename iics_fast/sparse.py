@@ -63,7 +63,8 @@ import torch
 
 __all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums", "jaccard_on_edges",
            "jaccard_error_bound", "knn", "sparse_inter_round", "inter_round_dense_ref", "FLAT_MAX",
-           "dense_round_bytes", "choose_inter_mode"]
+           "dense_round_bytes", "choose_inter_mode", "sparse_scores_ref", "average_linkage_ref",
+           "gather_sparse_scores", "camera_jaccard"]
 
 FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
 FAR_FLAT_MAX = 8_192  # above this many the farthest-sample search (row max) uses an IVF index
@@ -618,6 +619,86 @@ def inter_round_dense_ref(features, scores, camids, k_inter, mu=0.02, *, similar
     if similarity == "rerank":
         k_reciprocal(d, k1=k1, k2=k2, lambda_value=lambda_value, out=d)
     return np.asarray(agglomerative(d, n_clusters=k_inter, inplace=True))
+
+
+def sparse_scores_ref(scores, dims, eps: float, max_per_block: int | None = None):
+    """Row-by-row, block-by-block transcription of ScoreSparsifier (no sampled rows):
+    SparseScores of a dense float32 array."""
+    scores = np.asarray(scores, np.float32)
+    ptr, cols, vals, dropped = [0], [], [], []
+    for row in scores:
+        kept_cols, start = [], 0
+        for k in dims:
+            block = row[start:start + k].astype(np.float64)
+            order = np.argsort(-block, kind="stable")
+            total, acc, taken = block.sum(), 0.0, 0
+            limit = k if max_per_block is None else min(k, max_per_block)
+            while taken < limit and (eps == 0 or taken == 0 or acc < (1 - eps) * total):
+                acc += block[order[taken]]
+                taken += 1
+            kept_cols += [start + int(c) for c in order[:taken]]
+            start += k
+        kept_cols.sort()
+        cols += kept_cols
+        vals += [row[c] for c in kept_cols]
+        dropped.append(max(0.0, float(row.astype(np.float64).sum() - row[kept_cols].astype(np.float64).sum())))
+        ptr.append(len(cols))
+    return SparseScores(np.array(ptr, np.int64), np.array(cols, np.int32), np.array(vals, np.float32),
+                        scores.sum(1, dtype=np.float64).astype(np.float32), np.array(dropped, np.float32),
+                        tuple(dims), np.zeros(0, np.int64), np.zeros((0, scores.shape[1]), np.float32))
+
+
+def average_linkage_ref(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None, background=None):
+    """Plain O(N^3) transcription of average_linkage without its fallback: the model matrix for
+    every pair, the graph pairs' values over it, then repeatedly the closest pair of live
+    clusters joined by a graph pair is merged (sums added, adjacency united)."""
+    f = np.asarray(f, np.float64)
+    n = len(f)
+    b = np.ones(n) if b is None else np.asarray(b, np.float64)
+    u = np.ones(n) if u is None else np.asarray(u, np.float64)
+    cos = f @ f.T
+    if background is not None:
+        cos = cos + np.asarray(background)[np.ix_(cams, cams)]
+    pair = c0 + (u[:, None] + u[None, :]) / 2 - (b[:, None] + b[None, :]) / 2 * cos
+    pair[gi, gj] = value
+    pair[gj, gi] = value
+    adj = np.zeros((n, n), bool)
+    adj[gi, gj] = adj[gj, gi] = True
+    members = [[i] for i in range(n)]
+    live = list(range(n))
+    while len(live) > k_inter:
+        best = None
+        for x in range(len(live)):
+            for y in range(x + 1, len(live)):
+                a, c = live[x], live[y]
+                if adj[a, c]:
+                    dist = pair[np.ix_(members[a], members[c])].sum() / (len(members[a]) * len(members[c]))
+                    if best is None or dist < best[0]:
+                        best = (dist, a, c)
+        if best is None:
+            raise ValueError("the graph has no edge left between live clusters")
+        _, a, c = best
+        members[a] += members[c]
+        adj[a] |= adj[c]
+        adj[:, a] |= adj[:, c]
+        adj[a, a] = False
+        live.remove(c)
+    labels = np.empty(n, np.int64)
+    for i, a in enumerate(live):
+        labels[members[a]] = i
+    _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inv]
+
+
+def gather_sparse_scores(part: SparseScores) -> SparseScores:
+    """Every rank's rows (its extraction share, in rank order) on every rank."""
+    from . import distributed as D
+
+    if D.world_size() == 1:
+        return part
+    return SparseScores.concat(D.all_gather_object(part))
 
 
 def dense_round_bytes(n: int, d_scores: int) -> int:
