@@ -434,6 +434,11 @@ def profile(n, cameras, k_inter, scale_name=None, reference_sizes=None, referenc
             reference_max_gb=8.0, reference=True, seed=0, out="profile_out", log=print):
     """Run the round and the reference, write JSON + PNG under `out`, return the record."""
     scale_name = scale_name or str(n)
+    from iics_fast import condensed, memory
+    # before any work: the condensed N x N distance beside the features and scores
+    memory.require(4 * condensed.size(n) + 4 * n * (2 * FEATURE_DIM + cameras * K_INTRA),
+                   f"profiling one round at N = {n}",
+                   way_out="profile a smaller N (--scale 2000) or on a machine with more memory")
     log(f"iics_fast round at {scale_name}: N={n}, C={cameras}, k_intra={K_INTRA}, k_inter={k_inter}")
     ours, info = run_ours(n, cameras, k_inter, seed, log=log)
     feats, camids, _ = synthetic_features(n, cameras, seed)

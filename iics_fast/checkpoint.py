@@ -3,6 +3,8 @@ file), the generators' states saved with a checkpoint, and per-stage seeds, so t
 from a checkpoint replays exactly what an uninterrupted run does."""
 from __future__ import annotations
 
+import errno
+import io
 import os
 import random
 
@@ -33,21 +35,79 @@ def set_rng_states(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write(path: str, mode: str, write) -> None:
-    """write(fh) into a temporary file beside `path`, fsync, then rename over `path`."""
+class WriteError(ValueError):
+    """A file could not be written; the message says why (a full disk, no permission)."""
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def write_error(exc: OSError, path: str, nbytes: int | None = None) -> WriteError:
+    """An OSError of writing `path` in the user's terms."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    need = f" ({_size(nbytes)} to write)" if nbytes else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WriteError(f"the disk holding {folder} is full: could not write "
+                          f"{os.path.basename(path)}{need}; free space there (or choose another "
+                          f"folder); files written before are intact")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return WriteError(f"cannot write into {folder} ({exc.strerror}): choose a folder you can "
+                          f"write into")
+    return WriteError(f"could not write {path}: {exc.strerror or exc}")
+
+
+def fsync_dir(folder: str) -> None:
+    """Makes a rename in `folder` durable (where the file system can sync a directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes | str, before_replace=None) -> None:
+    """Write `data` to `path` through `path.tmp<pid>` + fsync + rename: the old file stays whole
+    until the new one is complete (`before_replace()` runs between the two, e.g. to keep the
+    old file under another name). A failure removes the temporary file and raises WriteError
+    saying why."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise write_error(exc, path, len(data)) from None
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def serialise(obj) -> bytes:
+    """torch.save into memory: a full disk is then reported by the write, not as a failure
+    deep in the serialiser."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def atomic_save(obj, path: str) -> None:
     """torch.save to `path` atomically (never a torn file)."""
-    _atomic_write(path, "wb", lambda fh: torch.save(obj, fh))
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """Writes `text` to `path` atomically."""
-    _atomic_write(path, "w", lambda fh: fh.write(text))
+    write_atomic(path, serialise(obj))

@@ -111,7 +111,13 @@ def linkage(dist, method="average", inplace=False):
     inplace=True the caller's float32/float64 C-contiguous buffer is destroyed and nothing of
     size O(n^2) is allocated (a square buffer is first compacted into its condensed prefix).
     """
-    arr, _, code, core_inplace = _prepare(dist, method, inplace)
+    arr, n, code, core_inplace = _prepare(dist, method, inplace)
+    if not core_inplace:
+        from .condensed import size
+        from .memory import require
+        require(size(n) * arr.itemsize, f"the clustering's copy of the distances of "
+                f"N = {n} points", way_out="pass inplace=True (the distances are overwritten), "
+                "or cluster fewer points")
     return native().cluster_linkage(arr, code, core_inplace)
 
 

@@ -30,7 +30,7 @@ from .data.msmt17 import load_msmt17
 from .data.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
 from .data.synthetic import load_synthetic
 
-__all__ = ["build", "names", "DatasetError", "ReidDataset", "read_image"]
+__all__ = ["build", "check_options", "names", "DatasetError", "ReidDataset", "read_image"]
 
 _LOADERS = {
     "market1501": load_market1501,
@@ -48,17 +48,29 @@ def names() -> list:
     return list(_LOADERS)
 
 
-def build(name: str, root: str | None = None, **options) -> ReidDataset:
-    """Load dataset ``name`` from ``root`` with loader ``options`` (see the module docstring)."""
+def _loader(name: str):
+    """The canonical name and loader of dataset ``name`` (aliases allowed)."""
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {names()}")
-    loader = _LOADERS[key]
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {names()}")
+    return key, _LOADERS[key]
+
+
+def check_options(name: str, options: dict) -> None:
+    """Raise DatasetError if ``name`` is not a dataset or ``options`` holds a name its loader
+    does not take (before anything is read or generated)."""
+    key, loader = _loader(name)
     known = set(SYNTHETIC_DEFAULTS) | {"verify"} if key == "synthetic" else {
         p for p in inspect.signature(loader).parameters if p != "root"}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for dataset {key!r}; known: {sorted(known)}")
-    return loader(root, **options)
+        raise DatasetError(f"unknown option(s) {unknown} for dataset {key!r}; known: "
+                           f"{sorted(known)}")
+
+
+def build(name: str, root: str | None = None, **options) -> ReidDataset:
+    """Load dataset ``name`` from ``root`` with loader ``options`` (see the module docstring)."""
+    check_options(name, options)
+    return _loader(name)[1](root, **options)

@@ -111,14 +111,16 @@ def _as_float_matrix(x, name: str):
     return a
 
 
-def _count_nan(x, block_rows: int) -> int:
-    """NaN count of a 2-D array/tensor, read in row blocks (no full-size temporary)."""
+def _count_bad(x, block_rows: int, infinite: bool = False) -> int:
+    """Count of NaN (with `infinite`, also +-inf) entries of a 2-D array/tensor, read in row
+    blocks (no full-size temporary)."""
     total = 0
     for s in range(0, x.shape[0], block_rows):
         part = x[s : s + block_rows]
-        total += int(torch.isnan(part).sum()) if isinstance(x, torch.Tensor) else int(
-            np.isnan(part).sum()
-        )
+        if isinstance(x, torch.Tensor):
+            total += int((~torch.isfinite(part) if infinite else torch.isnan(part)).sum())
+        else:
+            total += int((~np.isfinite(part) if infinite else np.isnan(part)).sum())
     return total
 
 
@@ -253,7 +255,7 @@ def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, *,
     dev = _pick_device(device, d)
     rank, native = _ranker(dev, backend, gp, gc)
     rows = _block_rows(num_g, dev, block_elems, native)
-    nan = _count_nan(d, max(1, _BLOCK_ELEMS_TORCH_CPU // num_g))
+    nan = _count_bad(d, max(1, _BLOCK_ELEMS_TORCH_CPU // num_g))
     if nan:
         raise ValueError(f"distmat has {nan} NaN entries; distances must be comparable numbers")
     parts = [rank(d[s : s + rows], qp[s : s + rows], qc[s : s + rows])
@@ -282,12 +284,14 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank: int 
     max_rank = _check_max_rank(max_rank)
     dev = _pick_device(device, qf, gf)
     for x, name in ((qf, "qf"), (gf, "gf")):
-        bad = _count_nan(x, 4096)
+        bad = _count_bad(x, 4096, infinite=True)
         if bad:
-            raise ValueError(f"{name} has {bad} NaN entries; features must be finite")
+            raise ValueError(f"{name} has {bad} NaN or infinite entries; features must be finite")
     rank, native = _ranker(dev, backend, gp, gc)
-    qf = torch.nn.functional.normalize(torch.as_tensor(qf).to(dev, torch.float32), dim=1)
-    gf = torch.nn.functional.normalize(torch.as_tensor(gf).to(dev, torch.float32), dim=1)
+    from .similarity import normalize_rows  # overflow-safe for very large features
+
+    qf = normalize_rows(torch.as_tensor(qf).to(dev))
+    gf = normalize_rows(torch.as_tensor(gf).to(dev))
     rows = _block_rows(num_g, dev, block_elems, native)
     parts = [rank((qf[s : s + rows] @ gf.T).neg_().add_(1.0), qp[s : s + rows], qc[s : s + rows])
              for s in range(0, num_q, rows)]  # 1 - cos, in place: one block buffer

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 
@@ -62,25 +63,60 @@ def extract_features(model, paths, height: int, width: int, batch_size: int = 64
     return torch.cat(out)
 
 
+def check_paths(paths: list[str]) -> None:
+    """A path list must survive the one-path-a-line .txt file: refuse a name holding a line
+    break (before any extraction)."""
+    bad = next((p for p in paths if "\n" in p or "\r" in p), None)
+    if bad is not None:
+        raise ValueError(f"the file name {bad!r} holds a line break, which the path list "
+                         f"cannot store: rename it, or save to a .pt file")
+
+
 def save_features(feats: torch.Tensor, paths: list[str], path: str) -> None:
+    """Features and their paths, written atomically: a .pt file holding both, or a .npy beside a
+    .txt path list (one path a line, file names that are not UTF-8 kept byte for byte). A
+    failure leaves any previous files whole."""
+    from .checkpoint import atomic_save, write_atomic
+
+    if len(feats) != len(paths):
+        raise ValueError(f"{len(feats)} feature rows for {len(paths)} paths")
     if path.endswith(".pt"):
-        torch.save({"features": feats, "paths": paths}, path)
-    else:
-        np.save(path, feats.numpy())
-        with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as fh:
-            fh.write("".join(p + "\n" for p in paths))
+        atomic_save({"features": feats, "paths": list(paths)}, path)
+        return
+    check_paths(paths)
+    buf = io.BytesIO()
+    np.save(buf, feats.numpy())
+    names = "".join(p + "\n" for p in paths).encode("utf-8", "surrogateescape")
+    write_atomic(os.path.splitext(path)[0] + ".txt", names)
+    write_atomic(path, buf.getvalue())
 
 
 def load_features(path: str):
+    """(features, paths) saved by `save_features`; raises ValueError when the file is not
+    readable or its rows and paths do not belong together."""
     if path.endswith(".pt"):
-        data = torch.load(path, map_location="cpu")
-        return data["features"], list(data["paths"])
-    names = os.path.splitext(path)[0] + ".txt"
-    if not os.path.isfile(names):
-        raise ValueError(f"{path!r} has no file list {names!r} beside it")
-    with open(names, encoding="utf-8") as fh:
-        paths = [line.rstrip("\n") for line in fh]
-    return torch.from_numpy(np.load(path)), paths
+        try:
+            data = torch.load(path, map_location="cpu")
+            feats, paths = data["features"], list(data["paths"])
+        except Exception as exc:
+            raise ValueError(f"{path!r} is not a feature file saved by `features` "
+                             f"({type(exc).__name__}: {exc})") from None
+        names = path
+    else:
+        names = os.path.splitext(path)[0] + ".txt"
+        if not os.path.isfile(names):
+            raise ValueError(f"{path!r} has no file list {names!r} beside it")
+        with open(names, "rb") as fh:
+            paths = fh.read().decode("utf-8", "surrogateescape").splitlines()
+        try:
+            feats = torch.from_numpy(np.load(path))
+        except Exception as exc:
+            raise ValueError(f"{path!r} is not a .npy feature file ({exc})") from None
+    if feats.ndim != 2 or len(feats) != len(paths):
+        raise ValueError(f"{path!r} holds {tuple(feats.shape)} features but {names!r} lists "
+                         f"{len(paths)} paths: they do not belong together; extract the "
+                         f"features again with `features ... --save {path}`")
+    return feats, paths
 
 
 def main(argv=None) -> None:
@@ -104,7 +140,16 @@ def main(argv=None) -> None:
     model, cfg = load_model(args.checkpoint, args.device)
     size = (cfg["height"], cfg["width"])
     if args.command == "features":
+        folder = os.path.dirname(os.path.abspath(args.save))
+        if not args.save.endswith((".npy", ".pt")):
+            raise ValueError(f"--save {args.save!r}: name a .npy (with a .txt path list beside "
+                             f"it) or a .pt file")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"--save {args.save!r}: cannot write into {folder}; choose a "
+                             f"folder that exists and that you can write into")
         paths = list_images(args.images)
+        if not args.save.endswith(".pt"):
+            check_paths(paths)
         feats = extract_features(model, paths, *size, args.batch_size, args.device)
         save_features(feats, paths, args.save)
         print(f"{len(paths)} images -> {args.save} ({feats.shape[1]}-d)")
@@ -120,7 +165,9 @@ def main(argv=None) -> None:
     if qf.shape[1] != gf.shape[1]:
         raise ValueError(f"gallery features are {gf.shape[1]}-d but the model gives "
                          f"{qf.shape[1]}-d: extract them with this checkpoint")
-    dist = 1.0 - (F.normalize(gf.float(), dim=1) @ qf[0])
+    from .similarity import normalize_rows  # saved features of any magnitude
+
+    dist = 1.0 - (normalize_rows(gf) @ qf[0])
     order = torch.argsort(dist)[: args.top_k]
     print(f"top {len(order)} of {len(paths)} for {args.query} (cosine distance):")
     for rank, i in enumerate(order.tolist(), 1):

@@ -2,7 +2,7 @@
 distributions of the paper's Figure 3 (`similarity_histograms` computes them)."""
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 import torch
@@ -44,9 +44,12 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    """Rendered in memory, then written atomically (iics_fast.checkpoint.write_atomic)."""
+    from .checkpoint import write_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    write_atomic(path, buf.getvalue())
 
 
 def plot_metrics(rows: list[dict], path: str, initial: dict | None = None) -> None:

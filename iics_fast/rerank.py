@@ -186,7 +186,11 @@ def k_reciprocal(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, out
         layout = {None: in_square, "square": True, "condensed": False}.get(out)
         if layout is None:
             raise ValueError(f"out must be None, 'square', 'condensed' or an array, got {out!r}")
-        o = np.empty((n, n) if layout else (n * (n - 1) // 2,), np.float32)
+        shape = (n, n) if layout else (n * (n - 1) // 2,)
+        from .memory import require
+        require(4 * int(np.prod(shape)) + 1024 * n, f"re-ranking N = {n} samples (a new output)",
+                way_out="pass out=dist to re-rank in place, or use fewer samples")
+        o = np.empty(shape, np.float32)
         result = o
         if torch_in:
             import torch

@@ -42,6 +42,16 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _GRAM_BUDGET = 2**24  # float32 entries of the cosine block on the CPU path (64 MiB)
 
 
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm in float32, without overflow or underflow: each row is
+    divided by its largest magnitude before the norm is taken (float32 squares overflow above
+    ~1.8e19 and vanish below ~1e-23). A zero row stays zero."""
+    x = x.to(torch.float32)
+    top = x.abs().amax(1, keepdim=True) if x.shape[0] else x[:, :1]
+    x = x / torch.where(top > 0, top, torch.ones_like(top))
+    return torch.nn.functional.normalize(x, dim=1)
+
+
 def _as_tensor(x, name):
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x)
@@ -65,6 +75,9 @@ def _check_matrix(x, name, n=None, nonnegative=False):
             raise ValueError(f"{name} contains NaN or Inf; clean the input (e.g. torch.nan_to_num)")
         if nonnegative and lo < 0:
             raise ValueError(f"{name} must be nonnegative (softmax scores), found minimum {lo:g}")
+        if nonnegative and hi * x.shape[1] > torch.finfo(torch.float32).max:
+            raise ValueError(f"{name} reach {hi:g}: their sums over {x.shape[1]} columns overflow "
+                             f"float32; scale them down (softmax scores are at most 1)")
     return x
 
 
@@ -190,6 +203,7 @@ def inter_camera_distance(features, scores, camids, mu=0.02, *, out="condensed",
         rows = _check_rows(rows, n)
     layout, buf = _check_out(out, n, device, rows)
     backend = _resolve_backend(backend, device)
+    _check_memory(n, feats, scr, layout, buf, rows, backend, device)
 
     if backend == "ref":
         from iics_fast.kernels.pairwise import inter_camera_distance_ref
@@ -206,6 +220,23 @@ def inter_camera_distance(features, scores, camids, mu=0.02, *, out="condensed",
 
         return triton_distance(feats, scr, cam, mu, layout, mode, out_buf=buf, rows=rows)
     return _cpu_distance(feats, scr, cam, mu, layout, mode, buf, rows)
+
+
+def _check_memory(n, feats, scr, layout, buf, rows, backend, device):
+    """Refuse before allocating when the output and the work arrays do not fit in memory."""
+    from . import memory
+
+    r0, r1 = (0, n) if rows is None else rows
+    entries = n * n if layout == "square" else (condensed_row_offset(n, r1) -
+                                                condensed_row_offset(n, r0))
+    need = 0 if buf is not None else 4 * entries
+    if backend == "ref":  # float64 square matrices of the plain implementation
+        need += 3 * 8 * n * n
+    need += sum(4 * x.shape[0] * x.shape[1] for x in (feats, scr) if x is not None)  # copies
+    if feats is not None and backend == "cpu":
+        need += 4 * _GRAM_BUDGET
+    what = f"the inter-camera distance of N = {n} images ({layout}"
+    memory.require(need, what + (f", rows {r0}..{r1})" if rows else ")"), device=device)
 
 
 def _cpu_distance(feats, scr, cam, mu, layout, mode, buf, rows):
@@ -239,7 +270,7 @@ def _cpu_distance(feats, scr, cam, mu, layout, mode, buf, rows):
         s_np = s.numpy()
     f = None
     if feats is not None:
-        f = torch.nn.functional.normalize(feats.to(torch.float32), dim=1).contiguous()
+        f = normalize_rows(feats).contiguous()
     block = max(24, min(n, _GRAM_BUDGET // n) // 24 * 24)
     first = r0 // block * block
     gram = torch.empty(min(block, n - first) * (n - first), dtype=torch.float32) if f is not None else None

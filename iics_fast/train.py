@@ -110,9 +110,25 @@ PRESETS = {
 CHOICES = {"arch": ("resnet50", "resnet18"), "stages": ("both", "intra"),
            "similarity": ("cosine", "rerank"), "inter_similarity": ("eq5", "jaccard", "feature"),
            "amp": ("bf16", "fp16", "off")}
+def json_object(text: str) -> dict:
+    """--dataset-options: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at column {exc.colno}): "
+                                         f"{text!r}; e.g. '{{\"verify\": true}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"verify\": true}}', "
+                                         f"got {text!r}")
+    return value
+
+
 TYPES = {"root": str, "pretrained": str, "threshold_intra": float, "threshold_inter": float,
-         "workers": int, "threads": int, "out": str, "dataset_options": json.loads}
+         "workers": int, "threads": int, "out": str, "dataset_options": json_object}
+# options a resumed run may change: how it runs, not what it computes (--root: the same
+# dataset moved, checked by its contents)
 RUNTIME_KEYS = ("device", "workers", "threads", "batch_extract", "progress", "verbose", "amp")
+RESUMABLE_KEYS = RUNTIME_KEYS + ("out", "root")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,6 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON or TOML file with any of the keys below")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--allow-nonempty-out", action="store_true",
+                   help="write into an --out that already holds other files (never over them)")
     for key, (default, text) in DEFAULTS.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(default, bool):
@@ -136,12 +154,19 @@ def read_config_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"--config {path!r} is not a file")
     with open(path, "rb") as fh:
-        if path.endswith(".toml"):
-            import tomllib
+        try:
+            if path.endswith(".toml"):
+                import tomllib
 
-            data = tomllib.load(fh)
-        else:
-            data = json.load(fh)
+                data = tomllib.load(fh)
+            else:
+                data = json.load(fh)
+        except ValueError as exc:  # JSON, TOML and UTF-8 decoding errors
+            raise ValueError(f"--config {path}: not a valid {'TOML' if path.endswith('.toml') else 'JSON'} "
+                             f"file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected an object of option names, got "
+                         f"{type(data).__name__}")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(DEFAULTS))
     if unknown:
@@ -152,44 +177,65 @@ def read_config_file(path: str) -> dict:
     return data
 
 
+def given_options(args: argparse.Namespace) -> dict:
+    """The options the user set: the --config file's, overridden by the command line's."""
+    given = read_config_file(args.config) if args.config else {}
+    given.update({k: v for k, v in vars(args).items() if k in DEFAULTS})
+    return given
+
+
 def resolve(args: argparse.Namespace) -> dict:
-    """DEFAULTS -> PRESETS[dataset] -> config file -> command line; device resolved."""
-    given = {k: v for k, v in vars(args).items() if k in DEFAULTS}
-    from_file = read_config_file(args.config) if args.config else {}
-    dataset = given.get("dataset", from_file.get("dataset", DEFAULTS["dataset"][0]))
+    """DEFAULTS -> PRESETS[dataset] -> config file -> command line; device resolved; a missing
+    --out becomes runs/<dataset>-<time> (made unique when the run claims it)."""
+    given = given_options(args)
+    dataset = given.get("dataset", DEFAULTS["dataset"][0])
     config = {k: v for k, (v, _) in DEFAULTS.items()}
     config.update(PRESETS.get(dataset, {}))
-    config.update(from_file)
     config.update(given)
     if config["device"] == "auto":
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if config["out"] is None:
-        config["out"] = os.path.join("runs", f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        from .rundir import default_out
+
+        config["out"] = default_out(dataset)
     return config
 
 
-def prepare_out_dir(config: dict, given: dict, resume: bool):
-    """Check --out against --resume; returns the checkpoint state to resume from (or None)."""
-    out = config["out"]
-    last = os.path.join(out, "last.pt")
-    if not resume:
-        if os.path.exists(os.path.join(out, "config.json")) or os.path.exists(last):
-            raise ValueError(f"--out {out!r} holds another run: pass --resume to continue it "
-                             f"or choose another --out")
-        return config, None
-    if not os.path.exists(last):
-        raise ValueError(f"--resume: no checkpoint {last!r}; start the run without --resume "
-                         f"(or point --out at the run to continue)")
-    state = torch.load(last, map_location="cpu", weights_only=False)
+def resume_config(state: dict, config: dict, given: dict) -> dict:
+    """The saved config with what may change on resume taken from `given`; raises naming every
+    option that cannot change, with the saved and the given value."""
+    from .config import flag
+
     saved = dict(state["config"])
     clash = {k: (v, saved.get(k)) for k, v in given.items()
-             if k not in RUNTIME_KEYS and k != "out" and saved.get(k) != v}
+             if k not in RESUMABLE_KEYS and saved.get(k) != v}
     if clash:
-        raise ValueError("--resume continues the saved config; these options differ from it: "
-                         + ", ".join(f"{k}={v!r} (saved {s!r})" for k, (v, s) in clash.items()))
-    saved.update({k: config[k] for k in RUNTIME_KEYS if k in given})
-    saved["out"] = out
-    return saved, state
+        raise ValueError(
+            "--resume continues the saved run, whose options cannot change: "
+            + "; ".join(f"{flag(k)} {v!r} (saved {s!r})" for k, (v, s) in clash.items())
+            + ". Drop them to resume, or start a new run with another --out")
+    saved.update({k: config[k] for k in RESUMABLE_KEYS if k in given})
+    saved["out"] = config["out"]
+    return saved
+
+
+def open_run_folder(args, config: dict, given: dict, say=print):
+    """Rank 0's part before the trainer: a resumed run locks its folder and reads its checkpoint
+    (falling back to previous.pt); a new run checks its folder (read only; it is locked just
+    before the first checkpoint). Returns (config, state or None, RunFolder)."""
+    from .config import check_config
+    from .rundir import RunFolder
+
+    folder = RunFolder(config["out"], resume=args.resume, allow_nonempty=args.allow_nonempty_out,
+                       claim="out" not in given)
+    if not args.resume:
+        folder.check()
+        return config, None, folder
+    folder.acquire()
+    state = folder.load_checkpoint(say)
+    config = resume_config(state, config, given)
+    check_config(config)
+    return config, state, folder
 
 
 def results_table(metrics: list[dict], initial: dict | None = None) -> str:
@@ -206,33 +252,60 @@ def main(argv=None, hook=None) -> list[dict]:
     """Parses `argv`, trains, prints the results; returns the per-round metrics. Under torchrun
     (WORLD_SIZE > 1) it joins the process group (NCCL for --device cuda, gloo for cpu) and
     trains with every process; rank 0 prints and writes."""
+    from .config import check_config
+
     args = parse_args(argv)
     config = resolve(args)
+    if args.resume and "out" not in given_options(args):
+        raise ValueError("--resume needs --out: the folder of the run to continue")
+    # every option before anything is read or written (on resume only those given: the rest
+    # are the saved run's)
+    check_config({k: config[k] for k in given_options(args)} if args.resume else config)
     backend = "nccl" if config["device"].startswith("cuda") else "gloo"
     with D.init_from_env(backend):
         return _train(args, config, hook)
 
 
 def _train(args, config, hook):
-    from .checkpoint import atomic_write_text
-    from .trainer import Trainer
-
-    given = {k: v for k, v in vars(args).items() if k in DEFAULTS}
-    # rank 0 checks --out and reads the checkpoint; every rank gets its config and state
-    config, state = D.agree(lambda: prepare_out_dir(config, given, args.resume), on_main_only=True)
+    given = given_options(args)
     say = print if D.is_main() else (lambda *a, **k: None)
-    say("config:\n" + json.dumps(config, indent=2), flush=True)
-    if D.world_size() > 1:
-        say(f"{D.world_size()} processes ({torch.distributed.get_backend()})", flush=True)
+    # rank 0 checks --out (and on resume locks it and reads the checkpoint); every rank gets
+    # the config and the state
+    folder = None
+
+    def prepare():
+        nonlocal folder
+        config_, state_, folder = open_run_folder(args, config, given, say)
+        return config_, state_
+
+    config, state = D.agree(prepare, on_main_only=True)
+    try:
+        return _run(args, config, state, folder, hook, say)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _run(args, config, state, folder, hook, say):
+    from .trainer import Trainer
 
     # every check runs before training, on every rank
     trainer = D.agree(lambda: Trainer(config, resume_state=state, hook=hook))
-    if D.is_main():
-        atomic_write_text(json.dumps(config, indent=2) + "\n",
-                          os.path.join(config["out"], "config.json"))
+    if not args.resume:  # the folder is taken only now, when nothing is left to check
+        out = D.agree(lambda: folder.acquire().out, on_main_only=True)
+        trainer.set_out(out)
+        config = trainer.config
+    if folder is not None:
+        trainer.folder = folder
+        if folder.removed:
+            say(f"removed {len(folder.removed)} temporary file(s) a stopped run left in "
+                f"{folder.out}: {', '.join(folder.removed)}")
+    say("config:\n" + json.dumps(config, indent=2), flush=True)
+    if D.world_size() > 1:
+        say(f"{D.world_size()} processes ({torch.distributed.get_backend()})", flush=True)
     if state is not None:
         p = state["progress"]
-        say(f"resuming after round {p['round'] + 1} ({p['done']})", flush=True)
+        say(f"resuming after round {p['round'] + 1} ({p['done'] or 'start'})", flush=True)
     tic = time.perf_counter()
     metrics = trainer.run()
     say(f"\ntrained {config['rounds']} rounds in {time.perf_counter() - tic:.0f}s; "

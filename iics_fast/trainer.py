@@ -49,10 +49,17 @@ class Trainer(TrainerBase):
 
     def run(self) -> list[dict]:
         cfg = self.cfg
+        self.take_folder()
         start = self.progress["round"] + (self.progress["done"] == "round")
-        if self.fresh():
-            self.evaluate_start()
-            self.checkpoint(None, 0)  # so that a run killed in its first round can resume
+        if self.progress == {"round": 0, "done": None} and self.initial_eval is None:
+            # the first file written, so that every folder a run leaves can be resumed; then
+            # the starting point the rounds improve on (redone when a kill interrupted it)
+            self.checkpoint(None, 0)
+            self.write_config()
+            if self.evaluate_start():
+                self.checkpoint(None, 0, event="initial eval")
+        else:
+            self.write_config()
         for r in range(start, cfg.rounds):
             done = self.progress["done"] if self.progress["round"] == r else None
             if done is None:
@@ -258,6 +265,7 @@ class Trainer(TrainerBase):
 
     def state(self) -> dict:
         return {"config": self.config, "progress": dict(self.progress),
+                "dataset_fingerprint": self.fingerprint, "dataset_size": len(self.paths),
                 "model": self.model.state_dict(), "heads": self.heads_state,
                 "intra_labels": self.intra_labels, "inter_labels": self.inter_labels,
                 "metrics": self.metrics, "row": self.row, "best": self.best,

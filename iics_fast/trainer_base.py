@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed as D, norm_sync
-from .checkpoint import atomic_save, atomic_write_text, derive_seed
+from .checkpoint import atomic_save, derive_seed
 from .data.samplers import CameraBatchSampler, ShardedBatchSampler
 from .data.transforms import EvalTransform, ImageDataset, TrainTransform, load_image
 
@@ -26,9 +26,12 @@ class TrainerBase:
 
     def __init__(self, config: dict, resume_state: dict | None = None, hook=None):
         from . import models  # imported here: building the model is the last check
+        from .config import check_config
 
+        check_config(config)  # every option, before anything is read
         self.cfg = cfg = SimpleNamespace(**config)
         self.hook = hook  # hook(event, round): called after each checkpoint (tests use it)
+        self.folder = None  # the RunFolder rank 0 writes into (iics_fast.rundir)
         self.world, self.rank = D.world_size(), D.rank()
         self.main = self.rank == 0  # the rank that clusters, logs and writes files
         self.device = self._pick_device()
@@ -58,9 +61,15 @@ class TrainerBase:
         self.best = {"rank1": -1.0, "round": None}
         self.sim_hists: dict = {}
         self.initial_eval: dict | None = None
-        if resume_state is not None:
+        self.resumed = resume_state is not None
+        if self.resumed:
+            if resume_state.get("dataset_fingerprint") not in (None, self.fingerprint):
+                raise ValueError(
+                    f"--resume: the training set under --root {cfg.root} is not the one the run "
+                    f"was trained on ({len(self.paths)} images now, "
+                    f"{resume_state.get('dataset_size', '?')} then, or other files): point "
+                    f"--root at the run's dataset")
             self.load_state(resume_state)
-        os.makedirs(cfg.out, exist_ok=True)
 
     @property
     def config(self) -> dict:
@@ -70,9 +79,7 @@ class TrainerBase:
     # ------------------------------------------------------------------ checks before training
 
     def _pick_device(self) -> torch.device:
-        cfg, device = self.cfg, torch.device(self.cfg.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+        cfg, device = self.cfg, torch.device(self.cfg.device)  # checked by check_config
         if self.world == 1:
             return device
         comm = D.comm_device()
@@ -100,10 +107,17 @@ class TrainerBase:
         self.cameras = np.unique(self.camids)
         self.has_labels = bool((self.pids >= 0).any()) and len(np.unique(self.pids)) > 1
         self.can_evaluate = bool(self.dataset.query) and bool(self.dataset.gallery)
+        self.camera_name = self.dataset.camera_name  # cameras as the user names them
+        self.fingerprint = self.dataset.fingerprint()
 
     def _check_config(self) -> None:
         cfg, n = self.cfg, len(self.paths)
-        CameraBatchSampler(self.camids, cfg.batch_per_camera)  # raises on a too-small camera
+        if cfg.stages == "both" and len(self.cameras) == 1:
+            raise ValueError(f"the training set has one camera ({self.camera_name(self.cameras[0])})"
+                             f": the inter-camera stage associates images across cameras and has "
+                             f"nothing to do; train with --stages intra, or add other cameras")
+        # raises on a too-small camera
+        CameraBatchSampler(self.camids, cfg.batch_per_camera, camera_name=self.camera_name)
         if self.world > len(self.cameras):
             raise ValueError(f"stage 1 gives every process whole cameras, but there are "
                              f"{self.world} processes for {len(self.cameras)} cameras: launch "
@@ -119,8 +133,30 @@ class TrainerBase:
             if cfg.k_inter < cfg.batch_p:
                 raise ValueError(f"--k-inter {cfg.k_inter} is below P={cfg.batch_p} clusters "
                                  f"a stage-2 batch needs; raise it or lower --batch-p")
-        if cfg.k_intra is not None and cfg.k_intra < 1:
-            raise ValueError(f"--k-intra must be >= 1, got {cfg.k_intra}")
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        """A round's largest arrays against the memory available, before any work: the
+        condensed intra-camera distance of the largest camera, and on rank 0 the condensed
+        inter-camera distance beside the features and scores."""
+        from . import condensed, memory
+
+        cfg, n = self.cfg, len(self.paths)
+        sizes = np.bincount(self.camids)
+        largest = int(sizes.max())
+        dim = 2048 if cfg.arch == "resnet50" else 512
+        need = 4 * condensed.size(largest) + 4 * largest * dim
+        what = f"intra-camera clustering of the largest camera ({largest} images)"
+        dense = getattr(cfg, "inter_mode", None) != "sparse"  # the sparse round has no N x N
+        if cfg.stages == "both" and self.main and dense:
+            heads = sum(cfg.k_intra if c >= cfg.k_intra else max(1, c // 2) for c in sizes if c)
+            inter = 4 * condensed.size(n) + 4 * n * (dim + heads) * 2
+            if inter > need:
+                need, what = inter, (
+                    f"the inter-camera distance of the N = {n} training images "
+                    f"({memory.format_bytes(4 * condensed.size(n))} condensed, with the "
+                    f"features and scores)")
+        memory.require(need, f"one training round: {what}")
 
     def _build_model(self):
         """The backbone (a pretrained file that does not fit the arch fails here)."""
@@ -185,24 +221,37 @@ class TrainerBase:
                 "acc": sum(p[1] for p in parts) / max(1, sum(p[2] for p in parts)),
                 "iterations": iters}
 
-    def fresh(self) -> bool:
-        """True when the output folder holds no checkpoint yet (rank 0's disk decides)."""
-        return D.agree(lambda: not os.path.exists(os.path.join(self.cfg.out, "last.pt")),
-                       on_main_only=True)
+    def set_out(self, out: str) -> None:
+        """The run folder's final name (a default --out made unique when it was claimed)."""
+        self.cfg.out = out
 
-    def checkpoint(self, done: str | None, r: int) -> None:
-        """Writes `last.pt` (rank 0) after `done` of round r; every rank waits for it."""
+    def take_folder(self) -> None:
+        """Rank 0 locks the run folder when the caller has not (the trainer used as a
+        library); `iics_fast.train` hands it over already locked."""
+        if self.main and self.folder is None:
+            from .rundir import RunFolder
+
+            self.folder = RunFolder(self.cfg.out, resume=self.resumed).acquire()
+
+    def checkpoint(self, done: str | None, r: int, event: str | None = None) -> None:
+        """Writes `last.pt` (rank 0; the one before becomes `previous.pt`) after `done` of
+        round r; every rank waits for it."""
         self.progress = {"round": r, "done": done}
         if self.main:
-            atomic_save(self.state(), os.path.join(self.cfg.out, "last.pt"))
+            self.folder.save_checkpoint(self.state())
         D.barrier()  # no rank moves on (or is stopped) before the checkpoint is on disk
         if self.hook is not None:
-            self.hook(done or "start", r)
+            self.hook(event or done or "start", r)
 
     def save_best(self, r: int, result: dict) -> None:
         if self.main:
             atomic_save({"config": self.config, "round": r, "model": self.model.state_dict(),
-                         "eval": result}, os.path.join(self.cfg.out, "best.pt"))
+                         "eval": result}, self.folder.path("best.pt"))
+
+    def write_config(self) -> None:
+        """config.json: the run's settings (rewritten on resume: runtime options may change)."""
+        if self.main:
+            self.folder.write("config.json", json.dumps(self.config, indent=2) + "\n")
 
     # ------------------------------------------------------------------ building blocks
 
@@ -286,11 +335,13 @@ class TrainerBase:
         return D.broadcast_object(
             {"mAP": float(mAP), "rank1": rank(1), "rank5": rank(5), "rank10": rank(10)})
 
-    def evaluate_start(self) -> None:
+    def evaluate_start(self) -> bool:
         """The starting point the rounds improve on (when the run evaluates at all)."""
         if self.can_evaluate and self.cfg.eval_every > 0:
             self.initial_eval = self.evaluate()
             self.log(self.describe_eval("before training", self.initial_eval))
+            return True
+        return False
 
     def histogram(self, key: str, feats: torch.Tensor, r: int) -> None:
         """Figure 3's similarity histograms of the current features (rank 0, labelled data)."""
@@ -331,13 +382,11 @@ class TrainerBase:
         """metrics.jsonl, metrics.png and similarity.png in the output folder (rank 0)."""
         if not self.main:
             return
-        out = self.cfg.out
-        atomic_write_text("".join(json.dumps(row) + "\n" for row in self.metrics),
-                          os.path.join(out, "metrics.jsonl"))
+        self.folder.write("metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.metrics))
         from .plots import plot_metrics, plot_similarity
-        plot_metrics(self.metrics, os.path.join(out, "metrics.png"), self.initial_eval)
+        plot_metrics(self.metrics, self.folder.path("metrics.png"), self.initial_eval)
         if self.sim_hists:
-            plot_similarity(self.sim_hists, os.path.join(out, "similarity.png"))
+            plot_similarity(self.sim_hists, self.folder.path("similarity.png"))
 
 
 class _NoSync:

@@ -322,7 +322,8 @@ def inter_camera_distance(features, scores, camids, mu=0.02, out="condensed", mo
     perm_pad = torch.cat([idx, idx[-1:].expand(pad)]).to(torch.int32).contiguous()
 
     if code != 2:
-        f = torch.nn.functional.normalize(features.float(), dim=1)
+        from iics_fast.similarity import normalize_rows  # overflow-safe in float32
+        f = normalize_rows(features)
         if perm is not None:
             f = f[perm]
         dot_dtype = torch.float32 if features.dtype == torch.float32 else torch.float16

@@ -144,8 +144,8 @@ def _error(argv, match):
 
 def test_errors_before_training(cache, tmp_path):
     out = str(tmp_path / "run")
-    _error(["--out", out, "--resume"], "no checkpoint")
-    _error(["--out", out, "--batch-per-camera", "50"], r"camera \d has \d+ training images")
+    _error(["--out", out, "--resume"], "does not exist")
+    _error(["--out", out, "--batch-per-camera", "50"], r"camera c\d has \d+ training images")
     _error(["--out", out, "--k-inter", "100000"], "more clusters than the")
     _error(["--out", out, "--dataset", "market1501", "--root", str(tmp_path / "missing"),
             "--dataset-options", "{}"], "missing|not|no ")
@@ -160,7 +160,8 @@ def test_errors_before_training(cache, tmp_path):
     assert not os.path.exists(os.path.join(out, "last.pt"))
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, "config.json"), "w").write("{}")
-    _error(["--out", out], "holds another run")
+    _error(["--out", out], r"already holds files this run did not write \(config.json\)")
+    _error(["--out", out, "--resume"], "holds no checkpoint")
 
 
 def test_config_file_and_command_line_precedence(tmp_path):

@@ -24,7 +24,9 @@ class ReidDataset:
     ``train_labelled``: the train pids are true identities (for diagnostics only: training is
     unsupervised); False when they are unknown (all ``-1``).
     ``evaluable``: query and gallery exist and carry pids, so CMC/mAP can be computed.
-    ``camera_names``: the dataset's own camera label of each 0-based camid.
+    ``camera_names``: the dataset's own camera label of each 0-based camid; ``camera_format``
+    writes one as the dataset's file names do (``c{}``: Market-1501's ``c3``), see
+    ``camera_name``.
     ``info``: loader-specific facts (MSMT17 version, synthetic generation options, ...).
     """
 
@@ -34,6 +36,7 @@ class ReidDataset:
     query: list = field(default_factory=list)
     gallery: list = field(default_factory=list)
     camera_names: list = field(default_factory=list)
+    camera_format: str = "{}"
     train_labelled: bool = True
     evaluable: bool = True
     info: dict = field(default_factory=dict)
@@ -41,6 +44,24 @@ class ReidDataset:
     @property
     def num_cameras(self) -> int:
         return len(self.camera_names)
+
+    def camera_name(self, camid: int) -> str:
+        """Camera ``camid`` (0-based) as the user names it: Market-1501's ``c3``, a folder's
+        ``lobby``."""
+        return self.camera_format.format(self.camera_names[int(camid)])
+
+    def fingerprint(self) -> str:
+        """A digest of the training list (paths relative to the dataset's folder, pids,
+        camids, in order): the same dataset moved elsewhere keeps it, any other change of the
+        training set does not."""
+        import hashlib
+
+        base = self.root if os.path.isdir(self.root) else os.path.dirname(self.root)
+        digest = hashlib.sha256()
+        for path, pid, cam in self.train:
+            rel = os.path.relpath(path, base).replace(os.sep, "/")
+            digest.update(f"{rel}\t{pid}\t{cam}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
 
     @property
     def train_cameras(self) -> list:

@@ -69,27 +69,40 @@ def _from_folder(folder: str, cam_pat, pid_pat) -> list:
 def _from_csv(csv_path: str) -> list:
     base = os.path.dirname(os.path.abspath(csv_path))
     items = []
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        for lineno, row in enumerate(csv.reader(fh), 1):
-            row = [c.strip() for c in row]
-            if not row or not any(row):
-                continue
-            if lineno == 1 and row[0].lower() == "path":
-                continue
-            where = f"{csv_path}:{lineno}"
-            if len(row) not in (2, 3) or not row[0] or not row[1]:
-                raise DatasetError(f"{where}: expected 'path,camid[,pid]', got {','.join(row)!r}")
-            pid = row[2] if len(row) == 3 else ""
-            if pid and not pid.lstrip("-").isdigit():
-                raise DatasetError(f"{where}: pid {pid!r} is not an integer (leave it empty "
-                                   f"when unknown)")
-            path = row[0] if os.path.isabs(row[0]) else os.path.join(base, row[0])
-            if not is_image(path):
-                raise DatasetError(f"{where}: {row[0]} is not an image file name "
-                                   f"(.jpg, .jpeg, .png, .bmp)")
-            if not os.path.isfile(path):
-                raise DatasetError(f"{where}: image {path} does not exist")
-            items.append((path, int(pid) if pid else -1, _label(row[1])))
+    try:  # utf-8-sig: a byte-order mark (as spreadsheet programs write) is skipped
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError as exc:
+        line = open(csv_path, "rb").read()[:exc.start].count(b"\n") + 1
+        raise DatasetError(f"{csv_path}:{line}: the file is not UTF-8 text (byte "
+                           f"0x{exc.object[exc.start]:02x}); save it as UTF-8 (e.g. "
+                           f"`iconv -f latin1 -t utf-8`)") from None
+    seen = {}
+    for lineno, row in enumerate(rows, 1):
+        row = [c.strip() for c in row]
+        if not row or not any(row):
+            continue
+        if lineno == 1 and row[0].lower() == "path":
+            continue
+        where = f"{csv_path}:{lineno}"
+        if len(row) not in (2, 3) or not row[0] or not row[1]:
+            raise DatasetError(f"{where}: expected 'path,camid[,pid]', got {','.join(row)!r}")
+        pid = row[2] if len(row) == 3 else ""
+        if pid and not pid.lstrip("-").isdigit():
+            raise DatasetError(f"{where}: pid {pid!r} is not an integer (leave it empty "
+                               f"when unknown)")
+        path = row[0] if os.path.isabs(row[0]) else os.path.join(base, row[0])
+        if not is_image(path):
+            raise DatasetError(f"{where}: {row[0]} is not an image file name "
+                               f"(.jpg, .jpeg, .png, .bmp)")
+        if not os.path.isfile(path):
+            raise DatasetError(f"{where}: image {path} does not exist")
+        key = os.path.normpath(path)
+        if key in seen:
+            raise DatasetError(f"{where}: {row[0]} is listed again (first at line "
+                               f"{seen[key]}); list each image once")
+        seen[key] = lineno
+        items.append((path, int(pid) if pid else -1, _label(row[1])))
     return items
 
 
@@ -139,6 +152,9 @@ def load_folder(root: str, *, camera_regex: str = r"c(\d+)", pid_regex: str | No
     train, q, g = splits
     return ReidDataset(
         "folder", root, train, q, g, camera_names=cams,
+        # the default regex drops the "c" of the file names' c3; a CSV cell is the name itself
+        camera_format="c{}" if camera_regex == r"c(\d+)" and not root.lower().endswith(".csv")
+        else "{}",
         train_labelled=all(pid != -1 for _, pid, _ in train),
         evaluable=bool(q) and all(pid != -1 for _, pid, _ in q + g),
     )

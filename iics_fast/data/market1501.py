@@ -50,7 +50,8 @@ def parse_split(folder: str, pattern: re.Pattern, example: str, cameras: range |
         pid, cam = int(m.group(1)), int(m.group(2))
         if cameras is not None and cam not in cameras:
             raise DatasetError(
-                f"camera {cam} in {path} is outside the expected {cameras.start}..{cameras.stop - 1}"
+                f"camera c{cam} in {path} is outside the expected c{cameras.start}.."
+                f"c{cameras.stop - 1}"
             )
         if pid == -1:
             continue
@@ -76,7 +77,7 @@ def read_market_layout(root: str, name: str, pattern: re.Pattern = MARKET_PATTER
     if verify:
         for items in splits:
             verify_images(items)
-    return ReidDataset(name, root, *splits, camera_names=cams)
+    return ReidDataset(name, root, *splits, camera_names=cams, camera_format="c{}")
 
 
 def load_market1501(root: str, *, verify: bool = False) -> ReidDataset:

@@ -59,10 +59,12 @@ class CameraBatchSampler(_SeededBatchSampler):
 
     Each camera is shuffled once per epoch and cut into consecutive chunks; an epoch is
     `min_c floor(n_c / per_camera)` batches (the smallest camera sets the length, as when the
-    reference zips one shuffled loader per camera).
+    reference zips one shuffled loader per camera). `camera_name(camid)` names a camera in
+    errors as the user knows it.
     """
 
-    def __init__(self, camids, per_camera: int = 8, seed: int = 0, epoch: int = 0):
+    def __init__(self, camids, per_camera: int = 8, seed: int = 0, epoch: int = 0,
+                 camera_name=str):
         super().__init__(seed, epoch)
         camids = np.asarray(camids)
         if camids.ndim != 1 or camids.size == 0:
@@ -77,7 +79,7 @@ class CameraBatchSampler(_SeededBatchSampler):
         if small:
             cam, n = small[0]
             raise ValueError(
-                f"camera {cam} has {n} training images but the stage-1 sampler takes "
+                f"camera {camera_name(cam)} has {n} training images but the stage-1 sampler takes "
                 f"{self.per_camera} per camera per iteration: remove that camera's images from "
                 f"the training set or lower --batch-per-camera to {n} or less")
         self.iterations = min(len(m) for m in self.members) // self.per_camera
