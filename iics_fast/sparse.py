@@ -701,24 +701,28 @@ def gather_sparse_scores(part: SparseScores) -> SparseScores:
     return SparseScores.concat(D.all_gather_object(part))
 
 
-def dense_round_bytes(n: int, d_scores: int) -> int:
-    """Peak bytes of the dense inter-camera round beyond the features: the condensed float32
-    distance plus the float32 score matrix it is built from."""
-    return 4 * (n * (n - 1) // 2) + 4 * n * d_scores
+def dense_round_bytes(n: int, dim: int, d_scores: int) -> int:
+    """Bytes of the dense inter-camera round's largest arrays, as the trainer's memory check
+    counts them: the condensed float32 distance beside the features and scores (twice: the
+    gathered copies and the device copies)."""
+    return 4 * (n * (n - 1) // 2) + 8 * n * (dim + d_scores)
 
 
-def choose_inter_mode(mode: str, n: int, d_scores: int, available_bytes: int | None = None, log=print):
-    """'dense' or 'sparse' for --inter-mode: as given, or for 'auto' sparse exactly when the dense
-    round's matrices (dense_round_bytes) would not fit 80% of the available memory."""
+def choose_inter_mode(mode: str, n: int, dim: int, d_scores: int, available: int | None = None, log=print):
+    """'dense' or 'sparse' for --inter-mode: as given, or for 'auto' sparse exactly when
+    dense_round_bytes exceeds the memory available (iics_fast.memory.available, or `available`
+    bytes), saying which and why through `log`."""
     if mode not in ("dense", "sparse", "auto"):
         raise ValueError(f"--inter-mode must be dense, sparse or auto, got {mode!r}")
     if mode != "auto":
         return mode
-    if available_bytes is None:
-        from .memory import available_bytes as measure
-        available_bytes = measure()
-    need = dense_round_bytes(n, d_scores)
-    chosen = "dense" if need <= 0.8 * available_bytes else "sparse"
-    log(f"inter-mode auto: the dense round needs {need / 2**30:.1f} GiB, {available_bytes / 2**30:.1f} GiB "
-        f"available -> {chosen}")
+    source = "given"
+    if available is None:
+        from .memory import available as measure
+        available, source = measure()
+    need = dense_round_bytes(n, dim, d_scores)
+    chosen = "dense" if available is None or need <= available else "sparse"
+    have = "unknown" if available is None else f"{available / 2**30:.1f} GiB ({source})"
+    log(f"--inter-mode auto: the dense inter-camera round needs {need / 2**30:.1f} GiB, available "
+        f"{have}: {chosen} round")
     return chosen

@@ -210,12 +210,15 @@ def test_round_rejects_bad_input(rng):
 
 def test_choose_inter_mode():
     logs = []
-    assert S.choose_inter_mode("dense", 10**6, 9000, available_bytes=1) == "dense"
-    assert S.choose_inter_mode("auto", 1000, 100, available_bytes=2**30, log=logs.append) == "dense"
-    assert S.choose_inter_mode("auto", 100_000, 9000, available_bytes=2**34, log=logs.append) == "sparse"
-    assert "needs" in logs[-1] and "sparse" in logs[-1]
+    assert S.choose_inter_mode("dense", 10**6, 2048, 9000, available=1) == "dense"
+    assert S.choose_inter_mode("sparse", 10, 2048, 9000) == "sparse"
+    need = S.dense_round_bytes(1000, 2048, 100)
+    assert S.choose_inter_mode("auto", 1000, 2048, 100, available=need, log=logs.append) == "dense"
+    assert S.choose_inter_mode("auto", 1000, 2048, 100, available=need - 1, log=logs.append) == "sparse"
+    assert "needs" in logs[-1] and "sparse round" in logs[-1]
+    assert S.choose_inter_mode("auto", 10, 8, 8, log=logs.append) == "dense"  # measured here
     with pytest.raises(ValueError, match="dense, sparse or auto"):
-        S.choose_inter_mode("fast", 10, 10)
+        S.choose_inter_mode("fast", 10, 10, 10)
 
 
 # ----------------------------------------------------------------------------- two processes
@@ -257,3 +260,24 @@ def test_two_processes_equal_one(tmp_path):
             one, info = S.sparse_inter_round(f, sp, cam, 12, similarity=similarity, k=24)
             np.testing.assert_array_equal(got[similarity][0], one)
             assert got[similarity][1]["graph_pairs"] == info["graph_pairs"]
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@pytest.mark.slow
+def test_trainer_inter_mode_sparse_and_auto(tmp_path, monkeypatch, capsys):
+    from iics_fast import train
+    from tests.test_train import TINY
+    monkeypatch.setenv("IICS_FAST_CACHE", str(tmp_path / "cache"))
+    args = TINY + ["--rounds", "1", "--similarity", "rerank"]
+    rows = train.main(args + ["--inter-mode", "sparse", "--out", str(tmp_path / "sparse")])
+    assert rows[0]["inter_clusters"] == 8 and rows[0]["sparse_round"]["similarity"] == "rerank"
+    assert "similarity" not in rows[0]["time"]  # no dense distance was built
+    monkeypatch.setattr(S, "dense_round_bytes", lambda *a: 2**60)  # cannot fit: auto -> sparse
+    rows = train.main(args + ["--inter-mode", "auto", "--verbose", "--out", str(tmp_path / "auto")])
+    assert "sparse_round" in rows[0]
+    assert "--inter-mode auto" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="threshold-inter"):
+        train.main(args + ["--inter-mode", "sparse", "--threshold-inter", "0.01",
+                           "--out", str(tmp_path / "bad")])
