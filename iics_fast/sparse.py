@@ -86,6 +86,12 @@ class SparseScores:
     dims: tuple
     sample_rows: np.ndarray = None  # rows kept whole, for the Jaccard background
     sample_scores: np.ndarray = None
+    tail: np.ndarray = None  # (n, blocks): a block's dropped mass / its dropped entries
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Column offsets of the blocks (len(dims) + 1, int64)."""
+        return np.concatenate([[0], np.cumsum(self.dims)]).astype(np.int64)
 
     @property
     def n(self) -> int:
@@ -97,7 +103,7 @@ class SparseScores:
         keep = (self.sample_rows >= start) & (self.sample_rows < stop)
         return SparseScores(self.ptr[start:stop + 1] - a, self.col[a:b], self.val[a:b],
                             self.total[start:stop], self.dropped[start:stop], self.dims,
-                            self.sample_rows[keep] - start, self.sample_scores[keep])
+                            self.sample_rows[keep] - start, self.sample_scores[keep], self.tail[start:stop])
 
     @staticmethod
     def concat(parts) -> "SparseScores":
@@ -109,7 +115,7 @@ class SparseScores:
         return SparseScores(ptr, np.concatenate([p.col for p in parts]), np.concatenate([p.val for p in parts]),
                             np.concatenate([p.total for p in parts]), np.concatenate([p.dropped for p in parts]),
                             parts[0].dims, np.concatenate([p.sample_rows + r for p, r in zip(parts, rows)]),
-                            np.concatenate([p.sample_scores for p in parts]))
+                            np.concatenate([p.sample_scores for p in parts]), np.concatenate([p.tail for p in parts]))
 
     def dense(self) -> np.ndarray:
         """The truncated rows as a dense (n, D) float32 array (tests)."""
@@ -159,25 +165,33 @@ class ScoreSparsifier:
         first = self._next
         self._next += s.shape[0]
         picked = self._wanted[(self._wanted >= first) & (self._wanted < self._next)] - first
-        rows, cols, vals = [], [], []
+        rows, cols, vals, tails = [], [], [], []
         total = s.sum(1, dtype=torch.float64)
         kept = torch.zeros(s.shape[0], dtype=torch.float64)
         start = 0
         for k in self.dims:
             block = s[:, start:start + k]
-            v, idx = torch.sort(block, dim=1, descending=True, stable=True)
+            width = k if self.cap is None else min(k, self.cap)
+            if width == k:
+                v, idx = torch.sort(block, dim=1, descending=True, stable=True)
+            else:  # the cap's top entries only (ties: the lower column first, as a stable sort)
+                v, idx = _stable_top(block, width)
             csum = torch.cumsum(v.double(), 1)
-            target = (1.0 - self.eps) * csum[:, -1:]
+            block_total = block.sum(1, dtype=torch.float64)
+            target = (1.0 - self.eps) * block_total[:, None]
             count = (csum < target).sum(1) + 1  # entries up to the first that reaches the target
-            count = count.clamp(max=k if self.cap is None else min(k, self.cap))
+            count = count.clamp(max=width)
             if self.eps == 0:
-                count = torch.full_like(count, k if self.cap is None else min(k, self.cap))
-            keep = torch.arange(k)[None, :] < count[:, None]
+                count = torch.full_like(count, width)
+            keep = torch.arange(width)[None, :] < count[:, None]
             r, t = keep.nonzero(as_tuple=True)
             rows.append(r)
             cols.append(idx[r, t] + start)
             vals.append(v[r, t])
-            kept += torch.where(keep, v.double(), torch.zeros((), dtype=torch.float64)).sum(1)
+            block_kept = torch.where(keep, v.double(), torch.zeros((), dtype=torch.float64)).sum(1)
+            kept += block_kept
+            left = (k - count).double()
+            tails.append(torch.where(left > 0, (block_total - block_kept).clamp_min(0) / left.clamp_min(1), 0.0))
             start += k
         r, c, v = torch.cat(rows), torch.cat(cols), torch.cat(vals)
         order = torch.argsort(r * sum(self.dims) + c)  # row-major, columns ascending
@@ -185,7 +199,8 @@ class ScoreSparsifier:
         ptr[1:] = torch.cumsum(torch.bincount(r, minlength=s.shape[0]), 0)
         self._parts.append(SparseScores(ptr.numpy(), c[order].to(torch.int32).numpy(), v[order].numpy(),
                                         total.float().numpy(), (total - kept).clamp_min(0).float().numpy(),
-                                        self.dims, picked, s[torch.from_numpy(picked)].numpy()))
+                                        self.dims, picked, s[torch.from_numpy(picked)].numpy(),
+                                        torch.stack(tails, 1).float().numpy() if tails else np.zeros((0, len(self.dims)), np.float32)))
 
     def finish(self) -> SparseScores:
         if not self._parts:
@@ -193,6 +208,23 @@ class ScoreSparsifier:
         out = SparseScores.concat(self._parts)
         self._parts = []
         return out
+
+
+def _stable_top(block, width):
+    """The `width` largest entries of each row, descending, ties to the lower column (the order
+    of a stable descending sort), without sorting whole rows."""
+    v, idx = torch.topk(block, width, dim=1, sorted=True)
+    last = v[:, -1:]
+    if bool(((block == last).sum(1) > (v == last).sum(1)).any()):
+        # a value tied at the cut has copies outside the topk: the stable sort decides
+        v, idx = torch.sort(block, dim=1, descending=True, stable=True)
+        return v[:, :width], idx[:, :width]
+    # topk leaves the order of equal values unspecified: columns ascending, then values
+    # descending, both stable
+    by_col = torch.argsort(idx, dim=1, stable=True)
+    v, idx = torch.gather(v, 1, by_col), torch.gather(idx, 1, by_col)
+    by_val = torch.argsort(-v, dim=1, stable=True)
+    return torch.gather(v, 1, by_val), torch.gather(idx, 1, by_val)
 
 
 def sparse_scores(scores, dims, eps: float = 1e-3, max_per_block: int | None = 32, batch: int = 4096,
@@ -216,17 +248,20 @@ def _native():
     return native()
 
 
-def sparse_min_sums(sp: SparseScores, ei, ej) -> np.ndarray:
-    """sum_c min(a_c, b_c) over the kept entries of rows ei[e], ej[e] (float32)."""
+def sparse_min_sums(sp: SparseScores, ei, ej, tail: bool = False) -> np.ndarray:
+    """sum_c min(a_c, b_c) of rows ei[e], ej[e] (float32): over the kept entries, or with
+    tail=True over rows whose dropped entries each hold their block's dropped mass evenly."""
     ei = np.ascontiguousarray(ei, np.int32)
     ej = np.ascontiguousarray(ej, np.int32)
-    return _native().sparse_min_sums(np.ascontiguousarray(sp.ptr, np.int64), sp.col, sp.val, ei, ej)
+    extra = (sp.offsets, np.ascontiguousarray(sp.tail, np.float32)) if tail else (None, None)
+    return _native().sparse_min_sums(np.ascontiguousarray(sp.ptr, np.int64), sp.col, sp.val, ei, ej, *extra)
 
 
-def jaccard_on_edges(sp: SparseScores, ei, ej) -> np.ndarray:
-    """J~ = m~ / (S_a + S_b - m~) of the truncated rows (S: the full row sums), float32; 0 for
-    two all-zero rows."""
-    m = sparse_min_sums(sp, ei, ej).astype(np.float64)
+def jaccard_on_edges(sp: SparseScores, ei, ej, tail: bool = True) -> np.ndarray:
+    """m / (S_a + S_b - m) with m = sparse_min_sums(sp, ei, ej, tail) and S the full row sums,
+    float32, 0 for two all-zero rows: J~ (tail=False, never above J) or the even-tail estimate
+    (tail=True, the round's choice); both lie within jaccard_error_bound of J."""
+    m = sparse_min_sums(sp, ei, ej, tail).astype(np.float64)
     den = sp.total[ei].astype(np.float64) + sp.total[ej] - m
     return np.where(den > 0, m / np.where(den > 0, den, 1), 0).astype(np.float32)
 
@@ -625,7 +660,7 @@ def sparse_scores_ref(scores, dims, eps: float, max_per_block: int | None = None
     """Row-by-row, block-by-block transcription of ScoreSparsifier (no sampled rows):
     SparseScores of a dense float32 array."""
     scores = np.asarray(scores, np.float32)
-    ptr, cols, vals, dropped = [0], [], [], []
+    ptr, cols, vals, dropped, tails = [0], [], [], [], []
     for row in scores:
         kept_cols, start = [], 0
         for k in dims:
@@ -637,6 +672,7 @@ def sparse_scores_ref(scores, dims, eps: float, max_per_block: int | None = None
                 acc += block[order[taken]]
                 taken += 1
             kept_cols += [start + int(c) for c in order[:taken]]
+            tails.append(max(0.0, total - block[order[:taken]].sum()) / (k - taken) if taken < k else 0.0)
             start += k
         kept_cols.sort()
         cols += kept_cols
@@ -645,7 +681,8 @@ def sparse_scores_ref(scores, dims, eps: float, max_per_block: int | None = None
         ptr.append(len(cols))
     return SparseScores(np.array(ptr, np.int64), np.array(cols, np.int32), np.array(vals, np.float32),
                         scores.sum(1, dtype=np.float64).astype(np.float32), np.array(dropped, np.float32),
-                        tuple(dims), np.zeros(0, np.int64), np.zeros((0, scores.shape[1]), np.float32))
+                        tuple(dims), np.zeros(0, np.int64), np.zeros((0, scores.shape[1]), np.float32),
+                        np.array(tails, np.float32).reshape(len(scores), len(dims)))
 
 
 def average_linkage_ref(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None, background=None):

@@ -79,7 +79,7 @@ def _offset_part(s, dims, offset, n_total):
     return sp.finish()
 
 
-@pytest.mark.parametrize("eps,cap", [(0.01, None), (0.1, None), (0.2, 3)])
+@pytest.mark.parametrize("eps,cap", [(0.01, None), (0.1, None), (0.2, 3), (0.0, 2)])
 def test_jaccard_error_within_bound(rng, eps, cap):
     dims = [9, 14, 6]
     s = _softmax_blocks(rng, 60, dims, 1.5)
@@ -88,14 +88,33 @@ def test_jaccard_error_within_bound(rng, eps, cap):
     dense = torch.from_numpy(s).double()
     m = torch.minimum(dense[ei], dense[ej]).sum(1).numpy()
     exact = m / (dense.sum(1).numpy()[ei] + dense.sum(1).numpy()[ej] - m)
-    approx = S.jaccard_on_edges(sp, ei, ej)
+    kept = S.jaccard_on_edges(sp, ei, ej, tail=False)
+    even = S.jaccard_on_edges(sp, ei, ej, tail=True)
     bound = S.jaccard_error_bound(sp, ei, ej)
-    err = exact - approx
-    assert (err >= -1e-6).all()
-    assert (err <= bound + 1e-6).all()
-    assert err.max() > 0  # the truncation did drop something
+    assert (exact - kept >= -1e-6).all()  # J~ never above J
+    assert (exact - kept <= bound + 1e-6).all()
+    assert (np.abs(exact - even) <= bound + 1e-6).all()
+    assert (exact - kept).max() > 0  # the truncation did drop something
     if cap is None:
         assert bound.max() <= 4 * eps + 1e-6
+    else:  # flat blocks cut hard: spreading the dropped mass evenly is the better estimate
+        assert np.abs(exact - even).mean() < np.abs(exact - kept).mean()
+
+
+def test_even_tail_sums_against_dense(rng):
+    dims = [5, 8, 1]
+    s = _softmax_blocks(rng, 30, dims, 0.7)
+    sp = S.sparse_scores(s, dims, eps=0.2, max_per_block=3)
+    est, start = sp.dense(), 0
+    for b, k in enumerate(dims):  # every dropped entry holds its block's tail level
+        block = est[:, start:start + k]
+        block[block == 0] = np.repeat(sp.tail[:, b:b + 1], k, 1)[block == 0]
+        start += k
+    ei, ej = rng.integers(0, 30, 200), rng.integers(0, 30, 200)
+    np.testing.assert_allclose(S.sparse_min_sums(sp, ei, ej, tail=True),
+                               np.minimum(est[ei], est[ej]).sum(1), rtol=1e-5)
+    ref = S.sparse_scores_ref(s, dims, 0.2, 3)
+    np.testing.assert_allclose(sp.tail, ref.tail, rtol=1e-6, atol=1e-7)
 
 
 def test_min_sums_against_dense(rng):

@@ -37,23 +37,58 @@ inline double dot(const float* a, const float* b, int64_t d) {
 }  // namespace
 
 void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* val,
-                         const int32_t* ei, const int32_t* ej, int64_t edges, float* out) {
-#pragma omp parallel for schedule(dynamic, 1024) if (edges >= kParallelMin)
-  for (int64_t e = 0; e < edges; ++e) {
-    int64_t p = ptr[ei[e]], pe = ptr[ei[e] + 1], q = ptr[ej[e]], qe = ptr[ej[e] + 1];
-    double m = 0.0;
-    while (p < pe && q < qe) {  // merge of two ascending column lists
-      if (col[p] < col[q]) {
-        ++p;
-      } else if (col[q] < col[p]) {
-        ++q;
-      } else {
-        m += std::min(val[p], val[q]);
-        ++p;
-        ++q;
+                         const int32_t* ei, const int32_t* ej, int64_t edges, float* out,
+                         const int64_t* offsets, int blocks, const float* tail) {
+#pragma omp parallel if (edges >= kParallelMin)
+  {
+    std::vector<int64_t> kept_a(blocks), kept_b(blocks), kept_both(blocks);
+#pragma omp for schedule(dynamic, 1024)
+    for (int64_t e = 0; e < edges; ++e) {
+      int64_t p = ptr[ei[e]], pe = ptr[ei[e] + 1], q = ptr[ej[e]], qe = ptr[ej[e] + 1];
+      const float* ta = tail ? tail + static_cast<int64_t>(ei[e]) * blocks : nullptr;
+      const float* tb = tail ? tail + static_cast<int64_t>(ej[e]) * blocks : nullptr;
+      std::fill(kept_a.begin(), kept_a.end(), 0);
+      std::fill(kept_b.begin(), kept_b.end(), 0);
+      std::fill(kept_both.begin(), kept_both.end(), 0);
+      int blk = 0;  // the block of the column at hand (columns only grow)
+      auto block_of = [&](int32_t c) {
+        while (offsets[blk + 1] <= c) ++blk;
+        return blk;
+      };
+      double m = 0.0;
+      while (p < pe || q < qe) {  // merge of two ascending column lists
+        if (q >= qe || (p < pe && col[p] < col[q])) {
+          if (tail) {
+            const int b = block_of(col[p]);
+            ++kept_a[b];
+            m += std::min(val[p], tb[b]);
+          }
+          ++p;
+        } else if (p >= pe || col[q] < col[p]) {
+          if (tail) {
+            const int b = block_of(col[q]);
+            ++kept_b[b];
+            m += std::min(val[q], ta[b]);
+          }
+          ++q;
+        } else {
+          if (tail) {
+            const int b = block_of(col[p]);
+            ++kept_both[b];
+          }
+          m += std::min(val[p], val[q]);
+          ++p;
+          ++q;
+        }
+        if (!tail && (p >= pe || q >= qe)) break;  // nothing more to share
       }
+      for (int b = 0; b < blocks; ++b) {
+        const int64_t both_dropped = (offsets[b + 1] - offsets[b]) - kept_a[b] - kept_b[b] -
+                                     kept_both[b];
+        m += static_cast<double>(both_dropped) * std::min(ta[b], tb[b]);
+      }
+      out[e] = static_cast<float>(m);
     }
-    out[e] = static_cast<float>(m);
   }
 }
 

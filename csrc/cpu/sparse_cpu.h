@@ -12,9 +12,16 @@
 namespace iics {
 
 // out[e] = sum over shared columns c of min(val_i[c], val_j[c]) for e = (ei[e], ej[e]), rows of
-// the CSR (ptr, col ascending a row, val); float64 sums rounded to float32.
+// the CSR (ptr, col ascending a row, val); float64 sums rounded to float32. With `tail`
+// (n x blocks: each row's dropped mass of a block spread evenly over the block's dropped
+// entries, block b = columns [offsets[b], offsets[b + 1])) an entry kept on one side only adds
+// min(kept value, the other side's tail) and the entries dropped on both sides add
+// min(tail_i, tail_j) each: an estimate of the full rows' sum, never above it by construction of
+// the bound (see iics_fast/sparse.py).
 void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* val,
-                         const int32_t* ei, const int32_t* ej, int64_t edges, float* out);
+                         const int32_t* ei, const int32_t* ej, int64_t edges, float* out,
+                         const int64_t* offsets = nullptr, int blocks = 0,
+                         const float* tail = nullptr);
 
 // out[e] = <f[ei[e]], f[ej[e]]> over rows of the n x d float32 `f`, float64 sums rounded.
 void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
