@@ -1,57 +1,54 @@
 """The inter-camera round without an N x N matrix: O(N (k + d)) memory, for 10^5 to 10^6 images.
 
-The dense round (iics_fast.similarity -> iics_fast.rerank -> iics_fast.cluster) stays the exact
-reference; this module computes the same average linkage from three sparse pieces:
+The dense round (Eq. 5 -> k-reciprocal re-ranking -> average linkage, iics_fast.pipeline) stays
+the exact reference; this module computes the same average linkage from sparse pieces
+(docs/sparse.md has the derivations and measurements):
 
 1. **Sparse scores** (`ScoreSparsifier`, `sparse_scores`): per image and camera head, the
-   largest softmax entries until their mass reaches 1 - eps (at most `max_per_block` of them),
-   with the dropped mass r of each image. Extraction feeds it batch by batch, so the dense
-   N x D score matrix never exists. For two images with full row sums S_a, S_b (C for C heads),
-   kept-entry sum of minima m~ and dropped masses r_a, r_b, the true sum of minima m lies in
-   [m~, m~ + r_a + r_b], so the generalised Jaccard J = m / (S_a + S_b - m) and
-   J~ = m~ / (S_a + S_b - m~) satisfy
+   largest softmax entries until their mass reaches 1 - eps (at most `max_per_block`), the mass
+   each head dropped spread evenly over its dropped entries (`tail`), and a few evenly spaced
+   rows kept whole. Extraction feeds it batch by batch: the dense N x D matrix never exists.
+   With full row sums S_a, S_b and dropped masses r_a, r_b, the kept-only Jaccard J~ and the
+   even-tail estimate J^ (the round's) satisfy
 
-       0 <= J - J~ <= (S_a + S_b) (r_a + r_b) / max(S_a, S_b)^2      (`jaccard_error_bound`)
+       0 <= J - J~ <= B,   |J - J^| <= B,   B = (S_a + S_b)(r_a + r_b) / max(S_a, S_b)^2
 
-   which is <= 4 eps when every head keeps mass >= 1 - eps (S_a = S_b = C, r <= C eps).
-2. **Candidate graph** (`knn`): each image's k nearest neighbours by cosine through faiss (flat,
-   exact, up to `FLAT_MAX` images; IVF above; on the GPU where faiss has one), symmetrised. Eq. 5
-   (`d = 1 - cos - mu J~ [cam differs]`) and the re-ranking's sparse terms are computed on its
-   edges only.
-3. **Average linkage from sums** (`average_linkage`, native `SparseLinkage`): a pair of clusters
-   the graph joins holds the exact sum of its pair values; any other pair's sum comes from the
-   clusters' feature sums, `sum_{i in A, j in B} (1 - cos) = |A||B| - <F_A, F_B>` (exact). The
-   closest joined pair is merged (priority queue), its sums to every neighbour of either side
-   are the two sides' sums added (Lance-Williams for average linkage), until k_inter clusters.
-   When the graph runs out of edges first, the live clusters get new edges from a faiss search
-   over their mean features (all pairs once few enough remain).
+   (`jaccard_error_bound`); B <= 4 eps when no head hit the cap (S = C, r <= C eps).
+2. **Candidate graph** (`knn`): each image's k nearest by cosine through faiss (flat, exact, up
+   to FLAT_MAX images; IVF above; faiss-gpu on CUDA where installed), symmetrised; Eq. 5 and the
+   re-ranking's sparse terms on its edges only.
+3. **Average linkage from sums** (`average_linkage`, the native SparseLinkage): a pair of
+   clusters joined by the graph holds the exact sum of its pair values; every other pair's sum is
+   a model made of per-cluster sums, exact for the cosine part
+   (sum over A x B of 1 - cos = |A||B| - <F_A, F_B>). The closest joined pair is merged
+   (priority queue, Lance-Williams sums) until k_inter clusters; if the graph runs out of edges
+   first, the live clusters get edges from a faiss search over their mean features.
 
-Exact and approximate, for `similarity="cosine"` (Eq. 5 then average linkage):
-  exact:   the cosine part of every cluster distance; Eq. 5 on every graph edge given J~.
-  approx.: J~ for J (bound above); the Jaccard term of pairs off the graph is dropped (it is at
-           most mu); merges are only taken along graph edges (connectivity-constrained average
-           linkage), so a closest pair of clusters with no edge between them waits until an edge
-           appears (through a merge or the fallback search).
-For `similarity="rerank"` (Eq. 5, k-reciprocal re-ranking with row min-max normalisation and the
-upper triangle read, then average linkage) additionally:
-  exact:   each row's k1 + 1 nearest by Eq. 5 distance and its min whenever the k-th cosine
-           neighbour is at least mu farther than the (k1 + 1)-th (counted in the result's
-           `info["rows_uncertified"]`, 0 with k = N - 1); the row max whenever the farthest
-           search's last cosine bounds it likewise; the k-reciprocal sets, V, the query
-           expansion and the Jaccard distance of every pair sharing a column of V (the dense
-           path's float16 arithmetic, on the native code the dense path runs); the re-ranked
-           value of every pair on the graph or sharing a V column (these pairs are the graph).
-  approx.: pairs off the graph have Jaccard distance exactly 1 and their re-ranked value
-           (1 - lambda) + lambda (d - min_i) / range_i uses row i = min(i, j); the model takes
-           the mean of the two rows' (min, range) instead, which makes it a sum of per-cluster
-           terms (`sep` in csrc/cpu/sparse_cpu.h), and drops Eq. 5's Jaccard term there.
-With k = N - 1 and eps = 0 every pair is on the graph and nothing is approximated: the partition
-is the dense round's (tests/test_sparse.py holds it there, and to ARI on the k-NN graph).
+Exact and approximate, `similarity="cosine"` (Eq. 5, then average linkage):
+  exact    the cosine part of every cluster distance; Eq. 5 on every graph pair given J^.
+  approx.  J^ for J (bound above); off the graph, Eq. 5's Jaccard term is the mean Jaccard of
+           the two images' cameras (`camera_jaccard`, from the rows kept whole), carried by one
+           column a camera appended to the feature sums; merges follow graph edges only
+           (connectivity-constrained average linkage).
+`similarity="rerank"` (Eq. 5, k-reciprocal re-ranking: row min-max normalisation, upper triangle
+read, k1, k2, lambda; then average linkage), in addition:
+  exact    each row's k1 + 1 nearest by Eq. 5 distance and its minimum when the k-th cosine
+           neighbour is at least mu farther (rows failing this are counted in
+           info["rows_uncertified"]); the row maximum when the farthest search's last cosine
+           bounds it (info["rows_max_uncertified"]); from these lists the k-reciprocal sets, V,
+           the query expansion and the Jaccard distance of every pair sharing a column of V (the
+           dense path's float16 arithmetic, on its own native code); the re-ranked value of every
+           graph pair (graph = k-NN pairs and V-sharing pairs).
+  approx.  off the graph the Jaccard distance is exactly 1, and the normalised-distance part
+           lambda (d - min_i) / range_i with i = min(i, j) is taken with the mean of the two
+           rows' (min, range), which makes it a sum of per-cluster terms.
+With k = N - 1 and eps = 0 every pair is on the graph and nothing is approximated: the partition is
+the dense round's (tests/test_sparse.py; also to ARI on k-NN graphs).
 
-Several processes (`torch.distributed`): each rank searches, sparsifies and evaluates the edges
-of its contiguous block of rows (`iics_fast.distributed.shard_indices`); the edge lists and
-neighbour lists are gathered on rank 0, which runs the re-ranking's combinatorics and the
-linkage and broadcasts the labels. The result equals one process's.
+Several processes (torch.distributed): each rank searches, and evaluates Eq. 5 on, the edges of
+its contiguous block of rows (`distributed.shard_indices`); extraction sparsifies each rank's own
+rows (`gather_sparse_scores`). Rank 0 receives the edge and neighbour lists, runs the
+re-ranking's combinatorics and the linkage, and broadcasts the labels: equal to one process's.
 """
 from __future__ import annotations
 
