@@ -603,7 +603,8 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     built = _faiss_index(f, index, device)
     far_built = None
     if rerank:
-        far_built = built if index == "flat" or n <= FAR_FLAT_MAX else _faiss_index(f, "ivf", device)
+        far_built = built if built[1] == "ivf" or index == "flat" or n <= FAR_FLAT_MAX \
+            else _faiss_index(f, "ivf", device)
     info.update(index=built[1], far_index=None if far_built is None else far_built[1])
     blk = _row_block(f, scores, camids, float(mu), k, part.start, part.stop, rerank, k_far, index, device, built,
                      far_built)
