@@ -300,3 +300,15 @@ def test_trainer_inter_mode_sparse_and_auto(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="threshold-inter"):
         train.main(args + ["--inter-mode", "sparse", "--threshold-inter", "0.01",
                            "--out", str(tmp_path / "bad")])
+
+
+def test_profiler_sparse_mode(tmp_path):
+    import json
+    from benchmarks import profile
+    record = profile.main(["--mode", "sparse", "--scale", "400", "--cameras", "3", "--k", "24",
+                           "--compare-dense", "--out", str(tmp_path)])
+    saved = json.load(open(tmp_path / "profile_sparse_400.json"))
+    assert saved["info"]["ari_sparse_vs_dense"] == record["info"]["ari_sparse_vs_dense"] >= 0.99
+    names = [p["name"] for p in saved["phases"]]
+    assert names == ["extract", "intra", "scores", "sparse_round", "dense_scores", "dense_round"]
+    assert saved["info"]["round"]["graph_pairs"] < 400 * 399 // 2
