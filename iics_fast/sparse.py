@@ -425,11 +425,14 @@ def camera_jaccard(sp: SparseScores, camids) -> np.ndarray:
 
 def _gather_blocks(block):
     """Every rank's block dict, concatenated in rank order, on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+
     from . import distributed as D
 
     if D.world_size() == 1:
         return block
-    parts = D.all_gather_object(block)
+    parts = [None] * D.world_size() if D.rank() == 0 else None
+    dist.gather_object(block, parts, dst=0)
     if D.rank() != 0:
         return None
     return {key: np.concatenate([p[key] for p in parts]) for key in block}
