@@ -354,21 +354,24 @@ def _pair_cos(f, ei, ej):
 
 
 
-def _row_block(f, sp, camids, mu, k, r0, r1, rerank, k_far, index, device, built, far_built):
+def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, device, built, far_built):
     """One block of rows' share of the round: their k-NN edges with Eq. 5 on them and, for the
-    re-ranking, their candidate lists by Eq. 5 distance and row min / max."""
+    re-ranking, their candidate lists (the k_cand nearest by cosine) by Eq. 5 distance and the
+    row min / max."""
     n = len(f)
-    kq = min(n, k + 1)
+    kq = min(n, (max(k, k_cand) if rerank else k) + 1)
     sims, ids = knn(f, kq, (r0, r1), index, device=device, _built=built)
+    own = ids == np.arange(r0, r1)[:, None]
+    before = np.cumsum(own, 1) - own  # self met earlier in the row
+    in_graph = (np.arange(kq)[None, :] - before < k).reshape(-1)
     rows = np.repeat(np.arange(r0, r1), kq)
     ids = ids.reshape(-1)
     sims = sims.reshape(-1)
-    ok = ids >= 0
-    rows, ids, sims = rows[ok], ids[ok], sims[ok]
-    own = ids == rows
-    ei, ej, cos = rows[~own].astype(np.int32), ids[~own].astype(np.int32), sims[~own]
+    ok = (ids >= 0) & ~own.reshape(-1)
+    rows, ids, sims, in_graph = rows[ok], ids[ok], sims[ok], in_graph[ok]
+    ei, ej, cos = rows.astype(np.int32), ids.astype(np.int32), sims
     d = (1.0 - cos - mu * _cross_jaccard(sp, camids, ei, ej)).astype(np.float32)
-    block = {"ei": ei, "ej": ej, "d": d}
+    block = {"ei": ei[in_graph], "ej": ej[in_graph], "d": d[in_graph]}
     if not rerank:
         return block
     m = r1 - r0
@@ -380,7 +383,7 @@ def _row_block(f, sp, camids, mu, k, r0, r1, rerank, k_far, index, device, built
     cand_i, cand_j, cand_d = cand_i[order], cand_j[order], cand_d[order]
     starts = np.searchsorted(cand_i, np.arange(r0, r1))  # every row has self and k others
     lo = np.minimum(0.0, np.minimum.reduceat(cand_d, starts))
-    # the smallest cosine among the k-NN bounds every non-candidate: d >= 1 - cos_k - mu
+    # the smallest cosine among the candidates bounds every other image: d >= 1 - cos - mu
     worst = np.full(m, np.inf, np.float32)
     np.minimum.at(worst, rows - r0, sims)
     block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=(1.0 - worst - mu).astype(np.float32))
@@ -567,7 +570,7 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
 
 
 def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity="rerank", k=32,
-                       k1=20, k2=6, lambda_value=0.3, k_far=16, index="auto", device=None):
+                       k_candidates=128, k1=20, k2=6, lambda_value=0.3, k_far=16, index="auto", device=None):
     """One inter-camera clustering round without an N x N matrix (see the module docstring for
     what is exact and what is approximated).
 
@@ -575,7 +578,8 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     alone, the "feature" ablation); camids: (N,) ints; k_inter: clusters wanted; mu: Eq. 5's
     weight; similarity: "cosine" (Eq. 5 then average linkage) or "rerank" (Eq. 5, k-reciprocal
     re-ranking with k1, k2, lambda_value, then average linkage); k: neighbours a row in the
-    candidate graph (N - 1 or more: the complete graph, exact); k_far: farthest samples searched
+    candidate graph (N - 1 or more: the complete graph, exact); k_candidates: nearest by cosine
+    among which the re-ranking ranks each row by Eq. 5 distance; k_far: farthest samples searched
     a row for the re-ranking's row max; index: "auto" | "flat" | "ivf"; device: faiss-gpu device.
     Under torch.distributed every rank passes the same full inputs and gets the labels.
     Returns (labels (N,) int64 numbered by first appearance, info dict).
@@ -595,10 +599,12 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     rerank = similarity == "rerank"
-    if rerank and min(k, n - 1) + 1 < min(k1 + 1, n):
-        raise ValueError(f"the re-ranking reads k1 + 1 = {k1 + 1} neighbours a row but k = {k}; use k >= k1")
+    if rerank and min(max(k, k_candidates), n - 1) + 1 < min(k1 + 1, n):
+        raise ValueError(f"the re-ranking reads k1 + 1 = {k1 + 1} neighbours a row but k = {k} and "
+                         f"k_candidates = {k_candidates}; use k_candidates >= k1")
     k = min(k, n - 1) if n > 1 else 0
-    info = {"N": n, "k": k, "similarity": similarity}
+    k_candidates = min(k_candidates, n - 1) if n > 1 else 0
+    info = {"N": n, "k": k, "k_candidates": k_candidates if rerank else None, "similarity": similarity}
     if n == 1:
         return np.zeros(1, np.int64), info
     part = D.shard_indices(n, D.rank(), D.world_size())
@@ -609,8 +615,8 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
         far_built = built if built[1] == "ivf" or index == "flat" or n <= FAR_FLAT_MAX \
             else _faiss_index(f, "ivf", device)
     info.update(index=built[1], far_index=None if far_built is None else far_built[1])
-    blk = _row_block(f, scores, camids, float(mu), k, part.start, part.stop, rerank, k_far, index, device, built,
-                     far_built)
+    blk = _row_block(f, scores, camids, float(mu), k, k_candidates, part.start, part.stop, rerank, k_far, index,
+                     device, built, far_built)
     del built, far_built
     timer.lap(info, "time_graph_s")
     blk = _gather_blocks(blk)
