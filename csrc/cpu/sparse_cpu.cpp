@@ -1,13 +1,8 @@
 // The sparse inter-camera round's native steps: see cpu/sparse_cpu.h. The Jaccard pairs follow
 // the dense re-ranking's float16 accumulation (cpu/rerank_cpu.cpp) step for step; the linkage is
 // the textbook priority-queue agglomeration (merge the closest pair, update its neighbours by
-// Lance-Williams) restricted to a graph, with model sums for pairs the graph does not hold.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
+// Lance-Williams) restricted to a graph, with model sums for pairs the graph does not hold. The
+// float16 steps round each operation on their own (round_half), so contraction cannot change them.
 #include "cpu/sparse_cpu.h"
 
 #include <algorithm>
