@@ -1,8 +1,9 @@
 """AIBN speed: forward + backward at ResNet-50 layer3 shapes.
 
 CPU: the composite-op reference `aibn_ref` (what AIBN2d runs on CPU) next to `BatchNorm2d`'s
-fused op and `torch.compile(aibn_ref)`, all timed in the same rounds (conftest's side_by_side). GPU (skipped without CUDA): the fused Triton kernels next
-to `aibn_ref` and BatchNorm2d, float32 and bfloat16, channels-first and channels-last.
+fused op and `torch.compile(aibn_ref)`, all timed in the same rounds (conftest's side_by_side).
+GPU (skipped without CUDA): the fused Triton kernels next to `aibn_ref` and BatchNorm2d, float32
+and bfloat16, channels-first and channels-last.
 
 Layer3 of ResNet-50 at 256x128 input is (batch, 1024, 16, 8). Default batch 16 (CPU) / 64 (GPU);
 IICS_BENCH_SCALE=large uses batch 64 on CPU too.

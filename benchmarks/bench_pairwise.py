@@ -162,7 +162,8 @@ def test_min_sum_loop_vs_ceiling(side_by_side, size):
     case = make_case(**size)
     n, dim = size["n"], size["cams"] * size["dim_per_cam"]
     side_by_side("sum-of-minima sweep (mode='jaccard')", f"N={n} D={dim}",
-                 lambda: inter_camera_distance(*case, MU, mode="jaccard", backend="cpu"), {}, rounds=3 if n < 10000 else 1,
+                 lambda: inter_camera_distance(*case, MU, mode="jaccard", backend="cpu"), {},
+                 rounds=3 if n < 10000 else 1,
                  ceiling=_ceiling(n, dim), memory_inline=n >= 10000)
 
 

@@ -28,7 +28,6 @@ import platform
 import re
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -120,20 +119,16 @@ def machine_info() -> dict:
         pass
     simd = [s for s in ("avx512f", "avx2", "fma") if f" {s}" in flags]
     info = {"cpu": cpu, "cores": os.cpu_count(), "simd": simd, "python": platform.python_version()}
-    try:
+    with contextlib.suppress(ValueError, OSError):
         info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
     for mod in ("numpy", "torch", "scipy", "fastcluster", "faiss"):
-        try:
+        with contextlib.suppress(Exception):
             info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - an absent peer is simply not listed
-            pass
     try:
         from iics_fast._native import native
 
         info["iics_simd"] = native().simd_variant()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     return info
 
@@ -276,7 +271,8 @@ def side_by_side(benchmark, request):
         print(f"\n{op} {size}: ours {med:.4g} s" + "".join(
             f"; {p['label']} {p['median_s']:.4g} s ({p['ratio']:.2f}x)" for p in record["peers"])
             + (f"; ceiling fraction {record['ceiling']['fraction']:.2f}" if ceiling else "")
-            + f"; load {load_before[0]:.1f} -> {record['load_average']['after'][0]:.1f}  [{out.relative_to(HERE.parent)}]")
+            + f"; load {load_before[0]:.1f} -> {record['load_average']['after'][0]:.1f}"
+            + f"  [{out.relative_to(HERE.parent)}]")
         return record
 
     return run

@@ -79,6 +79,7 @@ class PhaseResult:
     peak_mb: float  # process peak RSS during the phase
     delta_mb: float  # peak RSS above the RSS at the phase's start: what the phase itself needs
     note: str = ""
+    cpu_s: float = None  # CPU time of the process's threads: the work, less the load's share
 
 
 @contextmanager
@@ -86,10 +87,10 @@ def meter(name: str, results: list, note: str = ""):
     """Time a block and record its peak RSS into `results` as a PhaseResult."""
     _trim_heap()
     with PeakMemory() as mem:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         yield
-        elapsed = time.perf_counter() - t0
-    results.append(PhaseResult(name, elapsed, mem.peak_mib, mem.grew_mib, note=note))
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    results.append(PhaseResult(name, elapsed, mem.peak_mib, mem.grew_mib, note=note, cpu_s=cpu))
 
 
 # --------------------------------------------------------------------------- synthetic round
@@ -472,6 +473,84 @@ def profile(n, cameras, k_inter, scale_name=None, reference_sizes=None, referenc
     return record
 
 
+def synthetic_sparse_scores(features, heads, eps, max_per_block, temperature: float = 30.0, batch: int = 4096):
+    """synthetic_scores' rows fed batch by batch to a ScoreSparsifier: the dense (N, D) matrix
+    is never held (what extraction does with `--inter-mode sparse`)."""
+    from iics_fast.sparse import ScoreSparsifier
+
+    n = features.shape[0]
+    sp = ScoreSparsifier([h.shape[0] for h in heads], eps, max_per_block, n_total=n)
+    for start in range(0, n, batch):
+        f = features[start:start + batch]
+        sp.add(synthetic_scores(f, None, heads, temperature))
+    return sp.finish()
+
+
+def run_sparse(n, cameras, k_inter, seed=0, k_intra=K_INTRA, similarity="rerank", k=32, eps=1e-3,
+               max_per_block=None, compare_dense=False, log=print):
+    """One round through the sparse inter-camera path (iics_fast.sparse), and with compare_dense
+    the dense round on the same data in the same process, its partition compared by ARI.
+    Returns (PhaseResults, info dict)."""
+    from iics_fast import sparse as S
+
+    res: list[PhaseResult] = []
+    with meter("extract", res, "simulated: synthetic features"):
+        feats, camids, _ = synthetic_features(n, cameras, seed)
+    rerank, _ = _trainer_settings()
+    how = "re-ranked" if rerank else "cosine"
+    with meter("intra", res, f"per camera: {how} + average linkage into {k_intra}"):
+        labels = pipeline.intra_camera_labels(torch.from_numpy(feats), camids, k_intra, rerank=rerank)
+    log(f"  intra                 {res[-1].time_s:8.2f} s")
+    heads = heads_from_labels(feats, camids, labels)
+    with meter("scores", res, f"simulated, sparsified batch by batch (eps {eps}, cap {max_per_block})"):
+        sp = synthetic_sparse_scores(feats, heads, eps, max_per_block)
+    nnz = int(sp.ptr[-1])
+    log(f"  scores (sparse)       {res[-1].time_s:8.2f} s   {nnz / n:.0f} entries a row, "
+        f"{(sp.col.nbytes + sp.val.nbytes) / 2**20:.0f} MB")
+    info = {"D": int(sum(h.shape[0] for h in heads)), "nnz_per_row": nnz / n, "similarity": similarity,
+            "k": k, "eps": eps, "max_per_block": max_per_block}
+    with meter("sparse_round", res, f"{similarity}: k-NN graph, edge terms, linkage into {k_inter}"):
+        sparse_labels, round_info = S.sparse_inter_round(feats, sp, camids, k_inter, MU, similarity=similarity, k=k)
+    info["round"] = round_info
+    log(f"  sparse round          {res[-1].time_s:8.2f} s   cpu {res[-1].cpu_s:.1f} s   "
+        f"peak {res[-1].peak_mb:.0f} MB   "
+        f"{round_info}")
+    del sp
+    if compare_dense:
+        with meter("dense_scores", res, "simulated: the dense (N, D) scores the dense round reads"):
+            scores = synthetic_scores(feats, camids, heads)
+        with meter("dense_round", res, f"{similarity}: fused Eq. 5, re-ranking, merge (the dense reference)"):
+            dense_labels = S.inter_round_dense_ref(feats, scores, camids, k_inter, MU, similarity=similarity)
+        del scores
+        from sklearn.metrics import adjusted_rand_score
+        info["ari_sparse_vs_dense"] = float(adjusted_rand_score(dense_labels, sparse_labels))
+        info["equal_partitions"] = bool(adjusted_rand_score(dense_labels, sparse_labels) == 1.0)
+        log(f"  dense round           {res[-1].time_s:8.2f} s   cpu {res[-1].cpu_s:.1f} s   "
+            f"peak {res[-1].peak_mb:.0f} MB   "
+            f"ARI(sparse, dense) = {info['ari_sparse_vs_dense']:.5f}")
+    return res, info
+
+
+def profile_sparse(n, cameras, k_inter, scale_name=None, seed=0, out="profile_out", log=print, **kw):
+    """run_sparse, written to profile_sparse_<scale>.json under `out`; returns the record."""
+    scale_name = scale_name or str(n)
+    log(f"sparse inter-camera round at {scale_name}: N={n}, C={cameras}, k_inter={k_inter}")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    phases, info = run_sparse(n, cameras, k_inter, seed, log=log, **kw)
+    record = {"scale": scale_name, "N": n, "C": cameras, "k_inter": k_inter, "mode": "sparse",
+              "machine": machine_info(), "load_before": load,
+              "load_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+              "command": "python -m iics_fast.profile " + " ".join(sys.argv[1:]),
+              "phases": [asdict(p) for p in phases], "info": info}
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"profile_sparse_{scale_name}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+    log(f"load average before {load}, after {record['load_after']}; wrote {path}")
+    return record
+
+
 def parse_scale(text, cameras=None):
     """'msmt17' etc. or an image count; returns (name, N, C, k_inter)."""
     if text in SCALES:
@@ -497,11 +576,24 @@ def main(argv=None):
     parser.add_argument("--reference-max-gb", type=float, default=8.0, help="skip reference sizes estimated above this")
     parser.add_argument("--no-reference", action="store_true", help="profile iics_fast only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", choices=("dense", "sparse"), default="dense",
+                        help="dense: the round beside the reference pipeline; sparse: the sparse round "
+                             "(iics_fast.sparse), no N x N matrix")
+    parser.add_argument("--similarity", choices=("rerank", "cosine"), default="rerank",
+                        help="sparse mode: with or without the k-reciprocal re-ranking")
+    parser.add_argument("--k", type=int, default=32, help="sparse mode: neighbours a row in the candidate graph")
+    parser.add_argument("--eps", type=float, default=1e-3, help="sparse mode: score mass each head may drop")
+    parser.add_argument("--max-per-block", type=int, default=None, help="sparse mode: entries kept a head at most")
+    parser.add_argument("--compare-dense", action="store_true",
+                        help="sparse mode: also run the dense round on the same data and report the ARI")
     args = parser.parse_args(argv)
     try:
         name, n, c, k = parse_scale(args.scale, args.cameras)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.mode == "sparse":
+        return profile_sparse(n, c, k, name, args.seed, args.out, similarity=args.similarity, k=args.k,
+                              eps=args.eps, max_per_block=args.max_per_block, compare_dense=args.compare_dense)
     return profile(n, c, k, name, args.reference_sizes, args.reference_rows, args.reference_max_gb,
                    not args.no_reference, args.seed, args.out)
 

@@ -57,7 +57,8 @@ def load(machine=None):
     if machine:
         dirs = [d for d in dirs if d.name == machine]
     if not dirs:
-        raise SystemExit(f"no records under {RESULTS}{' for ' + machine if machine else ''}: run `pytest benchmarks/` first")
+        where = f"{RESULTS}{' for ' + machine if machine else ''}"
+        raise SystemExit(f"no records under {where}: run `pytest benchmarks/` first")
     d = dirs[-1]
     return d.name, [json.loads(f.read_text()) for f in sorted(d.glob("*.json"))]
 
@@ -99,8 +100,9 @@ def comparison_table(records):
             per = p["ratio_per_round"]
             rr = f"{_x(p['ratio'])}; {_x(min(per))}-{_x(max(per))}" if len(per) > 1 else _x(p["ratio"])
             cpu = _cpu_ratio(r, p)
-            lines.append(f"| {r['op']} | {r['size']} | {_spread(r['ours'])} | {p['label']} | {_spread(p)} | {rr} | "
-                         f"{cpu} | {_mb(mem.get('ours'))} / {_mb(mem.get(p['label']))} | {_load(r)} | `{r['command']}` |")
+            lines.append(f"| {r['op']} | {r['size']} | {_spread(r['ours'])} | {p['label']} | "
+                         f"{_spread(p)} | {rr} | {cpu} | {_mb(mem.get('ours'))} / "
+                         f"{_mb(mem.get(p['label']))} | {_load(r)} | `{r['command']}` |")
     return "\n".join(lines)
 
 

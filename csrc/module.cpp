@@ -10,6 +10,7 @@ void bind_rerank(py::module_& m);
 void bind_cluster(py::module_& m);
 void bind_pairwise(py::module_& m);
 void bind_evaluation(py::module_& m);
+void bind_sparse(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "iics_fast native core: condensed-matrix helpers, merge, similarity";
@@ -30,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
   bind_cluster(m);
   bind_pairwise(m);
   bind_evaluation(m);
+  bind_sparse(m);
 }

@@ -53,6 +53,12 @@ DEFAULTS = {
     "lr_intra_head": (0.005, "stage-1 learning rate of the per-camera heads"),
     # inter-camera clustering and stage 2
     "inter_similarity": ("eq5", "eq5 | jaccard | feature (Table 1 ablations)"),
+    "inter_mode": ("dense", "dense | sparse | auto: the inter-camera round on the N x N distance, "
+                            "without it (docs/sparse.md), or sparse when the dense one would not "
+                            "fit the memory measured"),
+    "sparse_k": (32, "sparse round: neighbours a row in its candidate graph"),
+    "sparse_eps": (1e-3, "sparse round: softmax mass each head's scores may drop"),
+    "sparse_max_per_block": (None, "sparse round: score entries kept a head at most (memory cap)"),
     "mu": (0.02, "mu_0: weight of the Jaccard term in Eq. 5"),
     "mu_power": (0.6, "poly decay mu_r = mu_0 (1 - r/R)^power"),
     "k_inter": (800, "inter-camera clusters (MSMT17: 1200)"),
@@ -109,6 +115,7 @@ PRESETS = {
 
 CHOICES = {"arch": ("resnet50", "resnet18"), "stages": ("both", "intra"),
            "similarity": ("cosine", "rerank"), "inter_similarity": ("eq5", "jaccard", "feature"),
+           "inter_mode": ("dense", "sparse", "auto"),
            "amp": ("bf16", "fp16", "off")}
 def json_object(text: str) -> dict:
     """--dataset-options: a JSON object."""
@@ -124,7 +131,7 @@ def json_object(text: str) -> dict:
 
 
 TYPES = {"root": str, "pretrained": str, "threshold_intra": float, "threshold_inter": float,
-         "workers": int, "threads": int, "out": str, "dataset_options": json_object}
+         "workers": int, "threads": int, "sparse_max_per_block": int, "out": str, "dataset_options": json_object}
 # options a resumed run may change: how it runs, not what it computes (--root: the same
 # dataset moved, checked by its contents)
 RUNTIME_KEYS = ("device", "workers", "threads", "batch_extract", "progress", "verbose", "amp")

@@ -103,30 +103,38 @@ class Trainer(TrainerBase):
         self.checkpoint("stage1", r)
 
     def inter_camera_round(self, r: int) -> None:
-        """Features + scores -> inter-camera distance -> clustering -> stage 2; checkpoint
-        "stage2"."""
+        """Features + scores -> inter-camera distance -> clustering -> stage 2 (or, with
+        --inter-mode sparse, the sparse round instead of the distance and clustering);
+        checkpoint "stage2"."""
         cfg = self.cfg
         heads = self.new_heads(self.row["intra_clusters"])
         heads.load_state_dict(self.heads_state)
         heads.eval()
+        sparse_round = self.inter_mode == "sparse"
         with self.timed("extract"):
-            feats, scores = self.extract(self.items(self.pids), heads=heads,
-                                         desc="extract + scores")
+            feats, scores = self.extract(
+                self.items(self.pids), heads=heads, desc="extract + scores",
+                sparsify=(cfg.sparse_eps, cfg.sparse_max_per_block) if sparse_round else None)
         self.histogram(f"round {r} after stage 1", feats, r)
-        with self.timed("similarity"):
-            self.row["mu"] = mu = mu_schedule(cfg.mu, r, cfg.rounds, cfg.mu_power)
-            # the sharded build's device under several processes; in one process where the
-            # features are (on a GPU: the Triton kernel, no copy to the host)
-            dev = D.comm_device() if self.world > 1 else feats.device
-            dist = pipeline.inter_camera_distance(feats.to(dev), scores.to(dev), self.camids,
-                                                  mu, cfg.inter_similarity)
-        del feats, scores
-        with self.timed("inter_cluster"):
-            k = None if cfg.threshold_inter is not None else cfg.k_inter
-            self.inter_labels = D.agree(functools.partial(
-                pipeline.cluster_distance, dist, k=k, quantile=cfg.threshold_inter,
-                rerank=self.rerank), on_main_only=True)
-        del dist
+        self.row["mu"] = mu = mu_schedule(cfg.mu, r, cfg.rounds, cfg.mu_power)
+        if sparse_round:
+            with self.timed("inter_cluster"):
+                self.inter_labels = self.sparse_inter_labels(feats, scores, mu)
+            del feats, scores
+        else:
+            with self.timed("similarity"):
+                # the sharded build's device under several processes; in one process where the
+                # features are (on a GPU: the Triton kernel, no copy to the host)
+                dev = D.comm_device() if self.world > 1 else feats.device
+                dist = pipeline.inter_camera_distance(feats.to(dev), scores.to(dev), self.camids,
+                                                      mu, cfg.inter_similarity)
+            del feats, scores
+            with self.timed("inter_cluster"):
+                k = None if cfg.threshold_inter is not None else cfg.k_inter
+                self.inter_labels = D.agree(functools.partial(
+                    pipeline.cluster_distance, dist, k=k, quantile=cfg.threshold_inter,
+                    rerank=self.rerank), on_main_only=True)
+            del dist
         self.row["inter_clusters"] = n_inter = int(self.inter_labels.max()) + 1
         self.quality("inter_quality", self.inter_labels, self.pids)
         with self.timed("stage2"):
@@ -136,6 +144,19 @@ class Trainer(TrainerBase):
         self.log(self.describe_stage2())
         self.heads_state = None
         self.checkpoint("stage2", r)
+
+    def sparse_inter_labels(self, feats, scores, mu: float) -> np.ndarray:
+        """The inter-camera labels of the sparse round (iics_fast.sparse), every rank searching
+        and scoring its share of the rows; its statistics go into the round's metrics row."""
+        from . import sparse
+        cfg = self.cfg
+        rerank = dict(self.rerank) if self.rerank else {}
+        labels, info = sparse.sparse_inter_round(
+            feats, scores if cfg.inter_similarity == "eq5" else None, self.camids, cfg.k_inter, mu,
+            similarity="rerank" if rerank else "cosine", k=cfg.sparse_k, **rerank,
+            device=self.device if self.cuda else None)
+        self.row["sparse_round"] = info
+        return labels
 
     # ------------------------------------------------------------------ the two stages
 

@@ -133,7 +133,27 @@ class TrainerBase:
             if cfg.k_inter < cfg.batch_p:
                 raise ValueError(f"--k-inter {cfg.k_inter} is below P={cfg.batch_p} clusters "
                                  f"a stage-2 batch needs; raise it or lower --batch-p")
+        self.inter_mode = self._inter_mode()
         self._check_memory()
+
+    def _inter_mode(self) -> str:
+        """--inter-mode resolved ("auto": sparse when the dense round's arrays would not fit the
+        memory measured, said in the log); the sparse round's limits checked."""
+        from . import sparse
+
+        cfg, sizes = self.cfg, np.bincount(self.camids)
+        heads = sum(cfg.k_intra if c >= cfg.k_intra else max(1, c // 2) for c in sizes if c)
+        dim = 2048 if cfg.arch == "resnet50" else 512
+        mode = sparse.choose_inter_mode(cfg.inter_mode, len(self.paths), dim, heads,
+                                        log=self.log if self.main else lambda m: None)
+        if mode == "sparse" and cfg.stages == "both":
+            if cfg.threshold_inter is not None:
+                raise ValueError("--inter-mode sparse clusters into --k-inter clusters; the "
+                                 "threshold variant (--threshold-inter) needs --inter-mode dense")
+            if cfg.inter_similarity == "jaccard":
+                raise ValueError("--inter-similarity jaccard (1 - J over all pairs) needs "
+                                 "--inter-mode dense; the sparse round runs eq5 and feature")
+        return mode
 
     def _check_memory(self) -> None:
         """A round's largest arrays against the memory available, before any work: the
@@ -147,7 +167,7 @@ class TrainerBase:
         dim = 2048 if cfg.arch == "resnet50" else 512
         need = 4 * condensed.size(largest) + 4 * largest * dim
         what = f"intra-camera clustering of the largest camera ({largest} images)"
-        dense = getattr(cfg, "inter_mode", None) != "sparse"  # the sparse round has no N x N
+        dense = self.inter_mode != "sparse"  # the sparse round has no N x N
         if cfg.stages == "both" and self.main and dense:
             heads = sum(cfg.k_intra if c >= cfg.k_intra else max(1, c // 2) for c in sizes if c)
             inter = 4 * condensed.size(n) + 4 * n * (dim + heads) * 2
@@ -294,15 +314,23 @@ class TrainerBase:
                     disable=not (self.cfg.progress and self.main))
 
     @torch.no_grad()
-    def extract(self, items, heads=None, desc="extract", to="all"):
+    def extract(self, items, heads=None, desc="extract", to="all", sparsify=None):
         """Flip-averaged pool5 features (eval mode) and, given heads, the scores
         s = concat_c softmax(head_c(f)). Returns float32 tensors (features, scores|None) on the
         training device in one process (on a GPU they stay there for the distance kernels, the
         merge and the evaluation), on the CPU under several processes: each rank extracts its
         contiguous share of `items` and the shares are gathered in order, to every rank
-        (to="all") or to rank 0 (to="main"; the other ranks get (None, None))."""
+        (to="all") or to rank 0 (to="main"; the other ranks get (None, None)). With `sparsify`
+        (eps, max_per_block) the scores are sparsified batch by batch on the host
+        (iics_fast.sparse.ScoreSparsifier) and come back as SparseScores on every rank; the dense
+        score matrix is never held."""
         self.model.eval()
         part = D.shard_indices(len(items), self.rank, self.world)
+        sparse_out = None
+        if sparsify is not None and heads is not None:
+            from .sparse import ScoreSparsifier
+            sparse_out = ScoreSparsifier([h.classifier.out_features for h in heads], *sparsify,
+                                         n_total=len(items), offset=part.start)
         loader = DataLoader(ImageDataset(items[part.start:part.stop],
                                          EvalTransform(self.cfg.height, self.cfg.width)),
                             batch_size=self.cfg.batch_extract, shuffle=False,
@@ -315,8 +343,16 @@ class TrainerBase:
             with self.autocast():
                 f = (self.model(x).float() + self.model(x.flip(3)).float()) / 2
                 if heads is not None:
-                    scores.append(torch.cat([F.softmax(h(f).float(), 1) for h in heads], 1))
+                    s = torch.cat([F.softmax(h(f).float(), 1) for h in heads], 1)
+                    if sparse_out is not None:
+                        sparse_out.add(s.cpu())
+                    else:
+                        scores.append(s)
             feats.append(f.float())
+        if sparse_out is not None:
+            from .sparse import gather_sparse_scores
+            return (self.gather_rows(torch.cat(feats), "all"),
+                    gather_sparse_scores(sparse_out.finish()))
         scores = torch.cat(scores) if heads is not None else None
         return self.gather_rows(torch.cat(feats), to), self.gather_rows(scores, to)
 

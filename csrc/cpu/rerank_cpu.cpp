@@ -29,6 +29,9 @@
 
 
 namespace iics {
+using rerank_parts::round_half;
+using rerank_parts::Sparse;
+
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -36,19 +39,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // Below this many samples every stage runs on the calling thread: the work is microseconds,
 // while starting a thread team costs far more on a loaded machine.
 constexpr int64_t kParallelMin = 1024;
-
-// Nearest float16 value of x (ties to even), as a float: NumPy's float16 arithmetic is the
-// float32 operation followed by this rounding. Precondition: |x| < 65504 (values here are < 4).
-inline float round_half(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  int exponent = static_cast<int>((bits >> 23) & 0xffu) - 127;
-  if (exponent < -14) exponent = -14;  // float16 subnormals share the spacing 2^-24
-  const uint32_t ulp_bits = static_cast<uint32_t>(exponent - 10 + 127) << 23;
-  float ulp;
-  std::memcpy(&ulp, &ulp_bits, sizeof ulp);
-  return std::nearbyint(x / ulp) * ulp;  // x / ulp and the product are exact (powers of two)
-}
 
 // np.sum of a contiguous float32 array: NumPy's pairwise summation, eight running sums a block.
 float numpy_sum(const float* a, int64_t n) {
@@ -352,13 +342,6 @@ std::vector<int32_t> nearest(const float* in, Layout layout, int64_t n, int kk,
   return nbr;
 }
 
-// Compressed sparse rows: row i is col/val[ptr[i] .. ptr[i+1]), columns ascending.
-struct Sparse {
-  std::vector<int64_t> ptr;
-  std::vector<int32_t> col;
-  std::vector<float> val;
-};
-
 // Builds a Sparse from fill(begin, end, cols, vals, ends), which appends rows begin..end-1 to
 // cols/vals and sets ends[i - begin] to the buffers' length after row i. The rows are cut into
 // one contiguous chunk a thread, each chunk with its own buffers, joined in row order.
@@ -401,9 +384,11 @@ void reciprocal_set(const int32_t* nbr, int kk, int64_t i, int width, std::vecto
   }
 }
 
-// V: row i weights its expanded k-reciprocal set by exp(-key), normalised, rounded to float16.
-Sparse build_v(const float* in, Layout layout, int64_t n, int kk, int k_half, const RowScale& s,
-               const std::vector<int32_t>& nbr) {
+}  // namespace
+
+namespace rerank_parts {
+
+Sparse expansion_sets(int64_t n, int kk, int k_half, const std::vector<int32_t>& nbr) {
   // Every sample's reciprocal set at k_half neighbours, consulted by the expansion rule.
   std::vector<int32_t> half_set(static_cast<size_t>(n) * k_half);
   std::vector<int> half_size(n);
@@ -417,10 +402,9 @@ Sparse build_v(const float* in, Layout layout, int64_t n, int kk, int k_half, co
       std::copy(r.begin(), r.end(), half_set.begin() + i * k_half);
     }
   }
-  auto fill = [&](int64_t begin, int64_t end, std::vector<int32_t>& cols,
-                  std::vector<float>& vals, int64_t* ends) {
+  auto fill = [&](int64_t begin, int64_t end, std::vector<int32_t>& cols, std::vector<float>&,
+                  int64_t* ends) {
     std::vector<int32_t> r, sorted_r, expansion;
-    std::vector<float> weight;
     for (int64_t i = begin; i < end; ++i) {
       reciprocal_set(nbr.data(), kk, i, kk, r);
       sorted_r.assign(r.begin(), r.end());
@@ -438,21 +422,29 @@ Sparse build_v(const float* in, Layout layout, int64_t n, int kk, int k_half, co
       }
       std::sort(expansion.begin(), expansion.end());
       expansion.erase(std::unique(expansion.begin(), expansion.end()), expansion.end());
-      const int64_t m = static_cast<int64_t>(expansion.size());
-      weight.resize(m);
-      for (int64_t t = 0; t < m; ++t) {
-        const float key = s.key(i, entry(in, layout, n, i, expansion[t]));
-        weight[t] = static_cast<float>(std::exp(-static_cast<double>(key)));
-      }
-      const float total = numpy_sum(weight.data(), m);
-      for (int64_t t = 0; t < m; ++t) {
-        cols.push_back(expansion[t]);
-        vals.push_back(round_half(weight[t] / total));
-      }
+      cols.insert(cols.end(), expansion.begin(), expansion.end());
       ends[i - begin] = static_cast<int64_t>(cols.size());
     }
   };
   return build_rows(n, fill);
+}
+
+void weigh_rows(Sparse& v, const float* keys) {
+  const int64_t n = static_cast<int64_t>(v.ptr.size()) - 1;
+  v.val.resize(v.col.size());
+#pragma omp parallel if (n >= kParallelMin)
+  {
+    std::vector<float> weight;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = v.ptr[i], m = v.ptr[i + 1] - b;
+      weight.resize(m);
+      for (int64_t t = 0; t < m; ++t)
+        weight[t] = static_cast<float>(std::exp(-static_cast<double>(keys[b + t])));
+      const float total = numpy_sum(weight.data(), m);
+      for (int64_t t = 0; t < m; ++t) v.val[b + t] = round_half(weight[t] / total);
+    }
+  }
 }
 
 // Query expansion: row i of the result is the float32 mean of V over row i's k2 nearest
@@ -511,6 +503,23 @@ Sparse transpose(const Sparse& v, int64_t n) {
   return t;
 }
 
+}  // namespace rerank_parts
+
+namespace {
+
+// V: row i weights its expanded k-reciprocal set by exp(-key), normalised, rounded to float16.
+Sparse build_v(const float* in, Layout layout, int64_t n, int kk, int k_half, const RowScale& s,
+               const std::vector<int32_t>& nbr) {
+  Sparse v = rerank_parts::expansion_sets(n, kk, k_half, nbr);
+  std::vector<float> keys(v.col.size());
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t e = v.ptr[i]; e < v.ptr[i + 1]; ++e)
+      keys[e] = s.key(i, entry(in, layout, n, i, v.col[e]));
+  rerank_parts::weigh_rows(v, keys.data());
+  return v;
+}
+
 // out[t] = jac_term[t] + key(d[t]) * dist_weight over a contiguous run. Two versions so the
 // compiler can vectorise both: in place (one pointer) and into a separate buffer.
 inline void combine_in_place(float* o, const float* jac_term, int64_t m, float lo, float range,
@@ -540,8 +549,8 @@ void k_reciprocal_cpu(const float* in, Layout in_layout, float* out, Layout out_
   const RowScale s = row_scale(in, in_layout, n);
   const std::vector<int32_t> nbr = nearest(in, in_layout, n, kk, s);
   Sparse v = build_v(in, in_layout, n, kk, k_half, s, nbr);
-  if (k2 != 1) v = expand_v(v, n, kk, k2, nbr);
-  const Sparse inverted = transpose(v, n);
+  if (k2 != 1) v = rerank_parts::expand_v(v, n, kk, k2, nbr);
+  const Sparse inverted = rerank_parts::transpose(v, n);
 
   const bool upper_only = out_layout == Layout::Condensed;
   const bool in_place = static_cast<const float*>(out) == in;

@@ -1,0 +1,250 @@
+// The sparse inter-camera round's native steps: see cpu/sparse_cpu.h. The Jaccard pairs follow
+// the dense re-ranking's float16 accumulation (cpu/rerank_cpu.cpp) step for step; the linkage is
+// the textbook priority-queue agglomeration (merge the closest pair, update its neighbours by
+// Lance-Williams) restricted to a graph, with model sums for pairs the graph does not hold. The
+// float16 steps round each operation on their own (round_half), so contraction cannot change them.
+#include "cpu/sparse_cpu.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "parallel.h"
+
+namespace iics {
+
+using rerank_parts::round_half;
+using rerank_parts::Sparse;
+
+namespace {
+
+constexpr int64_t kParallelMin = 4096;  // below this much work a loop stays on one thread
+
+// <a, b> over d floats, float64 accumulation in four lanes.
+inline double dot(const float* a, const float* b, int64_t d) {
+  double s[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t t = 0;
+  for (; t + 4 <= d; t += 4)
+    for (int u = 0; u < 4; ++u) s[u] += static_cast<double>(a[t + u]) * b[t + u];
+  for (; t < d; ++t) s[0] += static_cast<double>(a[t]) * b[t];
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+}  // namespace
+
+void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* val,
+                         const int32_t* ei, const int32_t* ej, int64_t edges, float* out,
+                         const int64_t* offsets, int blocks, const float* tail) {
+#pragma omp parallel if (edges >= kParallelMin)
+  {
+    std::vector<int64_t> kept_a(blocks), kept_b(blocks), kept_both(blocks);
+#pragma omp for schedule(dynamic, 1024)
+    for (int64_t e = 0; e < edges; ++e) {
+      int64_t p = ptr[ei[e]], pe = ptr[ei[e] + 1], q = ptr[ej[e]], qe = ptr[ej[e] + 1];
+      const float* ta = tail ? tail + static_cast<int64_t>(ei[e]) * blocks : nullptr;
+      const float* tb = tail ? tail + static_cast<int64_t>(ej[e]) * blocks : nullptr;
+      std::fill(kept_a.begin(), kept_a.end(), 0);
+      std::fill(kept_b.begin(), kept_b.end(), 0);
+      std::fill(kept_both.begin(), kept_both.end(), 0);
+      int blk = 0;  // the block of the column at hand (columns only grow)
+      auto block_of = [&](int32_t c) {
+        while (offsets[blk + 1] <= c) ++blk;
+        return blk;
+      };
+      double m = 0.0;
+      while (p < pe || q < qe) {  // merge of two ascending column lists
+        if (q >= qe || (p < pe && col[p] < col[q])) {
+          if (tail) {
+            const int b = block_of(col[p]);
+            ++kept_a[b];
+            m += std::min(val[p], tb[b]);
+          }
+          ++p;
+        } else if (p >= pe || col[q] < col[p]) {
+          if (tail) {
+            const int b = block_of(col[q]);
+            ++kept_b[b];
+            m += std::min(val[q], ta[b]);
+          }
+          ++q;
+        } else {
+          if (tail) {
+            const int b = block_of(col[p]);
+            ++kept_both[b];
+          }
+          m += std::min(val[p], val[q]);
+          ++p;
+          ++q;
+        }
+        if (!tail && (p >= pe || q >= qe)) break;  // nothing more to share
+      }
+      for (int b = 0; b < blocks; ++b) {
+        const int64_t both_dropped = (offsets[b + 1] - offsets[b]) - kept_a[b] - kept_b[b] -
+                                     kept_both[b];
+        m += static_cast<double>(both_dropped) * std::min(ta[b], tb[b]);
+      }
+      out[e] = static_cast<float>(m);
+    }
+  }
+}
+
+void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
+                   float* out) {
+#pragma omp parallel for schedule(static, 256) if (edges * d >= kParallelMin * 64)
+  for (int64_t e = 0; e < edges; ++e)
+    out[e] = static_cast<float>(dot(f + static_cast<int64_t>(ei[e]) * d, f + static_cast<int64_t>(ej[e]) * d, d));
+}
+
+JaccardPairs k_reciprocal_pairs_cpu(Sparse v, const float* keys, int64_t n, int kk, int k2,
+                                    const std::vector<int32_t>& nbr) {
+  rerank_parts::weigh_rows(v, keys);
+  if (k2 != 1) v = rerank_parts::expand_v(v, n, kk, k2, nbr);
+  const Sparse inverted = rerank_parts::transpose(v, n);
+  // One contiguous chunk of rows a thread, joined in row order.
+  const int chunks = max_threads();
+  std::vector<JaccardPairs> part(chunks);
+#pragma omp parallel for schedule(static, 1) if (n >= 1024)
+  for (int t = 0; t < chunks; ++t) {
+    std::vector<float> common(n, 0.0f);
+    std::vector<int32_t> touched;
+    JaccardPairs& out = part[t];
+    for (int64_t i = n * t / chunks; i < n * (t + 1) / chunks; ++i) {
+      // m[k] = sum over shared columns c (ascending) of min(V[i, c], V[k, c]), k > i, in
+      // float16 as the dense re-ranking accumulates it.
+      for (int64_t e = v.ptr[i]; e < v.ptr[i + 1]; ++e) {
+        const int32_t c = v.col[e];
+        const float vi = v.val[e];
+        const int32_t* rows = inverted.col.data() + inverted.ptr[c];
+        const int32_t* rows_end = inverted.col.data() + inverted.ptr[c + 1];
+        const int32_t* start = std::upper_bound(rows, rows_end, static_cast<int32_t>(i));
+        const float* vals = inverted.val.data() + (start - inverted.col.data());
+        for (const int32_t* k = start; k != rows_end; ++k, ++vals) {
+          float& acc = common[*k];
+          if (acc == 0.0f) touched.push_back(*k);
+          acc = round_half(acc + std::min(vi, *vals));
+        }
+      }
+      std::sort(touched.begin(), touched.end());
+      for (const int32_t k : touched) {
+        out.i.push_back(static_cast<int32_t>(i));
+        out.j.push_back(k);
+        out.m.push_back(common[k]);
+        common[k] = 0.0f;
+      }
+      touched.clear();
+    }
+  }
+  JaccardPairs all;
+  size_t total = 0;
+  for (const auto& p : part) total += p.i.size();
+  all.i.reserve(total);
+  all.j.reserve(total);
+  all.m.reserve(total);
+  for (auto& p : part) {
+    all.i.insert(all.i.end(), p.i.begin(), p.i.end());
+    all.j.insert(all.j.end(), p.j.begin(), p.j.end());
+    all.m.insert(all.m.end(), p.m.begin(), p.m.end());
+    JaccardPairs().i.swap(p.i);
+  }
+  return all;
+}
+
+// ----------------------------------------------------------------------------- linkage
+
+SparseLinkage::SparseLinkage(int64_t n, int64_t d, float* x, float* g, const double* u, double c0)
+    : n_(n), d_(d), x_(x), g_(g), symmetric_(g == x), c0_(c0), u_(u, u + n), size_(n, 1.0),
+      stamp_(n, 0), alive_(n, 1), adj_(n), live_(n) {}
+
+double SparseLinkage::sep(int32_t a, int32_t b) const {
+  const float* xa = x_ + static_cast<int64_t>(a) * d_;
+  const float* xb = x_ + static_cast<int64_t>(b) * d_;
+  const double na = size_[a], nb = size_[b];
+  double cross;
+  if (symmetric_) {
+    cross = dot(xa, xb, d_);
+  } else {
+    const float* ga = g_ + static_cast<int64_t>(a) * d_;
+    const float* gb = g_ + static_cast<int64_t>(b) * d_;
+    cross = 0.5 * (dot(ga, xb, d_) + dot(xa, gb, d_));
+  }
+  return na * nb * c0_ + 0.5 * (nb * u_[a] + na * u_[b]) - cross;
+}
+
+void SparseLinkage::push(int32_t a, int32_t b, double sum) {
+  if (a > b) std::swap(a, b);
+  heap_.push(Entry{sum / (size_[a] * size_[b]), a, b, stamp_[a], stamp_[b]});
+}
+
+void SparseLinkage::add_edges(const int32_t* a, const int32_t* b, const double* s, int64_t count) {
+  std::vector<double> model;
+  if (s == nullptr) {  // model sums of the new pairs, in parallel
+    model.resize(count);
+#pragma omp parallel for schedule(dynamic, 256) if (count * d_ >= kParallelMin * 64)
+    for (int64_t e = 0; e < count; ++e) model[e] = sep(a[e], b[e]);
+  }
+  for (int64_t e = 0; e < count; ++e) {
+    const int32_t p = a[e], q = b[e];
+    if (p == q || !alive_[p] || !alive_[q] || adj_[p].count(q)) continue;
+    const double sum = s ? s[e] : model[e];
+    adj_[p].emplace(q, sum);
+    adj_[q].emplace(p, sum);
+    push(p, q, sum);
+  }
+}
+
+void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
+  kept_.push_back(keep);
+  absorbed_.push_back(gone);
+  heights_.push_back(height);
+  auto& ak = adj_[keep];
+  auto& ag = adj_[gone];
+  ak.erase(gone);
+  ag.erase(keep);
+  // Pairs with a neighbour of one side only need the other side's model sum, taken before the
+  // sums of `keep` change.
+  std::vector<std::pair<int32_t, int32_t>> need;  // (neighbour, side whose model sum is needed)
+  for (const auto& kv : ak)
+    if (!ag.count(kv.first)) need.emplace_back(kv.first, gone);
+  for (const auto& kv : ag)
+    if (!ak.count(kv.first)) need.emplace_back(kv.first, keep);
+  std::vector<double> model(need.size());
+  const int64_t m = static_cast<int64_t>(need.size());
+#pragma omp parallel for schedule(static) if (m * d_ >= kParallelMin * 64)
+  for (int64_t t = 0; t < m; ++t) model[t] = sep(need[t].second, need[t].first);
+  for (const auto& kv : ag) ak[kv.first] += kv.second;  // inserts gone-only neighbours at 0 + sum
+  for (int64_t t = 0; t < m; ++t) ak[need[t].first] += model[t];
+  float* xk = x_ + static_cast<int64_t>(keep) * d_;
+  const float* xg = x_ + static_cast<int64_t>(gone) * d_;
+  for (int64_t t = 0; t < d_; ++t) xk[t] += xg[t];
+  if (!symmetric_) {
+    float* gk = g_ + static_cast<int64_t>(keep) * d_;
+    const float* gg = g_ + static_cast<int64_t>(gone) * d_;
+    for (int64_t t = 0; t < d_; ++t) gk[t] += gg[t];
+  }
+  u_[keep] += u_[gone];
+  size_[keep] += size_[gone];
+  ++stamp_[keep];
+  alive_[gone] = 0;
+  --live_;
+  std::unordered_map<int32_t, double>().swap(ag);
+  for (const auto& kv : ak) {
+    auto& ac = adj_[kv.first];
+    ac.erase(gone);
+    ac[keep] = kv.second;
+    push(keep, kv.first, kv.second);
+  }
+}
+
+int64_t SparseLinkage::run(int64_t target) {
+  while (live_ > target && !heap_.empty()) {
+    const Entry top = heap_.top();
+    heap_.pop();
+    if (!alive_[top.a] || !alive_[top.b] || stamp_[top.a] != top.stamp_a ||
+        stamp_[top.b] != top.stamp_b)
+      continue;  // superseded by a merge
+    const bool a_keeps = adj_[top.a].size() >= adj_[top.b].size();
+    merge(a_keeps ? top.a : top.b, a_keeps ? top.b : top.a, top.dist);
+  }
+  return live_;
+}
+
+}  // namespace iics

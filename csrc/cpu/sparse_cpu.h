@@ -1,0 +1,98 @@
+// The sparse inter-camera round's native steps (no Python here): sums of minima of sparse score
+// rows on an edge list, the k-reciprocal Jaccard from neighbour lists (no distance matrix), and
+// average linkage over a sparse graph of cluster-pair sums with the rest from cluster sums.
+#pragma once
+#include <cstdint>
+#include <queue>
+#include <unordered_map>
+#include <vector>
+
+#include "cpu/rerank_cpu.h"
+
+namespace iics {
+
+// out[e] = sum over shared columns c of min(val_i[c], val_j[c]) for e = (ei[e], ej[e]), rows of
+// the CSR (ptr, col ascending a row, val); float64 sums rounded to float32. With `tail`
+// (n x blocks: each row's dropped mass of a block spread evenly over the block's dropped
+// entries, block b = columns [offsets[b], offsets[b + 1])) an entry kept on one side only adds
+// min(kept value, the other side's tail) and the entries dropped on both sides add
+// min(tail_i, tail_j) each: an estimate of the full rows' sum, never above it by construction of
+// the bound (see iics_fast/sparse.py).
+void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* val,
+                         const int32_t* ei, const int32_t* ej, int64_t edges, float* out,
+                         const int64_t* offsets = nullptr, int blocks = 0,
+                         const float* tail = nullptr);
+
+// out[e] = <f[ei[e]], f[ej[e]]> over rows of the n x d float32 `f`, float64 sums rounded.
+void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
+                   float* out);
+
+// The pairs i < j whose query-expanded k-reciprocal rows share a column, with the float16 sum
+// of minima m the dense re-ranking accumulates for them (same order, same rounding).
+struct JaccardPairs {
+  std::vector<int32_t> i, j;
+  std::vector<float> m;
+};
+
+// v: expansion sets (rerank_parts::expansion_sets) with keys[e] the normalised distance of
+// entry e; weighs them, applies the query expansion over nbr's first k2 (n x kk) and returns the
+// sharing pairs.
+JaccardPairs k_reciprocal_pairs_cpu(rerank_parts::Sparse v, const float* keys, int64_t n, int kk,
+                                    int k2, const std::vector<int32_t>& nbr);
+
+// Average linkage on a sparse graph. A pair of clusters (A, B) is either an edge, holding the
+// exact sum of its pair values, or not, and then its sum is the separable model
+//   sep(A, B) = |A||B| c0 + (|B| U_A + |A| U_B) / 2 - (<G_A, X_B> + <X_A, G_B>) / 2
+// from per-cluster sums X (features), G (weighted features; G = X when `symmetric`) and U.
+// Merges the globally closest adjacent pair (height sum / (|A||B|), ties to the lower pair of
+// slots) until `target` clusters remain or no edge is left; a merged cluster keeps the slot of
+// the side with more neighbours, its sums to every neighbour of either side come from the two
+// sides' edge sums or sep (Lance-Williams for average linkage, exact for the model).
+class SparseLinkage {
+ public:
+  // x, g: n x d float32 sums, updated in place (g == x when symmetric); u: n float64.
+  SparseLinkage(int64_t n, int64_t d, float* x, float* g, const double* u, double c0);
+  // Adds edges (a[e], b[e]) between live slots with pair sums s[e] (or, with s == nullptr, the
+  // model sums sep); pairs already adjacent are left as they are.
+  void add_edges(const int32_t* a, const int32_t* b, const double* s, int64_t count);
+  // Merges until `target` live clusters or an empty queue; returns the live count.
+  int64_t run(int64_t target);
+  int64_t live() const { return live_; }
+  // Merge records: survivor slot, absorbed slot, height, in merge order.
+  const std::vector<int32_t>& kept() const { return kept_; }
+  const std::vector<int32_t>& absorbed() const { return absorbed_; }
+  const std::vector<double>& heights() const { return heights_; }
+  int64_t size(int64_t slot) const { return static_cast<int64_t>(size_[slot]); }
+  bool alive(int64_t slot) const { return alive_[slot] != 0; }
+
+ private:
+  struct Entry {
+    double dist;
+    int32_t a, b;
+    uint32_t stamp_a, stamp_b;
+    bool operator>(const Entry& o) const {
+      if (dist != o.dist) return dist > o.dist;
+      if (a != o.a) return a > o.a;
+      return b > o.b;
+    }
+  };
+  double sep(int32_t a, int32_t b) const;
+  void push(int32_t a, int32_t b, double sum);
+  void merge(int32_t keep, int32_t gone, double height);
+
+  int64_t n_, d_;
+  float* x_;
+  float* g_;
+  bool symmetric_;
+  double c0_;
+  std::vector<double> u_, size_;
+  std::vector<uint32_t> stamp_;
+  std::vector<uint8_t> alive_;
+  std::vector<std::unordered_map<int32_t, double>> adj_;
+  std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap_;
+  int64_t live_;
+  std::vector<int32_t> kept_, absorbed_;
+  std::vector<double> heights_;
+};
+
+}  // namespace iics

@@ -1,0 +1,205 @@
+// Python bindings of the sparse inter-camera round's native steps (cpu/sparse_cpu.h).
+// iics_fast/sparse.py validates arguments with user-facing messages; the checks here guard the
+// raw buffers.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu/sparse_cpu.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <class T>
+using Array = py::array_t<T, py::array::c_style>;
+
+template <class T>
+py::array_t<T> to_numpy(const std::vector<T>& v) {
+  py::array_t<T> a(static_cast<py::ssize_t>(v.size()));
+  std::copy(v.begin(), v.end(), a.mutable_data());
+  return a;
+}
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("sparse: " + what);
+}
+
+py::array_t<float> min_sums_py(const Array<int64_t>& ptr, const Array<int32_t>& col,
+                               const Array<float>& val, const Array<int32_t>& ei,
+                               const Array<int32_t>& ej, py::object offsets, py::object tail) {
+  require(col.size() == val.size(), "col and val differ in length");
+  require(ei.size() == ej.size(), "edge endpoint arrays differ in length");
+  const int64_t rows = ptr.size() - 1;
+  for (py::ssize_t e = 0; e < ei.size(); ++e)
+    require(ei.data()[e] >= 0 && ei.data()[e] < rows && ej.data()[e] >= 0 && ej.data()[e] < rows,
+            "edge endpoint outside the rows");
+  Array<int64_t> offs;
+  Array<float> tl;
+  int blocks = 0;
+  if (!tail.is_none()) {
+    offs = offsets.cast<Array<int64_t>>();
+    tl = tail.cast<Array<float>>();
+    blocks = static_cast<int>(offs.size()) - 1;
+    require(blocks >= 1 && tl.ndim() == 2 && tl.shape(0) == rows && tl.shape(1) == blocks,
+            "tail must be rows x blocks with blocks + 1 offsets");
+    for (py::ssize_t e = 0; e < col.size(); ++e)
+      require(col.data()[e] >= offs.data()[0] && col.data()[e] < offs.data()[blocks],
+              "a column outside the blocks");
+  }
+  py::array_t<float> out(ei.size());
+  float* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    iics::sparse_min_sums_cpu(ptr.data(), col.data(), val.data(), ei.data(), ej.data(),
+                              ei.size(), o, blocks ? offs.data() : nullptr, blocks,
+                              blocks ? tl.data() : nullptr);
+  }
+  return out;
+}
+
+py::array_t<float> pair_dots_py(const Array<float>& f, const Array<int32_t>& ei,
+                                const Array<int32_t>& ej) {
+  require(f.ndim() == 2, "f must be n x d");
+  require(ei.size() == ej.size(), "edge endpoint arrays differ in length");
+  const int64_t n = f.shape(0);
+  for (py::ssize_t e = 0; e < ei.size(); ++e)
+    require(ei.data()[e] >= 0 && ei.data()[e] < n && ej.data()[e] >= 0 && ej.data()[e] < n,
+            "edge endpoint outside the rows");
+  py::array_t<float> out(ei.size());
+  float* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    iics::pair_dots_cpu(f.data(), f.shape(1), ei.data(), ej.data(), ei.size(), o);
+  }
+  return out;
+}
+
+py::tuple expansion_sets_py(const Array<int32_t>& nbr, int k_half) {
+  require(nbr.ndim() == 2, "nbr must be n x kk");
+  const int64_t n = nbr.shape(0);
+  const int kk = static_cast<int>(nbr.shape(1));
+  require(k_half >= 1 && k_half <= kk, "need 1 <= k_half <= kk");
+  std::vector<int32_t> lists(nbr.data(), nbr.data() + nbr.size());
+  for (const int32_t x : lists) require(x >= 0 && x < n, "neighbour index outside 0..n-1");
+  iics::rerank_parts::Sparse v;
+  {
+    py::gil_scoped_release release;
+    v = iics::rerank_parts::expansion_sets(n, kk, k_half, lists);
+  }
+  return py::make_tuple(to_numpy(v.ptr), to_numpy(v.col));
+}
+
+py::tuple k_reciprocal_pairs_py(const Array<int64_t>& ptr, const Array<int32_t>& col,
+                                const Array<float>& keys, const Array<int32_t>& nbr, int k2) {
+  require(nbr.ndim() == 2, "nbr must be n x kk");
+  const int64_t n = nbr.shape(0);
+  const int kk = static_cast<int>(nbr.shape(1));
+  require(ptr.size() == n + 1 && col.size() == keys.size() && ptr.data()[n] == col.size(),
+          "expansion sets do not fit nbr");
+  require(k2 >= 1 && k2 <= kk, "need 1 <= k2 <= kk");
+  iics::rerank_parts::Sparse v;
+  v.ptr.assign(ptr.data(), ptr.data() + ptr.size());
+  v.col.assign(col.data(), col.data() + col.size());
+  std::vector<int32_t> lists(nbr.data(), nbr.data() + nbr.size());
+  iics::JaccardPairs pairs;
+  {
+    py::gil_scoped_release release;
+    pairs = iics::k_reciprocal_pairs_cpu(std::move(v), keys.data(), n, kk, k2, lists);
+  }
+  return py::make_tuple(to_numpy(pairs.i), to_numpy(pairs.j), to_numpy(pairs.m));
+}
+
+// Holds the sum arrays alive while the native linkage updates them.
+struct LinkagePy {
+  Array<float> x, g;
+  Array<double> u;
+  iics::SparseLinkage core;
+  LinkagePy(Array<float> x_, Array<float> g_, Array<double> u_, double c0)
+      : x(std::move(x_)), g(std::move(g_)), u(std::move(u_)),
+        core(x.shape(0), x.shape(1), x.mutable_data(),
+             g.is(x) ? x.mutable_data() : g.mutable_data(), u.data(), c0) {}
+};
+
+std::unique_ptr<LinkagePy> make_linkage(Array<float> x, Array<float> g, Array<double> u,
+                                        double c0) {
+  require(x.ndim() == 2 && g.ndim() == 2 && x.shape(0) == g.shape(0) &&
+              x.shape(1) == g.shape(1) && u.size() == x.shape(0),
+          "sums must be n x d (x, g) and n (u)");
+  require(x.writeable() && g.writeable(), "sum arrays must be writeable");
+  return std::make_unique<LinkagePy>(std::move(x), std::move(g), std::move(u), c0);
+}
+
+void add_edges_py(LinkagePy& l, const Array<int32_t>& a, const Array<int32_t>& b,
+                  py::object s) {
+  require(a.size() == b.size(), "edge endpoint arrays differ in length");
+  const int64_t n = l.x.shape(0);
+  for (py::ssize_t e = 0; e < a.size(); ++e)
+    require(a.data()[e] >= 0 && a.data()[e] < n && b.data()[e] >= 0 && b.data()[e] < n,
+            "edge endpoint outside the slots");
+  Array<double> sums;
+  const double* sp = nullptr;
+  if (!s.is_none()) {
+    sums = s.cast<Array<double>>();
+    require(sums.size() == a.size(), "pair sums differ in length from the edges");
+    sp = sums.data();
+  }
+  py::gil_scoped_release release;
+  l.core.add_edges(a.data(), b.data(), sp, a.size());
+}
+
+int64_t run_py(LinkagePy& l, int64_t target) {
+  py::gil_scoped_release release;
+  return l.core.run(target);
+}
+
+py::tuple merges_py(const LinkagePy& l) {
+  return py::make_tuple(to_numpy(l.core.kept()), to_numpy(l.core.absorbed()),
+                        to_numpy(l.core.heights()));
+}
+
+py::array_t<int32_t> live_slots_py(const LinkagePy& l) {
+  std::vector<int32_t> out;
+  for (int64_t s = 0; s < l.x.shape(0); ++s)
+    if (l.core.alive(s)) out.push_back(static_cast<int32_t>(s));
+  return to_numpy(out);
+}
+
+py::array_t<double> sizes_py(const LinkagePy& l, const Array<int32_t>& slots) {
+  py::array_t<double> out(slots.size());
+  for (py::ssize_t t = 0; t < slots.size(); ++t)
+    out.mutable_data()[t] = static_cast<double>(l.core.size(slots.data()[t]));
+  return out;
+}
+
+}  // namespace
+
+void bind_sparse(py::module_& m) {
+  m.def("sparse_min_sums", &min_sums_py, py::arg("ptr").noconvert(), py::arg("col").noconvert(),
+        py::arg("val").noconvert(), py::arg("ei").noconvert(), py::arg("ej").noconvert(),
+        py::arg("offsets") = py::none(), py::arg("tail") = py::none(),
+        "Sum of minima of CSR rows ei[e] and ej[e] (columns ascending a row), float32; with "
+        "block offsets and per-row block tails, the even-tail estimate of the full rows'.");
+  m.def("sparse_pair_dots", &pair_dots_py, py::arg("f").noconvert(), py::arg("ei").noconvert(),
+        py::arg("ej").noconvert(), "Inner products of rows ei[e] and ej[e] of f (float32).");
+  m.def("sparse_expansion_sets", &expansion_sets_py, py::arg("nbr").noconvert(),
+        py::arg("k_half"),
+        "Expanded k-reciprocal sets (ptr int64, col int32 ascending) of the n x kk lists.");
+  m.def("sparse_k_reciprocal_pairs", &k_reciprocal_pairs_py, py::arg("ptr").noconvert(),
+        py::arg("col").noconvert(), py::arg("keys").noconvert(), py::arg("nbr").noconvert(),
+        py::arg("k2"),
+        "Pairs i < j sharing a column of the weighted, query-expanded V and their float16 sum "
+        "of minima (i, j int32; m float32).");
+  py::class_<LinkagePy>(m, "SparseLinkage")
+      .def(py::init(&make_linkage), py::arg("x").noconvert(), py::arg("g").noconvert(),
+           py::arg("u").noconvert(), py::arg("c0"))
+      .def("add_edges", &add_edges_py, py::arg("a").noconvert(), py::arg("b").noconvert(),
+           py::arg("sums") = py::none())
+      .def("run", &run_py, py::arg("target"))
+      .def("merges", &merges_py)
+      .def("live_slots", &live_slots_py)
+      .def("sizes", &sizes_py, py::arg("slots").noconvert())
+      .def_property_readonly("live", [](const LinkagePy& l) { return l.core.live(); });
+}

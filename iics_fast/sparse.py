@@ -1,0 +1,775 @@
+"""The inter-camera round without an N x N matrix: O(N (k + d)) memory, for 10^5 to 10^6 images.
+
+The dense round (Eq. 5 -> k-reciprocal re-ranking -> average linkage, iics_fast.pipeline) stays
+the exact reference; this module computes the same average linkage from sparse pieces
+(docs/sparse.md has the derivations and measurements):
+
+1. **Sparse scores** (`ScoreSparsifier`, `sparse_scores`): per image and camera head, the
+   largest softmax entries until their mass reaches 1 - eps (at most `max_per_block`), the mass
+   each head dropped spread evenly over its dropped entries (`tail`), and a few evenly spaced
+   rows kept whole. Extraction feeds it batch by batch: the dense N x D matrix never exists.
+   With full row sums S_a, S_b and dropped masses r_a, r_b, the kept-only Jaccard J~ and the
+   even-tail estimate J^ (the round's) satisfy
+
+       0 <= J - J~ <= B,   |J - J^| <= B,   B = (S_a + S_b)(r_a + r_b) / max(S_a, S_b)^2
+
+   (`jaccard_error_bound`); B <= 4 eps when no head hit the cap (S = C, r <= C eps).
+2. **Candidate graph** (`knn`): each image's k nearest by cosine through faiss (flat, exact, up
+   to FLAT_MAX images; IVF above; faiss-gpu on CUDA where installed), symmetrised; Eq. 5 and the
+   re-ranking's sparse terms on its edges only.
+3. **Average linkage from sums** (`average_linkage`, the native SparseLinkage): a pair of
+   clusters joined by the graph holds the exact sum of its pair values; every other pair's sum is
+   a model made of per-cluster sums, exact for the cosine part
+   (sum over A x B of 1 - cos = |A||B| - <F_A, F_B>). The closest joined pair is merged
+   (priority queue, Lance-Williams sums) until k_inter clusters; if the graph runs out of edges
+   first, the live clusters get edges from a faiss search over their mean features.
+
+Exact and approximate, `similarity="cosine"` (Eq. 5, then average linkage):
+  exact    the cosine part of every cluster distance; Eq. 5 on every graph pair given J^.
+  approx.  J^ for J (bound above); off the graph, Eq. 5's Jaccard term is the mean Jaccard of
+           the two images' cameras (`camera_jaccard`, from the rows kept whole), carried by one
+           column a camera appended to the feature sums; merges follow graph edges only
+           (connectivity-constrained average linkage).
+`similarity="rerank"` (Eq. 5, k-reciprocal re-ranking: row min-max normalisation, upper triangle
+read, k1, k2, lambda; then average linkage), in addition:
+  exact    each row's k1 + 1 nearest by Eq. 5 distance and its minimum when the k-th cosine
+           neighbour is at least mu farther (rows failing this are counted in
+           info["rows_uncertified"]); the row maximum when the farthest search's last cosine
+           bounds it (info["rows_max_uncertified"]); from these lists the k-reciprocal sets, V,
+           the query expansion and the Jaccard distance of every pair sharing a column of V (the
+           dense path's float16 arithmetic, on its own native code); the re-ranked value of every
+           graph pair (graph = k-NN pairs and V-sharing pairs).
+  approx.  off the graph the Jaccard distance is exactly 1, and the normalised-distance part
+           lambda (d - min_i) / range_i with i = min(i, j) is taken with the mean of the two
+           rows' (min, range), which makes it a sum of per-cluster terms.
+With k = N - 1 and eps = 0 every pair is on the graph and nothing is approximated: the partition is
+the dense round's (tests/test_sparse.py; also to ARI on k-NN graphs).
+
+Several processes (torch.distributed): each rank searches, and evaluates Eq. 5 on, the edges of
+its contiguous block of rows (`distributed.shard_indices`); extraction sparsifies each rank's own
+rows (`gather_sparse_scores`). Rank 0 receives the edge and neighbour lists, runs the
+re-ranking's combinatorics and the linkage, and broadcasts the labels: equal to one process's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums", "jaccard_on_edges",
+           "jaccard_error_bound", "knn", "sparse_inter_round", "inter_round_dense_ref", "FLAT_MAX",
+           "dense_round_bytes", "choose_inter_mode", "sparse_scores_ref", "average_linkage_ref",
+           "gather_sparse_scores", "camera_jaccard"]
+
+FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
+FAR_FLAT_MAX = 8_192  # above this many the farthest-sample search (row max) uses an IVF index
+
+
+# ----------------------------------------------------------------------------- sparse scores
+
+
+@dataclass
+class SparseScores:
+    """CSR rows of truncated score vectors: row i is col/val[ptr[i]:ptr[i+1]] (columns ascending,
+    int32 / float32), with its full row sum `total` and the mass it dropped, `dropped`."""
+
+    ptr: np.ndarray
+    col: np.ndarray
+    val: np.ndarray
+    total: np.ndarray
+    dropped: np.ndarray
+    dims: tuple
+    sample_rows: np.ndarray = None  # rows kept whole, for the Jaccard background
+    sample_scores: np.ndarray = None
+    tail: np.ndarray = None  # (n, blocks): a block's dropped mass / its dropped entries
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Column offsets of the blocks (len(dims) + 1, int64)."""
+        return np.concatenate([[0], np.cumsum(self.dims)]).astype(np.int64)
+
+    @property
+    def n(self) -> int:
+        return len(self.ptr) - 1
+
+    def rows(self, start: int, stop: int) -> SparseScores:
+        """Rows [start, stop) as their own SparseScores."""
+        a, b = int(self.ptr[start]), int(self.ptr[stop])
+        keep = (self.sample_rows >= start) & (self.sample_rows < stop)
+        return SparseScores(self.ptr[start:stop + 1] - a, self.col[a:b], self.val[a:b],
+                            self.total[start:stop], self.dropped[start:stop], self.dims,
+                            self.sample_rows[keep] - start, self.sample_scores[keep], self.tail[start:stop])
+
+    @staticmethod
+    def concat(parts) -> SparseScores:
+        """Rows of several SparseScores one after another."""
+        parts = list(parts)
+        offsets = np.cumsum([0] + [int(p.ptr[-1]) for p in parts])
+        ptr = np.concatenate([np.zeros(1, np.int64)] + [p.ptr[1:] + o for p, o in zip(parts, offsets)])
+        rows = np.cumsum([0] + [p.n for p in parts])
+        return SparseScores(ptr, np.concatenate([p.col for p in parts]), np.concatenate([p.val for p in parts]),
+                            np.concatenate([p.total for p in parts]), np.concatenate([p.dropped for p in parts]),
+                            parts[0].dims, np.concatenate([p.sample_rows + r for p, r in zip(parts, rows)]),
+                            np.concatenate([p.sample_scores for p in parts]), np.concatenate([p.tail for p in parts]))
+
+    def dense(self) -> np.ndarray:
+        """The truncated rows as a dense (n, D) float32 array (tests)."""
+        out = np.zeros((self.n, sum(self.dims)), np.float32)
+        rows = np.repeat(np.arange(self.n), np.diff(self.ptr))
+        out[rows, self.col] = self.val
+        return out
+
+
+def sample_rows(n_total: int, sample: int) -> np.ndarray:
+    """The min(sample, n_total) evenly spaced rows floor(t * n_total / sample) kept whole."""
+    m = min(int(sample), int(n_total))
+    return (np.arange(m, dtype=np.int64) * int(n_total)) // max(m, 1)
+
+
+class ScoreSparsifier:
+    """Turns batches of concatenated per-head scores (b, sum(dims)) into SparseScores: in every
+    head's block, the largest entries until their sum reaches (1 - eps) x the block's sum, at most
+    max_per_block of them (None: no cap). Feed `add(batch)` in row order, then `finish()`.
+
+    The rows `sample_rows(n_total, sample)` are also kept whole: the round estimates from them the
+    mean Jaccard between cameras, which it uses for pairs off its graph. `offset`: the global
+    index of the first row fed here (a rank's share under several processes)."""
+
+    def __init__(self, dims, eps: float = 1e-3, max_per_block: int | None = 32, n_total: int | None = None,
+                 sample: int = 1024, offset: int = 0):
+        dims = tuple(int(k) for k in dims)
+        if not dims or min(dims) < 1:
+            raise ValueError(f"dims must list each head's class count (>= 1), got {dims}")
+        if not 0 <= eps < 1:
+            raise ValueError(f"eps must be in [0, 1), got {eps}")
+        if max_per_block is not None and max_per_block < 1:
+            raise ValueError(f"max_per_block must be >= 1 or None, got {max_per_block}")
+        if sample and n_total is None:
+            raise ValueError("give n_total (all images, all ranks) to keep the sampled rows, or sample=0")
+        self.dims, self.eps, self.cap = dims, float(eps), max_per_block
+        self._wanted = sample_rows(n_total, sample) if sample else np.zeros(0, np.int64)
+        self._next = int(offset)
+        self._parts = []
+
+    def add(self, batch) -> None:
+        s = torch.as_tensor(batch).float()
+        if s.ndim != 2 or s.shape[1] != sum(self.dims):
+            raise ValueError(f"a score batch must be (b, {sum(self.dims)}), got {tuple(s.shape)}")
+        if s.numel() and (not torch.isfinite(s).all() or s.min() < 0):
+            raise ValueError("scores must be finite and nonnegative (softmax outputs)")
+        first = self._next
+        self._next += s.shape[0]
+        picked = self._wanted[(self._wanted >= first) & (self._wanted < self._next)] - first
+        rows, cols, vals, tails = [], [], [], []
+        total = s.sum(1, dtype=torch.float64)
+        kept = torch.zeros(s.shape[0], dtype=torch.float64)
+        start = 0
+        for k in self.dims:
+            block = s[:, start:start + k]
+            width = k if self.cap is None else min(k, self.cap)
+            if width == k:
+                v, idx = torch.sort(block, dim=1, descending=True, stable=True)
+            else:  # the cap's top entries only (ties: the lower column first, as a stable sort)
+                v, idx = _stable_top(block, width)
+            csum = torch.cumsum(v.double(), 1)
+            block_total = block.sum(1, dtype=torch.float64)
+            target = (1.0 - self.eps) * block_total[:, None]
+            count = (csum < target).sum(1) + 1  # entries up to the first that reaches the target
+            count = count.clamp(max=width)
+            if self.eps == 0:
+                count = torch.full_like(count, width)
+            keep = torch.arange(width)[None, :] < count[:, None]
+            r, t = keep.nonzero(as_tuple=True)
+            rows.append(r)
+            cols.append(idx[r, t] + start)
+            vals.append(v[r, t])
+            block_kept = torch.where(keep, v.double(), torch.zeros((), dtype=torch.float64)).sum(1)
+            kept += block_kept
+            left = (k - count).double()
+            tails.append(torch.where(left > 0, (block_total - block_kept).clamp_min(0) / left.clamp_min(1), 0.0))
+            start += k
+        r, c, v = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+        order = torch.argsort(r * sum(self.dims) + c)  # row-major, columns ascending
+        ptr = torch.zeros(s.shape[0] + 1, dtype=torch.int64)
+        ptr[1:] = torch.cumsum(torch.bincount(r, minlength=s.shape[0]), 0)
+        tail = (torch.stack(tails, 1).float().numpy() if tails
+                else np.zeros((0, len(self.dims)), np.float32))
+        self._parts.append(SparseScores(
+            ptr.numpy(), c[order].to(torch.int32).numpy(), v[order].numpy(),
+            total.float().numpy(), (total - kept).clamp_min(0).float().numpy(),
+            self.dims, picked, s[torch.from_numpy(picked)].numpy(), tail))
+
+    def finish(self) -> SparseScores:
+        if not self._parts:
+            self.add(torch.zeros(0, sum(self.dims)))
+        out = SparseScores.concat(self._parts)
+        self._parts = []
+        return out
+
+
+def _stable_top(block, width):
+    """The `width` largest entries of each row, descending, ties to the lower column (the order
+    of a stable descending sort), without sorting whole rows."""
+    v, idx = torch.topk(block, width, dim=1, sorted=True)
+    last = v[:, -1:]
+    if bool(((block == last).sum(1) > (v == last).sum(1)).any()):
+        # a value tied at the cut has copies outside the topk: the stable sort decides
+        v, idx = torch.sort(block, dim=1, descending=True, stable=True)
+        return v[:, :width], idx[:, :width]
+    # topk leaves the order of equal values unspecified: columns ascending, then values
+    # descending, both stable
+    by_col = torch.argsort(idx, dim=1, stable=True)
+    v, idx = torch.gather(v, 1, by_col), torch.gather(idx, 1, by_col)
+    by_val = torch.argsort(-v, dim=1, stable=True)
+    return torch.gather(v, 1, by_val), torch.gather(idx, 1, by_val)
+
+
+def sparse_scores(scores, dims, eps: float = 1e-3, max_per_block: int | None = 32, batch: int = 4096,
+                  sample: int = 1024, n_total: int | None = None):
+    """SparseScores of a dense (N, D) score array, or of an iterable of row batches (then give
+    n_total for the sampled rows)."""
+    if n_total is None and isinstance(scores, (np.ndarray, torch.Tensor)):
+        n_total = len(scores)
+    sp = ScoreSparsifier(dims, eps, max_per_block, n_total, sample)
+    if isinstance(scores, (np.ndarray, torch.Tensor)):
+        for start in range(0, len(scores), batch):
+            sp.add(scores[start:start + batch])
+    else:
+        for b in scores:
+            sp.add(b)
+    return sp.finish()
+
+
+def _native():
+    from ._native import native
+    return native()
+
+
+def sparse_min_sums(sp: SparseScores, ei, ej, tail: bool = False) -> np.ndarray:
+    """sum_c min(a_c, b_c) of rows ei[e], ej[e] (float32): over the kept entries, or with
+    tail=True over rows whose dropped entries each hold their block's dropped mass evenly."""
+    ei = np.ascontiguousarray(ei, np.int32)
+    ej = np.ascontiguousarray(ej, np.int32)
+    extra = (sp.offsets, np.ascontiguousarray(sp.tail, np.float32)) if tail else (None, None)
+    return _native().sparse_min_sums(np.ascontiguousarray(sp.ptr, np.int64), sp.col, sp.val, ei, ej, *extra)
+
+
+def jaccard_on_edges(sp: SparseScores, ei, ej, tail: bool = True) -> np.ndarray:
+    """m / (S_a + S_b - m) with m = sparse_min_sums(sp, ei, ej, tail) and S the full row sums,
+    float32, 0 for two all-zero rows: J~ (tail=False, never above J) or the even-tail estimate
+    (tail=True, the round's choice); both lie within jaccard_error_bound of J."""
+    m = sparse_min_sums(sp, ei, ej, tail).astype(np.float64)
+    den = sp.total[ei].astype(np.float64) + sp.total[ej] - m
+    return np.where(den > 0, m / np.where(den > 0, den, 1), 0).astype(np.float32)
+
+
+def jaccard_error_bound(sp: SparseScores, ei, ej) -> np.ndarray:
+    """Upper bound on J - J~ for the pairs (ei, ej): (S_a + S_b)(r_a + r_b) / max(S_a, S_b)^2."""
+    sa, sb = sp.total[ei].astype(np.float64), sp.total[ej].astype(np.float64)
+    big = np.maximum(sa, sb)
+    r = sp.dropped[ei].astype(np.float64) + sp.dropped[ej]
+    return np.where(big > 0, (sa + sb) * r / np.where(big > 0, big, 1) ** 2, 0.0)
+
+
+# ----------------------------------------------------------------------------- candidate graph
+
+
+def _faiss_index(x: np.ndarray, index: str, device):
+    import faiss
+
+    n, d = x.shape
+    kind = index if index != "auto" else ("flat" if n <= FLAT_MAX else "ivf")
+    if kind == "flat":
+        idx = faiss.IndexFlatIP(d)
+    elif kind == "ivf":  # 2 sqrt(N) lists trained on 40 samples a list, 16 probed
+        nlist = max(1, int(2 * math.sqrt(n)))
+        quantizer = faiss.IndexFlatIP(d)
+        idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        sample = x[np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))]
+        idx.cp.seed = 0
+        idx.cp.niter = 10
+        idx.train(sample)
+        idx.nprobe = min(nlist, 16)
+    else:
+        raise ValueError(f"index must be 'auto', 'flat' or 'ivf', got {index!r}")
+    if device is not None and torch.device(device).type == "cuda" and hasattr(faiss, "StandardGpuResources"):
+        idx = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), torch.device(device).index or 0, idx)
+    idx.add(x)
+    return idx, kind
+
+
+def knn(features, k: int, rows=None, index: str = "auto", farthest: bool = False, device=None,
+        _built=None):
+    """The k nearest (largest cosine) or, with farthest=True, the k farthest (smallest cosine)
+    samples of rows [r0, r1) of L2-normalised float32 `features`, self included where it falls
+    in: (cos (m, k) float32, indices (m, k) int64), best first. Flat (exact) up to FLAT_MAX images,
+    IVF (approximate) above, or as `index` says."""
+    x = np.ascontiguousarray(features, np.float32)
+    r0, r1 = (0, len(x)) if rows is None else rows
+    idx, _ = _built if _built is not None else _faiss_index(x, index, device)
+    q = x[r0:r1]
+    k = min(k, len(x))
+    if farthest:
+        sims, ids = idx.search(np.ascontiguousarray(-q), k)
+        return -sims, ids
+    return idx.search(q, k)
+
+
+# ----------------------------------------------------------------------------- the round
+
+
+class _Timer:
+    """Wall time of the round's steps, recorded into its info dict."""
+
+    def __init__(self):
+        import time
+        self._clock = time.perf_counter
+        self._t = self._clock()
+
+    def lap(self, info, key):
+        now = self._clock()
+        info[key] = round(now - self._t, 3)
+        self._t = now
+
+
+def _normalise(features) -> np.ndarray:
+    f = torch.nn.functional.normalize(torch.as_tensor(features).float(), dim=1)
+    return np.ascontiguousarray(f.numpy())
+
+
+def _cross_jaccard(sp, camids, ei, ej):
+    """J~ on the pairs, 0 for pairs within one camera (Eq. 5 masks them) or without scores."""
+    out = np.zeros(len(ei), np.float32)
+    if sp is None or len(ei) == 0:
+        return out
+    cross = camids[ei] != camids[ej]
+    out[cross] = jaccard_on_edges(sp, ei[cross], ej[cross])
+    return out
+
+
+def _pair_cos(f, ei, ej):
+    """cos of the pairs (float32) of the normalised rows f."""
+    return _native().sparse_pair_dots(f, np.ascontiguousarray(ei, np.int32), np.ascontiguousarray(ej, np.int32))
+
+
+
+def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, device, built, far_built):
+    """One block of rows' share of the round: their k-NN edges with Eq. 5 on them and, for the
+    re-ranking, their candidate lists (the k_cand nearest by cosine) by Eq. 5 distance and the
+    row min / max."""
+    n = len(f)
+    kq = min(n, (max(k, k_cand) if rerank else k) + 1)
+    sims, ids = knn(f, kq, (r0, r1), index, device=device, _built=built)
+    own = ids == np.arange(r0, r1)[:, None]
+    before = np.cumsum(own, 1) - own  # self met earlier in the row
+    in_graph = (np.arange(kq)[None, :] - before < k).reshape(-1)
+    rows = np.repeat(np.arange(r0, r1), kq)
+    ids = ids.reshape(-1)
+    sims = sims.reshape(-1)
+    ok = (ids >= 0) & ~own.reshape(-1)
+    rows, ids, sims, in_graph = rows[ok], ids[ok], sims[ok], in_graph[ok]
+    ei, ej, cos = rows.astype(np.int32), ids.astype(np.int32), sims
+    d = (1.0 - cos - mu * _cross_jaccard(sp, camids, ei, ej)).astype(np.float32)
+    block = {"ei": ei[in_graph], "ej": ej[in_graph], "d": d[in_graph]}
+    if not rerank:
+        return block
+    m = r1 - r0
+    # candidates: self (distance 0) and the k-NN, ranked by Eq. 5 distance then index
+    cand_i = np.concatenate([np.arange(r0, r1, dtype=np.int32), ei])
+    cand_j = np.concatenate([np.arange(r0, r1, dtype=np.int32), ej])
+    cand_d = np.concatenate([np.zeros(m, np.float32), d])
+    order = np.lexsort((cand_j, cand_d, cand_i))
+    cand_i, cand_j, cand_d = cand_i[order], cand_j[order], cand_d[order]
+    starts = np.searchsorted(cand_i, np.arange(r0, r1))  # every row has self and k others
+    lo = np.minimum(0.0, np.minimum.reduceat(cand_d, starts))
+    # the smallest cosine among the candidates bounds every other image: d >= 1 - cos - mu
+    worst = np.full(m, np.inf, np.float32)
+    np.minimum.at(worst, rows - r0, sims)
+    block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=(1.0 - worst - mu).astype(np.float32))
+    # row max: the farthest by cosine, Eq. 5 on them; d <= 1 - cos for any pair
+    kf = min(n, k_far)
+    fs, fi = knn(f, kf, (r0, r1), farthest=True, device=device, _built=far_built)
+    frows = np.repeat(np.arange(r0, r1, dtype=np.int32), kf)
+    fi = fi.reshape(-1).astype(np.int32)
+    fs = fs.reshape(-1)
+    valid = fi >= 0
+    fd = np.full(len(fi), -np.inf, np.float32)
+    fd[valid] = 1.0 - fs[valid] - mu * _cross_jaccard(sp, camids, frows[valid], fi[valid])
+    hi = np.maximum(np.maximum(fd.reshape(m, kf).max(1), 0.0), np.maximum.reduceat(cand_d, starts))
+    far_cos = np.where(valid, fs, np.inf).reshape(m, kf).max(1)  # largest cosine searched
+    block.update(lo=lo.astype(np.float32), hi=hi.astype(np.float32),
+                 hi_exact=(hi >= 1.0 - far_cos) | (kf >= n))
+    return block
+
+
+def camera_jaccard(sp: SparseScores, camids) -> np.ndarray:
+    """(C x C) mean generalised Jaccard between the sampled rows of each pair of cameras (exact,
+    from the rows kept whole), indexed by the ranks of np.unique(camids); pairs of cameras
+    without two sampled rows take the mean over all cross-camera sampled pairs; diagonal 0."""
+    from .similarity import pairwise_jaccard
+
+    cams, inv = np.unique(camids, return_inverse=True)
+    out = np.zeros((len(cams), len(cams)))
+    if sp is None or sp.sample_rows is None or len(sp.sample_rows) < 2:
+        return out
+    rows = sp.sample_rows
+    J = pairwise_jaccard(torch.from_numpy(np.ascontiguousarray(sp.sample_scores))).numpy().astype(np.float64)
+    c = inv[rows]
+    one = np.eye(len(cams))[c]
+    pairs = one.T @ one - np.diag(np.bincount(c, minlength=len(cams)))  # ordered pairs, i != j
+    sums = one.T @ (J - np.diag(np.diag(J))) @ one
+    cross = c[:, None] != c[None, :]
+    fill = J[cross].mean() if cross.any() else 0.0
+    out = np.where(pairs > 0, sums / np.maximum(pairs, 1), fill)
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+def _gather_blocks(block):
+    """Every rank's block dict, concatenated in rank order, on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+
+    from . import distributed as D
+
+    if D.world_size() == 1:
+        return block
+    parts = [None] * D.world_size() if D.rank() == 0 else None
+    dist.gather_object(block, parts, dst=0)
+    if D.rank() != 0:
+        return None
+    return {key: np.concatenate([p[key] for p in parts]) for key in block}
+
+
+def _pairs_lookup(n, ei, ej, values):
+    """Sorted keys i * n + j of the directed pairs and their values, for searchsorted lookups."""
+    key = ei.astype(np.int64) * n + ej
+    order = np.argsort(key, kind="stable")
+    return key[order], values[order]
+
+
+def _lookup(keys, values, n, qi, qj):
+    """values of the pairs (qi, qj) in the lookup, and a mask of those found."""
+    q = qi.astype(np.int64) * n + qj
+    pos = np.clip(np.searchsorted(keys, q), 0, max(len(keys) - 1, 0))
+    found = (keys[pos] == q) if len(keys) else np.zeros(len(q), bool)
+    return values[pos] if len(keys) else np.zeros(len(q), values.dtype), found
+
+
+def _undirected(ei, ej, values):
+    """Unique pairs i < j (the first value met for a pair)."""
+    a, b = np.minimum(ei, ej), np.maximum(ei, ej)
+    key = a.astype(np.int64) * (int(max(b.max(initial=0), 0)) + 1) + b
+    _, first = np.unique(key, return_index=True)
+    return a[first], b[first], values[first]
+
+
+def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
+    """The re-ranked value of every graph pair i < j (k-NN edges and pairs sharing a V column),
+    and the per-row (min, range) of the normalisation."""
+    C = _native()
+    lo, hi = blk["lo"], blk["hi"]
+    rng_ = hi - lo
+    rng_ = np.where(rng_ > 0, rng_, np.float32(1)).astype(np.float32)
+    kk = min(k1 + 1, n)
+    # each row's kk nearest by (key, index); key is monotone in d, so rank by d
+    ci, cj, cd = blk["cand_i"], blk["cand_j"], blk["cand_d"]
+    starts = np.searchsorted(ci, np.arange(n))
+    counts = np.diff(np.append(starts, len(ci)))
+    if counts.min() < kk:
+        raise ValueError(f"k = {counts.min() - 1} neighbours are fewer than k1 + 1 = {kk}; raise k")
+    sel = (starts[:, None] + np.arange(kk)[None, :]).reshape(-1)
+    nbr = np.ascontiguousarray(cj[sel].reshape(n, kk), np.int32)
+    certified = (cd[sel].reshape(n, kk)[:, -1] <= blk["bound"])
+    from .rerank import _expansion_width
+    ptr, col = C.sparse_expansion_sets(nbr, min(_expansion_width(k1), kk))
+    rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(ptr))
+    keys_d, keys_v = _pairs_lookup(n, ci, cj, cd)
+    dval, found = _lookup(keys_d, keys_v, n, rows, col)
+    if (~found).any():  # expansion members outside the candidate list: Eq. 5 computed here
+        mi, mj = rows[~found], col[~found]
+        dval[~found] = 1.0 - _pair_cos(f, mi, mj) - mu * _cross_jaccard(sp, camids, mi, mj)
+    keys = ((dval - lo[rows]) / rng_[rows]).astype(np.float32)
+    pi, pj, m = C.sparse_k_reciprocal_pairs(ptr, col, np.ascontiguousarray(keys), nbr, min(k2, kk))
+    m16 = m.astype(np.float16)
+    jac = (np.float16(1) - m16 / (np.float16(2) - m16)).astype(np.float16)
+    jac[jac < 0] = 0
+    w16 = np.float16(1 - lam)
+    jt = (jac * w16).astype(np.float32)
+    # graph pairs: k-NN edges (undirected) and the sharing pairs
+    ei, ej, _ = _undirected(blk["ei"], blk["ej"], blk["d"])
+    gi = np.concatenate([ei, pi])
+    gj = np.concatenate([ej, pj])
+    gk = gi.astype(np.int64) * n + gj
+    uniq, first = np.unique(gk, return_index=True)
+    gi, gj = gi[first], gj[first]
+    jt_all = np.full(len(gi), np.float32(w16), np.float32)
+    pk = pi.astype(np.int64) * n + pj
+    jt_all[np.searchsorted(uniq, pk)] = jt
+    dg, found = _lookup(keys_d, keys_v, n, gi, gj)
+    d2, found2 = _lookup(keys_d, keys_v, n, gj, gi)
+    dg = np.where(found, dg, d2)
+    miss = ~(found | found2)
+    if miss.any():
+        mi, mj = gi[miss], gj[miss]
+        dg[miss] = 1.0 - _pair_cos(f, mi, mj) - mu * _cross_jaccard(sp, camids, mi, mj)
+    value = jt_all + ((dg - lo[gi]) / rng_[gi]) * np.float32(lam)
+    info = {"rows_uncertified": int((~certified).sum()), "rows_max_uncertified": int((~blk["hi_exact"]).sum()),
+            "jaccard_pairs": int(len(pi))}
+    return gi, gj, value.astype(np.float64), lo, rng_, float(w16), info
+
+
+def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None, background=None,
+                    fallback_k=16):
+    """Average linkage of the N samples into k_inter clusters from the graph pairs (gi, gj) with
+    their exact pair values and, for every other pair, the model
+        c0 + (u_i + u_j) / 2 - (b_i + b_j) / 2 (cos(i, j) + background[cams_i, cams_j])
+    (b = u = 1, c0 = 0, no background: 1 - cos). The background term is carried by one column a
+    camera appended to the feature sums. Returns (labels numbered by first appearance, info)."""
+    n, d0 = f.shape
+    b = np.ones(n) if b is None else np.asarray(b, np.float64)
+    u = np.ones(n) if u is None else np.asarray(u, np.float64)
+    if background is not None and np.any(background):
+        hot = np.eye(background.shape[0], dtype=np.float32)[cams]
+        x = np.ascontiguousarray(np.concatenate([f, hot], 1), np.float32)
+        g = np.concatenate([f, background.astype(np.float32)[cams]], 1)
+        g = np.ascontiguousarray(g * b[:, None].astype(np.float32))
+    else:
+        x = np.array(f, np.float32, copy=True)
+        g = x if np.all(b == 1) else np.ascontiguousarray(x * b[:, None].astype(np.float32))
+    link = _native().SparseLinkage(x, g, np.ascontiguousarray(u), float(c0))
+    link.add_edges(np.ascontiguousarray(gi, np.int32), np.ascontiguousarray(gj, np.int32),
+                   np.ascontiguousarray(value, np.float64))
+    fallbacks = 0
+    while link.run(k_inter) > k_inter:
+        fallbacks += 1
+        live = link.live_slots()
+        if len(live) <= 2048:  # every pair of the few clusters left
+            a, bb = np.triu_indices(len(live), 1)
+        else:  # the nearest clusters by mean feature
+            means = x[live, :d0] / link.sizes(live)[:, None].astype(np.float32)
+            means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+            _, nb = knn(means, min(len(live), fallback_k + 1))
+            a = np.repeat(np.arange(len(live)), nb.shape[1])
+            bb = nb.reshape(-1)
+            keep = (bb >= 0) & (bb != a)
+            a, bb = a[keep], bb[keep]
+        link.add_edges(np.ascontiguousarray(live[a], np.int32), np.ascontiguousarray(live[bb], np.int32))
+    kept, absorbed, heights = link.merges()
+    parent = np.arange(n)
+    parent[absorbed] = kept
+    root = parent.copy()
+    while True:  # pointer jumping to the surviving slot
+        nxt = parent[root]
+        if np.array_equal(nxt, root):
+            break
+        root = nxt
+    _, first, inv = np.unique(root, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inv], {"fallbacks": fallbacks, "merges": len(kept)}
+
+
+def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity="rerank", k=32,
+                       k_candidates=128, k1=20, k2=6, lambda_value=0.3, k_far=16, index="auto", device=None):
+    """One inter-camera clustering round without an N x N matrix (see the module docstring for
+    what is exact and what is approximated).
+
+    features: (N, d) float array (normalised here); scores: SparseScores (or None: features
+    alone, the "feature" ablation); camids: (N,) ints; k_inter: clusters wanted; mu: Eq. 5's
+    weight; similarity: "cosine" (Eq. 5 then average linkage) or "rerank" (Eq. 5, k-reciprocal
+    re-ranking with k1, k2, lambda_value, then average linkage); k: neighbours a row in the
+    candidate graph (N - 1 or more: the complete graph, exact); k_candidates: nearest by cosine
+    among which the re-ranking ranks each row by Eq. 5 distance; k_far: farthest samples searched
+    a row for the re-ranking's row max; index: "auto" | "flat" | "ivf"; device: faiss-gpu device.
+    Under torch.distributed every rank passes the same full inputs and gets the labels.
+    Returns (labels (N,) int64 numbered by first appearance, info dict).
+    """
+    from . import distributed as D
+
+    if similarity not in ("cosine", "rerank"):
+        raise ValueError(f"similarity must be 'cosine' or 'rerank', got {similarity!r}")
+    f = _normalise(features)
+    camids = np.asarray(camids, np.int64)
+    n = len(f)
+    if len(camids) != n or (scores is not None and scores.n != n):
+        raise ValueError(f"features ({n}), scores ({None if scores is None else scores.n}) and camids "
+                         f"({len(camids)}) must have one row per image")
+    if not 1 <= k_inter <= n:
+        raise ValueError(f"k_inter = {k_inter} is outside 1..N = {n}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    rerank = similarity == "rerank"
+    if rerank and min(max(k, k_candidates), n - 1) + 1 < min(k1 + 1, n):
+        raise ValueError(f"the re-ranking reads k1 + 1 = {k1 + 1} neighbours a row but k = {k} and "
+                         f"k_candidates = {k_candidates}; use k_candidates >= k1")
+    k = min(k, n - 1) if n > 1 else 0
+    k_candidates = min(k_candidates, n - 1) if n > 1 else 0
+    info = {"N": n, "k": k, "k_candidates": k_candidates if rerank else None, "similarity": similarity}
+    if n == 1:
+        return np.zeros(1, np.int64), info
+    part = D.shard_indices(n, D.rank(), D.world_size())
+    timer = _Timer()
+    built = _faiss_index(f, index, device)
+    far_built = None
+    if rerank:
+        far_built = built if built[1] == "ivf" or index == "flat" or n <= FAR_FLAT_MAX \
+            else _faiss_index(f, "ivf", device)
+    info.update(index=built[1], far_index=None if far_built is None else far_built[1])
+    blk = _row_block(f, scores, camids, float(mu), k, k_candidates, part.start, part.stop, rerank, k_far, index,
+                     device, built, far_built)
+    del built, far_built
+    timer.lap(info, "time_graph_s")
+    blk = _gather_blocks(blk)
+    labels = None
+    if blk is not None:
+        cams = np.unique(camids, return_inverse=True)[1]
+        background = float(mu) * camera_jaccard(scores, camids) if scores is not None else None
+        if rerank:
+            gi, gj, value, lo, rng_, c0, extra = _rerank_edges(f, scores, camids, float(mu), blk, n, k1, k2,
+                                                               float(lambda_value))
+            info.update(extra)
+            timer.lap(info, "time_rerank_s")
+            lam = np.float64(lambda_value)
+            b = lam / rng_.astype(np.float64)
+            u = lam * (1.0 - lo.astype(np.float64)) / rng_.astype(np.float64)
+            labels, extra = average_linkage(f, gi, gj, value, k_inter, b=b, u=u, c0=c0, cams=cams,
+                                            background=background)
+        else:
+            gi, gj, value = _undirected(blk["ei"], blk["ej"], blk["d"])
+            labels, extra = average_linkage(f, gi, gj, value.astype(np.float64), k_inter, cams=cams,
+                                            background=background)
+        info.update(extra, graph_pairs=int(len(gi)))
+        timer.lap(info, "time_linkage_s")
+    if D.world_size() > 1:
+        labels, info = D.broadcast_object((labels, info), src=0)
+    return labels, info
+
+
+# ----------------------------------------------------------------------------- references, choice
+
+
+def inter_round_dense_ref(features, scores, camids, k_inter, mu=0.02, *, similarity="rerank", k1=20, k2=6,
+                          lambda_value=0.3):
+    """The dense round the sparse one is held to: Eq. 5 (condensed), the re-ranking in place
+    (similarity="rerank"), average linkage into k_inter. scores: dense (N, D) or None."""
+    from .cluster import agglomerative
+    from .rerank import k_reciprocal
+    from .similarity import inter_camera_distance
+
+    mode = "eq5" if scores is not None else "feature"
+    d = inter_camera_distance(features, scores, camids, mu, out="condensed", mode=mode).numpy()
+    if similarity == "rerank":
+        k_reciprocal(d, k1=k1, k2=k2, lambda_value=lambda_value, out=d)
+    return np.asarray(agglomerative(d, n_clusters=k_inter, inplace=True))
+
+
+def sparse_scores_ref(scores, dims, eps: float, max_per_block: int | None = None):
+    """Row-by-row, block-by-block transcription of ScoreSparsifier (no sampled rows):
+    SparseScores of a dense float32 array."""
+    scores = np.asarray(scores, np.float32)
+    ptr, cols, vals, dropped, tails = [0], [], [], [], []
+    for row in scores:
+        kept_cols, start = [], 0
+        for k in dims:
+            block = row[start:start + k].astype(np.float64)
+            order = np.argsort(-block, kind="stable")
+            total, acc, taken = block.sum(), 0.0, 0
+            limit = k if max_per_block is None else min(k, max_per_block)
+            while taken < limit and (eps == 0 or taken == 0 or acc < (1 - eps) * total):
+                acc += block[order[taken]]
+                taken += 1
+            kept_cols += [start + int(c) for c in order[:taken]]
+            tails.append(max(0.0, total - block[order[:taken]].sum()) / (k - taken) if taken < k else 0.0)
+            start += k
+        kept_cols.sort()
+        cols += kept_cols
+        vals += [row[c] for c in kept_cols]
+        dropped.append(max(0.0, float(row.astype(np.float64).sum() - row[kept_cols].astype(np.float64).sum())))
+        ptr.append(len(cols))
+    return SparseScores(np.array(ptr, np.int64), np.array(cols, np.int32), np.array(vals, np.float32),
+                        scores.sum(1, dtype=np.float64).astype(np.float32), np.array(dropped, np.float32),
+                        tuple(dims), np.zeros(0, np.int64), np.zeros((0, scores.shape[1]), np.float32),
+                        np.array(tails, np.float32).reshape(len(scores), len(dims)))
+
+
+def average_linkage_ref(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None, background=None):
+    """Plain O(N^3) transcription of average_linkage without its fallback: the model matrix for
+    every pair, the graph pairs' values over it, then repeatedly the closest pair of live
+    clusters joined by a graph pair is merged (sums added, adjacency united)."""
+    f = np.asarray(f, np.float64)
+    n = len(f)
+    b = np.ones(n) if b is None else np.asarray(b, np.float64)
+    u = np.ones(n) if u is None else np.asarray(u, np.float64)
+    cos = f @ f.T
+    if background is not None:
+        cos = cos + np.asarray(background)[np.ix_(cams, cams)]
+    pair = c0 + (u[:, None] + u[None, :]) / 2 - (b[:, None] + b[None, :]) / 2 * cos
+    pair[gi, gj] = value
+    pair[gj, gi] = value
+    adj = np.zeros((n, n), bool)
+    adj[gi, gj] = adj[gj, gi] = True
+    members = [[i] for i in range(n)]
+    live = list(range(n))
+    while len(live) > k_inter:
+        best = None
+        for x in range(len(live)):
+            for y in range(x + 1, len(live)):
+                a, c = live[x], live[y]
+                if adj[a, c]:
+                    dist = pair[np.ix_(members[a], members[c])].sum() / (len(members[a]) * len(members[c]))
+                    if best is None or dist < best[0]:
+                        best = (dist, a, c)
+        if best is None:
+            raise ValueError("the graph has no edge left between live clusters")
+        _, a, c = best
+        members[a] += members[c]
+        adj[a] |= adj[c]
+        adj[:, a] |= adj[:, c]
+        adj[a, a] = False
+        live.remove(c)
+    labels = np.empty(n, np.int64)
+    for i, a in enumerate(live):
+        labels[members[a]] = i
+    _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inv]
+
+
+def gather_sparse_scores(part: SparseScores) -> SparseScores:
+    """Every rank's rows (its extraction share, in rank order) on every rank."""
+    from . import distributed as D
+
+    if D.world_size() == 1:
+        return part
+    return SparseScores.concat(D.all_gather_object(part))
+
+
+def dense_round_bytes(n: int, dim: int, d_scores: int) -> int:
+    """Bytes of the dense inter-camera round's largest arrays, as the trainer's memory check
+    counts them: the condensed float32 distance beside the features and scores (twice: the
+    gathered copies and the device copies)."""
+    return 4 * (n * (n - 1) // 2) + 8 * n * (dim + d_scores)
+
+
+def choose_inter_mode(mode: str, n: int, dim: int, d_scores: int, available: int | None = None, log=print):
+    """'dense' or 'sparse' for --inter-mode: as given, or for 'auto' sparse exactly when
+    dense_round_bytes exceeds the memory available (iics_fast.memory.available, or `available`
+    bytes), saying which and why through `log`."""
+    if mode not in ("dense", "sparse", "auto"):
+        raise ValueError(f"--inter-mode must be dense, sparse or auto, got {mode!r}")
+    if mode != "auto":
+        return mode
+    source = "given"
+    if available is None:
+        from .memory import available as measure
+        available, source = measure()
+    need = dense_round_bytes(n, dim, d_scores)
+    chosen = "dense" if available is None or need <= available else "sparse"
+    have = "unknown" if available is None else f"{available / 2**30:.1f} GiB ({source})"
+    log(f"--inter-mode auto: the dense inter-camera round needs {need / 2**30:.1f} GiB, available "
+        f"{have}: {chosen} round")
+    return chosen

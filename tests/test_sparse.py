@@ -1,0 +1,314 @@
+"""iics_fast.sparse: the inter-camera round without an N x N matrix, held to the dense round.
+
+Sparse scores against their row-by-row reference and the stated Jaccard bound; the native
+sums, pair products and graph linkage against plain NumPy references; the whole round on the
+complete graph (k = N - 1, eps = 0) equal to the dense round's partition in both similarities,
+and on a k-NN graph within ARI of it; two gloo processes equal to one."""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from iics_fast import sparse as S
+
+
+def _softmax_blocks(rng, n, dims, temperature):
+    out = []
+    for k in dims:
+        z = rng.standard_normal((n, k)) * temperature
+        z = np.exp(z - z.max(1, keepdims=True))
+        out.append(z / z.sum(1, keepdims=True))
+    return np.concatenate(out, 1).astype(np.float32)
+
+
+def _problem(rng, n, cams, d=24, ids=None):
+    """Features of identities seen by several cameras, and peaked per-camera scores."""
+    ids = ids or max(2, n // 6)
+    who = rng.integers(0, ids, n)
+    cam = rng.integers(0, cams, n)
+    centres = rng.standard_normal((ids, d))
+    f = centres[who] + 0.6 * rng.standard_normal((n, d)) + 0.3 * rng.standard_normal((cams, d))[cam]
+    dims = [int(rng.integers(3, 9)) for _ in range(cams)]
+    heads = [rng.standard_normal((k, d)) for k in dims]
+    logits = [3.0 * (f / np.linalg.norm(f, axis=1, keepdims=True)) @ h.T for h in heads]
+    expz = [np.exp(z - z.max(1, keepdims=True)) for z in logits]
+    scores = np.concatenate([e / e.sum(1, keepdims=True) for e in expz], 1)
+    return f.astype(np.float32), scores.astype(np.float32), cam, dims
+
+
+# ----------------------------------------------------------------------------- sparse scores
+
+
+@pytest.mark.parametrize("eps,cap", [(0.0, None), (1e-3, None), (0.1, None), (0.05, 2), (0.3, 1)])
+def test_sparsifier_matches_reference(rng, eps, cap):
+    dims = [1, 5, 12, 7]
+    s = _softmax_blocks(rng, 37, dims, 2.0)
+    s[3, 1:6] = 0.2  # ties inside a block
+    got = S.sparse_scores(s, dims, eps=eps, max_per_block=cap, batch=10)
+    ref = S.sparse_scores_ref(s, dims, eps, cap)
+    np.testing.assert_array_equal(got.ptr, ref.ptr)
+    np.testing.assert_array_equal(got.col, ref.col)
+    np.testing.assert_array_equal(got.val, ref.val)
+    np.testing.assert_allclose(got.dropped, ref.dropped, atol=1e-6)
+    if cap is None:  # every block keeps at least 1 - eps of its mass
+        dense, start = got.dense(), 0
+        for k in dims:
+            assert (dense[:, start:start + k].sum(1) >= (1 - eps) * s[:, start:start + k].sum(1) - 1e-6).all()
+            start += k
+
+
+def test_sparsifier_rows_and_samples_survive_batching(rng):
+    dims = [4, 6]
+    s = _softmax_blocks(rng, 50, dims, 1.0)
+    whole = S.sparse_scores(s, dims, sample=7)
+    parts = S.SparseScores.concat([S.sparse_scores(s[:20], dims, sample=7, n_total=50),
+                                   _offset_part(s[20:], dims, 20, 50)])
+    for a, b in ((whole, parts), (whole.rows(0, 50), whole)):
+        for key in ("ptr", "col", "val", "sample_rows", "sample_scores"):
+            np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
+    np.testing.assert_array_equal(whole.sample_rows, S.sample_rows(50, 7))
+    np.testing.assert_array_equal(whole.sample_scores, s[S.sample_rows(50, 7)])
+
+
+def _offset_part(s, dims, offset, n_total):
+    sp = S.ScoreSparsifier(dims, 1e-3, 32, n_total=n_total, sample=7, offset=offset)
+    sp.add(s)
+    return sp.finish()
+
+
+@pytest.mark.parametrize("eps,cap", [(0.01, None), (0.1, None), (0.2, 3), (0.0, 2)])
+def test_jaccard_error_within_bound(rng, eps, cap):
+    dims = [9, 14, 6]
+    s = _softmax_blocks(rng, 60, dims, 1.5)
+    sp = S.sparse_scores(s, dims, eps=eps, max_per_block=cap)
+    ei, ej = np.triu_indices(60, 1)
+    dense = torch.from_numpy(s).double()
+    m = torch.minimum(dense[ei], dense[ej]).sum(1).numpy()
+    exact = m / (dense.sum(1).numpy()[ei] + dense.sum(1).numpy()[ej] - m)
+    kept = S.jaccard_on_edges(sp, ei, ej, tail=False)
+    even = S.jaccard_on_edges(sp, ei, ej, tail=True)
+    bound = S.jaccard_error_bound(sp, ei, ej)
+    assert (exact - kept >= -1e-6).all()  # J~ never above J
+    assert (exact - kept <= bound + 1e-6).all()
+    assert (np.abs(exact - even) <= bound + 1e-6).all()
+    assert (exact - kept).max() > 0  # the truncation did drop something
+    if cap is None:
+        assert bound.max() <= 4 * eps + 1e-6
+    else:  # flat blocks cut hard: spreading the dropped mass evenly is the better estimate
+        assert np.abs(exact - even).mean() < np.abs(exact - kept).mean()
+
+
+def test_even_tail_sums_against_dense(rng):
+    dims = [5, 8, 1]
+    s = _softmax_blocks(rng, 30, dims, 0.7)
+    sp = S.sparse_scores(s, dims, eps=0.2, max_per_block=3)
+    est, start = sp.dense(), 0
+    for b, k in enumerate(dims):  # every dropped entry holds its block's tail level
+        block = est[:, start:start + k]
+        block[block == 0] = np.repeat(sp.tail[:, b:b + 1], k, 1)[block == 0]
+        start += k
+    ei, ej = rng.integers(0, 30, 200), rng.integers(0, 30, 200)
+    np.testing.assert_allclose(S.sparse_min_sums(sp, ei, ej, tail=True),
+                               np.minimum(est[ei], est[ej]).sum(1), rtol=1e-5)
+    ref = S.sparse_scores_ref(s, dims, 0.2, 3)
+    np.testing.assert_allclose(sp.tail, ref.tail, rtol=1e-6, atol=1e-7)
+
+
+def test_min_sums_against_dense(rng):
+    dims = [5, 8]
+    s = _softmax_blocks(rng, 30, dims, 3.0)
+    sp = S.sparse_scores(s, dims, eps=0.05)
+    trunc = sp.dense()
+    ei, ej = rng.integers(0, 30, 200), rng.integers(0, 30, 200)
+    np.testing.assert_allclose(S.sparse_min_sums(sp, ei, ej), np.minimum(trunc[ei], trunc[ej]).sum(1), rtol=1e-6)
+
+
+def test_sparsifier_rejects_bad_input():
+    with pytest.raises(ValueError, match="eps"):
+        S.ScoreSparsifier([3], eps=1.0, n_total=3)
+    with pytest.raises(ValueError, match="n_total"):
+        S.ScoreSparsifier([3])
+    sp = S.ScoreSparsifier([3], sample=0)
+    with pytest.raises(ValueError, match=r"\(b, 3\)"):
+        sp.add(np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="nonnegative"):
+        sp.add(-np.ones((2, 3), np.float32))
+
+
+# ----------------------------------------------------------------------------- linkage
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_graph_linkage_matches_reference(rng, weighted):
+    n, cams = 40, 3
+    f = rng.standard_normal((n, 6)).astype(np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    cam = rng.integers(0, cams, n)
+    ei, ej = np.triu_indices(n, 1)
+    pick = rng.random(len(ei)) < 0.25
+    pick[np.arange(n - 1) * (2 * n - np.arange(n - 1) - 1) // 2] = True  # a path 0-1-...-(n-1)
+    gi, gj = ei[pick].astype(np.int32), ej[pick].astype(np.int32)
+    value = rng.random(len(gi)) + 0.5
+    kw = {}
+    if weighted:
+        bg = rng.random((cams, cams)) * 0.05
+        bg = (bg + bg.T) / 2
+        np.fill_diagonal(bg, 0)
+        kw = dict(b=rng.random(n) + 0.5, u=rng.random(n), c0=0.7, cams=cam, background=bg)
+    for k in (1, 5, 17, n):
+        got, _ = S.average_linkage(f, gi, gj, value, k, **kw)
+        np.testing.assert_array_equal(got, S.average_linkage_ref(f, gi, gj, value, k, **kw))
+
+
+def test_linkage_falls_back_when_the_graph_runs_out(rng):
+    f = rng.standard_normal((30, 5)).astype(np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    gi, gj = np.array([0, 2], np.int32), np.array([1, 3], np.int32)  # two edges only
+    labels, info = S.average_linkage(f, gi, gj, np.array([0.1, 0.2]), 4)
+    assert len(np.unique(labels)) == 4 and info["fallbacks"] >= 1
+
+
+# ----------------------------------------------------------------------------- the round
+
+
+def _ari(a, b):
+    from sklearn.metrics import adjusted_rand_score
+    return adjusted_rand_score(a, b)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "rerank"])
+@pytest.mark.parametrize("n,cams", [(90, 3), (61, 1), (25, 4)])
+def test_complete_graph_equals_dense_round(rng, similarity, n, cams):
+    f, s, cam, dims = _problem(rng, n, cams)
+    sp = S.sparse_scores(s, dims, eps=0.0, max_per_block=None)
+    k_inter = max(2, n // 5)
+    dense = S.inter_round_dense_ref(f, s, cam, k_inter, similarity=similarity)
+    got, info = S.sparse_inter_round(f, sp, cam, k_inter, similarity=similarity, k=n - 1)
+    np.testing.assert_array_equal(got, dense)
+    if similarity == "rerank":
+        assert info["rows_uncertified"] == 0 and info["rows_max_uncertified"] == 0
+
+
+def test_feature_only_complete_graph_equals_dense_round(rng):
+    f, _, cam, _ = _problem(rng, 70, 3)
+    dense = S.inter_round_dense_ref(f, None, cam, 9, similarity="cosine")
+    got, _ = S.sparse_inter_round(f, None, cam, 9, similarity="cosine", k=69)
+    np.testing.assert_array_equal(got, dense)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "rerank"])
+def test_knn_graph_round_close_to_dense(similarity):
+    from benchmarks.profile import heads_from_samples, synthetic_features, synthetic_scores
+    f, cam, _ = synthetic_features(900, 4, seed=3, dim=64)
+    heads = heads_from_samples(f, cam, 40, seed=3)
+    s = synthetic_scores(f, cam, heads)
+    sp = S.sparse_scores(s, [h.shape[0] for h in heads], eps=1e-3, max_per_block=None)
+    dense = S.inter_round_dense_ref(f, s, cam, 40, similarity=similarity)
+    got, info = S.sparse_inter_round(f, sp, cam, 40, similarity=similarity, k=32)
+    assert info["graph_pairs"] < 900 * 899 // 2 // 3  # not the complete graph
+    assert _ari(got, dense) >= 0.99
+
+
+def test_round_rejects_bad_input(rng):
+    f, s, cam, dims = _problem(rng, 20, 2)
+    sp = S.sparse_scores(s, dims)
+    with pytest.raises(ValueError, match="similarity"):
+        S.sparse_inter_round(f, sp, cam, 3, similarity="jaccard")
+    with pytest.raises(ValueError, match="k_inter"):
+        S.sparse_inter_round(f, sp, cam, 0)
+    with pytest.raises(ValueError, match="one row per image"):
+        S.sparse_inter_round(f[:-1], sp, cam, 3)
+    with pytest.raises(ValueError, match="k_candidates >= k1"):
+        S.sparse_inter_round(f, sp, cam, 3, k=5, k_candidates=5)
+    labels, _ = S.sparse_inter_round(f[:1], sp.rows(0, 1), cam[:1], 1)
+    np.testing.assert_array_equal(labels, [0])
+
+
+def test_choose_inter_mode():
+    logs = []
+    assert S.choose_inter_mode("dense", 10**6, 2048, 9000, available=1) == "dense"
+    assert S.choose_inter_mode("sparse", 10, 2048, 9000) == "sparse"
+    need = S.dense_round_bytes(1000, 2048, 100)
+    assert S.choose_inter_mode("auto", 1000, 2048, 100, available=need, log=logs.append) == "dense"
+    assert S.choose_inter_mode("auto", 1000, 2048, 100, available=need - 1, log=logs.append) == "sparse"
+    assert "needs" in logs[-1] and "sparse round" in logs[-1]
+    assert S.choose_inter_mode("auto", 10, 8, 8, log=logs.append) == "dense"  # measured here
+    with pytest.raises(ValueError, match="dense, sparse or auto"):
+        S.choose_inter_mode("fast", 10, 10, 10)
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def _worker(r, port, outdir, problem):
+    from iics_fast import distributed as D
+    os.environ.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    f, s, cam, dims = problem
+    out = {}
+    with D.init_from_env():
+        share = D.shard_indices(len(f), D.rank(), D.world_size())
+        part = S.ScoreSparsifier(dims, 1e-2, None, n_total=len(f), sample=16, offset=share.start)
+        part.add(s[share.start:share.stop])
+        sp = S.gather_sparse_scores(part.finish())
+        out["scores"] = (sp.ptr, sp.col, sp.val, sp.sample_rows)
+        for similarity in ("cosine", "rerank"):
+            out[similarity] = S.sparse_inter_round(f, sp, cam, 12, similarity=similarity, k=24)
+    torch.save(out, os.path.join(outdir, f"rank{r}.pt"))
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    rng = np.random.default_rng(7)
+    problem = _problem(rng, 151, 4)
+    f, s, cam, dims = problem
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(tmp_path), problem), nprocs=2, join=True)
+    sp = S.sparse_scores(s, dims, eps=1e-2, max_per_block=None, sample=16)
+    for r in range(2):
+        got = torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False)
+        for a, b in zip(got["scores"], (sp.ptr, sp.col, sp.val, sp.sample_rows)):
+            np.testing.assert_array_equal(a, b)
+        for similarity in ("cosine", "rerank"):
+            one, info = S.sparse_inter_round(f, sp, cam, 12, similarity=similarity, k=24)
+            np.testing.assert_array_equal(got[similarity][0], one)
+            assert got[similarity][1]["graph_pairs"] == info["graph_pairs"]
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@pytest.mark.slow
+def test_trainer_inter_mode_sparse_and_auto(tmp_path, monkeypatch, capsys):
+    from iics_fast import train
+    from tests.test_train import TINY
+    monkeypatch.setenv("IICS_FAST_CACHE", str(tmp_path / "cache"))
+    args = TINY + ["--rounds", "1", "--similarity", "rerank"]
+    rows = train.main(args + ["--inter-mode", "sparse", "--out", str(tmp_path / "sparse")])
+    assert rows[0]["inter_clusters"] == 8 and rows[0]["sparse_round"]["similarity"] == "rerank"
+    assert "similarity" not in rows[0]["time"]  # no dense distance was built
+    monkeypatch.setattr(S, "dense_round_bytes", lambda *a: 2**60)  # cannot fit: auto -> sparse
+    rows = train.main(args + ["--inter-mode", "auto", "--verbose", "--out", str(tmp_path / "auto")])
+    assert "sparse_round" in rows[0]
+    assert "--inter-mode auto" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="threshold-inter"):
+        train.main(args + ["--inter-mode", "sparse", "--threshold-inter", "0.01",
+                           "--out", str(tmp_path / "bad")])
+
+
+def test_profiler_sparse_mode(tmp_path):
+    import json
+    from benchmarks import profile
+    record = profile.main(["--mode", "sparse", "--scale", "400", "--cameras", "3", "--k", "24",
+                           "--compare-dense", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "profile_sparse_400.json").read_text())
+    assert saved["info"]["ari_sparse_vs_dense"] == record["info"]["ari_sparse_vs_dense"] >= 0.99
+    names = [p["name"] for p in saved["phases"]]
+    assert names == ["extract", "intra", "scores", "sparse_round", "dense_scores", "dense_round"]
+    assert saved["info"]["round"]["graph_pairs"] < 400 * 399 // 2
