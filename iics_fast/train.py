@@ -36,6 +36,8 @@ DEFAULTS = {
     # rounds
     "rounds": (40, "training rounds R"),
     "stages": ("both", "both | intra (Table 1: stage 1 only)"),
+    "supervised": (False, "upper bound: the stage-2 losses on the TRUE training identities, "
+                          "as many SGD steps as IICS takes, same initialisation"),
     "eval_every": (5, "evaluate every N rounds (and after the last); 0 = never"),
     # intra-camera clustering and stage 1
     "similarity": ("cosine", "cosine | rerank: k-reciprocal re-ranking before each clustering"),

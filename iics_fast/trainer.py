@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from . import distributed as D
 from .data.samplers import CameraBatchSampler, PKBatchSampler
 from .data.transforms import ImageDataset, EvalTransform, TrainTransform, load_image
+from .pretrain import SOURCE_NAME, source_weights
 
 PHASES = ("extract", "intra_cluster", "stage1", "similarity", "inter_cluster", "stage2",
           "evaluate")
@@ -219,6 +220,14 @@ class Trainer:
         self.camids = np.array([cam for _, _, cam in train], dtype=np.int64)
         self.cameras = np.unique(self.camids)
         self.has_labels = bool((self.pids >= 0).any()) and len(np.unique(self.pids)) > 1
+        if cfg.supervised:
+            if not self.has_labels:
+                raise ValueError(f"--supervised trains on the true identities, but dataset "
+                                 f"{cfg.dataset!r} has no training labels; drop --supervised")
+            if (self.pids < 0).any():
+                raise ValueError("--supervised: some training images have no identity "
+                                 "(pid < 0); remove them or drop --supervised")
+            self.true_labels = np.unique(self.pids, return_inverse=True)[1].astype(np.int64)
         CameraBatchSampler(self.camids, cfg.batch_per_camera)  # raises on a too-small camera
         if self.world > len(self.cameras):
             raise ValueError(f"stage 1 gives every process whole cameras, but there are "
@@ -241,10 +250,15 @@ class Trainer:
         self.can_evaluate = bool(self.dataset.query) and bool(self.dataset.gallery)
 
         # ---- model (a pretrained file that does not fit the arch fails here)
-        if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
-            raise ValueError(f"--pretrained {cfg.pretrained!r} is not a file")
+        pretrained = cfg.pretrained
+        if pretrained == SOURCE_NAME:  # the synthetic source weights, trained on first use
+            pretrained = D.agree(lambda: source_weights(cfg.arch, cfg.height, cfg.width,
+                                                        log=self.log), on_main_only=True)
+        elif pretrained is not None and not os.path.isfile(pretrained):
+            raise ValueError(f"--pretrained {pretrained!r} is not a file (or "
+                             f"{SOURCE_NAME!r} for the synthetic source weights)")
         torch.manual_seed(derive_seed(cfg.seed, 0))  # the initial weights depend on the seed only
-        self.model = models.build_backbone(arch=cfg.arch, pretrained=cfg.pretrained,
+        self.model = models.build_backbone(arch=cfg.arch, pretrained=pretrained,
                                            init_alpha=cfg.init_alpha, last_stride=cfg.last_stride)
         self.model.to(self.device)
         if self.cuda:
@@ -469,7 +483,7 @@ class Trainer:
                                              mode=mode)
         return d.cpu().numpy()
 
-    def stage2(self, head, seed: int) -> dict:
+    def stage2(self, head, seed: int, steps: int | None = None) -> dict:
         """Inter-camera training: PK batches, CE on the head + batch-hard triplet on the
         pre-BN feature. Under several processes a rank takes whole identities of each batch
         (`group_share(P)`), weights its mean CE by its share of the batch, and mines the
@@ -497,10 +511,13 @@ class Trainer:
         head.train()
         ce_all, tri_all, correct, seen = [], [], 0, 0
         with synced:
-            for epoch in range(cfg.epochs_inter):
+            epochs = cfg.epochs_inter if steps is None else -(-steps // max(1, len(sampler)))
+            for epoch in range(epochs):
                 sampler.set_epoch(epoch)
-                bar = self._bar(loader, f"stage 2 epoch {epoch + 1}/{cfg.epochs_inter}")
+                bar = self._bar(loader, f"stage 2 epoch {epoch + 1}/{epochs}")
                 for x, y, _, _ in bar:
+                    if steps is not None and len(ce_all) == steps:
+                        break
                     x, y = self._to_device(x), y.to(self.device)
                     with self._autocast():
                         f, logits = net(x)
@@ -532,6 +549,32 @@ class Trainer:
                 "loss_triplet": float(np.mean(tri_all)) if tri_all else float("nan"),
                 "acc": sum(p[1] for p in parts) / max(1, sum(p[2] for p in parts)),
                 "iterations": iters}
+
+    def supervised_steps(self) -> int:
+        """SGD steps of one IICS round on this data: stage 1's (known in advance) plus
+        stage 2's on the true identities (clusters as many as the ids, so about what stage 2
+        takes on the inter-camera clusters)."""
+        cfg = self.cfg
+        steps = cfg.epochs_intra * len(CameraBatchSampler(self.camids, cfg.batch_per_camera))
+        if cfg.stages == "both":
+            steps += cfg.epochs_inter * len(PKBatchSampler(self.true_labels, cfg.batch_p,
+                                                           cfg.batch_k))
+        return steps
+
+    def _supervised_round(self, r: int) -> dict:
+        """One round of the supervised upper bound: the stage-2 losses on the true training
+        identities, as many SGD steps as an IICS round takes; one head kept over the rounds."""
+        self.inter_labels = self.true_labels
+        self.row["inter_clusters"] = n = int(self.true_labels.max()) + 1
+        self.row["inter_quality"] = {"ari": 1.0, "nmi": 1.0}
+        self.row["mu"] = float("nan")
+        torch.manual_seed(derive_seed(self.cfg.seed, r, 2))
+        head = self.models.ClassifierHead(self.model.out_dim, n).to(self.device)
+        if self.heads_state is not None:
+            head.load_state_dict(self.heads_state)
+        result = self.stage2(head, derive_seed(self.cfg.seed, r, 2), steps=self.supervised_steps())
+        self.heads_state = head.state_dict()
+        return result
 
     def evaluate(self) -> dict:
         """Flip-averaged, L2-normalised features, cosine distance, Market-1501 protocol."""
@@ -578,6 +621,14 @@ class Trainer:
                 self.row = {"round": r, "time": {}}
             t = self.row["time"]
             log(f"---- round {r + 1}/{cfg.rounds}")
+
+            if done is None and cfg.supervised:  # the upper bound: stage 2 on the true ids
+                tic = time.perf_counter()
+                self.row["stage2"] = self._supervised_round(r)
+                t["stage2"] = time.perf_counter() - tic
+                log(self._describe_stage2())
+                self._checkpoint("stage2", r)
+                done = "stage2"
 
             if done is None:  # extract -> intra-camera clustering -> stage 1
                 tic = time.perf_counter()
