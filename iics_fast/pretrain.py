@@ -38,8 +38,8 @@ SOURCE_DATA = {"num_ids": 300, "num_cameras": 16, "cameras_per_id": [2, 4],
                "seed": 1000}
 
 #: training settings of the source backbone
-SOURCE_TRAINING = {"epochs": 10, "batch_p": 16, "batch_k": 4, "lr": 0.05, "lr_head": 0.05,
-                   "momentum": 0.9, "weight_decay": 5e-4, "margin": 0.3, "seed": 0}
+SOURCE_TRAINING = {"epochs": 10, "batch_p": 16, "batch_k": 4, "optimizer": "adamw",
+                   "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4, "margin": 0.3, "seed": 0}
 
 # Bump when the source training changes, so that older cached weights are not reused.
 SOURCE_VERSION = 1
@@ -84,10 +84,14 @@ def train_source(arch: str, height: int, width: int, data: dict | None = None,
     sampler = PKBatchSampler(labels, t["batch_p"], t["batch_k"], seed=derive_seed(t["seed"], 1))
     loader = DataLoader(ImageDataset(items, TrainTransform(height, width)),
                         batch_sampler=sampler, num_workers=0)
-    opt = torch.optim.SGD([
-        {"params": [p for p in model.parameters() if p.requires_grad], "lr": t["lr"]},
-        {"params": [p for p in head.parameters() if p.requires_grad], "lr": t["lr_head"]}],
-        momentum=t["momentum"], weight_decay=t["weight_decay"], nesterov=True)
+    params = [p for m in (model, head) for p in m.parameters() if p.requires_grad]
+    if t["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+    elif t["optimizer"] == "sgd":
+        opt = torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"],
+                              weight_decay=t["weight_decay"], nesterov=True)
+    else:
+        raise ValueError(f"source optimizer must be 'adamw' or 'sgd', got {t['optimizer']!r}")
     steps = t["epochs"] * len(sampler)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + np.cos(np.pi * min(s, steps) / steps)))
@@ -141,13 +145,15 @@ def main(argv=None) -> None:
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--epochs", type=int, default=SOURCE_TRAINING["epochs"])
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default=SOURCE_TRAINING["optimizer"])
+    p.add_argument("--lr", type=float, default=SOURCE_TRAINING["lr"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from .trainer import atomic_save
 
-    state = train_source(args.arch, args.height, args.width, training={"epochs": args.epochs})
+    state = train_source(args.arch, args.height, args.width, training={"epochs": args.epochs, "optimizer": args.optimizer, "lr": args.lr})
     atomic_save(state, args.out)
     print(f"wrote {args.out}")
 

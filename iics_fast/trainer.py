@@ -576,8 +576,9 @@ class Trainer:
         self.heads_state = head.state_dict()
         return result
 
-    def evaluate(self) -> dict:
-        """Flip-averaged, L2-normalised features, cosine distance, Market-1501 protocol."""
+    def evaluate(self, figure: str | None = None) -> dict:
+        """Flip-averaged, L2-normalised features, cosine distance, Market-1501 protocol; with
+        `figure` (a file name in the run folder) also the ranked lists of a few queries."""
         from . import evaluation
         q, g = self.dataset.query, self.dataset.gallery
         qf, _ = self.extract(q, desc="extract query", to="main")
@@ -585,6 +586,11 @@ class Trainer:
         if not self.main:
             return D.broadcast_object(None)
         qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
+        if figure is not None:
+            from .plots import plot_ranked_lists, ranked_lists
+            plot_ranked_lists(ranked_lists(qf, gf, q, g, seed=self.cfg.seed),
+                              os.path.join(self.cfg.out, figure),
+                              title=f"{self.cfg.dataset}: {figure[:-4].replace('_', ' ')} training")
         cmc, mAP = evaluation.evaluate_features(
             qf, gf, np.array([x[1] for x in q]), np.array([x[1] for x in g]),
             np.array([x[2] for x in q]), np.array([x[2] for x in g]))
@@ -612,7 +618,8 @@ class Trainer:
                         on_main_only=True)  # rank 0's disk decides
         if fresh:
             if self.can_evaluate and cfg.eval_every > 0:
-                self.initial_eval = self.evaluate()  # the starting point the rounds improve on
+                # the starting point the rounds improve on
+                self.initial_eval = self.evaluate(figure="ranked_before.png")
                 log(self._describe_eval("before training", self.initial_eval))
             self._checkpoint(None, 0)  # so that a run killed in its first round can resume
         for r in range(start, cfg.rounds):
@@ -703,7 +710,7 @@ class Trainer:
             last = r == cfg.rounds - 1
             if self.can_evaluate and cfg.eval_every > 0 and ((r + 1) % cfg.eval_every == 0 or last):
                 tic = time.perf_counter()
-                result = self.evaluate()
+                result = self.evaluate(figure="ranked_after.png" if last else None)
                 t["evaluate"] = time.perf_counter() - tic
                 self.row["eval"] = result
                 log(self._describe_eval("  eval", result))
