@@ -7,7 +7,7 @@ to `aibn_ref` and BatchNorm2d, float32 and bfloat16, channels-first and channels
 Layer3 of ResNet-50 at 256x128 input is (batch, 1024, 16, 8). Default batch 16 (CPU) / 64 (GPU);
 IICS_BENCH_SCALE=large uses batch 64 on CPU too.
 
-    pytest benchmarks/bench_aibn.py -s          # or: python benchmarks/bench_aibn.py
+    pytest benchmarks/bench_aibn.py -s          # or: python -m benchmarks.bench_aibn
 """
 import os
 import time
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from iics_fast.kernels.aibn import aibn, aibn_ref, traffic_bytes
+from benchmarks.gpu_specs.aibn import traffic_bytes
+from iics_fast.kernels.aibn import aibn, aibn_ref
 
 LARGE = os.environ.get("IICS_BENCH_SCALE", "small") == "large"
 

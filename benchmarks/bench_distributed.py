@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_pairwise import make_case  # noqa: E402
 
 from iics_fast import distributed as D  # noqa: E402
-from iics_fast.similarity import inter_camera_distance  # noqa: E402
+from iics_fast.similarity import inter_camera_distance, sharded_inter_camera_distance  # noqa: E402
 
 MU = 0.02
 
@@ -62,7 +62,7 @@ def _rank_main(r, world, port, n, outdir):
         base = _reset_peak_mb()
         D.barrier()
         t0 = time.perf_counter()
-        out = D.sharded_inter_camera_distance(feats, scores, camids, MU, dst=0)
+        out = sharded_inter_camera_distance(feats, scores, camids, MU, dst=0)
         wall = time.perf_counter() - t0
         peak = _status_mb("VmHWM") - base
         torch.save({"wall": wall, "peak": peak, "out": out}, os.path.join(outdir, f"rank{r}.pt"))

@@ -5,7 +5,7 @@ whole build; and the static H100 estimate of the Triton kernel from its sm_90 cu
 
     pytest benchmarks/bench_pairwise.py -s                       # Market-like N=8,000 (a few minutes)
     IICS_BENCH_SCALE=large pytest benchmarks/bench_pairwise.py -s  # + MSMT17 N=32,621 (needs ~6 GB free)
-    python benchmarks/bench_pairwise.py [--large] [--gpu-report]
+    python -m benchmarks.bench_pairwise [--large] [--gpu-report]     # from the repository root
 
 Baselines too slow to run whole at these sizes are timed on the first rows and extrapolated
 linearly in the number of rows (each row's cost is the same: a full pass over the N x D scores);
@@ -187,10 +187,10 @@ def gpu_estimate():
     """Registers, spills and inner-loop mix of the sm_90 cubins, and the H100 time they imply at
     MSMT17 scale: warp-instructions of the L1 loop per pair-element against 132 SMs x 4
     schedulers x 1 warp-instruction / cycle at 1.7 GHz; cosines at tensor-core / FFMA rates."""
-    from iics_fast.gpu_report import compile_report
-    from iics_fast.kernels import pairwise as K
+    from benchmarks.gpu_report import compile_report
+    from benchmarks.gpu_specs.pairwise import COMPILE_SPECS
 
-    reports = {s.name: compile_report(s, 90) for s in K.COMPILE_SPECS}
+    reports = {s.name: compile_report(s, 90) for s in COMPILE_SPECS}
     for name, r in reports.items():
         mix = " ".join(f"{k}:{v}" for k, v in list(r.inner_loop.items())[:6])
         print(f"  sm_90 {name:28s} regs {r.registers:3d} spill {r.spill_bytes} smem {r.shared_bytes:6d}  "

@@ -3,7 +3,7 @@
 Default N = 2,000 (6 cameras); --scale large (IICS_BENCH_SCALE=large): N = 8,000 with 15 cameras
 (MSMT17's D = 9,000 score dims). The reference's Jaccard row loop is timed on 16 rows and scaled
 (its cost per row is constant); everything else is measured. Dataset-scale figures come from
-`python -m iics_fast.profile --scale msmt17`.
+`python -m benchmarks.profile --scale msmt17`.
 
 Before timing: on a 300-image round the fused similarity and the merge agree with the
 reference (same matrix, same partition).
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import squareform
 
-from iics_fast import baselines as B
-from iics_fast import profile as P
+from benchmarks import reference as B
+from benchmarks import profile as P
 
 
 def _same_partition(a, b):

@@ -117,7 +117,7 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("iics_fast comparisons (baseline measured in the same run)")
     terminalreporter.write_line(_format(_rows))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    from iics_fast.profile import machine_info
+    from benchmarks.profile import machine_info
 
     with open(RESULTS, "w") as f:
         json.dump({"machine": machine_info(), "rows": _rows}, f, indent=1)

@@ -1,7 +1,7 @@
 """Markdown performance tables for the README from the benchmark and profiler records.
 
     pytest benchmarks/                              # writes .benchmarks/results.json
-    python -m iics_fast.profile --scale msmt17      # writes profile_out/profile_msmt17.json
+    python -m benchmarks.profile --scale msmt17      # writes profile_out/profile_msmt17.json
     python benchmarks/readme_table.py               # prints the tables
 
 Every row carries the command that produced it and its ratio to the baseline measured in the
@@ -67,7 +67,7 @@ def benchmark_table(results):
 
 
 def profile_table(rec):
-    """Per-phase rows of one `python -m iics_fast.profile` record."""
+    """Per-phase rows of one `python -m benchmarks.profile` record."""
     at = rec["reference"]["at_target"]
     lines = [f"`{rec['command']}` — N = {rec['N']:,}, C = {rec['C']}, D = {rec['D']:,}, "
              f"k_inter = {rec['k_inter']}; measured on {machine_line(rec['machine'])}.", "",
@@ -117,7 +117,7 @@ def main(argv=None):
         with open(args.results) as f:
             out.append(benchmark_table(json.load(f)))
     if not out:
-        parser.error("no records found: run `pytest benchmarks/` and/or `python -m iics_fast.profile` first")
+        parser.error("no records found: run `pytest benchmarks/` and/or `python -m benchmarks.profile` first")
     text = "\n\n".join(out)
     print(text)
     return text

@@ -30,10 +30,8 @@ int64_t points_of(const py::array& a) {
   }
   if (a.ndim() != 1) throw std::invalid_argument("expected a condensed (1-D) or square array");
   const int64_t m = a.shape(0);
-  int64_t n = static_cast<int64_t>((1.0 + std::sqrt(1.0 + 8.0 * static_cast<double>(m))) / 2.0);
-  while (iics::condensed_size(n) > m) --n;
-  while (iics::condensed_size(n + 1) <= m) ++n;
-  if (iics::condensed_size(n) != m)
+  const int64_t n = iics::condensed_points(m);
+  if (n < 0)
     throw std::invalid_argument("condensed length " + std::to_string(m) +
                                 " is not n*(n-1)/2 for any n");
   return n;

@@ -3,12 +3,21 @@
 //     n*i - i*(i+1)/2 + (j - i - 1)
 // Row i's entries (i, i+1..n-1) are contiguous, which the merge and the distance builds rely on.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 namespace iics {
 
 // Number of entries of the condensed triangle of n points.
 inline int64_t condensed_size(int64_t n) { return n * (n - 1) / 2; }
+
+// Number of points n with condensed_size(n) == m, or -1 when m is no such number.
+inline int64_t condensed_points(int64_t m) {
+  int64_t n = static_cast<int64_t>((1.0 + std::sqrt(1.0 + 8.0 * static_cast<double>(m))) / 2.0);
+  while (n > 0 && condensed_size(n) > m) --n;
+  while (condensed_size(n + 1) <= m) ++n;
+  return condensed_size(n) == m ? n : -1;
+}
 
 // Offset of row i's first entry (i, i+1). Precondition: 0 <= i < n.
 inline int64_t condensed_row(int64_t n, int64_t i) { return n * i - i * (i + 1) / 2; }

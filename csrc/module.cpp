@@ -1,6 +1,8 @@
 // The extension iics_fast._C: one bind_<op> a source file, registered here.
 #include <pybind11/pybind11.h>
 
+#include "parallel.h"
+
 namespace py = pybind11;
 
 void bind_condensed(py::module_& m);
@@ -16,6 +18,8 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("has_openmp") = false;
 #endif
+  m.def("max_threads", &iics::max_threads,
+        "Threads a parallel region of the cores would get (1 when built without OpenMP).");
 #ifdef IICS_WITH_CUDA
   m.attr("has_cuda") = true;
 #else

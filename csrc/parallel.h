@@ -1,4 +1,6 @@
 // OpenMP queries that also compile without OpenMP (one thread), shared by the CPU cores.
+// Convention: a core writes its `#pragma omp` lines unguarded (without OpenMP the compiler
+// ignores them and the loops run serially) and calls omp_* only through these helpers.
 #pragma once
 
 #ifdef IICS_WITH_OPENMP

@@ -22,9 +22,8 @@ iics::Layout layout_of(const Matrix& a, const char* name, int64_t* n) {
     return iics::Layout::Square;
   }
   if (a.ndim() == 1) {
-    int64_t m = 2;
-    while (iics::condensed_size(m) < a.shape(0)) ++m;
-    if (iics::condensed_size(m) == a.shape(0)) {
+    const int64_t m = iics::condensed_points(a.shape(0));
+    if (m >= 2) {
       *n = m;
       return iics::Layout::Condensed;
     }

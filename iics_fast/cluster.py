@@ -26,6 +26,7 @@ import numbers
 
 import numpy as np
 
+from . import condensed
 from ._native import native
 
 METHODS = {"single": 0, "complete": 1, "average": 2, "weighted": 3}
@@ -48,8 +49,8 @@ def _num_points(arr, name="dist"):
     """n for a condensed (length n(n-1)/2) or square (n x n) distance array."""
     if arr.ndim == 1:
         m = arr.shape[0]
-        n = (1 + math.isqrt(1 + 8 * m)) // 2
-        if n * (n - 1) // 2 != m:
+        n = condensed.points(m)
+        if n < 0:
             raise ValueError(f"{name} has length {m}, which is not n*(n-1)/2 for any n: pass the "
                              "condensed upper triangle (scipy.spatial.distance.pdist order) or the "
                              "square n x n matrix")
@@ -92,19 +93,10 @@ def _prepare(dist, method, inplace):
         core_inplace = True
     bad = native().cluster_first_nonfinite(arr)
     if bad >= 0:
-        i, j = _pair_of(n, bad)
+        i, j = condensed.pair(n, bad)
         raise ValueError(f"dist has a NaN or infinite entry at pair ({i}, {j}) (of the upper "
                          "triangle); distances must be finite")
     return arr, n, METHODS[method], core_inplace
-
-
-def _pair_of(n, offset):
-    """(i, j), i < j, of a condensed offset."""
-    i = 0
-    while offset >= n - 1 - i:
-        offset -= n - 1 - i
-        i += 1
-    return i, i + 1 + offset
 
 
 def linkage(dist, method="average", inplace=False):
@@ -192,9 +184,7 @@ def quantile_threshold(dist, q):
 
 def _condensed64(dist):
     arr = np.asarray(_as_numpy(dist, "dist"), dtype=np.float64)
-    if arr.ndim == 2:
-        return arr[np.triu_indices(arr.shape[0], 1)]
-    return arr.copy()
+    return condensed.upper(arr) if arr.ndim == 2 else arr.copy()
 
 
 def linkage_ref(dist, method="average"):
@@ -211,11 +201,8 @@ def linkage_naive_ref(dist, method="average"):
     """Independent O(n^3) reference: repeatedly merge the closest pair of live clusters (lowest
     pair on ties) and update distances by Lance-Williams, in float64; SciPy's Z format."""
     cond = _condensed64(dist)
-    n = (1 + math.isqrt(1 + 8 * cond.size)) // 2
-    D = np.full((n, n), np.inf)
-    iu = np.triu_indices(n, 1)
-    D[iu] = cond
-    D[(iu[1], iu[0])] = cond
+    D = condensed.to_square(cond, diagonal=np.inf)
+    n = D.shape[0]
     size = np.ones(n)
     ident = list(range(n))  # the linkage id of the cluster held in each slot
     live = np.ones(n, bool)

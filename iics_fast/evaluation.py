@@ -27,13 +27,17 @@ prefix sums of those counts give the rank of every match. Queries go in blocks s
 or with ``backend="torch"``, as batched torch operations (``_rank_block``).
 ``evaluate_features`` computes the cosine distances block by block, so the full distance matrix
 is never formed either. ``evaluate_ref`` is the plain per-query loop the tests hold both to.
+
+The pseudo labels of a round are scored against the true identities by ``adjusted_rand_index``
+and ``normalized_mutual_info``.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-__all__ = ["evaluate", "evaluate_features", "evaluate_ref"]
+__all__ = ["evaluate", "evaluate_features", "evaluate_ref", "adjusted_rand_index",
+           "normalized_mutual_info"]
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 # Elements (queries x gallery) handled at once: the torch path holds ~30 bytes each at peak,
@@ -320,3 +324,37 @@ def evaluate_ref(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50
     if num_valid == 0:
         raise ValueError("no query has a valid match in the gallery")
     return cmc_sum / num_valid, ap_sum / num_valid
+
+
+# ----------------------------------------------------------------------------- pseudo labels
+
+
+def _contingency(a, b):
+    """Sparse contingency table of two labelings: (row, column, count) of every nonzero cell,
+    and the row and column sums."""
+    _, ai = np.unique(np.asarray(a), return_inverse=True)
+    _, bi = np.unique(np.asarray(b), return_inverse=True)
+    width = int(bi.max()) + 1
+    key, cells = np.unique(ai.astype(np.int64) * width + bi, return_counts=True)
+    return key // width, key % width, cells, np.bincount(ai), np.bincount(bi)
+
+
+def adjusted_rand_index(a, b) -> float:
+    """Adjusted Rand index (Hubert & Arabie) of two labelings."""
+    _, _, cells, rows, cols = _contingency(a, b)
+    n = len(a)
+    comb = lambda x: (x * (x - 1) / 2.0).sum()  # noqa: E731
+    sum_cells, sum_rows, sum_cols = comb(cells), comb(rows), comb(cols)
+    expected = sum_rows * sum_cols / (n * (n - 1) / 2.0) if n > 1 else 0.0
+    top = 0.5 * (sum_rows + sum_cols)
+    return 1.0 if top == expected else float((sum_cells - expected) / (top - expected))
+
+
+def normalized_mutual_info(a, b) -> float:
+    """Normalised mutual information with the arithmetic-mean normalisation."""
+    r, c, cells, rows, cols = _contingency(a, b)
+    n = len(a)
+    mi = (cells / n * np.log(cells * n / (rows[r] * cols[c]))).sum()
+    entropy = lambda x: -(x / n * np.log(x / n)).sum()  # noqa: E731
+    ha, hb = entropy(rows), entropy(cols)
+    return 1.0 if ha + hb == 0 else float(max(0.0, mi) / (0.5 * (ha + hb)))

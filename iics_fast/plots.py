@@ -1,10 +1,37 @@
 """Plots of a training run (matplotlib, Agg backend): metrics over rounds, and the similarity
-distributions of the paper's Figure 3."""
+distributions of the paper's Figure 3 (`similarity_histograms` computes them)."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def similarity_histograms(feats: torch.Tensor, pids: np.ndarray, camids: np.ndarray,
+                          seed: int, max_images: int = 2000, bins: int = 100) -> dict:
+    """Histograms of the cosine similarity for the paper's Figure 3: pairs of the same / a
+    different identity from the same / a different camera (a random subset of images). As in
+    the paper the similarities are min-max normalised into [0, 1]; the raw range is kept."""
+    keep = np.flatnonzero(pids >= 0)
+    if len(keep) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, max_images, replace=False))
+    x = F.normalize(feats[keep].float(), dim=1)
+    iu = torch.triu_indices(len(keep), len(keep), 1)
+    sim = (x @ x.t())[iu[0], iu[1]].numpy()
+    p, c = pids[keep], camids[keep]
+    same_id = p[iu[0].numpy()] == p[iu[1].numpy()]
+    same_cam = c[iu[0].numpy()] == c[iu[1].numpy()]
+    lo, hi = float(sim.min()), float(sim.max())
+    sim = (sim - lo) / (hi - lo) if hi > lo else np.zeros_like(sim)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    groups = {"same id, same camera": same_id & same_cam,
+              "same id, other camera": same_id & ~same_cam,
+              "other id, same camera": ~same_id & same_cam,
+              "other id, other camera": ~same_id & ~same_cam}
+    return {"edges": edges.tolist(), "range": [lo, hi],
+            **{k: np.histogram(sim[m], edges)[0].tolist() for k, m in groups.items()}}
 
 
 def _pyplot():

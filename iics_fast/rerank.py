@@ -34,13 +34,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import condensed
+
 __all__ = ["k_reciprocal", "k_reciprocal_ref"]
-
-
-def _n_from_condensed(length: int) -> int:
-    """N with N (N - 1) / 2 == length, or -1 when length is not such a number."""
-    n = int(round((1 + np.sqrt(1 + 8 * length)) / 2))
-    return n if n * (n - 1) // 2 == length else -1
 
 
 def _expansion_width(k1: int) -> int:
@@ -65,10 +61,7 @@ def k_reciprocal_ref(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
     """
     d = _as_numpy(dist)
     if d.ndim == 1:
-        n = _n_from_condensed(d.shape[0])
-        square = np.zeros((n, n), np.float32)
-        square[np.triu_indices(n, 1)] = d
-        d = square + square.T
+        d = condensed.to_square(np.asarray(d, np.float32))
     d = np.asarray(d, np.float32)
     n = d.shape[0]
     shifted = d - np.min(d, axis=0)
@@ -144,7 +137,7 @@ def _check_matrix(d: np.ndarray, name: str) -> tuple[int, bool]:
                              f"got shape {d.shape}")
         n, square = d.shape[0], True
     elif d.ndim == 1:
-        n, square = _n_from_condensed(d.shape[0]), False
+        n, square = condensed.points(d.shape[0]), False
         if n < 0:
             raise ValueError(f"{name} has length {d.shape[0]}, not N*(N-1)/2 for any N: pass a "
                              "condensed upper triangle (scipy.spatial.distance.pdist order)")

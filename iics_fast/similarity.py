@@ -32,6 +32,9 @@ import os
 import numpy as np
 import torch
 
+from . import distributed as D
+from .condensed import row_offset as condensed_row_offset, row_splits
+
 MODES = ("eq5", "feature", "jaccard")
 LAYOUTS = ("condensed", "square")
 BACKENDS = ("auto", "triton", "cpu", "ref")
@@ -108,14 +111,6 @@ def _resolve_backend(backend, device):
     if backend == "cpu" and device.type != "cpu":
         raise ValueError("backend='cpu' needs CPU tensors; move them with .cpu() or use backend='auto'")
     return backend
-
-
-def condensed_row_offset(n: int, i: int) -> int:
-    """Position of entry (i, i+1) in the condensed (pdist-order) vector of n points, i.e. the
-    number of entries of rows 0..i-1 (row i holds n-1-i entries); i = n gives n(n-1)/2."""
-    if not 0 <= i <= n:
-        raise ValueError(f"row {i} is outside 0..{n}")
-    return i * (2 * n - i - 1) // 2
 
 
 def _check_rows(rows, n):
@@ -294,4 +289,48 @@ def pairwise_jaccard(a, b=None, *, backend="auto", out=None):
         a32.numpy(), a32.sum(1, dtype=torch.float64).to(torch.float32).numpy(),
         b32.numpy(), b32.sum(1, dtype=torch.float64).to(torch.float32).numpy(), out.numpy(),
     )
+    return out
+
+
+def sharded_inter_camera_distance(features, scores, camids, mu=0.02, *, mode="eq5", dst=0, backend="auto"):
+    """The condensed inter-camera distance (SciPy pdist order, float32) built by all ranks: rank
+    r computes the rows [p_r, p_{r+1}) of `condensed.row_splits(N, world)` (equal numbers of
+    entries) with `similarity.inter_camera_distance(..., rows=(p_r, p_{r+1}))`, and rank `dst`
+    receives every block point-to-point straight into its preallocated result. Returns the full
+    vector on `dst`, None elsewhere; without a process group it is the single-process build.
+
+    Every rank passes the same full inputs (features (N, d), scores (N, D), camids (N,), e.g.
+    from `all_gather_rows`), on its communication device (CUDA under NCCL, CPU under gloo).
+    Memory: one block (~N(N-1)/(2 world) float32) per rank plus a few slabs of work, and the
+    N(N-1)/2 result at dst (which writes its own block into it directly). On the CPU the result
+    is bitwise the single-process `inter_camera_distance` for every world size; on the GPU
+    (row ranges keep the caller's order, the whole build sorts by camera) it is bitwise
+    `inter_camera_distance(..., rows=(0, N))` and equal to the whole build to float32 rounding."""
+    world, me = D.world_size(), D.rank()
+    if not 0 <= dst < world:
+        raise ValueError(f"dst must be a rank in 0..{world - 1}, got {dst}")
+    n = int(camids.shape[0]) if hasattr(camids, "shape") else len(camids)
+    if n < 1:
+        raise ValueError("camids must hold at least one sample")
+    if D.world_size() > 1:
+        ref = features if mode != "jaccard" else scores
+        D.check_comm_tensor(ref, "features" if mode != "jaccard" else "scores")
+        seen = D.all_gather_object(n)
+        if len(set(seen)) != 1:
+            raise ValueError(f"every rank must pass the same N samples, got N per rank = {seen}")
+    splits = row_splits(n, world)
+    r0, r1 = splits[me], splits[me + 1]
+    if me != dst:
+        block = inter_camera_distance(features, scores, camids, mu, mode=mode, backend=backend, rows=(r0, r1))
+        if block.numel():
+            torch.distributed.send(block, dst=dst)
+        return None
+    device = (features if mode != "jaccard" else scores).device
+    out = torch.empty(n * (n - 1) // 2, dtype=torch.float32, device=device)
+    offs = [condensed_row_offset(n, p) for p in splits]
+    inter_camera_distance(features, scores, camids, mu, mode=mode, backend=backend, rows=(r0, r1),
+                          out=out[offs[me]:offs[me + 1]])
+    for r in range(world):
+        if r != me and offs[r + 1] > offs[r]:
+            torch.distributed.recv(out[offs[r]:offs[r + 1]], src=r)
     return out

@@ -20,7 +20,7 @@ import torch
 from . import distributed as D
 
 # ---------------------------------------------------------------------------------------------
-# defaults: the paper / reference code (DESIGN.md section 1). key: (default, help)
+# defaults: the paper / reference code. key: (default, help)
 DEFAULTS = {
     # data
     "dataset": ("synthetic", "market1501 | dukemtmc | msmt17 | synthetic | folder"),
@@ -209,7 +209,8 @@ def main(argv=None, hook=None) -> list[dict]:
 
 
 def _train(args, config, hook):
-    from .trainer import Trainer, atomic_write_text
+    from .checkpoint import atomic_write_text
+    from .trainer import Trainer
 
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS}
     # rank 0 checks --out and reads the checkpoint; every rank gets its config and state

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import iics_fast.kernels.aibn as aibn_module
-from iics_fast.gpu_report import compile_report
-from iics_fast.kernels.aibn import COMPILE_SPECS, aibn, aibn_ref
+from benchmarks.gpu_report import compile_report
+from benchmarks.gpu_specs.aibn import COMPILE_SPECS
+from iics_fast.kernels.aibn import aibn, aibn_ref
 from iics_fast.models import AIBN2d
 
 
@@ -326,7 +327,7 @@ def test_launcher_rejects_bad_input(rng):
 
 def test_compile_sm80_sm90_no_spills():
     """Kernels compile for real GPU targets with zero spills (a spread of kernels, dtypes, layouts;
-    `python -m iics_fast.gpu_report` compiles all of COMPILE_SPECS)."""
+    `python -m benchmarks.gpu_report` compiles all of COMPILE_SPECS)."""
     wanted = [("aibn_stats_fp32_cf", 90), ("aibn_bwd_apply_bf16_cl", 80), ("aibn_bwd_finalize_train", 90),
               ("aibn_eval_bf16_cl", 80)]
     specs = {s.name: s for s in COMPILE_SPECS}

@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from iics_fast import condensed, norm_sync as N
 from iics_fast import distributed as D
-from iics_fast.similarity import condensed_row_offset, inter_camera_distance
+from iics_fast.data import samplers
+from iics_fast.similarity import inter_camera_distance, sharded_inter_camera_distance
 
 WORLD = 2
 # (n, feature dims, score dims, cameras, mode, dst): N below, at and above the world size, N not
@@ -129,7 +131,7 @@ def _training_helpers(r, res):
     # stage-1 statistics: rank 0 runs cameras [0, 2), rank 1 camera 2, two steps
     model = _tiny_net()
     first, count = (0, 2) if r == 0 else (2, 1)
-    sync = D.SequentialStatsSync(model, first, count, STATS_CAMERAS)
+    sync = N.SequentialStatsSync(model, first, count, STATS_CAMERAS)
     model.train()
     for step in range(2):
         sync.snapshot()
@@ -145,7 +147,7 @@ def _training_helpers(r, res):
     ddp.register_comm_hook(None, D.sum_gradients_hook)
     x, y = _synced_batch()
     mine = slice(0, 3) if r == 0 else slice(3, GRAD_ROWS)
-    with D.synced_batch_stats(both):
+    with N.synced_batch_stats(both):
         res["synced_patched"] = _patched_norms(both)
         out = ddp(x[mine])
         loss = torch.nn.functional.cross_entropy(out, y[mine]) * len(y[mine]) / GRAD_ROWS
@@ -173,7 +175,7 @@ def _training_helpers(r, res):
             if hasattr(m, "running_mean"):
                 m.running_mean.fill_(r)
                 m.running_var.fill_(2 + 2 * r)
-    D.average_running_stats(other)
+    N.average_running_stats(other)
     res["averaged"] = {k: v.clone() for k, v in other.state_dict().items() if "running" in k}
     with torch.no_grad():
         for p in other.parameters():
@@ -207,9 +209,9 @@ def _worker(r, port, outdir):
         for case in DIST_CASES:
             n, d, big_d, cams, mode, dst = case
             f, s, c = _problem(n, d, big_d, cams, seed=n)
-            res[("dist", case)] = D.sharded_inter_camera_distance(f, s, c, 0.3, mode=mode, dst=dst)
+            res[("dist", case)] = sharded_inter_camera_distance(f, s, c, 0.3, mode=mode, dst=dst)
         D.barrier()
-        sampler = D.ShardedBatchSampler(_ListSampler([list(range(8)), list(range(8, 16))]), group_size=2)
+        sampler = samplers.ShardedBatchSampler(_ListSampler([list(range(8)), list(range(8, 16))]), group_size=2)
         sampler.set_epoch(1)
         res["sampler"] = list(sampler)
         _training_helpers(r, res)
@@ -387,7 +389,7 @@ def test_single_process_fallbacks():
     t = torch.arange(6).reshape(3, 2)
     assert D.all_gather_rows(t) is t
     f, s, c = _problem(20, 8, 6, 3, seed=1)
-    assert torch.equal(D.sharded_inter_camera_distance(f, s, c, 0.3), inter_camera_distance(f, s, c, 0.3))
+    assert torch.equal(sharded_inter_camera_distance(f, s, c, 0.3), inter_camera_distance(f, s, c, 0.3))
 
 
 def test_training_helpers_in_one_process():
@@ -400,7 +402,7 @@ def test_training_helpers_in_one_process():
     # one rank running every camera: the merge leaves the sequential statistics as they are
     model = _tiny_net()
     model.train()
-    sync = D.SequentialStatsSync(model, 0, STATS_CAMERAS, STATS_CAMERAS)
+    sync = N.SequentialStatsSync(model, 0, STATS_CAMERAS, STATS_CAMERAS)
     sync.snapshot()
     for x in _camera_chunks(0):
         model(x)
@@ -411,13 +413,13 @@ def test_training_helpers_in_one_process():
     with pytest.raises(RuntimeError, match="snapshot"):
         sync.merge()
     with pytest.raises(ValueError, match="first \\+ count <= total"):
-        D.SequentialStatsSync(model, 2, 2, 3)
+        N.SequentialStatsSync(model, 2, 2, 3)
     with pytest.raises(ValueError, match="count >= 1"):
-        D.SequentialStatsSync(model, 0, 0, 3)
+        N.SequentialStatsSync(model, 0, 0, 3)
     with pytest.raises(ValueError, match="momentum=None"):
-        D.SequentialStatsSync(torch.nn.BatchNorm1d(3, momentum=None), 0, 1, 1)
-    assert [D.group_share(5, r, 2) for r in range(2)] == [range(0, 3), range(3, 5)]
-    with D.synced_batch_stats(model) as same:  # one process: nothing to synchronise
+        N.SequentialStatsSync(torch.nn.BatchNorm1d(3, momentum=None), 0, 1, 1)
+    assert [samplers.group_share(5, r, 2) for r in range(2)] == [range(0, 3), range(3, 5)]
+    with N.synced_batch_stats(model) as same:  # one process: nothing to synchronise
         assert same is model and _patched_norms(model) == []
 
 
@@ -432,17 +434,17 @@ def test_shard_indices_partition(n, world):
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 9, 64, 1000, 32621])
 def test_condensed_row_splits_balance(n, world):
-    p = D.condensed_row_splits(n, world)
+    p = condensed.row_splits(n, world)
     assert p[0] == 0 and p[-1] == n and len(p) == world + 1
     assert all(a <= b for a, b in zip(p, p[1:]))
     total = n * (n - 1) // 2
-    counts = [condensed_row_offset(n, b) - condensed_row_offset(n, a) for a, b in zip(p, p[1:])]
+    counts = [condensed.row_offset(n, b) - condensed.row_offset(n, a) for a, b in zip(p, p[1:])]
     assert sum(counts) == total
     # each split point is the first row reaching its share: no part is short by a whole row
     for k in range(1, world):
         target = -(-k * total // world)
-        assert condensed_row_offset(n, p[k]) >= target
-        assert p[k] == 0 or condensed_row_offset(n, p[k] - 1) < target
+        assert condensed.row_offset(n, p[k]) >= target
+        assert p[k] == 0 or condensed.row_offset(n, p[k] - 1) < target
     # a split point overshoots its share by less than one row (< n entries)
     assert all(abs(cnt - total / world) < max(n, 1) for cnt in counts)
 
@@ -451,19 +453,19 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="rank < world"):
         D.shard_indices(5, 2, 2)
     with pytest.raises(ValueError, match="parts >= 1"):
-        D.condensed_row_splits(5, 0)
+        condensed.row_splits(5, 0)
     with pytest.raises(ValueError, match="split"):
-        D.ShardedBatchSampler([[0]], split="rows")
+        samplers.ShardedBatchSampler([[0]], split="rows")
     with pytest.raises(ValueError, match="rank < world"):
-        D.ShardedBatchSampler([[0]], rank=3, world=2)
+        samplers.ShardedBatchSampler([[0]], rank=3, world=2)
     with pytest.raises(TypeError, match="torch.Tensor"):
         D.all_gather_rows(np.zeros(3))
     with pytest.raises(ValueError, match="backend"):
         D.init_from_env("mpi")
     with pytest.raises(ValueError, match="groups of 8"):
-        list(D.ShardedBatchSampler([list(range(12))], group_size=8, rank=0, world=2))
+        list(samplers.ShardedBatchSampler([list(range(12))], group_size=8, rank=0, world=2))
     with pytest.raises(ValueError, match="split='across'"):
-        list(D.ShardedBatchSampler([list(range(8))], group_size=8, rank=0, world=2))
+        list(samplers.ShardedBatchSampler([list(range(8))], group_size=8, rank=0, world=2))
 
 
 def _camera_batches(rng, n_batches, cams, per_camera):
@@ -477,7 +479,7 @@ def _camera_batches(rng, n_batches, cams, per_camera):
 def test_sampler_within_keeps_groups_and_covers_each_batch(rng, world):
     cams, per_camera = 6, 8
     batches = _camera_batches(rng, 5, cams, per_camera)
-    parts_sampler = [D.ShardedBatchSampler(batches, group_size=per_camera, rank=r, world=world)
+    parts_sampler = [samplers.ShardedBatchSampler(batches, group_size=per_camera, rank=r, world=world)
                      for r in range(world)]
     parts = [list(p) for p in parts_sampler]
     assert all(len(p) == len(batches) for p in parts)
@@ -500,7 +502,7 @@ def test_sampler_within_keeps_groups_and_covers_each_batch(rng, world):
 @pytest.mark.parametrize("n_batches", [0, 1, 5, 8])
 def test_sampler_across_gives_disjoint_whole_batches(n_batches, world):
     batches = [list(range(64 * b, 64 * (b + 1))) for b in range(n_batches)]
-    parts = [D.ShardedBatchSampler(batches, split="across", rank=r, world=world) for r in range(world)]
+    parts = [samplers.ShardedBatchSampler(batches, split="across", rank=r, world=world) for r in range(world)]
     got = [list(p) for p in parts]
     steps = n_batches // world
     assert all(len(g) == steps == len(p) for g, p in zip(got, parts))
@@ -513,6 +515,6 @@ def test_sampler_across_gives_disjoint_whole_batches(n_batches, world):
 
 def test_sampler_forwards_epoch():
     inner = _ListSampler([[0, 1], [2, 3]])
-    sh = D.ShardedBatchSampler(inner, rank=1, world=2)
+    sh = samplers.ShardedBatchSampler(inner, rank=1, world=2)
     sh.set_epoch(3)
     assert inner.epoch == 3 and list(sh) == [[3001], [3003]] and len(sh) == 2

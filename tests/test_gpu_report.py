@@ -4,7 +4,7 @@ import pytest
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from iics_fast.gpu_report import KernelSpec, compile_report, innermost_loop, parse_sass  # noqa: E402
+from benchmarks.gpu_report import KernelSpec, compile_report, innermost_loop, parse_sass  # noqa: E402
 
 
 @triton.jit
@@ -41,14 +41,14 @@ def test_innermost_loop_picks_shortest_backward_branch():
 
 
 def _report(loop_len, name="k"):
-    from iics_fast.gpu_report import CompileReport
+    from benchmarks.gpu_report import CompileReport
 
     return CompileReport(name=name, arch=90, registers=32, spill_bytes=0, stack_bytes=0, shared_bytes=0,
                          num_warps=4, inner_loop={"FADD": loop_len}, inner_loop_len=loop_len)
 
 
 def test_estimate_takes_the_larger_of_issue_and_memory_bound():
-    from iics_fast.gpu_report import H100, estimate_time
+    from benchmarks.gpu_report import H100, estimate_time
 
     r = _report(10)
     # 1e12 elements, 40 per warp-iteration -> 0.25 instr/element -> 2.5e11 warp-instructions
@@ -62,7 +62,7 @@ def test_estimate_takes_the_larger_of_issue_and_memory_bound():
 
 
 def test_estimate_rejects_incomplete_work_model():
-    from iics_fast.gpu_report import estimate_time
+    from benchmarks.gpu_report import estimate_time
 
     with pytest.raises(ValueError, match="lacks"):
         estimate_time(_report(4), {"elements": 1})
@@ -71,7 +71,7 @@ def test_estimate_rejects_incomplete_work_model():
 
 
 def test_estimates_from_a_compiled_kernel_and_its_work_model():
-    from iics_fast.gpu_report import DATASET_SCALES, estimates
+    from benchmarks.gpu_report import DATASET_SCALES, estimates
 
     spec = KernelSpec("row_sum", _row_sum, {"x_ptr": "*fp32", "out_ptr": "*fp32", "n_cols": "i32"}, {"BLOCK": 256})
     r = compile_report(spec, 90)
@@ -90,7 +90,7 @@ def test_estimates_from_a_compiled_kernel_and_its_work_model():
 
 def test_work_model_of_the_fused_distance_kernel():
     pytest.importorskip("iics_fast.kernels.pairwise")
-    from iics_fast.gpu_report import DATASET_SCALES, all_specs, all_work_models
+    from benchmarks.gpu_report import DATASET_SCALES, all_specs, all_work_models
 
     specs = {s.name: s for s in all_specs()}
     models = all_work_models()

@@ -381,11 +381,12 @@ def test_bad_jaccard_inputs_raise():
 def test_kernels_compile_without_spills(arch):
     from concurrent.futures import ThreadPoolExecutor
 
-    from iics_fast.gpu_report import compile_report
+    from benchmarks.gpu_report import compile_report
+    from benchmarks.gpu_specs.pairwise import COMPILE_SPECS
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # each compile is a child process
-        reports = list(pool.map(lambda spec: compile_report(spec, arch), K.COMPILE_SPECS))
-    for spec, r in zip(K.COMPILE_SPECS, reports):
+        reports = list(pool.map(lambda spec: compile_report(spec, arch), COMPILE_SPECS))
+    for spec, r in zip(COMPILE_SPECS, reports):
         assert r.spill_bytes == 0, (spec.name, arch, r)
         assert 0 < r.registers <= 255
         assert r.inner_loop_len > 0

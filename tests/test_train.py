@@ -13,8 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 from iics_fast import train
-from iics_fast.trainer import (PHASES, adjusted_rand_index, batch_hard_triplet,
-                               normalized_mutual_info)
+from iics_fast.evaluation import adjusted_rand_index, normalized_mutual_info
+from iics_fast.losses import batch_hard_triplet
+from iics_fast.trainer import PHASES
 
 TINY = ["--dataset", "synthetic", "--dataset-options",
         json.dumps({"num_ids": 8, "num_test_ids": 4, "num_cameras": 2, "images_per_camera": [2, 3],

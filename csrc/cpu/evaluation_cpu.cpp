@@ -70,15 +70,11 @@ void rank_queries_cpu(const float* dist, int64_t ld, int64_t nq, int64_t ng, con
   // Threads only pay off beyond tiny blocks (a parallel region costs microseconds to ms).
   const bool parallel = nq > 1 && nq * ng >= (int64_t{1} << 16);
   (void)parallel;
-#ifdef IICS_WITH_OPENMP
 #pragma omp parallel if (parallel)
-#endif
   {
     std::vector<uint64_t> hits;
     std::vector<int64_t> before;
-#ifdef IICS_WITH_OPENMP
 #pragma omp for schedule(dynamic, 16)
-#endif
     for (int64_t i = 0; i < nq; ++i) {
       const float* row = dist + i * ld;
       const int64_t p = qp[i], c = qc[i];

@@ -104,14 +104,10 @@ void pairwise_jaccard_cpu(const float* a, int64_t m, int64_t lda, const float* s
                           const float* b, int64_t p, int64_t ldb, const float* sb, int64_t d,
                           float* out, int64_t ldo) {
   const int64_t tm = (m + kMB - 1) / kMB, tp = (p + kNB - 1) / kNB;
-#ifdef IICS_WITH_OPENMP
 #pragma omp parallel
-#endif
   {
     std::vector<float> smin(kMB * kNB);
-#ifdef IICS_WITH_OPENMP
 #pragma omp for schedule(dynamic, 1)
-#endif
     for (int64_t t = 0; t < tm * tp; ++t) {
       const int64_t i0 = (t / tp) * kMB, j0 = (t % tp) * kNB;
       const int64_t i1 = std::min(m, i0 + kMB), j1 = std::min(p, j0 + kNB);
@@ -134,14 +130,10 @@ void inter_camera_rows_cpu(const float* scores, int64_t lds, const float* rowsum
     for (int64_t j0 = i0; j0 < n; j0 += kNB) tiles.emplace_back(i0, j0);
   const bool need_l1 = mode != InterCameraMode::kFeature;
   const bool masked = mode == InterCameraMode::kEq5;
-#ifdef IICS_WITH_OPENMP
 #pragma omp parallel
-#endif
   {
     std::vector<float> smin(kMB * kNB);
-#ifdef IICS_WITH_OPENMP
 #pragma omp for schedule(dynamic, 1)
-#endif
     for (size_t t = 0; t < tiles.size(); ++t) {
       const int64_t i0 = tiles[t].first, j0 = tiles[t].second;
       const int64_t i1 = std::min(r1, i0 + kMB), j1 = std::min(n, j0 + kNB);

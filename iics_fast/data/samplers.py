@@ -4,10 +4,13 @@ Both are batch samplers (give them to `DataLoader(batch_sampler=...)`) that yiel
 `(index, sample_seed)` pairs; `ImageDataset` seeds each sample's augmentation with its
 `sample_seed`. Everything an epoch draws comes from `np.random.default_rng([seed, epoch])`, so
 the state of a sampler is just `{"seed", "epoch"}` and a resumed run replays the same batches.
+`ShardedBatchSampler` gives each process of a torchrun launch its part of every batch.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from iics_fast import distributed as D
 
 
 class _SeededBatchSampler:
@@ -138,3 +141,92 @@ class PKBatchSampler(_SeededBatchSampler):
                 taken[c] += 1
             batches.append(batch)
         return batches
+
+
+def group_share(n_groups: int, rank: int, world: int) -> range:
+    """The contiguous groups ceil(rank G / world) .. ceil((rank + 1) G / world) - 1 of G groups
+    that rank `rank` of `world` takes (see ShardedBatchSampler, split="within")."""
+    return range(-(-rank * n_groups // world), -(-(rank + 1) * n_groups // world))
+
+
+def _split_units(batch, group_size):
+    if len(batch) % group_size:
+        raise ValueError(f"a batch of {len(batch)} items is not a whole number of groups of "
+                         f"{group_size}: pass the sampler's group size (per_camera, or K of P x K)")
+    return [batch[i:i + group_size] for i in range(0, len(batch), group_size)]
+
+
+class ShardedBatchSampler:
+    """Gives this rank its part of a batch sampler (any iterable of lists of indices, or of
+    `(index, seed)` pairs: items are passed through untouched).
+
+    split="within" (default): every global batch is cut into `world` parts of whole groups of
+    `group_size` consecutive items, rank r taking groups ceil(r G / world) .. ceil((r+1) G / world) - 1
+    of the G groups (contiguous, counts differ by at most one): the ranks' parts of a step are disjoint and together are exactly the
+    global batch, so the global batch size and the learning rate stay those of one process.
+    With the stage-1 camera sampler use group_size = per_camera (each camera's images stay on
+    one rank, whose batch-norm statistics then stay per camera); with a P x K sampler use
+    group_size = K (an identity's K images stay together, so in-batch positives for triplet
+    losses exist on the rank). Every batch needs at least `world` groups.
+
+    split="across": rank r takes the global batches r, r + world, r + 2 world, ...; the tail
+    that does not fill all ranks is dropped so that every rank runs the same number of steps.
+    Each step then processes world x the batch: by the linear scaling rule multiply the learning
+    rate by `world` (with a warm-up), or keep it and accept 1/world of the steps per epoch.
+
+    `set_epoch`, `state_dict` and `load_state_dict` are forwarded to the wrapped sampler, so a
+    seeded sampler yields the same global batches on every rank."""
+
+    def __init__(self, batch_sampler, *, split="within", group_size=1, rank=None, world=None):
+        if split not in ("within", "across"):
+            raise ValueError(f"split must be 'within' or 'across', got {split!r}")
+        group_size = int(group_size)
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.sampler = batch_sampler
+        self.split = split
+        self.group_size = group_size
+        self.world = D.world_size() if world is None else int(world)
+        self.rank = D.rank() if rank is None else int(rank)
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise ValueError(f"need world >= 1 and 0 <= rank < world, got rank={self.rank}, world={self.world}")
+
+    def __len__(self):
+        n = len(self.sampler)
+        return n if self.split == "within" else n // self.world
+
+    def __iter__(self):
+        if self.split == "across":
+            it = iter(self.sampler)
+            while True:
+                step = []
+                for _ in range(self.world):
+                    try:
+                        step.append(next(it))
+                    except StopIteration:
+                        return
+                yield list(step[self.rank])
+            return
+        for batch in self.sampler:
+            units = _split_units(list(batch), self.group_size)
+            if len(units) < self.world:
+                raise ValueError(f"a batch of {len(units)} groups cannot give each of {self.world} "
+                                 f"ranks a share: use split='across' or a larger batch")
+            share = self.share(len(units))
+            yield [item for unit in units[share.start:share.stop] for item in unit]
+
+    def share(self, n_groups: int) -> range:
+        """Positions of the groups this rank gets of a batch of `n_groups` groups (split="within"):
+        with the camera sampler, which cameras' chunks (hence which per-camera heads) are here."""
+        return group_share(n_groups, self.rank, self.world)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(state)

@@ -2,6 +2,7 @@
 
     build_backbone(arch="resnet50", pretrained=None, init_alpha=0.1, last_stride=1)  # .out_dim
     ClassifierHead(in_dim, num_classes)    # BatchNorm1d (bias frozen at 0) -> Linear, no bias
+    FeatureAndLogits(backbone, head)       # forward(x) -> (pooled feature, logits)
     aibn_alphas(model)                     # distinct AIBN alphas (9 for ResNet-50, 4 for ResNet-18)
     load_pretrained(model, path)           # torchvision-format ImageNet state dict
 """
@@ -10,10 +11,10 @@ from __future__ import annotations
 from torch import nn
 
 from iics_fast.models.aibn import AIBN2d
-from iics_fast.models.heads import ClassifierHead
+from iics_fast.models.heads import ClassifierHead, FeatureAndLogits
 from iics_fast.models.resnet import ARCHS, ResNet, load_pretrained
 
-__all__ = ["AIBN2d", "ClassifierHead", "ResNet", "build_backbone", "aibn_alphas", "load_pretrained"]
+__all__ = ["AIBN2d", "ClassifierHead", "FeatureAndLogits", "ResNet", "build_backbone", "aibn_alphas", "load_pretrained"]
 
 
 def build_backbone(arch: str = "resnet50", pretrained=None, init_alpha: float = 0.1, last_stride: int = 1) -> ResNet:

@@ -10,6 +10,8 @@ import functools
 import torch
 from torch import nn
 
+from iics_fast.norm_sync import batch_sums
+
 
 class AIBN2d(nn.Module):
     """Adaptive instance-batch normalisation over (N, C, H, W).
@@ -22,9 +24,9 @@ class AIBN2d(nn.Module):
     (the reference starts running_var at 0; pretrained weights overwrite both either way).
     Inputs with H*W < 2 are refused: the unbiased instance variance is undefined there.
     sum_ranks: None, or an in-place sum of a tensor over the ranks of a process group
-    (`iics_fast.distributed.synced_batch_stats` sets torch.distributed.all_reduce): in training the
+    (`iics_fast.norm_sync.synced_batch_stats` sets torch.distributed.all_reduce): in training the
     batch statistics are then those of every rank's samples together (fused kernels on CUDA,
-    `aibn_ref` with `distributed.batch_sums` elsewhere).
+    `aibn_ref` with `norm_sync.batch_sums` elsewhere).
     """
 
     def __init__(self, num_features: int, alpha: nn.Parameter | None = None, init_alpha: float = 0.1,
@@ -58,8 +60,6 @@ class AIBN2d(nn.Module):
         if self.training and self.sum_ranks is not None:
             if x.is_cuda:
                 return aibn(*args, sum_ranks=self.sum_ranks)
-            from iics_fast.distributed import batch_sums
-
             return aibn_ref(*args, batch_sums=functools.partial(batch_sums, sum_ranks=self.sum_ranks))
         return (aibn if x.is_cuda else aibn_ref)(*args)
 

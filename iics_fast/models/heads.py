@@ -20,3 +20,15 @@ class ClassifierHead(nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.bn(f))
+
+
+class FeatureAndLogits(nn.Module):
+    """Backbone + head as one module (one DDP forward in stage 2): (pooled feature, logits)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor):
+        f = self.backbone(x)
+        return f, self.head(f)

@@ -6,8 +6,8 @@ follow the original IICS code path step by step, dense N x N matrices included:
 * inter-camera similarity: ``1 - x x^T`` as a dense matrix, the generalised Jaccard of the
   per-camera softmax scores by a row loop (for each row, N x D |a - b| and a + b temporaries
   against all rows, then two row sums), a dense cross-camera mask from tiled camera ids, and
-  ``dist -= mask * J * mu`` (DESIGN.md section 1, Eq. 5);
-* k-reciprocal re-ranking (Zhong et al., CVPR 2017) with the IICS changes (DESIGN.md section 3):
+  ``dist -= mask * J * mu`` (the paper's Eq. 5);
+* k-reciprocal re-ranking (Zhong et al., CVPR 2017) with the IICS changes (see iics_fast.rerank):
   column min-max normalisation then transpose, a full N x N argsort, dense float16 V and query
   expansion, Jaccard through an inverted index, negatives clamped to 0;
 * average-linkage clustering with scikit-learn's ``AgglomerativeClustering`` on the dense
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from iics_fast.pipeline import cluster_count
 
 __all__ = [
     "reference_cosine_distance",
@@ -183,10 +185,9 @@ def reference_cluster(dist, n_clusters):
 
 
 def reference_intra_camera(features, camids, k_intra=600):
-    """Per camera: dense cosine distance, then average linkage into min(k_intra) clusters.
-
-    A camera with fewer than ``k_intra`` images gets ``max(1, n_c // 2)`` clusters. Returns
-    global labels (cluster ids offset camera by camera), int64 (n,).
+    """Per camera: dense cosine distance, then average linkage into
+    ``pipeline.cluster_count(n_c, k_intra)`` clusters. Returns global labels (cluster ids
+    offset camera by camera), int64 (n,).
     """
     features = _as_2d_float("features", features)
     camids = np.asarray(camids)
@@ -194,7 +195,7 @@ def reference_intra_camera(features, camids, k_intra=600):
     offset = 0
     for cam in np.unique(camids):
         idx = np.flatnonzero(camids == cam)
-        k = k_intra if idx.size >= k_intra else max(1, idx.size // 2)
+        k = cluster_count(idx.size, k_intra)
         if idx.size == 1:
             labels[idx] = offset
         else:

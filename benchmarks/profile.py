@@ -1,21 +1,25 @@
 """Profile one IICS clustering round at dataset scale, beside the reference pipeline.
 
-    python -m iics_fast.profile --scale msmt17          # N=32,621, C=15, D=9,000, k_inter=1,200
-    python -m iics_fast.profile --scale market1501      # N=12,936, C=6
-    python -m iics_fast.profile --scale 2000            # any N (C=6 unless --cameras)
+    python -m benchmarks.profile --scale msmt17          # N=32,621, C=15, D=9,000, k_inter=1,200
+    python -m benchmarks.profile --scale market1501      # N=12,936, C=6
+    python -m benchmarks.profile --scale 2000            # any N (C=6 unless --cameras)
 
 The round runs on synthetic data of the real shapes: identities seen by several cameras with a
 per-camera offset (L2-normalised, d=2048), and per-camera softmax scores from a simulated
 stage-1 classifier (one head a camera over that camera's intra-camera clusters, peaked
 softmaxes; D = sum of the heads' sizes = C x 600 at dataset scale). Phases:
 
-    extract (simulated) -> intra-camera clustering (cosine + average linkage, per camera)
-    -> scores (simulated) -> inter-camera similarity (fused Eq. 5, condensed)
-    -> re-ranking (condensed) -> merge (average linkage, in place, k_inter clusters)
+    extract (simulated) -> intra-camera clustering (per camera) -> scores (simulated)
+    -> inter-camera similarity (fused Eq. 5, condensed) -> re-ranking (condensed, in place)
+    -> merge (average linkage, in place, k_inter clusters)
+
+The clustering phases are `iics_fast.pipeline`'s functions with the trainer's default settings
+(re-ranking on or off as `python -m iics_fast.train` runs by default), so what is timed is what a
+default training round runs. Run it from the repository root.
 
 Each phase reports wall time and peak resident memory (VmHWM, reset per phase through
 /proc/self/clear_refs; a sampling thread where that is unavailable). The same phases of the
-reference pipeline (iics_fast.baselines) run at sizes whose dense N x N matrices fit the memory
+reference pipeline (benchmarks/reference.py) run at sizes whose dense N x N matrices fit the memory
 cap (--reference-max-gb); their growth exponents (log-log slope of time and memory against N)
 extrapolate them to the target N, and every extrapolated figure is labelled so. The reference's
 Jaccard row loop, whose cost per row is constant, is timed on --reference-rows rows and scaled.
@@ -37,6 +41,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
+
+from iics_fast import pipeline
 
 #: name -> (images N, cameras C, inter-camera clusters k_inter)
 SCALES = {
@@ -88,7 +95,6 @@ class PhaseResult:
     time_s: float
     peak_mb: float  # process peak RSS during the phase
     delta_mb: float  # peak RSS above the RSS at the phase's start: what the phase itself needs
-    status: str = "ok"
     note: str = ""
 
 
@@ -148,11 +154,6 @@ def synthetic_features(n: int, cameras: int, seed: int = 0, dim: int = FEATURE_D
     return feats, camids, ids
 
 
-def intra_cluster_count(n_c: int, k_intra: int = K_INTRA) -> int:
-    """Clusters for a camera with n_c images: k_intra, or max(1, n_c // 2) when it has fewer."""
-    return k_intra if n_c >= k_intra else max(1, n_c // 2)
-
-
 def synthetic_scores(features, camids, heads, temperature: float = 30.0):
     """Per-camera softmax scores: camera c's head holds unit prototypes (k_c, d); logits are
     temperature x cosine, softmaxed per head and concatenated: float32 (n, sum k_c)."""
@@ -186,105 +187,63 @@ def heads_from_labels(features, camids, labels):
 
 
 def heads_from_samples(features, camids, k_intra=K_INTRA, seed=0):
-    """One head a camera of intra_cluster_count(n_c) prototypes drawn from that camera's images
+    """One head a camera of pipeline.cluster_count(n_c) prototypes drawn from that camera's images
     (with replacement where it has fewer): the scores' shape without running the clustering."""
     rng = np.random.default_rng(seed)
     heads = []
     for cam in np.unique(camids):
         idx = np.flatnonzero(camids == cam)
-        k = intra_cluster_count(len(idx), k_intra)
+        k = pipeline.cluster_count(len(idx), k_intra)
         heads.append(features[rng.choice(idx, size=k, replace=len(idx) < k)])
     return heads
 
 
-def _ours():
-    """The package's fast operations by name; a missing one maps to its ImportError."""
-    ops = {}
-    for key, module, attr in (("agglomerative", "iics_fast.cluster", "agglomerative"),
-                              ("k_reciprocal", "iics_fast.rerank", "k_reciprocal"),
-                              ("similarity", "iics_fast.similarity", "inter_camera_distance")):
-        try:
-            ops[key] = getattr(__import__(module, fromlist=[attr]), attr)
-        except ImportError as exc:
-            ops[key] = exc
-    return ops
-
-
-def _numpy(x):
-    """NumPy view of an ndarray or a CPU torch tensor (no copy)."""
-    return x.numpy() if hasattr(x, "numpy") and not isinstance(x, np.ndarray) else x
-
-
 def run_ours(n, cameras, k_inter, seed=0, k_intra=K_INTRA, log=print):
-    """One round through iics_fast's operations; returns (PhaseResults, info dict).
-
-    A phase whose operation is not importable is recorded as unavailable; the round goes on
-    where it can (scores from sampled prototypes without intra labels; nothing after a missing
-    similarity or re-ranking).
-    """
+    """One round through `iics_fast.pipeline`, called as the trainer calls it with its default
+    settings (`train.DEFAULTS`): returns (PhaseResults, info dict). The merge is timed apart
+    from the re-ranking: `cluster_distance` is exactly `rerank_distance` then `merge`."""
+    rerank, _ = _trainer_settings()
     res: list[PhaseResult] = []
-    ops = _ours()
-
-    def missing(name, why):
-        res.append(PhaseResult(name, None, None, None, "unavailable", why))  # null in the JSON record
-        log(f"  {name:21s} unavailable: {why}")
-
     with meter("extract", res, "simulated: synthetic features"):
         feats, camids, _ = synthetic_features(n, cameras, seed)
+        feats = torch.from_numpy(feats)
     log(f"  extract (simulated)   {res[-1].time_s:8.2f} s")
-    labels = None
-    absent = [str(ops[k]) for k in ("similarity", "agglomerative") if isinstance(ops[k], Exception)]
-    if absent:
-        missing("intra", "; ".join(absent))
-    else:
-        with meter("intra", res, f"per camera: cosine + average linkage into {k_intra}"):
-            labels = np.empty(n, dtype=np.int64)
-            offset = 0
-            for cam in np.unique(camids):
-                idx = np.flatnonzero(camids == cam)
-                k = intra_cluster_count(len(idx), k_intra)
-                if len(idx) == 1:
-                    labels[idx] = offset
-                else:
-                    cos = _numpy(ops["similarity"](feats[idx], None, camids[idx], out="condensed", mode="feature"))
-                    labels[idx] = offset + np.asarray(ops["agglomerative"](cos, n_clusters=k, inplace=True))
-                offset += k
-        log(f"  intra                 {res[-1].time_s:8.2f} s")
-    if labels is not None:
-        with meter("scores", res, "simulated: per-camera softmax heads over the intra clusters"):
-            scores = synthetic_scores(feats, camids, heads_from_labels(feats, camids, labels))
-    else:
-        with meter("scores", res, "simulated: per-camera softmax heads over sampled prototypes"):
-            scores = synthetic_scores(feats, camids, heads_from_samples(feats, camids, k_intra, seed))
+    how = "re-ranked" if rerank else "cosine"
+    with meter("intra", res, f"per camera: {how} + average linkage into {k_intra}"):
+        labels = pipeline.intra_camera_labels(feats, camids, k_intra, rerank=rerank)
+    log(f"  intra                 {res[-1].time_s:8.2f} s")
+    with meter("scores", res, "simulated: per-camera softmax heads over the intra clusters"):
+        scores = synthetic_scores(feats.numpy(), camids, heads_from_labels(feats.numpy(), camids, labels))
+        scores = torch.from_numpy(scores)
     log(f"  scores (simulated)    {res[-1].time_s:8.2f} s   D = {scores.shape[1]}")
     info = {"D": int(scores.shape[1])}
-    if isinstance(ops["similarity"], Exception):
-        for name in ("similarity", "rerank", "merge"):
-            missing(name, str(ops["similarity"]) if name == "similarity" else "needs the similarity")
-        return res, info
     with meter("similarity", res, "fused Eq. 5, condensed"):
-        dist = _numpy(ops["similarity"](feats, scores, camids, MU, out="condensed"))
+        dist = pipeline.inter_camera_distance(feats, scores, camids, MU).numpy()
     log(f"  similarity            {res[-1].time_s:8.2f} s")
     del scores
-    if isinstance(ops["k_reciprocal"], Exception):
-        missing("rerank", str(ops["k_reciprocal"]))
-        missing("merge", "needs the re-ranking")
-        return res, info
-    with meter("rerank", res, "k-reciprocal, condensed in place"):
-        dist = _numpy(ops["k_reciprocal"](dist, k1=20, k2=6, lambda_value=0.3, out=dist))
+    with meter("rerank", res, "k-reciprocal, condensed in place" if rerank else "off (the trainer's default)"):
+        pipeline.rerank_distance(dist, rerank)
     log(f"  rerank                {res[-1].time_s:8.2f} s")
-    if isinstance(ops["agglomerative"], Exception):
-        missing("merge", str(ops["agglomerative"]))
-        return res, info
     with meter("merge", res, f"average linkage in place into {k_inter}"):
-        final = ops["agglomerative"](dist, n_clusters=k_inter, inplace=True)
-    log(f"  merge                 {res[-1].time_s:8.2f} s   clusters = {len(np.unique(np.asarray(final)))}")
+        final = pipeline.merge(dist, k_inter)
+    log(f"  merge                 {res[-1].time_s:8.2f} s   clusters = {len(np.unique(final))}")
     return res, info
+
+
+def _trainer_settings():
+    """(rerank parameters or None, k_intra) of a default training run."""
+    from iics_fast.train import DEFAULTS
+
+    rerank = None
+    if DEFAULTS["similarity"][0] == "rerank":
+        rerank = {"k1": DEFAULTS["rerank_k1"][0], "k2": DEFAULTS["rerank_k2"][0],
+                  "lambda_value": DEFAULTS["rerank_lambda"][0]}
+    return rerank, DEFAULTS["k_intra"][0]
 
 
 # --------------------------------------------------------------------------- reference pipeline
 #: bytes per N^2 of the dense arrays each reference phase holds at its peak, counted from the
-#: code (iics_fast.baselines): similarity = distance + Jaccard (float32) + tiled camera ids
+#: code (benchmarks/reference.py): similarity = distance + Jaccard (float32) + tiled camera ids
 #: (int64) + mask + two product temporaries (float32); rerank = shifted and normalised copies
 #: (float32) + V (float16) + the int64 argsort and its int32 copy; merge = scikit-learn's two
 #: int64 triu_indices arrays + the condensed copy + SciPy's float64 condensed matrix.
@@ -307,7 +266,7 @@ def _warm_up_reference():
     if _warm:
         return
     _warm = True
-    from iics_fast import baselines as B
+    from benchmarks import reference as B
 
     f, c, _ = synthetic_features(40, 2, 0, dim=16)
     dist = B.reference_inter_camera_distance(f, np.abs(f), c, MU)
@@ -317,7 +276,7 @@ def _warm_up_reference():
 def run_reference_inter(n, cameras, d_heads, k_inter, seed=0, rows=16, log=print):
     """The reference's similarity, re-ranking and merge at size n; the Jaccard row loop on
     `rows` rows, scaled to n. Scores have the target's head sizes (`d_heads`, one a camera)."""
-    from iics_fast import baselines as B
+    from benchmarks import reference as B
 
     _warm_up_reference()
     feats, camids, _ = synthetic_features(n, cameras, seed)
@@ -354,7 +313,7 @@ def run_reference_inter(n, cameras, d_heads, k_inter, seed=0, rows=16, log=print
 
 def run_reference_intra(n, cameras, seed=0, k_intra=K_INTRA):
     """The reference's intra-camera clustering at the full size (per-camera matrices are small)."""
-    from iics_fast import baselines as B
+    from benchmarks import reference as B
 
     feats, camids, _ = synthetic_features(n, cameras, seed)
     res: list[PhaseResult] = []
@@ -435,7 +394,7 @@ def _plot(record, path):
             if ref:  # the figure the table reports at the target N
                 ax.plot([n_target], [ref[key]], "s" if ref["extrapolated"] else "o", color=c, mfc="none", ms=9,
                         label=f"reference {phase} at N={n_target} ({'extrapolated' if ref['extrapolated'] else 'measured'})")
-            ours = next((p for p in record["phases"] if p["name"] == phase and p["status"] == "ok"), None)
+            ours = next((p for p in record["phases"] if p["name"] == phase), None)
             if ours:
                 ax.plot([n_target], [max(ours[key], 1e-3)], "*", ms=14, color=c, label=f"iics_fast {phase}")
         ax.set_xscale("log")
@@ -457,9 +416,6 @@ def _table(record):
     at = record["reference"]["at_target"]
     for p in record["phases"]:
         name = p["name"] + (" (simulated)" if p["name"] in SIMULATED else "")
-        if p["status"] != "ok":
-            lines.append(f"{name:22s} {'unavailable':>11s}  ({p['note']})")
-            continue
         row = f"{name:22s} {p['time_s']:11.2f} {p['peak_mb']:9.0f} {p['delta_mb']:8.0f} |"
         ref = at.get(p["name"])
         if ref:
@@ -481,11 +437,11 @@ def profile(n, cameras, k_inter, scale_name=None, reference_sizes=None, referenc
     log(f"iics_fast round at {scale_name}: N={n}, C={cameras}, k_intra={K_INTRA}, k_inter={k_inter}")
     ours, info = run_ours(n, cameras, k_inter, seed, log=log)
     feats, camids, _ = synthetic_features(n, cameras, seed)
-    d_heads = [intra_cluster_count(int((camids == c).sum())) for c in range(cameras)]
+    d_heads = [pipeline.cluster_count(int((camids == c).sum()), K_INTRA) for c in range(cameras)]
     del feats
-    d = info["D"] or sum(d_heads)
+    d = info["D"]
     record = {"scale": scale_name, "N": n, "C": cameras, "D": d, "k_intra": K_INTRA, "k_inter": k_inter,
-              "machine": machine_info(), "command": "python -m iics_fast.profile " + " ".join(sys.argv[1:]),
+              "machine": machine_info(), "command": "python -m benchmarks.profile " + " ".join(sys.argv[1:]),
               "phases": [asdict(p) for p in ours],
               "reference": {"measured": [], "fit": {}, "at_target": {}, "rows_timed": reference_rows}}
     if reference:
@@ -523,8 +479,8 @@ def profile(n, cameras, k_inter, scale_name=None, reference_sizes=None, referenc
                 record["reference"]["at_target"][phase] = {
                     "time_s": tp * n**ta, "delta_mb": max(mp * n**ma, floor_mb), "extrapolated": True,
                     "fit_delta_mb": mp * n**ma, "dense_floor_mb": floor_mb}
-    ok = [p for p in ours if p.name in COMPARED and p.status == "ok"]
-    totals = {"ours_time_s": sum(p.time_s for p in ok), "ours_peak_mb": max((p.peak_mb for p in ours if p.status == "ok"), default=0.0)}
+    totals = {"ours_time_s": sum(p.time_s for p in ours if p.name in COMPARED),
+              "ours_peak_mb": max(p.peak_mb for p in ours)}
     at = record["reference"]["at_target"]
     if all(ph in at for ph in COMPARED):
         totals["reference_time_s"] = sum(at[ph]["time_s"] for ph in COMPARED)

@@ -4,9 +4,12 @@
 machine; Triton's bundled `cuobjdump` then gives registers, spills (local memory) and shared
 memory, and the SASS, from which the instruction mix of the innermost loop is counted.
 
-    python -m iics_fast.gpu_report            # every kernel of iics_fast.kernels, sm_80 and sm_90
-    python -m iics_fast.gpu_report --estimate # plus H100 time estimates at the dataset scales
-    python -m iics_fast.gpu_report --arch 90 --estimate --only inter_camera   # one kernel family
+    python -m benchmarks.gpu_report            # every kernel of iics_fast.kernels, sm_80 and sm_90
+    python -m benchmarks.gpu_report --estimate # plus H100 time estimates at the dataset scales
+    python -m benchmarks.gpu_report --arch 90 --estimate --only inter_camera   # one kernel family
+
+(run from the repository root). The kernels' compile specs and work models are in
+benchmarks/gpu_specs/<kernel>.py.
 
 H100 estimates. From the sm_90 compile, the estimate of a kernel at a dataset scale is the larger
 of an issue-bound time (inner-loop SASS instructions per element against the H100's issue rate:
@@ -15,7 +18,7 @@ time (bytes moved at ~3.35 TB/s HBM3). It counts the innermost loop only, so it 
 for kernels whose work is outside that loop, and an upper bound on issue for tensor-core loops
 (one HMMA covers many elements: say so through ``elements_per_iteration``).
 
-Work-model contract. A kernel module may define, beside ``COMPILE_SPECS``,
+Work-model contract. A spec module may define, beside ``COMPILE_SPECS``,
 
     WORK_MODELS: dict[str, Callable[[dict], dict]]     # KernelSpec.name -> model
 
@@ -45,8 +48,9 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-#: kernel modules that expose COMPILE_SPECS (a list of KernelSpec)
-KERNEL_MODULES = ("iics_fast.kernels.pairwise", "iics_fast.kernels.aibn")
+#: spec modules that expose COMPILE_SPECS (a list of KernelSpec), one a kernel module
+KERNEL_MODULES = ("benchmarks.gpu_specs.pairwise", "benchmarks.gpu_specs.aibn")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -158,8 +162,8 @@ def compile_report(spec: KernelSpec, arch: int) -> CompileReport:
     }
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "iics_fast.gpu_report", "--compile-job"],
-        input=json.dumps(job), capture_output=True, text=True, env=env,
+        [sys.executable, "-m", "benchmarks.gpu_report", "--compile-job"],
+        input=json.dumps(job), capture_output=True, text=True, env=env, cwd=ROOT,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"compiling {spec.name} for sm_{arch} failed:\n{proc.stderr[-4000:]}")
@@ -196,11 +200,11 @@ def _kernel_modules():
 
 
 def all_specs() -> list[KernelSpec]:
-    """COMPILE_SPECS of every kernel module that is present."""
+    """COMPILE_SPECS of every spec module that is present."""
     return [spec for module in _kernel_modules() for spec in module.COMPILE_SPECS]
 
 
-#: the dataset scales estimates are made at (DESIGN.md: D = C x 600, d = 2048)
+#: the dataset scales estimates are made at (D = C x 600 score dims, d = 2048 feature dims)
 DATASET_SCALES = (
     {"name": "market1501", "N": 12936, "C": 6, "D": 3600, "d": 2048, "batch": 64},
     {"name": "dukemtmc", "N": 16522, "C": 8, "D": 4800, "d": 2048, "batch": 64},
@@ -243,7 +247,7 @@ def estimate_time(report: CompileReport, work: dict, scale_name: str = "", devic
     missing = {"elements", "elements_per_iteration", "bytes"} - set(work)
     if missing:
         raise ValueError(f"work model for {report.name} lacks {sorted(missing)}; see the WORK_MODELS contract "
-                         "in the iics_fast.gpu_report docstring")
+                         "in the benchmarks.gpu_report docstring")
     if report.inner_loop_len <= 0:
         raise ValueError(f"{report.name}: no inner loop found in the SASS, so no instructions per element")
     per_iter = float(work["elements_per_iteration"])

@@ -4,7 +4,7 @@ import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from iics_fast.baselines import (
+from benchmarks.reference import (
     reference_cluster,
     reference_inter_camera_distance,
     reference_intra_camera,

@@ -1,0 +1,117 @@
+"""The clustering steps of one IICS round as plain functions, shared by the trainer, the profiler
+(benchmarks/profile.py) and the tests, so that what is timed is what is trained.
+
+    intra_camera_labels(features, camids, k_intra=600)           # per camera, labels 0.. each
+        = intra_camera_distance(camera's features) -> cluster_distance(...)
+    inter_camera_distance(features, scores, camids, mu)          # Eq. 5, condensed
+    cluster_distance(dist, k=800)                                # re-rank, then average linkage
+        = rerank_distance(dist, rerank) -> merge(dist, k | threshold)
+
+Distances are condensed (SciPy `pdist` order) float32. The distance builds take torch tensors on
+any device and return them there; the re-ranking and the merge run on the host, in place on the
+buffer (a device tensor is copied to the host once). `rerank` is None (plain distance) or a
+mapping of `k_reciprocal`'s parameters k1, k2, lambda_value.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import cluster, distributed, rerank as _rerank, similarity
+
+#: the reference's re-ranking parameters (k1, k2, lambda)
+RERANK = {"k1": 20, "k2": 6, "lambda_value": 0.3}
+
+
+def cluster_count(n_c: int, k_intra: int) -> int:
+    """Intra-camera clusters of a camera with n_c images: k_intra, or max(1, n_c // 2) when the
+    camera has fewer images (each camera on its own; see docs/deviations.md)."""
+    return k_intra if n_c >= k_intra else max(1, n_c // 2)
+
+
+def _host(dist) -> np.ndarray:
+    """A writable host NumPy view of a condensed distance (a device tensor is copied once)."""
+    if isinstance(dist, torch.Tensor):
+        return dist.detach().cpu().numpy()
+    return np.asarray(dist)
+
+
+def rerank_distance(dist: np.ndarray, rerank=None) -> np.ndarray:
+    """k-reciprocal re-ranking of the condensed `dist` in place (nothing when rerank is None)."""
+    if rerank is not None:
+        _rerank.k_reciprocal(dist, **dict(rerank), out=dist)
+    return dist
+
+
+def threshold(dist: np.ndarray, quantile: float) -> float:
+    """The distance at `quantile` of the pairwise distances (see `cluster.quantile_threshold`)."""
+    return cluster.quantile_threshold(dist, quantile)
+
+
+def merge(dist: np.ndarray, k: int | None = None, quantile: float | None = None) -> np.ndarray:
+    """Average-linkage labels of the condensed `dist` (destroyed): k clusters, or every merge
+    below the distance at `quantile` when k is None."""
+    if quantile is None:
+        return np.asarray(cluster.agglomerative(dist, n_clusters=k, inplace=True))
+    return np.asarray(cluster.agglomerative(dist, distance_threshold=threshold(dist, quantile),
+                                            inplace=True))
+
+
+def cluster_distance(dist, *, k: int | None = None, quantile: float | None = None,
+                     rerank=None) -> np.ndarray:
+    """One clustering of a round: re-rank (optional) then average linkage, in place on `dist`."""
+    if (k is None) == (quantile is None):
+        raise ValueError("give exactly one of k (a cluster count) and quantile (a threshold)")
+    dist = rerank_distance(_host(dist), rerank)
+    return merge(dist, k, quantile)
+
+
+def intra_camera_distance(features: torch.Tensor) -> torch.Tensor:
+    """Condensed 1 - cos of one camera's features (normalised here), on their device."""
+    return similarity.inter_camera_distance(features, None, torch.zeros(len(features),
+                                                                        dtype=torch.int64),
+                                            mode="feature")
+
+
+def intra_camera_labels(features: torch.Tensor, camids: np.ndarray, k_intra: int | None = 600,
+                        *, quantile: float | None = None, rerank=None, progress=None) -> np.ndarray:
+    """Per camera: 1 - cos, optional re-ranking, average linkage into `cluster_count(n_c,
+    k_intra)` clusters (or by the threshold at `quantile` with k_intra None). Labels are 0-based
+    within each camera (int64, one per sample). `progress`: optional wrapper of the camera loop."""
+    camids = np.asarray(camids)
+    labels = np.zeros(len(camids), dtype=np.int64)
+    cameras = np.unique(camids)
+    for c in (progress(cameras) if progress is not None else cameras):
+        idx = np.flatnonzero(camids == c)
+        if len(idx) < 2:
+            continue  # one image: one cluster
+        k = None if quantile is not None else cluster_count(len(idx), k_intra)
+        dist = intra_camera_distance(features[torch.from_numpy(idx)])
+        labels[idx] = cluster_distance(dist, k=k, quantile=quantile, rerank=rerank)
+    return labels
+
+
+def inter_camera_distance(features: torch.Tensor, scores: torch.Tensor, camids, mu: float,
+                          mode: str = "eq5"):
+    """Condensed inter-camera distance of Eq. 5 (or an ablation `mode`: "feature", "jaccard").
+    Under several processes every rank builds its share of the rows and rank 0 receives the
+    whole vector (None on the other ranks; inputs on the process group's device)."""
+    if distributed.world_size() > 1:
+        return similarity.sharded_inter_camera_distance(features, scores, camids, mu, mode=mode)
+    return similarity.inter_camera_distance(features, scores, camids, mu, out="condensed",
+                                            mode=mode)
+
+
+def inter_camera_labels(features, scores, camids, mu: float, *, mode: str = "eq5",
+                        k: int | None = 800, quantile: float | None = None, rerank=None):
+    """Inter-camera pseudo labels: `inter_camera_distance` then `cluster_distance` (on rank 0
+    under several processes, its labels broadcast)."""
+    dist = inter_camera_distance(features, scores, camids, mu, mode)
+    labels = None if dist is None else cluster_distance(dist, k=k, quantile=quantile,
+                                                         rerank=rerank)
+    return distributed.broadcast_object(labels)
+
+
+__all__ = ["RERANK", "cluster_count", "rerank_distance", "threshold", "merge",
+           "cluster_distance", "intra_camera_distance", "intra_camera_labels",
+           "inter_camera_distance", "inter_camera_labels"]
