@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+
+from .checkpoint import atomic_write_text
 
 #: setting -> its arguments of `python -m iics_fast.train` (in table order)
 SETTINGS = {
@@ -49,7 +52,8 @@ def settings(extra: list[str]) -> dict:
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+    """A folder name for a setting: its words joined by '-'."""
+    return "-".join(re.findall(r"[a-z0-9]+", name.lower()))
 
 
 def run_one(argv: list[str], out: str) -> dict:
@@ -67,8 +71,6 @@ def run_one(argv: list[str], out: str) -> dict:
     metrics = train.main(argv + ["--out", out] + (["--resume"] if resume else []))
     state = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
     result = {"metrics": metrics, "initial": state["initial_eval"]}
-    from .trainer import atomic_write_text
-
     atomic_write_text(json.dumps(result) + "\n", done)
     return result
 
@@ -180,8 +182,6 @@ def main(argv=None) -> dict:
             done = list(ex.map(run_one, [a for _, _, a, _ in jobs], [o for *_, o in jobs]))
     for (name, *_), result in zip(jobs, done):
         results[name].append(result)
-    from .trainer import atomic_write_text
-
     rows = summarise(results)
     atomic_write_text(markdown(rows, f"command: python -m iics_fast.ablation "
                                      f"{' '.join(argv if argv is not None else sys.argv[1:])}"),

@@ -28,18 +28,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .checkpoint import atomic_save, derive_seed
+from .losses import batch_hard_triplet
+
 #: the `--pretrained` value that names the cached source weights
 SOURCE_NAME = "synthetic-source"
 
 #: the source population: disjoint from any target drawn with another seed (other identities,
 #: other camera styles); test ids and distractors are not used
-SOURCE_DATA = {"num_ids": 300, "num_cameras": 16, "cameras_per_id": [2, 4],
+SOURCE_DATA = {"num_ids": 300, "num_cameras": 8, "cameras_per_id": [2, 4],
                "images_per_camera": [1, 2], "num_test_ids": 1, "num_distractors": 0,
-               "seed": 1000}
+               "camera_strength": 0.5, "seed": 1000}
 
 #: training settings of the source backbone
-SOURCE_TRAINING = {"epochs": 10, "batch_p": 16, "batch_k": 4, "optimizer": "adamw",
-                   "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4, "margin": 0.3, "seed": 0}
+SOURCE_TRAINING = {"epochs": 8, "batch_p": 16, "batch_k": 4, "optimizer": "sgd",
+                   "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "margin": 0.3, "triplet_weight": 1.0,
+                   "seed": 0}
 
 # Bump when the source training changes, so that older cached weights are not reused.
 SOURCE_VERSION = 1
@@ -70,7 +74,6 @@ def train_source(arch: str, height: int, width: int, data: dict | None = None,
     from . import datasets, models
     from .data.samplers import PKBatchSampler
     from .data.transforms import ImageDataset, TrainTransform
-    from .trainer import batch_hard_triplet, derive_seed
 
     data = dict(SOURCE_DATA if data is None else data)
     t = {**SOURCE_TRAINING, **(training or {})}
@@ -108,7 +111,7 @@ def train_source(arch: str, height: int, width: int, data: dict | None = None,
             ce = F.cross_entropy(logits, y)
             tri = batch_hard_triplet(f, y, t["margin"])
             opt.zero_grad(set_to_none=True)
-            (ce + tri).backward()
+            (ce + t["triplet_weight"] * tri).backward()
             opt.step()
             sched.step()
             ce_sum, tri_sum = ce_sum + ce.item(), tri_sum + tri.item()
@@ -126,8 +129,6 @@ def source_weights(arch: str, height: int, width: int, cache_dir: str | None = N
                    log=print) -> str:
     """The path of the cached source weights for (arch, height, width), trained first if
     they are not cached yet."""
-    from .trainer import atomic_save
-
     path = source_path(arch, height, width, cache_dir)
     if os.path.isfile(path):
         return path
@@ -147,13 +148,15 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=SOURCE_TRAINING["epochs"])
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default=SOURCE_TRAINING["optimizer"])
     p.add_argument("--lr", type=float, default=SOURCE_TRAINING["lr"])
+    p.add_argument("--triplet-weight", type=float, default=SOURCE_TRAINING["triplet_weight"])
+    p.add_argument("--camera-strength", type=float, default=SOURCE_DATA["camera_strength"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .trainer import atomic_save
-
-    state = train_source(args.arch, args.height, args.width, training={"epochs": args.epochs, "optimizer": args.optimizer, "lr": args.lr})
+    data = {**SOURCE_DATA, "camera_strength": args.camera_strength}
+    state = train_source(args.arch, args.height, args.width, data=data, training={"epochs": args.epochs, "optimizer": args.optimizer, "lr": args.lr,
+                                   "triplet_weight": args.triplet_weight})
     atomic_save(state, args.out)
     print(f"wrote {args.out}")
 
