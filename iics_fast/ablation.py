@@ -150,6 +150,7 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m iics_fast.ablation", description=__doc__,
+                                allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N of every setting [3]")
     p.add_argument("--out", required=True, help="output folder")
