@@ -101,7 +101,7 @@ PRESETS = {
         "arch": "resnet18", "height": 64, "width": 32, "pretrained": "synthetic-source",
         "dataset_options": {"num_ids": 32, "num_cameras": 4, "images_per_camera": [1, 3],
                             "num_test_ids": 48, "num_distractors": 40, "seed": 0},
-        "rounds": 10, "eval_every": 1, "k_intra": 26, "k_inter": 36, "batch_p": 8, "threads": 1,
+        "rounds": 6, "eval_every": 1, "k_intra": 26, "k_inter": 36, "batch_p": 8, "threads": 1,
         "lr_intra": 0.002, "lr_intra_head": 0.02, "lr_inter": 0.004, "lr_inter_head": 0.04,
     },
 }
