@@ -378,9 +378,10 @@ def test_two_processes_refuse_a_batch_they_cannot_split(cache, tmp_path):
 
 
 # The smallest gain of the demo's IICS run (3 rounds, seed 1) over its starting mAP that counts
-# as learning: set from the ablation in docs/demo.md (see there for the measured gain and the
-# seed-to-seed spread it must stand well above).
-LEARNING_MARGIN = None
+# as learning, from the ablation in docs/demo.md: IICS gained 2.6 points (min 2.3, sample std
+# 0.27 over 3 seeds), stage 1 alone 0.9 (std 0.38); 1.5 points is above stage 1 alone's best
+# gain and about 4 standard deviations below IICS's mean.
+LEARNING_MARGIN = 0.015
 
 
 @pytest.mark.slow
