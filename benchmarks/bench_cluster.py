@@ -74,7 +74,9 @@ CHILD = textwrap.dedent("""
 
     method, path, out = sys.argv[1], sys.argv[2], sys.argv[3]
     d = np.load(path)
-    n = (1 + int(np.sqrt(1 + 8 * d.size))) // 2
+    from iics_fast import condensed
+
+    n = condensed.points(d.size)
     if method == "ours":
         from iics_fast import cluster
         cluster.linkage(d[:3].copy())  # load the extension before the baseline

@@ -80,12 +80,14 @@ def cdist_combination(feats, scores, camids, mu, rows):
 
 def _rows_of_condensed(cond, n, rows):
     """Rows [0, rows) of the square matrix from a condensed vector (diagonal 0)."""
+    from iics_fast import condensed
+
     out = np.zeros((rows, n), dtype=np.float32)
     for i in range(rows):
-        start = n * i - i * (i + 1) // 2
+        start = condensed.row_offset(n, i)
         out[i, i + 1 :] = cond[start : start + n - i - 1]
         for j in range(i):
-            out[i, j] = cond[n * j - j * (j + 1) // 2 + i - j - 1]
+            out[i, j] = cond[condensed.row_offset(n, j) + i - j - 1]
     return out
 
 

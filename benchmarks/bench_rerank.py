@@ -25,6 +25,7 @@ import pytest
 PROBE = textwrap.dedent("""
     import json, sys, time
     import numpy as np
+    from iics_fast import condensed
     from iics_fast.rerank import k_reciprocal, k_reciprocal_ref
 
     def kib(field):
@@ -50,13 +51,13 @@ PROBE = textwrap.dedent("""
     def condensed_distance(x, block=1024):
         n = len(x)
         if n <= 16384:  # the upper triangle of exactly the reference's square input
-            return square_distance(x)[np.triu_indices(n, 1)]
+            return condensed.upper(square_distance(x))
         d = np.empty(n * (n - 1) // 2, np.float32)  # in row blocks: no square matrix at all
         for i0 in range(0, n, block):
             sim = x[i0:i0 + block] @ x.T
             for r in range(sim.shape[0]):
                 i = i0 + r
-                start = n * i - i * (i + 1) // 2
+                start = condensed.row_offset(n, i)
                 d[start:start + n - 1 - i] = 1 - sim[r, i + 1:]
         return d
 

@@ -148,12 +148,15 @@ def agglomerative(dist, n_clusters=None, distance_threshold=None, method="averag
 
 
 def quantile_threshold(dist, q):
-    """The q-quantile of the pairwise distances by the reference's rule: sort all condensed
-    distances ascending and take the one at rank int(q * len(dist)) (no interpolation).
+    """The reference's distance threshold at quantile q: of the condensed distances, drop the
+    exact zeros (the reference takes ``np.nonzero`` of the upper triangle), sort the rest
+    ascending and take the one at rank ``round(q * count)`` (NumPy's round half to even; no
+    interpolation).
 
-    Exact, without sorting or copying: a two-pass (float32) or four-pass (float64) radix
-    selection with one 2^16-bin histogram a thread. dist: condensed 1-D array or CPU tensor,
-    float32 or float64 (other real dtypes are converted, which copies).
+    Exact, without sorting or copying: the zeros and negatives are counted in chunks, then a
+    two-pass (float32) or four-pass (float64) radix selection with one 2^16-bin histogram a
+    thread picks the value. dist: condensed 1-D array or CPU tensor, float32 or float64 (other
+    real dtypes are converted, which copies).
     """
     arr = _as_numpy(dist, "dist")
     if arr.ndim != 1:
@@ -162,10 +165,6 @@ def quantile_threshold(dist, q):
         raise ValueError("dist is empty: no pairwise distances to take a quantile of")
     if isinstance(q, bool) or not isinstance(q, numbers.Real):
         raise TypeError(f"q must be a real number, got {q!r}")
-    rank = int(q * arr.shape[0]) if 0.0 <= q else -1
-    if not 0 <= rank < arr.shape[0]:
-        raise ValueError(f"q={q} gives rank int(q * {arr.shape[0]}) = {rank}, outside "
-                         f"0..{arr.shape[0] - 1}; use 0 <= q < 1")
     if arr.dtype not in (np.float32, np.float64):
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(f"dist has dtype {arr.dtype}; distances must be real numbers")
@@ -176,7 +175,26 @@ def quantile_threshold(dist, q):
     bad = C.cluster_first_nonfinite(arr)
     if bad >= 0:
         raise ValueError(f"dist[{bad}] is NaN or infinite; distances must be finite")
-    return float(C.cluster_select_rank(arr, rank))
+    zeros, negatives = _zeros_and_negatives(arr)
+    count = arr.shape[0] - zeros
+    if count == 0:
+        raise ValueError("every distance is 0: no nonzero distance to take a quantile of")
+    rank = int(np.round(q * count)) if 0.0 <= q < 1.0 else -1
+    if not 0 <= rank < count:
+        raise ValueError(f"q={q} gives rank round(q * {count}) = {rank}, outside 0..{count - 1} "
+                         f"(the nonzero distances); use 0 <= q < 1, a little lower")
+    # sorted order: the negatives, then the zeros, then the positives
+    return float(C.cluster_select_rank(arr, rank if rank < negatives else rank + zeros))
+
+
+def _zeros_and_negatives(arr, chunk=1 << 22):
+    """Counts of the exact zeros and of the negative entries of a 1-D array, chunk by chunk."""
+    zeros = negatives = 0
+    for start in range(0, arr.shape[0], chunk):
+        block = arr[start:start + chunk]
+        zeros += int(np.count_nonzero(block == 0))
+        negatives += int(np.count_nonzero(block < 0))
+    return zeros, negatives
 
 
 # ----------------------------------------------------------------------------- references
@@ -262,6 +280,7 @@ def agglomerative_ref(dist, n_clusters=None, distance_threshold=None, method="av
 
 
 def quantile_threshold_ref(dist, q):
-    """Reference: the full sort, value at rank int(q * len)."""
+    """Reference: the nonzero distances sorted in full, value at rank round(q * count)."""
     arr = np.asarray(_as_numpy(dist, "dist"))
-    return float(np.sort(arr)[int(q * arr.shape[0])])
+    nonzero = np.sort(arr[arr != 0])
+    return float(nonzero[int(np.round(q * nonzero.shape[0]))])

@@ -9,7 +9,8 @@ file or folder and what was expected there.
     market1501  root holding bounding_box_train/, query/, bounding_box_test/
     dukemtmc    same layout, names like 0005_c2_f0046985.jpg
     msmt17      root holding list_*.txt and train/+test/ (V1) or mask_*_v2/ (V2);
-                combine_val=True (default) trains on train+val, version=None detects V1/V2
+                trains on list_train.txt as the reference does (combine_val=True adds
+                list_val.txt, not the reference's), version=None detects V1/V2
     synthetic   generated under root (default $IICS_FAST_CACHE or ~/.cache/iics_fast);
                 options num_ids, num_test_ids, num_cameras, cameras_per_id, images_per_camera,
                 num_distractors, height, width, seed, image_format

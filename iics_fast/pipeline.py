@@ -44,7 +44,8 @@ def rerank_distance(dist: np.ndarray, rerank=None) -> np.ndarray:
 
 
 def threshold(dist: np.ndarray, quantile: float) -> float:
-    """The distance at `quantile` of the pairwise distances (see `cluster.quantile_threshold`)."""
+    """The reference's threshold: the distance at `quantile` of the nonzero pairwise distances,
+    rank round(quantile * count) (see `cluster.quantile_threshold`)."""
     return cluster.quantile_threshold(dist, quantile)
 
 

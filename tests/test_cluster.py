@@ -11,7 +11,7 @@ from scipy.spatial.distance import pdist, squareform
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import adjusted_rand_score
 
-from iics_fast import cluster
+from iics_fast import cluster, condensed
 from iics_fast._native import native
 
 # float64 runs SciPy's arithmetic (bit-identical in practice; the tolerance only allows a compiler
@@ -30,7 +30,7 @@ def as_layout(cond, layout, rng):
     triangle and diagonal are junk, so only an upper-triangle reader can pass."""
     if layout == "condensed":
         return cond
-    n = (1 + int(np.sqrt(1 + 8 * cond.size))) // 2
+    n = condensed.points(cond.size)
     sq = rng.random((n, n)).astype(cond.dtype) * 10 - 5
     sq[np.triu_indices(n, 1)] = cond
     return sq
@@ -198,7 +198,7 @@ def test_labels_numbered_by_first_appearance(rng):
 PEAK_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
-    from iics_fast import cluster
+    from iics_fast import cluster, condensed
 
     def peak_bytes():
         for line in open("/proc/self/status"):
@@ -307,15 +307,21 @@ def test_quantile_threshold_matches_partition(dtype, rng):
         if m > 2:
             x[: m // 3] = x[m // 3: 2 * (m // 3)]  # duplicates
             x[5] = -0.0
+            x[m // 2: m // 2 + m // 10] = 0.0  # exact zeros, which the reference drops
+        nonzero = x[x != 0]
         for q in (0.0, 0.0017, 0.0025, 0.5, 0.999, np.nextafter(1.0, 0.0)):
-            r = int(q * m)
-            want = np.partition(x, r)[r]
+            r = int(np.round(q * len(nonzero)))
+            if r >= len(nonzero):  # the reference's index would be out of range
+                with pytest.raises(ValueError, match="0 <= q < 1"):
+                    cluster.quantile_threshold(x, q)
+                continue
+            want = np.partition(nonzero, r)[r]
             got = cluster.quantile_threshold(x, q)
             assert got == want and isinstance(got, float)
             if m <= 1000:
                 assert got == cluster.quantile_threshold_ref(x, q)
-    assert cluster.quantile_threshold(torch.tensor([3.0, 1.0, 2.0]), 0.5) == 2.0
-    assert cluster.quantile_threshold(np.array([3, 1, 2]), 0.5) == 2.0
+    assert cluster.quantile_threshold(torch.tensor([3.0, 1.0, 2.0]), 0.5) == 3.0  # round(1.5) = 2
+    assert cluster.quantile_threshold(np.array([3, 0, 1, 2]), 0.3) == 2.0  # zeros dropped
 
 
 def test_quantile_threshold_rejects_bad_input():
@@ -327,6 +333,8 @@ def test_quantile_threshold_rejects_bad_input():
         cluster.quantile_threshold(x, float("nan"))
     with pytest.raises(ValueError, match="empty"):
         cluster.quantile_threshold(np.zeros(0), 0.5)
+    with pytest.raises(ValueError, match="every distance is 0"):
+        cluster.quantile_threshold(np.zeros(6), 0.5)
     with pytest.raises(ValueError, match="1-D"):
         cluster.quantile_threshold(np.zeros((3, 3)), 0.5)
     y = x.copy()
@@ -339,9 +347,28 @@ def test_threaded_one_pass_operations(rng):
     """Above 2^25 entries the finiteness check and the selection run threaded."""
     m = 2**25 + 3
     x = rng.standard_normal(m, dtype=np.float32)
+    nonzero = x[x != 0]
     for q in (0.0017, 0.5):
-        r = int(q * m)
-        assert cluster.quantile_threshold(x, q) == np.partition(x, r)[r]
+        r = int(np.round(q * len(nonzero)))
+        assert cluster.quantile_threshold(x, q) == np.partition(nonzero, r)[r]
     x[m - 2] = np.inf
     x[m - 5] = np.nan
     assert native().cluster_first_nonfinite(x) == m - 5
+
+
+@pytest.mark.parametrize("q", [0.0, 0.0017, 0.0025, 0.3, 0.5, 0.9])
+def test_threshold_is_the_reference_code_s(q, rng):
+    """The threshold variant's rule as the reference code writes it (cluster_threshold.py):
+    triu(dist, 1), its nonzero entries sorted, the one at np.round(eph * size). A re-ranked
+    matrix (not symmetric) with exact zeros and ties off the diagonal."""
+    from iics_fast import condensed, pipeline
+
+    n = 60
+    d = np.round(rng.random((n, n)) * 8).astype(np.float32) / 8  # ties and exact zeros
+    np.fill_diagonal(d, 0.0)
+    tri_mat = np.triu(d, 1)
+    tri_mat = tri_mat[np.nonzero(tri_mat)]
+    tri_mat = np.sort(tri_mat, axis=None)
+    eps = tri_mat[np.round(q * tri_mat.size).astype(int)]
+    assert (condensed.upper(d) == 0).sum() > 0
+    assert pipeline.threshold(condensed.upper(d), q) == eps

@@ -152,7 +152,7 @@ def _msmt_tree(root, version=1):
 @pytest.mark.parametrize("version", [1, 2])
 def test_msmt17_versions_and_val(tmp_path, version):
     _msmt_tree(tmp_path / f"MSMT17_V{version}", version)
-    ds = datasets.build("msmt17", tmp_path)
+    ds = datasets.build("msmt17", tmp_path, combine_val=True)
     assert ds.info["version"] == version and ds.name == "msmt17"
     assert ds.camera_names == [1, 2, 3, 7, 14, 15]
     assert _names(ds.train) == [("0000_000_01_0303morning_0015_0.jpg", 0, 0),
@@ -162,8 +162,18 @@ def test_msmt17_versions_and_val(tmp_path, version):
     sub = "train" if version == 1 else "mask_train_v2"
     assert os.sep + sub + os.sep in ds.train[0][0]
     assert [c for _, _, c in ds.gallery] == [1, 3]
-    no_val = datasets.build("msmt17", tmp_path, combine_val=False)
-    assert len(no_val.train) == 3
+    assert len(datasets.build("msmt17", tmp_path, combine_val=False).train) == 3
+
+
+def test_msmt17_default_trains_on_list_train_only(tmp_path):
+    """The reference registers list_train.txt alone; list_val.txt joins only on request."""
+    root = _msmt_tree(tmp_path / "MSMT17_V2", 2)
+    with open(os.path.join(root, "list_train.txt")) as fh:
+        listed = [os.path.basename(line.split()[0]) for line in fh if line.strip()]
+    ds = datasets.build("msmt17", tmp_path)
+    assert sorted(os.path.basename(p) for p, _, _ in ds.train) == sorted(listed)
+    assert ds.info["combine_val"] is False
+    assert len(datasets.build("msmt17", tmp_path, combine_val=True).train) == len(listed) + 1
 
 
 def test_msmt17_errors(tmp_path):
@@ -178,8 +188,8 @@ def test_msmt17_errors(tmp_path):
     root = _msmt_tree(tmp_path / "b", 1)
     os.remove(os.path.join(root, "list_val.txt"))
     with pytest.raises(DatasetError, match="missing MSMT17 list file .*list_val.txt"):
-        datasets.build("msmt17", root)
-    assert len(datasets.build("msmt17", root, combine_val=False).train) == 3
+        datasets.build("msmt17", root, combine_val=True)
+    assert len(datasets.build("msmt17", root).train) == 3
 
     root = _msmt_tree(tmp_path / "c", 1)
     with open(os.path.join(root, "list_query.txt"), "a") as fh:

@@ -82,7 +82,7 @@ def test_random_erasing_statistics():
     areas, aspects, erased = [], [], 0
     for s in range(n):
         x = torch.ones(3, h, w)
-        random_erasing(x, np.random.default_rng(s), p=0.5)
+        random_erasing(x, np.random.default_rng(s), p=0.5, value=0.0)
         mask = (x[0] == 0)
         if mask.any():
             erased += 1
@@ -118,3 +118,19 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
     ds = ImageDataset([(str(bad), 0, 0)], EvalTransform(32, 16))
     with pytest.raises(ValueError, match="cannot read image"):
         ds[0]
+
+
+def test_random_erasing_fills_the_reference_values():
+    """The reference's RandomErasing writes (0.4914, 0.4822, 0.4465) into the normalised
+    tensor; with p = 1 every image gets one rectangle of exactly those values."""
+    fill = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
+    erase = TrainTransform(32, 16, pad=0, flip_p=0.0, erasing_p=1.0)
+    keep = TrainTransform(32, 16, pad=0, flip_p=0.0, erasing_p=0.0)
+    for s in range(20):
+        img = _image(np.random.default_rng(100 + s), 32, 16)
+        x, plain = erase(img, np.random.default_rng(s)), keep(img, np.random.default_rng(s))
+        changed = (x != plain).any(0)
+        assert changed.any()
+        rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
+        box = x[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert (box == fill).all()  # one rectangle, every channel at the reference's value

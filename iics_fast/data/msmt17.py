@@ -62,9 +62,10 @@ def _read_list(list_path: str, image_dir: str) -> list:
     return items
 
 
-def load_msmt17(root: str, *, combine_val: bool = True, version: int | None = None,
+def load_msmt17(root: str, *, combine_val: bool = False, version: int | None = None,
                 verify: bool = False) -> ReidDataset:
-    """MSMT17. ``combine_val`` adds list_val.txt to training (the paper's 32,621 images);
+    """MSMT17. Trains on list_train.txt (30,248 images in V2), as the reference does;
+    ``combine_val=True`` adds list_val.txt (32,621 images: not the reference's training set);
     ``version`` forces V1/V2 (default: detect); ``verify`` checks image headers with PIL."""
     if root is None:
         raise DatasetError("msmt17 needs root=: the folder holding list_train.txt")

@@ -241,6 +241,12 @@ def _draw(ident: dict, cam: dict, rng, h: int, w: int) -> np.ndarray:
             yy < waist + 0.08 * u)
         paint(bag, ident["bag_colour"])
 
+    return _camera_effects(img, cam, rng, h, w)
+
+
+def _camera_effects(img: np.ndarray, cam: dict, rng, h: int, w: int) -> np.ndarray:
+    """The camera's view of a drawn scene: mirror, an occluder now and then, gain, contrast,
+    brightness, blur and noise; uint8 (h, w, 3)."""
     if cam["mirror"]:
         img = img[:, ::-1]
     if rng.random() < 0.3:  # occluder: a patch of random colour entering from a side or below

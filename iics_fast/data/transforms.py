@@ -5,7 +5,8 @@ the sampler (see `iics_fast.data.samplers`), so an epoch's augmentations depend 
 (seed, epoch), not on the number of DataLoader workers or on what ran before.
 
 Train: resize (bicubic) -> random horizontal flip -> pad 10 + random crop -> to tensor ->
-ImageNet normalisation -> random erasing (p 0.5, area 0.02-0.4, aspect 0.3-1/0.3).
+ImageNet normalisation -> random erasing (p 0.5, area 0.02-0.4, aspect 0.3-1/0.3, the
+reference's fill ERASING_FILL written into the normalised tensor).
 Test:  resize (bicubic) -> to tensor -> ImageNet normalisation.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: what the reference's RandomErasing writes into the already-normalised tensor, per channel
+ERASING_FILL = (0.4914, 0.4822, 0.4465)
 
 
 def load_image(path: str) -> Image.Image:
@@ -45,9 +48,10 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
 
 def random_erasing(x: torch.Tensor, rng: np.random.Generator, p: float = 0.5,
                    area: tuple[float, float] = (0.02, 0.4), min_aspect: float = 0.3,
-                   value: float = 0.0, attempts: int = 100) -> torch.Tensor:
+                   value=ERASING_FILL, attempts: int = 100) -> torch.Tensor:
     """Random erasing (Zhong et al.): with probability p, fill one random rectangle of the
-    normalised image with `value` (0 = the ImageNet mean colour). The rectangle covers a
+    normalised image with `value` (per channel, or one number for all; the default is the
+    reference's, 0 would be the ImageNet mean colour). The rectangle covers a
     fraction U(area) of the image with aspect ratio h/w in [min_aspect, 1/min_aspect]; up to
     `attempts` draws are tried until one fits. Works in place on (3, H, W)."""
     if rng.random() >= p:
@@ -62,7 +66,8 @@ def random_erasing(x: torch.Tensor, rng: np.random.Generator, p: float = 0.5,
         if 0 < h < h_img and 0 < w < w_img:
             top = int(rng.integers(0, h_img - h + 1))
             left = int(rng.integers(0, w_img - w + 1))
-            x[:, top:top + h, left:left + w] = value
+            fill = torch.as_tensor(value, dtype=x.dtype).reshape(-1, 1, 1)
+            x[:, top:top + h, left:left + w] = fill
             return x
     return x
 
