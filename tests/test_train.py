@@ -409,9 +409,9 @@ def test_resolved_defaults_are_the_reference_codes(dataset):
 
 
 # The smallest gain of the demo's IICS run (3 rounds, seed 1) over its starting mAP that counts
-# as learning, from the ablation in docs/demo.md: IICS gained 2.6 points (min 2.3, sample std
-# 0.27 over 3 seeds), stage 1 alone 0.9 (std 0.38); 1.5 points is above stage 1 alone's best
-# gain and about 4 standard deviations below IICS's mean.
+# as learning, from the ablation in docs/demo.md: IICS gained 2.8 points (least 2.4, sample
+# std 0.5 over 3 seeds), stage 1 alone 1.1 (best 1.4); 1.5 points is above stage 1 alone's
+# best gain and below IICS's least.
 LEARNING_MARGIN = 0.015
 
 
