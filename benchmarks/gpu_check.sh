@@ -59,7 +59,7 @@ if [[ $DRY -eq 1 ]]; then
     '{"num_ids": 8, "num_test_ids": 4, "num_cameras": 2, "images_per_camera": [2, 3], "num_distractors": 4, "seed": 3, "image_format": "png"}' \
     --arch resnet18 --height 32 --width 16 --eval-every 1 --k-intra 6 --k-inter 8 \
     --batch-per-camera 4 --batch-p 4 --batch-k 2 --epochs-intra 1 --epochs-inter 1 \
-    --threads 1 --no-progress --no-verbose
+    --threads 1 --no-progress --no-verbose --pretrained none
 else
   step gpu_tests 210 "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow or gpu" \
     tests/test_cluster.py tests/test_pairwise.py tests/test_aibn.py

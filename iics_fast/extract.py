@@ -5,11 +5,15 @@
         -> feats.npy (N, D) float32 and feats.txt (one path a line); a .pt file holds both
     # rank a gallery (a folder, or a saved feature file) for a query image
     python -m iics_fast.extract rank runs/x/best.pt QUERY.jpg GALLERY_DIR_OR_FEATS --top-k 10
+    # ranked lists of a few queries of a dataset as a figure (green frame: a true match)
+    python -m iics_fast.extract rank runs/x/best.pt --dataset market1501 --root DATA \
+        --figure ranked.png --num-queries 6
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 
@@ -129,9 +133,21 @@ def main(argv=None) -> None:
     f.add_argument("--save", required=True, help="output .npy (+ .txt file list) or .pt")
     r = sub.add_parser("rank", help="rank a gallery for a query image")
     r.add_argument("checkpoint")
-    r.add_argument("query", help="query image file")
-    r.add_argument("gallery", help="gallery folder, or a .npy/.pt saved by `features`")
+    r.add_argument("query", nargs="?", help="query image file (not with --dataset)")
+    r.add_argument("gallery", nargs="?",
+                   help="gallery folder, or a .npy/.pt saved by `features` (not with --dataset)")
     r.add_argument("--top-k", type=int, default=10)
+    r.add_argument("--dataset", help="rank this dataset's queries against its gallery "
+                                     "(as `iics_fast.datasets.build` names it)")
+    r.add_argument("--root", help="dataset directory")
+    r.add_argument("--dataset-options", type=json.loads, default={},
+                   help="extra options of the dataset, as JSON")
+    r.add_argument("--figure", help="write the ranked lists as a figure (.png): each query, "
+                                    "then its top-k framed green for a true match, red "
+                                    "otherwise, grey when the identities are unknown")
+    r.add_argument("--num-queries", type=int, default=6,
+                   help="queries of --dataset in the figure, drawn at random [6]")
+    r.add_argument("--seed", type=int, default=0, help="seed of the query draw [0]")
     for s in (f, r):
         s.add_argument("--device", default="cpu")
         s.add_argument("--batch-size", type=int, default=64)
@@ -154,6 +170,11 @@ def main(argv=None) -> None:
         save_features(feats, paths, args.save)
         print(f"{len(paths)} images -> {args.save} ({feats.shape[1]}-d)")
         return
+    if args.dataset is not None:
+        rank_dataset(model, cfg, args)
+        return
+    if args.query is None or args.gallery is None:
+        raise ValueError("rank needs QUERY and GALLERY, or --dataset (with --root)")
     if not os.path.isfile(args.query):
         raise ValueError(f"query {args.query!r} is not a file")
     if os.path.isfile(args.gallery):
@@ -172,6 +193,39 @@ def main(argv=None) -> None:
     print(f"top {len(order)} of {len(paths)} for {args.query} (cosine distance):")
     for rank, i in enumerate(order.tolist(), 1):
         print(f"{rank:3d}  {dist[i]:.4f}  {paths[i]}")
+    if args.figure:
+        from .plots import plot_ranked_lists, ranked_lists
+
+        lists = ranked_lists(qf, gf, [(args.query, None, -1)],
+                             [(p, None, -1) for p in paths], 1, args.top_k)
+        plot_ranked_lists(lists, args.figure, title=os.path.basename(args.query))
+        print(f"figure: {args.figure}")
+
+
+def rank_dataset(model, cfg: dict, args) -> None:
+    """Ranked lists of a few of a dataset's queries against its gallery, printed and, with
+    --figure, drawn."""
+    from . import datasets
+    from .plots import plot_ranked_lists, ranked_lists
+
+    if args.query is not None or args.gallery is not None:
+        raise ValueError("--dataset ranks the dataset's own query and gallery sets: drop "
+                         "QUERY and GALLERY")
+    ds = datasets.build(args.dataset, args.root, **args.dataset_options)
+    if not ds.query or not ds.gallery:
+        raise ValueError(f"dataset {args.dataset!r} has no query or gallery set to rank")
+    size = (cfg["height"], cfg["width"])
+    qf = extract_features(model, [p for p, _, _ in ds.query], *size, args.batch_size, args.device)
+    gf = extract_features(model, [p for p, _, _ in ds.gallery], *size, args.batch_size,
+                          args.device)
+    lists = ranked_lists(qf, gf, list(ds.query), list(ds.gallery), args.num_queries, args.top_k,
+                         args.seed)
+    for (q, ranked) in lists:
+        hits = "".join("+" if m else "-" for _, _, m in ranked)
+        print(f"{q[0]} (id {q[1]}, camera {q[2] + 1}): {hits}")
+    if args.figure:
+        plot_ranked_lists(lists, args.figure, title=f"{args.dataset}: {args.checkpoint}")
+        print(f"figure: {args.figure}")
 
 
 if __name__ == "__main__":

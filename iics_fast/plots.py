@@ -110,3 +110,69 @@ def plot_similarity(hists: dict, path: str) -> None:
     axes[0][0].legend(fontsize=8)
     _save(fig, path)
     plt.close(fig)
+
+
+def ranked_lists(qf, gf, query: list, gallery: list, num_queries: int = 6, top_k: int = 10,
+                 seed: int = 0) -> list[tuple]:
+    """The top-k gallery items of a few queries by cosine distance, as the evaluation ranks
+    them: gallery images of the query's identity under the query's camera are left out (they
+    are not counted by the Market-1501 protocol), and so is pid -1 (junk). `query` / `gallery`
+    are (path, pid, camid) items; a pid of None means unknown. Queries are drawn at random
+    (seeded) among those with a match in the gallery when identities are known.
+    Returns [(query item, [(gallery item, distance, match: bool | None)])]."""
+    import torch
+
+    qf = torch.nn.functional.normalize(torch.as_tensor(qf).float(), dim=1)
+    gf = torch.nn.functional.normalize(torch.as_tensor(gf).float(), dim=1)
+    g_pid = np.array([-2 if g[1] is None else g[1] for g in gallery])
+    g_cam = np.array([g[2] for g in gallery])
+    known = [i for i, q in enumerate(query) if q[1] is not None]
+    pool = [i for i in known if ((g_pid == query[i][1]) & (g_cam != query[i][2])).any()] \
+        or list(range(len(query)))
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(pool, size=min(num_queries, len(pool)), replace=False).tolist())
+    out = []
+    for i in chosen:
+        _, pid, cam = query[i]
+        dist = (1.0 - gf @ qf[i]).numpy()
+        keep = g_pid != -1
+        if pid is not None:
+            keep &= ~((g_pid == pid) & (g_cam == cam))
+        order = np.flatnonzero(keep)[np.argsort(dist[keep], kind="stable")][:top_k]
+        out.append((query[i], [(gallery[j], float(dist[j]),
+                                None if pid is None or gallery[j][1] is None
+                                else bool(gallery[j][1] == pid and pid > 0)) for j in order]))
+    return out
+
+
+def plot_ranked_lists(lists: list[tuple], path: str, title: str = "") -> None:
+    """One row per query: the query image, then its ranked gallery images framed green for
+    a true match, red otherwise (grey when the identities are unknown)."""
+    from .data.transforms import load_image
+
+    plt = _pyplot()
+    top_k = max((len(r) for _, r in lists), default=1)
+    fig, axes = plt.subplots(len(lists), top_k + 1, figsize=(1.1 * (top_k + 1), 2.3 * len(lists)),
+                             squeeze=False)
+    colours = {True: "#1a9641", False: "#d7191c", None: "#888888"}
+    for row, (q, ranked) in zip(axes, lists):
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+        row[0].imshow(load_image(q[0]))
+        row[0].set_title("query" + ("" if q[1] is None else f"\nid {q[1]} cam {q[2] + 1}"),
+                         fontsize=7)
+        for k, (g, d, match) in enumerate(ranked, 1):
+            ax = row[k]
+            ax.imshow(load_image(g[0]))
+            for s in ax.spines.values():
+                s.set_visible(True)
+                s.set_color(colours[match])
+                s.set_linewidth(4)
+            ax.set_title(f"{k}: {d:.3f}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+    plt.close(fig)

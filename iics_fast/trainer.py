@@ -66,6 +66,9 @@ class Trainer(TrainerBase):
             if done is None:
                 self.row = {"round": r, "time": {}}
             self.log(f"---- round {r + 1}/{cfg.rounds}")
+            if done is None and cfg.supervised:
+                self.supervised_round(r)
+                done = "stage2"
             if done is None:
                 self.intra_camera_round(r)
                 done = "stage1"
@@ -158,6 +161,36 @@ class Trainer(TrainerBase):
         self.row["sparse_round"] = info
         return labels
 
+    def supervised_round(self, r: int) -> None:
+        """The upper bound's round: the stage-2 losses on the true training identities for as
+        many SGD steps as an IICS round takes (`supervised_steps`), one head kept over the
+        rounds; checkpoint "stage2"."""
+        cfg = self.cfg
+        self.inter_labels = np.unique(self.pids, return_inverse=True)[1].astype(np.int64)
+        self.row["inter_clusters"] = n = int(self.inter_labels.max()) + 1
+        self.row["mu"] = float("nan")  # no inter-camera distance
+        with self.timed("stage2"):
+            torch.manual_seed(derive_seed(cfg.seed, r, 2))
+            head = self.models.ClassifierHead(self.model.out_dim, n).to(self.device)
+            if self.heads_state is not None:
+                head.load_state_dict(self.heads_state)
+            self.row["stage2"] = self.stage2(head, derive_seed(cfg.seed, r, 2),
+                                             steps=self.supervised_steps())
+        self.heads_state = head.state_dict()
+        self.log(self.describe_stage2())
+        self.checkpoint("stage2", r)
+
+    def supervised_steps(self) -> int:
+        """SGD steps of one IICS round on this data: stage 1's (known in advance) plus, with
+        stage 2, stage 2's epochs of PK batches over the true identities (about what stage 2
+        takes on the inter-camera clusters, which are about as many)."""
+        cfg = self.cfg
+        steps = cfg.epochs_intra * len(CameraBatchSampler(self.camids, cfg.batch_per_camera))
+        if cfg.stages == "both":
+            steps += cfg.epochs_inter * len(PKBatchSampler(self.inter_labels, cfg.batch_p,
+                                                           cfg.batch_k))
+        return steps
+
     # ------------------------------------------------------------------ the two stages
 
     def stage1(self, heads, seed: int) -> dict:
@@ -208,7 +241,7 @@ class Trainer(TrainerBase):
                 r for r in range(self.world) if ci in group_share(len(heads), r, self.world)))
         return self.summed("loss", losses, correct, seen)
 
-    def stage2(self, head, seed: int) -> dict:
+    def stage2(self, head, seed: int, steps: int | None = None) -> dict:
         """Inter-camera training: PK batches, CE on the head + batch-hard triplet on the
         pre-BN feature. Under several processes a rank takes whole identities of each batch
         (`group_share(P)`), weights its mean CE by its share of the batch, and mines the
@@ -228,10 +261,14 @@ class Trainer(TrainerBase):
         ce_all, tri_all, correct, seen = [], [], 0, 0
         synced = norm_sync.synced_batch_stats(both) if cfg.sync_bn else contextlib.nullcontext()
         with synced:
-            for epoch in range(cfg.epochs_inter):
+            # `steps`: exactly that many steps, over as many epochs as it takes
+            epochs = cfg.epochs_inter if steps is None else -(-steps // max(1, len(sampler)))
+            for epoch in range(epochs):
                 sampler.set_epoch(epoch)
-                bar = self.bar(loader, f"stage 2 epoch {epoch + 1}/{cfg.epochs_inter}")
+                bar = self.bar(loader, f"stage 2 epoch {epoch + 1}/{epochs}")
                 for x, y, _, _ in bar:
+                    if steps is not None and len(ce_all) == steps:
+                        break
                     x, y = self.to_device(x), y.to(self.device)
                     with self.autocast():
                         f, logits = net(x)
@@ -266,7 +303,8 @@ class Trainer(TrainerBase):
     def evaluate_round(self, r: int) -> None:
         """Evaluates, logs, and keeps `best.pt` (best rank-1, ties broken by mAP)."""
         with self.timed("evaluate"):
-            result = self.row["eval"] = self.evaluate()
+            result = self.row["eval"] = self.evaluate(
+                figure="after" if r == self.cfg.rounds - 1 else None)
         self.log(self.describe_eval("  eval", result))
         if (result["rank1"], result["mAP"]) > (self.best["rank1"], self.best.get("mAP", -1.0)):
             self.best = {"rank1": result["rank1"], "mAP": result["mAP"], "round": r}

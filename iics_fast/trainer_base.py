@@ -19,6 +19,7 @@ from . import distributed as D, norm_sync
 from .checkpoint import atomic_save, derive_seed
 from .data.samplers import CameraBatchSampler, ShardedBatchSampler
 from .data.transforms import EvalTransform, ImageDataset, TrainTransform, load_image
+from .pretrain import SOURCE_NAME, source_weights
 
 
 class TrainerBase:
@@ -106,6 +107,10 @@ class TrainerBase:
         self.camids = np.array([cam for _, _, cam in train], dtype=np.int64)
         self.cameras = np.unique(self.camids)
         self.has_labels = bool((self.pids >= 0).any()) and len(np.unique(self.pids)) > 1
+        if cfg.supervised and (not self.has_labels or (self.pids < 0).any()):
+            raise ValueError(f"--supervised trains on the true identities, but dataset "
+                             f"{cfg.dataset!r} has training images without one; drop "
+                             f"--supervised")
         self.can_evaluate = bool(self.dataset.query) and bool(self.dataset.gallery)
         self.camera_name = self.dataset.camera_name  # cameras as the user names them
         self.fingerprint = self.dataset.fingerprint()
@@ -180,11 +185,15 @@ class TrainerBase:
 
     def _build_model(self):
         """The backbone (a pretrained file that does not fit the arch fails here)."""
-        cfg = self.cfg
-        if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
-            raise ValueError(f"--pretrained {cfg.pretrained!r} is not a file")
+        cfg, pretrained = self.cfg, self.cfg.pretrained
+        if pretrained == SOURCE_NAME:  # the synthetic source weights, trained on first use
+            pretrained = D.agree(lambda: source_weights(cfg.arch, cfg.height, cfg.width,
+                                                        log=self.log), on_main_only=True)
+        elif pretrained is not None and not os.path.isfile(pretrained):
+            raise ValueError(f"--pretrained {pretrained!r} is not a file (or {SOURCE_NAME!r} "
+                             f"for the synthetic source weights)")
         torch.manual_seed(derive_seed(cfg.seed, 0))  # the initial weights depend on the seed only
-        model = self.models.build_backbone(arch=cfg.arch, pretrained=cfg.pretrained,
+        model = self.models.build_backbone(arch=cfg.arch, pretrained=pretrained,
                                            init_alpha=cfg.init_alpha, last_stride=cfg.last_stride)
         model.to(self.device)
         if self.cuda:
@@ -356,14 +365,21 @@ class TrainerBase:
         scores = torch.cat(scores) if heads is not None else None
         return self.gather_rows(torch.cat(feats), to), self.gather_rows(scores, to)
 
-    def evaluate(self) -> dict:
-        """Flip-averaged, L2-normalised features, cosine distance, Market-1501 protocol."""
+    def evaluate(self, figure: str | None = None) -> dict:
+        """Flip-averaged, L2-normalised features, cosine distance, Market-1501 protocol; with
+        `figure` ("before" | "after") also the ranked lists of a few queries,
+        ranked_<figure>.png in the run folder."""
         from . import evaluation
         q, g = self.dataset.query, self.dataset.gallery
         qf, _ = self.extract(q, desc="extract query", to="main")
         gf, _ = self.extract(g, desc="extract gallery", to="main")
         if not self.main:
             return D.broadcast_object(None)
+        if figure is not None:
+            from .plots import plot_ranked_lists, ranked_lists
+            plot_ranked_lists(ranked_lists(qf, gf, q, g, seed=self.cfg.seed),
+                              os.path.join(self.cfg.out, f"ranked_{figure}.png"),
+                              title=f"{self.cfg.dataset}: {figure} training")
         cmc, mAP = evaluation.evaluate_features(
             F.normalize(qf, dim=1), F.normalize(gf, dim=1),
             np.array([x[1] for x in q]), np.array([x[1] for x in g]),
@@ -376,7 +392,7 @@ class TrainerBase:
     def evaluate_start(self) -> bool:
         """The starting point the rounds improve on (when the run evaluates at all)."""
         if self.can_evaluate and self.cfg.eval_every > 0:
-            self.initial_eval = self.evaluate()
+            self.initial_eval = self.evaluate(figure="before")
             self.log(self.describe_eval("before training", self.initial_eval))
             return True
         return False

@@ -27,7 +27,7 @@ TINY = ["--dataset", "synthetic", "--dataset-options", json.dumps(DATA),
         "--eval-every", "1", "--k-intra", "6", "--k-inter", "8", "--batch-per-camera", "4",
         "--batch-p", "4", "--batch-k", "2", "--epochs-intra", "1", "--epochs-inter", "1",
         "--batch-extract", "32", "--seed", "5", "--threads", "1", "--no-progress",
-        "--no-verbose"]
+        "--no-verbose", "--pretrained", "none"]
 QUIET = ["--no-progress", "--no-verbose"]
 
 

@@ -86,7 +86,7 @@ def test_trainer_and_profiler_run_the_same_pipeline(recorded, tmp_path, monkeypa
                 "--width", "16", "--rounds", "1", "--eval-every", "0", "--k-intra", "6",
                 "--k-inter", "8", "--batch-per-camera", "4", "--batch-p", "4", "--batch-k", "2",
                 "--epochs-intra", "1", "--epochs-inter", "1", "--threads", "1", "--no-progress",
-                "--no-verbose", "--out", str(tmp_path / "run")])
+                "--no-verbose", "--pretrained", "none", "--out", str(tmp_path / "run")])
     trainer_calls = {k: list(v) for k, v in recorded.items()}
     recorded.clear()
     P.run_ours(300, 3, 12, log=lambda *a: None)

@@ -47,6 +47,8 @@ DEFAULTS = {
     "width": 64,
     "seed": 0,
     "image_format": "jpg",     # "jpg" or "png"
+    "camera_strength": 1.0,    # scales how far each camera's colour cast, brightness and
+                               # contrast depart from neutral (0: none; 1: the full effect)
 }
 
 
@@ -88,6 +90,11 @@ def synthetic_options(**options) -> dict:
         opt[key] = int(v)
     opt["cameras_per_id"] = _range(opt["cameras_per_id"], "cameras_per_id", 2, opt["num_cameras"])
     opt["images_per_camera"] = _range(opt["images_per_camera"], "images_per_camera", 1)
+    strength = opt["camera_strength"]
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
+            0.0 <= strength <= 1.0):
+        raise DatasetError(f"camera_strength must be a number in [0, 1], got {strength!r}")
+    opt["camera_strength"] = float(strength)
     if opt["image_format"] not in ("jpg", "png"):
         raise DatasetError(f"image_format must be 'jpg' or 'png', got {opt['image_format']!r}")
     return opt
@@ -126,7 +133,7 @@ def _identity(seed: int, pid: int) -> dict:
     }
 
 
-def _camera(seed: int, cam: int, h: int, w: int) -> dict:
+def _camera(seed: int, cam: int, h: int, w: int, strength: float = 1.0) -> dict:
     rng = np.random.default_rng([seed, 2, cam])
     yy = np.arange(h, dtype=np.float32)[:, None] / h
     xx = np.arange(3 * w, dtype=np.float32)[None, :] / w
@@ -145,9 +152,9 @@ def _camera(seed: int, cam: int, h: int, w: int) -> dict:
     scene = scene * (1 + amp * tex[..., None])
     return {
         "scene": scene.astype(np.float32),
-        "gain": rng.uniform(0.55, 1.45, 3).astype(np.float32),  # colour cast
-        "brightness": rng.uniform(-0.12, 0.12),
-        "contrast": rng.uniform(0.65, 1.25),
+        "gain": (1 + strength * (rng.uniform(0.55, 1.45, 3) - 1)).astype(np.float32),  # cast
+        "brightness": strength * rng.uniform(-0.12, 0.12),
+        "contrast": 1 + strength * (rng.uniform(0.65, 1.25) - 1),
         "blur": int(rng.integers(0, 3)) * max(1, h // 128),
         "noise": rng.uniform(0.01, 0.05),
         "shift": rng.uniform(-0.1, 0.1),  # person's horizontal offset, in image widths
@@ -286,7 +293,7 @@ def render_synthetic(**options):
     opt = synthetic_options(**options)
     h, w, seed = opt["height"], opt["width"], opt["seed"]
     plan = _plan(opt)
-    cams = [_camera(seed, k, h, w) for k in range(opt["num_cameras"])]
+    cams = [_camera(seed, k, h, w, opt["camera_strength"]) for k in range(opt["num_cameras"])]
     idents = {}
     images = np.empty((len(plan), h, w, 3), np.uint8)
     first_distractor = opt["num_ids"] + opt["num_test_ids"] + 1

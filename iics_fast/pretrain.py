@@ -1,0 +1,170 @@
+"""Source pretraining of the synthetic demo: `python -m iics_fast.pretrain --out FILE`.
+
+The paper starts IICS from ImageNet weights; none can be downloaded here, and a backbone from
+random initialisation does not learn person features in the few steps a CPU demo affords. The
+demo gives the backbone a start of the same kind: supervised training on a *source* population
+drawn by the synthetic generator with another seed, so other identities under other camera
+styles. The target network's labels are never used for training. The weights are written as a
+torchvision-format state dict (no AIBN alphas, like an ImageNet file), so `--pretrained FILE`
+takes them as it takes ImageNet weights. `--pretrained synthetic-source` means this file for
+the run's arch and input size, trained on first use and cached under ``$IICS_FAST_CACHE``
+(written to a temporary name and renamed, so a killed run leaves no half-written file).
+
+Training: PK batches of the source identities, cross-entropy on a BN-neck head plus the
+batch-hard triplet loss (the stage-2 losses), SGD with momentum and a cosine learning-rate
+decay, the training augmentation of the trainer.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .checkpoint import atomic_save, derive_seed
+from .losses import batch_hard_triplet
+
+#: the `--pretrained` value that names the cached source weights
+SOURCE_NAME = "synthetic-source"
+
+#: the source population: disjoint from any target drawn with another seed (other identities,
+#: other camera styles); test ids and distractors are not used
+SOURCE_DATA = {"num_ids": 300, "num_cameras": 8, "cameras_per_id": [2, 4],
+               "images_per_camera": [1, 2], "num_test_ids": 1, "num_distractors": 0,
+               "camera_strength": 0.5, "seed": 1000}
+
+#: training settings of the source backbone
+SOURCE_TRAINING = {"epochs": 8, "batch_p": 16, "batch_k": 4, "optimizer": "sgd",
+                   "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "margin": 0.3, "triplet_weight": 1.0,
+                   "seed": 0}
+
+# Bump when the source training changes, so that older cached weights are not reused.
+SOURCE_VERSION = 1
+
+
+def _spec(arch: str, height: int, width: int, data: dict, training: dict) -> dict:
+    return {"version": SOURCE_VERSION, "arch": arch, "height": int(height), "width": int(width),
+            "data": data, "training": training}
+
+
+def source_path(arch: str, height: int, width: int, cache_dir: str | None = None,
+                data: dict | None = None, training: dict | None = None) -> str:
+    """Where the cached source weights of this arch / input size / settings live."""
+    from .data.synthetic import default_cache_dir
+
+    spec = json.dumps(_spec(arch, height, width, data or SOURCE_DATA,
+                            training or SOURCE_TRAINING), sort_keys=True)
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+    return os.path.join(cache_dir, f"source-{arch}-{height}x{width}-"
+                                   f"{hashlib.sha1(spec.encode()).hexdigest()[:12]}.pth")
+
+
+def train_source(arch: str, height: int, width: int, data: dict | None = None,
+                 training: dict | None = None, cache_dir: str | None = None,
+                 log=print) -> dict:
+    """Train the backbone with labels on the source population; returns its state dict in
+    torchvision format (AIBN alphas left out)."""
+    from . import datasets, models
+    from .data.samplers import PKBatchSampler
+    from .data.transforms import ImageDataset, TrainTransform
+
+    data = dict(SOURCE_DATA if data is None else data)
+    t = {**SOURCE_TRAINING, **(training or {})}
+    ds = datasets.build("synthetic", cache_dir, **data)
+    items = list(ds.train)
+    labels = np.unique([pid for _, pid, _ in items], return_inverse=True)[1]
+    items = [(p, int(y), c) for (p, _, c), y in zip(items, labels)]
+    torch.manual_seed(derive_seed(t["seed"], 0))
+    model = models.build_backbone(arch=arch)
+    head = models.ClassifierHead(model.out_dim, int(labels.max()) + 1)
+    sampler = PKBatchSampler(labels, t["batch_p"], t["batch_k"], seed=derive_seed(t["seed"], 1))
+    loader = DataLoader(ImageDataset(items, TrainTransform(height, width)),
+                        batch_sampler=sampler, num_workers=0)
+    params = [p for m in (model, head) for p in m.parameters() if p.requires_grad]
+    if t["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+    elif t["optimizer"] == "sgd":
+        opt = torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"],
+                              weight_decay=t["weight_decay"], nesterov=True)
+    else:
+        raise ValueError(f"source optimizer must be 'adamw' or 'sgd', got {t['optimizer']!r}")
+    steps = t["epochs"] * len(sampler)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1.0 + np.cos(np.pi * min(s, steps) / steps)))
+    model.train()
+    head.train()
+    tic = time.perf_counter()
+    for epoch in range(t["epochs"]):
+        sampler.set_epoch(epoch)
+        ce_sum = tri_sum = 0.0
+        correct = seen = 0
+        for x, y, _, _ in loader:
+            f = model(x)
+            logits = head(f)
+            ce = F.cross_entropy(logits, y)
+            tri = batch_hard_triplet(f, y, t["margin"])
+            opt.zero_grad(set_to_none=True)
+            (ce + t["triplet_weight"] * tri).backward()
+            opt.step()
+            sched.step()
+            ce_sum, tri_sum = ce_sum + ce.item(), tri_sum + tri.item()
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        n = len(sampler)
+        log(f"source pretraining epoch {epoch + 1}/{t['epochs']}: CE {ce_sum / n:.3f}, "
+            f"triplet {tri_sum / n:.3f}, acc {correct / max(1, seen):.1%} "
+            f"({time.perf_counter() - tic:.0f}s)")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if not k.endswith(".alpha")}
+
+
+def source_weights(arch: str, height: int, width: int, cache_dir: str | None = None,
+                   log=print) -> str:
+    """The path of the cached source weights for (arch, height, width), trained first if
+    they are not cached yet."""
+    path = source_path(arch, height, width, cache_dir)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    log(f"source pretraining of {arch} at {height}x{width} (first use; cached as {path})")
+    atomic_save(train_source(arch, height, width, cache_dir=cache_dir, log=log), path)
+    return path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m iics_fast.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output state dict file (.pth)")
+    p.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet50"))
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=SOURCE_TRAINING["epochs"])
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default=SOURCE_TRAINING["optimizer"])
+    p.add_argument("--lr", type=float, default=SOURCE_TRAINING["lr"])
+    p.add_argument("--triplet-weight", type=float, default=SOURCE_TRAINING["triplet_weight"])
+    p.add_argument("--camera-strength", type=float, default=SOURCE_DATA["camera_strength"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = {**SOURCE_DATA, "camera_strength": args.camera_strength}
+    training = {"epochs": args.epochs, "optimizer": args.optimizer, "lr": args.lr,
+                "triplet_weight": args.triplet_weight}
+    state = train_source(args.arch, args.height, args.width, data=data, training=training)
+    atomic_save(state, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,59 @@
+"""Source pretraining: the weights file is a torchvision-format state dict written once and
+reused, it loads as `--pretrained` does, and training on the source changes the backbone."""
+import os
+
+import pytest
+import torch
+
+from iics_fast import models, pretrain
+
+TINY_SOURCE = {"num_ids": 6, "num_cameras": 2, "images_per_camera": [2, 3], "num_test_ids": 1,
+               "num_distractors": 0, "camera_strength": 0.5, "seed": 11, "image_format": "png"}
+TINY_TRAINING = {**pretrain.SOURCE_TRAINING, "epochs": 1, "batch_p": 3, "batch_k": 2}
+
+
+def test_source_state_is_torchvision_format_and_trained(tmp_path):
+    state = pretrain.train_source("resnet18", 32, 16, data=TINY_SOURCE, training=TINY_TRAINING,
+                                  cache_dir=str(tmp_path), log=lambda *a: None)
+    assert not any(k.endswith(".alpha") for k in state)  # as an ImageNet file: no AIBN alphas
+    path = tmp_path / "w.pth"
+    torch.save(state, path)
+    torch.manual_seed(0)
+    fresh = models.build_backbone("resnet18")
+    loaded = models.build_backbone("resnet18", pretrained=str(path))
+    assert torch.equal(loaded.conv1.weight, state["conv1.weight"])
+    assert not torch.equal(fresh.conv1.weight, loaded.conv1.weight)
+    # every AIBN alpha keeps its init value, as with an ImageNet file
+    assert all(float(a.detach().mean()) == pytest.approx(0.1) for a in models.aibn_alphas(loaded))
+
+
+def test_source_weights_written_once_under_the_cache(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(arch, height, width, cache_dir=None, log=print, **_):
+        calls.append((arch, height, width))
+        return models.build_backbone(arch).state_dict()
+
+    monkeypatch.setattr(pretrain, "train_source", fake_train)
+    path = pretrain.source_weights("resnet18", 32, 16, cache_dir=str(tmp_path), log=lambda *a: 0)
+    assert os.path.dirname(path) == str(tmp_path) and os.path.isfile(path)
+    assert pretrain.source_weights("resnet18", 32, 16, cache_dir=str(tmp_path)) == path
+    assert calls == [("resnet18", 32, 16)]  # the second call reads the cached file
+    assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == []  # no temporary left over
+    # another input size or arch is another file
+    assert pretrain.source_path("resnet18", 64, 32, str(tmp_path)) != path
+    assert pretrain.source_path("resnet50", 32, 16, str(tmp_path)) != path
+
+
+def test_source_population_is_disjoint_from_the_demo_target():
+    from iics_fast import train
+
+    target = train.PRESETS["synthetic"]["dataset_options"]
+    assert pretrain.SOURCE_DATA["seed"] != target["seed"]
+
+
+def test_unknown_optimizer_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="optimizer"):
+        pretrain.train_source("resnet18", 32, 16, data=TINY_SOURCE,
+                              training={**TINY_TRAINING, "optimizer": "lamb"},
+                              cache_dir=str(tmp_path), log=lambda *a: None)
