@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from .checkpoint import atomic_write_text
+from .checkpoint import write_atomic
 
 #: setting -> its arguments of `python -m iics_fast.train` (in table order)
 SETTINGS = {
@@ -71,7 +71,7 @@ def run_one(argv: list[str], out: str) -> dict:
     metrics = train.main(argv + ["--out", out] + (["--resume"] if resume else []))
     state = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
     result = {"metrics": metrics, "initial": state["initial_eval"]}
-    atomic_write_text(json.dumps(result) + "\n", done)
+    write_atomic(done, json.dumps(result) + "\n")
     return result
 
 
@@ -186,9 +186,9 @@ def main(argv=None) -> dict:
     rows = summarise(results)
     table = markdown(rows, f"command: python -m iics_fast.ablation "
                            f"{' '.join(argv if argv is not None else sys.argv[1:])}")
-    atomic_write_text(table, os.path.join(args.out, "ablation.md"))
-    atomic_write_text(json.dumps({"rows": rows, "results": results}) + "\n",
-                      os.path.join(args.out, "results.json"))
+    write_atomic(os.path.join(args.out, "ablation.md"), table)
+    write_atomic(os.path.join(args.out, "results.json"),
+                 json.dumps({"rows": rows, "results": results}) + "\n")
     plot(results, os.path.join(args.out, "ablation.png"))
     print(table)
     return {"rows": rows, "results": results}
