@@ -123,7 +123,8 @@ def load_features(path: str):
     return feats, paths
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line: `features` and `rank`."""
     p = argparse.ArgumentParser(prog="python -m iics_fast.extract", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,32 +152,51 @@ def main(argv=None) -> None:
     for s in (f, r):
         s.add_argument("--device", default="cpu")
         s.add_argument("--batch-size", type=int, default=64)
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.command == "rank" and (args.top_k < 1 or args.num_queries < 1):
+        raise ValueError(f"--top-k and --num-queries must be >= 1, got {args.top_k} and "
+                         f"{args.num_queries}")
     model, cfg = load_model(args.checkpoint, args.device)
-    size = (cfg["height"], cfg["width"])
     if args.command == "features":
-        folder = os.path.dirname(os.path.abspath(args.save))
-        if not args.save.endswith((".npy", ".pt")):
-            raise ValueError(f"--save {args.save!r}: name a .npy (with a .txt path list beside "
-                             f"it) or a .pt file")
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-            raise ValueError(f"--save {args.save!r}: cannot write into {folder}; choose a "
-                             f"folder that exists and that you can write into")
-        paths = list_images(args.images)
-        if not args.save.endswith(".pt"):
-            check_paths(paths)
-        feats = extract_features(model, paths, *size, args.batch_size, args.device)
-        save_features(feats, paths, args.save)
-        print(f"{len(paths)} images -> {args.save} ({feats.shape[1]}-d)")
-        return
-    if args.dataset is not None:
+        features_command(model, cfg, args)
+    elif args.dataset is not None:
         rank_dataset(model, cfg, args)
-        return
+    else:
+        rank_query(model, cfg, args)
+
+
+def features_command(model, cfg: dict, args) -> None:
+    """`features`: the features of every image under a folder, saved atomically."""
+    folder = os.path.dirname(os.path.abspath(args.save))
+    if not args.save.endswith((".npy", ".pt")):
+        raise ValueError(f"--save {args.save!r}: name a .npy (with a .txt path list beside "
+                         f"it) or a .pt file")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--save {args.save!r}: cannot write into {folder}; choose a "
+                         f"folder that exists and that you can write into")
+    paths = list_images(args.images)
+    if not args.save.endswith(".pt"):
+        check_paths(paths)
+    feats = extract_features(model, paths, cfg["height"], cfg["width"], args.batch_size,
+                             args.device)
+    save_features(feats, paths, args.save)
+    print(f"{len(paths)} images -> {args.save} ({feats.shape[1]}-d)")
+
+
+def rank_query(model, cfg: dict, args) -> None:
+    """`rank QUERY GALLERY`: the top-k gallery images of one query image, printed and, with
+    --figure, drawn."""
     if args.query is None or args.gallery is None:
         raise ValueError("rank needs QUERY and GALLERY, or --dataset (with --root)")
     if not os.path.isfile(args.query):
         raise ValueError(f"query {args.query!r} is not a file")
+    size = (cfg["height"], cfg["width"])
     if os.path.isfile(args.gallery):
         gf, paths = load_features(args.gallery)
     else:

@@ -225,6 +225,9 @@ def test_extract_rank_figures(full_run, tmp_path, capsys):
         extract.main(["rank", os.path.join(out, "best.pt"), "q.jpg", "--dataset", "synthetic"])
     with pytest.raises(ValueError, match="needs QUERY and GALLERY"):
         extract.main(["rank", os.path.join(out, "best.pt")])
+    with pytest.raises(ValueError, match="--top-k and --num-queries must be >= 1"):
+        extract.main(["rank", os.path.join(out, "best.pt"), "--dataset", "synthetic",
+                      "--dataset-options", TINY[3], "--top-k", "0"])
 
 
 def test_run_writes_ranked_lists_before_and_after(full_run):
