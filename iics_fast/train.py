@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -144,8 +145,30 @@ RUNTIME_KEYS = ("device", "workers", "threads", "batch_extract", "progress", "ve
 RESUMABLE_KEYS = RUNTIME_KEYS + ("out", "root")
 
 
+def presets_epilog() -> str:
+    """--help's closing text: each preset's overrides of the [defaults] shown beside the options,
+    written from PRESETS so the two cannot disagree."""
+    def flag(key, value):
+        name = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            return name if value else "--no-" + name[2:]
+        if isinstance(value, (dict, list)):
+            return f"{name} '{json.dumps(value, separators=(',', ':'))}'"
+        return f"{name} {value}"
+
+    lines = [f"presets: --dataset NAME replaces the [defaults] above with NAME's settings (default "
+             f"dataset: {DEFAULTS['dataset'][0]}); --config and the command line override them:"]
+    for name, overrides in PRESETS.items():
+        text = " ".join(flag(k, v) for k, v in overrides.items()) or "(the defaults)"
+        lines.append(textwrap.fill(text, width=96, initial_indent=f"  {name}: ",
+                                   subsequent_indent="      ", break_on_hyphens=False,
+                                   break_long_words=False))
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m iics_fast.train", description=__doc__,
+                                epilog=presets_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON or TOML file with any of the keys below")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
