@@ -156,13 +156,17 @@ def presets_epilog() -> str:
             return f"{name} '{json.dumps(value, separators=(',', ':'))}'"
         return f"{name} {value}"
 
-    lines = [f"presets: --dataset NAME replaces the [defaults] above with NAME's settings (default "
-             f"dataset: {DEFAULTS['dataset'][0]}); --config and the command line override them:"]
+    lines = textwrap.wrap(f"presets: --dataset NAME replaces the [defaults] above with NAME's "
+                          f"settings (default dataset: {DEFAULTS['dataset'][0]}); --config and the "
+                          f"command line override them:", width=96)
     for name, overrides in PRESETS.items():
-        text = " ".join(flag(k, v) for k, v in overrides.items()) or "(the defaults)"
-        lines.append(textwrap.fill(text, width=96, initial_indent=f"  {name}: ",
-                                   subsequent_indent="      ", break_on_hyphens=False,
-                                   break_long_words=False))
+        line = f"  {name}:"
+        for item in [flag(k, v) for k, v in overrides.items()] or ["(the defaults)"]:
+            if len(line) + 1 + len(item) > 96 and line.strip():  # a flag and its value stay together
+                lines.append(line)
+                line = "     "
+            line += " " + item
+        lines.append(line)
     return "\n".join(lines)
 
 
