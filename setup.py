@@ -73,6 +73,7 @@ setup(
             "scipy>=1.9",
             "scikit-learn>=1.2",
             "fastcluster>=1.2",
+            "ruff==0.17.6",  # the linter the README and .ci/run run (`ruff check .`)
         ],
         # the benchmarks' peers beyond the test extras; fast-reid itself: pip install --no-deps
         # fastreid (its wheel pins torch 1.13.1), see benchmarks/bench_evaluation.py

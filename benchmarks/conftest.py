@@ -156,7 +156,7 @@ def memory_probe(module_file: str, impl: str, **size) -> dict:
     The module's ``build(impl, **size)`` makes the inputs, warms the libraries up on a tiny
     case and returns a callable, which then runs once under ``benchmarks.probes.PeakMemory``:
     the peak above the resident size at its start is what the implementation itself needs.
-    Returns {"peak_mb", "input_mb", "time_s", "sampled"}; {"error": ...} when it failed.
+    Returns {"peak_mb", "input_mb", "time_s", "sampled", "how"}; {"error": ...} when it failed.
     """
     from benchmarks.probes import run_python
 
@@ -164,7 +164,7 @@ def memory_probe(module_file: str, impl: str, **size) -> dict:
         out = run_python(MEMORY_DRIVER, module_file, impl, json.dumps(size))
     except RuntimeError as exc:
         return {"error": str(exc).strip().splitlines()[-1][:300]}
-    return json.loads(out.strip().splitlines()[-1])
+    return {**json.loads(out.strip().splitlines()[-1]), "how": "in a fresh process (memory_probe)"}
 
 
 # ----------------------------------------------------------------------------- side by side

@@ -13,14 +13,20 @@
 # Exit status 0 when every step passed. Logs stay in the folder printed at the end.
 set -uo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
-PYTHON=${PYTHON:-python}
+USAGE="usage: bash benchmarks/gpu_check.sh [--dry-run | -h | --help]"
 DRY=0
 case "${1:-}" in
   --dry-run) DRY=1 ;;
+  -h|--help)  # the usage line, then this file's opening comment
+    echo "$USAGE"
+    awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"
+    exit 0 ;;
   "") ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
+  *) echo "$USAGE" >&2; exit 2 ;;
 esac
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+PYTHON=${PYTHON:-python}
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/iics_gpu_check.XXXXXX") || exit 2
 : > "$WORK/steps.tsv"

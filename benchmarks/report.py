@@ -1,11 +1,12 @@
 """The performance tables, generated from the committed records under benchmarks/results/.
 
     python benchmarks/report.py                      # writes docs/performance.md, prints the headline
-    python benchmarks/report.py --machine TAG        # one machine's records (default: the newest)
+    python benchmarks/report.py --machine TAG        # one machine's records (default: the folder
+                                                     # holding the newest record by its "date")
 
 Every figure in the output comes from a record written by ``pytest benchmarks/`` (conftest's
 ``side_by_side``): ours and each peer measured whole in the same rounds, with the spread over
-the rounds, the load average during the run, peak memory measured in a fresh process, and,
+the rounds, the load average during the run, peak memory (each record says how it was measured), and,
 where the operation has one, this machine's ceiling for its inner loop. Nothing is
 extrapolated; a peer that does not fit or would run for hours at a size is marked not run,
 with the reason its record gives.
@@ -51,16 +52,33 @@ def _spread(rec):
         if rec["rounds"] > 1 else f"{_t(rec['median_s'])} (1 round)"
 
 
+# what a memory entry without its own "how" was measured by (benchmarks/conftest.py memory_probe)
+FRESH_PROCESS = "in a fresh process (memory_probe)"
+
+
 def load(machine=None):
-    dirs = sorted((d for d in RESULTS.iterdir() if d.is_dir()), key=lambda d: max(
-        (f.stat().st_mtime for f in d.glob("*.json")), default=0)) if RESULTS.exists() else []
-    if machine:
-        dirs = [d for d in dirs if d.name == machine]
-    if not dirs:
+    """(folder name, its records): the named folder, else the one holding the newest record by
+    the records' own "date" (file times say nothing after a clone)."""
+    folders = {d.name: [json.loads(f.read_text()) for f in sorted(d.glob("*.json"))]
+               for d in sorted(RESULTS.iterdir()) if d.is_dir()} if RESULTS.exists() else {}
+    folders = {k: v for k, v in folders.items() if v and (machine is None or k == machine)}
+    if not folders:
         where = f"{RESULTS}{' for ' + machine if machine else ''}"
         raise SystemExit(f"no records under {where}: run `pytest benchmarks/` first")
-    d = dirs[-1]
-    return d.name, [json.loads(f.read_text()) for f in sorted(d.glob("*.json"))]
+    tag = max(folders, key=lambda k: max(r["date"] for r in folders[k]))
+    return tag, folders[tag]
+
+
+def memory_notes(records):
+    """One line per way of measuring peak memory, naming the records (and their sides) it covers."""
+    by_how = {}
+    for r in sorted(records, key=_size_key):
+        for label, m in r.get("memory", {}).items():
+            if isinstance(m, dict) and "peak_mb" in m:
+                sides = by_how.setdefault(m.get("how", FRESH_PROCESS), {}).setdefault(f"{r['op']} {r['size']}", [])
+                sides.append(r["ours"]["label"] if label == "ours" else label)
+    return [line for how, recs in by_how.items()
+            for line in [f"- {how}:", *(f"  - {rec}: {'; '.join(sides)}" for rec, sides in recs.items())]]
 
 
 def machine_line(m):
@@ -171,7 +189,8 @@ def render(tag, records):
         "(a peer's run is the untimed set-up of our round in pytest-benchmark, so load on a shared "
         "machine falls on both alike); the ratio is the peer's median over ours, with the range of the "
         "per-round ratios. Peak memory is each side's resident high-water mark above its inputs, "
-        "measured in a fresh process. The load column is the 1-minute load average before and after "
+        "measured as the section \"How peak memory was measured\" lists per record. The load column "
+        "is the 1-minute load average before and after "
         "the comparison: this machine has 2 cores, and a load above 2 means other work shared them: "
         "wall times inflate and per-round ratios scatter. The CPU-time ratio (process CPU seconds "
         "of all threads, median over the rounds) is what preemption does not distort; on an idle "
@@ -198,6 +217,9 @@ def render(tag, records):
                 "time but not of its work, so the fraction is a lower bound. By CPU time: work per "
                 "CPU-second against one core's ceiling, which a shared machine does not distort.",
                 "", ceil, ""]
+    mem_notes = memory_notes(records)
+    if mem_notes:
+        out += ["## How peak memory was measured", "", *mem_notes, ""]
     notes = [f"- {r['op']} {r['size']}: {k} not run: {v}" for r in records for k, v in r.get("not_run", {}).items()]
     if notes:
         out += ["## Not run, and why", "", *notes, ""]

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -144,8 +145,34 @@ RUNTIME_KEYS = ("device", "workers", "threads", "batch_extract", "progress", "ve
 RESUMABLE_KEYS = RUNTIME_KEYS + ("out", "root")
 
 
+def presets_epilog() -> str:
+    """--help's closing text: each preset's overrides of the [defaults] shown beside the options,
+    written from PRESETS so the two cannot disagree."""
+    def flag(key, value):
+        name = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            return name if value else "--no-" + name[2:]
+        if isinstance(value, (dict, list)):
+            return f"{name} '{json.dumps(value, separators=(',', ':'))}'"
+        return f"{name} {value}"
+
+    lines = textwrap.wrap(f"presets: --dataset NAME replaces the [defaults] above with NAME's "
+                          f"settings (default dataset: {DEFAULTS['dataset'][0]}); --config and the "
+                          f"command line override them:", width=96)
+    for name, overrides in PRESETS.items():
+        line = f"  {name}:"
+        for item in [flag(k, v) for k, v in overrides.items()] or ["(the defaults)"]:
+            if len(line) + 1 + len(item) > 96 and line.strip():  # a flag and its value stay together
+                lines.append(line)
+                line = "     "
+            line += " " + item
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m iics_fast.train", description=__doc__,
+                                epilog=presets_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON or TOML file with any of the keys below")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")

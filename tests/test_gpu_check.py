@@ -77,3 +77,13 @@ def test_gpu_check_script_refuses_without_a_gpu():
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--bogus"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_gpu_check_script_help(flag):
+    """--help is an answer, not an error: usage and the script's description on stdout, status 0."""
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), flag],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("usage: bash benchmarks/gpu_check.sh")
+    assert "--dry-run" in proc.stdout and "Exit status 0" in proc.stdout

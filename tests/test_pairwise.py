@@ -200,7 +200,8 @@ def test_cpu_half_inputs(rng, tag):
 
 
 def test_cpu_long_score_rows_and_one_camera(rng):
-    # D spans several cache chunks with a ragged tail; one camera masks every pair
+    # D = 1031 crosses the C++ kernel's score-dim chunk boundary (1024) into a ragged 7-wide tail;
+    # one camera masks every pair
     f, s, cam = make_inputs(rng, 53, 20, 1031, [0, 1, 2])
     np.testing.assert_allclose(
         S.inter_camera_distance(f, s, cam, 0.5, backend="cpu").numpy(),
@@ -405,11 +406,12 @@ def _native():
     return native()
 
 
-@pytest.mark.parametrize("n,dim", [(1, 5), (7, 15), (61, 131), (130, 300)])
+# 1031 and 2100 cross one and two boundaries of the C++ kernel's 1024-wide score-dim chunk
+@pytest.mark.parametrize("n,dim", [(1, 5), (7, 15), (61, 131), (130, 300), (13, 1031), (9, 2100)])
 def test_simd_variants_agree_with_scalar(n, dim):
     """Every SIMD variant this CPU runs gives the plain C++ loop's sums of minima (up to float32
-    summation order) on shapes that are no multiple of any vector width or tile, and the C++
-    path stays within rounding of the float64 definition."""
+    summation order) on shapes that are no multiple of any vector width, tile or score-dim chunk,
+    and the C++ path stays within rounding of the float64 definition."""
     C = _native()
     variants = C.simd_variants()
     assert variants[-1] == "scalar" and C.simd_variant("auto") == variants[0]

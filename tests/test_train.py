@@ -188,6 +188,23 @@ def test_config_file_and_command_line_precedence(tmp_path):
     assert config["arch"] == "resnet50" and config["device"] in ("cpu", "cuda")
 
 
+def test_help_lists_every_presets_overrides(capsys):
+    """--help's [defaults] are Market-1501's; its closing text shows what each preset changes,
+    e.g. the no-argument run's synthetic rounds and arch."""
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--help"])
+    assert exc.value.code == 0
+    epilog = capsys.readouterr().out.split("presets:", 1)[1]
+    flat = " ".join(epilog.split())
+    for name, overrides in train.PRESETS.items():
+        assert f" {name}: " in f" {flat}"
+        for key, value in overrides.items():
+            shown = json.dumps(value, separators=(",", ":")) if isinstance(value, dict) else str(value)
+            assert f"--{key.replace('_', '-')} " + (f"'{shown}'" if isinstance(value, dict) else shown) in flat
+    assert "--rounds 6" in flat and "--arch resnet18" in flat
+    assert " market1501: (the defaults)" in f" {flat}"
+
+
 @pytest.mark.slow
 def test_extract_cli(full_run, tmp_path, capsys):
     from iics_fast import extract

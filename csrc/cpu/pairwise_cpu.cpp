@@ -30,7 +30,7 @@ namespace {
 constexpr int64_t kMB = 24;   // cache-tile rows (a multiple of every variant's MR)
 constexpr int64_t kNB = 60;   // cache-tile columns (a multiple of every variant's NR)
 // Score dims a chunk: long enough that the micro-kernel's closing reductions (a horizontal sum
-// an accumulator) cost little beside its loop (256 left ~40% of the loop's speed on the table),
+// an accumulator) cost little beside its loop (256 left ~30% of the loop's speed on the table),
 // short enough that a micro-tile's row panel stays in L1 and the tile's panels in L2.
 constexpr int64_t kKC = 1024;
 

@@ -1,0 +1,30 @@
+"""benchmarks/report.py: the records folder it reads and the memory notes it writes."""
+import json
+import os
+
+from benchmarks import report
+
+
+def _record(date, memory):
+    return {"op": "merge (average linkage)", "size": "N=4000", "date": date,
+            "ours": {"label": "iics_fast"}, "memory": memory}
+
+
+def test_newest_folder_is_chosen_by_the_records_dates_not_file_times(tmp_path, monkeypatch):
+    for tag, date in (("old-machine", "2026-01-01T00:00:00Z"), ("new-machine", "2026-06-01T00:00:00Z")):
+        (tmp_path / tag).mkdir()
+        (tmp_path / tag / "r.json").write_text(json.dumps(_record(date, {})))
+    os.utime(tmp_path / "old-machine" / "r.json", (2e9, 2e9))  # a later file time, as a clone may give
+    os.utime(tmp_path / "new-machine" / "r.json", (1e9, 1e9))
+    (tmp_path / "empty-machine").mkdir()
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    assert report.load()[0] == "new-machine"
+    assert report.load("old-machine")[0] == "old-machine"
+
+
+def test_memory_notes_give_each_records_own_how():
+    records = [_record("d", {"ours": {"peak_mb": 3.0, "how": "in this process: VmHWM reset"},
+                             "fastcluster": {"peak_mb": 9.0}, "SciPy": {"error": "failed"}})]
+    notes = report.memory_notes(records)
+    assert notes == ["- in this process: VmHWM reset:", "  - merge (average linkage) N=4000: iics_fast",
+                     f"- {report.FRESH_PROCESS}:", "  - merge (average linkage) N=4000: fastcluster"]
