@@ -62,25 +62,45 @@ def k_reciprocal_ref(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
     d = _as_numpy(dist)
     if d.ndim == 1:
         d = condensed.to_square(np.asarray(d, np.float32))
-    d = np.asarray(d, np.float32)
-    n = d.shape[0]
+    norm = _normalise_columns_ref(np.asarray(d, np.float32))
+    rank = np.argsort(norm, kind="stable" if stable else "quicksort").astype(np.int32)
+    V = _weights_ref(norm, rank, k1, exact_exp)
+    if k2 != 1:
+        expanded = np.zeros_like(V)
+        for i in range(len(V)):
+            expanded[i, :] = np.mean(V[rank[i, :k2], :], axis=0)
+        V = expanded
+    jaccard = _jaccard_ref(V)
+    # lambda = 0 returns the float16 jaccard in the reference: the same values as this sum.
+    return jaccard * (1 - lambda_value) + norm * lambda_value
+
+
+def _normalise_columns_ref(d: np.ndarray) -> np.ndarray:
+    """Each column shifted by its min, divided by its range, then transposed (the reference's
+    normalisation); a constant column normalises to 0 instead of 0/0."""
     shifted = d - np.min(d, axis=0)
     top = np.max(shifted, axis=0)
-    top[top == 0] = 1  # a constant column normalises to 0 instead of 0/0
-    norm = np.transpose(shifted / top)
-    rank = np.argsort(norm, kind="stable" if stable else "quicksort").astype(np.int32)
-    half = _expansion_width(k1)
+    top[top == 0] = 1
+    return np.transpose(shifted / top)
 
+
+def _reciprocal_ref(rank: np.ndarray, i, k: int) -> np.ndarray:
+    """Row i's k-reciprocal neighbours among its k nearest (in rank order)."""
+    forward = rank[i, :k]
+    return forward[np.where(rank[forward, :k] == i)[0]]
+
+
+def _weights_ref(norm: np.ndarray, rank: np.ndarray, k1: int, exact_exp: bool) -> np.ndarray:
+    """The float16 (N, N) V: row i's expanded k-reciprocal set weighted by exp(-norm), summing
+    to 1 (see `k_reciprocal_ref` for ``exact_exp``)."""
+    n = len(norm)
+    half = _expansion_width(k1)
     V = np.zeros((n, n), np.float16)
     for i in range(n):
-        forward = rank[i, :k1 + 1]
-        hits = np.where(rank[forward, :k1 + 1] == i)[0]
-        reciprocal = forward[hits]
+        reciprocal = _reciprocal_ref(rank, i, k1 + 1)
         expansion = reciprocal
         for cand in reciprocal:
-            cand_forward = rank[cand, :half]
-            cand_hits = np.where(rank[cand_forward, :half] == cand)[0]
-            cand_reciprocal = cand_forward[cand_hits]
+            cand_reciprocal = _reciprocal_ref(rank, cand, half)
             overlap = len(np.intersect1d(cand_reciprocal, reciprocal))
             if overlap > 2 / 3 * len(cand_reciprocal):
                 expansion = np.append(expansion, cand_reciprocal)
@@ -90,14 +110,14 @@ def k_reciprocal_ref(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
         else:
             weight = np.exp(-norm[i, expansion])
         V[i, expansion] = weight / np.sum(weight)
+    return V
 
-    if k2 != 1:
-        expanded = np.zeros_like(V)
-        for i in range(n):
-            expanded[i, :] = np.mean(V[rank[i, :k2], :], axis=0)
-        V = expanded
+
+def _jaccard_ref(V: np.ndarray) -> np.ndarray:
+    """The float16 Jaccard distance 1 - m / (2 - m) between V's rows, m summed in float16
+    through an inverted index, negatives clamped to 0."""
+    n = len(V)
     inverted = [np.where(V[:, c] != 0)[0] for c in range(n)]
-
     jaccard = np.zeros((n, n), np.float16)
     for i in range(n):
         common = np.zeros(n, np.float16)
@@ -106,8 +126,7 @@ def k_reciprocal_ref(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
             common[rows] = common[rows] + np.minimum(V[i, c], V[rows, c])
         jaccard[i] = 1 - common / (2 - common)
     jaccard[jaccard < 0] = 0
-    # lambda = 0 returns the float16 jaccard in the reference: the same values as this sum.
-    return jaccard * (1 - lambda_value) + norm * lambda_value
+    return jaccard
 
 
 def _as_numpy(x):
