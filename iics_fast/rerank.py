@@ -168,6 +168,51 @@ def _check_matrix(d: np.ndarray, name: str) -> tuple[int, bool]:
     return n, square
 
 
+def _check_parameters(n: int, k1, k2, lambda_value) -> None:
+    """Raise a ValueError naming the problem for too few samples or a bad k1, k2 or lambda."""
+    if n < 2:
+        raise ValueError(f"re-ranking needs at least 2 samples, got N = {n}")
+    for name, k in (("k1", k1), ("k2", k2)):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
+    if k2 > k1 + 1:
+        raise ValueError(f"k2 = {k2} exceeds k1 + 1 = {k1 + 1}: query expansion reads each "
+                         "row's k2 nearest neighbours out of the k1 + 1 kept; lower k2")
+    if not isinstance(lambda_value, (int, float, np.floating)) or not 0 <= lambda_value <= 1:
+        raise ValueError(f"lambda_value must be a number in [0, 1], got {lambda_value!r}")
+
+
+def _output_buffer(out, dist, d: np.ndarray, n: int, in_square: bool):
+    """(NumPy buffer to write, object to return) for `k_reciprocal`'s ``out``: a new array or
+    tensor (memory checked first), or the caller's buffer once checked for size, writeability
+    and partial overlap with ``dist``."""
+    if out is None or isinstance(out, str):
+        layout = {None: in_square, "square": True, "condensed": False}.get(out)
+        if layout is None:
+            raise ValueError(f"out must be None, 'square', 'condensed' or an array, got {out!r}")
+        shape = (n, n) if layout else (n * (n - 1) // 2,)
+        from .memory import require
+        require(4 * int(np.prod(shape)) + 1024 * n, f"re-ranking N = {n} samples (a new output)",
+                way_out="pass out=dist to re-rank in place, or use fewer samples")
+        o = np.empty(shape, np.float32)
+        if isinstance(dist, np.ndarray):
+            return o, o
+        import torch
+        return o, torch.from_numpy(o)
+    o = _as_numpy(out)
+    m, _ = _check_matrix(o, "out")
+    if m != n:
+        raise ValueError(f"out has room for N = {m} samples but dist has N = {n}")
+    if not o.flags.writeable:
+        raise ValueError("out is read-only; pass a writeable buffer")
+    same = (o.__array_interface__["data"][0] == d.__array_interface__["data"][0]
+            and o.shape == d.shape)
+    if not same and np.may_share_memory(o, d):
+        raise ValueError("out overlaps dist without being dist itself: pass dist (in "
+                         "place, same layout) or a separate buffer")
+    return o, out
+
+
 def k_reciprocal(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, out=None):
     """Re-rank an all-vs-all distance; returns `out` holding the result.
 
@@ -189,44 +234,8 @@ def k_reciprocal(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, out
     """
     d = _as_numpy(dist)
     n, in_square = _check_matrix(d, "dist")
-    if n < 2:
-        raise ValueError(f"re-ranking needs at least 2 samples, got N = {n}")
-    for name, k in (("k1", k1), ("k2", k2)):
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
-    if k2 > k1 + 1:
-        raise ValueError(f"k2 = {k2} exceeds k1 + 1 = {k1 + 1}: query expansion reads each "
-                         "row's k2 nearest neighbours out of the k1 + 1 kept; lower k2")
-    if not isinstance(lambda_value, (int, float, np.floating)) or not 0 <= lambda_value <= 1:
-        raise ValueError(f"lambda_value must be a number in [0, 1], got {lambda_value!r}")
-
-    torch_in = not isinstance(dist, np.ndarray)
-    if out is None or isinstance(out, str):
-        layout = {None: in_square, "square": True, "condensed": False}.get(out)
-        if layout is None:
-            raise ValueError(f"out must be None, 'square', 'condensed' or an array, got {out!r}")
-        shape = (n, n) if layout else (n * (n - 1) // 2,)
-        from .memory import require
-        require(4 * int(np.prod(shape)) + 1024 * n, f"re-ranking N = {n} samples (a new output)",
-                way_out="pass out=dist to re-rank in place, or use fewer samples")
-        o = np.empty(shape, np.float32)
-        result = o
-        if torch_in:
-            import torch
-            result = torch.from_numpy(o)
-    else:
-        o = _as_numpy(out)
-        m, _ = _check_matrix(o, "out")
-        if m != n:
-            raise ValueError(f"out has room for N = {m} samples but dist has N = {n}")
-        if not o.flags.writeable:
-            raise ValueError("out is read-only; pass a writeable buffer")
-        same = (o.__array_interface__["data"][0] == d.__array_interface__["data"][0]
-                and o.shape == d.shape)
-        if not same and np.may_share_memory(o, d):
-            raise ValueError("out overlaps dist without being dist itself: pass dist (in "
-                             "place, same layout) or a separate buffer")
-        result = out
+    _check_parameters(n, k1, k2, lambda_value)
+    o, result = _output_buffer(out, dist, d, n, in_square)
 
     from ._native import native
     # Lists stop at N entries, so k1 >= N acts like k1 = N (and stays within C++ int range).
