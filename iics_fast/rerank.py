@@ -62,25 +62,45 @@ def k_reciprocal_ref(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
     d = _as_numpy(dist)
     if d.ndim == 1:
         d = condensed.to_square(np.asarray(d, np.float32))
-    d = np.asarray(d, np.float32)
-    n = d.shape[0]
+    norm = _normalise_columns_ref(np.asarray(d, np.float32))
+    rank = np.argsort(norm, kind="stable" if stable else "quicksort").astype(np.int32)
+    V = _weights_ref(norm, rank, k1, exact_exp)
+    if k2 != 1:
+        expanded = np.zeros_like(V)
+        for i in range(len(V)):
+            expanded[i, :] = np.mean(V[rank[i, :k2], :], axis=0)
+        V = expanded
+    jaccard = _jaccard_ref(V)
+    # lambda = 0 returns the float16 jaccard in the reference: the same values as this sum.
+    return jaccard * (1 - lambda_value) + norm * lambda_value
+
+
+def _normalise_columns_ref(d: np.ndarray) -> np.ndarray:
+    """Each column shifted by its min, divided by its range, then transposed (the reference's
+    normalisation); a constant column normalises to 0 instead of 0/0."""
     shifted = d - np.min(d, axis=0)
     top = np.max(shifted, axis=0)
-    top[top == 0] = 1  # a constant column normalises to 0 instead of 0/0
-    norm = np.transpose(shifted / top)
-    rank = np.argsort(norm, kind="stable" if stable else "quicksort").astype(np.int32)
-    half = _expansion_width(k1)
+    top[top == 0] = 1
+    return np.transpose(shifted / top)
 
+
+def _reciprocal_ref(rank: np.ndarray, i, k: int) -> np.ndarray:
+    """Row i's k-reciprocal neighbours among its k nearest (in rank order)."""
+    forward = rank[i, :k]
+    return forward[np.where(rank[forward, :k] == i)[0]]
+
+
+def _weights_ref(norm: np.ndarray, rank: np.ndarray, k1: int, exact_exp: bool) -> np.ndarray:
+    """The float16 (N, N) V: row i's expanded k-reciprocal set weighted by exp(-norm), summing
+    to 1 (see `k_reciprocal_ref` for ``exact_exp``)."""
+    n = len(norm)
+    half = _expansion_width(k1)
     V = np.zeros((n, n), np.float16)
     for i in range(n):
-        forward = rank[i, :k1 + 1]
-        hits = np.where(rank[forward, :k1 + 1] == i)[0]
-        reciprocal = forward[hits]
+        reciprocal = _reciprocal_ref(rank, i, k1 + 1)
         expansion = reciprocal
         for cand in reciprocal:
-            cand_forward = rank[cand, :half]
-            cand_hits = np.where(rank[cand_forward, :half] == cand)[0]
-            cand_reciprocal = cand_forward[cand_hits]
+            cand_reciprocal = _reciprocal_ref(rank, cand, half)
             overlap = len(np.intersect1d(cand_reciprocal, reciprocal))
             if overlap > 2 / 3 * len(cand_reciprocal):
                 expansion = np.append(expansion, cand_reciprocal)
@@ -90,14 +110,14 @@ def k_reciprocal_ref(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
         else:
             weight = np.exp(-norm[i, expansion])
         V[i, expansion] = weight / np.sum(weight)
+    return V
 
-    if k2 != 1:
-        expanded = np.zeros_like(V)
-        for i in range(n):
-            expanded[i, :] = np.mean(V[rank[i, :k2], :], axis=0)
-        V = expanded
+
+def _jaccard_ref(V: np.ndarray) -> np.ndarray:
+    """The float16 Jaccard distance 1 - m / (2 - m) between V's rows, m summed in float16
+    through an inverted index, negatives clamped to 0."""
+    n = len(V)
     inverted = [np.where(V[:, c] != 0)[0] for c in range(n)]
-
     jaccard = np.zeros((n, n), np.float16)
     for i in range(n):
         common = np.zeros(n, np.float16)
@@ -106,8 +126,7 @@ def k_reciprocal_ref(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
             common[rows] = common[rows] + np.minimum(V[i, c], V[rows, c])
         jaccard[i] = 1 - common / (2 - common)
     jaccard[jaccard < 0] = 0
-    # lambda = 0 returns the float16 jaccard in the reference: the same values as this sum.
-    return jaccard * (1 - lambda_value) + norm * lambda_value
+    return jaccard
 
 
 def _as_numpy(x):
@@ -149,6 +168,51 @@ def _check_matrix(d: np.ndarray, name: str) -> tuple[int, bool]:
     return n, square
 
 
+def _check_parameters(n: int, k1, k2, lambda_value) -> None:
+    """Raise a ValueError naming the problem for too few samples or a bad k1, k2 or lambda."""
+    if n < 2:
+        raise ValueError(f"re-ranking needs at least 2 samples, got N = {n}")
+    for name, k in (("k1", k1), ("k2", k2)):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
+    if k2 > k1 + 1:
+        raise ValueError(f"k2 = {k2} exceeds k1 + 1 = {k1 + 1}: query expansion reads each "
+                         "row's k2 nearest neighbours out of the k1 + 1 kept; lower k2")
+    if not isinstance(lambda_value, (int, float, np.floating)) or not 0 <= lambda_value <= 1:
+        raise ValueError(f"lambda_value must be a number in [0, 1], got {lambda_value!r}")
+
+
+def _output_buffer(out, dist, d: np.ndarray, n: int, in_square: bool):
+    """(NumPy buffer to write, object to return) for `k_reciprocal`'s ``out``: a new array or
+    tensor (memory checked first), or the caller's buffer once checked for size, writeability
+    and partial overlap with ``dist``."""
+    if out is None or isinstance(out, str):
+        layout = {None: in_square, "square": True, "condensed": False}.get(out)
+        if layout is None:
+            raise ValueError(f"out must be None, 'square', 'condensed' or an array, got {out!r}")
+        shape = (n, n) if layout else (n * (n - 1) // 2,)
+        from .memory import require
+        require(4 * int(np.prod(shape)) + 1024 * n, f"re-ranking N = {n} samples (a new output)",
+                way_out="pass out=dist to re-rank in place, or use fewer samples")
+        o = np.empty(shape, np.float32)
+        if isinstance(dist, np.ndarray):
+            return o, o
+        import torch
+        return o, torch.from_numpy(o)
+    o = _as_numpy(out)
+    m, _ = _check_matrix(o, "out")
+    if m != n:
+        raise ValueError(f"out has room for N = {m} samples but dist has N = {n}")
+    if not o.flags.writeable:
+        raise ValueError("out is read-only; pass a writeable buffer")
+    same = (o.__array_interface__["data"][0] == d.__array_interface__["data"][0]
+            and o.shape == d.shape)
+    if not same and np.may_share_memory(o, d):
+        raise ValueError("out overlaps dist without being dist itself: pass dist (in "
+                         "place, same layout) or a separate buffer")
+    return o, out
+
+
 def k_reciprocal(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, out=None):
     """Re-rank an all-vs-all distance; returns `out` holding the result.
 
@@ -170,44 +234,8 @@ def k_reciprocal(dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, out
     """
     d = _as_numpy(dist)
     n, in_square = _check_matrix(d, "dist")
-    if n < 2:
-        raise ValueError(f"re-ranking needs at least 2 samples, got N = {n}")
-    for name, k in (("k1", k1), ("k2", k2)):
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
-    if k2 > k1 + 1:
-        raise ValueError(f"k2 = {k2} exceeds k1 + 1 = {k1 + 1}: query expansion reads each "
-                         "row's k2 nearest neighbours out of the k1 + 1 kept; lower k2")
-    if not isinstance(lambda_value, (int, float, np.floating)) or not 0 <= lambda_value <= 1:
-        raise ValueError(f"lambda_value must be a number in [0, 1], got {lambda_value!r}")
-
-    torch_in = not isinstance(dist, np.ndarray)
-    if out is None or isinstance(out, str):
-        layout = {None: in_square, "square": True, "condensed": False}.get(out)
-        if layout is None:
-            raise ValueError(f"out must be None, 'square', 'condensed' or an array, got {out!r}")
-        shape = (n, n) if layout else (n * (n - 1) // 2,)
-        from .memory import require
-        require(4 * int(np.prod(shape)) + 1024 * n, f"re-ranking N = {n} samples (a new output)",
-                way_out="pass out=dist to re-rank in place, or use fewer samples")
-        o = np.empty(shape, np.float32)
-        result = o
-        if torch_in:
-            import torch
-            result = torch.from_numpy(o)
-    else:
-        o = _as_numpy(out)
-        m, _ = _check_matrix(o, "out")
-        if m != n:
-            raise ValueError(f"out has room for N = {m} samples but dist has N = {n}")
-        if not o.flags.writeable:
-            raise ValueError("out is read-only; pass a writeable buffer")
-        same = (o.__array_interface__["data"][0] == d.__array_interface__["data"][0]
-                and o.shape == d.shape)
-        if not same and np.may_share_memory(o, d):
-            raise ValueError("out overlaps dist without being dist itself: pass dist (in "
-                             "place, same layout) or a separate buffer")
-        result = out
+    _check_parameters(n, k1, k2, lambda_value)
+    o, result = _output_buffer(out, dist, d, n, in_square)
 
     from ._native import native
     # Lists stop at N entries, so k1 >= N acts like k1 = N (and stays within C++ int range).

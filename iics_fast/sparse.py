@@ -572,6 +572,47 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     return rank[inv], {"fallbacks": fallbacks, "merges": len(kept)}
 
 
+def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank):
+    """Raise a ValueError naming the problem for `sparse_inter_round`'s inputs: row counts that
+    disagree, k_inter outside 1..N, k < 1, or too few candidates for the re-ranking's k1."""
+    if len(camids) != n or (scores is not None and scores.n != n):
+        raise ValueError(f"features ({n}), scores ({None if scores is None else scores.n}) and camids "
+                         f"({len(camids)}) must have one row per image")
+    if not 1 <= k_inter <= n:
+        raise ValueError(f"k_inter = {k_inter} is outside 1..N = {n}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if rerank and min(max(k, k_candidates), n - 1) + 1 < min(k1 + 1, n):
+        raise ValueError(f"the re-ranking reads k1 + 1 = {k1 + 1} neighbours a row but k = {k} and "
+                         f"k_candidates = {k_candidates}; use k_candidates >= k1")
+
+
+def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_value, info, timer):
+    """Average linkage of the gathered candidate graph `blk` down to k_inter clusters (after
+    the re-ranking's edge values when `rerank`); returns the labels, timings and counts go
+    into `info`."""
+    n = len(f)
+    cams = np.unique(camids, return_inverse=True)[1]
+    background = mu * camera_jaccard(scores, camids) if scores is not None else None
+    if rerank:
+        gi, gj, value, lo, rng_, c0, extra = _rerank_edges(f, scores, camids, mu, blk, n, k1, k2,
+                                                           float(lambda_value))
+        info.update(extra)
+        timer.lap(info, "time_rerank_s")
+        lam = np.float64(lambda_value)
+        b = lam / rng_.astype(np.float64)
+        u = lam * (1.0 - lo.astype(np.float64)) / rng_.astype(np.float64)
+        labels, extra = average_linkage(f, gi, gj, value, k_inter, b=b, u=u, c0=c0, cams=cams,
+                                        background=background)
+    else:
+        gi, gj, value = _undirected(blk["ei"], blk["ej"], blk["d"])
+        labels, extra = average_linkage(f, gi, gj, value.astype(np.float64), k_inter, cams=cams,
+                                        background=background)
+    info.update(extra, graph_pairs=int(len(gi)))
+    timer.lap(info, "time_linkage_s")
+    return labels
+
+
 def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity="rerank", k=32,
                        k_candidates=128, k1=20, k2=6, lambda_value=0.3, k_far=16, index="auto", device=None):
     """One inter-camera clustering round without an N x N matrix (see the module docstring for
@@ -594,17 +635,8 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     f = _normalise(features)
     camids = np.asarray(camids, np.int64)
     n = len(f)
-    if len(camids) != n or (scores is not None and scores.n != n):
-        raise ValueError(f"features ({n}), scores ({None if scores is None else scores.n}) and camids "
-                         f"({len(camids)}) must have one row per image")
-    if not 1 <= k_inter <= n:
-        raise ValueError(f"k_inter = {k_inter} is outside 1..N = {n}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
     rerank = similarity == "rerank"
-    if rerank and min(max(k, k_candidates), n - 1) + 1 < min(k1 + 1, n):
-        raise ValueError(f"the re-ranking reads k1 + 1 = {k1 + 1} neighbours a row but k = {k} and "
-                         f"k_candidates = {k_candidates}; use k_candidates >= k1")
+    _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank)
     k = min(k, n - 1) if n > 1 else 0
     k_candidates = min(k_candidates, n - 1) if n > 1 else 0
     info = {"N": n, "k": k, "k_candidates": k_candidates if rerank else None, "similarity": similarity}
@@ -625,24 +657,8 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     blk = _gather_blocks(blk)
     labels = None
     if blk is not None:
-        cams = np.unique(camids, return_inverse=True)[1]
-        background = float(mu) * camera_jaccard(scores, camids) if scores is not None else None
-        if rerank:
-            gi, gj, value, lo, rng_, c0, extra = _rerank_edges(f, scores, camids, float(mu), blk, n, k1, k2,
-                                                               float(lambda_value))
-            info.update(extra)
-            timer.lap(info, "time_rerank_s")
-            lam = np.float64(lambda_value)
-            b = lam / rng_.astype(np.float64)
-            u = lam * (1.0 - lo.astype(np.float64)) / rng_.astype(np.float64)
-            labels, extra = average_linkage(f, gi, gj, value, k_inter, b=b, u=u, c0=c0, cams=cams,
-                                            background=background)
-        else:
-            gi, gj, value = _undirected(blk["ei"], blk["ej"], blk["d"])
-            labels, extra = average_linkage(f, gi, gj, value.astype(np.float64), k_inter, cams=cams,
-                                            background=background)
-        info.update(extra, graph_pairs=int(len(gi)))
-        timer.lap(info, "time_linkage_s")
+        labels = _link_graph(f, scores, camids, float(mu), blk, k_inter, rerank, k1, k2, lambda_value,
+                             info, timer)
     if D.world_size() > 1:
         labels, info = D.broadcast_object((labels, info), src=0)
     return labels, info

@@ -178,8 +178,73 @@ def _box_blur(img: np.ndarray, r: int) -> np.ndarray:
     return img
 
 
+def _paint(img: np.ndarray, mask, colour) -> None:
+    """Set the pixels of ``img`` under ``mask`` (broadcast to the image) to ``colour``."""
+    img[np.broadcast_to(mask, img.shape[:2])] = colour
+
+
+def _paint_legs(img, ident: dict, rng, yy, dx, u, top, feet):
+    """Legs apart by a random stride, skin below the knee for shorts, shoes; returns the waist."""
+    waist = top + u * (0.13 + ident["torso"])
+    stride = u * rng.uniform(0.0, 0.06)
+    b = ident["build"]
+    leg_hw = 0.055 * u * b
+    legs = (yy >= waist) & (yy < feet) & (
+        (np.abs(dx - 0.05 * u * b - stride / 2) < leg_hw) | (np.abs(dx + 0.05 * u * b + stride / 2) < leg_hw))
+    _paint(img, legs, ident["lower"])
+    if ident["shorts"]:
+        _paint(img, legs & (yy > waist + 0.45 * (feet - waist)), ident["skin"])
+    _paint(img, legs & (yy > feet - 0.04 * u), ident["shoes"])
+    return waist
+
+
+def _second_colour(pattern: int, yy, dx, shoulder, p, shape):
+    """Where the upper body shows its second colour: none, stripes across, stripes down, checks."""
+    if pattern == 0:
+        return np.zeros(shape, bool)
+    if pattern == 1:
+        return np.floor((yy - shoulder) / p) % 2 == 1
+    if pattern == 2:
+        return np.floor(dx / p) % 2 == 1
+    return (np.floor((yy - shoulder) / p) + np.floor(dx / p)) % 2 == 1
+
+
+def _paint_upper(img, ident: dict, yy, dx, u, top, waist):
+    """Torso and sleeves in the upper colour and pattern, hands in skin; returns the torso's
+    half width."""
+    shoulder = top + 0.13 * u
+    thw = 0.13 * u * ident["build"]
+    torso = (yy >= shoulder) & (yy < waist + 0.02 * u) & (np.abs(dx) < thw)
+    arms = (yy >= shoulder + 0.01 * u) & (yy < shoulder + 0.34 * u) & (np.abs(dx) >= thw) & (
+        np.abs(dx) < thw + 0.05 * u)
+    upper = torso | arms
+    p = max(2.0, ident["period"] * u)
+    second = _second_colour(ident["pattern"], yy, dx, shoulder, p, upper.shape)
+    _paint(img, upper, ident["upper"])
+    _paint(img, upper & second, ident["second"])
+    hands = (yy >= shoulder + 0.34 * u) & (yy < shoulder + 0.39 * u) & (np.abs(dx) >= thw) & (
+        np.abs(dx) < thw + 0.05 * u)
+    _paint(img, hands, ident["skin"])
+    return thw
+
+
+def _paint_head_and_bag(img, ident: dict, yy, dx, u, top, waist, thw) -> None:
+    """The head with hair on its top, then the bag (if any) at the hip on the identity's side."""
+    b = ident["build"]
+    hy, ry, rx = top + 0.065 * u, 0.065 * u, 0.05 * u * min(b, 1.1)
+    head = ((dx / rx) ** 2 + ((yy - hy) / ry) ** 2) <= 1.0
+    _paint(img, head, ident["skin"])
+    _paint(img, head & (yy < hy - 0.3 * ry), ident["hair"])
+    if ident["bag"]:
+        bx = ident["bag_side"] * dx
+        bag = (bx >= thw - 0.02 * u) & (bx < thw + 0.11 * u) & (yy >= waist - 0.12 * u) & (
+            yy < waist + 0.08 * u)
+        _paint(img, bag, ident["bag_colour"])
+
+
 def _draw(ident: dict, cam: dict, rng, h: int, w: int) -> np.ndarray:
-    """One (h, w, 3) uint8 image of ``ident`` seen by ``cam``."""
+    """One (h, w, 3) uint8 image of ``ident`` seen by ``cam``: a random crop of the camera's
+    scene, the person placed at a random size and position, then the camera's effects."""
     yy = np.arange(h, dtype=np.float32)[:, None]
     xx = np.arange(w, dtype=np.float32)[None, :]
     off = rng.integers(0, 2 * w)
@@ -189,58 +254,10 @@ def _draw(ident: dict, cam: dict, rng, h: int, w: int) -> np.ndarray:
     feet = h * (0.985 + rng.uniform(-0.03, 0.0))
     top = feet - u
     cx = w * (0.5 + cam["shift"] + rng.uniform(-0.06, 0.06))
-    b = ident["build"]
     dx = xx - cx
-
-    def paint(mask, colour):
-        img[np.broadcast_to(mask, (h, w))] = colour
-
-    # legs (two, apart by a random stride), shorts show skin below the knee, shoes
-    waist = top + u * (0.13 + ident["torso"])
-    stride = u * rng.uniform(0.0, 0.06)
-    leg_hw = 0.055 * u * b
-    legs = (yy >= waist) & (yy < feet) & (
-        (np.abs(dx - 0.05 * u * b - stride / 2) < leg_hw) | (np.abs(dx + 0.05 * u * b + stride / 2) < leg_hw))
-    paint(legs, ident["lower"])
-    if ident["shorts"]:
-        paint(legs & (yy > waist + 0.45 * (feet - waist)), ident["skin"])
-    paint(legs & (yy > feet - 0.04 * u), ident["shoes"])
-
-    # torso and sleeves in the upper colour and pattern, hands in skin
-    shoulder = top + 0.13 * u
-    thw = 0.13 * u * b
-    torso = (yy >= shoulder) & (yy < waist + 0.02 * u) & (np.abs(dx) < thw)
-    arms = (yy >= shoulder + 0.01 * u) & (yy < shoulder + 0.34 * u) & (np.abs(dx) >= thw) & (
-        np.abs(dx) < thw + 0.05 * u)
-    upper = torso | arms
-    p = max(2.0, ident["period"] * u)
-    pattern = ident["pattern"]
-    if pattern == 0:
-        second = np.zeros_like(upper)
-    elif pattern == 1:
-        second = np.floor((yy - shoulder) / p) % 2 == 1
-    elif pattern == 2:
-        second = np.floor(dx / p) % 2 == 1
-    else:
-        second = (np.floor((yy - shoulder) / p) + np.floor(dx / p)) % 2 == 1
-    paint(upper, ident["upper"])
-    paint(upper & second, ident["second"])
-    hands = (yy >= shoulder + 0.34 * u) & (yy < shoulder + 0.39 * u) & (np.abs(dx) >= thw) & (
-        np.abs(dx) < thw + 0.05 * u)
-    paint(hands, ident["skin"])
-
-    # head, hair on its top
-    hy, ry, rx = top + 0.065 * u, 0.065 * u, 0.05 * u * min(b, 1.1)
-    head = ((dx / rx) ** 2 + ((yy - hy) / ry) ** 2) <= 1.0
-    paint(head, ident["skin"])
-    paint(head & (yy < hy - 0.3 * ry), ident["hair"])
-
-    if ident["bag"]:
-        bx = ident["bag_side"] * dx
-        bag = (bx >= thw - 0.02 * u) & (bx < thw + 0.11 * u) & (yy >= waist - 0.12 * u) & (
-            yy < waist + 0.08 * u)
-        paint(bag, ident["bag_colour"])
-
+    waist = _paint_legs(img, ident, rng, yy, dx, u, top, feet)
+    thw = _paint_upper(img, ident, yy, dx, u, top, waist)
+    _paint_head_and_bag(img, ident, yy, dx, u, top, waist, thw)
     return _camera_effects(img, cam, rng, h, w)
 
 
