@@ -454,6 +454,21 @@ def test_memory_available_reads_the_machine(monkeypatch):
 # ----------------------------------------------------------------------------- extraction
 
 
+def test_extract_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "iics_fast.extract", "features", str(bad),
+                           str(tmp_path), "--save", str(tmp_path / "f.npy")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "is not an iics_fast training checkpoint (unreadable" in proc.stderr
+    torch.save({"weights": 1}, bad)  # a torch file, but not a run's
+    from iics_fast import extract
+    with pytest.raises(ValueError, match="not an iics_fast training checkpoint .not a training"):
+        extract.load_model(str(bad))
+
+
 def test_failed_extraction_keeps_the_previous_output(tmp_path):
     from iics_fast import extract
 
