@@ -12,6 +12,8 @@ import random
 import numpy as np
 import torch
 
+from .memory import format_bytes
+
 
 def derive_seed(seed: int, *keys: int) -> int:
     """A seed for one (round, stage) of the run, independent of everything before it."""
@@ -40,18 +42,10 @@ class WriteError(ValueError):
     """A file could not be written; the message says why (a full disk, no permission)."""
 
 
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(nbytes) < 1024 or unit == "TiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
-
-
 def write_error(exc: OSError, path: str, nbytes: int | None = None) -> WriteError:
     """An OSError of writing `path` in the user's terms."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
-    need = f" ({_size(nbytes)} to write)" if nbytes else ""
+    need = f" ({format_bytes(nbytes)} to write)" if nbytes else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return WriteError(f"the disk holding {folder} is full: could not write "
                           f"{os.path.basename(path)}{need}; free space there (or choose another "

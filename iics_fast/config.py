@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["ConfigError", "check_config", "flag", "check_device"]
+__all__ = ["ConfigError", "CHOICES", "check_config", "flag", "check_device"]
 
 
 class ConfigError(ValueError):
@@ -44,6 +44,8 @@ _INTS = {
     "batch_extract": (1, None, "the feature extraction batch size"),
     "threads": (1, None, "CPU threads of torch"),
     "seed": (0, 2**63 - 1, "the seed of every random draw"),
+    "sparse_k": (1, None, "the sparse round's neighbours per row"),
+    "sparse_max_per_block": (1, None, "the sparse round's score entries per head at most"),
 }
 # real options: key -> (lowest, highest or None, highest excluded, what)
 _REALS = {
@@ -63,13 +65,15 @@ _REALS = {
     "triplet_weight": (0, None, False, "the weight of the triplet loss"),
     "momentum": (0, 1, True, "the SGD momentum"),
     "weight_decay": (0, None, False, "the SGD weight decay"),
+    "sparse_eps": (0, 1, True, "the softmax mass a head's sparse scores may drop"),
 }
-_OPTIONAL = {"threshold_intra", "threshold_inter", "workers", "threads"}
-_BOOLS = ("sync_bn", "progress", "verbose")
+_OPTIONAL = {"threshold_intra", "threshold_inter", "workers", "threads", "sparse_max_per_block"}
+_BOOLS = ("supervised", "sync_bn", "progress", "verbose")
 _STRINGS = ("root", "pretrained", "out")  # None allowed
-_CHOICES = {"arch": ("resnet50", "resnet18"), "stages": ("both", "intra"),
-            "similarity": ("cosine", "rerank"), "inter_similarity": ("eq5", "jaccard", "feature"),
-            "amp": ("bf16", "fp16", "off")}
+#: the allowed values of every choice option (the command line's choices too)
+CHOICES = {"arch": ("resnet50", "resnet18"), "stages": ("both", "intra"),
+           "similarity": ("cosine", "rerank"), "inter_similarity": ("eq5", "jaccard", "feature"),
+           "inter_mode": ("dense", "sparse", "auto"), "amp": ("bf16", "fp16", "off")}
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -140,7 +144,7 @@ def check_config(config: dict) -> None:
             raise ConfigError(f"{flag(key)} must be a path (a string), got {config[key]!r}")
         if config.get(key) == "":
             raise ConfigError(f"{flag(key)} is empty: give a path")
-    for key, allowed in _CHOICES.items():
+    for key, allowed in CHOICES.items():
         if key in config and config[key] not in allowed:
             raise ConfigError(f"{flag(key)} must be one of {', '.join(allowed)}, "
                               f"got {config[key]!r}")

@@ -31,12 +31,14 @@ def load_model(checkpoint: str, device: str = "cpu"):
     """The backbone of a training checkpoint (last.pt or best.pt) and its config."""
     from . import models
 
+    from .rundir import read_checkpoint
+
     if not os.path.isfile(checkpoint):
         raise ValueError(f"checkpoint {checkpoint!r} is not a file")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise ValueError(f"{checkpoint!r} is not an iics_fast training checkpoint "
-                         f"(last.pt or best.pt of a run)")
+    state, why = read_checkpoint(checkpoint, keys=("config", "model"))
+    if state is None:
+        raise ValueError(f"{checkpoint!r} is not an iics_fast training checkpoint ({why}): give "
+                         f"the last.pt or best.pt of a run")
     cfg = state["config"]
     model = models.build_backbone(arch=cfg["arch"], init_alpha=cfg["init_alpha"],
                                   last_stride=cfg["last_stride"])

@@ -26,8 +26,9 @@ class NotEnoughMemory(MemoryError, ValueError):
 
 
 def format_bytes(n: float) -> str:
+    """A byte count as people read it: 512 B, 1.5 KiB, 3.0 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return ""

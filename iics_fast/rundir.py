@@ -26,7 +26,8 @@ import time
 
 from .checkpoint import serialise, write_atomic, write_error
 
-__all__ = ["RunFolder", "RunFolderError", "load_checkpoint", "default_out", "OUTPUTS", "LOCK", "CHECKPOINT", "PREVIOUS"]
+__all__ = ["RunFolder", "RunFolderError", "load_checkpoint", "read_checkpoint",
+           "default_out", "OUTPUTS", "LOCK", "CHECKPOINT", "PREVIOUS"]
 
 LOCK = "run.lock"
 CHECKPOINT = "last.pt"
@@ -56,8 +57,9 @@ def _link_or_copy(src: str, dst: str) -> None:
             os.fsync(b.fileno())
 
 
-def _read_checkpoint(path: str):
-    """(state, None) or (None, why it cannot be used)."""
+def read_checkpoint(path: str, keys=_CHECKPOINT_KEYS):
+    """(state, None) or (None, why it cannot be used): a torch file holding a dict with
+    `keys`."""
     import torch
 
     if not os.path.isfile(path):
@@ -66,7 +68,7 @@ def _read_checkpoint(path: str):
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a torn or foreign file raises anything from zip to pickle errors
         return None, f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-    if not isinstance(state, dict) or any(k not in state for k in _CHECKPOINT_KEYS):
+    if not isinstance(state, dict) or any(k not in state for k in keys):
         return None, "not a training checkpoint"
     return state, None
 
@@ -75,10 +77,10 @@ def load_checkpoint(out: str, say=print):
     """The state of the run in `out`: `last.pt`, or `previous.pt` when `last.pt` cannot be
     read (said through `say`). Raises RunFolderError when neither can."""
     last, prev = os.path.join(out, CHECKPOINT), os.path.join(out, PREVIOUS)
-    state, why = _read_checkpoint(last)
+    state, why = read_checkpoint(last)
     if state is not None:
         return state
-    state, why_prev = _read_checkpoint(prev)
+    state, why_prev = read_checkpoint(prev)
     if state is not None:
         p = state["progress"]
         say(f"warning: {last} is {why}; resuming from {PREVIOUS}, the checkpoint before it "

@@ -328,6 +328,7 @@ class Trainer(TrainerBase):
 
     def state(self) -> dict:
         return {"config": self.config, "progress": dict(self.progress),
+                "inter_mode": self.inter_mode,  # auto's choice, kept on resume
                 "dataset_fingerprint": self.fingerprint, "dataset_size": len(self.paths),
                 "model": self.model.state_dict(), "heads": self.heads_state,
                 "intra_labels": self.intra_labels, "inter_labels": self.inter_labels,

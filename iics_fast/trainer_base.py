@@ -47,11 +47,11 @@ class TrainerBase:
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.world > 1 else 1
         self.workers = cfg.workers if cfg.workers is not None else (
             min(8, max(1, (os.cpu_count() or 1) // local_procs)) if self.cuda else 0)
+        self.models = models
         self._load_data()
-        self._check_config()
+        self._check_config(saved_mode=(resume_state or {}).get("inter_mode"))
         self.rerank = None if cfg.similarity != "rerank" else {
             "k1": cfg.rerank_k1, "k2": cfg.rerank_k2, "lambda_value": cfg.rerank_lambda}
-        self.models = models
         self.model = self._build_model()
         # run state (what a checkpoint holds)
         self.progress = {"round": 0, "done": None}  # done: None | "stage1" | "stage2" | "round"
@@ -115,7 +115,7 @@ class TrainerBase:
         self.camera_name = self.dataset.camera_name  # cameras as the user names them
         self.fingerprint = self.dataset.fingerprint()
 
-    def _check_config(self) -> None:
+    def _check_config(self, saved_mode: str | None = None) -> None:
         cfg, n = self.cfg, len(self.paths)
         if cfg.stages == "both" and len(self.cameras) == 1:
             raise ValueError(f"the training set has one camera ({self.camera_name(self.cameras[0])})"
@@ -138,19 +138,30 @@ class TrainerBase:
             if cfg.k_inter < cfg.batch_p:
                 raise ValueError(f"--k-inter {cfg.k_inter} is below P={cfg.batch_p} clusters "
                                  f"a stage-2 batch needs; raise it or lower --batch-p")
-        self.inter_mode = self._inter_mode()
+        self.inter_mode = self._inter_mode(saved_mode)
         self._check_memory()
 
-    def _inter_mode(self) -> str:
+    def _heads(self) -> int:
+        """Intra-camera clusters over all cameras: the width of the stage-2 scores."""
+        from .pipeline import cluster_count
+
+        return sum(cluster_count(int(c), self.cfg.k_intra) for c in np.bincount(self.camids) if c)
+
+    def _inter_mode(self, saved_mode: str | None = None) -> str:
         """--inter-mode resolved ("auto": sparse when the dense round's arrays would not fit the
-        memory measured, said in the log); the sparse round's limits checked."""
+        memory measured, said in the log; a resumed run keeps the mode it chose first, saved in
+        its checkpoint); the sparse round's limits checked."""
         from . import sparse
 
-        cfg, sizes = self.cfg, np.bincount(self.camids)
-        heads = sum(cfg.k_intra if c >= cfg.k_intra else max(1, c // 2) for c in sizes if c)
-        dim = 2048 if cfg.arch == "resnet50" else 512
-        mode = sparse.choose_inter_mode(cfg.inter_mode, len(self.paths), dim, heads,
-                                        log=self.log if self.main else lambda m: None)
+        cfg = self.cfg
+        log = self.log if self.main else (lambda m: None)
+        if cfg.inter_mode == "auto" and saved_mode in ("dense", "sparse"):
+            mode = saved_mode
+            log(f"--inter-mode auto: {mode} round, as the run chose when it started")
+        else:
+            mode = sparse.choose_inter_mode(cfg.inter_mode, len(self.paths),
+                                            self.models.feature_dim(cfg.arch), self._heads(),
+                                            log=log)
         if mode == "sparse" and cfg.stages == "both":
             if cfg.threshold_inter is not None:
                 raise ValueError("--inter-mode sparse clusters into --k-inter clusters; the "
@@ -164,18 +175,16 @@ class TrainerBase:
         """A round's largest arrays against the memory available, before any work: the
         condensed intra-camera distance of the largest camera, and on rank 0 the condensed
         inter-camera distance beside the features and scores."""
-        from . import condensed, memory
+        from . import condensed, memory, sparse
 
         cfg, n = self.cfg, len(self.paths)
-        sizes = np.bincount(self.camids)
-        largest = int(sizes.max())
-        dim = 2048 if cfg.arch == "resnet50" else 512
+        largest = int(np.bincount(self.camids).max())
+        dim = self.models.feature_dim(cfg.arch)
         need = 4 * condensed.size(largest) + 4 * largest * dim
         what = f"intra-camera clustering of the largest camera ({largest} images)"
         dense = self.inter_mode != "sparse"  # the sparse round has no N x N
         if cfg.stages == "both" and self.main and dense:
-            heads = sum(cfg.k_intra if c >= cfg.k_intra else max(1, c // 2) for c in sizes if c)
-            inter = 4 * condensed.size(n) + 4 * n * (dim + heads) * 2
+            inter = sparse.dense_round_bytes(n, dim, self._heads())
             if inter > need:
                 need, what = inter, (
                     f"the inter-camera distance of the N = {n} training images "

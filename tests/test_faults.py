@@ -86,6 +86,11 @@ def _snapshot(folder):
     (["--device", "tpu"], "--device 'tpu' is not a device"),
     (["--dataset-options", '{"num_people": 3}'], r"unknown option\(s\) \['num_people'\]"),
     (["--rerank-k2", "30"], "--rerank-k2 30 exceeds --rerank-k1"),
+    (["--inter-mode", "sparse", "--sparse-k", "0"], "--sparse-k 0 is out of range"),
+    (["--inter-mode", "sparse", "--sparse-eps", "nan"], "--sparse-eps is nan"),
+    (["--inter-mode", "sparse", "--sparse-eps", "1"], "--sparse-eps 1 is out of range"),
+    (["--inter-mode", "sparse", "--sparse-max-per-block", "0"],
+     "--sparse-max-per-block 0 is out of range"),
 ])
 def test_bad_options_refused_before_anything(tmp_path, argv, message):
     out = tmp_path / "run"
@@ -99,10 +104,33 @@ def test_bad_options_from_a_config_file(tmp_path):
     cfg.write_text(json.dumps({"mu": "0.1"}))
     with pytest.raises(ValueError, match=r"--mu must be a number .* got '0.1'"):
         train.main(TINY + ["--out", str(tmp_path / "run"), "--config", str(cfg)])
+    for key, value, message in (("sparse_k", "a", r"--sparse-k must be an integer"),
+                                ("sparse_eps", -0.5, r"--sparse-eps -0.5 is out of range"),
+                                ("sparse_max_per_block", 2.5, r"--sparse-max-per-block must be an"),
+                                ("supervised", "yes", r"--supervised must be true or false"),
+                                ("inter_mode", "fast", r"--inter-mode must be one of dense, ")):
+        cfg.write_text(json.dumps({key: value}))
+        with pytest.raises(ValueError, match=message):
+            train.main(TINY + ["--out", str(tmp_path / "run"), "--config", str(cfg)])
     cfg.write_text("{not json")
     with pytest.raises(ValueError, match="not a valid JSON file"):
         train.main(TINY + ["--out", str(tmp_path / "run"), "--config", str(cfg)])
     assert not (tmp_path / "run").exists()
+
+
+def test_every_option_has_a_check():
+    """Each option is in one of the check tables, and the command line's choices are the
+    checked ones (one table)."""
+    from iics_fast import config
+
+    checked = (set(config._INTS) | set(config._REALS) | set(config._BOOLS)
+               | set(config._STRINGS) | set(config.CHOICES)
+               | {"dataset", "dataset_options", "device"})
+    assert set(train.DEFAULTS) - checked == set()
+    assert train.CHOICES is config.CHOICES
+    # an option without a default value may stay unset
+    assert {k for k, (v, _) in train.DEFAULTS.items() if v is None} - set(config._STRINGS) \
+        <= config._OPTIONAL
 
 
 def test_argparse_errors_stay_short(tmp_path, capsys):
@@ -424,6 +452,21 @@ def test_memory_available_reads_the_machine(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- extraction
+
+
+def test_extract_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "iics_fast.extract", "features", str(bad),
+                           str(tmp_path), "--save", str(tmp_path / "f.npy")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "is not an iics_fast training checkpoint (unreadable" in proc.stderr
+    torch.save({"weights": 1}, bad)  # a torch file, but not a run's
+    from iics_fast import extract
+    with pytest.raises(ValueError, match="not an iics_fast training checkpoint .not a training"):
+        extract.load_model(str(bad))
 
 
 def test_failed_extraction_keeps_the_previous_output(tmp_path):

@@ -302,6 +302,23 @@ def test_trainer_inter_mode_sparse_and_auto(tmp_path, monkeypatch, capsys):
                            "--out", str(tmp_path / "bad")])
 
 
+def test_resumed_auto_run_keeps_its_mode(tmp_path, monkeypatch):
+    """--inter-mode auto decides once: a resumed run keeps the saved mode even when the memory
+    now says otherwise."""
+    from iics_fast import train
+    from iics_fast.trainer import Trainer
+    from tests.test_train import TINY
+    monkeypatch.setenv("IICS_FAST_CACHE", str(tmp_path / "cache"))
+    config = train.resolve(train.parse_args(TINY + ["--inter-mode", "auto",
+                                                    "--out", str(tmp_path / "run")]))
+    with monkeypatch.context() as m:
+        m.setattr(S, "dense_round_bytes", lambda *a: 2**60)  # the dense round did not fit
+        state = Trainer(config).state()
+    assert state["inter_mode"] == "sparse"
+    assert Trainer(config).inter_mode == "dense"  # it fits now: a new run goes dense
+    assert Trainer(config, resume_state=state).inter_mode == "sparse"
+
+
 def test_profiler_sparse_mode(tmp_path):
     import json
     from benchmarks import profile

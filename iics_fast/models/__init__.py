@@ -1,6 +1,7 @@
 """Models: ResNet backbones with AIBN (layer3, layer4), the BN-neck classifier head, helpers.
 
     build_backbone(arch="resnet50", pretrained=None, init_alpha=0.1, last_stride=1)  # .out_dim
+    feature_dim(arch)                      # that .out_dim, without building the model
     ClassifierHead(in_dim, num_classes)    # BatchNorm1d (bias frozen at 0) -> Linear, no bias
     FeatureAndLogits(backbone, head)       # forward(x) -> (pooled feature, logits)
     aibn_alphas(model)                     # distinct AIBN alphas (9 for ResNet-50, 4 for ResNet-18)
@@ -12,9 +13,10 @@ from torch import nn
 
 from iics_fast.models.aibn import AIBN2d
 from iics_fast.models.heads import ClassifierHead, FeatureAndLogits
-from iics_fast.models.resnet import ARCHS, ResNet, load_pretrained
+from iics_fast.models.resnet import ARCHS, ResNet, feature_dim, load_pretrained
 
-__all__ = ["AIBN2d", "ClassifierHead", "FeatureAndLogits", "ResNet", "build_backbone", "aibn_alphas", "load_pretrained"]
+__all__ = ["AIBN2d", "ClassifierHead", "FeatureAndLogits", "ResNet", "build_backbone", "feature_dim",
+           "aibn_alphas", "load_pretrained"]
 
 
 def build_backbone(arch: str = "resnet50", pretrained=None, init_alpha: float = 0.1, last_stride: int = 1) -> ResNet:

@@ -80,6 +80,13 @@ class Bottleneck(_Block):
 
 #: arch -> (block, blocks per layer)
 ARCHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
+
+
+def feature_dim(arch: str) -> int:
+    """The pooled feature's width of `arch` (ResNet.out_dim), known before building one."""
+    return 512 * ARCHS[arch][0].expansion
+
+
 #: torchvision layouts, to name the architecture a state dict was saved from
 _KNOWN = {
     ("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
@@ -109,7 +116,7 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, 256, layers[2], 2, True, init_alpha)
         self.layer4 = self._make_layer(block, 512, layers[3], last_stride, True, init_alpha)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.out_dim = 512 * block.expansion
+        self.out_dim = feature_dim(arch)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
