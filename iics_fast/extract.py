@@ -30,7 +30,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 def load_model(checkpoint: str, device: str = "cpu"):
     """The backbone of a training checkpoint (last.pt or best.pt) and its config."""
     from . import models
-
     from .rundir import read_checkpoint
 
     if not os.path.isfile(checkpoint):
