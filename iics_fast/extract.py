@@ -15,7 +15,6 @@ import argparse
 import io
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -250,8 +249,6 @@ def rank_dataset(model, cfg: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    from .cli import run
+
+    run(main)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import textwrap
 import time
 
@@ -357,9 +356,6 @@ def _run(args, config, state, folder, hook, say):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as exc:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the message
-            print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    from .cli import run
+
+    run(main)
