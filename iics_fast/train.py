@@ -194,8 +194,11 @@ def read_config_file(path: str) -> dict:
     with open(path, "rb") as fh:
         try:
             if path.endswith(".toml"):
-                import tomllib
-
+                try:
+                    import tomllib
+                except ImportError:  # Python < 3.11
+                    raise ValueError(f"--config {path!r}: TOML needs Python 3.11 or later; "
+                                     f"write the same keys as JSON") from None
                 data = tomllib.load(fh)
             else:
                 data = json.load(fh)
