@@ -111,7 +111,8 @@ class TrainerBase:
             raise ValueError(f"--supervised trains on the true identities, but dataset "
                              f"{cfg.dataset!r} has training images without one; drop "
                              f"--supervised")
-        self.can_evaluate = bool(self.dataset.query) and bool(self.dataset.gallery)
+        self.can_evaluate = (self.dataset.evaluable and bool(self.dataset.query)
+                             and bool(self.dataset.gallery))
         self.camera_name = self.dataset.camera_name  # cameras as the user names them
         self.fingerprint = self.dataset.fingerprint()
 

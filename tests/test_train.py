@@ -503,3 +503,23 @@ def test_iics_learns_on_the_demo_network(tmp_path, monkeypatch):
     state = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
     gain = metrics[-1]["eval"]["mAP"] - state["initial_eval"]["mAP"]
     assert gain > LEARNING_MARGIN, f"mAP rose by {gain:.1%} only"
+
+
+def test_query_and_gallery_without_identities_are_not_evaluated(tmp_path):
+    """A folder dataset whose query and gallery carry no identities trains without evaluating
+    (no mAP is defined), instead of failing at the first evaluation."""
+    from PIL import Image
+
+    from iics_fast.trainer import Trainer
+
+    for split, count in (("train", 5), ("query", 2), ("gallery", 3)):
+        os.makedirs(tmp_path / "data" / split)
+        for cam in (1, 2):
+            for i in range(count):
+                Image.new("RGB", (16, 32), (40 * i, 60 * cam, 90)).save(
+                    tmp_path / "data" / split / f"c{cam}_{i:04d}.png")
+    argv = TINY[4:] + ["--dataset", "folder", "--root", str(tmp_path / "data"),
+                       "--k-intra", "2", "--k-inter", "4", "--out", str(tmp_path / "run")]
+    trainer = Trainer(train.resolve(train.parse_args(argv)))
+    assert trainer.dataset.query and trainer.dataset.gallery
+    assert not trainer.can_evaluate
