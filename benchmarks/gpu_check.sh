@@ -36,7 +36,7 @@ if [[ $DRY -eq 0 ]]; then
     echo "no CUDA device visible to torch; run with --dry-run to check the script without one" >&2
     exit 2
   fi
-  if ! "$PYTHON" -c 'import sys; from iics_fast._native import native; sys.exit(not native().has_cuda)'; then
+  if ! "$PYTHON" -c 'import sys; from iics_fast.cluster import has_cuda_merge; sys.exit(not has_cuda_merge())'; then
     echo "iics_fast._C was built without CUDA: rebuild with IICS_WITH_CUDA=1 pip install -e ." >&2
     exit 2
   fi
