@@ -200,9 +200,9 @@ def test_cpu_half_inputs(rng, tag):
 
 
 def test_cpu_long_score_rows_and_one_camera(rng):
-    # D = 1031 crosses the C++ kernel's score-dim chunk boundary (1024) into a ragged 7-wide tail;
-    # one camera masks every pair
-    f, s, cam = make_inputs(rng, 53, 20, 1031, [0, 1, 2])
+    # D = 4111 crosses the C++ kernel's score-dim chunk boundary (4096) into a ragged 15-wide
+    # tail; one camera masks every pair
+    f, s, cam = make_inputs(rng, 53, 20, 4111, [0, 1, 2])
     np.testing.assert_allclose(
         S.inter_camera_distance(f, s, cam, 0.5, backend="cpu").numpy(),
         S.inter_camera_distance(f, s, cam, 0.5, backend="ref").numpy(), atol=3e-6,
@@ -406,8 +406,8 @@ def _native():
     return native()
 
 
-# 1031 and 2100 cross one and two boundaries of the C++ kernel's 1024-wide score-dim chunk
-@pytest.mark.parametrize("n,dim", [(1, 5), (7, 15), (61, 131), (130, 300), (13, 1031), (9, 2100)])
+# 4111 and 8200 cross one and two boundaries of the C++ kernel's 4096-wide score-dim chunk
+@pytest.mark.parametrize("n,dim", [(1, 5), (7, 15), (61, 131), (130, 300), (13, 4111), (9, 8200)])
 def test_simd_variants_agree_with_scalar(n, dim):
     """Every SIMD variant this CPU runs gives the plain C++ loop's sums of minima (up to float32
     summation order) on shapes that are no multiple of any vector width, tile or score-dim chunk,
@@ -447,4 +447,5 @@ def test_simd_variant_names_are_checked():
     out = np.empty((2, 2), np.float32)
     with pytest.raises(ValueError, match="isa must be 'auto' or one of"):
         C.pairwise_jaccard(a, a.sum(1), a, a.sum(1), out, isa="sse9")
-    assert C.min_sum_ceiling("scalar", 0.01) > 0
+    for isa in C.simd_variants():
+        assert C.min_sum_ceiling(isa, 0.01) > 0

@@ -1,8 +1,9 @@
 // Register-tiled pairwise sum-of-minima (generalised Jaccard) and the fused IICS inter-camera
 // distance. Algorithm: the pair grid is cut into cache tiles (kMB x kNB pairs, the score
-// dimension in kKC chunks so both row panels stay in L1/L2); each tile is covered by MR x NR
-// register micro-tiles whose accumulators hold sum_k min(a_k, b_k) for one vector of k at a
-// time (one min and one add a vector and pair). See pairwise_cpu.h for the identities.
+// dimension in long kKC chunks); each tile is covered by MR x NR register micro-tiles whose
+// accumulators hold sum_k min(a_k, b_k) for one vector of k at a time (one min and one add a
+// vector and pair), summed across their lanes once a chunk. See pairwise_cpu.h for the
+// identities.
 //
 // Runtime SIMD dispatch: the micro-kernel exists for AVX-512 (4 x 6 micro-tiles, 16 floats a
 // vector), AVX2 + FMA (2 x 6, 8 floats) and plain C++; each vector variant is compiled for its
@@ -27,14 +28,24 @@
 namespace iics {
 namespace {
 
-constexpr int64_t kMB = 24;   // cache-tile rows (a multiple of every variant's MR)
-constexpr int64_t kNB = 60;   // cache-tile columns (a multiple of every variant's NR)
-// Score dims a chunk: long enough that the micro-kernel's closing reductions (a horizontal sum
-// an accumulator) cost little beside its loop (256 left ~30% of the loop's speed on the table),
-// short enough that a micro-tile's row panel stays in L1 and the tile's panels in L2.
-constexpr int64_t kKC = 1024;
+#ifndef IICS_PAIRWISE_MB  // tile sizes may be overridden at build time for tuning experiments
+#define IICS_PAIRWISE_MB 48
+#define IICS_PAIRWISE_NB 60
+#define IICS_PAIRWISE_KC 4096
+#endif
+constexpr int64_t kMB = IICS_PAIRWISE_MB;  // cache-tile rows (a multiple of every variant's MR)
+constexpr int64_t kNB = IICS_PAIRWISE_NB;  // cache-tile columns (a multiple of every variant's NR)
+// Score dims a chunk. Every chunk costs each micro-tile a start (its ten row streams begin anew)
+// and an end (a horizontal sum an accumulator). Measured on Zen 4 (sum-of-minima sweeps at
+// D = 3,600 and 9,000, 1 and 2 threads), chunks of 1,024 lost 15-25% of the loop's rate to
+// these against chunks of 3,072 or more, more than the row panels gain from staying in L1; and
+// 48-row tiles (each 60-row column panel read once for 48 rows, not 24) gained another ~10% at
+// D = 9,000. So a chunk is long and the tile tall.
+constexpr int64_t kKC = IICS_PAIRWISE_KC;
 
-// Plain C++: the reference the vector variants are tested against, and the fallback.
+// Plain C++: the reference the vector variants are tested against, and the fallback. A chunk is
+// summed in double: one float32 running sum over thousands of dims would drift further from the
+// exact sum than the vector variants' 8 or 16 lane-wise sums do.
 struct ScalarKernel {
   static constexpr int MR = 2, NR = 6;
   // acc[r*NR + q] += sum_{k in [k0, k1)} min(a[r][k], b[q][k]).
@@ -42,10 +53,14 @@ struct ScalarKernel {
                            float* acc) {
     for (int r = 0; r < MR; ++r)
       for (int q = 0; q < NR; ++q) {
-        float s = 0.f;
+        double s = 0.0;
         for (int64_t k = k0; k < k1; ++k) s += std::min(a[r][k], b[q][k]);
-        acc[r * NR + q] += s;
+        acc[r * NR + q] += static_cast<float>(s);
       }
+  }
+  static inline void probe(const float* const* a, const float* const* b, int64_t kd, int64_t reps,
+                           float* acc) {
+    for (int64_t it = 0; it < reps; ++it) micro(a, b, 0, kd, acc);
   }
 };
 
@@ -68,64 +83,96 @@ inline void min_sum_tail(const float* const* a, const float* const* b, int64_t k
 // Loads the column vector once into a register: left to itself, GCC's Zen 4 tuning folds the
 // load into each of the MR vminps (MR loads instead of one), which makes the loop load-bound at
 // about a third of its speed.
+// The register tiles' loops are unrolled before GCC decides where the accumulator arrays live:
+// otherwise they round-trip through the stack around the D loop.
+#define IICS_UNROLL _Pragma("GCC unroll 8")
+
 template <typename V>
 inline void keep_in_register(V& v) {
   asm("" : "+v"(v));
 }
 
 // Every accumulation goes through the FMA pipes (t * 1 + c): with min on the other pipes this
-// keeps both pairs busy; measured on Zen 4 it beats plain adds and an add/FMA mix (see
-// benchmarks/bench_pairwise.py, test_min_sum_ceiling).
+// keeps both pairs busy; measured on Zen 4 it runs at twice the rate of plain adds, which share
+// the min's pipes. `loop` is the D loop: `reps` times over dims [k0, k1) (whole vectors), the
+// accumulators in registers throughout; micro = one pass of it, the remainder, and one
+// horizontal sum an accumulator; the ceiling probe runs the same loop with many passes.
 struct Avx2Kernel {
-  static constexpr int MR = 2, NR = 6;
-  IICS_TARGET_AVX2 __attribute__((noinline)) static void micro(const float* const* a, const float* const* b,
-                                            int64_t k0, int64_t k1, float* acc) {
+  static constexpr int MR = 2, NR = 6, VL = 8;
+  IICS_TARGET_AVX2 static inline __attribute__((always_inline)) void loop(
+      const float* const* a, const float* const* b, int64_t k0, int64_t k1, int64_t reps,
+      float* acc) {
     __m256 c[MR][NR];
-    for (int r = 0; r < MR; ++r)
-      for (int q = 0; q < NR; ++q) c[r][q] = _mm256_setzero_ps();
+    IICS_UNROLL for (int r = 0; r < MR; ++r)
+      IICS_UNROLL for (int q = 0; q < NR; ++q) c[r][q] = _mm256_setzero_ps();
     const __m256 one = _mm256_set1_ps(1.f);
-    int64_t k = k0;
-    for (; k + 8 <= k1; k += 8) {
-      __m256 av[MR];
-      for (int r = 0; r < MR; ++r) av[r] = _mm256_loadu_ps(a[r] + k);
-      for (int q = 0; q < NR; ++q) {
-        __m256 bq = _mm256_loadu_ps(b[q] + k);
-        keep_in_register(bq);
-        for (int r = 0; r < MR; ++r) c[r][q] = _mm256_fmadd_ps(_mm256_min_ps(av[r], bq), one, c[r][q]);
+    for (int64_t it = 0; it < reps; ++it)
+      for (int64_t k = k0; k + VL <= k1; k += VL) {
+        __m256 av[MR];
+        IICS_UNROLL for (int r = 0; r < MR; ++r) av[r] = _mm256_loadu_ps(a[r] + k);
+        IICS_UNROLL for (int q = 0; q < NR; ++q) {
+          __m256 bq = _mm256_loadu_ps(b[q] + k);
+          keep_in_register(bq);
+          IICS_UNROLL for (int r = 0; r < MR; ++r)
+            c[r][q] = _mm256_fmadd_ps(_mm256_min_ps(av[r], bq), one, c[r][q]);
+        }
       }
-    }
-    for (int r = 0; r < MR; ++r)
-      for (int q = 0; q < NR; ++q) {
+    IICS_UNROLL for (int r = 0; r < MR; ++r)
+      IICS_UNROLL for (int q = 0; q < NR; ++q) {
         __m128 s = _mm_add_ps(_mm256_castps256_ps128(c[r][q]), _mm256_extractf128_ps(c[r][q], 1));
         s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         s = _mm_add_ss(s, _mm_movehdup_ps(s));
         acc[r * NR + q] += _mm_cvtss_f32(s);
       }
-    min_sum_tail<MR, NR>(a, b, k, k1, acc);
+  }
+  IICS_TARGET_AVX2 __attribute__((noinline)) static void micro(const float* const* a,
+                                                               const float* const* b, int64_t k0,
+                                                               int64_t k1, float* acc) {
+    const int64_t kv = k0 + (k1 - k0) / VL * VL;
+    loop(a, b, k0, kv, 1, acc);
+    min_sum_tail<MR, NR>(a, b, kv, k1, acc);
+  }
+  IICS_TARGET_AVX2 __attribute__((noinline)) static void probe(const float* const* a,
+                                                               const float* const* b, int64_t kd,
+                                                               int64_t reps, float* acc) {
+    loop(a, b, 0, kd, reps, acc);
   }
 };
 
 struct Avx512Kernel {
-  static constexpr int MR = 4, NR = 6;  // 24 accumulators + 4 row vectors + 1 column vector
-  IICS_TARGET_AVX512 __attribute__((noinline)) static void micro(const float* const* a, const float* const* b,
-                                              int64_t k0, int64_t k1, float* acc) {
+  static constexpr int MR = 4, NR = 6, VL = 16;  // 24 accumulators + 4 row vectors + 1 column vector
+  IICS_TARGET_AVX512 static inline __attribute__((always_inline)) void loop(
+      const float* const* a, const float* const* b, int64_t k0, int64_t k1, int64_t reps,
+      float* acc) {
     __m512 c[MR][NR];
-    for (int r = 0; r < MR; ++r)
-      for (int q = 0; q < NR; ++q) c[r][q] = _mm512_setzero_ps();
+    IICS_UNROLL for (int r = 0; r < MR; ++r)
+      IICS_UNROLL for (int q = 0; q < NR; ++q) c[r][q] = _mm512_setzero_ps();
     const __m512 one = _mm512_set1_ps(1.f);
-    int64_t k = k0;
-    for (; k + 16 <= k1; k += 16) {
-      __m512 av[MR];
-      for (int r = 0; r < MR; ++r) av[r] = _mm512_loadu_ps(a[r] + k);
-      for (int q = 0; q < NR; ++q) {
-        __m512 bq = _mm512_loadu_ps(b[q] + k);
-        keep_in_register(bq);
-        for (int r = 0; r < MR; ++r) c[r][q] = _mm512_fmadd_ps(_mm512_min_ps(av[r], bq), one, c[r][q]);
+    for (int64_t it = 0; it < reps; ++it)
+      for (int64_t k = k0; k + VL <= k1; k += VL) {
+        __m512 av[MR];
+        IICS_UNROLL for (int r = 0; r < MR; ++r) av[r] = _mm512_loadu_ps(a[r] + k);
+        IICS_UNROLL for (int q = 0; q < NR; ++q) {
+          __m512 bq = _mm512_loadu_ps(b[q] + k);
+          keep_in_register(bq);
+          IICS_UNROLL for (int r = 0; r < MR; ++r)
+            c[r][q] = _mm512_fmadd_ps(_mm512_min_ps(av[r], bq), one, c[r][q]);
+        }
       }
-    }
-    for (int r = 0; r < MR; ++r)
-      for (int q = 0; q < NR; ++q) acc[r * NR + q] += _mm512_reduce_add_ps(c[r][q]);
-    min_sum_tail<MR, NR>(a, b, k, k1, acc);
+    IICS_UNROLL for (int r = 0; r < MR; ++r)
+      IICS_UNROLL for (int q = 0; q < NR; ++q) acc[r * NR + q] += _mm512_reduce_add_ps(c[r][q]);
+  }
+  IICS_TARGET_AVX512 __attribute__((noinline)) static void micro(const float* const* a,
+                                                                 const float* const* b, int64_t k0,
+                                                                 int64_t k1, float* acc) {
+    const int64_t kv = k0 + (k1 - k0) / VL * VL;
+    loop(a, b, k0, kv, 1, acc);
+    min_sum_tail<MR, NR>(a, b, kv, k1, acc);
+  }
+  IICS_TARGET_AVX512 __attribute__((noinline)) static void probe(const float* const* a,
+                                                                 const float* const* b, int64_t kd,
+                                                                 int64_t reps, float* acc) {
+    loop(a, b, 0, kd, reps, acc);
   }
 };
 #endif  // IICS_X86_SIMD
@@ -184,10 +231,11 @@ void min_sum_tile(const float* a, int64_t lda, int64_t i0, int64_t i1, const flo
   }
 }
 
-// The ceiling probe: the micro-kernel alone, over and over on MR + NR rows of kProbeK dims that
-// stay in L1 (the same instructions as min_sum_tile, no memory traffic: 10 rows x 3 KB fit the
-// 32 KB L1 of the machines measured). Returns pair-dims.
-constexpr int64_t kProbeK = 768;
+// The ceiling probe: the micro-kernel's D loop alone (K::probe: the same loads, min and
+// accumulations as K::micro, the accumulators in registers across all repetitions, one
+// horizontal sum at the very end), over and over on MR + NR rows of kProbeK dims that stay in
+// L1 (10 rows x 1 KB): no memory traffic, no per-chunk work. Returns pair-dims.
+constexpr int64_t kProbeK = 256;
 
 template <class K>
 double min_sum_probe(int64_t reps) {
@@ -198,10 +246,8 @@ double min_sum_probe(int64_t reps) {
   for (int r = 0; r < K::MR; ++r) ap[r] = buf.data() + r * kProbeK;
   for (int q = 0; q < K::NR; ++q) bp[q] = buf.data() + (K::MR + q) * kProbeK;
   float acc[K::MR * K::NR] = {};
-  for (int64_t it = 0; it < reps; ++it) {
-    K::micro(ap, bp, 0, kProbeK, acc);
-    asm volatile("" : : "r"(acc) : "memory");  // keep every repetition
-  }
+  K::probe(ap, bp, kProbeK, reps, acc);
+  asm volatile("" : : "r"(acc) : "memory");  // the sums are kept
   return static_cast<double>(reps) * K::MR * K::NR * kProbeK;
 }
 
