@@ -8,9 +8,10 @@
   a + b, two row sums), its dense ``1 - x x^T`` and tiled camera mask, on the square matrix.
 
 Every side is timed whole, in the same rounds (conftest's ``side_by_side``), and its peak memory
-measured in a fresh process. The ceiling row: one core's rate for the sum-of-minima loop on
-L1-resident rows (``_C.min_sum_ceiling``, the same instructions) times the cores, against our
-build's pair-dims a second (all i < j pairs x D), by wall time and by CPU time.
+measured in a fresh process. The ceiling row: one core's rate for the sum-of-minima micro-kernel's
+D loop alone on L1-resident rows (``_C.min_sum_ceiling``: the same loads, min and FMA,
+accumulators in registers, no per-chunk work) times the cores, against our build's pair-dims a
+second (all i < j pairs x D), by wall time and by CPU time.
 
     pytest benchmarks/bench_pairwise.py -s                     # N = 1,000 and 6,000 (D = 3,600)
     IICS_BENCH_SCALE=large pytest benchmarks/bench_pairwise.py -s   # + MSMT17 scale, reference at 6,000
@@ -114,8 +115,9 @@ def _ceiling(n, dim):
     per_core = C.min_sum_ceiling("auto", 2.0)
     return {"work": n * (n - 1) / 2 * dim, "unit": "pair-dims (one min + add)", "rate": per_core * cores,
             "rate_per_core": per_core, "cores": cores, "isa": C.simd_variant("auto"),
-            "how": "one core's fastest 0.5 ms burst of the same micro-kernel on L1-resident rows "
-                   "(_C.min_sum_ceiling), times the cores"}
+            "how": "one core's fastest 0.5 ms burst of the micro-kernel's D loop alone (the same loads, "
+                   "min and FMA, accumulators in registers) on L1-resident rows (_C.min_sum_ceiling), "
+                   "times the cores"}
 
 
 def _memory(size, impls):
