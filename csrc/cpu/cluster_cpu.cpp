@@ -64,28 +64,141 @@ inline void prefetch_read(const T* p) { __builtin_prefetch(p, 0, 0); }
 template <typename T>
 inline void prefetch_write(T* p) { __builtin_prefetch(p, 1, 0); }
 
-// First index of the minimum of p[0..len) if that minimum is < best (then best and at are
-// updated); nothing otherwise. Ties keep the lowest index.
+// (d, a) before (e, b) in the order nearest neighbours are chosen in: least distance, then lowest
+// slot.
 template <typename T>
-inline void contiguous_argmin(const T* p, int64_t len, T& best, int64_t& at) {
-  int64_t win = -1;
-  T bv = best;
-  for (int64_t s = 0; s < len; s += kBlock) {
-    const int64_t e = std::min(len, s + kBlock);
+inline bool lex_less(T d, int32_t a, T e, int32_t b) {
+  return d < e || (d == e && a < b);
+}
+
+// How many nearest neighbours each half of a slot keeps (NNChain): enough that a half seldom
+// runs out between scans, few enough that keeping them stays cheap.
+constexpr int kKeep = 4;
+
+// The kKeep lexicographically least (distance, slot) pairs offered so far, in order.
+template <typename T>
+struct Least {
+  T d[kKeep];
+  int32_t at[kKeep];
+  int n = 0;
+  // What an entry must beat to be kept when entries come in increasing slot order (an equal
+  // distance from a higher slot loses).
+  T bar() const { return n < kKeep ? std::numeric_limits<T>::infinity() : d[kKeep - 1]; }
+  void offer(T v, int32_t a) {
+    int q = n;
+    if (n == kKeep) {
+      if (!lex_less(v, a, d[kKeep - 1], at[kKeep - 1])) return;
+      q = kKeep - 1;
+    } else {
+      ++n;
+    }
+    for (; q > 0 && lex_less(v, a, d[q - 1], at[q - 1]); --q) d[q] = d[q - 1], at[q] = at[q - 1];
+    d[q] = v, at[q] = a;
+  }
+  void offer(const Least& o) {
+    for (int q = 0; q < o.n; ++q) offer(o.d[q], o.at[q]);
+  }
+};
+
+// Offers p[q] as slot first + q, q = 0..len-1, in order, to `acc`; +inf entries (dead slots) are
+// never kept. A block whose vectorised minimum cannot be kept is skipped.
+template <typename T>
+inline void contiguous_least(const T* p, int64_t len, int64_t first, Least<T>& acc) {
+  constexpr int64_t kStep = 64;
+  T bar = acc.bar();
+  for (int64_t s = 0; s < len; s += kStep) {
+    const int64_t e = std::min(len, s + kStep);
     T mv = std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(min : mv)
     for (int64_t q = s; q < e; ++q) mv = p[q] < mv ? p[q] : mv;
-    if (mv < bv) {
-      bv = mv;
-      win = s;
+    if (!(mv < bar)) continue;
+    for (int64_t q = s; q < e; ++q) {
+      if (p[q] < bar) {
+        acc.offer(p[q], static_cast<int32_t>(first + q));
+        bar = acc.bar();
+      }
     }
   }
-  if (win < 0) return;
-  int64_t q = win;
-  while (p[q] != bv) ++q;
-  best = bv;
-  at = q;
 }
+
+// The cached nearest neighbours of one half, the lower or the higher slots, of every slot s:
+// its live entries lexicographically <= a threshold (tau_d[s], tau_at[s]), at most kKeep of
+// them, in order (d, at). With entries listed, the first is the half's nearest; with none and
+// tau_d = +inf the half is empty; with none and a finite tau the half is stale, and its entries
+// are all above tau (so tau_d bounds its least distance from below). Every change of an entry
+// keeps this exact, from the entry's old and new values alone.
+template <typename T>
+struct Halves {
+  static constexpr T kInf = std::numeric_limits<T>::infinity();
+  static constexpr int32_t kTop = std::numeric_limits<int32_t>::max();
+  std::vector<T> tau_d, d;
+  std::vector<int32_t> tau_at, at;
+  std::vector<uint8_t> cnt;
+
+  void reset(int64_t m) {
+    tau_d.assign(m, kInf), tau_at.assign(m, kTop), cnt.assign(m, 0);
+    d.resize(m * kKeep), at.resize(m * kKeep);
+  }
+  bool known(int64_t s) const { return cnt[s] > 0 || tau_d[s] == kInf; }
+  T least(int64_t s) const { return cnt[s] ? d[s * kKeep] : kInf; }
+  int32_t least_at(int64_t s) const { return cnt[s] ? at[s * kKeep] : -1; }
+  // After a full scan of the half.
+  void set(int64_t s, const Least<T>& acc) {
+    cnt[s] = static_cast<uint8_t>(acc.n);
+    for (int q = 0; q < acc.n; ++q) d[s * kKeep + q] = acc.d[q], at[s * kKeep + q] = acc.at[q];
+    if (acc.n == kKeep) {
+      tau_d[s] = acc.d[kKeep - 1], tau_at[s] = acc.at[kKeep - 1];
+    } else {
+      tau_d[s] = kInf, tau_at[s] = kTop;
+    }
+  }
+  // Entry (v, a) is listed (or would be).
+  bool within(int64_t s, T v, int32_t a) const {
+    return v < tau_d[s] || (v == tau_d[s] && a <= tau_at[s]);
+  }
+  // Slot a, whose entry was v, left the half.
+  void drop(int64_t s, int32_t a, T v) {
+    if (!within(s, v, a)) return;
+    T* ds = &d[s * kKeep];
+    int32_t* as = &at[s * kKeep];
+    const int c = cnt[s];
+    int q = 0;
+    while (q < c && as[q] != a) ++q;
+    if (q == c) return;
+    for (; q + 1 < c; ++q) ds[q] = ds[q + 1], as[q] = as[q + 1];
+    cnt[s] = static_cast<uint8_t>(c - 1);
+  }
+  // Slot a's entry changed from old to v.
+  void change(int64_t s, int32_t a, T old, T v) {
+    drop(s, a, old);
+    if (!within(s, v, a)) return;
+    T* ds = &d[s * kKeep];
+    int32_t* as = &at[s * kKeep];
+    const int c = cnt[s];
+    int q = c;
+    if (c == kKeep) {  // one of the kKeep + 1 drops out, and tau comes down to the last kept
+      if (lex_less(v, a, ds[kKeep - 1], as[kKeep - 1])) {
+        q = kKeep - 1;
+        for (; q > 0 && lex_less(v, a, ds[q - 1], as[q - 1]); --q) ds[q] = ds[q - 1], as[q] = as[q - 1];
+        ds[q] = v, as[q] = a;
+      }
+      tau_d[s] = ds[kKeep - 1], tau_at[s] = as[kKeep - 1];
+      return;
+    }
+    for (; q > 0 && lex_less(v, a, ds[q - 1], as[q - 1]); --q) ds[q] = ds[q - 1], as[q] = as[q - 1];
+    ds[q] = v, as[q] = a;
+    cnt[s] = static_cast<uint8_t>(c + 1);
+  }
+  // Slot s's cache moved to slot t <= s, slots renumbered by `rank` (live slots) and `below`
+  // (any slot a: the new number of the last live slot <= a, or -1).
+  template <typename Rank, typename Below>
+  void move(int64_t t, int64_t s, Rank rank, Below below) {
+    cnt[t] = cnt[s];
+    for (int q = 0; q < cnt[s]; ++q) d[t * kKeep + q] = d[s * kKeep + q], at[t * kKeep + q] = rank(at[s * kKeep + q]);
+    tau_d[t] = tau_d[s];
+    tau_at[t] = tau_at[s] == kTop ? kTop : below(tau_at[s]);
+  }
+};
 
 // The nearest-neighbour chain (Murtagh 1983; Müllner 2011, arXiv:1109.2378), on the condensed
 // triangle.
@@ -101,14 +214,15 @@ inline void contiguous_argmin(const T* p, int64_t len, T& best, int64_t& at) {
 //  * when half the slots are dead the triangle is compacted in place to the live slots
 //    (order-preserving, so no tie-breaking changes), which bounds the dead fraction at one half
 //    and costs O(n^2) in all (a geometric series);
-//  * every live slot caches its nearest neighbour in two halves, the lower slots (its column,
-//    strided: a cache line per entry) and the higher ones (its row, contiguous), each as the
-//    least distance and the lowest slot at it. One streaming pass over the triangle fills them
-//    all; a merge keeps them exact as it writes each updated entry (Half::enter), computes both
-//    halves of the union from the entries it writes, and marks stale only a half whose cached
-//    neighbour was one of the merged pair and could not be decided from the new entry. A scan
-//    then reads only stale halves, so most strided column scans are never made. The cache is
-//    exact, not a bound: the answers, ties included, are those of a full scan.
+//  * every live slot caches its nearest neighbours in two halves, the lower slots (its column,
+//    strided: a cache line per entry) and the higher ones (its row, contiguous): the kKeep
+//    nearest of each half (Halves). One streaming pass over the triangle fills them all; a merge
+//    keeps them exact as it writes each updated entry, from the entry's old and new values
+//    (after a vectorised test that the entry can matter at all), and computes both halves of the
+//    union from the entries it writes. A half is rescanned only when merges have taken all its
+//    listed neighbours, and not even then when its lower bound rules it out, so most strided
+//    column scans are never made. The cache is exact, not a heuristic: the answers, ties
+//    included, are those of a full scan.
 //
 // Nearest neighbour of x: the previous chain element wins ties (which guarantees progress),
 // otherwise the lowest slot among the nearest.
@@ -161,26 +275,7 @@ class NNChain {
  private:
   static constexpr T kInf = std::numeric_limits<T>::infinity();
   using Clock = std::chrono::steady_clock;
-  static constexpr int32_t kNone = -1, kStale = -2;  // Half::at of an empty / a stale half
-
-  // One half of a slot's cached nearest neighbour: the least distance d over the half's live
-  // slots and the lowest slot `at` at it; at = kNone for an empty half. A stale half (at =
-  // kStale) keeps in d a lower bound of its least distance.
-  struct Half {
-    T d;
-    int32_t at;
-    // After merge (i, j): the half's entry for slot j became v and i's entry, if it was in the
-    // half, left; the other entries are unchanged, so they are still >= d. Hence j is the new
-    // neighbour if v < d (or v == d and j was the neighbour or is below it), the cache is
-    // unchanged if its neighbour is neither i nor j, and otherwise d stays a lower bound.
-    void enter(T v, int32_t i, int32_t j) {
-      if (v < d || (v == d && at != kStale && (at == j || j < at))) {
-        d = v, at = j;
-      } else if (at == i || at == j) {
-        at = kStale;
-      }
-    }
-  };
+  static constexpr int32_t kNone = -1;
 
   // Threads pay only when the machine has idle cores: on a shared, oversubscribed machine a
   // fork/join waits for a descheduled thread and costs milliseconds instead of microseconds.
@@ -252,16 +347,14 @@ class NNChain {
   // slots) wins ties, so the row half is skipped if the column's least distance is <= its bound,
   // the column half if the row's least distance is < its bound.
   int64_t nearest(int64_t x, int64_t p, T& d) {
-    Half& c = col_[x];
-    Half& r = row_[x];
-    if (r.at == kStale && !(c.at != kStale && c.d <= r.d)) r = scan_row(x);
-    if (c.at == kStale && !(r.at != kStale && r.d < c.d)) c = scan_column(x);
+    if (!row_.known(x) && !(col_.known(x) && col_.least(x) <= row_.tau_d[x])) scan_row(x);
+    if (!col_.known(x) && !(row_.known(x) && row_.least(x) < col_.tau_d[x])) scan_column(x);
     T best;
     int64_t arg;
-    if (c.at != kStale && (r.at == kStale || c.d <= r.d)) {
-      best = c.d, arg = c.at;
+    if (col_.known(x) && (!row_.known(x) || col_.least(x) <= row_.least(x))) {
+      best = col_.least(x), arg = col_.least_at(x);
     } else {
-      best = r.d, arg = r.at;
+      best = row_.least(x), arg = row_.least_at(x);
     }
     if (p >= 0) {
       const T dp = x < p ? at(x, p) : at(p, x);
@@ -275,102 +368,97 @@ class NNChain {
   }
 
   // The column half of x: its entries against the live slots below it, one row each.
-  Half scan_column(int64_t x) {
+  void scan_column(int64_t x) {
     const int64_t px = pos(x);
     const int64_t work = px * kGather;
     const int nt = team(work);
-    T best = kInf;
-    int64_t arg = kNone;
+    Least<T> acc;
     if (nt == 1) {
-      column_argmin(x, 0, px, best, arg);
+      column_least(x, 0, px, acc);
     } else {
-      // Per-thread results, combined in index order so ties resolve as in the serial scan.
-      T tb[64];
-      int64_t ta[64];
+      Least<T> part[64];
       int used = 1;
 #pragma omp parallel num_threads(nt)
       {
         const int tid = thread_index(), nth = num_threads();
         if (tid == 0) used = nth;
         int64_t b, e;
-        tb[tid] = kInf, ta[tid] = kNone;
         slice(px, tid, nth, b, e);
-        column_argmin(x, b, e, tb[tid], ta[tid]);
+        column_least(x, b, e, part[tid]);
       }
-      for (int t = 0; t < used; ++t)
-        if (tb[t] < best) best = tb[t], arg = ta[t];
+      for (int t = 0; t < used; ++t) acc.offer(part[t]);
     }
     done(nt, work);
-    return {best, static_cast<int32_t>(arg)};
+    col_.set(x, acc);
   }
 
   // The row half of x: its contiguous entries against the slots above it (dead ones are +inf).
-  Half scan_row(int64_t x) {
-    const T* rx = row(x);
+  void scan_row(int64_t x) {
+    const T* rx = row(x) + x + 1;
     const int64_t len = m_ - x - 1;
     const int nt = team(len);
-    T best = kInf;
-    int64_t arg = kNone;
+    Least<T> acc;
     if (nt == 1) {
-      contiguous_argmin(rx + x + 1, len, best, arg, x + 1);
+      contiguous_least(rx, len, x + 1, acc);
     } else {
-      T tb[64];
-      int64_t ta[64];
+      Least<T> part[64];
       int used = 1;
 #pragma omp parallel num_threads(nt)
       {
         const int tid = thread_index(), nth = num_threads();
         if (tid == 0) used = nth;
         int64_t b, e;
-        tb[tid] = kInf, ta[tid] = kNone;
         slice(len, tid, nth, b, e);
-        contiguous_argmin(rx + x + 1 + b, e - b, tb[tid], ta[tid], x + 1 + b);
+        contiguous_least(rx + b, e - b, x + 1 + b, part[tid]);
       }
-      for (int t = 0; t < used; ++t)
-        if (tb[t] < best) best = tb[t], arg = ta[t];
+      for (int t = 0; t < used; ++t) acc.offer(part[t]);
     }
     done(nt, len);
-    return {best, static_cast<int32_t>(arg)};
+    row_.set(x, acc);
   }
 
   // Both halves of every slot's cache, in one pass over the triangle: row x's entries are its
-  // row half and, in turn, the entries of the column halves of the slots after it.
+  // row half and, in turn, entries of the column halves of the slots after it (x is above every
+  // slot those list, so an entry enters only below tau's distance).
   void fill_halves() {
-    col_.assign(m_, Half{kInf, kNone});
-    row_.assign(m_, Half{kInf, kNone});
+    col_.reset(m_);
+    row_.reset(m_);
+    constexpr int64_t kStep = 64;
     for (int64_t x = 0; x + 1 < m_; ++x) {
       const T* rx = row(x);
-      T best = kInf;
-      int64_t arg = kNone;
-      contiguous_argmin(rx + x + 1, m_ - x - 1, best, arg, x + 1);
-      row_[x] = {best, static_cast<int32_t>(arg)};
-      Half* col = col_.data();
-      const int32_t x32 = static_cast<int32_t>(x);
-#pragma omp simd
-      for (int64_t k = x + 1; k < m_; ++k) {
-        const T v = rx[k];
-        if (v < col[k].d) col[k] = {v, x32};  // strict: the lowest slot keeps a tie
+      Least<T> acc;
+      contiguous_least(rx + x + 1, m_ - x - 1, x + 1, acc);
+      row_.set(x, acc);
+      const T* tau = col_.tau_d.data();
+      for (int64_t s = x + 1; s < m_; s += kStep) {
+        const int64_t e = std::min(m_, s + kStep);
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t k = s; k < e; ++k) hit |= rx[k] < tau[k];
+        if (!hit) continue;
+        for (int64_t k = s; k < e; ++k)
+          if (rx[k] < tau[k]) col_.change(k, static_cast<int32_t>(x), kInf, rx[k]);
       }
     }
   }
 
-  // Strided part: live slots act_[b..e) (all < x).
-  void column_argmin(int64_t x, int64_t b, int64_t e, T& best, int64_t& arg) const {
+  // Strided part: live slots act_[b..e) (all < x), in increasing order.
+  void column_least(int64_t x, int64_t b, int64_t e, Least<T>& acc) const {
+    T bar = acc.bar();
     for (int64_t t = b; t < e; ++t) {
       if (t + kAhead < e) prefetch_read(D_ + base_[t + kAhead] + x);
       const T v = D_[base_[t] + x];
-      if (v < best) best = v, arg = act_[t];
+      if (v < bar) {
+        acc.offer(v, act_[t]);
+        bar = acc.bar();
+      }
     }
-  }
-  static void contiguous_argmin(const T* p, int64_t len, T& best, int64_t& arg, int64_t first) {
-    int64_t q = -1;
-    iics::contiguous_argmin(p, len, best, q);
-    if (q >= 0) arg = first + q;
   }
 
   // Merges slots i < j into j; i is dropped (its column set to +inf, its slot unlisted). Every
-  // written entry refreshes the cache half it belongs to; j's halves are the minima of its new
-  // column and row.
+  // written entry updates the cache half it belongs to, after a test that it can matter (one of
+  // its old or new values within the half's tau); j's halves are the least of its new column
+  // and row.
   void merge(int64_t i, int64_t j) {
     const int64_t pi = pos(i), pj = pos(j);
     const double si = size_[i], sj = size_[j];
@@ -380,23 +468,18 @@ class NNChain {
     T* D = D_;
     const int64_t* base = base_.data();
     const int32_t* act = act_.data();
-    Half* col = col_.data();
-    Half* rowh = row_.data();
+    const T* col_tau = col_.tau_d.data();
+    const T* row_tau = row_.tau_d.data();
     const int64_t tail = m_ - j - 1;
     const int64_t work = (pj - 1) * kGather + tail;
     const int nt = team(work);
-    // Per-thread minima of j's new column over k < i and over i < k < j: static schedules hand
-    // out contiguous chunks in thread order, so combining them in that order keeps the lowest
-    // slot on ties.
-    T lo_d[64], mid_d[64];
-    int32_t lo_at[64], mid_at[64];
+    Least<T> part[64];  // per thread: the least of j's new column
     int used = 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
       const int tid = thread_index();
       if (tid == 0) used = num_threads();
-      T best = kInf;
-      int32_t arg = kNone;
+      Least<T>& acc = part[tid];
       // k < i: D(k, j) <- U(D(k, i), D(k, j)); D(k, i) <- inf. Both strided, same row k.
 #pragma omp for schedule(static) nowait
       for (int64_t t = 0; t < pi; ++t) {
@@ -404,47 +487,66 @@ class NNChain {
           prefetch_write(D + base[t + kAhead] + i);
           prefetch_write(D + base[t + kAhead] + j);
         }
+        const int32_t k = act[t];
         T* rk = D + base[t];
-        const T v = static_cast<T>(U::apply(rk[i], rk[j], si, sj));
+        const T da = rk[i], db = rk[j];
+        const T v = static_cast<T>(U::apply(da, db, si, sj));
         rk[j] = v;
         rk[i] = kInf;
-        rowh[act[t]].enter(v, i32, j32);
-        if (v < best) best = v, arg = act[t];
+        if (std::min(std::min(da, db), v) <= row_tau[k]) {
+          row_.drop(k, i32, da);
+          row_.change(k, j32, db, v);
+        }
+        if (v <= acc.bar()) acc.offer(v, k);
       }
-      lo_d[tid] = best, lo_at[tid] = arg;
-      best = kInf, arg = kNone;
       // i < k < j: D(k, j) <- U(D(i, k), D(k, j)). Row i contiguous-ish, column j strided.
 #pragma omp for schedule(static) nowait
       for (int64_t t = pi + 1; t < pj; ++t) {
         if (t + kAhead < pj) prefetch_write(D + base[t + kAhead] + j);
         const int32_t k = act[t];
         T* rk = D + base[t];
-        const T v = static_cast<T>(U::apply(ri[k], rk[j], si, sj));
+        const T da = ri[k], db = rk[j];
+        const T v = static_cast<T>(U::apply(da, db, si, sj));
         rk[j] = v;
-        if (col[k].at == i32) col[k].at = kStale;
-        rowh[k].enter(v, i32, j32);
-        if (v < best) best = v, arg = k;
+        if (da <= col_tau[k]) col_.drop(k, i32, da);
+        if (std::min(db, v) <= row_tau[k]) row_.change(k, j32, db, v);
+        if (v <= acc.bar()) acc.offer(v, k);
       }
-      mid_d[tid] = best, mid_at[tid] = arg;
-      // k > j: D(j, k) <- U(D(i, k), D(j, k)). Both rows contiguous; dead k stay +inf.
-#pragma omp for simd schedule(static) nowait
-      for (int64_t k = j + 1; k < m_; ++k) {
-        const T v = static_cast<T>(U::apply(ri[k], rj[k], si, sj));
-        rj[k] = v;
-        col[k].enter(v, i32, j32);
+      // k > j: D(j, k) <- U(D(i, k), D(j, k)). Both rows contiguous; dead k stay +inf. In blocks:
+      // the new entries and the test are vectorised, the rare cache changes follow.
+      constexpr int64_t kStep = 16;
+#pragma omp for schedule(static) nowait
+      for (int64_t b = j + 1; b < m_; b += kStep) {
+        const int64_t e = std::min(m_, b + kStep);
+        T vb[kStep];
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t k = b; k < e; ++k) {
+          const T da = ri[k], db = rj[k];
+          const T v = static_cast<T>(U::apply(da, db, si, sj));
+          vb[k - b] = v;
+          hit |= std::min(std::min(da, db), v) <= col_tau[k];
+        }
+        if (hit) {
+          for (int64_t k = b; k < e; ++k) {
+            const T da = ri[k], db = rj[k], v = vb[k - b];
+            if (da < kInf && std::min(std::min(da, db), v) <= col_tau[k]) {  // live k only
+              col_.drop(k, i32, da);
+              col_.change(k, j32, db, v);
+            }
+          }
+        }
+#pragma omp simd
+        for (int64_t k = b; k < e; ++k) rj[k] = vb[k - b];
       }
     }
     done(nt, work);
-    Half cj{kInf, kNone};
-    for (int t = 0; t < used; ++t)
-      if (lo_d[t] < cj.d) cj = {lo_d[t], lo_at[t]};
-    for (int t = 0; t < used; ++t)
-      if (mid_d[t] < cj.d) cj = {mid_d[t], mid_at[t]};
-    col[j] = cj;
-    T rbest = kInf;
-    int64_t rarg = kNone;
-    contiguous_argmin(rj + j + 1, tail, rbest, rarg, j + 1);
-    rowh[j] = {rbest, static_cast<int32_t>(rarg)};
+    Least<T> cj;
+    for (int t = 0; t < used; ++t) cj.offer(part[t]);
+    col_.set(j, cj);
+    Least<T> rl;
+    contiguous_least(rj + j + 1, tail, j + 1, rl);
+    row_.set(j, rl);
     size_[j] = si + sj;
     act_.erase(act_.begin() + pi);
     base_.erase(base_.begin() + pi);
@@ -461,13 +563,13 @@ class NNChain {
       for (int64_t u = t + 1; u < a; ++u) D_[dst++] = rx[act_[u]];
     }
     for (auto& c : chain_) c = static_cast<int32_t>(pos(c));
-    const auto renumber = [this](Half h) {
-      if (h.at >= 0) h.at = static_cast<int32_t>(pos(h.at));
-      return h;
+    const auto rank = [this](int32_t x) { return static_cast<int32_t>(pos(x)); };
+    const auto below = [this](int32_t x) {
+      return static_cast<int32_t>(std::upper_bound(act_.begin(), act_.end(), x) - act_.begin() - 1);
     };
-    for (int64_t t = 0; t < a; ++t) {  // act_[t] >= t: the entries read are not yet rewritten
-      col_[t] = renumber(col_[act_[t]]);
-      row_[t] = renumber(row_[act_[t]]);
+    for (int64_t t = 0; t < a; ++t) {  // act_[t] >= t: the caches read are not yet rewritten
+      col_.move(t, act_[t], rank, below);
+      row_.move(t, act_[t], rank, below);
     }
     for (int64_t t = 0; t < a; ++t) {
       size_[t] = size_[act_[t]];
@@ -485,7 +587,7 @@ class NNChain {
   std::vector<double> size_;
   std::vector<int32_t> rep_;
   std::vector<int32_t> chain_;
-  std::vector<Half> col_, row_;  // cached nearest neighbours: lower slots, higher slots
+  Halves<T> col_, row_;  // cached nearest neighbours: lower slots, higher slots
   int threads_ = 1;
   bool forced_, parallel_, first_window_ = false;
   int64_t work_ = 0, work_since_ = 0, merges_ = 0;
