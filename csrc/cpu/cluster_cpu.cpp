@@ -53,8 +53,8 @@ struct WeightedUpdate {
 // an update runs on one thread: an OpenMP fork/join costs a few microseconds.
 constexpr int64_t kGather = 8;
 constexpr int64_t kParallelWork = 1 << 15;
-// Contiguous scans go in blocks: a vectorised min per block, then one pass over the winning block.
-constexpr int64_t kBlock = 256;
+// Threads a scan or update uses at most (their partial results live in fixed arrays).
+constexpr int kMaxTeam = 64;
 // Strided loops (one cache line per entry) request the line kAhead entries ahead, which keeps
 // more misses in flight than the out-of-order window finds alone (about 20% of the merge's time
 // at N = 16,000).
@@ -73,7 +73,7 @@ inline bool lex_less(T d, int32_t a, T e, int32_t b) {
 
 // How many nearest neighbours each half of a slot keeps (NNChain): enough that a half seldom
 // runs out between scans, few enough that keeping them stays cheap.
-constexpr int kKeep = 4;
+constexpr int kKeep = 8;
 
 // The kKeep lexicographically least (distance, slot) pairs offered so far, in order.
 template <typename T>
@@ -240,7 +240,7 @@ class NNChain {
     rebase();
     chain_.reserve(n);
     fill_halves();
-    threads_ = max_threads();
+    threads_ = std::min(max_threads(), kMaxTeam);
     if (threads_ > 1 && n * kGather >= kParallelWork) {
 #pragma omp parallel num_threads(threads_)
       {  // start the thread team now, so the first timed operation does not pay for it
@@ -275,7 +275,6 @@ class NNChain {
  private:
   static constexpr T kInf = std::numeric_limits<T>::infinity();
   using Clock = std::chrono::steady_clock;
-  static constexpr int32_t kNone = -1;
 
   // Threads pay only when the machine has idle cores: on a shared, oversubscribed machine a
   // fork/join waits for a descheduled thread and costs milliseconds instead of microseconds.
@@ -376,7 +375,7 @@ class NNChain {
     if (nt == 1) {
       column_least(x, 0, px, acc);
     } else {
-      Least<T> part[64];
+      Least<T> part[kMaxTeam];
       int used = 1;
 #pragma omp parallel num_threads(nt)
       {
@@ -401,7 +400,7 @@ class NNChain {
     if (nt == 1) {
       contiguous_least(rx, len, x + 1, acc);
     } else {
-      Least<T> part[64];
+      Least<T> part[kMaxTeam];
       int used = 1;
 #pragma omp parallel num_threads(nt)
       {
@@ -473,7 +472,7 @@ class NNChain {
     const int64_t tail = m_ - j - 1;
     const int64_t work = (pj - 1) * kGather + tail;
     const int nt = team(work);
-    Least<T> part[64];  // per thread: the least of j's new column
+    Least<T> part[kMaxTeam];  // per thread: the least of j's new column
     int used = 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
