@@ -372,21 +372,7 @@ class NNChain {
     const int64_t work = px * kGather;
     const int nt = team(work);
     Least<T> acc;
-    if (nt == 1) {
-      column_least(x, 0, px, acc);
-    } else {
-      Least<T> part[kMaxTeam];
-      int used = 1;
-#pragma omp parallel num_threads(nt)
-      {
-        const int tid = thread_index(), nth = num_threads();
-        if (tid == 0) used = nth;
-        int64_t b, e;
-        slice(px, tid, nth, b, e);
-        column_least(x, b, e, part[tid]);
-      }
-      for (int t = 0; t < used; ++t) acc.offer(part[t]);
-    }
+    least_on_team(nt, px, acc, [&](int64_t b, int64_t e, Least<T>& a) { column_least(x, b, e, a); });
     done(nt, work);
     col_.set(x, acc);
   }
@@ -397,23 +383,32 @@ class NNChain {
     const int64_t len = m_ - x - 1;
     const int nt = team(len);
     Least<T> acc;
-    if (nt == 1) {
-      contiguous_least(rx, len, x + 1, acc);
-    } else {
-      Least<T> part[kMaxTeam];
-      int used = 1;
-#pragma omp parallel num_threads(nt)
-      {
-        const int tid = thread_index(), nth = num_threads();
-        if (tid == 0) used = nth;
-        int64_t b, e;
-        slice(len, tid, nth, b, e);
-        contiguous_least(rx + b, e - b, x + 1 + b, part[tid]);
-      }
-      for (int t = 0; t < used; ++t) acc.offer(part[t]);
-    }
+    least_on_team(nt, len, acc, [&](int64_t b, int64_t e, Least<T>& a) {
+      contiguous_least(rx + b, e - b, x + 1 + b, a);
+    });
     done(nt, len);
     row_.set(x, acc);
+  }
+
+  // Runs scan(b, e, least) over [0, len) on nt threads, a slice each with its own Least, and
+  // offers their results to acc (the order of offers does not matter).
+  template <typename Scan>
+  static void least_on_team(int nt, int64_t len, Least<T>& acc, Scan scan) {
+    if (nt == 1) {
+      scan(0, len, acc);
+      return;
+    }
+    Least<T> part[kMaxTeam];
+    int used = 1;
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = thread_index(), nth = num_threads();
+      if (tid == 0) used = nth;
+      int64_t b, e;
+      slice(len, tid, nth, b, e);
+      scan(b, e, part[tid]);
+    }
+    for (int t = 0; t < used; ++t) acc.offer(part[t]);
   }
 
   // Both halves of every slot's cache, in one pass over the triangle: row x's entries are its
