@@ -139,6 +139,20 @@ def test_ties(rng):
     np.testing.assert_array_equal(cluster.linkage(ones)[:, 2], np.ones(9))
 
 
+
+@pytest.mark.parametrize("threads", [False, True])
+@pytest.mark.parametrize("levels", [4, 60])
+@pytest.mark.parametrize("method", ["average", "complete", "weighted"])
+def test_cached_neighbours_with_ties_match_scipy(method, levels, threads, rng):
+    """The chain's cached nearest neighbours (each slot's minimum over its lower and its higher
+    slots, kept across merges) must answer as full scans do, ties included: with integer
+    distances of few or many levels and enough points for several compactions, the whole float64
+    tree is SciPy's, on one thread and with every scan and update threaded."""
+    n = 300
+    cond = rng.integers(1, levels + 1, size=n * (n - 1) // 2).astype(np.float64)
+    Z = native().cluster_linkage(cond, cluster.METHODS[method], False, threads)
+    np.testing.assert_array_equal(Z, cluster.linkage_ref(cond, method))
+
 def test_clustered_cosine_distances_match_scipy(rng):
     """A realistic input: Gaussian blobs of unit feature vectors, cosine distance, float32."""
     n, k, dim = 400, 10, 32

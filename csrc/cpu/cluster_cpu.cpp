@@ -53,31 +53,152 @@ struct WeightedUpdate {
 // an update runs on one thread: an OpenMP fork/join costs a few microseconds.
 constexpr int64_t kGather = 8;
 constexpr int64_t kParallelWork = 1 << 15;
-// Contiguous scans go in blocks: a vectorised min per block, then one pass over the winning block.
-constexpr int64_t kBlock = 256;
-
-// First index of the minimum of p[0..len) if that minimum is < best (then best and at are
-// updated); nothing otherwise. Ties keep the lowest index.
+// Threads a scan or update uses at most (their partial results live in fixed arrays).
+constexpr int kMaxTeam = 64;
+// Strided loops (one cache line per entry) request the line kAhead entries ahead, which keeps
+// more misses in flight than the out-of-order window finds alone (about 20% of the merge's time
+// at N = 16,000).
+constexpr int64_t kAhead = 16;
 template <typename T>
-inline void contiguous_argmin(const T* p, int64_t len, T& best, int64_t& at) {
-  int64_t win = -1;
-  T bv = best;
-  for (int64_t s = 0; s < len; s += kBlock) {
-    const int64_t e = std::min(len, s + kBlock);
+inline void prefetch_read(const T* p) { __builtin_prefetch(p, 0, 0); }
+template <typename T>
+inline void prefetch_write(T* p) { __builtin_prefetch(p, 1, 0); }
+
+// (d, a) before (e, b) in the order nearest neighbours are chosen in: least distance, then lowest
+// slot.
+template <typename T>
+inline bool lex_less(T d, int32_t a, T e, int32_t b) {
+  return d < e || (d == e && a < b);
+}
+
+// How many nearest neighbours each half of a slot keeps (NNChain): enough that a half seldom
+// runs out between scans, few enough that keeping them stays cheap.
+constexpr int kKeep = 8;
+
+// The kKeep lexicographically least (distance, slot) pairs offered so far, in order.
+template <typename T>
+struct Least {
+  T d[kKeep];
+  int32_t at[kKeep];
+  int n = 0;
+  // What an entry must beat to be kept when entries come in increasing slot order (an equal
+  // distance from a higher slot loses).
+  T bar() const { return n < kKeep ? std::numeric_limits<T>::infinity() : d[kKeep - 1]; }
+  void offer(T v, int32_t a) {
+    int q = n;
+    if (n == kKeep) {
+      if (!lex_less(v, a, d[kKeep - 1], at[kKeep - 1])) return;
+      q = kKeep - 1;
+    } else {
+      ++n;
+    }
+    for (; q > 0 && lex_less(v, a, d[q - 1], at[q - 1]); --q) d[q] = d[q - 1], at[q] = at[q - 1];
+    d[q] = v, at[q] = a;
+  }
+  void offer(const Least& o) {
+    for (int q = 0; q < o.n; ++q) offer(o.d[q], o.at[q]);
+  }
+};
+
+// Offers p[q] as slot first + q, q = 0..len-1, in order, to `acc`; +inf entries (dead slots) are
+// never kept. A block whose vectorised minimum cannot be kept is skipped.
+template <typename T>
+inline void contiguous_least(const T* p, int64_t len, int64_t first, Least<T>& acc) {
+  constexpr int64_t kStep = 64;
+  T bar = acc.bar();
+  for (int64_t s = 0; s < len; s += kStep) {
+    const int64_t e = std::min(len, s + kStep);
     T mv = std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(min : mv)
     for (int64_t q = s; q < e; ++q) mv = p[q] < mv ? p[q] : mv;
-    if (mv < bv) {
-      bv = mv;
-      win = s;
+    if (!(mv < bar)) continue;
+    for (int64_t q = s; q < e; ++q) {
+      if (p[q] < bar) {
+        acc.offer(p[q], static_cast<int32_t>(first + q));
+        bar = acc.bar();
+      }
     }
   }
-  if (win < 0) return;
-  int64_t q = win;
-  while (p[q] != bv) ++q;
-  best = bv;
-  at = q;
 }
+
+// The cached nearest neighbours of one half, the lower or the higher slots, of every slot s:
+// its live entries lexicographically <= a threshold (tau_d[s], tau_at[s]), at most kKeep of
+// them, in order (d, at). With entries listed, the first is the half's nearest; with none and
+// tau_d = +inf the half is empty; with none and a finite tau the half is stale, and its entries
+// are all above tau (so tau_d bounds its least distance from below). Every change of an entry
+// keeps this exact, from the entry's old and new values alone.
+template <typename T>
+struct Halves {
+  static constexpr T kInf = std::numeric_limits<T>::infinity();
+  static constexpr int32_t kTop = std::numeric_limits<int32_t>::max();
+  std::vector<T> tau_d, d;
+  std::vector<int32_t> tau_at, at;
+  std::vector<uint8_t> cnt;
+
+  void reset(int64_t m) {
+    tau_d.assign(m, kInf), tau_at.assign(m, kTop), cnt.assign(m, 0);
+    d.resize(m * kKeep), at.resize(m * kKeep);
+  }
+  bool known(int64_t s) const { return cnt[s] > 0 || tau_d[s] == kInf; }
+  T least(int64_t s) const { return cnt[s] ? d[s * kKeep] : kInf; }
+  int32_t least_at(int64_t s) const { return cnt[s] ? at[s * kKeep] : -1; }
+  // After a full scan of the half.
+  void set(int64_t s, const Least<T>& acc) {
+    cnt[s] = static_cast<uint8_t>(acc.n);
+    for (int q = 0; q < acc.n; ++q) d[s * kKeep + q] = acc.d[q], at[s * kKeep + q] = acc.at[q];
+    if (acc.n == kKeep) {
+      tau_d[s] = acc.d[kKeep - 1], tau_at[s] = acc.at[kKeep - 1];
+    } else {
+      tau_d[s] = kInf, tau_at[s] = kTop;
+    }
+  }
+  // Entry (v, a) is listed (or would be).
+  bool within(int64_t s, T v, int32_t a) const {
+    return v < tau_d[s] || (v == tau_d[s] && a <= tau_at[s]);
+  }
+  // Slot a, whose entry was v, left the half.
+  void drop(int64_t s, int32_t a, T v) {
+    if (!within(s, v, a)) return;
+    T* ds = &d[s * kKeep];
+    int32_t* as = &at[s * kKeep];
+    const int c = cnt[s];
+    int q = 0;
+    while (q < c && as[q] != a) ++q;
+    if (q == c) return;
+    for (; q + 1 < c; ++q) ds[q] = ds[q + 1], as[q] = as[q + 1];
+    cnt[s] = static_cast<uint8_t>(c - 1);
+  }
+  // Slot a's entry changed from old to v.
+  void change(int64_t s, int32_t a, T old, T v) {
+    drop(s, a, old);
+    if (!within(s, v, a)) return;
+    T* ds = &d[s * kKeep];
+    int32_t* as = &at[s * kKeep];
+    const int c = cnt[s];
+    int q = c;
+    if (c == kKeep) {  // one of the kKeep + 1 drops out, and tau comes down to the last kept
+      if (lex_less(v, a, ds[kKeep - 1], as[kKeep - 1])) {
+        q = kKeep - 1;
+        for (; q > 0 && lex_less(v, a, ds[q - 1], as[q - 1]); --q) ds[q] = ds[q - 1], as[q] = as[q - 1];
+        ds[q] = v, as[q] = a;
+      }
+      tau_d[s] = ds[kKeep - 1], tau_at[s] = as[kKeep - 1];
+      return;
+    }
+    for (; q > 0 && lex_less(v, a, ds[q - 1], as[q - 1]); --q) ds[q] = ds[q - 1], as[q] = as[q - 1];
+    ds[q] = v, as[q] = a;
+    cnt[s] = static_cast<uint8_t>(c + 1);
+  }
+  // Slot s's cache moved to slot t <= s, slots renumbered by `rank` (live slots) and `below`
+  // (any slot a: the new number of the last live slot <= a, or -1).
+  template <typename Rank, typename Below>
+  void move(int64_t t, int64_t s, Rank rank, Below below) {
+    cnt[t] = cnt[s];
+    for (int q = 0; q < cnt[s]; ++q) d[t * kKeep + q] = d[s * kKeep + q], at[t * kKeep + q] = rank(at[s * kKeep + q]);
+    tau_d[t] = tau_d[s];
+    tau_at[t] = tau_at[s] == kTop ? kTop : below(tau_at[s]);
+  }
+};
 
 // The nearest-neighbour chain (Murtagh 1983; Müllner 2011, arXiv:1109.2378), on the condensed
 // triangle.
@@ -92,7 +213,16 @@ inline void contiguous_argmin(const T* p, int64_t len, T& best, int64_t& at) {
 //    (inf, inf) to inf) while the strided column accesses visit live slots only;
 //  * when half the slots are dead the triangle is compacted in place to the live slots
 //    (order-preserving, so no tie-breaking changes), which bounds the dead fraction at one half
-//    and costs O(n^2) in all (a geometric series).
+//    and costs O(n^2) in all (a geometric series);
+//  * every live slot caches its nearest neighbours in two halves, the lower slots (its column,
+//    strided: a cache line per entry) and the higher ones (its row, contiguous): the kKeep
+//    nearest of each half (Halves). One streaming pass over the triangle fills them all; a merge
+//    keeps them exact as it writes each updated entry, from the entry's old and new values
+//    (after a vectorised test that the entry can matter at all), and computes both halves of the
+//    union from the entries it writes. A half is rescanned only when merges have taken all its
+//    listed neighbours, and not even then when its lower bound rules it out, so most strided
+//    column scans are never made. The cache is exact, not a heuristic: the answers, ties
+//    included, are those of a full scan.
 //
 // Nearest neighbour of x: the previous chain element wins ties (which guarantees progress),
 // otherwise the lowest slot among the nearest.
@@ -109,7 +239,8 @@ class NNChain {
     std::iota(rep_.begin(), rep_.end(), 0);
     rebase();
     chain_.reserve(n);
-    threads_ = max_threads();
+    fill_halves();
+    threads_ = std::min(max_threads(), kMaxTeam);
     if (threads_ > 1 && n * kGather >= kParallelWork) {
 #pragma omp parallel num_threads(threads_)
       {  // start the thread team now, so the first timed operation does not pay for it
@@ -210,41 +341,20 @@ class NNChain {
       base_[t] = condensed_row(m_, act_[t]) - act_[t] - 1;
   }
 
-  // Nearest live slot to x and its distance d; p (or -1) is preferred on ties.
+  // Nearest live slot to x and its distance d; p (or -1) is preferred on ties. Rescans a stale
+  // half of x's cache only if its lower bound does not rule it out: the column half (lower
+  // slots) wins ties, so the row half is skipped if the column's least distance is <= its bound,
+  // the column half if the row's least distance is < its bound.
   int64_t nearest(int64_t x, int64_t p, T& d) {
-    const int64_t px = pos(x);
-    const T* rx = row(x);
-    const int64_t row_len = m_ - x - 1;
-    const int64_t work = px * kGather + row_len;
-    const int nt = team(work);
-    T best = kInf;
-    int64_t arg = -1;
-    if (nt == 1) {
-      column_argmin(x, 0, px, best, arg);
-      contiguous_argmin(rx + x + 1, row_len, best, arg, x + 1);
+    if (!row_.known(x) && !(col_.known(x) && col_.least(x) <= row_.tau_d[x])) scan_row(x);
+    if (!col_.known(x) && !(row_.known(x) && row_.least(x) < col_.tau_d[x])) scan_column(x);
+    T best;
+    int64_t arg;
+    if (col_.known(x) && (!row_.known(x) || col_.least(x) <= row_.least(x))) {
+      best = col_.least(x), arg = col_.least_at(x);
     } else {
-      // Per-thread results, combined in index order so ties resolve as in the serial scan.
-      T cb[64], rb[64];
-      int64_t ca[64], ra[64];
-      int used = 1;
-#pragma omp parallel num_threads(nt)
-      {
-        const int tid = thread_index(), nth = num_threads();
-        if (tid == 0) used = nth;
-        int64_t b, e;
-        cb[tid] = kInf, ca[tid] = -1;
-        slice(px, tid, nth, b, e);
-        column_argmin(x, b, e, cb[tid], ca[tid]);
-        rb[tid] = kInf, ra[tid] = -1;
-        slice(row_len, tid, nth, b, e);
-        contiguous_argmin(rx + x + 1 + b, e - b, rb[tid], ra[tid], x + 1 + b);
-      }
-      for (int t = 0; t < used; ++t)
-        if (cb[t] < best) best = cb[t], arg = ca[t];
-      for (int t = 0; t < used; ++t)
-        if (rb[t] < best) best = rb[t], arg = ra[t];
+      best = row_.least(x), arg = row_.least_at(x);
     }
-    done(nt, work);
     if (p >= 0) {
       const T dp = x < p ? at(x, p) : at(p, x);
       if (dp <= best) {
@@ -256,52 +366,181 @@ class NNChain {
     return arg;
   }
 
-  // Strided part: live slots act_[b..e) (all < x).
-  void column_argmin(int64_t x, int64_t b, int64_t e, T& best, int64_t& arg) const {
-    for (int64_t t = b; t < e; ++t) {
-      const T v = D_[base_[t] + x];
-      if (v < best) best = v, arg = act_[t];
-    }
-  }
-  static void contiguous_argmin(const T* p, int64_t len, T& best, int64_t& arg, int64_t first) {
-    int64_t q = -1;
-    iics::contiguous_argmin(p, len, best, q);
-    if (q >= 0) arg = first + q;
+  // The column half of x: its entries against the live slots below it, one row each.
+  void scan_column(int64_t x) {
+    const int64_t px = pos(x);
+    const int64_t work = px * kGather;
+    const int nt = team(work);
+    Least<T> acc;
+    least_on_team(nt, px, acc, [&](int64_t b, int64_t e, Least<T>& a) { column_least(x, b, e, a); });
+    done(nt, work);
+    col_.set(x, acc);
   }
 
-  // Merges slots i < j into j; i is dropped (its column set to +inf, its slot unlisted).
+  // The row half of x: its contiguous entries against the slots above it (dead ones are +inf).
+  void scan_row(int64_t x) {
+    const T* rx = row(x) + x + 1;
+    const int64_t len = m_ - x - 1;
+    const int nt = team(len);
+    Least<T> acc;
+    least_on_team(nt, len, acc, [&](int64_t b, int64_t e, Least<T>& a) {
+      contiguous_least(rx + b, e - b, x + 1 + b, a);
+    });
+    done(nt, len);
+    row_.set(x, acc);
+  }
+
+  // Runs scan(b, e, least) over [0, len) on nt threads, a slice each with its own Least, and
+  // offers their results to acc (the order of offers does not matter).
+  template <typename Scan>
+  static void least_on_team(int nt, int64_t len, Least<T>& acc, Scan scan) {
+    if (nt == 1) {
+      scan(0, len, acc);
+      return;
+    }
+    Least<T> part[kMaxTeam];
+    int used = 1;
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = thread_index(), nth = num_threads();
+      if (tid == 0) used = nth;
+      int64_t b, e;
+      slice(len, tid, nth, b, e);
+      scan(b, e, part[tid]);
+    }
+    for (int t = 0; t < used; ++t) acc.offer(part[t]);
+  }
+
+  // Both halves of every slot's cache, in one pass over the triangle: row x's entries are its
+  // row half and, in turn, entries of the column halves of the slots after it (x is above every
+  // slot those list, so an entry enters only below tau's distance).
+  void fill_halves() {
+    col_.reset(m_);
+    row_.reset(m_);
+    constexpr int64_t kStep = 64;
+    for (int64_t x = 0; x + 1 < m_; ++x) {
+      const T* rx = row(x);
+      Least<T> acc;
+      contiguous_least(rx + x + 1, m_ - x - 1, x + 1, acc);
+      row_.set(x, acc);
+      const T* tau = col_.tau_d.data();
+      for (int64_t s = x + 1; s < m_; s += kStep) {
+        const int64_t e = std::min(m_, s + kStep);
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t k = s; k < e; ++k) hit |= rx[k] < tau[k];
+        if (!hit) continue;
+        for (int64_t k = s; k < e; ++k)
+          if (rx[k] < tau[k]) col_.change(k, static_cast<int32_t>(x), kInf, rx[k]);
+      }
+    }
+  }
+
+  // Strided part: live slots act_[b..e) (all < x), in increasing order.
+  void column_least(int64_t x, int64_t b, int64_t e, Least<T>& acc) const {
+    T bar = acc.bar();
+    for (int64_t t = b; t < e; ++t) {
+      if (t + kAhead < e) prefetch_read(D_ + base_[t + kAhead] + x);
+      const T v = D_[base_[t] + x];
+      if (v < bar) {
+        acc.offer(v, act_[t]);
+        bar = acc.bar();
+      }
+    }
+  }
+
+  // Merges slots i < j into j; i is dropped (its column set to +inf, its slot unlisted). Every
+  // written entry updates the cache half it belongs to, after a test that it can matter (one of
+  // its old or new values within the half's tau); j's halves are the least of its new column
+  // and row.
   void merge(int64_t i, int64_t j) {
     const int64_t pi = pos(i), pj = pos(j);
     const double si = size_[i], sj = size_[j];
+    const int32_t i32 = static_cast<int32_t>(i), j32 = static_cast<int32_t>(j);
     T* ri = row(i);
     T* rj = row(j);
     T* D = D_;
     const int64_t* base = base_.data();
     const int32_t* act = act_.data();
+    const T* col_tau = col_.tau_d.data();
+    const T* row_tau = row_.tau_d.data();
     const int64_t tail = m_ - j - 1;
     const int64_t work = (pj - 1) * kGather + tail;
     const int nt = team(work);
+    Least<T> part[kMaxTeam];  // per thread: the least of j's new column
+    int used = 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
+      const int tid = thread_index();
+      if (tid == 0) used = num_threads();
+      Least<T>& acc = part[tid];
       // k < i: D(k, j) <- U(D(k, i), D(k, j)); D(k, i) <- inf. Both strided, same row k.
 #pragma omp for schedule(static) nowait
       for (int64_t t = 0; t < pi; ++t) {
+        if (t + kAhead < pi) {
+          prefetch_write(D + base[t + kAhead] + i);
+          prefetch_write(D + base[t + kAhead] + j);
+        }
+        const int32_t k = act[t];
         T* rk = D + base[t];
-        rk[j] = static_cast<T>(U::apply(rk[i], rk[j], si, sj));
+        const T da = rk[i], db = rk[j];
+        const T v = static_cast<T>(U::apply(da, db, si, sj));
+        rk[j] = v;
         rk[i] = kInf;
+        if (std::min(std::min(da, db), v) <= row_tau[k]) {
+          row_.drop(k, i32, da);
+          row_.change(k, j32, db, v);
+        }
+        if (v <= acc.bar()) acc.offer(v, k);
       }
       // i < k < j: D(k, j) <- U(D(i, k), D(k, j)). Row i contiguous-ish, column j strided.
 #pragma omp for schedule(static) nowait
       for (int64_t t = pi + 1; t < pj; ++t) {
+        if (t + kAhead < pj) prefetch_write(D + base[t + kAhead] + j);
+        const int32_t k = act[t];
         T* rk = D + base[t];
-        rk[j] = static_cast<T>(U::apply(ri[act[t]], rk[j], si, sj));
+        const T da = ri[k], db = rk[j];
+        const T v = static_cast<T>(U::apply(da, db, si, sj));
+        rk[j] = v;
+        if (da <= col_tau[k]) col_.drop(k, i32, da);
+        if (std::min(db, v) <= row_tau[k]) row_.change(k, j32, db, v);
+        if (v <= acc.bar()) acc.offer(v, k);
       }
-      // k > j: D(j, k) <- U(D(i, k), D(j, k)). Both rows contiguous; dead k stay +inf.
-#pragma omp for simd schedule(static) nowait
-      for (int64_t k = j + 1; k < m_; ++k)
-        rj[k] = static_cast<T>(U::apply(ri[k], rj[k], si, sj));
+      // k > j: D(j, k) <- U(D(i, k), D(j, k)). Both rows contiguous; dead k stay +inf. In blocks:
+      // the new entries and the test are vectorised, the rare cache changes follow.
+      constexpr int64_t kStep = 16;
+#pragma omp for schedule(static) nowait
+      for (int64_t b = j + 1; b < m_; b += kStep) {
+        const int64_t e = std::min(m_, b + kStep);
+        T vb[kStep];
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t k = b; k < e; ++k) {
+          const T da = ri[k], db = rj[k];
+          const T v = static_cast<T>(U::apply(da, db, si, sj));
+          vb[k - b] = v;
+          hit |= std::min(std::min(da, db), v) <= col_tau[k];
+        }
+        if (hit) {
+          for (int64_t k = b; k < e; ++k) {
+            const T da = ri[k], db = rj[k], v = vb[k - b];
+            if (da < kInf && std::min(std::min(da, db), v) <= col_tau[k]) {  // live k only
+              col_.drop(k, i32, da);
+              col_.change(k, j32, db, v);
+            }
+          }
+        }
+#pragma omp simd
+        for (int64_t k = b; k < e; ++k) rj[k] = vb[k - b];
+      }
     }
     done(nt, work);
+    Least<T> cj;
+    for (int t = 0; t < used; ++t) cj.offer(part[t]);
+    col_.set(j, cj);
+    Least<T> rl;
+    contiguous_least(rj + j + 1, tail, j + 1, rl);
+    row_.set(j, rl);
     size_[j] = si + sj;
     act_.erase(act_.begin() + pi);
     base_.erase(base_.begin() + pi);
@@ -318,6 +557,14 @@ class NNChain {
       for (int64_t u = t + 1; u < a; ++u) D_[dst++] = rx[act_[u]];
     }
     for (auto& c : chain_) c = static_cast<int32_t>(pos(c));
+    const auto rank = [this](int32_t x) { return static_cast<int32_t>(pos(x)); };
+    const auto below = [this](int32_t x) {
+      return static_cast<int32_t>(std::upper_bound(act_.begin(), act_.end(), x) - act_.begin() - 1);
+    };
+    for (int64_t t = 0; t < a; ++t) {  // act_[t] >= t: the caches read are not yet rewritten
+      col_.move(t, act_[t], rank, below);
+      row_.move(t, act_[t], rank, below);
+    }
     for (int64_t t = 0; t < a; ++t) {
       size_[t] = size_[act_[t]];
       rep_[t] = rep_[act_[t]];
@@ -334,6 +581,7 @@ class NNChain {
   std::vector<double> size_;
   std::vector<int32_t> rep_;
   std::vector<int32_t> chain_;
+  Halves<T> col_, row_;  // cached nearest neighbours: lower slots, higher slots
   int threads_ = 1;
   bool forced_, parallel_, first_window_ = false;
   int64_t work_ = 0, work_since_ = 0, merges_ = 0;
