@@ -210,9 +210,10 @@ def render(tag, records):
     ceil = ceiling_table(records)
     if ceil:
         out += ["## Against this machine's ceiling", "",
-                "The ceiling of the inter-camera distance is its inner loop (a min and an add per "
-                "pair and score dim) run alone on L1-resident rows: the same instructions, no memory "
-                "traffic (`_C.min_sum_ceiling`: one core's fastest 0.5 ms burst, times the cores). The "
+                "The ceiling of the inter-camera distance is the D loop of its micro-kernel (a min "
+                "and an FMA-pipe add per pair and score dim) run alone on L1-resident rows: the same "
+                "instructions, no horizontal sums, no memory traffic (`_C.min_sum_ceiling`: one "
+                "core's fastest 0.5 ms burst, times the cores). The "
                 "work of a build is all i < j pairs times D; the cosine GEMM is part of the build's "
                 "time but not of its work, so the fraction is a lower bound. By CPU time: work per "
                 "CPU-second against one core's ceiling, which a shared machine does not distort.",

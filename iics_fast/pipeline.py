@@ -23,10 +23,6 @@ import torch
 
 from . import cluster, distributed, rerank as _rerank, similarity
 
-#: the reference's re-ranking parameters (k1, k2, lambda)
-RERANK = {"k1": 20, "k2": 6, "lambda_value": 0.3}
-
-
 def cluster_count(n_c: int, k_intra: int) -> int:
     """Intra-camera clusters of a camera with n_c images: k_intra, or max(1, n_c // 2) when the
     camera has fewer images (each camera on its own; see docs/deviations.md)."""
@@ -136,6 +132,6 @@ def inter_camera_labels(features, scores, camids, mu: float, *, mode: str = "eq5
     return distributed.broadcast_object(labels)
 
 
-__all__ = ["RERANK", "cluster_count", "route", "to_host", "rerank_distance", "threshold", "merge",
+__all__ = ["cluster_count", "route", "to_host", "rerank_distance", "threshold", "merge",
            "cluster_distance", "intra_camera_distance", "intra_camera_labels",
            "inter_camera_distance", "inter_camera_labels"]

@@ -11,6 +11,10 @@ from scipy.spatial.distance import pdist
 from benchmarks import profile as P
 from iics_fast import pipeline, train
 
+#: the default re-ranking parameters, as the trainer passes them
+RERANK = {"k1": train.DEFAULTS["rerank_k1"][0], "k2": train.DEFAULTS["rerank_k2"][0],
+          "lambda_value": train.DEFAULTS["rerank_lambda"][0]}
+
 
 def _same_partition(a, b):
     pairs = set(zip(np.asarray(a).tolist(), np.asarray(b).tolist()))
@@ -46,7 +50,7 @@ def test_inter_camera_labels_rerank_and_threshold(rng):
     d = pipeline.inter_camera_distance(feats, scores, camids, 0.02).numpy()
     labels = pipeline.inter_camera_labels(feats, scores, camids, 0.02, k=9)
     assert _same_partition(labels, fcluster(linkage(d.astype(np.float64), "average"), 9, "maxclust"))
-    ranked = pipeline.inter_camera_labels(feats, scores, camids, 0.02, k=9, rerank=pipeline.RERANK)
+    ranked = pipeline.inter_camera_labels(feats, scores, camids, 0.02, k=9, rerank=RERANK)
     assert len(np.unique(ranked)) == 9
     by_threshold = pipeline.inter_camera_labels(feats, scores, camids, 0.02, k=None, quantile=0.1)
     assert len(np.unique(by_threshold)) > 1
@@ -96,7 +100,7 @@ def test_trainer_and_profiler_run_the_same_pipeline(recorded, tmp_path, monkeypa
         assert len(calls["intra_camera_distance"]) >= 2  # one a camera
         assert len(calls["inter_camera_distance"]) == 1
         assert len(calls["rerank_distance"]) == len(calls["merge"]) == len(calls["intra_camera_distance"]) + 1
-    expect = pipeline.RERANK if default_similarity == "rerank" else None
+    expect = RERANK if default_similarity == "rerank" else None
     for calls in (trainer_calls, profiler_calls):
         assert all(c["rerank"] == expect for c in calls["rerank_distance"])
         assert calls["intra_camera_labels"][0]["rerank"] == expect
@@ -114,9 +118,9 @@ def test_route_of_each_step(monkeypatch):
     monkeypatch.setattr(cluster, "has_cuda_merge", lambda: True)
     assert pipeline.route("cuda") == {"distance": "triton", "rerank": None, "merge": "cuda",
                                       "host_copies": 0}
-    assert pipeline.route(torch.device("cuda", 1), pipeline.RERANK) == {
+    assert pipeline.route(torch.device("cuda", 1), RERANK) == {
         "distance": "triton", "rerank": "cpu", "merge": "cpu", "host_copies": 1}
-    for rerank in (None, pipeline.RERANK):
+    for rerank in (None, RERANK):
         assert pipeline.route("cpu", rerank) == {
             "distance": "cpu", "rerank": None if rerank is None else "cpu", "merge": "cpu",
             "host_copies": 0}
@@ -177,7 +181,7 @@ def test_cuda_route_merges_on_the_device_without_copies(cuda_merge_on_cpu, rng):
                                                   t, "distance"))
     labels = pipeline.intra_camera_labels(feats, camids, 10)
     assert cuda_merge_on_cpu == []  # nothing went through the host copy
-    pipeline.cluster_distance(d.clone(), k=9, rerank=pipeline.RERANK)
+    pipeline.cluster_distance(d.clone(), k=9, rerank=RERANK)
     assert cuda_merge_on_cpu == [(n * (n - 1) // 2,)]
     assert labels.shape == (n,)
 
