@@ -141,9 +141,7 @@ def test_sparsifier_rejects_bad_input():
 # ----------------------------------------------------------------------------- linkage
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_graph_linkage_matches_reference(rng, weighted):
-    n, cams = 40, 3
+def _linkage_problem(rng, n, cams, weighted):
     f = rng.standard_normal((n, 6)).astype(np.float32)
     f /= np.linalg.norm(f, axis=1, keepdims=True)
     cam = rng.integers(0, cams, n)
@@ -157,18 +155,63 @@ def test_graph_linkage_matches_reference(rng, weighted):
         bg = rng.random((cams, cams)) * 0.05
         bg = (bg + bg.T) / 2
         np.fill_diagonal(bg, 0)
-        kw = dict(b=rng.random(n) + 0.5, u=rng.random(n), c0=0.7, cams=cam, background=bg)
+        kw = dict(b=rng.random(n) + 0.5, u=rng.random(n), c0=0.7, cams=cam, background=bg,
+                  alpha=rng.random(n) * 0.02 - 0.01)
+    return f, gi, gj, value, kw
+
+
+def _model_matrix(f, gi, gj, value, b=None, u=None, c0=0.0, cams=None, background=None, alpha=None):
+    """Every pair's value as the linkage sees it (dense, float64)."""
+    n = len(f)
+    b = np.ones(n) if b is None else b
+    u = np.ones(n) if u is None else u
+    cos = f.astype(np.float64) @ f.T.astype(np.float64)
+    if background is not None:
+        cos += background[np.ix_(cams, cams)] + (cams[:, None] != cams[None, :]) * (alpha[:, None] + alpha[None, :])
+    pair = c0 + (u[:, None] + u[None, :]) / 2 - (b[:, None] + b[None, :]) / 2 * cos
+    pair[gi, gj] = pair[gj, gi] = value
+    return pair
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("bounds", ["none", "tight", "loose"])
+def test_graph_linkage_matches_reference(rng, weighted, bounds):
+    """The closest pair overall, whatever (valid) bounds say and however few edges there are."""
+    n = 40
+    f, gi, gj, value, kw = _linkage_problem(rng, n, 3, weighted)
+    bnd = None
+    if bounds != "none":  # each sample's smallest model value with the samples it has no edge to
+        pair = _model_matrix(f, gi, gj, value, **kw)
+        adj = np.eye(n, dtype=bool)
+        adj[gi, gj] = adj[gj, gi] = True
+        bnd = np.where(adj, np.inf, pair).min(1) - 1e-9
+        if bounds == "loose":
+            bnd -= rng.random(n) * 0.3
     for k in (1, 5, 17, n):
-        got, _ = S.average_linkage(f, gi, gj, value, k, **kw)
+        got, info = S.average_linkage(f, gi, gj, value, k, bounds=bnd, refresh_k=3, **kw)
         np.testing.assert_array_equal(got, S.average_linkage_ref(f, gi, gj, value, k, **kw))
 
 
-def test_linkage_falls_back_when_the_graph_runs_out(rng):
+def test_linkage_searches_clusters_off_the_graph(rng):
+    """Two edges only: the rest comes from searches over the cluster sums, which widen until a
+    merge goes through; the partition is the full model's."""
     f = rng.standard_normal((30, 5)).astype(np.float32)
     f /= np.linalg.norm(f, axis=1, keepdims=True)
-    gi, gj = np.array([0, 2], np.int32), np.array([1, 3], np.int32)  # two edges only
-    labels, info = S.average_linkage(f, gi, gj, np.array([0.1, 0.2]), 4)
-    assert len(np.unique(labels)) == 4 and info["fallbacks"] >= 1
+    gi, gj = np.array([0, 2], np.int32), np.array([1, 3], np.int32)
+    value = np.array([0.1, 0.2])
+    labels, info = S.average_linkage(f, gi, gj, value, 4, refresh_k=1)
+    assert info["refreshes"] >= 1 and info["clusters_searched"] >= 30
+    np.testing.assert_array_equal(labels, S.average_linkage_ref(f, gi, gj, value, 4))
+
+
+def test_model_columns_carry_the_background(rng):
+    """<x_i, g_j> = b_j (cos + background[c_i, c_j] + [c_i != c_j] (alpha_i + alpha_j))."""
+    f, gi, gj, value, kw = _linkage_problem(rng, 25, 4, True)
+    x, g = S._model_columns(f, kw["b"], kw["cams"], kw["background"], kw["alpha"])
+    cam, al = kw["cams"], kw["alpha"]
+    want = (f.astype(np.float64) @ f.T + kw["background"][np.ix_(cam, cam)]
+            + (cam[:, None] != cam[None, :]) * (al[:, None] + al[None, :])) * kw["b"][None, :]
+    np.testing.assert_allclose(x.astype(np.float64) @ g.T.astype(np.float64), want, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the round
