@@ -438,7 +438,7 @@ def _pair_means(J, c, ncams):
     return out
 
 
-def jaccard_background(sp: SparseScores, camids, probes: int = 256, batch: int = 8192):
+def jaccard_background(sp: SparseScores, camids, probes: int = 64, batch: int = 8192):
     """The model of Eq. 5's Jaccard between two images of different cameras that the round
     uses off its graph: J(i, j) ~ a[c_i, c_j] + alpha_i + alpha_j, with a = camera_jaccard (the
     rows kept whole) and alpha_i, image i's own propensity, the mean over `probes` evenly
@@ -578,36 +578,42 @@ def _model_columns(f, b, cams, background, alpha):
     return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(g * bw)
 
 
-def _refresh(link, x, g, c0, top, k):
+def _refresh(link, x, g, c0, top, k, block=8192):
     """Searches, for every live cluster whose bound lies below `top` (the closest adjacent pair),
     its k nearest live clusters by the model (cluster sums, exact), adds them as edges and raises
-    its bound to its (k + 1)-th nearest model distance. Returns the clusters searched."""
+    its bound to its (k + 1)-th nearest model distance. The live clusters are read `block` at a
+    time, the searched ones 2,048 at a time (memory O(block x width)). Returns the number of clusters searched."""
     live = link.live_slots()
     size, usum, bound = link.slot_sums(live)
     query = np.flatnonzero(bound < top)
     if len(query) == 0:
         return 0
-    xl, gl = x[live], g[live]
     half_u = usum / (2 * size)
     kk = min(k, len(live) - 1)
-    heads, tails, bounds = [], [], np.full(len(query), np.inf)
-    for start in range(0, len(query), 1024):
-        q = query[start:start + 1024]
-        cross = (gl[q] @ xl.T + xl[q] @ gl.T) * np.float32(0.5)
-        dist = c0 + half_u[q, None] + half_u[None, :] - cross / (size[q, None] * size[None, :])
-        dist[np.arange(len(q)), q] = np.inf  # itself
-        if kk < len(live) - 1:
-            near = np.argpartition(dist, kk, axis=1)
-            bounds[start:start + len(q)] = dist[np.arange(len(q)), near[:, kk]]
-            near = near[:, :kk]
-        else:
-            near = np.broadcast_to(np.arange(len(live)), dist.shape)
-        heads.append(np.repeat(live[q], near.shape[1]))
-        tails.append(live[near.reshape(-1)])
-    a, bb = np.concatenate(heads), np.concatenate(tails)
-    keep = a != bb
-    link.add_edges(np.ascontiguousarray(a[keep], np.int32), np.ascontiguousarray(bb[keep], np.int32))
-    link.set_bounds(np.ascontiguousarray(live[query], np.int32), bounds)
+    best_d = np.full((len(query), kk + 1), np.inf)
+    best_i = np.zeros((len(query), kk + 1), np.int64)
+    for start in range(0, len(live), block):
+        cols = np.arange(start, min(len(live), start + block))
+        xl, gl = x[live[cols]], g[live[cols]]
+        for q0 in range(0, len(query), 2048):
+            q = query[q0:q0 + 2048]
+            cross = (g[live[q]] @ xl.T + x[live[q]] @ gl.T) * np.float32(0.5)
+            dist = c0 + half_u[q, None] + half_u[None, cols] - cross / (size[q, None] * size[None, cols])
+            dist[q[:, None] == cols[None, :]] = np.inf  # itself
+            both_d = np.concatenate([best_d[q0:q0 + 2048], dist], 1)
+            both_i = np.concatenate([best_i[q0:q0 + 2048], np.broadcast_to(cols, dist.shape)], 1)
+            part = np.argpartition(both_d, kk, axis=1)[:, :kk + 1]
+            best_d[q0:q0 + 2048] = np.take_along_axis(both_d, part, 1)
+            best_i[q0:q0 + 2048] = np.take_along_axis(both_i, part, 1)
+    order = np.argsort(best_d, axis=1, kind="stable")
+    best_d, best_i = np.take_along_axis(best_d, order, 1), np.take_along_axis(best_i, order, 1)
+    near = best_i[:, :kk]
+    found = np.isfinite(best_d[:, :kk])
+    bounds = best_d[:, kk] if kk < len(live) - 1 else np.full(len(query), np.inf)
+    a = np.repeat(live[query], kk)[found.reshape(-1)]
+    bb = live[near.reshape(-1)][found.reshape(-1)]
+    link.add_edges(np.ascontiguousarray(a, np.int32), np.ascontiguousarray(bb, np.int32))
+    link.set_bounds(np.ascontiguousarray(live[query], np.int32), np.ascontiguousarray(bounds))
     return len(query)
 
 
