@@ -487,21 +487,29 @@ def synthetic_sparse_scores(features, heads, eps, max_per_block, temperature: fl
 
 
 def run_sparse(n, cameras, k_inter, seed=0, k_intra=K_INTRA, similarity="rerank", k=32, eps=1e-3,
-               max_per_block=None, compare_dense=False, log=print):
+               max_per_block=None, compare_dense=False, heads="clusters", log=print):
     """One round through the sparse inter-camera path (iics_fast.sparse), and with compare_dense
     the dense round on the same data in the same process, its partition compared by ARI.
+    heads="clusters": the simulated classifier heads are the intra-camera clusters' mean
+    features (the intra-camera clustering runs first); "samples": each head's prototypes are
+    images drawn from its camera (heads_from_samples, no clustering: for N in the 10^5s).
     Returns (PhaseResults, info dict)."""
     from iics_fast import sparse as S
 
     res: list[PhaseResult] = []
     with meter("extract", res, "simulated: synthetic features"):
         feats, camids, _ = synthetic_features(n, cameras, seed)
-    rerank, _ = _trainer_settings()
-    how = "re-ranked" if rerank else "cosine"
-    with meter("intra", res, f"per camera: {how} + average linkage into {k_intra}"):
-        labels = pipeline.intra_camera_labels(torch.from_numpy(feats), camids, k_intra, rerank=rerank)
-    log(f"  intra                 {res[-1].time_s:8.2f} s")
-    heads = heads_from_labels(feats, camids, labels)
+    if heads == "clusters":
+        rerank, _ = _trainer_settings()
+        how = "re-ranked" if rerank else "cosine"
+        with meter("intra", res, f"per camera: {how} + average linkage into {k_intra}"):
+            labels = pipeline.intra_camera_labels(torch.from_numpy(feats), camids, k_intra, rerank=rerank)
+        log(f"  intra                 {res[-1].time_s:8.2f} s")
+        heads = heads_from_labels(feats, camids, labels)
+    elif heads == "samples":
+        heads = heads_from_samples(feats, camids, k_intra, seed)
+    else:
+        raise ValueError(f"heads must be 'clusters' or 'samples', got {heads!r}")
     with meter("scores", res, f"simulated, sparsified batch by batch (eps {eps}, cap {max_per_block})"):
         sp = synthetic_sparse_scores(feats, heads, eps, max_per_block)
     nnz = int(sp.ptr[-1])
@@ -540,7 +548,7 @@ def profile_sparse(n, cameras, k_inter, scale_name=None, seed=0, out="profile_ou
     record = {"scale": scale_name, "N": n, "C": cameras, "k_inter": k_inter, "mode": "sparse",
               "machine": machine_info(), "load_before": load,
               "load_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-              "command": "python -m iics_fast.profile " + " ".join(sys.argv[1:]),
+              "command": "python -m benchmarks.profile " + " ".join(sys.argv[1:]),
               "phases": [asdict(p) for p in phases], "info": info}
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"profile_sparse_{scale_name}.json")
@@ -584,6 +592,9 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=32, help="sparse mode: neighbours a row in the candidate graph")
     parser.add_argument("--eps", type=float, default=1e-3, help="sparse mode: score mass each head may drop")
     parser.add_argument("--max-per-block", type=int, default=None, help="sparse mode: entries kept a head at most")
+    parser.add_argument("--heads", choices=("clusters", "samples"), default="clusters",
+                        help="sparse mode: simulated heads from the intra-camera clusters (runs the "
+                             "intra-camera clustering) or from sampled images (no clustering)")
     parser.add_argument("--compare-dense", action="store_true",
                         help="sparse mode: also run the dense round on the same data and report the ARI")
     args = parser.parse_args(argv)
@@ -593,7 +604,8 @@ def main(argv=None):
         parser.error(str(exc))
     if args.mode == "sparse":
         return profile_sparse(n, c, k, name, args.seed, args.out, similarity=args.similarity, k=args.k,
-                              eps=args.eps, max_per_block=args.max_per_block, compare_dense=args.compare_dense)
+                              eps=args.eps, max_per_block=args.max_per_block, compare_dense=args.compare_dense,
+                              heads=args.heads)
     return profile(n, c, k, name, args.reference_sizes, args.reference_rows, args.reference_max_gb,
                    not args.no_reference, args.seed, args.out)
 

@@ -152,21 +152,26 @@ class ScoreSparsifier:
         self._wanted = sample_rows(n_total, sample) if sample else np.zeros(0, np.int64)
         self._next = int(offset)
         self._parts = []
+        self._starts = np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(np.intp)
 
     def add(self, batch) -> None:
-        s = torch.as_tensor(batch).float()
+        s = torch.as_tensor(batch).float().contiguous()
         if s.ndim != 2 or s.shape[1] != sum(self.dims):
             raise ValueError(f"a score batch must be (b, {sum(self.dims)}), got {tuple(s.shape)}")
-        if s.numel() and (not torch.isfinite(s).all() or s.min() < 0):
+        # every block's sum in float64 (one pass; a NaN or inf entry makes its sum non-finite)
+        sums = torch.from_numpy(np.add.reduceat(s.numpy(), np.asarray(self._starts), axis=1,
+                                                dtype=np.float64)) if s.shape[0] else \
+            torch.zeros(0, len(self.dims), dtype=torch.float64)
+        if s.numel() and (not torch.isfinite(sums).all() or s.min() < 0):
             raise ValueError("scores must be finite and nonnegative (softmax outputs)")
         first = self._next
         self._next += s.shape[0]
         picked = self._wanted[(self._wanted >= first) & (self._wanted < self._next)] - first
         rows, cols, vals, tails = [], [], [], []
-        total = s.sum(1, dtype=torch.float64)
+        total = sums.sum(1)
         kept = torch.zeros(s.shape[0], dtype=torch.float64)
         start = 0
-        for k in self.dims:
+        for b, k in enumerate(self.dims):
             block = s[:, start:start + k]
             width = k if self.cap is None else min(k, self.cap)
             if width == k:
@@ -174,7 +179,7 @@ class ScoreSparsifier:
             else:  # the cap's top entries only (ties: the lower column first, as a stable sort)
                 v, idx = _stable_top(block, width)
             csum = torch.cumsum(v.double(), 1)
-            block_total = block.sum(1, dtype=torch.float64)
+            block_total = sums[:, b]
             target = (1.0 - self.eps) * block_total[:, None]
             count = (csum < target).sum(1) + 1  # entries up to the first that reaches the target
             count = count.clamp(max=width)
@@ -212,12 +217,12 @@ class ScoreSparsifier:
 def _stable_top(block, width):
     """The `width` largest entries of each row, descending, ties to the lower column (the order
     of a stable descending sort), without sorting whole rows."""
-    v, idx = torch.topk(block, width, dim=1, sorted=True)
-    last = v[:, -1:]
-    if bool(((block == last).sum(1) > (v == last).sum(1)).any()):
-        # a value tied at the cut has copies outside the topk: the stable sort decides
+    v, idx = torch.topk(block, width + 1, dim=1, sorted=True)
+    if bool((v[:, width - 1] == v[:, width]).any()):
+        # a value tied at the cut has copies outside the top `width`: the stable sort decides
         v, idx = torch.sort(block, dim=1, descending=True, stable=True)
         return v[:, :width], idx[:, :width]
+    v, idx = v[:, :width], idx[:, :width]
     # topk leaves the order of equal values unspecified: columns ascending, then values
     # descending, both stable
     by_col = torch.argsort(idx, dim=1, stable=True)
