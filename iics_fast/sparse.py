@@ -20,16 +20,20 @@ the exact reference; this module computes the same average linkage from sparse p
 3. **Average linkage from sums** (`average_linkage`, the native SparseLinkage): a pair of
    clusters joined by the graph holds the exact sum of its pair values; every other pair's sum is
    a model made of per-cluster sums, exact for the cosine part
-   (sum over A x B of 1 - cos = |A||B| - <F_A, F_B>). The closest joined pair is merged
-   (priority queue, Lance-Williams sums) until k_inter clusters; if the graph runs out of edges
-   first, the live clusters get edges from a faiss search over their mean features.
+   (sum over A x B of 1 - cos = |A||B| - <F_A, F_B>). The closest pair overall is merged
+   (priority queue over the graph's pairs, Lance-Williams sums) until k_inter clusters: every
+   cluster carries a lower bound on its model distance to the clusters it has no edge to, and
+   when the closest edge lies above a bound, those clusters' nearest clusters by the model are
+   searched exactly (a blocked GEMM over the cluster sums) and become edges.
 
 Exact and approximate, `similarity="cosine"` (Eq. 5, then average linkage):
-  exact    the cosine part of every cluster distance; Eq. 5 on every graph pair given J^.
-  approx.  J^ for J (bound above); off the graph, Eq. 5's Jaccard term is the mean Jaccard of
-           the two images' cameras (`camera_jaccard`, from the rows kept whole), carried by one
-           column a camera appended to the feature sums; merges follow graph edges only
-           (connectivity-constrained average linkage).
+  exact    the cosine part of every cluster distance; Eq. 5 on every graph pair given J^; the
+           merge order given the model (the closest pair overall, certified by the bounds while
+           the k-NN search is exact, i.e. with the flat index).
+  approx.  J^ for J (bound above); off the graph, Eq. 5's Jaccard term is modelled as
+           a[c_i, c_j] + alpha_i + alpha_j (`jaccard_background`: camera-pair means from the rows
+           kept whole plus each image's propensity), carried by two columns a camera appended
+           to the feature sums.
 `similarity="rerank"` (Eq. 5, k-reciprocal re-ranking: row min-max normalisation, upper triangle
 read, k1, k2, lambda; then average linkage), in addition:
   exact    each row's k1 + 1 nearest by Eq. 5 distance and its minimum when the k-th cosine
@@ -41,7 +45,8 @@ read, k1, k2, lambda; then average linkage), in addition:
            graph pair (graph = k-NN pairs and V-sharing pairs).
   approx.  off the graph the Jaccard distance is exactly 1, and the normalised-distance part
            lambda (d - min_i) / range_i with i = min(i, j) is taken with the mean of the two
-           rows' (min, range), which makes it a sum of per-cluster terms.
+           rows' (min, range), which makes it a sum of per-cluster terms (the largest error
+           left: docs/sparse.md).
 With k = N - 1 and eps = 0 every pair is on the graph and nothing is approximated: the partition is
 the dense round's (tests/test_sparse.py; also to ARI on k-NN graphs).
 
@@ -580,7 +585,9 @@ def _model_columns(f, b, cams, background, alpha):
     x = np.concatenate([f, hot, hot * alpha[:, None].astype(np.float32)], 1)
     g = np.concatenate([f, background.astype(np.float32)[:, cams].T + other * alpha[:, None].astype(np.float32),
                         other], 1)
-    return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(g * bw)
+    if not np.all(b == 1):
+        g *= bw  # in place: at N = 10^6 each of x, g is GBs
+    return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(g, np.float32)
 
 
 def _refresh(link, x, g, c0, top, k, block=8192):
