@@ -439,7 +439,8 @@ def _pair_means(J, c, ncams):
     """Mean of J over each pair of cameras (rows of camera c[i], columns of c[j], i != j), the
     mean over all cross-camera entries where a pair has none; diagonal 0."""
     one = np.eye(ncams)[c]
-    pairs = one.T @ one - np.diag(np.bincount(c, minlength=ncams))  # ordered pairs, i != j
+    count = np.bincount(c, minlength=ncams)
+    pairs = np.outer(count, count) - np.diag(count)  # ordered pairs, i != j
     sums = one.T @ (J - np.diag(np.diag(J))) @ one
     cross = c[:, None] != c[None, :]
     fill = J[cross].mean() if cross.any() else 0.0

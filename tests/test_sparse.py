@@ -214,6 +214,57 @@ def test_model_columns_carry_the_background(rng):
     np.testing.assert_allclose(x.astype(np.float64) @ g.T.astype(np.float64), want, rtol=1e-5, atol=1e-6)
 
 
+def test_jaccard_background_against_dense(rng):
+    """Camera-pair means of J over the rows kept whole, and each image's mean excess over them
+    against the probe rows of other cameras (J^ = J here: eps = 0, no cap)."""
+    from iics_fast.similarity import pairwise_jaccard
+    f, s, cam, dims = _problem(rng, 48, 3)
+    sp = S.sparse_scores(s, dims, eps=0.0, max_per_block=None, sample=20)
+    a, alpha = S.jaccard_background(sp, cam, probes=8)
+    J = pairwise_jaccard(torch.from_numpy(s)).numpy().astype(np.float64)
+    rows = S.sample_rows(48, 20)
+    probe = rows[S.sample_rows(20, 8)]
+    for c1 in range(3):
+        for c2 in range(3):
+            sel = [(i, j) for i in rows for j in rows if i != j and cam[i] == c1 and cam[j] == c2]
+            want = 0.0 if c1 == c2 else np.mean([J[i, j] for i, j in sel])
+            assert a[c1, c2] == pytest.approx(want, abs=1e-6)
+    ahat = np.zeros((3, 3))
+    for c1 in range(3):
+        for c2 in range(3):
+            if c1 != c2:
+                ahat[c1, c2] = np.mean([J[i, j] for i in probe for j in probe if cam[i] == c1 and cam[j] == c2])
+    for i in range(48):
+        other = [t for t in probe if cam[t] != cam[i]]
+        assert alpha[i] == pytest.approx(np.mean([J[i, t] - ahat[cam[i], cam[t]] for t in other]), abs=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_initial_bounds_hold_off_the_graph(rng, weighted):
+    """Each sample's bound is at most its model value with every sample it has no edge to."""
+    n, k = 120, 6
+    f, s, cam, dims = _problem(rng, n, 3)
+    f = S._normalise(f)
+    sp = S.sparse_scores(s, dims, eps=1e-2, max_per_block=None)
+    built = S._faiss_index(f, "flat", None)
+    blk = S._row_block(f, sp, cam, 0.02, k, k, 0, n, False, 4, "flat", None, built, None)
+    gi, gj, value = S._undirected(blk["ei"], blk["ej"], blk["d"])
+    bg = rng.random((3, 3)) * 0.01
+    bg = (bg + bg.T) / 2
+    np.fill_diagonal(bg, 0)
+    kw = dict(b=np.ones(n), u=np.ones(n), c0=0.0, cams=cam, background=bg, alpha=rng.random(n) * 0.004 - 0.002)
+    if weighted:
+        kw.update(b=0.3 / (1 + rng.random(n) * 0.3), u=0.3 * rng.random(n), c0=0.7)
+    bounds = S._initial_bounds(blk, n, kw["b"], kw["u"], kw["c0"], cam, bg, kw["alpha"])
+    pair = _model_matrix(f, gi, gj, value, **kw)
+    adj = np.eye(n, dtype=bool)
+    adj[gi, gj] = adj[gj, gi] = True
+    off = np.where(adj, np.inf, pair).min(1)
+    assert np.isfinite(bounds).all()
+    assert (bounds <= off).all()
+    assert (off - bounds).min() < 0.05  # and not vacuous
+
+
 # ----------------------------------------------------------------------------- the round
 
 
