@@ -332,17 +332,21 @@ def knn(features, k: int, rows=None, index: str = "auto", farthest: bool = False
 
 
 class _Timer:
-    """Wall time of the round's steps, recorded into its info dict."""
+    """Wall time of the round's steps, recorded into its info dict (and told to `log`, when
+    given, as each step ends: a round in the 10^5s of images runs for many minutes)."""
 
-    def __init__(self):
+    def __init__(self, log=None):
         import time
         self._clock = time.perf_counter
         self._t = self._clock()
+        self._log = log
 
     def lap(self, info, key):
         now = self._clock()
         info[key] = round(now - self._t, 3)
         self._t = now
+        if self._log is not None:
+            self._log(f"    {key[5:-2] if key.startswith('time_') else key}: {info[key]:.1f} s")
 
 
 def _normalise(features) -> np.ndarray:
@@ -747,7 +751,8 @@ def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_valu
 
 
 def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity="rerank", k=32,
-                       k_candidates=128, k1=20, k2=6, lambda_value=0.3, k_far=16, index="auto", device=None):
+                       k_candidates=128, k1=20, k2=6, lambda_value=0.3, k_far=16, index="auto", device=None,
+                       log=None):
     """One inter-camera clustering round without an N x N matrix (see the module docstring for
     what is exact and what is approximated).
 
@@ -757,7 +762,8 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     re-ranking with k1, k2, lambda_value, then average linkage); k: neighbours a row in the
     candidate graph (N - 1 or more: the complete graph, exact); k_candidates: nearest by cosine
     among which the re-ranking ranks each row by Eq. 5 distance; k_far: farthest samples searched
-    a row for the re-ranking's row max; index: "auto" | "flat" | "ivf"; device: faiss-gpu device.
+    a row for the re-ranking's row max; index: "auto" | "flat" | "ivf"; device: faiss-gpu device;
+    log: a function told each step's wall time as it ends (None: silent).
     Under torch.distributed every rank passes the same full inputs and gets the labels.
     Returns (labels (N,) int64 numbered by first appearance, info dict).
     """
@@ -776,7 +782,7 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     if n == 1:
         return np.zeros(1, np.int64), info
     part = D.shard_indices(n, D.rank(), D.world_size())
-    timer = _Timer()
+    timer = _Timer(log if D.rank() == 0 else None)
     built = _faiss_index(f, index, device)
     far_built = None
     if rerank:

@@ -413,6 +413,29 @@ def test_resumed_auto_run_keeps_its_mode(tmp_path, monkeypatch):
     assert Trainer(config, resume_state=state).inter_mode == "sparse"
 
 
+@pytest.mark.parametrize("eps,cap", [(1e-9, 3), (0.2, 4), (0.05, 1)])
+def test_profiler_direct_scores_equal_sparsifier(eps, cap):
+    """The profiler's direct sparse scores (top entries of projected logits) against
+    ScoreSparsifier on the dense softmax of the same logits; N not a multiple of the batch."""
+    from benchmarks.profile import direct_sparse_scores, heads_from_samples, projected_logits, synthetic_features
+    f, cam, _ = synthetic_features(203, 3, seed=5, dim=32)
+    heads = heads_from_samples(f, cam, 9, seed=5)
+    dims = [h.shape[0] for h in heads]
+    logits = projected_logits(f, heads, rank=8)
+    got = direct_sparse_scores(logits, 203, dims, eps, cap, batch=50, sample=17)
+    z = logits(np.arange(203)).double()
+    starts = np.concatenate([[0], np.cumsum(dims)])
+    dense = torch.cat([torch.softmax(z[:, starts[h]:starts[h + 1]], 1) for h in range(len(dims))], 1).float()
+    want = S.sparse_scores(dense.numpy(), dims, eps=eps, max_per_block=cap, sample=17)
+    np.testing.assert_array_equal(got.ptr, want.ptr)
+    np.testing.assert_array_equal(got.col, want.col)
+    np.testing.assert_allclose(got.val, want.val, rtol=1e-5)
+    np.testing.assert_allclose(got.tail, want.tail, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got.dropped, want.dropped, atol=1e-5)
+    np.testing.assert_array_equal(got.sample_rows, want.sample_rows)
+    np.testing.assert_allclose(got.sample_scores, want.sample_scores, rtol=1e-5, atol=1e-8)
+
+
 def test_profiler_sparse_mode(tmp_path):
     import json
     from benchmarks import profile
