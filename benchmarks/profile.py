@@ -568,6 +568,7 @@ def run_sparse(n, cameras, k_inter, seed=0, k_intra=K_INTRA, similarity="rerank"
     res: list[PhaseResult] = []
     with meter("extract", res, "simulated: synthetic features"):
         feats, camids, _ = synthetic_features(n, cameras, seed)
+    log(f"  extract (simulated)   {res[-1].time_s:8.2f} s")
     if heads == "clusters":
         rerank, _ = _trainer_settings()
         how = "re-ranked" if rerank else "cosine"
