@@ -474,7 +474,7 @@ def jaccard_background(sp: SparseScores, camids, probes: int = 64, batch: int = 
         rows = np.arange(start, min(n, start + batch))
         ei = np.repeat(rows, len(pick))
         ej = np.tile(pick, len(rows))
-        resid = jaccard_on_edges(sp, ei, ej).astype(np.float64) - ahat[inv[ei], cp[np.tile(np.arange(len(pick)), len(rows))]]
+        resid = jaccard_on_edges(sp, ei, ej).astype(np.float64) - ahat[inv[ei], inv[ej]]
         cross = (inv[ei] != inv[ej]).reshape(len(rows), -1)
         resid = resid.reshape(len(rows), -1)
         alpha[rows] = (resid * cross).sum(1) / np.maximum(cross.sum(1), 1)
