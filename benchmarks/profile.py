@@ -486,31 +486,117 @@ def synthetic_sparse_scores(features, heads, eps, max_per_block, temperature: fl
     return sp.finish()
 
 
+def projected_logits(features, heads, rank: int = 128, temperature: float = 30.0, seed: int = 0):
+    """A cheaper stand-in for the heads' logits at N in the 10^5s: temperature x cosine between
+    features and prototypes after one random orthonormal projection to `rank` dimensions
+    (features and prototypes normalised again there). Returns a function rows -> (b, D) logits."""
+    d = features.shape[1]
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, rank)))
+    q = q.astype(np.float32)
+
+    def unit(x):
+        x = x @ q
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    w = torch.from_numpy(np.ascontiguousarray(unit(np.concatenate(heads)).T * np.float32(temperature)))
+    return lambda rows: torch.from_numpy(unit(features[rows])) @ w
+
+
+def direct_sparse_scores(logits, n, dims, eps, cap, batch: int = 8192, sample: int = 1024):
+    """SparseScores of the per-head softmax of `logits(rows)` without the dense softmax: per
+    block the `cap` largest logits (torch.topk; ties at the cut as topk breaks them) give the kept
+    entries exp(z - logsumexp), the first of them whose mass reaches 1 - eps ends the block, and
+    the block's dropped mass 1 - kept spreads evenly over its dropped entries; the sampled rows
+    are kept whole. Equal to ScoreSparsifier on the dense softmax (tests/test_sparse.py) up to
+    rounding and tie order; what `--fast-scores` profiles at N in the 10^5s."""
+    from iics_fast.sparse import SparseScores, sample_rows
+
+    dims = tuple(int(k) for k in dims)
+    starts = np.concatenate([[0], np.cumsum(dims)])
+    ptrs, cols, vals, totals, dropped, tails = [np.zeros(1, np.int64)], [], [], [], [], []
+    nnz = 0
+    for r0 in range(0, n, batch):
+        z = logits(np.arange(r0, min(n, r0 + batch)))
+        b = z.shape[0]
+        row_cols, row_vals, row_tail, kept = [], [], [], torch.zeros(b, dtype=torch.float64)
+        for h, k in enumerate(dims):
+            block = z[:, starts[h]:starts[h + 1]]
+            lse = torch.logsumexp(block.double(), 1, keepdim=True)
+            width = min(k, cap)
+            top, idx = torch.topk(block, width, dim=1, sorted=True)
+            p = torch.exp(top.double() - lse)
+            count = ((torch.cumsum(p, 1) < 1.0 - eps).sum(1) + 1).clamp(max=width)
+            keep = torch.arange(width)[None, :] < count[:, None]
+            p = torch.where(keep, p, 0.0)
+            kept += p.sum(1)
+            left = (k - count).double()
+            row_tail.append(torch.where(left > 0, (1.0 - p.sum(1)).clamp_min(0) / left.clamp_min(1), 0.0))
+            row_cols.append(torch.where(keep, idx + int(starts[h]), -1))
+            row_vals.append(p.float())
+        c = torch.cat(row_cols, 1)
+        v = torch.cat(row_vals, 1)
+        order = torch.argsort(torch.where(c < 0, int(starts[-1]), c), dim=1)  # columns ascending
+        c, v = torch.gather(c, 1, order), torch.gather(v, 1, order)
+        mask = c >= 0
+        counts = mask.sum(1)
+        ptrs.append(nnz + torch.cumsum(counts, 0).numpy())
+        nnz += int(counts.sum())
+        cols.append(c[mask].to(torch.int32).numpy())
+        vals.append(v[mask].numpy())
+        totals.append(np.full(b, float(len(dims)), np.float32))
+        dropped.append((len(dims) - kept).clamp_min(0).float().numpy())
+        tails.append(torch.stack(row_tail, 1).float().numpy())
+    picked = sample_rows(n, sample)
+    z = logits(picked)
+    whole = torch.cat([torch.softmax(z[:, starts[h]:starts[h + 1]].double(), 1)
+                       for h in range(len(dims))], 1).float().numpy()
+    return SparseScores(np.concatenate(ptrs), np.concatenate(cols), np.concatenate(vals), np.concatenate(totals),
+                        np.concatenate(dropped), dims, picked, whole, np.concatenate(tails))
+
+
 def run_sparse(n, cameras, k_inter, seed=0, k_intra=K_INTRA, similarity="rerank", k=32, eps=1e-3,
-               max_per_block=None, compare_dense=False, log=print):
+               max_per_block=None, compare_dense=False, heads="clusters", fast_scores=False, log=print):
     """One round through the sparse inter-camera path (iics_fast.sparse), and with compare_dense
     the dense round on the same data in the same process, its partition compared by ARI.
-    Returns (PhaseResults, info dict)."""
+    heads="clusters": the simulated classifier heads are the intra-camera clusters' mean
+    features (the intra-camera clustering runs first); "samples": each head's prototypes are
+    images drawn from its camera (heads_from_samples, no clustering: for N in the 10^5s).
+    fast_scores: the sparse scores straight from projected logits (direct_sparse_scores; needs
+    max_per_block, no dense comparison). Returns (PhaseResults, info dict)."""
     from iics_fast import sparse as S
 
     res: list[PhaseResult] = []
     with meter("extract", res, "simulated: synthetic features"):
         feats, camids, _ = synthetic_features(n, cameras, seed)
-    rerank, _ = _trainer_settings()
-    how = "re-ranked" if rerank else "cosine"
-    with meter("intra", res, f"per camera: {how} + average linkage into {k_intra}"):
-        labels = pipeline.intra_camera_labels(torch.from_numpy(feats), camids, k_intra, rerank=rerank)
-    log(f"  intra                 {res[-1].time_s:8.2f} s")
-    heads = heads_from_labels(feats, camids, labels)
-    with meter("scores", res, f"simulated, sparsified batch by batch (eps {eps}, cap {max_per_block})"):
-        sp = synthetic_sparse_scores(feats, heads, eps, max_per_block)
+    log(f"  extract (simulated)   {res[-1].time_s:8.2f} s")
+    if heads == "clusters":
+        rerank, _ = _trainer_settings()
+        how = "re-ranked" if rerank else "cosine"
+        with meter("intra", res, f"per camera: {how} + average linkage into {k_intra}"):
+            labels = pipeline.intra_camera_labels(torch.from_numpy(feats), camids, k_intra, rerank=rerank)
+        log(f"  intra                 {res[-1].time_s:8.2f} s")
+        heads = heads_from_labels(feats, camids, labels)
+    elif heads == "samples":
+        heads = heads_from_samples(feats, camids, k_intra, seed)
+    else:
+        raise ValueError(f"heads must be 'clusters' or 'samples', got {heads!r}")
+    if fast_scores and (max_per_block is None or compare_dense):
+        raise ValueError("--fast-scores needs --max-per-block and cannot be compared with the dense round")
+    if fast_scores:
+        with meter("scores", res, f"simulated: top-{max_per_block} of projected logits a head (eps {eps})"):
+            sp = direct_sparse_scores(projected_logits(feats, heads), n, [h.shape[0] for h in heads], eps,
+                                      max_per_block)
+    else:
+        with meter("scores", res, f"simulated, sparsified batch by batch (eps {eps}, cap {max_per_block})"):
+            sp = synthetic_sparse_scores(feats, heads, eps, max_per_block)
     nnz = int(sp.ptr[-1])
     log(f"  scores (sparse)       {res[-1].time_s:8.2f} s   {nnz / n:.0f} entries a row, "
         f"{(sp.col.nbytes + sp.val.nbytes) / 2**20:.0f} MB")
     info = {"D": int(sum(h.shape[0] for h in heads)), "nnz_per_row": nnz / n, "similarity": similarity,
             "k": k, "eps": eps, "max_per_block": max_per_block}
     with meter("sparse_round", res, f"{similarity}: k-NN graph, edge terms, linkage into {k_inter}"):
-        sparse_labels, round_info = S.sparse_inter_round(feats, sp, camids, k_inter, MU, similarity=similarity, k=k)
+        sparse_labels, round_info = S.sparse_inter_round(feats, sp, camids, k_inter, MU, similarity=similarity, k=k,
+                                                         log=log)
     info["round"] = round_info
     log(f"  sparse round          {res[-1].time_s:8.2f} s   cpu {res[-1].cpu_s:.1f} s   "
         f"peak {res[-1].peak_mb:.0f} MB   "
@@ -540,7 +626,7 @@ def profile_sparse(n, cameras, k_inter, scale_name=None, seed=0, out="profile_ou
     record = {"scale": scale_name, "N": n, "C": cameras, "k_inter": k_inter, "mode": "sparse",
               "machine": machine_info(), "load_before": load,
               "load_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-              "command": "python -m iics_fast.profile " + " ".join(sys.argv[1:]),
+              "command": "python -m benchmarks.profile " + " ".join(sys.argv[1:]),
               "phases": [asdict(p) for p in phases], "info": info}
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"profile_sparse_{scale_name}.json")
@@ -584,6 +670,12 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=32, help="sparse mode: neighbours a row in the candidate graph")
     parser.add_argument("--eps", type=float, default=1e-3, help="sparse mode: score mass each head may drop")
     parser.add_argument("--max-per-block", type=int, default=None, help="sparse mode: entries kept a head at most")
+    parser.add_argument("--heads", choices=("clusters", "samples"), default="clusters",
+                        help="sparse mode: simulated heads from the intra-camera clusters (runs the "
+                             "intra-camera clustering) or from sampled images (no clustering)")
+    parser.add_argument("--fast-scores", action="store_true",
+                        help="sparse mode: simulate the sparse scores straight from logits in a 128-d "
+                             "projection (top entries only, never the dense N x D): for N in the 10^5s")
     parser.add_argument("--compare-dense", action="store_true",
                         help="sparse mode: also run the dense round on the same data and report the ARI")
     args = parser.parse_args(argv)
@@ -593,7 +685,8 @@ def main(argv=None):
         parser.error(str(exc))
     if args.mode == "sparse":
         return profile_sparse(n, c, k, name, args.seed, args.out, similarity=args.similarity, k=args.k,
-                              eps=args.eps, max_per_block=args.max_per_block, compare_dense=args.compare_dense)
+                              eps=args.eps, max_per_block=args.max_per_block, compare_dense=args.compare_dense,
+                              heads=args.heads, fast_scores=args.fast_scores)
     return profile(n, c, k, name, args.reference_sizes, args.reference_rows, args.reference_max_gb,
                    not args.no_reference, args.seed, args.out)
 

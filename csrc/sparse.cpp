@@ -167,6 +167,26 @@ py::array_t<int32_t> live_slots_py(const LinkagePy& l) {
   return to_numpy(out);
 }
 
+void set_bounds_py(LinkagePy& l, const Array<int32_t>& slots, const Array<double>& values) {
+  require(slots.size() == values.size(), "bound slots and values differ in length");
+  for (py::ssize_t t = 0; t < slots.size(); ++t) {
+    require(slots.data()[t] >= 0 && slots.data()[t] < l.x.shape(0), "bound slot outside the slots");
+    l.core.set_bound(slots.data()[t], values.data()[t]);
+  }
+}
+
+py::tuple slot_sums_py(const LinkagePy& l, const Array<int32_t>& slots) {
+  py::array_t<double> size(slots.size()), u(slots.size()), bound(slots.size());
+  for (py::ssize_t t = 0; t < slots.size(); ++t) {
+    const int32_t s = slots.data()[t];
+    require(s >= 0 && s < l.x.shape(0), "slot outside the slots");
+    size.mutable_data()[t] = static_cast<double>(l.core.size(s));
+    u.mutable_data()[t] = l.core.usum(s);
+    bound.mutable_data()[t] = l.core.bound(s);
+  }
+  return py::make_tuple(size, u, bound);
+}
+
 py::array_t<double> sizes_py(const LinkagePy& l, const Array<int32_t>& slots) {
   py::array_t<double> out(slots.size());
   for (py::ssize_t t = 0; t < slots.size(); ++t)
@@ -201,5 +221,8 @@ void bind_sparse(py::module_& m) {
       .def("merges", &merges_py)
       .def("live_slots", &live_slots_py)
       .def("sizes", &sizes_py, py::arg("slots").noconvert())
+      .def("set_bounds", &set_bounds_py, py::arg("slots").noconvert(), py::arg("values").noconvert())
+      .def("slot_sums", &slot_sums_py, py::arg("slots").noconvert())
+      .def("top", [](LinkagePy& l) { return l.core.top(); })
       .def_property_readonly("live", [](const LinkagePy& l) { return l.core.live(); });
 }

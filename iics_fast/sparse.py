@@ -20,16 +20,20 @@ the exact reference; this module computes the same average linkage from sparse p
 3. **Average linkage from sums** (`average_linkage`, the native SparseLinkage): a pair of
    clusters joined by the graph holds the exact sum of its pair values; every other pair's sum is
    a model made of per-cluster sums, exact for the cosine part
-   (sum over A x B of 1 - cos = |A||B| - <F_A, F_B>). The closest joined pair is merged
-   (priority queue, Lance-Williams sums) until k_inter clusters; if the graph runs out of edges
-   first, the live clusters get edges from a faiss search over their mean features.
+   (sum over A x B of 1 - cos = |A||B| - <F_A, F_B>). The closest pair overall is merged
+   (priority queue over the graph's pairs, Lance-Williams sums) until k_inter clusters: every
+   cluster carries a lower bound on its model distance to the clusters it has no edge to, and
+   when the closest edge lies above a bound, those clusters' nearest clusters by the model are
+   searched exactly (a blocked GEMM over the cluster sums) and become edges.
 
 Exact and approximate, `similarity="cosine"` (Eq. 5, then average linkage):
-  exact    the cosine part of every cluster distance; Eq. 5 on every graph pair given J^.
-  approx.  J^ for J (bound above); off the graph, Eq. 5's Jaccard term is the mean Jaccard of
-           the two images' cameras (`camera_jaccard`, from the rows kept whole), carried by one
-           column a camera appended to the feature sums; merges follow graph edges only
-           (connectivity-constrained average linkage).
+  exact    the cosine part of every cluster distance; Eq. 5 on every graph pair given J^; the
+           merge order given the model (the closest pair overall, certified by the bounds while
+           the k-NN search is exact, i.e. with the flat index).
+  approx.  J^ for J (bound above); off the graph, Eq. 5's Jaccard term is modelled as
+           a[c_i, c_j] + alpha_i + alpha_j (`jaccard_background`: camera-pair means from the rows
+           kept whole plus each image's propensity), carried by two columns a camera appended
+           to the feature sums.
 `similarity="rerank"` (Eq. 5, k-reciprocal re-ranking: row min-max normalisation, upper triangle
 read, k1, k2, lambda; then average linkage), in addition:
   exact    each row's k1 + 1 nearest by Eq. 5 distance and its minimum when the k-th cosine
@@ -41,7 +45,8 @@ read, k1, k2, lambda; then average linkage), in addition:
            graph pair (graph = k-NN pairs and V-sharing pairs).
   approx.  off the graph the Jaccard distance is exactly 1, and the normalised-distance part
            lambda (d - min_i) / range_i with i = min(i, j) is taken with the mean of the two
-           rows' (min, range), which makes it a sum of per-cluster terms.
+           rows' (min, range), which makes it a sum of per-cluster terms (the largest error
+           left: docs/sparse.md).
 With k = N - 1 and eps = 0 every pair is on the graph and nothing is approximated: the partition is
 the dense round's (tests/test_sparse.py; also to ARI on k-NN graphs).
 
@@ -61,7 +66,7 @@ import torch
 __all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums", "jaccard_on_edges",
            "jaccard_error_bound", "knn", "sparse_inter_round", "inter_round_dense_ref", "FLAT_MAX",
            "dense_round_bytes", "choose_inter_mode", "sparse_scores_ref", "average_linkage_ref",
-           "gather_sparse_scores", "camera_jaccard"]
+           "gather_sparse_scores", "camera_jaccard", "jaccard_background"]
 
 FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
 FAR_FLAT_MAX = 8_192  # above this many the farthest-sample search (row max) uses an IVF index
@@ -152,21 +157,26 @@ class ScoreSparsifier:
         self._wanted = sample_rows(n_total, sample) if sample else np.zeros(0, np.int64)
         self._next = int(offset)
         self._parts = []
+        self._starts = np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(np.intp)
 
     def add(self, batch) -> None:
-        s = torch.as_tensor(batch).float()
+        s = torch.as_tensor(batch).float().contiguous()
         if s.ndim != 2 or s.shape[1] != sum(self.dims):
             raise ValueError(f"a score batch must be (b, {sum(self.dims)}), got {tuple(s.shape)}")
-        if s.numel() and (not torch.isfinite(s).all() or s.min() < 0):
+        # every block's sum in float64 (one pass; a NaN or inf entry makes its sum non-finite)
+        sums = torch.from_numpy(np.add.reduceat(s.numpy(), np.asarray(self._starts), axis=1,
+                                                dtype=np.float64)) if s.shape[0] else \
+            torch.zeros(0, len(self.dims), dtype=torch.float64)
+        if s.numel() and (not torch.isfinite(sums).all() or s.min() < 0):
             raise ValueError("scores must be finite and nonnegative (softmax outputs)")
         first = self._next
         self._next += s.shape[0]
         picked = self._wanted[(self._wanted >= first) & (self._wanted < self._next)] - first
         rows, cols, vals, tails = [], [], [], []
-        total = s.sum(1, dtype=torch.float64)
+        total = sums.sum(1)
         kept = torch.zeros(s.shape[0], dtype=torch.float64)
         start = 0
-        for k in self.dims:
+        for b, k in enumerate(self.dims):
             block = s[:, start:start + k]
             width = k if self.cap is None else min(k, self.cap)
             if width == k:
@@ -174,7 +184,7 @@ class ScoreSparsifier:
             else:  # the cap's top entries only (ties: the lower column first, as a stable sort)
                 v, idx = _stable_top(block, width)
             csum = torch.cumsum(v.double(), 1)
-            block_total = block.sum(1, dtype=torch.float64)
+            block_total = sums[:, b]
             target = (1.0 - self.eps) * block_total[:, None]
             count = (csum < target).sum(1) + 1  # entries up to the first that reaches the target
             count = count.clamp(max=width)
@@ -212,12 +222,12 @@ class ScoreSparsifier:
 def _stable_top(block, width):
     """The `width` largest entries of each row, descending, ties to the lower column (the order
     of a stable descending sort), without sorting whole rows."""
-    v, idx = torch.topk(block, width, dim=1, sorted=True)
-    last = v[:, -1:]
-    if bool(((block == last).sum(1) > (v == last).sum(1)).any()):
-        # a value tied at the cut has copies outside the topk: the stable sort decides
+    v, idx = torch.topk(block, width + 1, dim=1, sorted=True)
+    if bool((v[:, width - 1] == v[:, width]).any()):
+        # a value tied at the cut has copies outside the top `width`: the stable sort decides
         v, idx = torch.sort(block, dim=1, descending=True, stable=True)
         return v[:, :width], idx[:, :width]
+    v, idx = v[:, :width], idx[:, :width]
     # topk leaves the order of equal values unspecified: columns ascending, then values
     # descending, both stable
     by_col = torch.argsort(idx, dim=1, stable=True)
@@ -322,17 +332,21 @@ def knn(features, k: int, rows=None, index: str = "auto", farthest: bool = False
 
 
 class _Timer:
-    """Wall time of the round's steps, recorded into its info dict."""
+    """Wall time of the round's steps, recorded into its info dict (and told to `log`, when
+    given, as each step ends: a round in the 10^5s of images runs for many minutes)."""
 
-    def __init__(self):
+    def __init__(self, log=None):
         import time
         self._clock = time.perf_counter
         self._t = self._clock()
+        self._log = log
 
     def lap(self, info, key):
         now = self._clock()
         info[key] = round(now - self._t, 3)
         self._t = now
+        if self._log is not None:
+            self._log(f"    {key[5:-2] if key.startswith('time_') else key}: {info[key]:.1f} s")
 
 
 def _normalise(features) -> np.ndarray:
@@ -374,9 +388,16 @@ def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, devic
     ei, ej, cos = rows.astype(np.int32), ids.astype(np.int32), sims
     d = (1.0 - cos - mu * _cross_jaccard(sp, camids, ei, ej)).astype(np.float32)
     block = {"ei": ei[in_graph], "ej": ej[in_graph], "d": d[in_graph]}
+    # every image outside a row's k-NN list has a cosine <= the list's last: the row's off-graph
+    # bound (NaN for a row with fewer than k listed, whose bound is unknown)
+    m = r1 - r0
+    kappa = np.full(m, np.inf, np.float32)
+    np.minimum.at(kappa, rows[in_graph] - r0, cos[in_graph])
+    listed = np.bincount(rows[in_graph] - r0, minlength=m)
+    block["kappa"] = np.where(listed >= min(k, n - 1), kappa, np.nan).astype(np.float32)
+    block["listed"] = listed
     if not rerank:
         return block
-    m = r1 - r0
     # candidates: self (distance 0) and the k-NN, ranked by Eq. 5 distance then index
     cand_i = np.concatenate([np.arange(r0, r1, dtype=np.int32), ei])
     cand_j = np.concatenate([np.arange(r0, r1, dtype=np.int32), ej])
@@ -412,20 +433,52 @@ def camera_jaccard(sp: SparseScores, camids) -> np.ndarray:
     from .similarity import pairwise_jaccard
 
     cams, inv = np.unique(camids, return_inverse=True)
-    out = np.zeros((len(cams), len(cams)))
     if sp is None or sp.sample_rows is None or len(sp.sample_rows) < 2:
-        return out
-    rows = sp.sample_rows
+        return np.zeros((len(cams), len(cams)))
     J = pairwise_jaccard(torch.from_numpy(np.ascontiguousarray(sp.sample_scores))).numpy().astype(np.float64)
-    c = inv[rows]
-    one = np.eye(len(cams))[c]
-    pairs = one.T @ one - np.diag(np.bincount(c, minlength=len(cams)))  # ordered pairs, i != j
+    return _pair_means(J, inv[sp.sample_rows], len(cams))
+
+
+def _pair_means(J, c, ncams):
+    """Mean of J over each pair of cameras (rows of camera c[i], columns of c[j], i != j), the
+    mean over all cross-camera entries where a pair has none; diagonal 0."""
+    one = np.eye(ncams)[c]
+    count = np.bincount(c, minlength=ncams)
+    pairs = np.outer(count, count) - np.diag(count)  # ordered pairs, i != j
     sums = one.T @ (J - np.diag(np.diag(J))) @ one
     cross = c[:, None] != c[None, :]
     fill = J[cross].mean() if cross.any() else 0.0
     out = np.where(pairs > 0, sums / np.maximum(pairs, 1), fill)
     np.fill_diagonal(out, 0.0)
     return out
+
+
+def jaccard_background(sp: SparseScores, camids, probes: int = 64, batch: int = 8192):
+    """The model of Eq. 5's Jaccard between two images of different cameras that the round
+    uses off its graph: J(i, j) ~ a[c_i, c_j] + alpha_i + alpha_j, with a = camera_jaccard (the
+    rows kept whole) and alpha_i, image i's own propensity, the mean over `probes` evenly
+    spaced sampled rows t of other cameras of J^(i, t) - a^[c_i, c_t] (a^: the same camera-pair
+    means of J^ among the probes, so that J^'s bias cancels). Returns (a, alpha)."""
+    a = camera_jaccard(sp, camids)
+    n = len(camids)
+    alpha = np.zeros(n)
+    if sp is None or sp.sample_rows is None or len(sp.sample_rows) < 2:
+        return a, alpha
+    cams, inv = np.unique(camids, return_inverse=True)
+    pick = sp.sample_rows[sample_rows(len(sp.sample_rows), probes)]
+    cp = inv[pick]
+    ii, jj = np.meshgrid(np.arange(len(pick)), np.arange(len(pick)), indexing="ij")
+    jp = jaccard_on_edges(sp, pick[ii.ravel()], pick[jj.ravel()]).astype(np.float64).reshape(len(pick), -1)
+    ahat = _pair_means(jp, cp, len(cams))
+    for start in range(0, n, batch):
+        rows = np.arange(start, min(n, start + batch))
+        ei = np.repeat(rows, len(pick))
+        ej = np.tile(pick, len(rows))
+        resid = jaccard_on_edges(sp, ei, ej).astype(np.float64) - ahat[inv[ei], inv[ej]]
+        cross = (inv[ei] != inv[ej]).reshape(len(rows), -1)
+        resid = resid.reshape(len(rows), -1)
+        alpha[rows] = (resid * cross).sum(1) / np.maximum(cross.sum(1), 1)
+    return a, alpha
 
 
 def _gather_blocks(block):
@@ -521,42 +574,96 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
     return gi, gj, value.astype(np.float64), lo, rng_, float(w16), info
 
 
+def _model_columns(f, b, cams, background, alpha):
+    """The sums the linkage carries a sample: x (features, and with a background one column a
+    camera plus one column a camera for the row effects) and g (the same, weighted by b, with
+    the background's coefficients), so that <x_i, g_j> = b_j (cos(i, j) + bg(i, j)) with
+    bg(i, j) = background[c_i, c_j] + [c_i != c_j] (alpha_i + alpha_j) (0 on one camera)."""
+    bw = b[:, None].astype(np.float32)
+    if background is None or (not np.any(background) and (alpha is None or not np.any(alpha))):
+        x = np.array(f, np.float32, copy=True)
+        return x, (x if np.all(b == 1) else np.ascontiguousarray(x * bw))
+    nc = background.shape[0]
+    hot = np.eye(nc, dtype=np.float32)[cams]
+    alpha = np.zeros(len(f)) if alpha is None else np.asarray(alpha, np.float64)
+    other = 1.0 - hot  # [c_j != c] for each camera c
+    x = np.concatenate([f, hot, hot * alpha[:, None].astype(np.float32)], 1)
+    g = np.concatenate([f, background.astype(np.float32)[:, cams].T + other * alpha[:, None].astype(np.float32),
+                        other], 1)
+    if not np.all(b == 1):
+        g *= bw  # in place: at N = 10^6 each of x, g is GBs
+    return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(g, np.float32)
+
+
+def _refresh(link, x, g, c0, top, k, block=8192):
+    """Searches, for every live cluster whose bound lies below `top` (the closest adjacent pair),
+    its k nearest live clusters by the model (cluster sums, exact), adds them as edges and raises
+    its bound to its (k + 1)-th nearest model distance. The live clusters are read `block` at a
+    time, the searched ones 2,048 at a time (memory O(block x width)). Returns the number of clusters searched."""
+    live = link.live_slots()
+    size, usum, bound = link.slot_sums(live)
+    query = np.flatnonzero(bound < top)
+    if len(query) == 0:
+        return 0
+    half_u = usum / (2 * size)
+    kk = min(k, len(live) - 1)
+    best_d = np.full((len(query), kk + 1), np.inf)
+    best_i = np.zeros((len(query), kk + 1), np.int64)
+    for start in range(0, len(live), block):
+        cols = np.arange(start, min(len(live), start + block))
+        xl, gl = x[live[cols]], g[live[cols]]
+        for q0 in range(0, len(query), 2048):
+            q = query[q0:q0 + 2048]
+            cross = (g[live[q]] @ xl.T + x[live[q]] @ gl.T) * np.float32(0.5)
+            dist = c0 + half_u[q, None] + half_u[None, cols] - cross / (size[q, None] * size[None, cols])
+            dist[q[:, None] == cols[None, :]] = np.inf  # itself
+            both_d = np.concatenate([best_d[q0:q0 + 2048], dist], 1)
+            both_i = np.concatenate([best_i[q0:q0 + 2048], np.broadcast_to(cols, dist.shape)], 1)
+            part = np.argpartition(both_d, kk, axis=1)[:, :kk + 1]
+            best_d[q0:q0 + 2048] = np.take_along_axis(both_d, part, 1)
+            best_i[q0:q0 + 2048] = np.take_along_axis(both_i, part, 1)
+    order = np.argsort(best_d, axis=1, kind="stable")
+    best_d, best_i = np.take_along_axis(best_d, order, 1), np.take_along_axis(best_i, order, 1)
+    near = best_i[:, :kk]
+    found = np.isfinite(best_d[:, :kk])
+    bounds = best_d[:, kk] if kk < len(live) - 1 else np.full(len(query), np.inf)
+    a = np.repeat(live[query], kk)[found.reshape(-1)]
+    bb = live[near.reshape(-1)][found.reshape(-1)]
+    link.add_edges(np.ascontiguousarray(a, np.int32), np.ascontiguousarray(bb, np.int32))
+    link.set_bounds(np.ascontiguousarray(live[query], np.int32), np.ascontiguousarray(bounds))
+    return len(query)
+
+
 def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None, background=None,
-                    fallback_k=16):
-    """Average linkage of the N samples into k_inter clusters from the graph pairs (gi, gj) with
-    their exact pair values and, for every other pair, the model
-        c0 + (u_i + u_j) / 2 - (b_i + b_j) / 2 (cos(i, j) + background[cams_i, cams_j])
-    (b = u = 1, c0 = 0, no background: 1 - cos). The background term is carried by one column a
-    camera appended to the feature sums. Returns (labels numbered by first appearance, info)."""
-    n, d0 = f.shape
+                    alpha=None, bounds=None, refresh_k=32):
+    """Average linkage of the N samples into k_inter clusters, greedy on the closest pair overall,
+    with the graph pairs (gi, gj) at their exact pair values and every other pair at the model
+        c0 + (u_i + u_j) / 2 - (b_i + b_j) / 2 (cos(i, j) + bg(i, j)),
+        bg(i, j) = background[cams_i, cams_j] + [cams_i != cams_j] (alpha_i + alpha_j)
+    (b = u = 1, c0 = 0, no background: 1 - cos). The merges follow the graph's edges while the
+    closest edge is no farther than every cluster's bound on its pairs off the graph (`bounds`: a
+    lower bound a sample on its model value with every sample it has no edge to; None: none
+    known); when it is farther, the clusters whose bound is below it get their `refresh_k`
+    nearest clusters by the model (cluster sums, exact) as edges and a new bound (twice as many
+    when that search let no merge through). Returns
+    (labels numbered by first appearance, info)."""
+    n = len(f)
     b = np.ones(n) if b is None else np.asarray(b, np.float64)
     u = np.ones(n) if u is None else np.asarray(u, np.float64)
-    if background is not None and np.any(background):
-        hot = np.eye(background.shape[0], dtype=np.float32)[cams]
-        x = np.ascontiguousarray(np.concatenate([f, hot], 1), np.float32)
-        g = np.concatenate([f, background.astype(np.float32)[cams]], 1)
-        g = np.ascontiguousarray(g * b[:, None].astype(np.float32))
-    else:
-        x = np.array(f, np.float32, copy=True)
-        g = x if np.all(b == 1) else np.ascontiguousarray(x * b[:, None].astype(np.float32))
+    x, g = _model_columns(f, b, cams, background, alpha)
     link = _native().SparseLinkage(x, g, np.ascontiguousarray(u), float(c0))
     link.add_edges(np.ascontiguousarray(gi, np.int32), np.ascontiguousarray(gj, np.int32),
                    np.ascontiguousarray(value, np.float64))
-    fallbacks = 0
+    bounds = np.full(n, -np.inf) if bounds is None else np.asarray(bounds, np.float64)
+    link.set_bounds(np.arange(n, dtype=np.int32), np.ascontiguousarray(bounds))
+    refreshes = searched = 0
+    k, last = refresh_k, None
     while link.run(k_inter) > k_inter:
-        fallbacks += 1
-        live = link.live_slots()
-        if len(live) <= 2048:  # every pair of the few clusters left
-            a, bb = np.triu_indices(len(live), 1)
-        else:  # the nearest clusters by mean feature
-            means = x[live, :d0] / link.sizes(live)[:, None].astype(np.float32)
-            means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
-            _, nb = knn(means, min(len(live), fallback_k + 1))
-            a = np.repeat(np.arange(len(live)), nb.shape[1])
-            bb = nb.reshape(-1)
-            keep = (bb >= 0) & (bb != a)
-            a, bb = a[keep], bb[keep]
-        link.add_edges(np.ascontiguousarray(live[a], np.int32), np.ascontiguousarray(live[bb], np.int32))
+        # no merge since the last search (its nearest were edges already): search wider
+        k = 2 * k if link.live == last else refresh_k
+        last = link.live
+        refreshes += 1
+        searched += _refresh(link, x, g, float(c0), link.top(), k)
     kept, absorbed, heights = link.merges()
     parent = np.arange(n)
     parent[absorbed] = kept
@@ -569,7 +676,7 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     _, first, inv = np.unique(root, return_index=True, return_inverse=True)
     rank = np.empty(len(first), np.int64)
     rank[np.argsort(first)] = np.arange(len(first))
-    return rank[inv], {"fallbacks": fallbacks, "merges": len(kept)}
+    return rank[inv], {"refreshes": refreshes, "clusters_searched": searched, "merges": len(kept)}
 
 
 def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank):
@@ -587,13 +694,43 @@ def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank):
                          f"k_candidates = {k_candidates}; use k_candidates >= k1")
 
 
+def _initial_bounds(blk, n, b, u, c0, cams, background, alpha):
+    """A lower bound on each sample's model value with every sample it has no edge to, from its
+    k-NN list's last cosine kappa_i (exact search): cos(i, j) + bg(i, j) <= t_i = kappa_i +
+    max_j bg(i, j) for those j, so the value is at least
+    c0 + (u_i - b_i t_i) / 2 + min_j (u_j - b_j t_i) / 2; the minimum over j, decreasing in t
+    as b > 0, is taken at the next point of a grid. A row whose list holds every other sample
+    has no such j (+inf); a row listing fewer than k gets -inf."""
+    kappa = blk["kappa"].astype(np.float64)
+    top_bg = np.zeros(n)
+    if background is not None:
+        off = np.where(np.eye(len(background), dtype=bool), -np.inf, background).max(1)
+        al = np.zeros(n) if alpha is None else alpha
+        top_bg = np.maximum(0.0, off[cams] + al + al.max(initial=0.0))
+    t = kappa + top_bg
+    known = np.isfinite(t)
+    out = np.full(n, -np.inf)
+    if known.any():
+        grid = np.linspace(t[known].min(), t[known].max(), 257)
+        env = np.array([np.min(u - b * x) for x in grid])  # min_j (u_j - b_j x), decreasing
+        at = np.minimum(np.searchsorted(grid, t[known]), len(grid) - 1)
+        out[known] = c0 + (u[known] - b[known] * t[known]) / 2 + env[at] / 2 - 1e-6
+    out[blk["listed"] >= n - 1] = np.inf
+    return out
+
+
 def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_value, info, timer):
     """Average linkage of the gathered candidate graph `blk` down to k_inter clusters (after
     the re-ranking's edge values when `rerank`); returns the labels, timings and counts go
     into `info`."""
     n = len(f)
     cams = np.unique(camids, return_inverse=True)[1]
-    background = mu * camera_jaccard(scores, camids) if scores is not None else None
+    background = alpha = None
+    if scores is not None:
+        background, alpha = jaccard_background(scores, camids)
+        background, alpha = mu * background, mu * alpha
+        timer.lap(info, "time_background_s")
+    c0, b, u = 0.0, np.ones(n), np.ones(n)
     if rerank:
         gi, gj, value, lo, rng_, c0, extra = _rerank_edges(f, scores, camids, mu, blk, n, k1, k2,
                                                            float(lambda_value))
@@ -602,19 +739,20 @@ def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_valu
         lam = np.float64(lambda_value)
         b = lam / rng_.astype(np.float64)
         u = lam * (1.0 - lo.astype(np.float64)) / rng_.astype(np.float64)
-        labels, extra = average_linkage(f, gi, gj, value, k_inter, b=b, u=u, c0=c0, cams=cams,
-                                        background=background)
     else:
         gi, gj, value = _undirected(blk["ei"], blk["ej"], blk["d"])
-        labels, extra = average_linkage(f, gi, gj, value.astype(np.float64), k_inter, cams=cams,
-                                        background=background)
+        value = value.astype(np.float64)
+    bounds = _initial_bounds(blk, n, b, u, c0, cams, background, alpha)
+    labels, extra = average_linkage(f, gi, gj, value, k_inter, b=b, u=u, c0=c0, cams=cams,
+                                    background=background, alpha=alpha, bounds=bounds)
     info.update(extra, graph_pairs=int(len(gi)))
     timer.lap(info, "time_linkage_s")
     return labels
 
 
 def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity="rerank", k=32,
-                       k_candidates=128, k1=20, k2=6, lambda_value=0.3, k_far=16, index="auto", device=None):
+                       k_candidates=128, k1=20, k2=6, lambda_value=0.3, k_far=16, index="auto", device=None,
+                       log=None):
     """One inter-camera clustering round without an N x N matrix (see the module docstring for
     what is exact and what is approximated).
 
@@ -624,7 +762,8 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     re-ranking with k1, k2, lambda_value, then average linkage); k: neighbours a row in the
     candidate graph (N - 1 or more: the complete graph, exact); k_candidates: nearest by cosine
     among which the re-ranking ranks each row by Eq. 5 distance; k_far: farthest samples searched
-    a row for the re-ranking's row max; index: "auto" | "flat" | "ivf"; device: faiss-gpu device.
+    a row for the re-ranking's row max; index: "auto" | "flat" | "ivf"; device: faiss-gpu device;
+    log: a function told each step's wall time as it ends (None: silent).
     Under torch.distributed every rank passes the same full inputs and gets the labels.
     Returns (labels (N,) int64 numbered by first appearance, info dict).
     """
@@ -643,7 +782,7 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     if n == 1:
         return np.zeros(1, np.int64), info
     part = D.shard_indices(n, D.rank(), D.world_size())
-    timer = _Timer()
+    timer = _Timer(log if D.rank() == 0 else None)
     built = _faiss_index(f, index, device)
     far_built = None
     if rerank:
@@ -711,22 +850,25 @@ def sparse_scores_ref(scores, dims, eps: float, max_per_block: int | None = None
                         np.array(tails, np.float32).reshape(len(scores), len(dims)))
 
 
-def average_linkage_ref(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None, background=None):
-    """Plain O(N^3) transcription of average_linkage without its fallback: the model matrix for
-    every pair, the graph pairs' values over it, then repeatedly the closest pair of live
-    clusters joined by a graph pair is merged (sums added, adjacency united)."""
+def average_linkage_ref(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None, background=None,
+                        alpha=None):
+    """Plain O(N^3) transcription of average_linkage: the model matrix for every pair, the graph
+    pairs' values over it, then repeatedly the closest pair of live clusters (the mean of its
+    pair values; ties to the lower pair) is merged."""
     f = np.asarray(f, np.float64)
     n = len(f)
     b = np.ones(n) if b is None else np.asarray(b, np.float64)
     u = np.ones(n) if u is None else np.asarray(u, np.float64)
     cos = f @ f.T
     if background is not None:
-        cos = cos + np.asarray(background)[np.ix_(cams, cams)]
+        cams = np.asarray(cams)
+        bg = np.asarray(background, np.float64)[np.ix_(cams, cams)]
+        if alpha is not None:
+            bg = bg + (cams[:, None] != cams[None, :]) * (np.asarray(alpha)[:, None] + np.asarray(alpha)[None, :])
+        cos = cos + bg
     pair = c0 + (u[:, None] + u[None, :]) / 2 - (b[:, None] + b[None, :]) / 2 * cos
     pair[gi, gj] = value
     pair[gj, gi] = value
-    adj = np.zeros((n, n), bool)
-    adj[gi, gj] = adj[gj, gi] = True
     members = [[i] for i in range(n)]
     live = list(range(n))
     while len(live) > k_inter:
@@ -734,17 +876,11 @@ def average_linkage_ref(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=
         for x in range(len(live)):
             for y in range(x + 1, len(live)):
                 a, c = live[x], live[y]
-                if adj[a, c]:
-                    dist = pair[np.ix_(members[a], members[c])].sum() / (len(members[a]) * len(members[c]))
-                    if best is None or dist < best[0]:
-                        best = (dist, a, c)
-        if best is None:
-            raise ValueError("the graph has no edge left between live clusters")
+                dist = pair[np.ix_(members[a], members[c])].mean()
+                if best is None or dist < best[0]:
+                    best = (dist, a, c)
         _, a, c = best
         members[a] += members[c]
-        adj[a] |= adj[c]
-        adj[:, a] |= adj[:, c]
-        adj[a, a] = False
         live.remove(c)
     labels = np.empty(n, np.int64)
     for i, a in enumerate(live):

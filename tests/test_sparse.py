@@ -141,9 +141,7 @@ def test_sparsifier_rejects_bad_input():
 # ----------------------------------------------------------------------------- linkage
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_graph_linkage_matches_reference(rng, weighted):
-    n, cams = 40, 3
+def _linkage_problem(rng, n, cams, weighted):
     f = rng.standard_normal((n, 6)).astype(np.float32)
     f /= np.linalg.norm(f, axis=1, keepdims=True)
     cam = rng.integers(0, cams, n)
@@ -157,18 +155,114 @@ def test_graph_linkage_matches_reference(rng, weighted):
         bg = rng.random((cams, cams)) * 0.05
         bg = (bg + bg.T) / 2
         np.fill_diagonal(bg, 0)
-        kw = dict(b=rng.random(n) + 0.5, u=rng.random(n), c0=0.7, cams=cam, background=bg)
+        kw = dict(b=rng.random(n) + 0.5, u=rng.random(n), c0=0.7, cams=cam, background=bg,
+                  alpha=rng.random(n) * 0.02 - 0.01)
+    return f, gi, gj, value, kw
+
+
+def _model_matrix(f, gi, gj, value, b=None, u=None, c0=0.0, cams=None, background=None, alpha=None):
+    """Every pair's value as the linkage sees it (dense, float64)."""
+    n = len(f)
+    b = np.ones(n) if b is None else b
+    u = np.ones(n) if u is None else u
+    cos = f.astype(np.float64) @ f.T.astype(np.float64)
+    if background is not None:
+        cos += background[np.ix_(cams, cams)] + (cams[:, None] != cams[None, :]) * (alpha[:, None] + alpha[None, :])
+    pair = c0 + (u[:, None] + u[None, :]) / 2 - (b[:, None] + b[None, :]) / 2 * cos
+    pair[gi, gj] = pair[gj, gi] = value
+    return pair
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("bounds", ["none", "tight", "loose"])
+def test_graph_linkage_matches_reference(rng, weighted, bounds):
+    """The closest pair overall, whatever (valid) bounds say and however few edges there are."""
+    n = 40
+    f, gi, gj, value, kw = _linkage_problem(rng, n, 3, weighted)
+    bnd = None
+    if bounds != "none":  # each sample's smallest model value with the samples it has no edge to
+        pair = _model_matrix(f, gi, gj, value, **kw)
+        adj = np.eye(n, dtype=bool)
+        adj[gi, gj] = adj[gj, gi] = True
+        bnd = np.where(adj, np.inf, pair).min(1) - 1e-9
+        if bounds == "loose":
+            bnd -= rng.random(n) * 0.3
     for k in (1, 5, 17, n):
-        got, _ = S.average_linkage(f, gi, gj, value, k, **kw)
+        got, info = S.average_linkage(f, gi, gj, value, k, bounds=bnd, refresh_k=3, **kw)
         np.testing.assert_array_equal(got, S.average_linkage_ref(f, gi, gj, value, k, **kw))
 
 
-def test_linkage_falls_back_when_the_graph_runs_out(rng):
+def test_linkage_searches_clusters_off_the_graph(rng):
+    """Two edges only: the rest comes from searches over the cluster sums, which widen until a
+    merge goes through; the partition is the full model's."""
     f = rng.standard_normal((30, 5)).astype(np.float32)
     f /= np.linalg.norm(f, axis=1, keepdims=True)
-    gi, gj = np.array([0, 2], np.int32), np.array([1, 3], np.int32)  # two edges only
-    labels, info = S.average_linkage(f, gi, gj, np.array([0.1, 0.2]), 4)
-    assert len(np.unique(labels)) == 4 and info["fallbacks"] >= 1
+    gi, gj = np.array([0, 2], np.int32), np.array([1, 3], np.int32)
+    value = np.array([0.1, 0.2])
+    labels, info = S.average_linkage(f, gi, gj, value, 4, refresh_k=1)
+    assert info["refreshes"] >= 1 and info["clusters_searched"] >= 30
+    np.testing.assert_array_equal(labels, S.average_linkage_ref(f, gi, gj, value, 4))
+
+
+def test_model_columns_carry_the_background(rng):
+    """<x_i, g_j> = b_j (cos + background[c_i, c_j] + [c_i != c_j] (alpha_i + alpha_j))."""
+    f, gi, gj, value, kw = _linkage_problem(rng, 25, 4, True)
+    x, g = S._model_columns(f, kw["b"], kw["cams"], kw["background"], kw["alpha"])
+    cam, al = kw["cams"], kw["alpha"]
+    want = (f.astype(np.float64) @ f.T + kw["background"][np.ix_(cam, cam)]
+            + (cam[:, None] != cam[None, :]) * (al[:, None] + al[None, :])) * kw["b"][None, :]
+    np.testing.assert_allclose(x.astype(np.float64) @ g.T.astype(np.float64), want, rtol=1e-5, atol=1e-6)
+
+
+def test_jaccard_background_against_dense(rng):
+    """Camera-pair means of J over the rows kept whole, and each image's mean excess over them
+    against the probe rows of other cameras (J^ = J here: eps = 0, no cap)."""
+    from iics_fast.similarity import pairwise_jaccard
+    f, s, cam, dims = _problem(rng, 48, 3)
+    sp = S.sparse_scores(s, dims, eps=0.0, max_per_block=None, sample=20)
+    a, alpha = S.jaccard_background(sp, cam, probes=8)
+    J = pairwise_jaccard(torch.from_numpy(s)).numpy().astype(np.float64)
+    rows = S.sample_rows(48, 20)
+    probe = rows[S.sample_rows(20, 8)]
+    for c1 in range(3):
+        for c2 in range(3):
+            sel = [(i, j) for i in rows for j in rows if i != j and cam[i] == c1 and cam[j] == c2]
+            want = 0.0 if c1 == c2 else np.mean([J[i, j] for i, j in sel])
+            assert a[c1, c2] == pytest.approx(want, abs=1e-6)
+    ahat = np.zeros((3, 3))
+    for c1 in range(3):
+        for c2 in range(3):
+            if c1 != c2:
+                ahat[c1, c2] = np.mean([J[i, j] for i in probe for j in probe if cam[i] == c1 and cam[j] == c2])
+    for i in range(48):
+        other = [t for t in probe if cam[t] != cam[i]]
+        assert alpha[i] == pytest.approx(np.mean([J[i, t] - ahat[cam[i], cam[t]] for t in other]), abs=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_initial_bounds_hold_off_the_graph(rng, weighted):
+    """Each sample's bound is at most its model value with every sample it has no edge to."""
+    n, k = 120, 6
+    f, s, cam, dims = _problem(rng, n, 3)
+    f = S._normalise(f)
+    sp = S.sparse_scores(s, dims, eps=1e-2, max_per_block=None)
+    built = S._faiss_index(f, "flat", None)
+    blk = S._row_block(f, sp, cam, 0.02, k, k, 0, n, False, 4, "flat", None, built, None)
+    gi, gj, value = S._undirected(blk["ei"], blk["ej"], blk["d"])
+    bg = rng.random((3, 3)) * 0.01
+    bg = (bg + bg.T) / 2
+    np.fill_diagonal(bg, 0)
+    kw = dict(b=np.ones(n), u=np.ones(n), c0=0.0, cams=cam, background=bg, alpha=rng.random(n) * 0.004 - 0.002)
+    if weighted:
+        kw.update(b=0.3 / (1 + rng.random(n) * 0.3), u=0.3 * rng.random(n), c0=0.7)
+    bounds = S._initial_bounds(blk, n, kw["b"], kw["u"], kw["c0"], cam, bg, kw["alpha"])
+    pair = _model_matrix(f, gi, gj, value, **kw)
+    adj = np.eye(n, dtype=bool)
+    adj[gi, gj] = adj[gj, gi] = True
+    off = np.where(adj, np.inf, pair).min(1)
+    assert np.isfinite(bounds).all()
+    assert (bounds <= off).all()
+    assert (off - bounds).min() < 0.05  # and not vacuous
 
 
 # ----------------------------------------------------------------------------- the round
@@ -317,6 +411,29 @@ def test_resumed_auto_run_keeps_its_mode(tmp_path, monkeypatch):
     assert state["inter_mode"] == "sparse"
     assert Trainer(config).inter_mode == "dense"  # it fits now: a new run goes dense
     assert Trainer(config, resume_state=state).inter_mode == "sparse"
+
+
+@pytest.mark.parametrize("eps,cap", [(1e-9, 3), (0.2, 4), (0.05, 1)])
+def test_profiler_direct_scores_equal_sparsifier(eps, cap):
+    """The profiler's direct sparse scores (top entries of projected logits) against
+    ScoreSparsifier on the dense softmax of the same logits; N not a multiple of the batch."""
+    from benchmarks.profile import direct_sparse_scores, heads_from_samples, projected_logits, synthetic_features
+    f, cam, _ = synthetic_features(203, 3, seed=5, dim=32)
+    heads = heads_from_samples(f, cam, 9, seed=5)
+    dims = [h.shape[0] for h in heads]
+    logits = projected_logits(f, heads, rank=8)
+    got = direct_sparse_scores(logits, 203, dims, eps, cap, batch=50, sample=17)
+    z = logits(np.arange(203)).double()
+    starts = np.concatenate([[0], np.cumsum(dims)])
+    dense = torch.cat([torch.softmax(z[:, starts[h]:starts[h + 1]], 1) for h in range(len(dims))], 1).float()
+    want = S.sparse_scores(dense.numpy(), dims, eps=eps, max_per_block=cap, sample=17)
+    np.testing.assert_array_equal(got.ptr, want.ptr)
+    np.testing.assert_array_equal(got.col, want.col)
+    np.testing.assert_allclose(got.val, want.val, rtol=1e-5)
+    np.testing.assert_allclose(got.tail, want.tail, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got.dropped, want.dropped, atol=1e-5)
+    np.testing.assert_array_equal(got.sample_rows, want.sample_rows)
+    np.testing.assert_allclose(got.sample_scores, want.sample_scores, rtol=1e-5, atol=1e-8)
 
 
 def test_profiler_sparse_mode(tmp_path):

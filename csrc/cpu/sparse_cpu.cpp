@@ -6,6 +6,7 @@
 #include "cpu/sparse_cpu.h"
 
 #include <algorithm>
+#include <limits>
 #include <utility>
 
 #include "parallel.h"
@@ -152,7 +153,34 @@ JaccardPairs k_reciprocal_pairs_cpu(Sparse v, const float* keys, int64_t n, int 
 
 SparseLinkage::SparseLinkage(int64_t n, int64_t d, float* x, float* g, const double* u, double c0)
     : n_(n), d_(d), x_(x), g_(g), symmetric_(g == x), c0_(c0), u_(u, u + n), size_(n, 1.0),
-      stamp_(n, 0), alive_(n, 1), adj_(n), live_(n) {}
+      stamp_(n, 0), alive_(n, 1), adj_(n),
+      bound_(n, std::numeric_limits<double>::infinity()), bound_stamp_(n, 0), live_(n) {}
+
+void SparseLinkage::set_bound(int32_t slot, double value) {
+  bound_[slot] = value;
+  ++bound_stamp_[slot];
+  if (value < std::numeric_limits<double>::infinity())
+    bounds_.push(Bound{value, slot, bound_stamp_[slot]});
+}
+
+double SparseLinkage::min_bound() {
+  while (!bounds_.empty()) {
+    const Bound& b = bounds_.top();
+    if (alive_[b.slot] && bound_stamp_[b.slot] == b.stamp) return b.value;
+    bounds_.pop();
+  }
+  return std::numeric_limits<double>::infinity();
+}
+
+double SparseLinkage::top() {
+  while (!heap_.empty()) {
+    const Entry& e = heap_.top();
+    if (alive_[e.a] && alive_[e.b] && stamp_[e.a] == e.stamp_a && stamp_[e.b] == e.stamp_b)
+      return e.dist;
+    heap_.pop();  // superseded by a merge
+  }
+  return std::numeric_limits<double>::infinity();
+}
 
 double SparseLinkage::sep(int32_t a, int32_t b) const {
   const float* xa = x_ + static_cast<int64_t>(a) * d_;
@@ -222,6 +250,7 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
   }
   u_[keep] += u_[gone];
   size_[keep] += size_[gone];
+  if (bound_[gone] < bound_[keep]) set_bound(keep, bound_[gone]);
   ++stamp_[keep];
   alive_[gone] = 0;
   --live_;
@@ -235,12 +264,11 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
 }
 
 int64_t SparseLinkage::run(int64_t target) {
-  while (live_ > target && !heap_.empty()) {
+  while (live_ > target) {
+    const double height = this->top();
+    if (heap_.empty() || height > min_bound()) break;  // no edge left, or an off-graph pair may be closer
     const Entry top = heap_.top();
     heap_.pop();
-    if (!alive_[top.a] || !alive_[top.b] || stamp_[top.a] != top.stamp_a ||
-        stamp_[top.b] != top.stamp_b)
-      continue;  // superseded by a merge
     const bool a_keeps = adj_[top.a].size() >= adj_[top.b].size();
     merge(a_keeps ? top.a : top.b, a_keeps ? top.b : top.a, top.dist);
   }

@@ -48,6 +48,14 @@ JaccardPairs k_reciprocal_pairs_cpu(rerank_parts::Sparse v, const float* keys, i
 // slots) until `target` clusters remain or no edge is left; a merged cluster keeps the slot of
 // the side with more neighbours, its sums to every neighbour of either side come from the two
 // sides' edge sums or sep (Lance-Williams for average linkage, exact for the model).
+//
+// Each slot also carries a bound: a lower bound on sep(A, B) / (|A||B|) over every live B not
+// adjacent to A (+inf by default: the graph alone decides). A merge of height h is taken only
+// when h <= the smallest live bound, so every pair off the graph is at least as far and the
+// merge is the globally closest pair's; otherwise `run` returns early and the caller searches
+// the clusters whose bound is below `top()`, adds their nearest as edges and raises their
+// bounds (`set_bounds`). A merged cluster's bound is the smaller of its two sides': for a B
+// adjacent to neither, sep(A u A', B) / (|A u A'||B|) is a weighted mean of the two sides'.
 class SparseLinkage {
  public:
   // x, g: n x d float32 sums, updated in place (g == x when symmetric); u: n float64.
@@ -55,8 +63,14 @@ class SparseLinkage {
   // Adds edges (a[e], b[e]) between live slots with pair sums s[e] (or, with s == nullptr, the
   // model sums sep); pairs already adjacent are left as they are.
   void add_edges(const int32_t* a, const int32_t* b, const double* s, int64_t count);
-  // Merges until `target` live clusters or an empty queue; returns the live count.
+  // Merges until `target` live clusters, an empty queue, or a closest adjacent pair above the
+  // smallest bound; returns the live count.
   int64_t run(int64_t target);
+  // The closest adjacent pair's height (+inf when no edge is left).
+  double top();
+  void set_bound(int32_t slot, double value);
+  double bound(int64_t slot) const { return bound_[slot]; }
+  double usum(int64_t slot) const { return u_[slot]; }
   int64_t live() const { return live_; }
   // Merge records: survivor slot, absorbed slot, height, in merge order.
   const std::vector<int32_t>& kept() const { return kept_; }
@@ -80,6 +94,15 @@ class SparseLinkage {
   void push(int32_t a, int32_t b, double sum);
   void merge(int32_t keep, int32_t gone, double height);
 
+  // The smallest live bound (+inf when none), dropping superseded entries.
+  double min_bound();
+  struct Bound {
+    double value;
+    int32_t slot;
+    uint32_t stamp;
+    bool operator>(const Bound& o) const { return value > o.value; }
+  };
+
   int64_t n_, d_;
   float* x_;
   float* g_;
@@ -90,6 +113,9 @@ class SparseLinkage {
   std::vector<uint8_t> alive_;
   std::vector<std::unordered_map<int32_t, double>> adj_;
   std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap_;
+  std::vector<double> bound_;
+  std::vector<uint32_t> bound_stamp_;
+  std::priority_queue<Bound, std::vector<Bound>, std::greater<Bound>> bounds_;
   int64_t live_;
   std::vector<int32_t> kept_, absorbed_;
   std::vector<double> heights_;
