@@ -75,6 +75,22 @@ inline bool lex_less(T d, int32_t a, T e, int32_t b) {
 // runs out between scans, few enough that keeping them stays cheap.
 constexpr int kKeep = 8;
 
+// Inserts (v, a) into the n <= kKeep pairs d/at, kept in lexicographic order and at most kKeep
+// of them (a full list drops its last, or refuses a pair not below it); returns the new count.
+template <typename T>
+inline int insert_least(T* d, int32_t* at, int n, T v, int32_t a) {
+  int q = n;
+  if (n == kKeep) {
+    if (!lex_less(v, a, d[kKeep - 1], at[kKeep - 1])) return n;
+    q = kKeep - 1;
+  } else {
+    ++n;
+  }
+  for (; q > 0 && lex_less(v, a, d[q - 1], at[q - 1]); --q) d[q] = d[q - 1], at[q] = at[q - 1];
+  d[q] = v, at[q] = a;
+  return n;
+}
+
 // The kKeep lexicographically least (distance, slot) pairs offered so far, in order.
 template <typename T>
 struct Least {
@@ -84,17 +100,7 @@ struct Least {
   // What an entry must beat to be kept when entries come in increasing slot order (an equal
   // distance from a higher slot loses).
   T bar() const { return n < kKeep ? std::numeric_limits<T>::infinity() : d[kKeep - 1]; }
-  void offer(T v, int32_t a) {
-    int q = n;
-    if (n == kKeep) {
-      if (!lex_less(v, a, d[kKeep - 1], at[kKeep - 1])) return;
-      q = kKeep - 1;
-    } else {
-      ++n;
-    }
-    for (; q > 0 && lex_less(v, a, d[q - 1], at[q - 1]); --q) d[q] = d[q - 1], at[q] = at[q - 1];
-    d[q] = v, at[q] = a;
-  }
+  void offer(T v, int32_t a) { n = insert_least(d, at, n, v, a); }
   void offer(const Least& o) {
     for (int q = 0; q < o.n; ++q) offer(o.d[q], o.at[q]);
   }
@@ -175,19 +181,9 @@ struct Halves {
     T* ds = &d[s * kKeep];
     int32_t* as = &at[s * kKeep];
     const int c = cnt[s];
-    int q = c;
-    if (c == kKeep) {  // one of the kKeep + 1 drops out, and tau comes down to the last kept
-      if (lex_less(v, a, ds[kKeep - 1], as[kKeep - 1])) {
-        q = kKeep - 1;
-        for (; q > 0 && lex_less(v, a, ds[q - 1], as[q - 1]); --q) ds[q] = ds[q - 1], as[q] = as[q - 1];
-        ds[q] = v, as[q] = a;
-      }
-      tau_d[s] = ds[kKeep - 1], tau_at[s] = as[kKeep - 1];
-      return;
-    }
-    for (; q > 0 && lex_less(v, a, ds[q - 1], as[q - 1]); --q) ds[q] = ds[q - 1], as[q] = as[q - 1];
-    ds[q] = v, as[q] = a;
-    cnt[s] = static_cast<uint8_t>(c + 1);
+    cnt[s] = static_cast<uint8_t>(insert_least(ds, as, c, v, a));
+    // full before: one of the kKeep + 1 dropped out, and tau comes down to the last kept
+    if (c == kKeep) tau_d[s] = ds[kKeep - 1], tau_at[s] = as[kKeep - 1];
   }
   // Slot s's cache moved to slot t <= s, slots renumbered by `rank` (live slots) and `below`
   // (any slot a: the new number of the last live slot <= a, or -1).
