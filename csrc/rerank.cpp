@@ -33,7 +33,7 @@ iics::Layout layout_of(const Matrix& a, const char* name, int64_t* n) {
 }
 
 void k_reciprocal_py(const Matrix& dist, Matrix& out, int k1, int k_half, int k2,
-                     float jaccard_weight, float dist_weight) {
+                     float jaccard_weight, float dist_weight, const std::string& isa) {
   int64_t n = 0, n_out = 0;
   const iics::Layout in_layout = layout_of(dist, "dist", &n);
   const iics::Layout out_layout = layout_of(out, "out", &n_out);
@@ -45,19 +45,20 @@ void k_reciprocal_py(const Matrix& dist, Matrix& out, int k1, int k_half, int k2
   float* o = out.mutable_data();
   if (o == in && in_layout != out_layout)
     throw std::invalid_argument("k_reciprocal: in place needs out in dist's layout");
-  const iics::KReciprocalParams p{n, k1, k_half, k2, jaccard_weight, dist_weight};
+  const iics::KReciprocalParams p{n, k1, k_half, k2, jaccard_weight, dist_weight, isa};
   py::gil_scoped_release release;
   iics::k_reciprocal_cpu(in, in_layout, o, out_layout, p);
 }
 
-py::array_t<int32_t> k_reciprocal_neighbours_py(const Matrix& dist, int k1) {
+py::array_t<int32_t> k_reciprocal_neighbours_py(const Matrix& dist, int k1,
+                                                const std::string& isa) {
   int64_t n = 0;
   const iics::Layout layout = layout_of(dist, "dist", &n);
   if (k1 < 1) throw std::invalid_argument("k_reciprocal_neighbours: k1 must be >= 1");
   std::vector<int32_t> nbr;
   {
     py::gil_scoped_release release;
-    nbr = iics::k_reciprocal_neighbours_cpu(dist.data(), layout, n, k1);
+    nbr = iics::k_reciprocal_neighbours_cpu(dist.data(), layout, n, k1, isa);
   }
   const int64_t kk = static_cast<int64_t>(nbr.size()) / n;
   py::array_t<int32_t> result({n, kk});
@@ -70,11 +71,13 @@ py::array_t<int32_t> k_reciprocal_neighbours_py(const Matrix& dist, int k1) {
 void bind_rerank(py::module_& m) {
   m.def("k_reciprocal", &k_reciprocal_py, py::arg("dist").noconvert(), py::arg("out").noconvert(),
         py::kw_only(), py::arg("k1"), py::arg("k_half"), py::arg("k2"), py::arg("jaccard_weight"),
-        py::arg("dist_weight"),
+        py::arg("dist_weight"), py::arg("isa") = "auto",
         "Sparse k-reciprocal re-ranking of a float32 square or condensed distance into out "
-        "(square or condensed; out may be dist itself). Use iics_fast.rerank.k_reciprocal.");
+        "(square or condensed; out may be dist itself). isa: the row sweeps' instruction set, "
+        "'auto' (the widest this CPU runs), 'avx512' or 'plain'. Use "
+        "iics_fast.rerank.k_reciprocal.");
   m.def("k_reciprocal_neighbours", &k_reciprocal_neighbours_py, py::arg("dist").noconvert(),
-        py::arg("k1"),
+        py::arg("k1"), py::arg("isa") = "auto",
         "Each row's min(k1 + 1, n) nearest samples by row-normalised distance, nearest first, "
         "ties to the smaller index (int32, n x min(k1 + 1, n)).");
 }

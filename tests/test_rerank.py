@@ -152,6 +152,72 @@ def test_ties_break_to_smaller_index(rng):
     np.testing.assert_array_equal(k_reciprocal(condensed(d)), ref[np.triu_indices(n, 1)])
 
 
+def row_sweep_variants():
+    """The instruction sets of the row sweeps this CPU runs: "plain" always, "avx512" where
+    present (the public path picks the widest)."""
+    names = ["plain"]
+    try:
+        native().k_reciprocal_neighbours(np.zeros((2, 2), np.float32), 1, isa="avx512")
+        names.append("avx512")
+    except ValueError:
+        pass
+    return names
+
+
+def native_rerank(d, isa, k1=20, k2=6, lam=0.3):
+    """The extension's re-ranking with the row sweeps of `isa`, arguments as k_reciprocal
+    passes them; a new buffer in d's layout."""
+    n = d.shape[0] if d.ndim == 2 else int(round((1 + np.sqrt(1 + 8 * len(d))) / 2))
+    out = np.full_like(d, np.nan)
+    native().k_reciprocal(d, out, k1=min(k1, n), k_half=min(int(np.around(k1 / 2)) + 1, n),
+                          k2=min(k2, n), jaccard_weight=float(np.float16(1 - lam)),
+                          dist_weight=float(np.float32(lam)), isa=isa)
+    return out
+
+
+@pytest.mark.parametrize("isa", row_sweep_variants())
+@pytest.mark.parametrize("n", [2, 3, 15, 16, 17, 63, 64, 65, 130, 1100])
+def test_row_sweep_variants_match_reference(isa, n, rng):
+    """Each instruction set's min / max and prefilter sweeps, on rows shorter than a vector,
+    exactly a vector or a 64-value block, one past it, and long (threads)."""
+    d = all_vs_all(rng, n, clusters=max(1, n // 8))
+    ref = k_reciprocal_ref(d, exact_exp=True)
+    np.testing.assert_array_equal(native_rerank(d, isa), ref)
+    np.testing.assert_array_equal(native_rerank(condensed(d), isa), ref[np.triu_indices(n, 1)])
+    width = min(21, n)
+    np.testing.assert_array_equal(native().k_reciprocal_neighbours(d, 20, isa=isa),
+                                  stable_rank(d, width))
+
+
+@pytest.mark.parametrize("isa", row_sweep_variants())
+@pytest.mark.parametrize("n", [70, 1100])
+def test_row_sweep_variants_break_ties_by_index(isa, n, rng):
+    """Many entries equal to the heap's bound inside one 64-value block: the prefilter lets
+    them through in index order, so the smaller index wins, as a stable argsort has it."""
+    d = rng.integers(-2, 3, (n, n)).astype(np.float32)
+    d = np.maximum(d, d.T)
+    np.fill_diagonal(d, 0)
+    np.testing.assert_array_equal(native().k_reciprocal_neighbours(d, 20, isa=isa),
+                                  stable_rank(d, 21))
+    ref = k_reciprocal_ref(d, exact_exp=True)
+    np.testing.assert_array_equal(native_rerank(d, isa), ref)
+
+
+@pytest.mark.parametrize("isa", row_sweep_variants())
+def test_row_sweep_variants_refuse_nonfinite(isa, rng):
+    d = all_vs_all(rng, 40)
+    for value, at in ((np.nan, 39), (np.inf, 17), (-np.inf, 0)):
+        x = d.copy()
+        x[5, at] = value
+        with pytest.raises(ValueError, match="NaN or inf"):
+            native_rerank(x, isa)
+
+
+def test_unknown_row_sweep_variant_is_refused():
+    with pytest.raises(ValueError, match="isa must be"):
+        native().k_reciprocal_neighbours(np.zeros((2, 2), np.float32), 1, isa="sse9")
+
+
 def test_constant_rows_normalise_to_zero():
     """All distances equal: max == min, each row normalises to 0 instead of 0 / 0."""
     d = np.zeros((6, 6), np.float32)

@@ -1,14 +1,18 @@
 // Sparse k-reciprocal re-ranking: Zhong et al., "Re-ranking Person Re-identification with
 // k-reciprocal Encoding" (CVPR 2017), with the details of the IICS reference code: row-wise
 // min-max normalisation, V and the Jaccard sums in float16, negative distances clamped to 0.
-//   1. row min / max: one sequential sweep (condensed: per-thread partials for the columns);
-//   2. each row's k1 + 1 nearest: bounded heaps behind a raw-value prefilter; a condensed row
-//      gets the entries left of its diagonal from a column-striped sweep and the rest from a
-//      row sweep, two sorted lists merged;
+//   1-2. each row's min / max and its k1 + 1 nearest (bounded heaps behind a raw-value
+//      prefilter). A square row is read from memory once: its min / max sweep brings it into
+//      cache, where the prefilter sweep finds it. A condensed matrix takes one sequential
+//      sweep for the min / max (per-thread partials for the columns); a condensed row gets the
+//      entries left of its diagonal from a column-striped sweep and the rest from a row sweep,
+//      two sorted lists merged;
 //   3. V (k-reciprocal sets with the 2/3 expansion rule) and its query expansion, CSR rows;
 //   4. an inverted index (CSC of V) and, row by row, the sparse Jaccard row and the dense output
 //      row written straight out.
 // Every product and sum is rounded on its own like NumPy's, hence no FMA contraction here.
+// The two row sweeps (min / max, prefilter) have an AVX-512 variant compiled through a function
+// target attribute and picked at run time (a portable build keeps it), and a plain C++ one.
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -23,6 +27,12 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define IICS_X86_SIMD 1
+#include <immintrin.h>
+#define IICS_TARGET_AVX512 __attribute__((target("avx512f")))
+#endif
 
 #include "condensed.h"
 #include "parallel.h"
@@ -136,64 +146,6 @@ inline bool any_at_most(const float* v, const float* bound) {
   return hit;
 }
 
-// Min and max of every row, diagonal included, in one sequential sweep; throws on NaN/inf.
-RowScale row_scale(const float* in, Layout layout, int64_t n) {
-  std::vector<float> lo(n), hi(n);
-  int nonfinite = 0;
-  if (layout == Layout::Square) {
-#pragma omp parallel for schedule(static) reduction(| : nonfinite) if (n >= kParallelMin)
-    for (int64_t i = 0; i < n; ++i) {
-      float a = kInf, b = -kInf;
-      nonfinite |= !fold_range(in + i * n, n, &a, &b);
-      lo[i] = a;
-      hi[i] = b;
-    }
-  } else {
-    // Entry (i, j) is in row i (contiguous) and row j (the thread's own partial column arrays).
-    const int threads = max_threads();
-    std::vector<float> col_lo(static_cast<size_t>(threads) * n, kInf);
-    std::vector<float> col_hi(static_cast<size_t>(threads) * n, -kInf);
-#pragma omp parallel reduction(| : nonfinite) if (n >= kParallelMin)
-    {
-      float* clo = col_lo.data() + static_cast<size_t>(thread_index()) * n;
-      float* chi = col_hi.data() + static_cast<size_t>(thread_index()) * n;
-#pragma omp for schedule(dynamic, 64)
-      for (int64_t i = 0; i < n; ++i) {
-        const float* seg = in + condensed_row(n, i);
-        const int64_t m = n - 1 - i;
-        float a = 0.0f, b = 0.0f;  // the diagonal
-        nonfinite |= !fold_range(seg, m, &a, &b);
-        lo[i] = a;
-        hi[i] = b;
-        float* cl = clo + i + 1;
-        float* ch = chi + i + 1;
-        for (int64_t t = 0; t < m; ++t) {
-          cl[t] = seg[t] < cl[t] ? seg[t] : cl[t];
-          ch[t] = seg[t] > ch[t] ? seg[t] : ch[t];
-        }
-      }
-    }
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (int64_t i = 0; i < n; ++i)
-      for (int t = 0; t < threads; ++t) {
-        lo[i] = std::min(lo[i], col_lo[static_cast<size_t>(t) * n + i]);
-        hi[i] = std::max(hi[i], col_hi[static_cast<size_t>(t) * n + i]);
-      }
-  }
-  if (nonfinite)
-    throw std::invalid_argument(
-        "k_reciprocal: the distance matrix contains NaN or inf; re-ranking needs finite "
-        "distances (check the features and the similarity build)");
-  RowScale s;
-  s.range.resize(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const float r = hi[i] - lo[i];
-    s.range[i] = r > 0.0f ? r : 1.0f;
-  }
-  s.lo = std::move(lo);
-  return s;
-}
-
 // A neighbour candidate: normalised key, raw distance, sample index.
 struct Candidate {
   float key;
@@ -247,7 +199,7 @@ struct NearestHeap {
 
 // Offers the contiguous distances v[0..m) of row `row`, indices first..first+m-1, to a heap.
 // Blocks of raw values are tested against the bound at once; the division only runs on hits.
-inline void scan_row(const float* v, int64_t m, int64_t first, int64_t row, const RowScale& s,
+void scan_row_plain(const float* v, int64_t m, int64_t first, int64_t row, const RowScale& s,
                      NearestHeap& heap) {
   float bound = heap.raw_bound();
   for (int64_t t = 0; t < m; t += kBlock) {
@@ -261,6 +213,148 @@ inline void scan_row(const float* v, int64_t m, int64_t first, int64_t row, cons
   }
 }
 
+#ifdef IICS_X86_SIMD
+// AVX-512 fold_range: 16 lanes, the tail through a masked load.
+IICS_TARGET_AVX512 bool fold_range_avx512(const float* v, int64_t m, float* lo, float* hi) {
+  __m512 a = _mm512_set1_ps(*lo), b = _mm512_set1_ps(*hi), f = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 16 <= m; t += 16) {
+    const __m512 x = _mm512_loadu_ps(v + t);
+    a = _mm512_mask_min_ps(a, 0xffff, a, x);  // the unmasked forms warn under GCC 12's -Wall
+    b = _mm512_mask_max_ps(b, 0xffff, b, x);
+    f = _mm512_add_ps(f, _mm512_sub_ps(x, x));  // stays 0 for finite x, turns NaN for NaN or inf
+  }
+  if (t < m) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (m - t)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(k, v + t);
+    a = _mm512_mask_min_ps(a, k, a, x);
+    b = _mm512_mask_max_ps(b, k, b, x);
+    f = _mm512_mask_add_ps(f, k, f, _mm512_sub_ps(x, x));
+  }
+  float la[16], lb[16];  // lane-wise reduction (the reduce intrinsics warn like min / max)
+  _mm512_storeu_ps(la, a);
+  _mm512_storeu_ps(lb, b);
+  for (int u = 0; u < 16; ++u) {
+    *lo = la[u] < *lo ? la[u] : *lo;
+    *hi = lb[u] > *hi ? lb[u] : *hi;
+  }
+  return _mm512_cmp_ps_mask(f, _mm512_setzero_ps(), _CMP_EQ_OQ) == 0xffff;
+}
+
+// AVX-512 scan_row: 64 values against the bound at once; only the values at or below it (a
+// bit mask) are looked at one by one, against the bound as it tightens.
+IICS_TARGET_AVX512 void scan_row_avx512(const float* v, int64_t m, int64_t first, int64_t row,
+                                        const RowScale& s, NearestHeap& heap) {
+  float bound = heap.raw_bound();
+  const auto take = [&](int64_t t, uint64_t hits) {
+    for (; hits; hits &= hits - 1) {
+      const int64_t u = t + __builtin_ctzll(hits);
+      if (v[u] <= bound) {
+        heap.offer(s.key(row, v[u]), v[u], static_cast<int32_t>(first + u));
+        bound = heap.raw_bound();
+      }
+    }
+  };
+  int64_t t = 0;
+  for (; t + 64 <= m; t += 64) {
+    const __m512 b = _mm512_set1_ps(bound);
+    const uint64_t hits =
+        static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(v + t), b, _CMP_LE_OQ)) |
+        static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(v + t + 16), b, _CMP_LE_OQ))
+            << 16 |
+        static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(v + t + 32), b, _CMP_LE_OQ))
+            << 32 |
+        static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(v + t + 48), b, _CMP_LE_OQ))
+            << 48;
+    if (hits) take(t, hits);
+  }
+  for (; t < m; t += 16) {
+    const __mmask16 k = static_cast<__mmask16>(m - t >= 16 ? 0xffffu : (1u << (m - t)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(k, v + t);
+    take(t, _mm512_mask_cmp_ps_mask(k, x, _mm512_set1_ps(bound), _CMP_LE_OQ));
+  }
+}
+#endif
+
+// The row sweeps of one instruction set: same results, different speed.
+struct RowSweeps {
+  bool (*fold)(const float* v, int64_t m, float* lo, float* hi);
+  void (*scan)(const float* v, int64_t m, int64_t first, int64_t row, const RowScale& s,
+               NearestHeap& heap);
+};
+
+// "auto" (the widest this CPU runs), "avx512" or "plain"; a clear error otherwise.
+RowSweeps row_sweeps(const std::string& isa) {
+#ifdef IICS_X86_SIMD
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+#else
+  const bool avx512 = false;
+#endif
+  if (isa == "plain" || (isa == "auto" && !avx512)) return {fold_range, scan_row_plain};
+#ifdef IICS_X86_SIMD
+  if (isa == "auto" || (isa == "avx512" && avx512)) return {fold_range_avx512, scan_row_avx512};
+#endif
+  if (isa == "avx512")
+    throw std::invalid_argument("isa='avx512' is not supported by this CPU; use isa='auto'");
+  throw std::invalid_argument("isa must be 'auto', 'avx512' or 'plain'; got '" + isa + "'");
+}
+
+[[noreturn]] void throw_nonfinite() {
+  throw std::invalid_argument(
+      "k_reciprocal: the distance matrix contains NaN or inf; re-ranking needs finite "
+      "distances (check the features and the similarity build)");
+}
+
+// Sets range[i] from the row's max: max - min, 1 for a constant row.
+void set_range(RowScale& s, int64_t i, float hi) {
+  const float r = hi - s.lo[i];
+  s.range[i] = r > 0.0f ? r : 1.0f;
+}
+
+// Min and max of every row of a condensed matrix, diagonal (0) included, in one sequential
+// sweep: entry (i, j) is in row i (contiguous) and row j (the thread's own partial column
+// arrays). Throws on NaN/inf.
+RowScale condensed_row_scale(const float* in, int64_t n, const RowSweeps& sweeps) {
+  std::vector<float> lo(n), hi(n);
+  int nonfinite = 0;
+  const int threads = max_threads();
+  std::vector<float> col_lo(static_cast<size_t>(threads) * n, kInf);
+  std::vector<float> col_hi(static_cast<size_t>(threads) * n, -kInf);
+#pragma omp parallel reduction(| : nonfinite) if (n >= kParallelMin)
+  {
+    float* clo = col_lo.data() + static_cast<size_t>(thread_index()) * n;
+    float* chi = col_hi.data() + static_cast<size_t>(thread_index()) * n;
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t i = 0; i < n; ++i) {
+      const float* seg = in + condensed_row(n, i);
+      const int64_t m = n - 1 - i;
+      float a = 0.0f, b = 0.0f;  // the diagonal
+      nonfinite |= !sweeps.fold(seg, m, &a, &b);
+      lo[i] = a;
+      hi[i] = b;
+      float* cl = clo + i + 1;
+      float* ch = chi + i + 1;
+      for (int64_t t = 0; t < m; ++t) {
+        cl[t] = seg[t] < cl[t] ? seg[t] : cl[t];
+        ch[t] = seg[t] > ch[t] ? seg[t] : ch[t];
+      }
+    }
+  }
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i)
+    for (int t = 0; t < threads; ++t) {
+      lo[i] = std::min(lo[i], col_lo[static_cast<size_t>(t) * n + i]);
+      hi[i] = std::max(hi[i], col_hi[static_cast<size_t>(t) * n + i]);
+    }
+  if (nonfinite) throw_nonfinite();
+  RowScale s;
+  s.lo = std::move(lo);
+  s.range.resize(n);
+  for (int64_t i = 0; i < n; ++i) set_range(s, i, hi[i]);
+  return s;
+}
+
 // Column stripes [b[s], b[s+1]) of about equal area of the upper triangle (column j holds j
 // entries above the diagonal), several a thread for balance.
 std::vector<int64_t> column_stripes(int64_t n) {
@@ -272,25 +366,38 @@ std::vector<int64_t> column_stripes(int64_t n) {
   return b;
 }
 
-// Each row's kk nearest samples, nearest first, row-major n x kk.
+// Each row's kk nearest samples, nearest first, row-major n x kk, and the rows' scale *s.
+// Throws on NaN/inf before returning.
 std::vector<int32_t> nearest(const float* in, Layout layout, int64_t n, int kk,
-                             const RowScale& s) {
+                             const RowSweeps& sweeps, RowScale* scale) {
   std::vector<int32_t> nbr(static_cast<size_t>(n) * kk);
   if (layout == Layout::Square) {
-#pragma omp parallel if (n >= kParallelMin)
+    RowScale& s = *scale;
+    s.lo.assign(n, 0.0f);
+    s.range.assign(n, 1.0f);
+    int nonfinite = 0;
+#pragma omp parallel reduction(| : nonfinite) if (n >= kParallelMin)
     {
       std::vector<Candidate> slots(kk);
 #pragma omp for schedule(dynamic, 16)
       for (int64_t i = 0; i < n; ++i) {
+        const float* row = in + i * n;
+        float lo = kInf, hi = -kInf;
+        nonfinite |= !sweeps.fold(row, n, &lo, &hi);  // brings the row into cache
+        s.lo[i] = lo;
+        set_range(s, i, hi);
         int size = 0;
         NearestHeap heap{slots.data(), kk, &size};
-        scan_row(in + i * n, n, 0, i, s, heap);
+        sweeps.scan(row, n, 0, i, s, heap);
         heap.sort();
         for (int t = 0; t < kk; ++t) nbr[i * kk + t] = slots[t].idx;
       }
     }
+    if (nonfinite) throw_nonfinite();
     return nbr;
   }
+  RowScale& s = *scale;
+  s = condensed_row_scale(in, n, sweeps);
   // Condensed: `upper` holds row i's nearest among indices >= i (diagonal, then row i's
   // segment), `lower` those among indices < i, fed column by column.
   std::vector<Candidate> upper(static_cast<size_t>(n) * kk), lower(static_cast<size_t>(n) * kk);
@@ -299,7 +406,7 @@ std::vector<int32_t> nearest(const float* in, Layout layout, int64_t n, int kk,
   for (int64_t i = 0; i < n; ++i) {
     NearestHeap heap{upper.data() + i * kk, kk, &upper_size[i]};
     heap.offer(s.key(i, 0.0f), 0.0f, static_cast<int32_t>(i));
-    scan_row(in + condensed_row(n, i), n - 1 - i, i + 1, i, s, heap);
+    sweeps.scan(in + condensed_row(n, i), n - 1 - i, i + 1, i, s, heap);
     heap.sort();
   }
   const std::vector<int64_t> stripe = column_stripes(n);
@@ -404,24 +511,29 @@ Sparse expansion_sets(int64_t n, int kk, int k_half, const std::vector<int32_t>&
   }
   auto fill = [&](int64_t begin, int64_t end, std::vector<int32_t>& cols, std::vector<float>&,
                   int64_t* ends) {
-    std::vector<int32_t> r, sorted_r, expansion;
+    // flag[c]: bit 0 while c is in row i's reciprocal set, bit 1 while c is in its expansion;
+    // cleared again after each row.
+    std::vector<uint8_t> flag(n, 0);
+    std::vector<int32_t> r, expansion;
     for (int64_t i = begin; i < end; ++i) {
       reciprocal_set(nbr.data(), kk, i, kk, r);
-      sorted_r.assign(r.begin(), r.end());
-      std::sort(sorted_r.begin(), sorted_r.end());
       expansion.assign(r.begin(), r.end());
+      for (const int32_t c : r) flag[c] = 3;
       for (const int32_t c : r) {
         const int32_t* cand = half_set.data() + static_cast<int64_t>(c) * k_half;
         const int size = half_size[c];
         int overlap = 0;
-        for (int t = 0; t < size; ++t)
-          overlap += std::binary_search(sorted_r.begin(), sorted_r.end(), cand[t]);
+        for (int t = 0; t < size; ++t) overlap += flag[cand[t]] & 1;
         // The reference's test in double precision: len(intersect) > 2/3 * len(candidate set).
         if (static_cast<double>(overlap) > 2.0 / 3.0 * static_cast<double>(size))
-          expansion.insert(expansion.end(), cand, cand + size);
+          for (int t = 0; t < size; ++t)
+            if (!(flag[cand[t]] & 2)) {
+              flag[cand[t]] |= 2;
+              expansion.push_back(cand[t]);
+            }
       }
+      for (const int32_t c : expansion) flag[c] = 0;
       std::sort(expansion.begin(), expansion.end());
-      expansion.erase(std::unique(expansion.begin(), expansion.end()), expansion.end());
       cols.insert(cols.end(), expansion.begin(), expansion.end());
       ends[i - begin] = static_cast<int64_t>(cols.size());
     }
@@ -535,9 +647,10 @@ inline void combine(const float* __restrict d, const float* __restrict jac_term,
 }  // namespace
 
 std::vector<int32_t> k_reciprocal_neighbours_cpu(const float* in, Layout in_layout, int64_t n,
-                                                 int k1) {
-  const RowScale s = row_scale(in, in_layout, n);
-  return nearest(in, in_layout, n, static_cast<int>(std::min<int64_t>(k1 + 1, n)), s);
+                                                 int k1, const std::string& isa) {
+  RowScale s;
+  return nearest(in, in_layout, n, static_cast<int>(std::min<int64_t>(k1 + 1, n)),
+                 row_sweeps(isa), &s);
 }
 
 void k_reciprocal_cpu(const float* in, Layout in_layout, float* out, Layout out_layout,
@@ -546,8 +659,8 @@ void k_reciprocal_cpu(const float* in, Layout in_layout, float* out, Layout out_
   const int kk = static_cast<int>(std::min<int64_t>(p.k1 + 1, n));
   const int k_half = static_cast<int>(std::min<int64_t>(p.k_half, n));
   const int k2 = static_cast<int>(std::min<int64_t>(p.k2, n));
-  const RowScale s = row_scale(in, in_layout, n);
-  const std::vector<int32_t> nbr = nearest(in, in_layout, n, kk, s);
+  RowScale s;
+  const std::vector<int32_t> nbr = nearest(in, in_layout, n, kk, row_sweeps(p.isa), &s);
   Sparse v = build_v(in, in_layout, n, kk, k_half, s, nbr);
   if (k2 != 1) v = rerank_parts::expand_v(v, n, kk, k2, nbr);
   const Sparse inverted = rerank_parts::transpose(v, n);

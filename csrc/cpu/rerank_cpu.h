@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace iics {
@@ -19,12 +20,14 @@ struct KReciprocalParams {
   int k2;                // query-expansion width, 1 <= k2 <= k1 + 1
   float jaccard_weight;  // 1 - lambda rounded to float16, as the reference multiplies it
   float dist_weight;     // lambda in float32
+  std::string isa;       // row sweeps: "auto" (the widest this CPU runs), "avx512" or "plain"
 };
 
 // Each row's min(k1 + 1, n) nearest samples by normalised distance (ties: smaller index first),
 // row-major n x kk int32, nearest first. Throws std::invalid_argument on NaN/inf input.
+// isa: as KReciprocalParams::isa.
 std::vector<int32_t> k_reciprocal_neighbours_cpu(const float* in, Layout in_layout, int64_t n,
-                                                 int k1);
+                                                 int k1, const std::string& isa = "auto");
 
 // Writes the re-ranked distance into `out` (square: every entry; condensed: i < j). `out` may
 // be `in` itself when the layouts match (in place); otherwise the buffers must not overlap.
