@@ -20,7 +20,7 @@ struct KReciprocalParams {
   int k2;                // query-expansion width, 1 <= k2 <= k1 + 1
   float jaccard_weight;  // 1 - lambda rounded to float16, as the reference multiplies it
   float dist_weight;     // lambda in float32
-  std::string isa;       // row sweeps: "auto" (the widest this CPU runs), "avx512" or "plain"
+  std::string isa = "auto";  // row sweeps: "auto" (the widest this CPU runs), "avx512", "plain"
 };
 
 // Each row's min(k1 + 1, n) nearest samples by normalised distance (ties: smaller index first),
