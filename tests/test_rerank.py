@@ -190,17 +190,45 @@ def test_row_sweep_variants_match_reference(isa, n, rng):
 
 
 @pytest.mark.parametrize("isa", row_sweep_variants())
-@pytest.mark.parametrize("n", [70, 1100])
-def test_row_sweep_variants_break_ties_by_index(isa, n, rng):
+@pytest.mark.parametrize("n, k1", [(300, 3), (700, 9), (1500, 20)])
+def test_row_sweep_variants_with_a_block_bound(isa, n, k1, rng):
+    """Rows of at least k1 + 1 blocks of 64 values: the AVX-512 sweep first bounds the
+    neighbours by the blocks' minima (the key rounds, so the bound is widened to every raw
+    value sharing the key), then offers the heap only what passes it."""
+    d = all_vs_all(rng, n, clusters=max(1, n // 8))
+    k2 = 6 if k1 >= 5 else 2
+    ref = k_reciprocal_ref(d, k1, k2, exact_exp=True)
+    np.testing.assert_array_equal(native_rerank(d, isa, k1, k2), ref)
+    np.testing.assert_array_equal(native_rerank(condensed(d), isa, k1, k2),
+                                  ref[np.triu_indices(n, 1)])
+    np.testing.assert_array_equal(native().k_reciprocal_neighbours(d, k1, isa=isa),
+                                  stable_rank(d, k1 + 1))
+
+
+@pytest.mark.parametrize("isa", row_sweep_variants())
+@pytest.mark.parametrize("n, k1, values", [(70, 20, "integers"), (1100, 20, "integers"),
+                                           (400, 4, "integers"), (400, 4, "adjacent floats")])
+def test_row_sweep_variants_break_ties_by_index(isa, n, k1, values, rng):
     """Many entries equal to the heap's bound inside one 64-value block: the prefilter lets
-    them through in index order, so the smaller index wins, as a stable argsort has it."""
-    d = rng.integers(-2, 3, (n, n)).astype(np.float32)
+    them through in index order, so the smaller index wins, as a stable argsort has it. With
+    n = 400, k1 = 4 the block bound is on. "adjacent floats": eight neighbouring float32 values
+    near 1.9 in a row of range 3.7, so that distinct raw values share a normalised key, the ties
+    the block bound must widen to."""
+    if values == "integers":
+        d = rng.integers(-2, 3, (n, n)).astype(np.float32)
+    else:
+        steps = rng.integers(0, 8, (n, n)).astype(np.int32)
+        d = (np.full((n, n), np.float32(1.9)).view(np.int32) + steps).view(np.float32)
+        d[:, ::50] = np.float32(3.7)
     d = np.maximum(d, d.T)
     np.fill_diagonal(d, 0)
-    np.testing.assert_array_equal(native().k_reciprocal_neighbours(d, 20, isa=isa),
-                                  stable_rank(d, 21))
-    ref = k_reciprocal_ref(d, exact_exp=True)
-    np.testing.assert_array_equal(native_rerank(d, isa), ref)
+    if values != "integers":  # the keys do collapse
+        lo, top = d[5].min(), d[5].max() - d[5].min()
+        assert len(np.unique((np.unique(d[5]) - lo) / top)) < len(np.unique(d[5]))
+    np.testing.assert_array_equal(native().k_reciprocal_neighbours(d, k1, isa=isa),
+                                  stable_rank(d, k1 + 1))
+    ref = k_reciprocal_ref(d, k1, 2, exact_exp=True)
+    np.testing.assert_array_equal(native_rerank(d, isa, k1, 2), ref)
 
 
 @pytest.mark.parametrize("isa", row_sweep_variants())

@@ -241,17 +241,88 @@ IICS_TARGET_AVX512 bool fold_range_avx512(const float* v, int64_t m, float* lo, 
   return _mm512_cmp_ps_mask(f, _mm512_setzero_ps(), _CMP_EQ_OQ) == 0xffff;
 }
 
+#endif
+
+// Floats in value order as signed integers (-0 just below +0), and back.
+inline int32_t float_order(float x) {
+  int32_t i;
+  std::memcpy(&i, &x, sizeof i);
+  return i < 0 ? i ^ 0x7fffffff : i;
+}
+inline float order_float(int32_t i) {
+  if (i < 0) i ^= 0x7fffffff;
+  float x;
+  std::memcpy(&x, &i, sizeof x);
+  return x;
+}
+
+// The largest raw value whose key in row `row` is <= the key of `raw` (the key rounds, so
+// values a little above `raw` may share it), by galloping then bisecting over the floats above
+// `raw`; +inf caps the search.
+float last_with_same_key(float raw, int64_t row, const RowScale& s) {
+  const float target = s.key(row, raw);
+  const int32_t top = float_order(kInf);
+  int32_t ok = float_order(raw), bad = top;
+  for (int64_t step = 1; ok < top; step *= 2) {
+    const int32_t probe = static_cast<int32_t>(std::min<int64_t>(ok + step, top));
+    if (!(s.key(row, order_float(probe)) <= target)) {
+      bad = probe;
+      break;
+    }
+    ok = probe;
+  }
+  while (bad - ok > 1) {
+    const int32_t mid = ok + (bad - ok) / 2;
+    if (s.key(row, order_float(mid)) <= target)
+      ok = mid;
+    else
+      bad = mid;
+  }
+  return order_float(ok);
+}
+
+#ifdef IICS_X86_SIMD
+// A raw bound that no entry of the row's final kk nearest exceeds, so that the heap is offered
+// few candidates: with M the kk-th smallest of the 64-value blocks' minima, kk entries are <= M,
+// so every final neighbour has key <= key(M), and the bound is the largest raw value with that
+// key. +inf when the row has fewer than kk whole blocks.
+IICS_TARGET_AVX512 float block_bound_avx512(const float* v, int64_t m, int64_t row,
+                                            const RowScale& s, int kk) {
+  const int64_t blocks = m / 64;
+  if (blocks < kk) return kInf;
+  thread_local std::vector<float> minima;
+  minima.resize(blocks);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* x = v + 64 * b;
+    const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+    const __m512 x2 = _mm512_loadu_ps(x + 32), x3 = _mm512_loadu_ps(x + 48);
+    const __m512 a = _mm512_mask_min_ps(x0, 0xffff, x0, x1);
+    const __m512 c = _mm512_mask_min_ps(x2, 0xffff, x2, x3);
+    float lanes[16];
+    _mm512_storeu_ps(lanes, _mm512_mask_min_ps(a, 0xffff, a, c));
+    // Each lane holds one of the block's values; NaN lanes (a row refused later) are skipped,
+    // so the minima stay ordered for nth_element.
+    float least = kInf;
+    for (int u = 0; u < 16; ++u) least = lanes[u] < least ? lanes[u] : least;
+    minima[b] = least;
+  }
+  std::nth_element(minima.begin(), minima.begin() + (kk - 1), minima.end());
+  return last_with_same_key(minima[kk - 1], row, s);
+}
+
 // AVX-512 scan_row: 64 values against the bound at once; only the values at or below it (a
-// bit mask) are looked at one by one, against the bound as it tightens.
+// bit mask) are looked at one by one, against the bound as it tightens. The bound starts at
+// block_bound_avx512's, so the heap sees a few candidates more than it keeps, not ~k ln(m / k).
 IICS_TARGET_AVX512 void scan_row_avx512(const float* v, int64_t m, int64_t first, int64_t row,
                                         const RowScale& s, NearestHeap& heap) {
-  float bound = heap.raw_bound();
+  const float start = block_bound_avx512(v, m, row, s, heap.cap);
+  float bound = std::min(heap.raw_bound(), start);
   const auto take = [&](int64_t t, uint64_t hits) {
     for (; hits; hits &= hits - 1) {
       const int64_t u = t + __builtin_ctzll(hits);
       if (v[u] <= bound) {
         heap.offer(s.key(row, v[u]), v[u], static_cast<int32_t>(first + u));
-        bound = heap.raw_bound();
+        bound = std::min(heap.raw_bound(), start);
       }
     }
   };
