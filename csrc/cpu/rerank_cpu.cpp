@@ -214,6 +214,44 @@ void scan_row_plain(const float* v, int64_t m, int64_t first, int64_t row, const
 }
 
 #ifdef IICS_X86_SIMD
+// Floats in value order as signed integers (-0 just below +0), and back.
+inline int32_t float_order(float x) {
+  int32_t i;
+  std::memcpy(&i, &x, sizeof i);
+  return i < 0 ? i ^ 0x7fffffff : i;
+}
+inline float order_float(int32_t i) {
+  if (i < 0) i ^= 0x7fffffff;
+  float x;
+  std::memcpy(&x, &i, sizeof x);
+  return x;
+}
+
+// (AVX-512 sweeps) The largest raw value whose key in row `row` is <= the key of `raw` (the key rounds, so
+// values a little above `raw` may share it), by galloping then bisecting over the floats above
+// `raw`; +inf caps the search.
+float last_with_same_key(float raw, int64_t row, const RowScale& s) {
+  const float target = s.key(row, raw);
+  const int32_t top = float_order(kInf);
+  int32_t ok = float_order(raw), bad = top;
+  for (int64_t step = 1; ok < top; step *= 2) {
+    const int32_t probe = static_cast<int32_t>(std::min<int64_t>(ok + step, top));
+    if (!(s.key(row, order_float(probe)) <= target)) {
+      bad = probe;
+      break;
+    }
+    ok = probe;
+  }
+  while (bad - ok > 1) {
+    const int32_t mid = ok + (bad - ok) / 2;
+    if (s.key(row, order_float(mid)) <= target)
+      ok = mid;
+    else
+      bad = mid;
+  }
+  return order_float(ok);
+}
+
 // AVX-512 fold_range: 16 lanes, the tail through a masked load.
 IICS_TARGET_AVX512 bool fold_range_avx512(const float* v, int64_t m, float* lo, float* hi) {
   __m512 a = _mm512_set1_ps(*lo), b = _mm512_set1_ps(*hi), f = _mm512_setzero_ps();
@@ -241,47 +279,6 @@ IICS_TARGET_AVX512 bool fold_range_avx512(const float* v, int64_t m, float* lo, 
   return _mm512_cmp_ps_mask(f, _mm512_setzero_ps(), _CMP_EQ_OQ) == 0xffff;
 }
 
-#endif
-
-// Floats in value order as signed integers (-0 just below +0), and back.
-inline int32_t float_order(float x) {
-  int32_t i;
-  std::memcpy(&i, &x, sizeof i);
-  return i < 0 ? i ^ 0x7fffffff : i;
-}
-inline float order_float(int32_t i) {
-  if (i < 0) i ^= 0x7fffffff;
-  float x;
-  std::memcpy(&x, &i, sizeof x);
-  return x;
-}
-
-// The largest raw value whose key in row `row` is <= the key of `raw` (the key rounds, so
-// values a little above `raw` may share it), by galloping then bisecting over the floats above
-// `raw`; +inf caps the search.
-float last_with_same_key(float raw, int64_t row, const RowScale& s) {
-  const float target = s.key(row, raw);
-  const int32_t top = float_order(kInf);
-  int32_t ok = float_order(raw), bad = top;
-  for (int64_t step = 1; ok < top; step *= 2) {
-    const int32_t probe = static_cast<int32_t>(std::min<int64_t>(ok + step, top));
-    if (!(s.key(row, order_float(probe)) <= target)) {
-      bad = probe;
-      break;
-    }
-    ok = probe;
-  }
-  while (bad - ok > 1) {
-    const int32_t mid = ok + (bad - ok) / 2;
-    if (s.key(row, order_float(mid)) <= target)
-      ok = mid;
-    else
-      bad = mid;
-  }
-  return order_float(ok);
-}
-
-#ifdef IICS_X86_SIMD
 // A raw bound that no entry of the row's final kk nearest exceeds, so that the heap is offered
 // few candidates: with M the kk-th smallest of the 64-value blocks' minima, kk entries are <= M,
 // so every final neighbour has key <= key(M), and the bound is the largest raw value with that
