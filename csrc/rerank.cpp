@@ -79,5 +79,5 @@ void bind_rerank(py::module_& m) {
   m.def("k_reciprocal_neighbours", &k_reciprocal_neighbours_py, py::arg("dist").noconvert(),
         py::arg("k1"), py::arg("isa") = "auto",
         "Each row's min(k1 + 1, n) nearest samples by row-normalised distance, nearest first, "
-        "ties to the smaller index (int32, n x min(k1 + 1, n)).");
+        "ties to the smaller index (int32, n x min(k1 + 1, n)). isa as for k_reciprocal.");
 }
