@@ -82,7 +82,8 @@ DEFAULTS = {
     "weight_decay": (5e-4, "SGD weight decay"),
     # runtime
     "device": ("auto", "auto | cpu | cuda | cuda:N"),
-    "amp": ("bf16", "CUDA autocast: bf16 | fp16 (with a GradScaler) | off; CPU is float32"),
+    "amp": ("bf16", "autocast: bf16 | fp16 (CUDA only, with a GradScaler) | off; on a CPU "
+                    "bf16 only where it is native (AVX-512 BF16, AMX), else float32"),
     "workers": (None, "DataLoader workers (default: 0 on CPU, min(8, cores) on CUDA)"),
     "batch_extract": (128, "batch size of feature extraction"),
     "threads": (None, "CPU threads of torch (default: torch's choice; fewer helps on a busy CPU)"),
