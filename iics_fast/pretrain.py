@@ -40,17 +40,26 @@ SOURCE_DATA = {"num_ids": 300, "num_cameras": 8, "cameras_per_id": [2, 4],
                "camera_strength": 0.5, "seed": 1000}
 
 #: training settings of the source backbone
-SOURCE_TRAINING = {"epochs": 8, "batch_p": 16, "batch_k": 4, "optimizer": "sgd",
+SOURCE_TRAINING = {"epochs": 24, "batch_p": 16, "batch_k": 4, "optimizer": "sgd",
                    "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "margin": 0.3, "triplet_weight": 1.0,
-                   "seed": 0}
+                   "seed": 0, "amp": "off"}
 
 # Bump when the source training changes, so that older cached weights are not reused.
-SOURCE_VERSION = 1
+SOURCE_VERSION = 2
+
+
+def _precision(training: dict) -> torch.dtype | None:
+    """The autocast dtype of the source training on this CPU (None: float32)."""
+    from .models import amp_dtype
+
+    return amp_dtype(training.get("amp", "off"), torch.device("cpu"))
 
 
 def _spec(arch: str, height: int, width: int, data: dict, training: dict) -> dict:
+    # the precision this CPU trains in is part of the key: weights trained in bf16 on one
+    # machine are not those trained in float32 on another
     return {"version": SOURCE_VERSION, "arch": arch, "height": int(height), "width": int(width),
-            "data": data, "training": training}
+            "data": data, "training": training, "precision": str(_precision(training))}
 
 
 def source_path(arch: str, height: int, width: int, cache_dir: str | None = None,
@@ -59,7 +68,7 @@ def source_path(arch: str, height: int, width: int, cache_dir: str | None = None
     from .data.synthetic import default_cache_dir
 
     spec = json.dumps(_spec(arch, height, width, data or SOURCE_DATA,
-                            training or SOURCE_TRAINING), sort_keys=True)
+                            {**SOURCE_TRAINING, **(training or {})}), sort_keys=True)
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
     return os.path.join(cache_dir, f"source-{arch}-{height}x{width}-"
                                    f"{hashlib.sha1(spec.encode()).hexdigest()[:12]}.pth")
@@ -99,14 +108,17 @@ def train_source(arch: str, height: int, width: int, data: dict | None = None,
         opt, lambda s: 0.5 * (1.0 + np.cos(np.pi * min(s, steps) / steps)))
     model.train()
     head.train()
+    dtype = _precision(t)
     tic = time.perf_counter()
     for epoch in range(t["epochs"]):
         sampler.set_epoch(epoch)
         ce_sum = tri_sum = 0.0
         correct = seen = 0
         for x, y, _, _ in loader:
-            f = model(x)
-            logits = head(f)
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                f = model(x)
+                logits = head(f)
+            f, logits = f.float(), logits.float()
             ce = F.cross_entropy(logits, y)
             tri = batch_hard_triplet(f, y, t["margin"])
             opt.zero_grad(set_to_none=True)
@@ -149,13 +161,15 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=SOURCE_TRAINING["lr"])
     p.add_argument("--triplet-weight", type=float, default=SOURCE_TRAINING["triplet_weight"])
     p.add_argument("--camera-strength", type=float, default=SOURCE_DATA["camera_strength"])
+    p.add_argument("--amp", choices=("bf16", "off"), default=SOURCE_TRAINING["amp"],
+                   help="bf16 autocast where the CPU computes it natively (default: float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     data = {**SOURCE_DATA, "camera_strength": args.camera_strength}
     training = {"epochs": args.epochs, "optimizer": args.optimizer, "lr": args.lr,
-                "triplet_weight": args.triplet_weight}
+                "triplet_weight": args.triplet_weight, "amp": args.amp}
     state = train_source(args.arch, args.height, args.width, data=data, training=training)
     atomic_save(state, args.out)
     print(f"wrote {args.out}")

@@ -37,8 +37,7 @@ class TrainerBase:
         self.main = self.rank == 0  # the rank that clusters, logs and writes files
         self.device = self._pick_device()
         self.cuda = self.device.type == "cuda"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) \
-            if self.cuda else None
+        self.amp_dtype = models.amp_dtype(cfg.amp, self.device)
         if self.cuda:
             torch.backends.cudnn.benchmark = True
         if cfg.threads:
@@ -322,7 +321,7 @@ class TrainerBase:
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)

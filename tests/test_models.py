@@ -170,3 +170,32 @@ def test_classifier_head_init_and_frozen_bias():
     assert [p for p in head.parameters() if p.requires_grad] == [head.bn.weight, head.classifier.weight]
     with pytest.raises(ValueError, match="num_classes"):
         ClassifierHead(16, 0)
+
+
+def test_amp_dtype_per_device(monkeypatch):
+    from iics_fast import models
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert models.amp_dtype("off", cpu) is None and models.amp_dtype("off", cuda) is None
+    assert models.amp_dtype("bf16", cuda) is torch.bfloat16
+    assert models.amp_dtype("fp16", cuda) is torch.float16
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device.*--amp bf16"):
+        models.amp_dtype("fp16", cpu)
+    # a CPU without native bf16 keeps float32 (emulated bf16 is slower), one with it runs bf16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert models.amp_dtype("bf16", cpu) is None
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.amp_dtype("bf16", cpu) is torch.bfloat16
+
+
+def test_bf16_autocast_pools_in_float32_and_stays_close():
+    torch.manual_seed(0)
+    m = build_backbone("resnet18").eval()
+    x = torch.randn(4, 3, 64, 32)
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f = m(x)
+    assert f.dtype == torch.float32  # the feature distances are taken on is float32
+    cos = torch.nn.functional.cosine_similarity(f, ref)
+    assert cos.min() > 0.99, cos

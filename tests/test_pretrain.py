@@ -57,3 +57,14 @@ def test_unknown_optimizer_is_a_clear_error(tmp_path):
         pretrain.train_source("resnet18", 32, 16, data=TINY_SOURCE,
                               training={**TINY_TRAINING, "optimizer": "lamb"},
                               cache_dir=str(tmp_path), log=lambda *a: None)
+
+
+def test_source_precision_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    """Weights trained in bf16 on one CPU are not those trained in float32 on another."""
+    from iics_fast import models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    bf16 = pretrain.source_path("resnet18", 64, 32, str(tmp_path))
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    fp32 = pretrain.source_path("resnet18", 64, 32, str(tmp_path))
+    assert bf16 != fp32

@@ -487,10 +487,11 @@ def test_round_keeps_tensors_on_the_training_device(cache, tmp_path, monkeypatch
 
 
 # The smallest gain of the demo's IICS run (3 rounds, seed 1) over its starting mAP that counts
-# as learning, from the ablation in docs/demo.md: IICS gained 2.8 points (least 2.4, sample
-# std 0.5 over 3 seeds), stage 1 alone 1.1 (best 1.4); 1.5 points is above stage 1 alone's
-# best gain and below IICS's least.
-LEARNING_MARGIN = 0.015
+# as learning, from the 3-round ablation in docs/demo.md: IICS gained 23.7 points (least 21.0,
+# sample std 2.8 over 3 seeds), stage 1 alone at most 7.7 and stage 2 on features alone at most
+# 8.4; 12 points is above both (a broken stage 2 or Jaccard term fails) and 4 standard
+# deviations below IICS's mean.
+LEARNING_MARGIN = 0.12
 
 
 @pytest.mark.slow

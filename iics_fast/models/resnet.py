@@ -133,7 +133,8 @@ class ResNet(nn.Module):
             raise ValueError(f"{self.arch} expects images of shape (N, 3, H, W); got {tuple(x.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        # pooled in float32 under autocast: the feature the distances are taken on
+        return torch.flatten(self.avgpool(x.float()), 1)
 
 
 def _describe_arch(keys) -> str | None:
