@@ -63,8 +63,9 @@ def test_source_precision_is_part_of_the_cache_key(tmp_path, monkeypatch):
     """Weights trained in bf16 on one CPU are not those trained in float32 on another."""
     from iics_fast import models
 
+    training = {**pretrain.SOURCE_TRAINING, "amp": "bf16"}
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
-    bf16 = pretrain.source_path("resnet18", 64, 32, str(tmp_path))
+    bf16 = pretrain.source_path("resnet18", 64, 32, str(tmp_path), training=training)
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
-    fp32 = pretrain.source_path("resnet18", 64, 32, str(tmp_path))
+    fp32 = pretrain.source_path("resnet18", 64, 32, str(tmp_path), training=training)
     assert bf16 != fp32
