@@ -194,6 +194,34 @@ py::array_t<double> sizes_py(const LinkagePy& l, const Array<int32_t>& slots) {
   return out;
 }
 
+py::tuple pending_py(LinkagePy& l, int64_t count) {
+  std::vector<int32_t> a, b;
+  l.core.pending(count, a, b);
+  return py::make_tuple(to_numpy(a), to_numpy(b));
+}
+
+void set_sums_py(LinkagePy& l, const Array<int32_t>& a, const Array<int32_t>& b,
+                 const Array<double>& s) {
+  require(a.size() == b.size() && s.size() == a.size(), "pair arrays differ in length");
+  const int64_t n = l.x.shape(0);
+  for (py::ssize_t e = 0; e < a.size(); ++e)
+    require(a.data()[e] >= 0 && a.data()[e] < n && b.data()[e] >= 0 && b.data()[e] < n,
+            "pair slot outside the slots");
+  l.core.set_sums(a.data(), b.data(), s.data(), a.size());
+}
+
+py::tuple members_py(const LinkagePy& l, const Array<int32_t>& slots) {
+  std::vector<int64_t> ptr{0};
+  std::vector<int32_t> idx;
+  for (py::ssize_t t = 0; t < slots.size(); ++t) {
+    const int32_t s = slots.data()[t];
+    require(s >= 0 && s < l.x.shape(0) && l.core.alive(s), "members of a slot not live");
+    l.core.members(s, idx);
+    ptr.push_back(static_cast<int64_t>(idx.size()));
+  }
+  return py::make_tuple(to_numpy(ptr), to_numpy(idx));
+}
+
 }  // namespace
 
 void bind_sparse(py::module_& m) {
@@ -224,5 +252,13 @@ void bind_sparse(py::module_& m) {
       .def("set_bounds", &set_bounds_py, py::arg("slots").noconvert(), py::arg("values").noconvert())
       .def("slot_sums", &slot_sums_py, py::arg("slots").noconvert())
       .def("top", [](LinkagePy& l) { return l.core.top(); })
+      .def("check_pairs", [](LinkagePy& l, double margin) {
+        require(margin >= 0, "the re-check margin must be >= 0");
+        l.core.check_pairs(margin);
+      }, py::arg("margin"))
+      .def("pending", &pending_py, py::arg("count"))
+      .def("set_sums", &set_sums_py, py::arg("a").noconvert(), py::arg("b").noconvert(),
+           py::arg("sums").noconvert())
+      .def("members", &members_py, py::arg("slots").noconvert())
       .def_property_readonly("live", [](const LinkagePy& l) { return l.core.live(); });
 }

@@ -69,6 +69,7 @@ __all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums"
            "gather_sparse_scores", "camera_jaccard", "jaccard_background"]
 
 FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
+RECHECK_MARGIN = None
 FAR_FLAT_MAX = 8_192  # above this many the farthest-sample search (row max) uses an IVF index
 
 
@@ -635,7 +636,7 @@ def _refresh(link, x, g, c0, top, k, block=8192):
 
 
 def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None, background=None,
-                    alpha=None, bounds=None, refresh_k=32):
+                    alpha=None, bounds=None, refresh_k=32, pair_values=None, margin=0.0, batch=256):
     """Average linkage of the N samples into k_inter clusters, greedy on the closest pair overall,
     with the graph pairs (gi, gj) at their exact pair values and every other pair at the model
         c0 + (u_i + u_j) / 2 - (b_i + b_j) / 2 (cos(i, j) + bg(i, j)),
@@ -645,25 +646,42 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     lower bound a sample on its model value with every sample it has no edge to; None: none
     known); when it is farther, the clusters whose bound is below it get their `refresh_k`
     nearest clusters by the model (cluster sums, exact) as edges and a new bound (twice as many
-    when that search let no merge through). Returns
-    (labels numbered by first appearance, info)."""
+    when that search let no merge through).
+
+    pair_values: None (the model stands for the pairs off the graph), or a function
+    (i, j) -> the exact value of each pair (i, j int32 arrays, any order within a pair): then a
+    pair of clusters whose sum holds model parts is merged only after its sum over A x B was
+    recomputed from pair_values, and the model's heights count `margin` lower until then
+    (`batch` such pairs recomputed at a time, closest first). The merges are then average
+    linkage's on the exact pair values wherever the model errs by less than the margin.
+    Returns (labels numbered by first appearance, info)."""
     n = len(f)
     b = np.ones(n) if b is None else np.asarray(b, np.float64)
     u = np.ones(n) if u is None else np.asarray(u, np.float64)
     x, g = _model_columns(f, b, cams, background, alpha)
     link = _native().SparseLinkage(x, g, np.ascontiguousarray(u), float(c0))
+    if pair_values is not None:
+        link.check_pairs(float(margin))
     link.add_edges(np.ascontiguousarray(gi, np.int32), np.ascontiguousarray(gj, np.int32),
                    np.ascontiguousarray(value, np.float64))
     bounds = np.full(n, -np.inf) if bounds is None else np.asarray(bounds, np.float64)
     link.set_bounds(np.arange(n, dtype=np.int32), np.ascontiguousarray(bounds))
-    refreshes = searched = 0
+    refreshes = searched = checked = checked_pairs = 0
     k, last = refresh_k, None
     while link.run(k_inter) > k_inter:
+        if pair_values is not None:
+            a, c = link.pending(batch)
+            if len(a):
+                sums, pairs = _cluster_pair_sums(link, a, c, pair_values)
+                link.set_sums(a, c, sums)
+                checked += len(a)
+                checked_pairs += pairs
+                continue
         # no merge since the last search (its nearest were edges already): search wider
         k = 2 * k if link.live == last else refresh_k
         last = link.live
         refreshes += 1
-        searched += _refresh(link, x, g, float(c0), link.top(), k)
+        searched += _refresh(link, x, g, float(c0), link.top() + (margin if pair_values is not None else 0.0), k)
     kept, absorbed, heights = link.merges()
     parent = np.arange(n)
     parent[absorbed] = kept
@@ -676,7 +694,30 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     _, first, inv = np.unique(root, return_index=True, return_inverse=True)
     rank = np.empty(len(first), np.int64)
     rank[np.argsort(first)] = np.arange(len(first))
-    return rank[inv], {"refreshes": refreshes, "clusters_searched": searched, "merges": len(kept)}
+    return rank[inv], {"refreshes": refreshes, "clusters_searched": searched, "merges": len(kept),
+                       "pairs_checked": checked, "sample_pairs_checked": checked_pairs}
+
+
+def _cluster_pair_sums(link, a, c, pair_values, chunk=1 << 22):
+    """The sums of pair_values over A x B for the live slots a[e], c[e] (float64), and the number
+    of sample pairs summed; `chunk` pairs evaluated at a time."""
+    pa, ma = link.members(a)
+    pc, mc = link.members(c)
+    na, nc = np.diff(pa), np.diff(pc)
+    count = na * nc
+    sums = np.zeros(len(a))
+    ends = np.cumsum(count)
+    e0 = 0
+    while e0 < len(a):  # whole cluster pairs a chunk (at least one)
+        e1 = max(e0 + 1, int(np.searchsorted(ends, (ends[e0 - 1] if e0 else 0) + chunk, "right")))
+        cnt = count[e0:e1]
+        owner = np.repeat(np.arange(e0, e1), cnt)
+        local = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        i = ma[pa[owner] + local // nc[owner]]
+        j = mc[pc[owner] + local % nc[owner]]
+        sums[e0:e1] = np.bincount(owner - e0, np.asarray(pair_values(i, j), np.float64), minlength=e1 - e0)
+        e0 = e1
+    return sums, int(count.sum())
 
 
 def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank):
@@ -719,7 +760,27 @@ def _initial_bounds(blk, n, b, u, c0, cams, background, alpha):
     return out
 
 
-def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_value, info, timer):
+def _exact_pairs(f, sp, camids, mu, n, gi, gj, value, rerank):
+    """The pair values the linkage re-checks with: Eq. 5 with J^ (1 - cos - mu J^ [cameras
+    differ], float32 as on the graph) or, with rerank = (lo, range, c0, lambda), the re-ranked
+    value: the graph pair's (gi < gj, sorted by gi * n + gj) where the pair is on the graph, else
+    c0 + lambda (d - lo_m) / range_m with m = min(i, j), the row the dense round normalises by."""
+    keys = gi.astype(np.int64) * n + gj if rerank is not None else None
+
+    def values(i, j):
+        d = (1.0 - _pair_cos(f, i, j) - mu * _cross_jaccard(sp, camids, i, j)).astype(np.float32)
+        if rerank is None:
+            return d
+        lo, rng_, c0, lam = rerank
+        m = np.minimum(i, j)
+        out = c0 + ((d - lo[m]) / rng_[m]) * lam
+        found, hit = _lookup(keys, value, n, m, np.maximum(i, j))
+        return np.where(hit, found, out)
+    return values
+
+
+def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_value, info, timer,
+                recheck_margin=None):
     """Average linkage of the gathered candidate graph `blk` down to k_inter clusters (after
     the re-ranking's edge values when `rerank`); returns the labels, timings and counts go
     into `info`."""
@@ -742,9 +803,15 @@ def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_valu
     else:
         gi, gj, value = _undirected(blk["ei"], blk["ej"], blk["d"])
         value = value.astype(np.float64)
+        lo = rng_ = None
     bounds = _initial_bounds(blk, n, b, u, c0, cams, background, alpha)
+    pair_values = None
+    if recheck_margin is not None:
+        pair_values = _exact_pairs(f, scores, camids, mu, n, gi, gj, value,
+                                   (lo, rng_, np.float32(c0), np.float32(lambda_value)) if rerank else None)
     labels, extra = average_linkage(f, gi, gj, value, k_inter, b=b, u=u, c0=c0, cams=cams,
-                                    background=background, alpha=alpha, bounds=bounds)
+                                    background=background, alpha=alpha, bounds=bounds,
+                                    pair_values=pair_values, margin=recheck_margin or 0.0)
     info.update(extra, graph_pairs=int(len(gi)))
     timer.lap(info, "time_linkage_s")
     return labels
@@ -752,7 +819,7 @@ def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_valu
 
 def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity="rerank", k=32,
                        k_candidates=128, k1=20, k2=6, lambda_value=0.3, k_far=16, index="auto", device=None,
-                       log=None):
+                       log=None, recheck_margin=RECHECK_MARGIN):
     """One inter-camera clustering round without an N x N matrix (see the module docstring for
     what is exact and what is approximated).
 
@@ -797,7 +864,7 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     labels = None
     if blk is not None:
         labels = _link_graph(f, scores, camids, float(mu), blk, k_inter, rerank, k1, k2, lambda_value,
-                             info, timer)
+                             info, timer, recheck_margin)
     if D.world_size() > 1:
         labels, info = D.broadcast_object((labels, info), src=0)
     return labels, info
