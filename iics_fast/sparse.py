@@ -69,7 +69,7 @@ __all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums"
            "gather_sparse_scores", "camera_jaccard", "jaccard_background"]
 
 FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
-RECHECK_MARGIN = None
+RECHECK_MARGIN = 2e-3  # heights the model may err by before its merge is re-checked (docs/sparse.md)
 FAR_FLAT_MAX = 8_192  # above this many the farthest-sample search (row max) uses an IVF index
 
 
@@ -90,6 +90,7 @@ class SparseScores:
     sample_rows: np.ndarray = None  # rows kept whole, for the Jaccard background
     sample_scores: np.ndarray = None
     tail: np.ndarray = None  # (n, blocks): a block's dropped mass / its dropped entries
+    tail_weight: float = 1.0  # how much the tail terms of J^ count (fit_tail_weight)
 
     @property
     def offsets(self) -> np.ndarray:
@@ -106,7 +107,8 @@ class SparseScores:
         keep = (self.sample_rows >= start) & (self.sample_rows < stop)
         return SparseScores(self.ptr[start:stop + 1] - a, self.col[a:b], self.val[a:b],
                             self.total[start:stop], self.dropped[start:stop], self.dims,
-                            self.sample_rows[keep] - start, self.sample_scores[keep], self.tail[start:stop])
+                            self.sample_rows[keep] - start, self.sample_scores[keep], self.tail[start:stop],
+                            self.tail_weight)
 
     @staticmethod
     def concat(parts) -> SparseScores:
@@ -118,7 +120,8 @@ class SparseScores:
         return SparseScores(ptr, np.concatenate([p.col for p in parts]), np.concatenate([p.val for p in parts]),
                             np.concatenate([p.total for p in parts]), np.concatenate([p.dropped for p in parts]),
                             parts[0].dims, np.concatenate([p.sample_rows + r for p, r in zip(parts, rows)]),
-                            np.concatenate([p.sample_scores for p in parts]), np.concatenate([p.tail for p in parts]))
+                            np.concatenate([p.sample_scores for p in parts]), np.concatenate([p.tail for p in parts]),
+                            parts[0].tail_weight)
 
     def dense(self) -> np.ndarray:
         """The truncated rows as a dense (n, D) float32 array (tests)."""
@@ -260,11 +263,42 @@ def _native():
 
 def sparse_min_sums(sp: SparseScores, ei, ej, tail: bool = False) -> np.ndarray:
     """sum_c min(a_c, b_c) of rows ei[e], ej[e] (float32): over the kept entries, or with
-    tail=True over rows whose dropped entries each hold their block's dropped mass evenly."""
+    tail=True over rows whose dropped entries each hold their block's dropped mass evenly, the
+    terms holding such a tail counted sp.tail_weight times (1 unless fitted)."""
     ei = np.ascontiguousarray(ei, np.int32)
     ej = np.ascontiguousarray(ej, np.int32)
-    extra = (sp.offsets, np.ascontiguousarray(sp.tail, np.float32)) if tail else (None, None)
+    extra = (sp.offsets, np.ascontiguousarray(sp.tail, np.float32), float(sp.tail_weight)) if tail \
+        else (None, None, 1.0)
     return _native().sparse_min_sums(np.ascontiguousarray(sp.ptr, np.int64), sp.col, sp.val, ei, ej, *extra)
+
+
+def fit_tail_weight(sp: SparseScores, camids, rows: int = 256) -> float:
+    """The weight w in [0, 1] of J^'s tail terms that best fits, by least squares on m, the exact
+    sum of minima m between `rows` evenly spaced rows kept whole (pairs of different cameras):
+    m ~ m_kept + w (m^ - m_kept). The even tail overstates the overlap of two dropped tails
+    (their entries vary, and the mean of a minimum is below the minimum of the means); any w in
+    [0, 1] keeps J within jaccard_error_bound, as m_kept <= m_w <= m^. 1 without such rows."""
+    from .similarity import pairwise_jaccard
+
+    if sp.sample_rows is None or len(sp.sample_rows) < 2:
+        return 1.0
+    pick = sample_rows(len(sp.sample_rows), rows)
+    glob = sp.sample_rows[pick]
+    whole = np.ascontiguousarray(sp.sample_scores[pick], np.float32)
+    J = pairwise_jaccard(torch.from_numpy(whole)).numpy().astype(np.float64)
+    tot = whole.sum(1, dtype=np.float64)
+    a, b = np.triu_indices(len(pick), 1)
+    cam = np.asarray(camids)[glob]
+    cross = cam[a] != cam[b]
+    a, b = a[cross], b[cross]
+    if len(a) == 0:
+        return 1.0
+    m = J[a, b] * (tot[a] + tot[b]) / (1.0 + J[a, b])
+    one = SparseScores(**{**sp.__dict__, "tail_weight": 1.0})
+    kept = sparse_min_sums(one, glob[a], glob[b]).astype(np.float64)
+    tail = sparse_min_sums(one, glob[a], glob[b], tail=True).astype(np.float64) - kept
+    den = float(tail @ tail)
+    return float(np.clip((m - kept) @ tail / den, 0.0, 1.0)) if den > 0 else 1.0
 
 
 def jaccard_on_edges(sp: SparseScores, ei, ej, tail: bool = True) -> np.ndarray:
@@ -819,7 +853,7 @@ def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_valu
 
 def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity="rerank", k=32,
                        k_candidates=128, k1=20, k2=6, lambda_value=0.3, k_far=16, index="auto", device=None,
-                       log=None, recheck_margin=RECHECK_MARGIN):
+                       log=None, recheck_margin=RECHECK_MARGIN, fit_tail=True):
     """One inter-camera clustering round without an N x N matrix (see the module docstring for
     what is exact and what is approximated).
 
@@ -830,7 +864,9 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     candidate graph (N - 1 or more: the complete graph, exact); k_candidates: nearest by cosine
     among which the re-ranking ranks each row by Eq. 5 distance; k_far: farthest samples searched
     a row for the re-ranking's row max; index: "auto" | "flat" | "ivf"; device: faiss-gpu device;
-    log: a function told each step's wall time as it ends (None: silent).
+    log: a function told each step's wall time as it ends (None: silent); recheck_margin: None
+    (the model stands for pairs off the graph) or the margin of the linkage's exact re-checks
+    (`average_linkage`); fit_tail: weigh J^'s tail terms by `fit_tail_weight` (else 1).
     Under torch.distributed every rank passes the same full inputs and gets the labels.
     Returns (labels (N,) int64 numbered by first appearance, info dict).
     """
@@ -846,6 +882,9 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     k = min(k, n - 1) if n > 1 else 0
     k_candidates = min(k_candidates, n - 1) if n > 1 else 0
     info = {"N": n, "k": k, "k_candidates": k_candidates if rerank else None, "similarity": similarity}
+    if scores is not None and fit_tail:
+        scores = SparseScores(**{**scores.__dict__, "tail_weight": fit_tail_weight(scores, camids)})
+        info["tail_weight"] = round(scores.tail_weight, 4)
     if n == 1:
         return np.zeros(1, np.int64), info
     part = D.shard_indices(n, D.rank(), D.world_size())

@@ -34,7 +34,8 @@ inline double dot(const float* a, const float* b, int64_t d) {
 
 void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* val,
                          const int32_t* ei, const int32_t* ej, int64_t edges, float* out,
-                         const int64_t* offsets, int blocks, const float* tail) {
+                         const int64_t* offsets, int blocks, const float* tail,
+                         double tail_weight) {
 #pragma omp parallel if (edges >= kParallelMin)
   {
     std::vector<int64_t> kept_a(blocks), kept_b(blocks), kept_both(blocks);
@@ -48,23 +49,23 @@ void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* va
       std::fill(kept_both.begin(), kept_both.end(), 0);
       int blk = 0;  // the block of the column at hand (columns only grow)
       auto block_of = [&](int32_t c) {
-        while (offsets[blk + 1] <= c) ++blk;
+        while (blk + 1 < blocks && offsets[blk + 1] <= c) ++blk;  // a stray column: last block
         return blk;
       };
-      double m = 0.0;
+      double m = 0.0, t = 0.0;  // kept on both sides; with a tail on either side
       while (p < pe || q < qe) {  // merge of two ascending column lists
         if (q >= qe || (p < pe && col[p] < col[q])) {
           if (tail) {
             const int b = block_of(col[p]);
             ++kept_a[b];
-            m += std::min(val[p], tb[b]);
+            t += std::min(val[p], tb[b]);
           }
           ++p;
         } else if (p >= pe || col[q] < col[p]) {
           if (tail) {
             const int b = block_of(col[q]);
             ++kept_b[b];
-            m += std::min(val[q], ta[b]);
+            t += std::min(val[q], ta[b]);
           }
           ++q;
         } else {
@@ -81,9 +82,9 @@ void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* va
       for (int b = 0; b < blocks; ++b) {
         const int64_t both_dropped = (offsets[b + 1] - offsets[b]) - kept_a[b] - kept_b[b] -
                                      kept_both[b];
-        m += static_cast<double>(both_dropped) * std::min(ta[b], tb[b]);
+        t += static_cast<double>(both_dropped) * std::min(ta[b], tb[b]);
       }
-      out[e] = static_cast<float>(m);
+      out[e] = static_cast<float>(m + tail_weight * t);
     }
   }
 }

@@ -17,11 +17,13 @@ namespace iics {
 // entries, block b = columns [offsets[b], offsets[b + 1])) an entry kept on one side only adds
 // min(kept value, the other side's tail) and the entries dropped on both sides add
 // min(tail_i, tail_j) each: an estimate of the full rows' sum, never above it by construction of
-// the bound (see iics_fast/sparse.py).
+// the bound (see iics_fast/sparse.py). The terms holding a tail count tail_weight times (1: the
+// even-tail estimate; the round fits it on rows kept whole). A column outside the blocks counts
+// in the last block.
 void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* val,
                          const int32_t* ei, const int32_t* ej, int64_t edges, float* out,
                          const int64_t* offsets = nullptr, int blocks = 0,
-                         const float* tail = nullptr);
+                         const float* tail = nullptr, double tail_weight = 1.0);
 
 // out[e] = <f[ei[e]], f[ej[e]]> over rows of the n x d float32 `f`, float64 sums rounded.
 void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
