@@ -9,11 +9,13 @@ the exact reference; this module computes the same average linkage from sparse p
    each head dropped spread evenly over its dropped entries (`tail`), and a few evenly spaced
    rows kept whole. Extraction feeds it batch by batch: the dense N x D matrix never exists.
    With full row sums S_a, S_b and dropped masses r_a, r_b, the kept-only Jaccard J~ and the
-   even-tail estimate J^ (the round's) satisfy
+   even-tail estimate J^ satisfy
 
        0 <= J - J~ <= B,   |J - J^| <= B,   B = (S_a + S_b)(r_a + r_b) / max(S_a, S_b)^2
 
-   (`jaccard_error_bound`); B <= 4 eps when no head hit the cap (S = C, r <= C eps).
+   (`jaccard_error_bound`); B <= 4 eps when no head hit the cap (S = C, r <= C eps). The round
+   uses J_w, J^ with its tail terms weighed by w in [0, 1] fitted on the rows kept whole
+   (`fit_tail_weight`), which lies between J~ and J^ and so within B of J too.
 2. **Candidate graph** (`knn`): each image's k nearest by cosine through faiss (flat, exact, up
    to FLAT_MAX images; IVF above; faiss-gpu on CUDA where installed), symmetrised; Eq. 5 and the
    re-ranking's sparse terms on its edges only.
@@ -24,16 +26,18 @@ the exact reference; this module computes the same average linkage from sparse p
    (priority queue over the graph's pairs, Lance-Williams sums) until k_inter clusters: every
    cluster carries a lower bound on its model distance to the clusters it has no edge to, and
    when the closest edge lies above a bound, those clusters' nearest clusters by the model are
-   searched exactly (a blocked GEMM over the cluster sums) and become edges.
+   searched exactly (a blocked GEMM over the cluster sums) and become edges. The model only
+   ranks: a pair of clusters whose sum holds model parts is re-checked, its sum recomputed over
+   A x B from the exact pair values, before it may be merged (the model's heights count
+   `recheck_margin` lower until then), so every merge taken is at its exact height.
 
 Exact and approximate, `similarity="cosine"` (Eq. 5, then average linkage):
-  exact    the cosine part of every cluster distance; Eq. 5 on every graph pair given J^; the
-           merge order given the model (the closest pair overall, certified by the bounds while
-           the k-NN search is exact, i.e. with the flat index).
-  approx.  J^ for J (bound above); off the graph, Eq. 5's Jaccard term is modelled as
-           a[c_i, c_j] + alpha_i + alpha_j (`jaccard_background`: camera-pair means from the rows
-           kept whole plus each image's propensity), carried by two columns a camera appended
-           to the feature sums.
+  exact    the cosine part of every cluster distance; Eq. 5 on every graph pair and in every
+           merge taken, given J_w; the merge order on these exact values wherever the model errs
+           by less than the margin and the k-NN search is exact (the flat index).
+  approx.  J_w for J: J^ with its tail terms weighed by `fit_tail_weight` (within the bound
+           above); the model that ranks the pairs to re-check (off the graph, Eq. 5's Jaccard
+           term as a[c_i, c_j] + alpha_i + alpha_j, `jaccard_background`).
 `similarity="rerank"` (Eq. 5, k-reciprocal re-ranking: row min-max normalisation, upper triangle
 read, k1, k2, lambda; then average linkage), in addition:
   exact    each row's k1 + 1 nearest by Eq. 5 distance and its minimum when the k-th cosine
@@ -42,11 +46,11 @@ read, k1, k2, lambda; then average linkage), in addition:
            bounds it (info["rows_max_uncertified"]); from these lists the k-reciprocal sets, V,
            the query expansion and the Jaccard distance of every pair sharing a column of V (the
            dense path's float16 arithmetic, on its own native code); the re-ranked value of every
-           graph pair (graph = k-NN pairs and V-sharing pairs).
-  approx.  off the graph the Jaccard distance is exactly 1, and the normalised-distance part
-           lambda (d - min_i) / range_i with i = min(i, j) is taken with the mean of the two
-           rows' (min, range), which makes it a sum of per-cluster terms (the largest error
-           left: docs/sparse.md).
+           graph pair (graph = k-NN pairs and V-sharing pairs) and, in every merge taken, of every
+           pair (off the graph: Jaccard distance 1, normalised by row min(i, j) as the dense
+           round does).
+  approx.  the ranking model off the graph takes the mean of the two rows' (min, range), which
+           makes it a sum of per-cluster terms.
 With k = N - 1 and eps = 0 every pair is on the graph and nothing is approximated: the partition is
 the dense round's (tests/test_sparse.py; also to ARI on k-NN graphs).
 
