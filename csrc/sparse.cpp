@@ -195,8 +195,9 @@ py::array_t<double> sizes_py(const LinkagePy& l, const Array<int32_t>& slots) {
 
 py::tuple pending_py(LinkagePy& l, int64_t count) {
   std::vector<int32_t> a, b;
-  l.core.pending(count, a, b);
-  return py::make_tuple(to_numpy(a), to_numpy(b));
+  std::vector<double> model;
+  l.core.pending(count, a, b, model);
+  return py::make_tuple(to_numpy(a), to_numpy(b), to_numpy(model));
 }
 
 void set_sums_py(LinkagePy& l, const Array<int32_t>& a, const Array<int32_t>& b,

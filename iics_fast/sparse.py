@@ -691,7 +691,10 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     pair of clusters whose sum holds model parts is merged only after its sum over A x B was
     recomputed from pair_values, and the model's heights count `margin` lower until then
     (`batch` such pairs recomputed at a time, closest first). The merges are then average
-    linkage's on the exact pair values wherever the model errs by less than the margin.
+    linkage's on the exact pair values wherever the model errs by less than the margin; info
+    reports the largest excess of a checked model height over the exact one
+    (`model_excess_max`) and how many checked pairs exceeded the margin (`checked_beyond_margin`,
+    each a pair whose check, and so its merge, may have come late).
     Returns (labels numbered by first appearance, info)."""
     n = len(f)
     b = np.ones(n) if b is None else np.asarray(b, np.float64)
@@ -704,16 +707,20 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
                    np.ascontiguousarray(value, np.float64))
     bounds = np.full(n, -np.inf) if bounds is None else np.asarray(bounds, np.float64)
     link.set_bounds(np.arange(n, dtype=np.int32), np.ascontiguousarray(bounds))
-    refreshes = searched = checked = checked_pairs = 0
+    refreshes = searched = checked = checked_pairs = beyond = 0
+    worst = -np.inf
     k, last = refresh_k, None
     while link.run(k_inter) > k_inter:
         if pair_values is not None:
-            a, c = link.pending(batch)
+            a, c, model = link.pending(batch)
             if len(a):
                 sums, pairs = _cluster_pair_sums(link, a, c, pair_values)
                 link.set_sums(a, c, sums)
                 checked += len(a)
                 checked_pairs += pairs
+                under = model - sums / (link.sizes(a) * link.sizes(c))  # the model's excess
+                worst = max(worst, float(under.max()))
+                beyond += int((under > margin).sum())
                 continue
         # no merge since the last search (its nearest were edges already): search wider
         k = 2 * k if link.live == last else refresh_k
@@ -733,7 +740,8 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     rank = np.empty(len(first), np.int64)
     rank[np.argsort(first)] = np.arange(len(first))
     return rank[inv], {"refreshes": refreshes, "clusters_searched": searched, "merges": len(kept),
-                       "pairs_checked": checked, "sample_pairs_checked": checked_pairs}
+                       "pairs_checked": checked, "sample_pairs_checked": checked_pairs,
+                       "model_excess_max": worst if checked else None, "checked_beyond_margin": beyond}
 
 
 def _cluster_pair_sums(link, a, c, pair_values, chunk=1 << 22):

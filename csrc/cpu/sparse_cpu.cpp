@@ -226,7 +226,8 @@ void SparseLinkage::add_edges(const int32_t* a, const int32_t* b, const double* 
   }
 }
 
-void SparseLinkage::pending(int64_t count, std::vector<int32_t>& a, std::vector<int32_t>& b) {
+void SparseLinkage::pending(int64_t count, std::vector<int32_t>& a, std::vector<int32_t>& b,
+                            std::vector<double>& model) {
   const double limit = min_bound() - margin_;
   std::vector<Entry> exact;
   while (static_cast<int64_t>(a.size()) < count && !heap_.empty()) {
@@ -242,6 +243,7 @@ void SparseLinkage::pending(int64_t count, std::vector<int32_t>& a, std::vector<
     } else {
       a.push_back(e.a);
       b.push_back(e.b);
+      model.push_back(e.dist + margin_);
     }
   }
   for (const Entry& e : exact) heap_.push(e);

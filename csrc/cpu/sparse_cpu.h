@@ -83,8 +83,10 @@ class SparseLinkage {
   // Turns the exact re-checks on with the given margin (>= 0).
   void check_pairs(double margin);
   // Up to `count` of the closest non-exact edges (height - margin no farther than the smallest
-  // bound - margin), removed from the queue until `set_sums` returns their exact sums.
-  void pending(int64_t count, std::vector<int32_t>& a, std::vector<int32_t>& b);
+  // bound - margin), removed from the queue until `set_sums` returns their exact sums; `model`
+  // gets their model heights.
+  void pending(int64_t count, std::vector<int32_t>& a, std::vector<int32_t>& b,
+               std::vector<double>& model);
   // Exact pair sums of adjacent live pairs (a[e], b[e]).
   void set_sums(const int32_t* a, const int32_t* b, const double* s, int64_t count);
   // Members of a live slot's cluster, appended to `out`.
