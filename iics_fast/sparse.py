@@ -766,9 +766,10 @@ def _cluster_pair_sums(link, a, c, pair_values, chunk=1 << 22):
     return sums, int(count.sum())
 
 
-def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank):
+def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank, recheck_margin=None):
     """Raise a ValueError naming the problem for `sparse_inter_round`'s inputs: row counts that
-    disagree, k_inter outside 1..N, k < 1, or too few candidates for the re-ranking's k1."""
+    disagree, k_inter outside 1..N, k < 1, too few candidates for the re-ranking's k1, or a
+    negative re-check margin."""
     if len(camids) != n or (scores is not None and scores.n != n):
         raise ValueError(f"features ({n}), scores ({None if scores is None else scores.n}) and camids "
                          f"({len(camids)}) must have one row per image")
@@ -776,6 +777,8 @@ def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank):
         raise ValueError(f"k_inter = {k_inter} is outside 1..N = {n}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if recheck_margin is not None and not recheck_margin >= 0:
+        raise ValueError(f"recheck_margin must be >= 0 (or None: no re-checks), got {recheck_margin}")
     if rerank and min(max(k, k_candidates), n - 1) + 1 < min(k1 + 1, n):
         raise ValueError(f"the re-ranking reads k1 + 1 = {k1 + 1} neighbours a row but k = {k} and "
                          f"k_candidates = {k_candidates}; use k_candidates >= k1")
@@ -807,8 +810,8 @@ def _initial_bounds(blk, n, b, u, c0, cams, background, alpha):
 
 
 def _exact_pairs(f, sp, camids, mu, n, gi, gj, value, rerank):
-    """The pair values the linkage re-checks with: Eq. 5 with J^ (1 - cos - mu J^ [cameras
-    differ], float32 as on the graph) or, with rerank = (lo, range, c0, lambda), the re-ranked
+    """The pair values the linkage re-checks with: Eq. 5 with the round's J (1 - cos - mu J_w
+    [cameras differ], J_w with sp's tail weight, float32 as on the graph) or, with rerank = (lo, range, c0, lambda), the re-ranked
     value: the graph pair's (gi < gj, sorted by gi * n + gj) where the pair is on the graph, else
     c0 + lambda (d - lo_m) / range_m with m = min(i, j), the row the dense round normalises by."""
     keys = gi.astype(np.int64) * n + gj if rerank is not None else None
@@ -890,7 +893,7 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     camids = np.asarray(camids, np.int64)
     n = len(f)
     rerank = similarity == "rerank"
-    _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank)
+    _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank, recheck_margin)
     k = min(k, n - 1) if n > 1 else 0
     k_candidates = min(k_candidates, n - 1) if n > 1 else 0
     info = {"N": n, "k": k, "k_candidates": k_candidates if rerank else None, "similarity": similarity}

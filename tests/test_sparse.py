@@ -433,6 +433,8 @@ def test_round_rejects_bad_input(rng):
         S.sparse_inter_round(f[:-1], sp, cam, 3)
     with pytest.raises(ValueError, match="k_candidates >= k1"):
         S.sparse_inter_round(f, sp, cam, 3, k=5, k_candidates=5)
+    with pytest.raises(ValueError, match="recheck_margin"):
+        S.sparse_inter_round(f, sp, cam, 3, recheck_margin=-1e-3)
     labels, _ = S.sparse_inter_round(f[:1], sp.rows(0, 1), cam[:1], 1)
     np.testing.assert_array_equal(labels, [0])
 
