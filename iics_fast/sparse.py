@@ -744,7 +744,7 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
                        "model_excess_max": worst if checked else None, "checked_beyond_margin": beyond}
 
 
-def _cluster_pair_sums(link, a, c, pair_values, chunk=1 << 22):
+def _cluster_pair_sums(link, a, c, pair_values, chunk=1 << 20):
     """The sums of pair_values over A x B for the live slots a[e], c[e] (float64), and the number
     of sample pairs summed; `chunk` pairs evaluated at a time."""
     pa, ma = link.members(a)
