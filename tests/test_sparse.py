@@ -558,7 +558,8 @@ def test_profiler_sparse_mode(tmp_path):
     import json
     from benchmarks import profile
     record = profile.main(["--mode", "sparse", "--scale", "400", "--cameras", "3", "--k", "24",
-                           "--compare-dense", "--out", str(tmp_path)])
+                           "--k-inter", "20", "--compare-dense", "--out", str(tmp_path)])
+    assert record["k_inter"] == 20
     saved = json.loads((tmp_path / "profile_sparse_400.json").read_text())
     assert saved["info"]["ari_sparse_vs_dense"] == record["info"]["ari_sparse_vs_dense"] >= 0.99
     names = [p["name"] for p in saved["phases"]]
