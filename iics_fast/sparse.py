@@ -41,7 +41,8 @@ Exact and approximate, `similarity="cosine"` (Eq. 5, then average linkage):
 `similarity="rerank"` (Eq. 5, k-reciprocal re-ranking: row min-max normalisation, upper triangle
 read, k1, k2, lambda; then average linkage), in addition:
   exact    each row's k1 + 1 nearest by Eq. 5 distance and its minimum when the k-th cosine
-           neighbour is at least mu farther (rows failing this are counted in
+           neighbour is at least mu farther (rows failing this are searched again with
+           4 k_candidates, info["rows_widened"]; those failing still are counted in
            info["rows_uncertified"]); the row maximum when the farthest search's last cosine
            bounds it (info["rows_max_uncertified"]); from these lists the k-reciprocal sets, V,
            the query expansion and the Jaccard distance of every pair sharing a column of V (the
@@ -409,10 +410,45 @@ def _pair_cos(f, ei, ej):
 
 
 
-def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, device, built, far_built):
+def _sorted_candidates(ci, cj, cd):
+    """Candidate triples sorted by row, then Eq. 5 distance, then index."""
+    order = np.lexsort((cj, cd, ci))
+    return ci[order], cj[order], cd[order]
+
+
+def _widen_candidates(f, sp, camids, mu, r0, cand, worst, k_rank, wide, built):
+    """Rows whose k_rank-th nearest candidate by Eq. 5 is farther than their certificate
+    1 - worst - mu (an image outside the candidates might be nearer) get their `wide` nearest
+    by cosine as candidates instead. Returns (candidates, worst, mask of the rows widened)."""
+    ci, cj, cd = cand
+    m = len(worst)
+    starts = np.searchsorted(ci, np.arange(r0, r0 + m))
+    count = np.diff(np.append(starts, len(ci)))
+    redo = np.flatnonzero(cd[starts + np.minimum(k_rank, count) - 1] > 1.0 - worst - mu)
+    widened = np.zeros(m, bool)
+    if len(redo) == 0:
+        return cand, worst, widened
+    widened[redo] = True
+    q = (r0 + redo).astype(np.int32)
+    sims, ids = built[0].search(np.ascontiguousarray(f[q]), wide)
+    rows = np.repeat(q, wide)
+    ids, sims = ids.reshape(-1), sims.reshape(-1)
+    ok = (ids >= 0) & (ids != rows)
+    rows, ids, sims = rows[ok], ids[ok].astype(np.int32), sims[ok]
+    d = (1.0 - sims - mu * _cross_jaccard(sp, camids, rows, ids)).astype(np.float32)
+    keep = ~widened[ci - r0] | (ci == cj)  # the widened rows keep only themselves
+    worst = worst.copy()
+    worst[redo] = np.inf
+    np.minimum.at(worst, rows - r0, sims)
+    return (_sorted_candidates(np.concatenate([ci[keep], rows]), np.concatenate([cj[keep], ids]),
+                               np.concatenate([cd[keep], d])), worst, widened)
+
+
+def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, device, built, far_built,
+               k_rank=None):
     """One block of rows' share of the round: their k-NN edges with Eq. 5 on them and, for the
-    re-ranking, their candidate lists (the k_cand nearest by cosine) by Eq. 5 distance and the
-    row min / max."""
+    re-ranking, their candidate lists (the k_cand nearest by cosine; 4 k_cand for the rows whose
+    k_rank-th nearest by Eq. 5 they do not certify) by Eq. 5 distance and the row min / max."""
     n = len(f)
     kq = min(n, (max(k, k_cand) if rerank else k) + 1)
     sims, ids = knn(f, kq, (r0, r1), index, device=device, _built=built)
@@ -438,17 +474,20 @@ def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, devic
     if not rerank:
         return block
     # candidates: self (distance 0) and the k-NN, ranked by Eq. 5 distance then index
-    cand_i = np.concatenate([np.arange(r0, r1, dtype=np.int32), ei])
-    cand_j = np.concatenate([np.arange(r0, r1, dtype=np.int32), ej])
-    cand_d = np.concatenate([np.zeros(m, np.float32), d])
-    order = np.lexsort((cand_j, cand_d, cand_i))
-    cand_i, cand_j, cand_d = cand_i[order], cand_j[order], cand_d[order]
-    starts = np.searchsorted(cand_i, np.arange(r0, r1))  # every row has self and k others
-    lo = np.minimum(0.0, np.minimum.reduceat(cand_d, starts))
+    cand = _sorted_candidates(np.concatenate([np.arange(r0, r1, dtype=np.int32), ei]),
+                              np.concatenate([np.arange(r0, r1, dtype=np.int32), ej]),
+                              np.concatenate([np.zeros(m, np.float32), d]))
     # the smallest cosine among the candidates bounds every other image: d >= 1 - cos - mu
     worst = np.full(m, np.inf, np.float32)
     np.minimum.at(worst, rows - r0, sims)
-    block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=(1.0 - worst - mu).astype(np.float32))
+    widened = np.zeros(m, bool)
+    if k_rank is not None and kq < n:
+        cand, worst, widened = _widen_candidates(f, sp, camids, mu, r0, cand, worst, k_rank, min(n, 4 * kq), built)
+    cand_i, cand_j, cand_d = cand
+    starts = np.searchsorted(cand_i, np.arange(r0, r1))  # every row has self and k others
+    lo = np.minimum(0.0, np.minimum.reduceat(cand_d, starts))
+    block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=(1.0 - worst - mu).astype(np.float32),
+                 widened=widened)
     # row max: the farthest by cosine, Eq. 5 on them; d <= 1 - cos for any pair
     kf = min(n, k_far)
     fs, fi = knn(f, kf, (r0, r1), farthest=True, device=device, _built=far_built)
@@ -609,6 +648,7 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
         dg[miss] = 1.0 - _pair_cos(f, mi, mj) - mu * _cross_jaccard(sp, camids, mi, mj)
     value = jt_all + ((dg - lo[gi]) / rng_[gi]) * np.float32(lam)
     info = {"rows_uncertified": int((~certified).sum()), "rows_max_uncertified": int((~blk["hi_exact"]).sum()),
+            "rows_widened": int(blk["widened"].sum()),
             "jaccard_pairs": int(len(pi))}
     return gi, gj, value.astype(np.float64), lo, rng_, float(w16), info
 
@@ -911,7 +951,7 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
             else _faiss_index(f, "ivf", device)
     info.update(index=built[1], far_index=None if far_built is None else far_built[1])
     blk = _row_block(f, scores, camids, float(mu), k, k_candidates, part.start, part.stop, rerank, k_far, index,
-                     device, built, far_built)
+                     device, built, far_built, min(k1 + 1, n) if rerank else None)
     del built, far_built
     timer.lap(info, "time_graph_s")
     blk = _gather_blocks(blk)

@@ -402,6 +402,31 @@ def test_exact_pair_values_equal_the_dense_matrix(rng, similarity):
     np.testing.assert_allclose(values(j, i), d, rtol=1e-6, atol=1e-6)
 
 
+def test_uncertified_rows_search_wider(rng):
+    """Rows whose k_rank-th nearest by Eq. 5 the cosine candidates do not certify get four times
+    as many; every row certified then lists its true k_rank nearest (Eq. 5 over all images)."""
+    n, mu, k_rank = 200, 0.5, 5
+    f, s, cam, dims = _problem(rng, n, 3)
+    f = S._normalise(f)
+    sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
+    built = S._faiss_index(f, "flat", None)
+    blk = S._row_block(f, sp, cam, mu, 4, 6, 0, n, True, 4, "flat", None, built, built, k_rank)
+    assert 0 < blk["widened"].sum() < n
+    i, j = np.meshgrid(np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32), indexing="ij")
+    d = (1.0 - S._pair_cos(f, i.ravel(), j.ravel()) - mu * S._cross_jaccard(sp, cam, i.ravel(), j.ravel()))
+    d = d.astype(np.float32).reshape(n, n)
+    np.fill_diagonal(d, 0)
+    starts = np.searchsorted(blk["cand_i"], np.arange(n))
+    counts = np.diff(np.append(starts, len(blk["cand_i"])))
+    assert (counts[blk["widened"]] == 4 * 7).all() and (counts[~blk["widened"]] == 7).all()
+    kth = blk["cand_d"][starts + k_rank - 1]
+    certified = kth <= blk["bound"]
+    assert certified[blk["widened"]].any()
+    for r in np.flatnonzero(certified):
+        got = blk["cand_j"][starts[r]:starts[r] + k_rank]
+        np.testing.assert_array_equal(np.sort(d[r, got]), np.sort(d[r])[:k_rank])
+
+
 def test_feature_only_complete_graph_equals_dense_round(rng):
     f, _, cam, _ = _problem(rng, 70, 3)
     dense = S.inter_round_dense_ref(f, None, cam, 9, similarity="cosine")
