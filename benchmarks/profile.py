@@ -678,11 +678,17 @@ def main(argv=None):
                              "projection (top entries only, never the dense N x D): for N in the 10^5s")
     parser.add_argument("--compare-dense", action="store_true",
                         help="sparse mode: also run the dense round on the same data and report the ARI")
+    parser.add_argument("--k-inter", type=int,
+                        help="inter-camera clusters (default: the scale's; for a count N, min(800, N // 16))")
     args = parser.parse_args(argv)
     try:
         name, n, c, k = parse_scale(args.scale, args.cameras)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.k_inter is not None:
+        if not 1 <= args.k_inter <= n:
+            parser.error(f"--k-inter must be in 1..N = {n}, got {args.k_inter}")
+        k = args.k_inter
     if args.mode == "sparse":
         return profile_sparse(n, c, k, name, args.seed, args.out, similarity=args.similarity, k=args.k,
                               eps=args.eps, max_per_block=args.max_per_block, compare_dense=args.compare_dense,

@@ -29,10 +29,12 @@ void require(bool ok, const std::string& what) {
 
 py::array_t<float> min_sums_py(const Array<int64_t>& ptr, const Array<int32_t>& col,
                                const Array<float>& val, const Array<int32_t>& ei,
-                               const Array<int32_t>& ej, py::object offsets, py::object tail) {
+                               const Array<int32_t>& ej, py::object offsets, py::object tail,
+                               double tail_weight) {
   require(col.size() == val.size(), "col and val differ in length");
   require(ei.size() == ej.size(), "edge endpoint arrays differ in length");
   const int64_t rows = ptr.size() - 1;
+  require(rows >= 0 && ptr.data()[rows] == col.size(), "ptr does not end at the entries' count");
   for (py::ssize_t e = 0; e < ei.size(); ++e)
     require(ei.data()[e] >= 0 && ei.data()[e] < rows && ej.data()[e] >= 0 && ej.data()[e] < rows,
             "edge endpoint outside the rows");
@@ -45,9 +47,6 @@ py::array_t<float> min_sums_py(const Array<int64_t>& ptr, const Array<int32_t>& 
     blocks = static_cast<int>(offs.size()) - 1;
     require(blocks >= 1 && tl.ndim() == 2 && tl.shape(0) == rows && tl.shape(1) == blocks,
             "tail must be rows x blocks with blocks + 1 offsets");
-    for (py::ssize_t e = 0; e < col.size(); ++e)
-      require(col.data()[e] >= offs.data()[0] && col.data()[e] < offs.data()[blocks],
-              "a column outside the blocks");
   }
   py::array_t<float> out(ei.size());
   float* o = out.mutable_data();
@@ -55,7 +54,7 @@ py::array_t<float> min_sums_py(const Array<int64_t>& ptr, const Array<int32_t>& 
     py::gil_scoped_release release;
     iics::sparse_min_sums_cpu(ptr.data(), col.data(), val.data(), ei.data(), ej.data(),
                               ei.size(), o, blocks ? offs.data() : nullptr, blocks,
-                              blocks ? tl.data() : nullptr);
+                              blocks ? tl.data() : nullptr, tail_weight);
   }
   return out;
 }
@@ -194,14 +193,45 @@ py::array_t<double> sizes_py(const LinkagePy& l, const Array<int32_t>& slots) {
   return out;
 }
 
+py::tuple pending_py(LinkagePy& l, int64_t count) {
+  std::vector<int32_t> a, b;
+  std::vector<double> model;
+  l.core.pending(count, a, b, model);
+  return py::make_tuple(to_numpy(a), to_numpy(b), to_numpy(model));
+}
+
+void set_sums_py(LinkagePy& l, const Array<int32_t>& a, const Array<int32_t>& b,
+                 const Array<double>& s) {
+  require(a.size() == b.size() && s.size() == a.size(), "pair arrays differ in length");
+  const int64_t n = l.x.shape(0);
+  for (py::ssize_t e = 0; e < a.size(); ++e)
+    require(a.data()[e] >= 0 && a.data()[e] < n && b.data()[e] >= 0 && b.data()[e] < n,
+            "pair slot outside the slots");
+  l.core.set_sums(a.data(), b.data(), s.data(), a.size());
+}
+
+py::tuple members_py(const LinkagePy& l, const Array<int32_t>& slots) {
+  std::vector<int64_t> ptr{0};
+  std::vector<int32_t> idx;
+  for (py::ssize_t t = 0; t < slots.size(); ++t) {
+    const int32_t s = slots.data()[t];
+    require(s >= 0 && s < l.x.shape(0) && l.core.alive(s), "members of a slot not live");
+    l.core.members(s, idx);
+    ptr.push_back(static_cast<int64_t>(idx.size()));
+  }
+  return py::make_tuple(to_numpy(ptr), to_numpy(idx));
+}
+
 }  // namespace
 
 void bind_sparse(py::module_& m) {
   m.def("sparse_min_sums", &min_sums_py, py::arg("ptr").noconvert(), py::arg("col").noconvert(),
         py::arg("val").noconvert(), py::arg("ei").noconvert(), py::arg("ej").noconvert(),
         py::arg("offsets") = py::none(), py::arg("tail") = py::none(),
+        py::arg("tail_weight") = 1.0,
         "Sum of minima of CSR rows ei[e] and ej[e] (columns ascending a row), float32; with "
-        "block offsets and per-row block tails, the even-tail estimate of the full rows'.");
+        "block offsets and per-row block tails, the even-tail estimate of the full rows' (its tail "
+        "terms times tail_weight).");
   m.def("sparse_pair_dots", &pair_dots_py, py::arg("f").noconvert(), py::arg("ei").noconvert(),
         py::arg("ej").noconvert(), "Inner products of rows ei[e] and ej[e] of f (float32).");
   m.def("sparse_expansion_sets", &expansion_sets_py, py::arg("nbr").noconvert(),
@@ -224,5 +254,13 @@ void bind_sparse(py::module_& m) {
       .def("set_bounds", &set_bounds_py, py::arg("slots").noconvert(), py::arg("values").noconvert())
       .def("slot_sums", &slot_sums_py, py::arg("slots").noconvert())
       .def("top", [](LinkagePy& l) { return l.core.top(); })
+      .def("check_pairs", [](LinkagePy& l, double margin) {
+        require(margin >= 0, "the re-check margin must be >= 0");
+        l.core.check_pairs(margin);
+      }, py::arg("margin"))
+      .def("pending", &pending_py, py::arg("count"))
+      .def("set_sums", &set_sums_py, py::arg("a").noconvert(), py::arg("b").noconvert(),
+           py::arg("sums").noconvert())
+      .def("members", &members_py, py::arg("slots").noconvert())
       .def_property_readonly("live", [](const LinkagePy& l) { return l.core.live(); });
 }

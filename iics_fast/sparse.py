@@ -9,11 +9,13 @@ the exact reference; this module computes the same average linkage from sparse p
    each head dropped spread evenly over its dropped entries (`tail`), and a few evenly spaced
    rows kept whole. Extraction feeds it batch by batch: the dense N x D matrix never exists.
    With full row sums S_a, S_b and dropped masses r_a, r_b, the kept-only Jaccard J~ and the
-   even-tail estimate J^ (the round's) satisfy
+   even-tail estimate J^ satisfy
 
        0 <= J - J~ <= B,   |J - J^| <= B,   B = (S_a + S_b)(r_a + r_b) / max(S_a, S_b)^2
 
-   (`jaccard_error_bound`); B <= 4 eps when no head hit the cap (S = C, r <= C eps).
+   (`jaccard_error_bound`); B <= 4 eps when no head hit the cap (S = C, r <= C eps). The round
+   uses J_w, J^ with its tail terms weighed by w in [0, 1] fitted on the rows kept whole
+   (`fit_tail_weight`), which lies between J~ and J^ and so within B of J too.
 2. **Candidate graph** (`knn`): each image's k nearest by cosine through faiss (flat, exact, up
    to FLAT_MAX images; IVF above; faiss-gpu on CUDA where installed), symmetrised; Eq. 5 and the
    re-ranking's sparse terms on its edges only.
@@ -24,29 +26,32 @@ the exact reference; this module computes the same average linkage from sparse p
    (priority queue over the graph's pairs, Lance-Williams sums) until k_inter clusters: every
    cluster carries a lower bound on its model distance to the clusters it has no edge to, and
    when the closest edge lies above a bound, those clusters' nearest clusters by the model are
-   searched exactly (a blocked GEMM over the cluster sums) and become edges.
+   searched exactly (a blocked GEMM over the cluster sums) and become edges. The model only
+   ranks: a pair of clusters whose sum holds model parts is re-checked, its sum recomputed over
+   A x B from the exact pair values, before it may be merged (the model's heights count
+   `recheck_margin` lower until then), so every merge taken is at its exact height.
 
 Exact and approximate, `similarity="cosine"` (Eq. 5, then average linkage):
-  exact    the cosine part of every cluster distance; Eq. 5 on every graph pair given J^; the
-           merge order given the model (the closest pair overall, certified by the bounds while
-           the k-NN search is exact, i.e. with the flat index).
-  approx.  J^ for J (bound above); off the graph, Eq. 5's Jaccard term is modelled as
-           a[c_i, c_j] + alpha_i + alpha_j (`jaccard_background`: camera-pair means from the rows
-           kept whole plus each image's propensity), carried by two columns a camera appended
-           to the feature sums.
+  exact    the cosine part of every cluster distance; Eq. 5 on every graph pair and in every
+           merge taken, given J_w; the merge order on these exact values wherever the model errs
+           by less than the margin and the k-NN search is exact (the flat index).
+  approx.  J_w for J: J^ with its tail terms weighed by `fit_tail_weight` (within the bound
+           above); the model that ranks the pairs to re-check (off the graph, Eq. 5's Jaccard
+           term as a[c_i, c_j] + alpha_i + alpha_j, `jaccard_background`).
 `similarity="rerank"` (Eq. 5, k-reciprocal re-ranking: row min-max normalisation, upper triangle
 read, k1, k2, lambda; then average linkage), in addition:
   exact    each row's k1 + 1 nearest by Eq. 5 distance and its minimum when the k-th cosine
-           neighbour is at least mu farther (rows failing this are counted in
+           neighbour is at least mu farther (rows failing this are searched again with
+           4 k_candidates, info["rows_widened"]; those failing still are counted in
            info["rows_uncertified"]); the row maximum when the farthest search's last cosine
            bounds it (info["rows_max_uncertified"]); from these lists the k-reciprocal sets, V,
            the query expansion and the Jaccard distance of every pair sharing a column of V (the
            dense path's float16 arithmetic, on its own native code); the re-ranked value of every
-           graph pair (graph = k-NN pairs and V-sharing pairs).
-  approx.  off the graph the Jaccard distance is exactly 1, and the normalised-distance part
-           lambda (d - min_i) / range_i with i = min(i, j) is taken with the mean of the two
-           rows' (min, range), which makes it a sum of per-cluster terms (the largest error
-           left: docs/sparse.md).
+           graph pair (graph = k-NN pairs and V-sharing pairs) and, in every merge taken, of every
+           pair (off the graph: Jaccard distance 1, normalised by row min(i, j) as the dense
+           round does).
+  approx.  the ranking model off the graph takes the mean of the two rows' (min, range), which
+           makes it a sum of per-cluster terms.
 With k = N - 1 and eps = 0 every pair is on the graph and nothing is approximated: the partition is
 the dense round's (tests/test_sparse.py; also to ARI on k-NN graphs).
 
@@ -69,6 +74,7 @@ __all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums"
            "gather_sparse_scores", "camera_jaccard", "jaccard_background"]
 
 FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
+RECHECK_MARGIN = 2e-3  # heights the model may err by before its merge is re-checked (docs/sparse.md)
 FAR_FLAT_MAX = 8_192  # above this many the farthest-sample search (row max) uses an IVF index
 
 
@@ -89,6 +95,7 @@ class SparseScores:
     sample_rows: np.ndarray = None  # rows kept whole, for the Jaccard background
     sample_scores: np.ndarray = None
     tail: np.ndarray = None  # (n, blocks): a block's dropped mass / its dropped entries
+    tail_weight: float = 1.0  # how much the tail terms of J^ count (fit_tail_weight)
 
     @property
     def offsets(self) -> np.ndarray:
@@ -105,7 +112,8 @@ class SparseScores:
         keep = (self.sample_rows >= start) & (self.sample_rows < stop)
         return SparseScores(self.ptr[start:stop + 1] - a, self.col[a:b], self.val[a:b],
                             self.total[start:stop], self.dropped[start:stop], self.dims,
-                            self.sample_rows[keep] - start, self.sample_scores[keep], self.tail[start:stop])
+                            self.sample_rows[keep] - start, self.sample_scores[keep], self.tail[start:stop],
+                            self.tail_weight)
 
     @staticmethod
     def concat(parts) -> SparseScores:
@@ -117,7 +125,8 @@ class SparseScores:
         return SparseScores(ptr, np.concatenate([p.col for p in parts]), np.concatenate([p.val for p in parts]),
                             np.concatenate([p.total for p in parts]), np.concatenate([p.dropped for p in parts]),
                             parts[0].dims, np.concatenate([p.sample_rows + r for p, r in zip(parts, rows)]),
-                            np.concatenate([p.sample_scores for p in parts]), np.concatenate([p.tail for p in parts]))
+                            np.concatenate([p.sample_scores for p in parts]), np.concatenate([p.tail for p in parts]),
+                            parts[0].tail_weight)
 
     def dense(self) -> np.ndarray:
         """The truncated rows as a dense (n, D) float32 array (tests)."""
@@ -259,11 +268,42 @@ def _native():
 
 def sparse_min_sums(sp: SparseScores, ei, ej, tail: bool = False) -> np.ndarray:
     """sum_c min(a_c, b_c) of rows ei[e], ej[e] (float32): over the kept entries, or with
-    tail=True over rows whose dropped entries each hold their block's dropped mass evenly."""
+    tail=True over rows whose dropped entries each hold their block's dropped mass evenly, the
+    terms holding such a tail counted sp.tail_weight times (1 unless fitted)."""
     ei = np.ascontiguousarray(ei, np.int32)
     ej = np.ascontiguousarray(ej, np.int32)
-    extra = (sp.offsets, np.ascontiguousarray(sp.tail, np.float32)) if tail else (None, None)
+    extra = (sp.offsets, np.ascontiguousarray(sp.tail, np.float32), float(sp.tail_weight)) if tail \
+        else (None, None, 1.0)
     return _native().sparse_min_sums(np.ascontiguousarray(sp.ptr, np.int64), sp.col, sp.val, ei, ej, *extra)
+
+
+def fit_tail_weight(sp: SparseScores, camids, rows: int = 256) -> float:
+    """The weight w in [0, 1] of J^'s tail terms that best fits, by least squares on m, the exact
+    sum of minima m between `rows` evenly spaced rows kept whole (pairs of different cameras):
+    m ~ m_kept + w (m^ - m_kept). The even tail overstates the overlap of two dropped tails
+    (their entries vary, and the mean of a minimum is below the minimum of the means); any w in
+    [0, 1] keeps J within jaccard_error_bound, as m_kept <= m_w <= m^. 1 without such rows."""
+    from .similarity import pairwise_jaccard
+
+    if sp.sample_rows is None or len(sp.sample_rows) < 2:
+        return 1.0
+    pick = sample_rows(len(sp.sample_rows), rows)
+    glob = sp.sample_rows[pick]
+    whole = np.ascontiguousarray(sp.sample_scores[pick], np.float32)
+    J = pairwise_jaccard(torch.from_numpy(whole)).numpy().astype(np.float64)
+    tot = whole.sum(1, dtype=np.float64)
+    a, b = np.triu_indices(len(pick), 1)
+    cam = np.asarray(camids)[glob]
+    cross = cam[a] != cam[b]
+    a, b = a[cross], b[cross]
+    if len(a) == 0:
+        return 1.0
+    m = J[a, b] * (tot[a] + tot[b]) / (1.0 + J[a, b])
+    one = SparseScores(**{**sp.__dict__, "tail_weight": 1.0})
+    kept = sparse_min_sums(one, glob[a], glob[b]).astype(np.float64)
+    tail = sparse_min_sums(one, glob[a], glob[b], tail=True).astype(np.float64) - kept
+    den = float(tail @ tail)
+    return float(np.clip((m - kept) @ tail / den, 0.0, 1.0)) if den > 0 else 1.0
 
 
 def jaccard_on_edges(sp: SparseScores, ei, ej, tail: bool = True) -> np.ndarray:
@@ -370,10 +410,45 @@ def _pair_cos(f, ei, ej):
 
 
 
-def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, device, built, far_built):
+def _sorted_candidates(ci, cj, cd):
+    """Candidate triples sorted by row, then Eq. 5 distance, then index."""
+    order = np.lexsort((cj, cd, ci))
+    return ci[order], cj[order], cd[order]
+
+
+def _widen_candidates(f, sp, camids, mu, r0, cand, worst, k_rank, wide, built):
+    """Rows whose k_rank-th nearest candidate by Eq. 5 is farther than their certificate
+    1 - worst - mu (an image outside the candidates might be nearer) get their `wide` nearest
+    by cosine as candidates instead. Returns (candidates, worst, mask of the rows widened)."""
+    ci, cj, cd = cand
+    m = len(worst)
+    starts = np.searchsorted(ci, np.arange(r0, r0 + m))
+    count = np.diff(np.append(starts, len(ci)))
+    redo = np.flatnonzero(cd[starts + np.minimum(k_rank, count) - 1] > 1.0 - worst - mu)
+    widened = np.zeros(m, bool)
+    if len(redo) == 0:
+        return cand, worst, widened
+    widened[redo] = True
+    q = (r0 + redo).astype(np.int32)
+    sims, ids = built[0].search(np.ascontiguousarray(f[q]), wide)
+    rows = np.repeat(q, wide)
+    ids, sims = ids.reshape(-1), sims.reshape(-1)
+    ok = (ids >= 0) & (ids != rows)
+    rows, ids, sims = rows[ok], ids[ok].astype(np.int32), sims[ok]
+    d = (1.0 - sims - mu * _cross_jaccard(sp, camids, rows, ids)).astype(np.float32)
+    keep = ~widened[ci - r0] | (ci == cj)  # the widened rows keep only themselves
+    worst = worst.copy()
+    worst[redo] = np.inf
+    np.minimum.at(worst, rows - r0, sims)
+    return (_sorted_candidates(np.concatenate([ci[keep], rows]), np.concatenate([cj[keep], ids]),
+                               np.concatenate([cd[keep], d])), worst, widened)
+
+
+def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, device, built, far_built,
+               k_rank=None):
     """One block of rows' share of the round: their k-NN edges with Eq. 5 on them and, for the
-    re-ranking, their candidate lists (the k_cand nearest by cosine) by Eq. 5 distance and the
-    row min / max."""
+    re-ranking, their candidate lists (the k_cand nearest by cosine; 4 k_cand for the rows whose
+    k_rank-th nearest by Eq. 5 they do not certify) by Eq. 5 distance and the row min / max."""
     n = len(f)
     kq = min(n, (max(k, k_cand) if rerank else k) + 1)
     sims, ids = knn(f, kq, (r0, r1), index, device=device, _built=built)
@@ -399,17 +474,20 @@ def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, devic
     if not rerank:
         return block
     # candidates: self (distance 0) and the k-NN, ranked by Eq. 5 distance then index
-    cand_i = np.concatenate([np.arange(r0, r1, dtype=np.int32), ei])
-    cand_j = np.concatenate([np.arange(r0, r1, dtype=np.int32), ej])
-    cand_d = np.concatenate([np.zeros(m, np.float32), d])
-    order = np.lexsort((cand_j, cand_d, cand_i))
-    cand_i, cand_j, cand_d = cand_i[order], cand_j[order], cand_d[order]
-    starts = np.searchsorted(cand_i, np.arange(r0, r1))  # every row has self and k others
-    lo = np.minimum(0.0, np.minimum.reduceat(cand_d, starts))
+    cand = _sorted_candidates(np.concatenate([np.arange(r0, r1, dtype=np.int32), ei]),
+                              np.concatenate([np.arange(r0, r1, dtype=np.int32), ej]),
+                              np.concatenate([np.zeros(m, np.float32), d]))
     # the smallest cosine among the candidates bounds every other image: d >= 1 - cos - mu
     worst = np.full(m, np.inf, np.float32)
     np.minimum.at(worst, rows - r0, sims)
-    block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=(1.0 - worst - mu).astype(np.float32))
+    widened = np.zeros(m, bool)
+    if k_rank is not None and kq < n:
+        cand, worst, widened = _widen_candidates(f, sp, camids, mu, r0, cand, worst, k_rank, min(n, 4 * kq), built)
+    cand_i, cand_j, cand_d = cand
+    starts = np.searchsorted(cand_i, np.arange(r0, r1))  # every row has self and k others
+    lo = np.minimum(0.0, np.minimum.reduceat(cand_d, starts))
+    block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=(1.0 - worst - mu).astype(np.float32),
+                 widened=widened)
     # row max: the farthest by cosine, Eq. 5 on them; d <= 1 - cos for any pair
     kf = min(n, k_far)
     fs, fi = knn(f, kf, (r0, r1), farthest=True, device=device, _built=far_built)
@@ -570,6 +648,7 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
         dg[miss] = 1.0 - _pair_cos(f, mi, mj) - mu * _cross_jaccard(sp, camids, mi, mj)
     value = jt_all + ((dg - lo[gi]) / rng_[gi]) * np.float32(lam)
     info = {"rows_uncertified": int((~certified).sum()), "rows_max_uncertified": int((~blk["hi_exact"]).sum()),
+            "rows_widened": int(blk["widened"].sum()),
             "jaccard_pairs": int(len(pi))}
     return gi, gj, value.astype(np.float64), lo, rng_, float(w16), info
 
@@ -635,7 +714,7 @@ def _refresh(link, x, g, c0, top, k, block=8192):
 
 
 def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None, background=None,
-                    alpha=None, bounds=None, refresh_k=32):
+                    alpha=None, bounds=None, refresh_k=32, pair_values=None, margin=0.0, batch=256):
     """Average linkage of the N samples into k_inter clusters, greedy on the closest pair overall,
     with the graph pairs (gi, gj) at their exact pair values and every other pair at the model
         c0 + (u_i + u_j) / 2 - (b_i + b_j) / 2 (cos(i, j) + bg(i, j)),
@@ -645,25 +724,49 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     lower bound a sample on its model value with every sample it has no edge to; None: none
     known); when it is farther, the clusters whose bound is below it get their `refresh_k`
     nearest clusters by the model (cluster sums, exact) as edges and a new bound (twice as many
-    when that search let no merge through). Returns
-    (labels numbered by first appearance, info)."""
+    when that search let no merge through).
+
+    pair_values: None (the model stands for the pairs off the graph), or a function
+    (i, j) -> the exact value of each pair (i, j int32 arrays, any order within a pair): then a
+    pair of clusters whose sum holds model parts is merged only after its sum over A x B was
+    recomputed from pair_values, and the model's heights count `margin` lower until then
+    (`batch` such pairs recomputed at a time, closest first). The merges are then average
+    linkage's on the exact pair values wherever the model errs by less than the margin; info
+    reports the largest excess of a checked model height over the exact one
+    (`model_excess_max`) and how many checked pairs exceeded the margin (`checked_beyond_margin`,
+    each a pair whose check, and so its merge, may have come late).
+    Returns (labels numbered by first appearance, info)."""
     n = len(f)
     b = np.ones(n) if b is None else np.asarray(b, np.float64)
     u = np.ones(n) if u is None else np.asarray(u, np.float64)
     x, g = _model_columns(f, b, cams, background, alpha)
     link = _native().SparseLinkage(x, g, np.ascontiguousarray(u), float(c0))
+    if pair_values is not None:
+        link.check_pairs(float(margin))
     link.add_edges(np.ascontiguousarray(gi, np.int32), np.ascontiguousarray(gj, np.int32),
                    np.ascontiguousarray(value, np.float64))
     bounds = np.full(n, -np.inf) if bounds is None else np.asarray(bounds, np.float64)
     link.set_bounds(np.arange(n, dtype=np.int32), np.ascontiguousarray(bounds))
-    refreshes = searched = 0
+    refreshes = searched = checked = checked_pairs = beyond = 0
+    worst = -np.inf
     k, last = refresh_k, None
     while link.run(k_inter) > k_inter:
+        if pair_values is not None:
+            a, c, model = link.pending(batch)
+            if len(a):
+                sums, pairs = _cluster_pair_sums(link, a, c, pair_values)
+                link.set_sums(a, c, sums)
+                checked += len(a)
+                checked_pairs += pairs
+                under = model - sums / (link.sizes(a) * link.sizes(c))  # the model's excess
+                worst = max(worst, float(under.max()))
+                beyond += int((under > margin).sum())
+                continue
         # no merge since the last search (its nearest were edges already): search wider
         k = 2 * k if link.live == last else refresh_k
         last = link.live
         refreshes += 1
-        searched += _refresh(link, x, g, float(c0), link.top(), k)
+        searched += _refresh(link, x, g, float(c0), link.top() + (margin if pair_values is not None else 0.0), k)
     kept, absorbed, heights = link.merges()
     parent = np.arange(n)
     parent[absorbed] = kept
@@ -676,12 +779,37 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     _, first, inv = np.unique(root, return_index=True, return_inverse=True)
     rank = np.empty(len(first), np.int64)
     rank[np.argsort(first)] = np.arange(len(first))
-    return rank[inv], {"refreshes": refreshes, "clusters_searched": searched, "merges": len(kept)}
+    return rank[inv], {"refreshes": refreshes, "clusters_searched": searched, "merges": len(kept),
+                       "pairs_checked": checked, "sample_pairs_checked": checked_pairs,
+                       "model_excess_max": worst if checked else None, "checked_beyond_margin": beyond}
 
 
-def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank):
+def _cluster_pair_sums(link, a, c, pair_values, chunk=1 << 20):
+    """The sums of pair_values over A x B for the live slots a[e], c[e] (float64), and the number
+    of sample pairs summed; `chunk` pairs evaluated at a time."""
+    pa, ma = link.members(a)
+    pc, mc = link.members(c)
+    na, nc = np.diff(pa), np.diff(pc)
+    count = na * nc
+    sums = np.zeros(len(a))
+    ends = np.cumsum(count)
+    e0 = 0
+    while e0 < len(a):  # whole cluster pairs a chunk (at least one)
+        e1 = max(e0 + 1, int(np.searchsorted(ends, (ends[e0 - 1] if e0 else 0) + chunk, "right")))
+        cnt = count[e0:e1]
+        owner = np.repeat(np.arange(e0, e1), cnt)
+        local = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        i = ma[pa[owner] + local // nc[owner]]
+        j = mc[pc[owner] + local % nc[owner]]
+        sums[e0:e1] = np.bincount(owner - e0, np.asarray(pair_values(i, j), np.float64), minlength=e1 - e0)
+        e0 = e1
+    return sums, int(count.sum())
+
+
+def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank, recheck_margin=None):
     """Raise a ValueError naming the problem for `sparse_inter_round`'s inputs: row counts that
-    disagree, k_inter outside 1..N, k < 1, or too few candidates for the re-ranking's k1."""
+    disagree, k_inter outside 1..N, k < 1, too few candidates for the re-ranking's k1, or a
+    negative re-check margin."""
     if len(camids) != n or (scores is not None and scores.n != n):
         raise ValueError(f"features ({n}), scores ({None if scores is None else scores.n}) and camids "
                          f"({len(camids)}) must have one row per image")
@@ -689,6 +817,8 @@ def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank):
         raise ValueError(f"k_inter = {k_inter} is outside 1..N = {n}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if recheck_margin is not None and not recheck_margin >= 0:
+        raise ValueError(f"recheck_margin must be >= 0 (or None: no re-checks), got {recheck_margin}")
     if rerank and min(max(k, k_candidates), n - 1) + 1 < min(k1 + 1, n):
         raise ValueError(f"the re-ranking reads k1 + 1 = {k1 + 1} neighbours a row but k = {k} and "
                          f"k_candidates = {k_candidates}; use k_candidates >= k1")
@@ -719,7 +849,27 @@ def _initial_bounds(blk, n, b, u, c0, cams, background, alpha):
     return out
 
 
-def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_value, info, timer):
+def _exact_pairs(f, sp, camids, mu, n, gi, gj, value, rerank):
+    """The pair values the linkage re-checks with: Eq. 5 with the round's J (1 - cos - mu J_w
+    [cameras differ], J_w with sp's tail weight, float32 as on the graph) or, with rerank = (lo, range, c0, lambda), the re-ranked
+    value: the graph pair's (gi < gj, sorted by gi * n + gj) where the pair is on the graph, else
+    c0 + lambda (d - lo_m) / range_m with m = min(i, j), the row the dense round normalises by."""
+    keys = gi.astype(np.int64) * n + gj if rerank is not None else None
+
+    def values(i, j):
+        d = (1.0 - _pair_cos(f, i, j) - mu * _cross_jaccard(sp, camids, i, j)).astype(np.float32)
+        if rerank is None:
+            return d
+        lo, rng_, c0, lam = rerank
+        m = np.minimum(i, j)
+        out = c0 + ((d - lo[m]) / rng_[m]) * lam
+        found, hit = _lookup(keys, value, n, m, np.maximum(i, j))
+        return np.where(hit, found, out)
+    return values
+
+
+def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_value, info, timer,
+                recheck_margin=None):
     """Average linkage of the gathered candidate graph `blk` down to k_inter clusters (after
     the re-ranking's edge values when `rerank`); returns the labels, timings and counts go
     into `info`."""
@@ -742,9 +892,15 @@ def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_valu
     else:
         gi, gj, value = _undirected(blk["ei"], blk["ej"], blk["d"])
         value = value.astype(np.float64)
+        lo = rng_ = None
     bounds = _initial_bounds(blk, n, b, u, c0, cams, background, alpha)
+    pair_values = None
+    if recheck_margin is not None:
+        pair_values = _exact_pairs(f, scores, camids, mu, n, gi, gj, value,
+                                   (lo, rng_, np.float32(c0), np.float32(lambda_value)) if rerank else None)
     labels, extra = average_linkage(f, gi, gj, value, k_inter, b=b, u=u, c0=c0, cams=cams,
-                                    background=background, alpha=alpha, bounds=bounds)
+                                    background=background, alpha=alpha, bounds=bounds,
+                                    pair_values=pair_values, margin=recheck_margin or 0.0)
     info.update(extra, graph_pairs=int(len(gi)))
     timer.lap(info, "time_linkage_s")
     return labels
@@ -752,7 +908,7 @@ def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_valu
 
 def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity="rerank", k=32,
                        k_candidates=128, k1=20, k2=6, lambda_value=0.3, k_far=16, index="auto", device=None,
-                       log=None):
+                       log=None, recheck_margin=RECHECK_MARGIN, fit_tail=True):
     """One inter-camera clustering round without an N x N matrix (see the module docstring for
     what is exact and what is approximated).
 
@@ -763,7 +919,9 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     candidate graph (N - 1 or more: the complete graph, exact); k_candidates: nearest by cosine
     among which the re-ranking ranks each row by Eq. 5 distance; k_far: farthest samples searched
     a row for the re-ranking's row max; index: "auto" | "flat" | "ivf"; device: faiss-gpu device;
-    log: a function told each step's wall time as it ends (None: silent).
+    log: a function told each step's wall time as it ends (None: silent); recheck_margin: None
+    (the model stands for pairs off the graph) or the margin of the linkage's exact re-checks
+    (`average_linkage`); fit_tail: weigh J^'s tail terms by `fit_tail_weight` (else 1).
     Under torch.distributed every rank passes the same full inputs and gets the labels.
     Returns (labels (N,) int64 numbered by first appearance, info dict).
     """
@@ -775,10 +933,13 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     camids = np.asarray(camids, np.int64)
     n = len(f)
     rerank = similarity == "rerank"
-    _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank)
+    _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank, recheck_margin)
     k = min(k, n - 1) if n > 1 else 0
     k_candidates = min(k_candidates, n - 1) if n > 1 else 0
     info = {"N": n, "k": k, "k_candidates": k_candidates if rerank else None, "similarity": similarity}
+    if scores is not None and fit_tail:
+        scores = SparseScores(**{**scores.__dict__, "tail_weight": fit_tail_weight(scores, camids)})
+        info["tail_weight"] = round(scores.tail_weight, 4)
     if n == 1:
         return np.zeros(1, np.int64), info
     part = D.shard_indices(n, D.rank(), D.world_size())
@@ -790,14 +951,14 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
             else _faiss_index(f, "ivf", device)
     info.update(index=built[1], far_index=None if far_built is None else far_built[1])
     blk = _row_block(f, scores, camids, float(mu), k, k_candidates, part.start, part.stop, rerank, k_far, index,
-                     device, built, far_built)
+                     device, built, far_built, min(k1 + 1, n) if rerank else None)
     del built, far_built
     timer.lap(info, "time_graph_s")
     blk = _gather_blocks(blk)
     labels = None
     if blk is not None:
         labels = _link_graph(f, scores, camids, float(mu), blk, k_inter, rerank, k1, k2, lambda_value,
-                             info, timer)
+                             info, timer, recheck_margin)
     if D.world_size() > 1:
         labels, info = D.broadcast_object((labels, info), src=0)
     return labels, info

@@ -101,20 +101,54 @@ def test_jaccard_error_within_bound(rng, eps, cap):
         assert np.abs(exact - even).mean() < np.abs(exact - kept).mean()
 
 
-def test_even_tail_sums_against_dense(rng):
+@pytest.mark.parametrize("weight", [1.0, 0.37])
+def test_even_tail_sums_against_dense(rng, weight):
+    """Kept-on-both minima plus `weight` x the rest of the minima of the tail-filled rows."""
     dims = [5, 8, 1]
     s = _softmax_blocks(rng, 30, dims, 0.7)
     sp = S.sparse_scores(s, dims, eps=0.2, max_per_block=3)
+    sp.tail_weight = weight
+    trunc = sp.dense()
     est, start = sp.dense(), 0
     for b, k in enumerate(dims):  # every dropped entry holds its block's tail level
         block = est[:, start:start + k]
         block[block == 0] = np.repeat(sp.tail[:, b:b + 1], k, 1)[block == 0]
         start += k
     ei, ej = rng.integers(0, 30, 200), rng.integers(0, 30, 200)
+    both = np.minimum(trunc[ei], trunc[ej]).sum(1)
     np.testing.assert_allclose(S.sparse_min_sums(sp, ei, ej, tail=True),
-                               np.minimum(est[ei], est[ej]).sum(1), rtol=1e-5)
+                               both + weight * (np.minimum(est[ei], est[ej]).sum(1) - both), rtol=1e-5)
     ref = S.sparse_scores_ref(s, dims, 0.2, 3)
     np.testing.assert_allclose(sp.tail, ref.tail, rtol=1e-6, atol=1e-7)
+
+
+def test_fitted_tail_weight(rng):
+    """The least-squares weight on the rows kept whole, within [0, 1]; on flat heads cut hard it
+    brings J closer than the even tail does, and stays within the stated bound."""
+    from iics_fast.similarity import pairwise_jaccard
+    n, dims = 300, [40, 25, 33]
+    s = _softmax_blocks(rng, n, dims, 0.3)
+    cam = rng.integers(0, 3, n)
+    sp = S.sparse_scores(s, dims, eps=1e-3, max_per_block=4, sample=60)
+    w = S.fit_tail_weight(sp, cam, rows=40)
+    rows = sp.sample_rows[S.sample_rows(60, 40)]
+    a, b = np.triu_indices(40, 1)
+    a, b = rows[a], rows[b]
+    a, b = a[cam[a] != cam[b]], b[cam[a] != cam[b]]
+    J = pairwise_jaccard(torch.from_numpy(s)).numpy().astype(np.float64)
+    m = J[a, b] * (s[a].sum(1) + s[b].sum(1)) / (1 + J[a, b])
+    kept = np.minimum(sp.dense()[a], sp.dense()[b]).sum(1)
+    tail = S.sparse_min_sums(sp, a, b, tail=True) - kept
+    assert 0 < w < 1
+    assert w == pytest.approx(np.clip(np.linalg.lstsq(tail[:, None], m - kept, rcond=None)[0][0], 0, 1), rel=1e-4)
+    ei, ej = rng.integers(0, n, 2000), rng.integers(0, n, 2000)
+    even = S.jaccard_on_edges(sp, ei, ej)
+    sp.tail_weight = w
+    fitted = S.jaccard_on_edges(sp, ei, ej)
+    assert np.abs(J[ei, ej] - fitted).mean() < 0.5 * np.abs(J[ei, ej] - even).mean()
+    assert (np.abs(J[ei, ej] - fitted) <= S.jaccard_error_bound(sp, ei, ej) + 1e-5).all()
+    whole = S.sparse_scores(s, dims, eps=0.0, max_per_block=None, sample=60)
+    assert S.fit_tail_weight(whole, cam) == 1.0  # nothing dropped: nothing to fit
 
 
 def test_min_sums_against_dense(rng):
@@ -190,6 +224,31 @@ def test_graph_linkage_matches_reference(rng, weighted, bounds):
     for k in (1, 5, 17, n):
         got, info = S.average_linkage(f, gi, gj, value, k, bounds=bnd, refresh_k=3, **kw)
         np.testing.assert_array_equal(got, S.average_linkage_ref(f, gi, gj, value, k, **kw))
+
+
+@pytest.mark.parametrize("bounds", ["none", "tight"])
+def test_rechecked_linkage_is_greedy_on_exact_values(rng, bounds):
+    """Pair values off the model by less than the margin: with re-checks the merges are plain
+    average linkage's on the exact values (every pair given to the reference)."""
+    n, margin = 40, 0.04
+    f, gi, gj, value, kw = _linkage_problem(rng, n, 3, True)
+    model = _model_matrix(f, gi, gj, value, **kw)
+    noise = (rng.random((n, n)) - 0.5) * margin
+    exact = model + np.triu(noise, 1) + np.triu(noise, 1).T
+    exact[gi, gj] = exact[gj, gi] = value  # graph pairs hold their exact values already
+    bnd = None
+    if bounds == "tight":
+        adj = np.eye(n, dtype=bool)
+        adj[gi, gj] = adj[gj, gi] = True
+        bnd = np.where(adj, np.inf, model).min(1) - 1e-9
+    ai, aj = np.triu_indices(n, 1)
+    for k in (1, 6, 23):
+        got, info = S.average_linkage(f, gi, gj, value, k, bounds=bnd, refresh_k=3, pair_values=lambda i, j: exact[i, j],
+                                      margin=margin, batch=5, **kw)
+        np.testing.assert_array_equal(got, S.average_linkage_ref(f, ai, aj, exact[ai, aj], k, **kw))
+        assert info["pairs_checked"] > 0
+    plain, _ = S.average_linkage(f, gi, gj, value, 6, bounds=bnd, refresh_k=3, **kw)
+    np.testing.assert_array_equal(plain, S.average_linkage_ref(f, gi, gj, value, 6, **kw))  # model kept
 
 
 def test_linkage_searches_clusters_off_the_graph(rng):
@@ -286,6 +345,88 @@ def test_complete_graph_equals_dense_round(rng, similarity, n, cams):
         assert info["rows_uncertified"] == 0 and info["rows_max_uncertified"] == 0
 
 
+@pytest.mark.parametrize("similarity", ["cosine", "rerank"])
+def test_rechecked_round_equals_dense_linkage_of_its_pair_values(similarity):
+    """A 6-NN graph and scores cut to 4 entries a head (flat synthetic heads, a Jaccard weight of
+    0.5 that makes the model's errors matter): with every merge re-checked (a margin above any
+    model error) the partition is the dense round's on Eq. 5 with the round's J (fitted tail);
+    with the model alone it is not, for cosine."""
+    from benchmarks.profile import heads_from_samples, synthetic_features, synthetic_scores
+    from iics_fast.cluster import agglomerative
+    from iics_fast.rerank import k_reciprocal
+    n, mu = 300, 0.5
+    f, cam, _ = synthetic_features(n, 4, seed=1, dim=64)
+    heads = heads_from_samples(f, cam, 40, seed=1)
+    sp = S.sparse_scores(synthetic_scores(f, cam, heads), [h.shape[0] for h in heads], eps=1e-3,
+                         max_per_block=4, sample=100)
+    kw = dict(mu=mu, similarity=similarity, k=6, k_candidates=40)
+    got, info = S.sparse_inter_round(f, sp, cam, 20, recheck_margin=1.0, **kw)
+    assert 0 < info["tail_weight"] < 1 and info["graph_pairs"] < n * (n - 1) // 2  # not the complete graph
+    sp.tail_weight = S.fit_tail_weight(sp, cam)
+    i, j = np.triu_indices(n, 1)
+    i, j = i.astype(np.int32), j.astype(np.int32)
+    d = (1.0 - S._pair_cos(S._normalise(f), i, j) - mu * S._cross_jaccard(sp, cam, i, j)).astype(np.float32)
+    if similarity == "rerank":
+        k_reciprocal(d, out=d)
+    want = np.asarray(agglomerative(d, n_clusters=20, inplace=True))
+    np.testing.assert_array_equal(got, want)
+    if similarity == "cosine":
+        model, _ = S.sparse_inter_round(f, sp, cam, 20, recheck_margin=None, **kw)
+        assert not np.array_equal(model, want)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "rerank"])
+def test_exact_pair_values_equal_the_dense_matrix(rng, similarity):
+    """What the re-checks sum: every pair's value (graph pair or not, either order) is the dense
+    matrix's entry (Eq. 5 with the round's J, re-ranked (k1 = 4, k2 = 2) with row min(i, j)'s normalisation)."""
+    from iics_fast.rerank import k_reciprocal
+    n, mu = 70, 0.3
+    f, s, cam, dims = _problem(rng, n, 3)
+    f = S._normalise(f)
+    sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
+    sp.tail_weight = 0.6
+    built = S._faiss_index(f, "flat", None)
+    blk = S._row_block(f, sp, cam, mu, 4, n - 1, 0, n, similarity == "rerank", n, "flat", None, built, built)
+    i, j = np.triu_indices(n, 1)
+    i, j = i.astype(np.int32), j.astype(np.int32)
+    d = (1.0 - S._pair_cos(f, i, j) - mu * S._cross_jaccard(sp, cam, i, j)).astype(np.float32)
+    if similarity == "rerank":
+        gi, gj, value, lo, rng_, c0, _ = S._rerank_edges(f, sp, cam, mu, blk, n, 4, 2, 0.3)
+        values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, (lo, rng_, np.float32(c0), np.float32(0.3)))
+        k_reciprocal(d, k1=4, k2=2, out=d)
+        assert len(gi) < len(i)  # pairs off the graph are checked too
+    else:
+        gi, gj, value = S._undirected(blk["ei"], blk["ej"], blk["d"])
+        values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, None)
+    np.testing.assert_allclose(values(i, j), d, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(values(j, i), d, rtol=1e-6, atol=1e-6)
+
+
+def test_uncertified_rows_search_wider(rng):
+    """Rows whose k_rank-th nearest by Eq. 5 the cosine candidates do not certify get four times
+    as many; every row certified then lists its true k_rank nearest (Eq. 5 over all images)."""
+    n, mu, k_rank = 200, 0.5, 5
+    f, s, cam, dims = _problem(rng, n, 3)
+    f = S._normalise(f)
+    sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
+    built = S._faiss_index(f, "flat", None)
+    blk = S._row_block(f, sp, cam, mu, 4, 6, 0, n, True, 4, "flat", None, built, built, k_rank)
+    assert 0 < blk["widened"].sum() < n
+    i, j = np.meshgrid(np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32), indexing="ij")
+    d = (1.0 - S._pair_cos(f, i.ravel(), j.ravel()) - mu * S._cross_jaccard(sp, cam, i.ravel(), j.ravel()))
+    d = d.astype(np.float32).reshape(n, n)
+    np.fill_diagonal(d, 0)
+    starts = np.searchsorted(blk["cand_i"], np.arange(n))
+    counts = np.diff(np.append(starts, len(blk["cand_i"])))
+    assert (counts[blk["widened"]] == 4 * 7).all() and (counts[~blk["widened"]] == 7).all()
+    kth = blk["cand_d"][starts + k_rank - 1]
+    certified = kth <= blk["bound"]
+    assert certified[blk["widened"]].any()
+    for r in np.flatnonzero(certified):
+        got = blk["cand_j"][starts[r]:starts[r] + k_rank]
+        np.testing.assert_array_equal(np.sort(d[r, got]), np.sort(d[r])[:k_rank])
+
+
 def test_feature_only_complete_graph_equals_dense_round(rng):
     f, _, cam, _ = _problem(rng, 70, 3)
     dense = S.inter_round_dense_ref(f, None, cam, 9, similarity="cosine")
@@ -317,6 +458,8 @@ def test_round_rejects_bad_input(rng):
         S.sparse_inter_round(f[:-1], sp, cam, 3)
     with pytest.raises(ValueError, match="k_candidates >= k1"):
         S.sparse_inter_round(f, sp, cam, 3, k=5, k_candidates=5)
+    with pytest.raises(ValueError, match="recheck_margin"):
+        S.sparse_inter_round(f, sp, cam, 3, recheck_margin=-1e-3)
     labels, _ = S.sparse_inter_round(f[:1], sp.rows(0, 1), cam[:1], 1)
     np.testing.assert_array_equal(labels, [0])
 
@@ -440,7 +583,8 @@ def test_profiler_sparse_mode(tmp_path):
     import json
     from benchmarks import profile
     record = profile.main(["--mode", "sparse", "--scale", "400", "--cameras", "3", "--k", "24",
-                           "--compare-dense", "--out", str(tmp_path)])
+                           "--k-inter", "20", "--compare-dense", "--out", str(tmp_path)])
+    assert record["k_inter"] == 20
     saved = json.loads((tmp_path / "profile_sparse_400.json").read_text())
     assert saved["info"]["ari_sparse_vs_dense"] == record["info"]["ari_sparse_vs_dense"] >= 0.99
     names = [p["name"] for p in saved["phases"]]

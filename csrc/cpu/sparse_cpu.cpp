@@ -34,7 +34,8 @@ inline double dot(const float* a, const float* b, int64_t d) {
 
 void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* val,
                          const int32_t* ei, const int32_t* ej, int64_t edges, float* out,
-                         const int64_t* offsets, int blocks, const float* tail) {
+                         const int64_t* offsets, int blocks, const float* tail,
+                         double tail_weight) {
 #pragma omp parallel if (edges >= kParallelMin)
   {
     std::vector<int64_t> kept_a(blocks), kept_b(blocks), kept_both(blocks);
@@ -48,23 +49,23 @@ void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* va
       std::fill(kept_both.begin(), kept_both.end(), 0);
       int blk = 0;  // the block of the column at hand (columns only grow)
       auto block_of = [&](int32_t c) {
-        while (offsets[blk + 1] <= c) ++blk;
+        while (blk + 1 < blocks && offsets[blk + 1] <= c) ++blk;  // a stray column: last block
         return blk;
       };
-      double m = 0.0;
+      double m = 0.0, t = 0.0;  // kept on both sides; with a tail on either side
       while (p < pe || q < qe) {  // merge of two ascending column lists
         if (q >= qe || (p < pe && col[p] < col[q])) {
           if (tail) {
             const int b = block_of(col[p]);
             ++kept_a[b];
-            m += std::min(val[p], tb[b]);
+            t += std::min(val[p], tb[b]);
           }
           ++p;
         } else if (p >= pe || col[q] < col[p]) {
           if (tail) {
             const int b = block_of(col[q]);
             ++kept_b[b];
-            m += std::min(val[q], ta[b]);
+            t += std::min(val[q], ta[b]);
           }
           ++q;
         } else {
@@ -81,9 +82,9 @@ void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* va
       for (int b = 0; b < blocks; ++b) {
         const int64_t both_dropped = (offsets[b + 1] - offsets[b]) - kept_a[b] - kept_b[b] -
                                      kept_both[b];
-        m += static_cast<double>(both_dropped) * std::min(ta[b], tb[b]);
+        t += static_cast<double>(both_dropped) * std::min(ta[b], tb[b]);
       }
-      out[e] = static_cast<float>(m);
+      out[e] = static_cast<float>(m + tail_weight * t);
     }
   }
 }
@@ -153,8 +154,15 @@ JaccardPairs k_reciprocal_pairs_cpu(Sparse v, const float* keys, int64_t n, int 
 
 SparseLinkage::SparseLinkage(int64_t n, int64_t d, float* x, float* g, const double* u, double c0)
     : n_(n), d_(d), x_(x), g_(g), symmetric_(g == x), c0_(c0), u_(u, u + n), size_(n, 1.0),
-      stamp_(n, 0), alive_(n, 1), adj_(n),
-      bound_(n, std::numeric_limits<double>::infinity()), bound_stamp_(n, 0), live_(n) {}
+      stamp_(n, 0), alive_(n, 1), adj_(n), next_(n, -1), tail_(n),
+      bound_(n, std::numeric_limits<double>::infinity()), bound_stamp_(n, 0), live_(n) {
+  for (int64_t s = 0; s < n; ++s) tail_[s] = static_cast<int32_t>(s);
+}
+
+void SparseLinkage::check_pairs(double margin) {
+  checking_ = true;
+  margin_ = margin;
+}
 
 void SparseLinkage::set_bound(int32_t slot, double value) {
   bound_[slot] = value;
@@ -174,9 +182,7 @@ double SparseLinkage::min_bound() {
 
 double SparseLinkage::top() {
   while (!heap_.empty()) {
-    const Entry& e = heap_.top();
-    if (alive_[e.a] && alive_[e.b] && stamp_[e.a] == e.stamp_a && stamp_[e.b] == e.stamp_b)
-      return e.dist;
+    if (valid(heap_.top())) return heap_.top().dist;
     heap_.pop();  // superseded by a merge
   }
   return std::numeric_limits<double>::infinity();
@@ -197,9 +203,10 @@ double SparseLinkage::sep(int32_t a, int32_t b) const {
   return na * nb * c0_ + 0.5 * (nb * u_[a] + na * u_[b]) - cross;
 }
 
-void SparseLinkage::push(int32_t a, int32_t b, double sum) {
+void SparseLinkage::push(int32_t a, int32_t b, const Link& link) {
   if (a > b) std::swap(a, b);
-  heap_.push(Entry{sum / (size_[a] * size_[b]), a, b, stamp_[a], stamp_[b]});
+  const double height = link.sum / (size_[a] * size_[b]);
+  heap_.push(Entry{link.exact ? height : height - margin_, a, b, stamp_[a], stamp_[b], link.exact});
 }
 
 void SparseLinkage::add_edges(const int32_t* a, const int32_t* b, const double* s, int64_t count) {
@@ -212,11 +219,51 @@ void SparseLinkage::add_edges(const int32_t* a, const int32_t* b, const double* 
   for (int64_t e = 0; e < count; ++e) {
     const int32_t p = a[e], q = b[e];
     if (p == q || !alive_[p] || !alive_[q] || adj_[p].count(q)) continue;
-    const double sum = s ? s[e] : model[e];
-    adj_[p].emplace(q, sum);
-    adj_[q].emplace(p, sum);
-    push(p, q, sum);
+    const Link link{s ? s[e] : model[e], s != nullptr || !checking_};
+    adj_[p].emplace(q, link);
+    adj_[q].emplace(p, link);
+    push(p, q, link);
   }
+}
+
+void SparseLinkage::pending(int64_t count, std::vector<int32_t>& a, std::vector<int32_t>& b,
+                            std::vector<double>& model) {
+  const double limit = min_bound() - margin_;
+  std::vector<Entry> exact;
+  while (static_cast<int64_t>(a.size()) < count && !heap_.empty()) {
+    const Entry e = heap_.top();
+    if (!valid(e)) {
+      heap_.pop();
+      continue;
+    }
+    if (e.dist > limit) break;
+    heap_.pop();
+    if (e.exact) {
+      exact.push_back(e);
+    } else {
+      a.push_back(e.a);
+      b.push_back(e.b);
+      model.push_back(e.dist + margin_);
+    }
+  }
+  for (const Entry& e : exact) heap_.push(e);
+}
+
+void SparseLinkage::set_sums(const int32_t* a, const int32_t* b, const double* s, int64_t count) {
+  for (int64_t e = 0; e < count; ++e) {
+    const int32_t p = a[e], q = b[e];
+    if (p == q || !alive_[p] || !alive_[q]) continue;
+    auto it = adj_[p].find(q);
+    if (it == adj_[p].end()) continue;
+    const Link link{s[e], true};
+    it->second = link;
+    adj_[q][p] = link;
+    push(p, q, link);
+  }
+}
+
+void SparseLinkage::members(int32_t slot, std::vector<int32_t>& out) const {
+  for (int32_t m = slot; m >= 0; m = next_[m]) out.push_back(m);
 }
 
 void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
@@ -238,8 +285,20 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
   const int64_t m = static_cast<int64_t>(need.size());
 #pragma omp parallel for schedule(static) if (m * d_ >= kParallelMin * 64)
   for (int64_t t = 0; t < m; ++t) model[t] = sep(need[t].second, need[t].first);
-  for (const auto& kv : ag) ak[kv.first] += kv.second;  // inserts gone-only neighbours at 0 + sum
-  for (int64_t t = 0; t < m; ++t) ak[need[t].first] += model[t];
+  for (const auto& kv : ag) {  // sums of both sides' edges; exact when both are
+    auto it = ak.find(kv.first);
+    if (it == ak.end()) {
+      ak.emplace(kv.first, kv.second);
+    } else {
+      it->second.sum += kv.second.sum;
+      it->second.exact = it->second.exact && kv.second.exact;
+    }
+  }
+  for (int64_t t = 0; t < m; ++t) {  // one side's edge plus the other side's model sum
+    Link& link = ak[need[t].first];
+    link.sum += model[t];
+    link.exact = link.exact && !checking_;
+  }
   float* xk = x_ + static_cast<int64_t>(keep) * d_;
   const float* xg = x_ + static_cast<int64_t>(gone) * d_;
   for (int64_t t = 0; t < d_; ++t) xk[t] += xg[t];
@@ -250,11 +309,13 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
   }
   u_[keep] += u_[gone];
   size_[keep] += size_[gone];
+  next_[tail_[keep]] = gone;
+  tail_[keep] = tail_[gone];
   if (bound_[gone] < bound_[keep]) set_bound(keep, bound_[gone]);
   ++stamp_[keep];
   alive_[gone] = 0;
   --live_;
-  std::unordered_map<int32_t, double>().swap(ag);
+  std::unordered_map<int32_t, Link>().swap(ag);
   for (const auto& kv : ak) {
     auto& ac = adj_[kv.first];
     ac.erase(gone);
@@ -266,7 +327,8 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
 int64_t SparseLinkage::run(int64_t target) {
   while (live_ > target) {
     const double height = this->top();
-    if (heap_.empty() || height > min_bound()) break;  // no edge left, or an off-graph pair may be closer
+    // no edge left, an off-graph pair may be closer, or the closest sum needs its exact check
+    if (heap_.empty() || height > min_bound() - margin_ || !heap_.top().exact) break;
     const Entry top = heap_.top();
     heap_.pop();
     const bool a_keeps = adj_[top.a].size() >= adj_[top.b].size();

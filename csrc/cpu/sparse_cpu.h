@@ -17,11 +17,13 @@ namespace iics {
 // entries, block b = columns [offsets[b], offsets[b + 1])) an entry kept on one side only adds
 // min(kept value, the other side's tail) and the entries dropped on both sides add
 // min(tail_i, tail_j) each: an estimate of the full rows' sum, never above it by construction of
-// the bound (see iics_fast/sparse.py).
+// the bound (see iics_fast/sparse.py). The terms holding a tail count tail_weight times (1: the
+// even-tail estimate; the round fits it on rows kept whole). A column outside the blocks counts
+// in the last block.
 void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* val,
                          const int32_t* ei, const int32_t* ej, int64_t edges, float* out,
                          const int64_t* offsets = nullptr, int blocks = 0,
-                         const float* tail = nullptr);
+                         const float* tail = nullptr, double tail_weight = 1.0);
 
 // out[e] = <f[ei[e]], f[ej[e]]> over rows of the n x d float32 `f`, float64 sums rounded.
 void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
@@ -56,6 +58,15 @@ JaccardPairs k_reciprocal_pairs_cpu(rerank_parts::Sparse v, const float* keys, i
 // the clusters whose bound is below `top()`, adds their nearest as edges and raises their
 // bounds (`set_bounds`). A merged cluster's bound is the smaller of its two sides': for a B
 // adjacent to neither, sep(A u A', B) / (|A u A'||B|) is a weighted mean of the two sides'.
+//
+// Exact re-checks (`check_pairs(margin)`): an edge's sum is *exact* when it was given (the
+// graph's pair values) or set by `set_sums`, and a merged cluster's sum to a neighbour stays
+// exact when both sides' were; a sum holding any model part is not. A non-exact edge enters the
+// queue at height - margin and a bound counts as bound - margin; `run` stops when a non-exact
+// edge is the closest, `pending` hands the closest non-exact edges out, the caller computes
+// their exact sums over A x B and returns them with `set_sums`. A merge is then taken only at an
+// exact height no farther than every non-exact edge and every bound minus the margin: the greedy
+// merge on the exact pair values whenever the model errs by less than the margin.
 class SparseLinkage {
  public:
   // x, g: n x d float32 sums, updated in place (g == x when symmetric); u: n float64.
@@ -69,6 +80,17 @@ class SparseLinkage {
   // The closest adjacent pair's height (+inf when no edge is left).
   double top();
   void set_bound(int32_t slot, double value);
+  // Turns the exact re-checks on with the given margin (>= 0).
+  void check_pairs(double margin);
+  // Up to `count` of the closest non-exact edges (height - margin no farther than the smallest
+  // bound - margin), removed from the queue until `set_sums` returns their exact sums; `model`
+  // gets their model heights.
+  void pending(int64_t count, std::vector<int32_t>& a, std::vector<int32_t>& b,
+               std::vector<double>& model);
+  // Exact pair sums of adjacent live pairs (a[e], b[e]).
+  void set_sums(const int32_t* a, const int32_t* b, const double* s, int64_t count);
+  // Members of a live slot's cluster, appended to `out`.
+  void members(int32_t slot, std::vector<int32_t>& out) const;
   double bound(int64_t slot) const { return bound_[slot]; }
   double usum(int64_t slot) const { return u_[slot]; }
   int64_t live() const { return live_; }
@@ -80,10 +102,15 @@ class SparseLinkage {
   bool alive(int64_t slot) const { return alive_[slot] != 0; }
 
  private:
+  struct Link {
+    double sum;
+    bool exact;
+  };
   struct Entry {
-    double dist;
+    double dist;  // height, or height - margin for a non-exact sum
     int32_t a, b;
     uint32_t stamp_a, stamp_b;
+    bool exact;
     bool operator>(const Entry& o) const {
       if (dist != o.dist) return dist > o.dist;
       if (a != o.a) return a > o.a;
@@ -91,7 +118,10 @@ class SparseLinkage {
     }
   };
   double sep(int32_t a, int32_t b) const;
-  void push(int32_t a, int32_t b, double sum);
+  void push(int32_t a, int32_t b, const Link& link);
+  bool valid(const Entry& e) const {
+    return alive_[e.a] && alive_[e.b] && stamp_[e.a] == e.stamp_a && stamp_[e.b] == e.stamp_b;
+  }
   void merge(int32_t keep, int32_t gone, double height);
 
   // The smallest live bound (+inf when none), dropping superseded entries.
@@ -111,7 +141,10 @@ class SparseLinkage {
   std::vector<double> u_, size_;
   std::vector<uint32_t> stamp_;
   std::vector<uint8_t> alive_;
-  std::vector<std::unordered_map<int32_t, double>> adj_;
+  bool checking_ = false;
+  double margin_ = 0.0;
+  std::vector<std::unordered_map<int32_t, Link>> adj_;
+  std::vector<int32_t> next_, tail_;  // members: a list from the slot itself, next_ = -1 ends it
   std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap_;
   std::vector<double> bound_;
   std::vector<uint32_t> bound_stamp_;
