@@ -14,8 +14,9 @@
 Equal input: the all-vs-all distance of N samples (what IICS re-ranks: the Eq. 5 distance,
 which has no feature form), and, in a second comparison, the L2-normalised features (d = 2,048)
 from which both sides start: ours builds ``1 - x x^T`` with one symmetric product (one
-triangle: half the multiply-adds of a GEMM), faiss searches with the whole GEMM. The two methods differ in their weights (IICS: exp(-normalised distance) and the lambda
-mix; SpCL: a softmax, lambda = 0), not in their work.
+triangle: half the multiply-adds of a GEMM), faiss searches with the whole GEMM. The two
+methods differ in their weights (IICS: exp(-normalised distance) and the lambda mix; SpCL: a
+softmax, lambda = 0), not in their work.
 
     pytest benchmarks/bench_rerank.py -s                          # N = 8,000
     IICS_BENCH_SCALE=large pytest benchmarks/bench_rerank.py -s   # + N = 32,621 (MSMT17)

@@ -851,9 +851,10 @@ def _initial_bounds(blk, n, b, u, c0, cams, background, alpha):
 
 def _exact_pairs(f, sp, camids, mu, n, gi, gj, value, rerank):
     """The pair values the linkage re-checks with: Eq. 5 with the round's J (1 - cos - mu J_w
-    [cameras differ], J_w with sp's tail weight, float32 as on the graph) or, with rerank = (lo, range, c0, lambda), the re-ranked
-    value: the graph pair's (gi < gj, sorted by gi * n + gj) where the pair is on the graph, else
-    c0 + lambda (d - lo_m) / range_m with m = min(i, j), the row the dense round normalises by."""
+    [cameras differ], J_w with sp's tail weight, float32 as on the graph) or, with rerank =
+    (lo, range, c0, lambda), the re-ranked value: the graph pair's (gi < gj, sorted by
+    gi * n + gj) where the pair is on the graph, else c0 + lambda (d - lo_m) / range_m with
+    m = min(i, j), the row the dense round normalises by."""
     keys = gi.astype(np.int64) * n + gj if rerank is not None else None
 
     def values(i, j):

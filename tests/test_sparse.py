@@ -243,8 +243,9 @@ def test_rechecked_linkage_is_greedy_on_exact_values(rng, bounds):
         bnd = np.where(adj, np.inf, model).min(1) - 1e-9
     ai, aj = np.triu_indices(n, 1)
     for k in (1, 6, 23):
-        got, info = S.average_linkage(f, gi, gj, value, k, bounds=bnd, refresh_k=3, pair_values=lambda i, j: exact[i, j],
-                                      margin=margin, batch=5, **kw)
+        got, info = S.average_linkage(f, gi, gj, value, k, bounds=bnd, refresh_k=3,
+                                      pair_values=lambda i, j: exact[i, j], margin=margin,
+                                      batch=5, **kw)
         np.testing.assert_array_equal(got, S.average_linkage_ref(f, ai, aj, exact[ai, aj], k, **kw))
         assert info["pairs_checked"] > 0
     plain, _ = S.average_linkage(f, gi, gj, value, 6, bounds=bnd, refresh_k=3, **kw)
