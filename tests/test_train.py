@@ -26,7 +26,10 @@ TINY = ["--dataset", "synthetic", "--dataset-options",
         "--eval-every", "1", "--k-intra", "6", "--k-inter", "8", "--batch-per-camera", "4",
         "--batch-p", "4", "--batch-k", "2", "--epochs-intra", "1", "--epochs-inter", "1",
         "--batch-extract", "32", "--seed", "5", "--threads", "1", "--no-progress",
-        "--no-verbose", "--pretrained", "none"]
+        "--no-verbose", "--pretrained", "none", "--amp", "off"]
+# float32: these tests compare runs with one another (resumed, several processes), and bf16
+# autocast (on CPUs with native bf16) rounds differently with the batch split; the bf16 path
+# runs end to end in test_iics_learns_on_the_demo_network
 
 
 class Killed(RuntimeError):
