@@ -487,9 +487,9 @@ def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, devic
     block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=(1.0 - worst - mu).astype(np.float32),
                  widened=widened)
     # row max: the farthest by cosine, Eq. 5 on them; d <= 1 - cos for any pair
-    hi, hi_exact = _row_max(f, sp, camids, mu, r0, k_far, built,
-                            np.maximum(np.maximum.reduceat(cand_d, starts), 0.0))
-    block.update(lo=lo.astype(np.float32), hi=hi, hi_exact=hi_exact)
+    hi, hi_exact, max_widened = _row_max(f, sp, camids, mu, r0, k_far, built,
+                                         np.maximum(np.maximum.reduceat(cand_d, starts), 0.0))
+    block.update(lo=lo.astype(np.float32), hi=hi, hi_exact=hi_exact, max_widened=max_widened)
     return block
 
 
@@ -499,11 +499,13 @@ def _row_max(f, sp, camids, mu, r0, k_far, built, floor):
     every image not searched has a cosine >= the largest searched, so its d <= 1 - that cosine,
     and the maximum is certified when it reaches that. On an exact (flat) index the rows left
     uncertified are searched again with 4 times as many, until certified or every image was
-    searched; an IVF search may miss the farthest images, so it certifies nothing."""
+    searched; an IVF search may miss the farthest images, so it certifies nothing. Returns
+    (maxima, certified mask, mask of the rows searched more than once)."""
     n, m = len(f), len(floor)
     exact = built[1] == "flat"
     hi = floor.astype(np.float32)
     certified = np.zeros(m, bool)
+    widened = np.zeros(m, bool)
     todo = np.arange(m)
     kf = min(n, k_far)
     while len(todo):
@@ -521,8 +523,9 @@ def _row_max(f, sp, camids, mu, r0, k_far, built, floor):
             break
         certified[todo[done]] = True
         todo = todo[~done]
+        widened[todo] = True
         kf = min(n, 4 * kf)
-    return hi, certified
+    return hi, certified, widened
 
 
 def camera_jaccard(sp: SparseScores, camids) -> np.ndarray:
@@ -669,7 +672,7 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
         dg[miss] = 1.0 - _pair_cos(f, mi, mj) - mu * _cross_jaccard(sp, camids, mi, mj)
     value = jt_all + ((dg - lo[gi]) / rng_[gi]) * np.float32(lam)
     info = {"rows_uncertified": int((~certified).sum()), "rows_max_uncertified": int((~blk["hi_exact"]).sum()),
-            "rows_widened": int(blk["widened"].sum()),
+            "rows_widened": int(blk["widened"].sum()), "rows_max_widened": int(blk["max_widened"].sum()),
             "jaccard_pairs": int(len(pi))}
     return gi, gj, value.astype(np.float64), lo, rng_, float(w16), info
 

@@ -443,15 +443,16 @@ def test_row_max_searches_wider_until_certified(rng, n, cams, k_far):
     d = d.astype(np.float32).reshape(n, n)
     np.fill_diagonal(d, 0)
     floor = np.zeros(n - 10, np.float32)
-    hi, certified = S._row_max(f, sp, cam, mu, 10, k_far, S._faiss_index(f, "flat", None), floor)
+    hi, certified, widened = S._row_max(f, sp, cam, mu, 10, k_far, S._faiss_index(f, "flat", None), floor)
     assert certified.all()
     np.testing.assert_allclose(hi, d[10:].max(1), rtol=0, atol=1e-6)
     cos = S._pair_cos(f, i.ravel(), j.ravel()).reshape(n, n)
     first = np.take_along_axis(d, np.argsort(cos, 1, kind="stable")[:, :k_far], 1).max(1)
     needed_more = (d.max(1) > np.maximum(first, 0) + 1e-6)[10:].any()
     assert needed_more == (cams > 1)  # one camera: no Jaccard term, the farthest by cosine is the max
+    assert widened.any() == needed_more
     ivf = S._faiss_index(f, "ivf", None)
-    _, none = S._row_max(f, sp, cam, mu, 10, k_far, ivf, floor)
+    _, none, _ = S._row_max(f, sp, cam, mu, 10, k_far, ivf, floor)
     assert not none.any()
 
 
