@@ -43,8 +43,10 @@ read, k1, k2, lambda; then average linkage), in addition:
   exact    each row's k1 + 1 nearest by Eq. 5 distance and its minimum when the k-th cosine
            neighbour is at least mu farther (rows failing this are searched again with
            4 k_candidates, info["rows_widened"]; those failing still are counted in
-           info["rows_uncertified"]); the row maximum when the farthest search's last cosine
-           bounds it (info["rows_max_uncertified"]); from these lists the k-reciprocal sets, V,
+           info["rows_uncertified"]); the row maximum when the farthest search by cosine, on
+           the exact (flat) index and widened until the last cosine searched bounds it
+           (info["rows_max_widened"]), certifies it (an IVF index, above FLAT_MAX images,
+           certifies none: info["rows_max_uncertified"]); from these lists the k-reciprocal sets, V,
            the query expansion and the Jaccard distance of every pair sharing a column of V (the
            dense path's float16 arithmetic, on its own native code); the re-ranked value of every
            graph pair (graph = k-NN pairs and V-sharing pairs) and, in every merge taken, of every
