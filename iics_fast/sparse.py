@@ -43,8 +43,10 @@ read, k1, k2, lambda; then average linkage), in addition:
   exact    each row's k1 + 1 nearest by Eq. 5 distance and its minimum when the k-th cosine
            neighbour is at least mu farther (rows failing this are searched again with
            4 k_candidates, info["rows_widened"]; those failing still are counted in
-           info["rows_uncertified"]); the row maximum when the farthest search's last cosine
-           bounds it (info["rows_max_uncertified"]); from these lists the k-reciprocal sets, V,
+           info["rows_uncertified"]); the row maximum when the farthest search by cosine, on
+           the exact (flat) index and widened until the last cosine searched bounds it
+           (info["rows_max_widened"]), certifies it (an IVF index, above FLAT_MAX images,
+           certifies none: info["rows_max_uncertified"]); from these lists the k-reciprocal sets, V,
            the query expansion and the Jaccard distance of every pair sharing a column of V (the
            dense path's float16 arithmetic, on its own native code); the re-ranked value of every
            graph pair (graph = k-NN pairs and V-sharing pairs) and, in every merge taken, of every
@@ -75,7 +77,6 @@ __all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums"
 
 FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
 RECHECK_MARGIN = 2e-3  # heights the model may err by before its merge is re-checked (docs/sparse.md)
-FAR_FLAT_MAX = 8_192  # above this many the farthest-sample search (row max) uses an IVF index
 
 
 # ----------------------------------------------------------------------------- sparse scores
@@ -444,8 +445,7 @@ def _widen_candidates(f, sp, camids, mu, r0, cand, worst, k_rank, wide, built):
                                np.concatenate([cd[keep], d])), worst, widened)
 
 
-def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, device, built, far_built,
-               k_rank=None):
+def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, device, built, k_rank=None):
     """One block of rows' share of the round: their k-NN edges with Eq. 5 on them and, for the
     re-ranking, their candidate lists (the k_cand nearest by cosine; 4 k_cand for the rows whose
     k_rank-th nearest by Eq. 5 they do not certify) by Eq. 5 distance and the row min / max."""
@@ -489,19 +489,45 @@ def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, devic
     block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=(1.0 - worst - mu).astype(np.float32),
                  widened=widened)
     # row max: the farthest by cosine, Eq. 5 on them; d <= 1 - cos for any pair
-    kf = min(n, k_far)
-    fs, fi = knn(f, kf, (r0, r1), farthest=True, device=device, _built=far_built)
-    frows = np.repeat(np.arange(r0, r1, dtype=np.int32), kf)
-    fi = fi.reshape(-1).astype(np.int32)
-    fs = fs.reshape(-1)
-    valid = fi >= 0
-    fd = np.full(len(fi), -np.inf, np.float32)
-    fd[valid] = 1.0 - fs[valid] - mu * _cross_jaccard(sp, camids, frows[valid], fi[valid])
-    hi = np.maximum(np.maximum(fd.reshape(m, kf).max(1), 0.0), np.maximum.reduceat(cand_d, starts))
-    far_cos = np.where(valid, fs, np.inf).reshape(m, kf).max(1)  # largest cosine searched
-    block.update(lo=lo.astype(np.float32), hi=hi.astype(np.float32),
-                 hi_exact=(hi >= 1.0 - far_cos) | (kf >= n))
+    hi, hi_exact, max_widened = _row_max(f, sp, camids, mu, r0, k_far, built,
+                                         np.maximum(np.maximum.reduceat(cand_d, starts), 0.0))
+    block.update(lo=lo.astype(np.float32), hi=hi, hi_exact=hi_exact, max_widened=max_widened)
     return block
+
+
+def _row_max(f, sp, camids, mu, r0, k_far, built, floor):
+    """The largest Eq. 5 distance of rows r0, r0 + len(floor), ... (at least `floor`) and a mask
+    of the rows where it is certified. A row's k_far farthest by cosine get their Eq. 5 distance;
+    every image not searched has a cosine >= the largest searched, so its d <= 1 - that cosine,
+    and the maximum is certified when it reaches that. On an exact (flat) index the rows left
+    uncertified are searched again with 4 times as many, until certified or every image was
+    searched; an IVF search may miss the farthest images, so it certifies nothing. Returns
+    (maxima, certified mask, mask of the rows searched more than once)."""
+    n, m = len(f), len(floor)
+    exact = built[1] == "flat"
+    hi = floor.astype(np.float32)
+    certified = np.zeros(m, bool)
+    widened = np.zeros(m, bool)
+    todo = np.arange(m)
+    kf = min(n, k_far)
+    while len(todo):
+        q = (r0 + todo).astype(np.int32)
+        sims, ids = built[0].search(np.ascontiguousarray(-f[q]), kf)
+        rows = np.repeat(q, kf)
+        ids, cos = ids.reshape(-1), -sims.reshape(-1)
+        valid = ids >= 0
+        d = np.full(len(ids), -np.inf, np.float32)
+        d[valid] = 1.0 - cos[valid] - mu * _cross_jaccard(sp, camids, rows[valid], ids[valid].astype(np.int32))
+        hi[todo] = np.maximum(hi[todo], d.reshape(-1, kf).max(1))
+        far_cos = np.where(valid, cos, np.inf).reshape(-1, kf).max(1)  # largest cosine searched
+        done = (hi[todo] >= 1.0 - far_cos) | (kf >= n)
+        if not exact:
+            break
+        certified[todo[done]] = True
+        todo = todo[~done]
+        widened[todo] = True
+        kf = min(n, 4 * kf)
+    return hi, certified, widened
 
 
 def camera_jaccard(sp: SparseScores, camids) -> np.ndarray:
@@ -648,7 +674,7 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
         dg[miss] = 1.0 - _pair_cos(f, mi, mj) - mu * _cross_jaccard(sp, camids, mi, mj)
     value = jt_all + ((dg - lo[gi]) / rng_[gi]) * np.float32(lam)
     info = {"rows_uncertified": int((~certified).sum()), "rows_max_uncertified": int((~blk["hi_exact"]).sum()),
-            "rows_widened": int(blk["widened"].sum()),
+            "rows_widened": int(blk["widened"].sum()), "rows_max_widened": int(blk["max_widened"].sum()),
             "jaccard_pairs": int(len(pi))}
     return gi, gj, value.astype(np.float64), lo, rng_, float(w16), info
 
@@ -946,14 +972,10 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     part = D.shard_indices(n, D.rank(), D.world_size())
     timer = _Timer(log if D.rank() == 0 else None)
     built = _faiss_index(f, index, device)
-    far_built = None
-    if rerank:
-        far_built = built if built[1] == "ivf" or index == "flat" or n <= FAR_FLAT_MAX \
-            else _faiss_index(f, "ivf", device)
-    info.update(index=built[1], far_index=None if far_built is None else far_built[1])
+    info.update(index=built[1])
     blk = _row_block(f, scores, camids, float(mu), k, k_candidates, part.start, part.stop, rerank, k_far, index,
-                     device, built, far_built, min(k1 + 1, n) if rerank else None)
-    del built, far_built
+                     device, built, min(k1 + 1, n) if rerank else None)
+    del built
     timer.lap(info, "time_graph_s")
     blk = _gather_blocks(blk)
     labels = None

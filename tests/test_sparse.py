@@ -387,7 +387,7 @@ def test_exact_pair_values_equal_the_dense_matrix(rng, similarity):
     sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
     sp.tail_weight = 0.6
     built = S._faiss_index(f, "flat", None)
-    blk = S._row_block(f, sp, cam, mu, 4, n - 1, 0, n, similarity == "rerank", n, "flat", None, built, built)
+    blk = S._row_block(f, sp, cam, mu, 4, n - 1, 0, n, similarity == "rerank", n, "flat", None, built)
     i, j = np.triu_indices(n, 1)
     i, j = i.astype(np.int32), j.astype(np.int32)
     d = (1.0 - S._pair_cos(f, i, j) - mu * S._cross_jaccard(sp, cam, i, j)).astype(np.float32)
@@ -411,7 +411,7 @@ def test_uncertified_rows_search_wider(rng):
     f = S._normalise(f)
     sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
     built = S._faiss_index(f, "flat", None)
-    blk = S._row_block(f, sp, cam, mu, 4, 6, 0, n, True, 4, "flat", None, built, built, k_rank)
+    blk = S._row_block(f, sp, cam, mu, 4, 6, 0, n, True, 4, "flat", None, built, k_rank)
     assert 0 < blk["widened"].sum() < n
     i, j = np.meshgrid(np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32), indexing="ij")
     d = (1.0 - S._pair_cos(f, i.ravel(), j.ravel()) - mu * S._cross_jaccard(sp, cam, i.ravel(), j.ravel()))
@@ -426,6 +426,34 @@ def test_uncertified_rows_search_wider(rng):
     for r in np.flatnonzero(certified):
         got = blk["cand_j"][starts[r]:starts[r] + k_rank]
         np.testing.assert_array_equal(np.sort(d[r, got]), np.sort(d[r])[:k_rank])
+
+
+@pytest.mark.parametrize("n,cams,k_far", [(97, 3, 1), (64, 1, 2), (130, 5, 4)])
+def test_row_max_searches_wider_until_certified(rng, n, cams, k_far):
+    """Each row's maximum equals the largest Eq. 5 distance over all images (self's 0 included),
+    on a flat index, however few farthest images the first search takes; an IVF index certifies
+    no row (its search may miss the farthest)."""
+    mu = 0.5  # the Jaccard term reorders the farthest by cosine: the first search rarely suffices
+    f, s, cam, dims = _problem(rng, n, cams)
+    f = S._normalise(f)
+    f[5] = f[6]  # a duplicate image: ties
+    sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
+    i, j = np.meshgrid(np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32), indexing="ij")
+    d = (1.0 - S._pair_cos(f, i.ravel(), j.ravel()) - mu * S._cross_jaccard(sp, cam, i.ravel(), j.ravel()))
+    d = d.astype(np.float32).reshape(n, n)
+    np.fill_diagonal(d, 0)
+    floor = np.zeros(n - 10, np.float32)
+    hi, certified, widened = S._row_max(f, sp, cam, mu, 10, k_far, S._faiss_index(f, "flat", None), floor)
+    assert certified.all()
+    np.testing.assert_allclose(hi, d[10:].max(1), rtol=0, atol=1e-6)
+    cos = S._pair_cos(f, i.ravel(), j.ravel()).reshape(n, n)
+    first = np.take_along_axis(d, np.argsort(cos, 1, kind="stable")[:, :k_far], 1).max(1)
+    needed_more = (d.max(1) > np.maximum(first, 0) + 1e-6)[10:].any()
+    assert needed_more == (cams > 1)  # one camera: no Jaccard term, the farthest by cosine is the max
+    assert widened.any() == needed_more
+    ivf = S._faiss_index(f, "ivf", None)
+    _, none, _ = S._row_max(f, sp, cam, mu, 10, k_far, ivf, floor)
+    assert not none.any()
 
 
 def test_feature_only_complete_graph_equals_dense_round(rng):
