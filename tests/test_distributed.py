@@ -493,9 +493,8 @@ def test_grouped_statistics_refuse_uneven_batches():
     with N.grouped_batch_stats(model, 3), pytest.raises(ValueError, match="batch of 4 does not split into 3"):
         model(torch.randn(4, 3, 6, 6))
     assert _patched_norms(model) == []  # restored on the way out, error or not
-    with pytest.raises(ValueError, match="groups must be >= 1"):
-        with N.grouped_batch_stats(model, 0):
-            pass
+    with pytest.raises(ValueError, match="groups must be >= 1"), N.grouped_batch_stats(model, 0):
+        pass
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
