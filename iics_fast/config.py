@@ -73,7 +73,8 @@ _STRINGS = ("root", "pretrained", "out")  # None allowed
 #: the allowed values of every choice option (the command line's choices too)
 CHOICES = {"arch": ("resnet50", "resnet18"), "stages": ("both", "intra"),
            "similarity": ("cosine", "rerank"), "inter_similarity": ("eq5", "jaccard", "feature"),
-           "inter_mode": ("dense", "sparse", "auto"), "amp": ("bf16", "fp16", "off")}
+           "inter_mode": ("dense", "sparse", "auto"), "amp": ("bf16", "fp16", "off"),
+           "stage1_forward": ("grouped", "per-camera")}
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 

@@ -1,9 +1,11 @@
 """Batch-normalisation statistics over several processes: running statistics merged into what one
 process would hold (stage 1: `SequentialStatsSync`; stage 2 without sync: `average_running_stats`)
 and batch statistics summed over the ranks (`synced_batch_stats`, `batch_sums`), so that a batch
-split across ranks is normalised as one process normalises it whole.
+split across ranks is normalised as one process normalises it whole. Without a process group
+these change nothing.
 
-Without a process group every helper changes nothing.
+`grouped_batch_stats` is the other direction: one forward of several groups (stage 1's cameras)
+normalised as separate forwards of each group would be.
 """
 from __future__ import annotations
 
@@ -79,6 +81,40 @@ class SequentialStatsSync:
             if isinstance(tracked, torch.Tensor):
                 tracked.add_(self.total - self.count)
         self.prev = None
+
+
+def _grouped_forward(m, groups, x):
+    """A norm layer's forward on `groups` equal consecutive slices of the batch, each with its
+    own batch statistics and running-statistics update, in order (training only)."""
+    if not m.training:
+        return type(m).forward(m, x)
+    if x.shape[0] % groups:
+        raise ValueError(f"a batch of {x.shape[0]} does not split into {groups} equal groups")
+    return torch.cat([type(m).forward(m, part) for part in x.chunk(groups)])
+
+
+@contextlib.contextmanager
+def grouped_batch_stats(module, groups: int):
+    """Inside the context every BatchNorm1d/2d and AIBN2d layer of `module` in training mode
+    normalises each of `groups` equal consecutive slices of its batch with that slice's own
+    statistics, and updates its running statistics slice after slice: one forward of the C
+    cameras' images computes what C forwards of one camera each compute (stage 1's per-camera
+    statistics), while the convolutions see the whole batch, which a CPU or GPU runs far faster
+    than C small ones."""
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if groups == 1:
+        yield module
+        return
+    patched = [m for m in module.modules()
+               if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) or hasattr(m, "sum_ranks")]
+    for m in patched:
+        m.forward = functools.partial(_grouped_forward, m, groups)
+    try:
+        yield module
+    finally:
+        for m in patched:
+            del m.forward
 
 
 @torch.no_grad()

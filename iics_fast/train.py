@@ -55,6 +55,10 @@ DEFAULTS = {
                               "instead of k_intra (the reference's threshold variant: 0.0025)"),
     "epochs_intra": (2, "stage-1 epochs per round (MSMT17: 12)"),
     "batch_per_camera": (8, "stage-1 images per camera per iteration"),
+    "stage1_forward": ("grouped", "grouped: stage 1 forwards all cameras' images at once, each "
+                                  "camera normalised with its own batch statistics (the "
+                                  "reference's computation, its convolutions batched) | "
+                                  "per-camera: one forward a camera, as the reference runs it"),
     "lr_intra": (0.0005, "stage-1 learning rate of the backbone (AIBN alphas included)"),
     "lr_intra_head": (0.005, "stage-1 learning rate of the per-camera heads"),
     # inter-camera clustering and stage 2
@@ -115,7 +119,7 @@ PRESETS = {
         "dataset_options": {"num_ids": 200, "num_cameras": 4, "images_per_camera": [1, 2],
                             "num_test_ids": 50, "num_distractors": 50, "camera_strength": 0.6,
                             "seed": 0},
-        "rounds": 4, "eval_every": 1, "k_intra": 150, "k_inter": 220, "batch_p": 8,
+        "rounds": 5, "eval_every": 1, "k_intra": 150, "k_inter": 220, "batch_p": 8,
         "epochs_intra": 6, "epochs_inter": 4,
         # cosine: measured against re-ranking by the ablation (docs/demo.md)
         "similarity": "cosine",

@@ -195,10 +195,12 @@ class Trainer(TrainerBase):
 
     def stage1(self, heads, seed: int) -> dict:
         """Intra-camera training: every iteration 8 images of every camera, each camera
-        forwarded on its own (per-camera batch statistics) through its head; the C
-        cross-entropy losses are summed and one SGD step is taken. Under several processes a
-        rank runs the cameras `group_share(C)` (only their heads get gradients here; each head
-        is copied from its rank to all at the end) and the summed gradients and merged running
+        normalised with its own batch statistics, through its head; the C cross-entropy losses
+        are summed and one SGD step is taken. `stage1_forward` grouped runs the cameras as one
+        forward under `grouped_batch_stats` (the same statistics, the convolutions batched),
+        per-camera one forward a camera as the reference does. Under several processes a rank
+        runs the cameras `group_share(C)` (only their heads get gradients here; each head is
+        copied from its rank to all at the end) and the summed gradients and merged running
         statistics make each step the single-process step."""
         cfg, k = self.cfg, self.cfg.batch_per_camera
         sampler = self.shard(CameraBatchSampler(self.camids, k, seed=seed), k)
@@ -209,32 +211,41 @@ class Trainer(TrainerBase):
         scaler = self.grad_scaler()
         self.model.train()
         heads.train()
+        grouped = cfg.stage1_forward == "grouped"
+        cams = [(ci, slice(j * k, (j + 1) * k)) for j, ci in enumerate(own)]  # each camera's rows
         losses, correct, seen = [], 0, 0
-        for epoch in range(cfg.epochs_intra):
-            sampler.set_epoch(epoch)
-            bar = self.bar(loader, f"stage 1 epoch {epoch + 1}/{cfg.epochs_intra}")
-            for x, y, _, _ in bar:
-                opt.zero_grad(set_to_none=True)
-                x, y = self.to_device(x), y.to(self.device)
-                total = 0.0
-                sync.snapshot()
-                for j, ci in enumerate(own):
-                    xs, ys = x[j * k:(j + 1) * k], y[j * k:(j + 1) * k]
-                    # DDP reduces the gradients in the backward of a rank's last camera only
-                    last = j == len(own) - 1
-                    with contextlib.nullcontext() if net is self.model or last else net.no_sync():
+        with norm_sync.grouped_batch_stats(self.model, len(own) if grouped else 1):
+            for epoch in range(cfg.epochs_intra):
+                sampler.set_epoch(epoch)
+                bar = self.bar(loader, f"stage 1 epoch {epoch + 1}/{cfg.epochs_intra}")
+                for x, y, _, _ in bar:
+                    opt.zero_grad(set_to_none=True)
+                    x, y = self.to_device(x), y.to(self.device)
+                    sync.snapshot()
+                    if grouped:
                         with self.autocast():
-                            logits = heads[ci](net(xs)).float()
-                        loss = F.cross_entropy(logits, ys)
-                        scaler.scale(loss).backward()  # summing C losses = accumulating C grads
-                    total += loss.item()
-                    correct += int((logits.argmax(1) == ys).sum())
-                    seen += len(ys)
-                sync.merge()
-                scaler.step(opt)
-                scaler.update()
-                losses.append(total)
-                bar.set_postfix(loss=f"{total:.3f}")
+                            f = net(x)
+                            logits = [heads[ci](f[rows]).float() for ci, rows in cams]
+                        cam_losses = [F.cross_entropy(lg, y[rows]) for lg, (_, rows) in zip(logits, cams)]
+                        scaler.scale(sum(cam_losses)).backward()
+                    else:
+                        logits, cam_losses = [], []
+                        for j, (ci, rows) in enumerate(cams):
+                            # DDP reduces the gradients in the backward of a rank's last camera only
+                            last = j == len(cams) - 1
+                            with contextlib.nullcontext() if net is self.model or last else net.no_sync():
+                                with self.autocast():
+                                    logits.append(heads[ci](net(x[rows])).float())
+                                cam_losses.append(F.cross_entropy(logits[-1], y[rows]))
+                                scaler.scale(cam_losses[-1]).backward()  # summing the losses' gradients
+                    sync.merge()
+                    scaler.step(opt)
+                    scaler.update()
+                    total = sum(loss.item() for loss in cam_losses)
+                    correct += sum(int((lg.argmax(1) == y[rows]).sum()) for lg, (_, rows) in zip(logits, cams))
+                    seen += len(y)
+                    losses.append(total)
+                    bar.set_postfix(loss=f"{total:.3f}")
         del net
         for ci in range(len(heads)):  # every head from the rank that trained it
             D.broadcast_module(heads[ci], src=next(

@@ -139,6 +139,17 @@ def _training_helpers(r, res):
             model(x)
         sync.merge()
     res["stats"] = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+    # the same with a rank's cameras in one grouped forward (equal chunks: 3 rows a camera)
+    model = _tiny_net()
+    sync = N.SequentialStatsSync(model, first, count, STATS_CAMERAS)
+    model.train()
+    for step in range(2):
+        sync.snapshot()
+        with N.grouped_batch_stats(model, count):
+            model(torch.cat([x[:3] for x in _camera_chunks(step)[first:first + count]]))
+        sync.merge()
+    res["stats_grouped"] = {k: v.clone() for k, v in model.state_dict().items()
+                            if "running" in k or "tracked" in k}
 
     # stage 2: a batch split 3 + 5 across the ranks, normalised as one batch
     net = _tiny_net()
@@ -322,10 +333,17 @@ def test_per_camera_statistics_merge_equals_sequential_forwards(spawned):
             model(x)
     want = {k: v for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
     assert want["1.num_batches_tracked"] == 2 * STATS_CAMERAS
+    model = _tiny_net()  # the grouped forwards' reference: 3 rows a camera, one at a time
+    model.train()
+    for step in range(2):
+        for x in _camera_chunks(step):
+            model(x[:3])
+    want_grouped = {k: v for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
     for res in spawned:
-        assert res["stats"].keys() == want.keys()
-        for k, v in want.items():
-            torch.testing.assert_close(res["stats"][k], v, rtol=1e-5, atol=1e-6)
+        for key, expected in (("stats", want), ("stats_grouped", want_grouped)):
+            assert res[key].keys() == expected.keys()
+            for k, v in expected.items():
+                torch.testing.assert_close(res[key][k], v, rtol=1e-5, atol=1e-6)
     # the merge is not a no-op: rank 0's own cameras alone give other statistics
     alone = _tiny_net()
     alone.train()
@@ -431,6 +449,52 @@ def test_training_helpers_in_one_process():
     assert [samplers.group_share(5, r, 2) for r in range(2)] == [range(3), range(3, 5)]
     with N.synced_batch_stats(model) as same:  # one process: nothing to synchronise
         assert same is model and _patched_norms(model) == []
+
+
+@pytest.mark.parametrize("groups, per_group", [(1, 4), (3, 4), (4, 2), (5, 3)])
+def test_grouped_statistics_equal_separate_forwards(groups, per_group):
+    """One forward of G groups under grouped_batch_stats: the outputs, the gradients of the summed
+    per-group losses, the running statistics and the batch counts of G forwards of one group each
+    (stage 1's cameras), over two steps."""
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(_tiny_net(), torch.nn.BatchNorm1d(5)).train()
+
+    separate, grouped = net(), net()
+    for step in range(2):
+        g = torch.Generator().manual_seed(10 + step)
+        # groups of different scale and offset, so that pooled statistics would differ
+        x = torch.cat([torch.randn(per_group, 3, 6, 6, generator=g) * (c + 1) + c for c in range(groups)])
+        w = torch.randn(groups * per_group, 5, generator=g)
+        outs = [separate(part) for part in x.chunk(groups)]
+        sum((o * wp).sum() ** 2 for o, wp in zip(outs, w.chunk(groups))).backward()
+        with N.grouped_batch_stats(grouped, groups) as same:
+            assert same is grouped
+            out = grouped(x)
+        assert _patched_norms(grouped) == []  # every forward restored
+        sum((o * wp).sum() ** 2 for o, wp in zip(out.chunk(groups), w.chunk(groups))).backward()
+        torch.testing.assert_close(out, torch.cat(outs), rtol=1e-5, atol=1e-5)
+        scale = max(float(p.grad.abs().max()) for p in separate.parameters())
+        for (name, a), b in zip(separate.named_parameters(), grouped.parameters()):
+            # a conv bias before a norm layer has a zero gradient up to rounding: absolute
+            # tolerance relative to the largest gradient
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+        for (name, a), b in zip(separate.state_dict().items(), grouped.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    # eval mode: the running statistics, whatever the groups
+    separate.eval(), grouped.eval()
+    x = torch.randn(groups * per_group, 3, 6, 6)
+    with N.grouped_batch_stats(grouped, groups):
+        torch.testing.assert_close(grouped(x), separate(x))
+
+
+def test_grouped_statistics_refuse_uneven_batches():
+    model = _tiny_net().train()
+    with N.grouped_batch_stats(model, 3), pytest.raises(ValueError, match="batch of 4 does not split into 3"):
+        model(torch.randn(4, 3, 6, 6))
+    assert _patched_norms(model) == []  # restored on the way out, error or not
+    with pytest.raises(ValueError, match="groups must be >= 1"), N.grouped_batch_stats(model, 0):
+        pass
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])

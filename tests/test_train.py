@@ -26,10 +26,13 @@ TINY = ["--dataset", "synthetic", "--dataset-options",
         "--eval-every", "1", "--k-intra", "6", "--k-inter", "8", "--batch-per-camera", "4",
         "--batch-p", "4", "--batch-k", "2", "--epochs-intra", "1", "--epochs-inter", "1",
         "--batch-extract", "32", "--seed", "5", "--threads", "1", "--no-progress",
-        "--no-verbose", "--pretrained", "none", "--amp", "off"]
-# float32: these tests compare runs with one another (resumed, several processes), and bf16
-# autocast (on CPUs with native bf16) rounds differently with the batch split; the bf16 path
-# runs end to end in test_iics_learns_on_the_demo_network
+        "--no-verbose", "--pretrained", "none", "--amp", "off", "--stage1-forward", "per-camera"]
+# float32 and per-camera stage-1 forwards: these tests compare runs with one another (resumed,
+# several processes) bit for bit, and both bf16 autocast (on CPUs with native bf16) and the
+# grouped forward (one convolution over a rank's cameras) round differently with the batch
+# split. The grouped forward equals the per-camera one up to rounding
+# (test_distributed.py::test_grouped_statistics_*), runs below, and with bf16 end to end in
+# test_iics_learns_on_the_demo_network
 
 
 class Killed(RuntimeError):
@@ -115,6 +118,21 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(full_run, tmp_path):
 
 # three cameras: under two processes rank 0 trains two of them (accumulating under no_sync),
 # rank 1 one
+def test_grouped_stage1_forward_runs(cache, tmp_path):
+    """The default stage-1 forward (all cameras in one batch) through a round: the same
+    iterations as the per-camera forward and a loss near its (the two agree up to rounding,
+    which this tiny chaotic run amplifies after the first step; the exact equivalence is
+    test_distributed.py::test_grouped_statistics_equal_separate_forwards)."""
+    rows = {}
+    for mode in ("grouped", "per-camera"):
+        out = str(tmp_path / mode)
+        rows[mode] = train.main(TINY + ["--out", out, "--rounds", "1", "--stages", "intra",
+                                        "--stage1-forward", mode])[-1]["stage1"]
+    assert rows["grouped"]["iterations"] == rows["per-camera"]["iterations"] > 0
+    assert np.isfinite(rows["grouped"]["loss"])
+    assert rows["grouped"]["loss"] == pytest.approx(rows["per-camera"]["loss"], rel=0.05)
+
+
 INTRA = TINY + ["--stages", "intra", "--dataset-options", json.dumps(
     {"num_ids": 8, "num_test_ids": 4, "num_cameras": 3, "images_per_camera": [2, 3],
      "num_distractors": 4, "seed": 3, "image_format": "png"})]
@@ -204,7 +222,7 @@ def test_help_lists_every_presets_overrides(capsys):
         for key, value in overrides.items():
             shown = json.dumps(value, separators=(",", ":")) if isinstance(value, dict) else str(value)
             assert f"--{key.replace('_', '-')} " + (f"'{shown}'" if isinstance(value, dict) else shown) in flat
-    assert "--rounds 4" in flat and "--arch resnet18" in flat
+    assert "--rounds 5" in flat and "--arch resnet18" in flat
     assert " market1501: (the defaults)" in f" {flat}"
 
 
