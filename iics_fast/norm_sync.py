@@ -108,6 +108,11 @@ def grouped_batch_stats(module, groups: int):
         return
     patched = [m for m in module.modules()
                if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) or hasattr(m, "sum_ranks")]
+    ids = {id(m) for m in patched}
+    for m in module.modules():  # any other layer with batch statistics would pool the groups
+        if isinstance(getattr(m, "running_mean", None), torch.Tensor) and id(m) not in ids:
+            raise TypeError(f"per-group statistics are implemented for BatchNorm1d/2d and AIBN2d, "
+                            f"not {type(m).__name__}; use --stage1-forward per-camera")
     for m in patched:
         m.forward = functools.partial(_grouped_forward, m, groups)
     try:

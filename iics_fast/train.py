@@ -248,12 +248,17 @@ def resolve(args: argparse.Namespace) -> dict:
     return config
 
 
+#: what a run saved before an option existed computed, for resuming it
+SAVED_BEFORE_OPTION = {"stage1_forward": "per-camera"}
+
+
 def resume_config(state: dict, config: dict, given: dict) -> dict:
     """The saved config with what may change on resume taken from `given`; raises naming every
     option that cannot change, with the saved and the given value."""
     from .config import flag
 
-    saved = dict(state["config"])
+    # options newer than the checkpoint: the value its run computed with
+    saved = {**SAVED_BEFORE_OPTION, **state["config"]}
     clash = {k: (v, saved.get(k)) for k, v in given.items()
              if k not in RESUMABLE_KEYS and saved.get(k) != v}
     if clash:

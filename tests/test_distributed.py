@@ -495,6 +495,10 @@ def test_grouped_statistics_refuse_uneven_batches():
     assert _patched_norms(model) == []  # restored on the way out, error or not
     with pytest.raises(ValueError, match="groups must be >= 1"), N.grouped_batch_stats(model, 0):
         pass
+    bn3d = torch.nn.Sequential(model, torch.nn.BatchNorm3d(2))
+    with pytest.raises(TypeError, match="not BatchNorm3d; use --stage1-forward per-camera"), \
+            N.grouped_batch_stats(bn3d, 2):
+        pass
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])

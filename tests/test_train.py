@@ -116,13 +116,20 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(full_run, tmp_path):
         torch.testing.assert_close(a["model"][key], value, rtol=0, atol=0)
 
 
-# three cameras: under two processes rank 0 trains two of them (accumulating under no_sync),
-# rank 1 one
+def test_resuming_a_checkpoint_older_than_the_stage1_forward_option():
+    # such a run forwarded the cameras one by one: resumed, it goes on doing so
+    old = {"config": {"rounds": 2, "out": "a"}}
+    assert train.resume_config(old, {"out": "b"}, {})["stage1_forward"] == "per-camera"
+    new = {"config": {"rounds": 2, "out": "a", "stage1_forward": "grouped"}}
+    assert train.resume_config(new, {"out": "b"}, {})["stage1_forward"] == "grouped"
+    with pytest.raises(ValueError, match="--stage1-forward 'grouped' \\(saved 'per-camera'\\)"):
+        train.resume_config(old, {"out": "b"}, {"stage1_forward": "grouped"})
+
+
 def test_grouped_stage1_forward_runs(cache, tmp_path):
     """The default stage-1 forward (all cameras in one batch) through a round: the same
-    iterations as the per-camera forward and a loss near its (the two agree up to rounding,
-    which this tiny chaotic run amplifies after the first step; the exact equivalence is
-    test_distributed.py::test_grouped_statistics_equal_separate_forwards)."""
+    iterations and, up to float rounding, the same loss as the per-camera forward (statistics
+    pooled over the cameras would move it by about 2 %)."""
     rows = {}
     for mode in ("grouped", "per-camera"):
         out = str(tmp_path / mode)
@@ -130,9 +137,11 @@ def test_grouped_stage1_forward_runs(cache, tmp_path):
                                         "--stage1-forward", mode])[-1]["stage1"]
     assert rows["grouped"]["iterations"] == rows["per-camera"]["iterations"] > 0
     assert np.isfinite(rows["grouped"]["loss"])
-    assert rows["grouped"]["loss"] == pytest.approx(rows["per-camera"]["loss"], rel=0.05)
+    assert rows["grouped"]["loss"] == pytest.approx(rows["per-camera"]["loss"], rel=1e-4)
 
 
+# three cameras: under two processes rank 0 trains two of them (accumulating under no_sync),
+# rank 1 one
 INTRA = TINY + ["--stages", "intra", "--dataset-options", json.dumps(
     {"num_ids": 8, "num_test_ids": 4, "num_cameras": 3, "images_per_camera": [2, 3],
      "num_distractors": 4, "seed": 3, "image_format": "png"})]
@@ -370,6 +379,19 @@ def test_two_processes_stage1_only_match_one_process(intra_run, tmp_path):
     np.testing.assert_array_equal(a["intra_labels"], b["intra_labels"])
     for key, value in b["model"].items():
         torch.testing.assert_close(a["model"][key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_grouped_stage1_match_one_process(cache, tmp_path):
+    # the default grouped forward under DDP: rank 0 forwards its two cameras as one batch, rank
+    # 1 its one; the first round's stage 1 is the one-process grouped run's up to float rounding
+    # (statistics pooled over a rank's cameras would move the loss by about 2 %)
+    argv = INTRA + ["--stage1-forward", "grouped", "--rounds", "1"]
+    one = train.main(argv + ["--out", str(tmp_path / "one")])
+    _torchrun(argv + ["--out", str(tmp_path / "two")])
+    two = _metrics(str(tmp_path / "two"))
+    assert two[0]["stage1"]["iterations"] == one[0]["stage1"]["iterations"] > 0
+    assert two[0]["stage1"]["loss"] == pytest.approx(one[0]["stage1"]["loss"], rel=1e-4)
 
 
 @pytest.mark.slow
