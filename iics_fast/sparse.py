@@ -43,15 +43,16 @@ read, k1, k2, lambda; then average linkage), in addition:
   exact    each row's k1 + 1 nearest by Eq. 5 distance and its minimum when the k-th cosine
            neighbour is at least mu farther (rows failing this are searched again with
            4 k_candidates, info["rows_widened"]; those failing still are counted in
-           info["rows_uncertified"]); the row maximum when the farthest search by cosine, on
-           the exact (flat) index and widened until the last cosine searched bounds it
-           (info["rows_max_widened"]), certifies it (an IVF index, above FLAT_MAX images,
-           certifies none: info["rows_max_uncertified"]); from these lists the k-reciprocal sets, V,
-           the query expansion and the Jaccard distance of every pair sharing a column of V (the
-           dense path's float16 arithmetic, on its own native code); the re-ranked value of every
-           graph pair (graph = k-NN pairs and V-sharing pairs) and, in every merge taken, of every
-           pair (off the graph: Jaccard distance 1, normalised by row min(i, j) as the dense
-           round does).
+           info["rows_uncertified"]); the row maximum when the farthest search by cosine,
+           widened until the last cosine searched bounds it (info["rows_max_widened"]; past
+           GPU_K_MAX on a GPU index by an exact product on the host), certifies it. Both
+           certificates need the exact (flat) index: an IVF index, above FLAT_MAX images,
+           certifies no row (info["rows_uncertified"], info["rows_max_uncertified"]); from these
+           lists the k-reciprocal sets, V, the query expansion and the Jaccard distance of every
+           pair sharing a column of V (the dense path's float16 arithmetic, on its own native
+           code); the re-ranked value of every graph pair (graph = k-NN pairs and V-sharing
+           pairs) and, in every merge taken, of every pair (off the graph: Jaccard distance 1,
+           normalised by row min(i, j) as the dense round does).
   approx.  the ranking model off the graph takes the mean of the two rows' (min, range), which
            makes it a sum of per-cluster terms.
 With k = N - 1 and eps = 0 every pair is on the graph and nothing is approximated: the partition is
@@ -499,8 +500,10 @@ def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, devic
     cand_i, cand_j, cand_d = cand
     starts = np.searchsorted(cand_i, np.arange(r0, r1))  # every row has self and k others
     lo = np.minimum(0.0, np.minimum.reduceat(cand_d, starts))
-    block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=(1.0 - worst - mu).astype(np.float32),
-                 widened=widened)
+    # the certificate assumes every image nearer than `worst` was searched: an IVF search may miss
+    # some, so there it certifies no row
+    bound = (1.0 - worst - mu) if built[1] == "flat" else np.full(m, -np.inf)
+    block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=bound.astype(np.float32), widened=widened)
     # row max: the farthest by cosine, Eq. 5 on them; d <= 1 - cos for any pair
     hi, hi_exact, max_widened = _row_max(f, sp, camids, mu, r0, k_far, built,
                                          np.maximum(np.maximum.reduceat(cand_d, starts), 0.0))

@@ -456,6 +456,20 @@ def test_row_max_searches_wider_until_certified(rng, n, cams, k_far):
     assert not none.any()
 
 
+def test_ivf_certifies_no_nearest_row(rng):
+    """The k1 + 1 nearest certificate assumes an exact search: on a flat index it certifies rows,
+    on an IVF index none (info["rows_uncertified"] counts every row)."""
+    n, mu = 200, 0.02
+    f, s, cam, dims = _problem(rng, n, 3)
+    f = S._normalise(f)
+    sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
+    counts = {}
+    for kind in ("flat", "ivf"):
+        blk = S._row_block(f, sp, cam, mu, 8, 12, 0, n, True, 4, kind, None, S._faiss_index(f, kind, None), 5)
+        counts[kind] = S._rerank_edges(f, sp, cam, mu, blk, n, 4, 2, 0.3)[-1]["rows_uncertified"]
+    assert counts["flat"] < n and counts["ivf"] == n
+
+
 class GpuFlatStandIn:
     """A flat index that searches like faiss-gpu (named Gpu..., refusing k above GPU_K_MAX) and
     records the largest search it was asked for (rows x k)."""
