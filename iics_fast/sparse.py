@@ -43,15 +43,16 @@ read, k1, k2, lambda; then average linkage), in addition:
   exact    each row's k1 + 1 nearest by Eq. 5 distance and its minimum when the k-th cosine
            neighbour is at least mu farther (rows failing this are searched again with
            4 k_candidates, info["rows_widened"]; those failing still are counted in
-           info["rows_uncertified"]); the row maximum when the farthest search by cosine, on
-           the exact (flat) index and widened until the last cosine searched bounds it
-           (info["rows_max_widened"]), certifies it (an IVF index, above FLAT_MAX images,
-           certifies none: info["rows_max_uncertified"]); from these lists the k-reciprocal sets, V,
-           the query expansion and the Jaccard distance of every pair sharing a column of V (the
-           dense path's float16 arithmetic, on its own native code); the re-ranked value of every
-           graph pair (graph = k-NN pairs and V-sharing pairs) and, in every merge taken, of every
-           pair (off the graph: Jaccard distance 1, normalised by row min(i, j) as the dense
-           round does).
+           info["rows_uncertified"]); the row maximum when the farthest search by cosine,
+           widened until the last cosine searched bounds it (info["rows_max_widened"]; past
+           GPU_K_MAX on a GPU index by an exact product on the host), certifies it. Both
+           certificates need the exact (flat) index: an IVF index, above FLAT_MAX images,
+           certifies no row (info["rows_uncertified"], info["rows_max_uncertified"]); from these
+           lists the k-reciprocal sets, V, the query expansion and the Jaccard distance of every
+           pair sharing a column of V (the dense path's float16 arithmetic, on its own native
+           code); the re-ranked value of every graph pair (graph = k-NN pairs and V-sharing
+           pairs) and, in every merge taken, of every pair (off the graph: Jaccard distance 1,
+           normalised by row min(i, j) as the dense round does).
   approx.  the ranking model off the graph takes the mean of the two rows' (min, range), which
            makes it a sum of per-cluster terms.
 With k = N - 1 and eps = 0 every pair is on the graph and nothing is approximated: the partition is
@@ -76,6 +77,8 @@ __all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums"
            "gather_sparse_scores", "camera_jaccard", "jaccard_background"]
 
 FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
+GPU_K_MAX = 2048  # the largest k a faiss-gpu index searches
+SEARCH_BUDGET = 1 << 24  # entries (rows x k, or rows x N on the host) one search of the row max allocates
 RECHECK_MARGIN = 2e-3  # heights the model may err by before its merge is re-checked (docs/sparse.md)
 
 
@@ -352,21 +355,32 @@ def _faiss_index(x: np.ndarray, index: str, device):
     return idx, kind
 
 
-def knn(features, k: int, rows=None, index: str = "auto", farthest: bool = False, device=None,
-        _built=None):
-    """The k nearest (largest cosine) or, with farthest=True, the k farthest (smallest cosine)
-    samples of rows [r0, r1) of L2-normalised float32 `features`, self included where it falls
-    in: (cos (m, k) float32, indices (m, k) int64), best first. Flat (exact) up to FLAT_MAX images,
-    IVF (approximate) above, or as `index` says."""
+def knn(features, k: int, rows=None, index: str = "auto", device=None, _built=None):
+    """The k nearest (largest cosine) samples of rows [r0, r1) of L2-normalised float32
+    `features`, self included where it falls in: (cos (m, k) float32, indices (m, k) int64), best
+    first. Flat (exact) up to FLAT_MAX images, IVF (approximate) above, or as `index` says."""
     x = np.ascontiguousarray(features, np.float32)
     r0, r1 = (0, len(x)) if rows is None else rows
     idx, _ = _built if _built is not None else _faiss_index(x, index, device)
-    q = x[r0:r1]
-    k = min(k, len(x))
-    if farthest:
-        sims, ids = idx.search(np.ascontiguousarray(-q), k)
+    return idx.search(x[r0:r1], min(k, len(x)))
+
+
+def _search_k_max(idx) -> float:
+    """The largest k the index searches: faiss-gpu refuses k above GPU_K_MAX."""
+    return GPU_K_MAX if type(idx).__name__.startswith("Gpu") else math.inf
+
+
+def _farthest(f, built, q, kf):
+    """(cos, ids) of the kf farthest (smallest cosine) images of rows q: the index's search, or,
+    where the index cannot search kf (a GPU index), the exact product of those rows with every
+    image on the host."""
+    idx = built[0]
+    if kf <= _search_k_max(idx):
+        sims, ids = idx.search(np.ascontiguousarray(-f[q]), kf)
         return -sims, ids
-    return idx.search(q, k)
+    cos = f[q] @ f.T
+    ids = np.argpartition(cos, kf - 1, axis=1)[:, :kf]
+    return np.take_along_axis(cos, ids, 1), ids
 
 
 # ----------------------------------------------------------------------------- the round
@@ -486,8 +500,10 @@ def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, devic
     cand_i, cand_j, cand_d = cand
     starts = np.searchsorted(cand_i, np.arange(r0, r1))  # every row has self and k others
     lo = np.minimum(0.0, np.minimum.reduceat(cand_d, starts))
-    block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=(1.0 - worst - mu).astype(np.float32),
-                 widened=widened)
+    # the certificate assumes every image nearer than `worst` was searched: an IVF search may miss
+    # some, so there it certifies no row
+    bound = (1.0 - worst - mu) if built[1] == "flat" else np.full(m, -np.inf)
+    block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=bound.astype(np.float32), widened=widened)
     # row max: the farthest by cosine, Eq. 5 on them; d <= 1 - cos for any pair
     hi, hi_exact, max_widened = _row_max(f, sp, camids, mu, r0, k_far, built,
                                          np.maximum(np.maximum.reduceat(cand_d, starts), 0.0))
@@ -501,7 +517,9 @@ def _row_max(f, sp, camids, mu, r0, k_far, built, floor):
     every image not searched has a cosine >= the largest searched, so its d <= 1 - that cosine,
     and the maximum is certified when it reaches that. On an exact (flat) index the rows left
     uncertified are searched again with 4 times as many, until certified or every image was
-    searched; an IVF search may miss the farthest images, so it certifies nothing. Returns
+    searched (beyond what a GPU index searches, GPU_K_MAX, by an exact product on the host; each
+    search in chunks of rows within SEARCH_BUDGET); an IVF search may miss the farthest images, so
+    it certifies nothing. Returns
     (maxima, certified mask, mask of the rows searched more than once)."""
     n, m = len(f), len(floor)
     exact = built[1] == "flat"
@@ -511,16 +529,21 @@ def _row_max(f, sp, camids, mu, r0, k_far, built, floor):
     todo = np.arange(m)
     kf = min(n, k_far)
     while len(todo):
-        q = (r0 + todo).astype(np.int32)
-        sims, ids = built[0].search(np.ascontiguousarray(-f[q]), kf)
-        rows = np.repeat(q, kf)
-        ids, cos = ids.reshape(-1), -sims.reshape(-1)
-        valid = ids >= 0
-        d = np.full(len(ids), -np.inf, np.float32)
-        d[valid] = 1.0 - cos[valid] - mu * _cross_jaccard(sp, camids, rows[valid], ids[valid].astype(np.int32))
-        hi[todo] = np.maximum(hi[todo], d.reshape(-1, kf).max(1))
-        far_cos = np.where(valid, cos, np.inf).reshape(-1, kf).max(1)  # largest cosine searched
-        done = (hi[todo] >= 1.0 - far_cos) | (kf >= n)
+        host = kf > _search_k_max(built[0])  # an exact product, rows x N, on the host
+        chunk = max(1, SEARCH_BUDGET // (n if host else kf))
+        done = np.zeros(len(todo), bool)
+        for c0 in range(0, len(todo), chunk):
+            part = todo[c0:c0 + chunk]
+            q = (r0 + part).astype(np.int32)
+            cos, ids = _farthest(f, built, q, kf)
+            rows = np.repeat(q, kf)
+            ids, cos = ids.reshape(-1), cos.reshape(-1)
+            valid = ids >= 0
+            d = np.full(len(ids), -np.inf, np.float32)
+            d[valid] = 1.0 - cos[valid] - mu * _cross_jaccard(sp, camids, rows[valid], ids[valid].astype(np.int32))
+            hi[part] = np.maximum(hi[part], d.reshape(-1, kf).max(1))
+            far_cos = np.where(valid, cos, np.inf).reshape(-1, kf).max(1)  # largest cosine searched
+            done[c0:c0 + chunk] = (hi[part] >= 1.0 - far_cos) | (kf >= n)
         if not exact:
             break
         certified[todo[done]] = True

@@ -456,6 +456,62 @@ def test_row_max_searches_wider_until_certified(rng, n, cams, k_far):
     assert not none.any()
 
 
+def test_ivf_certifies_no_nearest_row(rng):
+    """The k1 + 1 nearest certificate assumes an exact search: on a flat index it certifies rows,
+    on an IVF index none (info["rows_uncertified"] counts every row)."""
+    n, mu = 200, 0.02
+    f, s, cam, dims = _problem(rng, n, 3)
+    f = S._normalise(f)
+    sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
+    counts = {}
+    for kind in ("flat", "ivf"):
+        blk = S._row_block(f, sp, cam, mu, 8, 12, 0, n, True, 4, kind, None, S._faiss_index(f, kind, None), 5)
+        counts[kind] = S._rerank_edges(f, sp, cam, mu, blk, n, 4, 2, 0.3)[-1]["rows_uncertified"]
+    assert counts["flat"] < n and counts["ivf"] == n
+
+
+class GpuFlatStandIn:
+    """A flat index that searches like faiss-gpu (named Gpu..., refusing k above GPU_K_MAX) and
+    records the largest search it was asked for (rows x k)."""
+
+    def __init__(self, idx):
+        self.idx, self.largest = idx, 0
+
+    def search(self, x, k):
+        assert k <= S.GPU_K_MAX, f"k = {k} above GPU_K_MAX"
+        self.largest = max(self.largest, len(x) * k)
+        return self.idx.search(x, k)
+
+
+@pytest.mark.parametrize("n,cams,k_far", [(97, 3, 1), (130, 5, 2)])
+def test_row_max_caps_k_on_gpu_and_chunks(rng, monkeypatch, n, cams, k_far):
+    """On a GPU index the widening stops at GPU_K_MAX and the rows still uncertified are finished
+    by an exact product on the host; every search stays within SEARCH_BUDGET entries; the maxima
+    equal Eq. 5's over all images."""
+    monkeypatch.setattr(S, "GPU_K_MAX", 4)
+    monkeypatch.setattr(S, "SEARCH_BUDGET", 300)  # a few rows a search
+    mu = 0.5
+    f, s, cam, dims = _problem(rng, n, cams)
+    f = S._normalise(f)
+    sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
+    i, j = np.meshgrid(np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32), indexing="ij")
+    d = (1.0 - S._pair_cos(f, i.ravel(), j.ravel()) - mu * S._cross_jaccard(sp, cam, i.ravel(), j.ravel()))
+    d = d.astype(np.float32).reshape(n, n)
+    np.fill_diagonal(d, 0)
+    idx, kind = S._faiss_index(f, "flat", None)
+    gpu = GpuFlatStandIn(idx)
+    floor = np.zeros(n - 10, np.float32)
+    calls = []
+    farthest = S._farthest
+    monkeypatch.setattr(S, "_farthest", lambda f_, b, q, kf: calls.append((len(q), kf)) or farthest(f_, b, q, kf))
+    hi, certified, _ = S._row_max(f, sp, cam, mu, 10, k_far, (gpu, kind), floor)
+    assert certified.all()
+    np.testing.assert_allclose(hi, d[10:].max(1), rtol=0, atol=1e-6)
+    assert 0 < gpu.largest <= S.SEARCH_BUDGET
+    host = [(rows, kf) for rows, kf in calls if kf > S.GPU_K_MAX]
+    assert host and all(rows * n <= S.SEARCH_BUDGET for rows, _ in host)
+
+
 def test_feature_only_complete_graph_equals_dense_round(rng):
     f, _, cam, _ = _problem(rng, 70, 3)
     dense = S.inter_round_dense_ref(f, None, cam, 9, similarity="cosine")
