@@ -419,6 +419,12 @@ def _cross_jaccard(sp, camids, ei, ej):
     return out
 
 
+def _eq5(cos, sp, camids, mu, ei, ej):
+    """Eq. 5's distance 1 - cos - mu J~ [cameras differ] of the pairs (ei, ej) with cosines cos,
+    float32."""
+    return (1.0 - cos - mu * _cross_jaccard(sp, camids, ei, ej)).astype(np.float32)
+
+
 def _pair_cos(f, ei, ej):
     """cos of the pairs (float32) of the normalised rows f."""
     return _native().sparse_pair_dots(f, np.ascontiguousarray(ei, np.int32), np.ascontiguousarray(ej, np.int32))
@@ -450,7 +456,7 @@ def _widen_candidates(f, sp, camids, mu, r0, cand, worst, k_rank, wide, built):
     ids, sims = ids.reshape(-1), sims.reshape(-1)
     ok = (ids >= 0) & (ids != rows)
     rows, ids, sims = rows[ok], ids[ok].astype(np.int32), sims[ok]
-    d = (1.0 - sims - mu * _cross_jaccard(sp, camids, rows, ids)).astype(np.float32)
+    d = _eq5(sims, sp, camids, mu, rows, ids)
     keep = ~widened[ci - r0] | (ci == cj)  # the widened rows keep only themselves
     worst = worst.copy()
     worst[redo] = np.inf
@@ -475,7 +481,7 @@ def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, devic
     ok = (ids >= 0) & ~own.reshape(-1)
     rows, ids, sims, in_graph = rows[ok], ids[ok], sims[ok], in_graph[ok]
     ei, ej, cos = rows.astype(np.int32), ids.astype(np.int32), sims
-    d = (1.0 - cos - mu * _cross_jaccard(sp, camids, ei, ej)).astype(np.float32)
+    d = _eq5(cos, sp, camids, mu, ei, ej)
     block = {"ei": ei[in_graph], "ej": ej[in_graph], "d": d[in_graph]}
     # every image outside a row's k-NN list has a cosine <= the list's last: the row's off-graph
     # bound (NaN for a row with fewer than k listed, whose bound is unknown)
@@ -540,7 +546,7 @@ def _row_max(f, sp, camids, mu, r0, k_far, built, floor):
             ids, cos = ids.reshape(-1), cos.reshape(-1)
             valid = ids >= 0
             d = np.full(len(ids), -np.inf, np.float32)
-            d[valid] = 1.0 - cos[valid] - mu * _cross_jaccard(sp, camids, rows[valid], ids[valid].astype(np.int32))
+            d[valid] = _eq5(cos[valid], sp, camids, mu, rows[valid], ids[valid].astype(np.int32))
             hi[part] = np.maximum(hi[part], d.reshape(-1, kf).max(1))
             far_cos = np.where(valid, cos, np.inf).reshape(-1, kf).max(1)  # largest cosine searched
             done[c0:c0 + chunk] = (hi[part] >= 1.0 - far_cos) | (kf >= n)
@@ -670,7 +676,7 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
     dval, found = _lookup(keys_d, keys_v, n, rows, col)
     if (~found).any():  # expansion members outside the candidate list: Eq. 5 computed here
         mi, mj = rows[~found], col[~found]
-        dval[~found] = 1.0 - _pair_cos(f, mi, mj) - mu * _cross_jaccard(sp, camids, mi, mj)
+        dval[~found] = _eq5(_pair_cos(f, mi, mj), sp, camids, mu, mi, mj)
     keys = ((dval - lo[rows]) / rng_[rows]).astype(np.float32)
     pi, pj, m = C.sparse_k_reciprocal_pairs(ptr, col, np.ascontiguousarray(keys), nbr, min(k2, kk))
     m16 = m.astype(np.float16)
@@ -694,7 +700,7 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
     miss = ~(found | found2)
     if miss.any():
         mi, mj = gi[miss], gj[miss]
-        dg[miss] = 1.0 - _pair_cos(f, mi, mj) - mu * _cross_jaccard(sp, camids, mi, mj)
+        dg[miss] = _eq5(_pair_cos(f, mi, mj), sp, camids, mu, mi, mj)
     value = jt_all + ((dg - lo[gi]) / rng_[gi]) * np.float32(lam)
     info = {"rows_uncertified": int((~certified).sum()), "rows_max_uncertified": int((~blk["hi_exact"]).sum()),
             "rows_widened": int(blk["widened"].sum()), "rows_max_widened": int(blk["max_widened"].sum()),
@@ -907,7 +913,7 @@ def _exact_pairs(f, sp, camids, mu, n, gi, gj, value, rerank):
     keys = gi.astype(np.int64) * n + gj if rerank is not None else None
 
     def values(i, j):
-        d = (1.0 - _pair_cos(f, i, j) - mu * _cross_jaccard(sp, camids, i, j)).astype(np.float32)
+        d = _eq5(_pair_cos(f, i, j), sp, camids, mu, i, j)
         if rerank is None:
             return d
         lo, rng_, c0, lam = rerank

@@ -403,6 +403,16 @@ def test_exact_pair_values_equal_the_dense_matrix(rng, similarity):
     np.testing.assert_allclose(values(j, i), d, rtol=1e-6, atol=1e-6)
 
 
+def _eq5_matrix(f, sp, cam, mu):
+    """Eq. 5 over all pairs (n x n float32, zero diagonal): the plain reference of the searches."""
+    n = len(f)
+    i, j = (a.ravel() for a in np.meshgrid(np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32),
+                                           indexing="ij"))
+    d = (1.0 - S._pair_cos(f, i, j) - mu * S._cross_jaccard(sp, cam, i, j)).astype(np.float32).reshape(n, n)
+    np.fill_diagonal(d, 0)
+    return d
+
+
 def test_uncertified_rows_search_wider(rng):
     """Rows whose k_rank-th nearest by Eq. 5 the cosine candidates do not certify get four times
     as many; every row certified then lists its true k_rank nearest (Eq. 5 over all images)."""
@@ -413,10 +423,7 @@ def test_uncertified_rows_search_wider(rng):
     built = S._faiss_index(f, "flat", None)
     blk = S._row_block(f, sp, cam, mu, 4, 6, 0, n, True, 4, "flat", None, built, k_rank)
     assert 0 < blk["widened"].sum() < n
-    i, j = np.meshgrid(np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32), indexing="ij")
-    d = (1.0 - S._pair_cos(f, i.ravel(), j.ravel()) - mu * S._cross_jaccard(sp, cam, i.ravel(), j.ravel()))
-    d = d.astype(np.float32).reshape(n, n)
-    np.fill_diagonal(d, 0)
+    d = _eq5_matrix(f, sp, cam, mu)
     starts = np.searchsorted(blk["cand_i"], np.arange(n))
     counts = np.diff(np.append(starts, len(blk["cand_i"])))
     assert (counts[blk["widened"]] == 4 * 7).all() and (counts[~blk["widened"]] == 7).all()
@@ -438,14 +445,12 @@ def test_row_max_searches_wider_until_certified(rng, n, cams, k_far):
     f = S._normalise(f)
     f[5] = f[6]  # a duplicate image: ties
     sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
-    i, j = np.meshgrid(np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32), indexing="ij")
-    d = (1.0 - S._pair_cos(f, i.ravel(), j.ravel()) - mu * S._cross_jaccard(sp, cam, i.ravel(), j.ravel()))
-    d = d.astype(np.float32).reshape(n, n)
-    np.fill_diagonal(d, 0)
+    d = _eq5_matrix(f, sp, cam, mu)
     floor = np.zeros(n - 10, np.float32)
     hi, certified, widened = S._row_max(f, sp, cam, mu, 10, k_far, S._faiss_index(f, "flat", None), floor)
     assert certified.all()
     np.testing.assert_allclose(hi, d[10:].max(1), rtol=0, atol=1e-6)
+    i, j = np.meshgrid(np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32), indexing="ij")
     cos = S._pair_cos(f, i.ravel(), j.ravel()).reshape(n, n)
     first = np.take_along_axis(d, np.argsort(cos, 1, kind="stable")[:, :k_far], 1).max(1)
     needed_more = (d.max(1) > np.maximum(first, 0) + 1e-6)[10:].any()
@@ -494,10 +499,7 @@ def test_row_max_caps_k_on_gpu_and_chunks(rng, monkeypatch, n, cams, k_far):
     f, s, cam, dims = _problem(rng, n, cams)
     f = S._normalise(f)
     sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
-    i, j = np.meshgrid(np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32), indexing="ij")
-    d = (1.0 - S._pair_cos(f, i.ravel(), j.ravel()) - mu * S._cross_jaccard(sp, cam, i.ravel(), j.ravel()))
-    d = d.astype(np.float32).reshape(n, n)
-    np.fill_diagonal(d, 0)
+    d = _eq5_matrix(f, sp, cam, mu)
     idx, kind = S._faiss_index(f, "flat", None)
     gpu = GpuFlatStandIn(idx)
     floor = np.zeros(n - 10, np.float32)
