@@ -28,11 +28,16 @@ def _sum_over_ranks(tensors):
     return list(torch.split(flat, [t.numel() for t in tensors]))
 
 
-def _norm_layers(module):
+def _with_running_stats(module):
     """Modules with BatchNorm-style running statistics (BatchNorm*, AIBN2d), in module order."""
-    layers = [m for m in module.modules()
-              if isinstance(getattr(m, "running_mean", None), torch.Tensor)
-              and isinstance(getattr(m, "running_var", None), torch.Tensor)]
+    return [m for m in module.modules()
+            if isinstance(getattr(m, "running_mean", None), torch.Tensor)
+            and isinstance(getattr(m, "running_var", None), torch.Tensor)]
+
+
+def _norm_layers(module):
+    """`_with_running_stats`, each with a momentum (what the merges over ranks assume)."""
+    layers = _with_running_stats(module)
     for m in layers:
         if getattr(m, "momentum", None) is None:
             raise ValueError(f"{type(m).__name__} with momentum=None (cumulative averaging) cannot "
@@ -109,8 +114,8 @@ def grouped_batch_stats(module, groups: int):
     patched = [m for m in module.modules()
                if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) or hasattr(m, "sum_ranks")]
     ids = {id(m) for m in patched}
-    for m in module.modules():  # any other layer with batch statistics would pool the groups
-        if isinstance(getattr(m, "running_mean", None), torch.Tensor) and id(m) not in ids:
+    for m in _with_running_stats(module):  # any other would pool the groups' statistics
+        if id(m) not in ids:
             raise TypeError(f"per-group statistics are implemented for BatchNorm1d/2d and AIBN2d, "
                             f"not {type(m).__name__}; use --stage1-forward per-camera")
     for m in patched:
