@@ -27,8 +27,8 @@ def _setup(seed=0):
 
 
 def _autocast():
-    dtype = models.amp_dtype("bf16", torch.device("cpu"))
-    return torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None)
+    cpu = torch.device("cpu")
+    return models.autocast(models.amp_dtype("bf16", cpu), cpu)
 
 
 def step(impl, net, heads, x, y, opt):
@@ -40,15 +40,16 @@ def step(impl, net, heads, x, y, opt):
             f = net(x)
             loss = sum(F.cross_entropy(heads[c](f[r]).float(), y[r]) for c, r in enumerate(rows))
         loss.backward()
+        loss = loss.item()
     else:
         loss = 0.0
         for c, r in enumerate(rows):
             with _autocast():
                 part = F.cross_entropy(heads[c](net(x[r])).float(), y[r])
             part.backward()
-            loss = loss + float(part)
+            loss += part.item()
     opt.step()
-    return float(loss)
+    return loss
 
 
 PEER = "one forward a camera (the reference's loop)"

@@ -115,7 +115,7 @@ def train_source(arch: str, height: int, width: int, data: dict | None = None,
         ce_sum = tri_sum = 0.0
         correct = seen = 0
         for x, y, _, _ in loader:
-            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            with models.autocast(dtype, torch.device("cpu")):
                 f = model(x)
                 logits = head(f)
             f, logits = f.float(), logits.float()

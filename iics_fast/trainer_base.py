@@ -3,7 +3,6 @@ data, feature extraction, the one-process / several-process differences (each in
 here), checkpoint writing and the log lines. `iics_fast.trainer.Trainer` holds the loop itself."""
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
@@ -319,9 +318,7 @@ class TrainerBase:
         return torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.models.autocast(self.amp_dtype, self.device)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)

@@ -7,8 +7,11 @@
     aibn_alphas(model)                     # distinct AIBN alphas (9 for ResNet-50, 4 for ResNet-18)
     load_pretrained(model, path)           # torchvision-format ImageNet state dict
     amp_dtype(amp, device)                 # the autocast dtype of --amp on that device, or None
+    autocast(dtype, device)                # autocast to that dtype on that device (None: none)
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -18,7 +21,7 @@ from iics_fast.models.heads import ClassifierHead, FeatureAndLogits
 from iics_fast.models.resnet import ARCHS, ResNet, feature_dim, load_pretrained
 
 __all__ = ["AIBN2d", "ClassifierHead", "FeatureAndLogits", "ResNet", "build_backbone", "feature_dim",
-           "aibn_alphas", "load_pretrained", "amp_dtype"]
+           "aibn_alphas", "load_pretrained", "amp_dtype", "autocast"]
 
 
 def build_backbone(arch: str = "resnet50", pretrained=None, init_alpha: float = 0.1, last_stride: int = 1) -> ResNet:
@@ -55,6 +58,13 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         raise ValueError("--amp fp16 needs a CUDA device (its loss scaling is CUDA's); on a CPU use "
                          "--amp bf16 or --amp off")
     return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """The autocast context for `amp_dtype`'s answer on `device`: none for None (float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def cpu_has_native_bf16() -> bool:
