@@ -119,7 +119,7 @@ PRESETS = {
         "dataset_options": {"num_ids": 200, "num_cameras": 4, "images_per_camera": [1, 2],
                             "num_test_ids": 50, "num_distractors": 50, "camera_strength": 0.6,
                             "seed": 0},
-        "rounds": 5, "eval_every": 1, "k_intra": 150, "k_inter": 220, "batch_p": 8,
+        "rounds": 6, "eval_every": 1, "k_intra": 150, "k_inter": 220, "batch_p": 8,
         "epochs_intra": 6, "epochs_inter": 4,
         # cosine: measured against re-ranking by the ablation (docs/demo.md)
         "similarity": "cosine",

@@ -231,7 +231,7 @@ def test_help_lists_every_presets_overrides(capsys):
         for key, value in overrides.items():
             shown = json.dumps(value, separators=(",", ":")) if isinstance(value, dict) else str(value)
             assert f"--{key.replace('_', '-')} " + (f"'{shown}'" if isinstance(value, dict) else shown) in flat
-    assert "--rounds 5" in flat and "--arch resnet18" in flat
+    assert "--rounds 6" in flat and "--arch resnet18" in flat
     assert " market1501: (the defaults)" in f" {flat}"
 
 
