@@ -13,7 +13,7 @@ the run's arch and input size, trained on first use and cached under ``$IICS_FAS
 Training: PK batches of the source identities, cross-entropy on a BN-neck head plus the
 batch-hard triplet loss (the stage-2 losses), SGD with momentum and a cosine learning-rate
 decay, the training augmentation of the trainer; bf16 autocast where the CPU computes it
-natively (about 1.5x faster than float32 there, with a start as good: docs/demo.md), float32
+natively (two thirds of float32's CPU time there, with as good a start: docs/demo.md), float32
 elsewhere.
 """
 from __future__ import annotations
