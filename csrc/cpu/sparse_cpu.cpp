@@ -106,15 +106,6 @@ void row_blocks(const int64_t* ptr, const int32_t* col, const float* val, int32_
   for (++b; b <= blocks; ++b) start[b] = pe;
 }
 
-// sum over a block's kept entries of min(value, t): count x t when t is at most the smallest.
-inline double block_min_sum(const float* val, const int64_t* start, const float* low, int b,
-                            float t) {
-  if (t <= low[b]) return static_cast<double>(start[b + 1] - start[b]) * t;
-  double s = 0.0;
-  for (int64_t q = start[b]; q < start[b + 1]; ++q) s += std::min(val[q], t);
-  return s;
-}
-
 }  // namespace
 
 void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float* val,
@@ -128,95 +119,71 @@ void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float
   const int64_t ncols = offsets[blocks];
 #pragma omp parallel if (base[tiles] >= kParallelMin)
   {
-    std::vector<int32_t> head(ncols, -1), next, owner;  // inverted index of the indexed side
-    std::vector<float> value;
-    std::vector<int64_t> istart, qstart;  // per-block layouts (indexed side, one query row)
-    std::vector<float> ilow, qlow;
-    std::vector<double> m, corr;
-    std::vector<int32_t> both;
+    std::vector<float> dense(ncols, -1.0f);  // the query row's kept values (-1: not kept)
+    std::vector<int64_t> cstart, qstart(blocks + 1);  // per-block layouts
+    std::vector<float> clow, qlow(blocks);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t nr = rows_ptr[t + 1] - rows_ptr[t], nc = cols_ptr[t + 1] - cols_ptr[t];
       if (nr == 0 || nc == 0) continue;
-      // index the larger side, walk the smaller one's rows
-      const bool by_cols = nc >= nr;
-      const int32_t* idx = by_cols ? cols + cols_ptr[t] : rows + rows_ptr[t];
-      const int32_t* qry = by_cols ? rows + rows_ptr[t] : cols + cols_ptr[t];
-      const int64_t ni = by_cols ? nc : nr, nq = by_cols ? nr : nc;
-      next.clear();
-      owner.clear();
-      value.clear();
-      for (int64_t x = 0; x < ni; ++x)
-        for (int64_t q = ptr[idx[x]]; q < ptr[idx[x] + 1]; ++q) {
-          next.push_back(head[col[q]]);
-          head[col[q]] = static_cast<int32_t>(owner.size());
-          owner.push_back(static_cast<int32_t>(x));
-          value.push_back(val[q]);
-        }
-      if (tail) {
-        istart.resize(ni * (blocks + 1));
-        ilow.resize(ni * blocks);
-        qstart.resize(blocks + 1);
-        qlow.resize(blocks);
-        for (int64_t x = 0; x < ni; ++x)
-          row_blocks(ptr, col, val, idx[x], offsets, blocks, &istart[x * (blocks + 1)],
-                     &ilow[x * blocks]);
-        both.resize(ni * blocks);
-      }
-      m.resize(ni);
-      corr.resize(ni);
-      for (int64_t y = 0; y < nq; ++y) {
-        const int32_t i = qry[y];
-        std::fill(m.begin(), m.end(), 0.0);
+      const int32_t* rt = rows + rows_ptr[t];
+      const int32_t* ct = cols + cols_ptr[t];
+      cstart.resize(nc * (blocks + 1));
+      clow.resize(nc * blocks);
+      for (int64_t x = 0; x < nc; ++x)
+        row_blocks(ptr, col, val, ct[x], offsets, blocks, &cstart[x * (blocks + 1)], &clow[x * blocks]);
+      for (int64_t y = 0; y < nr; ++y) {
+        const int32_t i = rt[y];
+        for (int64_t p = ptr[i]; p < ptr[i + 1]; ++p) dense[col[p]] = val[p];
+        row_blocks(ptr, col, val, i, offsets, blocks, qstart.data(), qlow.data());
         const float* ti = tail ? tail + static_cast<int64_t>(i) * blocks : nullptr;
-        if (tail) {
-          std::fill(corr.begin(), corr.end(), 0.0);
-          std::fill(both.begin(), both.end(), 0);
-          row_blocks(ptr, col, val, i, offsets, blocks, qstart.data(), qlow.data());
-        }
-        int b = 0;
-        for (int64_t p = ptr[i]; p < ptr[i + 1]; ++p) {  // the columns i shares with the index
-          const float a = val[p];
-          if (tail)
-            while (b + 1 < blocks && offsets[b + 1] <= col[p]) ++b;
-          for (int32_t e = head[col[p]]; e >= 0; e = next[e]) {
-            const int32_t x = owner[e];
-            m[x] += std::min(a, value[e]);
-            if (tail) {  // kept on both: no tail terms (the block sums below count them)
-              const float* tx = tail + static_cast<int64_t>(idx[x]) * blocks;
-              corr[x] += std::min(a, tx[b]) + std::min(value[e], ti[b]);
-              ++both[x * blocks + b];
+        float* o = out + base[t] + y * nc;
+        for (int64_t x = 0; x < nc; ++x) {
+          const int32_t j = ct[x];
+          if (cams && cams[i] == cams[j]) {  // Eq. 5 masks pairs within a camera
+            o[x] = 0.0f;
+            continue;
+          }
+          const int64_t* js = &cstart[x * (blocks + 1)];
+          const float* tj = tail ? tail + static_cast<int64_t>(j) * blocks : nullptr;
+          double m = 0.0, tsum = 0.0;
+          for (int b = 0; b < blocks; ++b) {
+            // kept on both sides: min of the two values (j's entries looked up in i's row)
+            double mb = 0.0;
+            int32_t nb = 0;
+            for (int64_t q = js[b]; q < js[b + 1]; ++q) {
+              const float v = dense[col[q]];
+              const bool hit = v >= 0.0f;
+              mb += hit ? std::min(v, val[q]) : 0.0f;
+              nb += hit;
             }
-          }
-        }
-        for (int64_t x = 0; x < ni; ++x) {
-          const int32_t j = idx[x];
-          double tsum = 0.0;
-          if (tail) {
-            const float* tj = tail + static_cast<int64_t>(j) * blocks;
-            const int64_t* js = &istart[x * (blocks + 1)];
-            const float* jl = &ilow[x * blocks];
-            for (int bb = 0; bb < blocks; ++bb) {
-              const int64_t dropped = (offsets[bb + 1] - offsets[bb]) -
-                                      (qstart[bb + 1] - qstart[bb]) - (js[bb + 1] - js[bb]) +
-                                      both[x * blocks + bb];
-              tsum += block_min_sum(val, qstart.data(), qlow.data(), bb, tj[bb]) +
-                      block_min_sum(val, js, jl, bb, ti[bb]) +
-                      static_cast<double>(dropped) * std::min(ti[bb], tj[bb]);
+            m += mb;
+            if (!tail) continue;
+            // the tail terms: kept on one side only, min(value, the other's tail); dropped on
+            // both, min of the tails. A side whose kept values all reach the other's tail adds
+            // count x tail; otherwise the block's entries are summed one by one.
+            const float ta = ti[b], tb = tj[b];
+            const int64_t ci = qstart[b + 1] - qstart[b], cj = js[b + 1] - js[b];
+            const int64_t dropped = (offsets[b + 1] - offsets[b]) - ci - cj + nb;
+            double tt = static_cast<double>(dropped) * std::min(ta, tb);
+            if (tb <= qlow[b] && ta <= clow[x * blocks + b]) {
+              tt += static_cast<double>(ci - nb) * tb + static_cast<double>(cj - nb) * ta;
+            } else {
+              for (int64_t p = qstart[b]; p < qstart[b + 1]; ++p) tt += std::min(val[p], tb);
+              for (int64_t q = js[b]; q < js[b + 1]; ++q) {
+                const float v = dense[col[q]];
+                tt += v >= 0.0f ? -static_cast<double>(std::min(v, tb))
+                                : static_cast<double>(std::min(val[q], ta));
+              }
             }
-            tsum -= corr[x];
+            tsum += tt;
           }
-          float jac = 0.0f;
-          if (!cams || cams[i] != cams[j]) {
-            const double mm = static_cast<float>(m[x] + tail_weight * tsum);
-            const double den = static_cast<double>(total[i]) + total[j] - mm;
-            jac = den > 0 ? static_cast<float>(mm / den) : 0.0f;
-          }
-          out[base[t] + (by_cols ? y * nc + x : x * nc + y)] = jac;
+          const double mm = static_cast<float>(m + tail_weight * tsum);
+          const double den = static_cast<double>(total[i]) + total[j] - mm;
+          o[x] = den > 0 ? static_cast<float>(mm / den) : 0.0f;
         }
+        for (int64_t p = ptr[i]; p < ptr[i + 1]; ++p) dense[col[p]] = -1.0f;
       }
-      for (int64_t x = 0; x < ni; ++x)  // clear the index for the next tile
-        for (int64_t q = ptr[idx[x]]; q < ptr[idx[x] + 1]; ++q) head[col[q]] = -1;
     }
   }
 }

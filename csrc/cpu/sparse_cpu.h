@@ -28,10 +28,11 @@ void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* va
 // J_w of every pair of each tile: rows[rows_ptr[t] .. rows_ptr[t + 1]) x cols[cols_ptr[t] ..
 // cols_ptr[t + 1]), tile after tile, row-major, float32 as sparse_min_sums then
 // m / (total_i + total_j - m) (0 for a zero denominator), and 0 for two rows of one camera when
-// `cams` is given. Same sums as sparse_min_sums (tail terms with `tail`), arranged for a tile:
-// the column side's kept entries in an inverted index, so a pair costs its shared columns and
-// one pass over the blocks (a block's tail terms from its kept count and smallest kept value)
-// instead of a merge of two rows. Columns must lie below offsets[blocks].
+// `cams` is given. Same sums as sparse_min_sums (tail terms with `tail`), arranged for a tile: a
+// row's kept values are spread once into a dense vector and each column-side row's entries are
+// looked up in it, block by block (no branch on the columns' order); a block's tail terms come
+// from the kept counts when every kept value on each side reaches the other side's tail (most
+// blocks), else entry by entry. Columns must lie below offsets[blocks].
 void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float* val,
                              const float* total, const int32_t* rows, const int64_t* rows_ptr,
                              const int32_t* cols, const int64_t* cols_ptr, int64_t tiles,
