@@ -27,9 +27,13 @@ the exact reference; this module computes the same average linkage from sparse p
    cluster carries a lower bound on its model distance to the clusters it has no edge to, and
    when the closest edge lies above a bound, those clusters' nearest clusters by the model are
    searched exactly (a blocked GEMM over the cluster sums) and become edges. The model only
-   ranks: a pair of clusters whose sum holds model parts is re-checked, its sum recomputed over
-   A x B from the exact pair values, before it may be merged (the model's heights count
-   `recheck_margin` lower until then), so every merge taken is at its exact height.
+   ranks: a pair of clusters whose sum holds model parts is re-checked before it may be merged
+   (the model's heights count `recheck_margin` lower until then): the exact pair values are
+   summed over the parts of A x B the model covered (rectangles of the two member lists, which
+   merges only append to; each sample pair summed once) and replace the model's, so every merge
+   taken is at its exact height. The cosine round takes those sums' cosine part from feature
+   sums (sum over R x C of 1 - cos = |R||C| - <F_R, F_C>) and only J_w pair by pair
+   (`tile_jaccard`); the re-ranking round a product of features a rectangle.
 
 Exact and approximate, `similarity="cosine"` (Eq. 5, then average linkage):
   exact    the cosine part of every cluster distance; Eq. 5 on every graph pair and in every
@@ -322,8 +326,9 @@ def jaccard_on_edges(sp: SparseScores, ei, ej, tail: bool = True) -> np.ndarray:
 def tile_jaccard(sp: SparseScores, rows, rows_ptr, cols, cols_ptr, camids=None, tail: bool = True) -> np.ndarray:
     """jaccard_on_edges of every pair of each tile rows[rows_ptr[t]:rows_ptr[t + 1]] x
     cols[cols_ptr[t]:cols_ptr[t + 1]], tile after tile, row-major (float32); with camids, 0 for
-    the pairs within one camera (Eq. 5 masks them). Native: a pair costs its shared columns and
-    one pass over the heads, not a merge of two rows."""
+    the pairs within one camera (Eq. 5 masks them). Native: a row's kept values are spread once
+    into a dense vector and the other rows' entries looked up in it, head by head, instead of a
+    merge of two rows a pair."""
     extra = (np.ascontiguousarray(sp.tail, np.float32), float(sp.tail_weight)) if tail else (None, 1.0)
     cams = None if camids is None else np.ascontiguousarray(camids, np.int64)
     return _native().sparse_tile_jaccard(
@@ -620,7 +625,8 @@ def jaccard_background(sp: SparseScores, camids, probes: int = 64, batch: int = 
         rows = np.arange(start, min(n, start + batch))
         ei = np.repeat(rows, len(pick))
         ej = np.tile(pick, len(rows))
-        resid = jaccard_on_edges(sp, ei, ej).astype(np.float64) - ahat[inv[ei], inv[ej]]
+        jac = tile_jaccard(sp, rows, [0, len(rows)], pick, [0, len(pick)])  # rows x probes
+        resid = jac.astype(np.float64) - ahat[inv[ei], inv[ej]]
         cross = (inv[ei] != inv[ej]).reshape(len(rows), -1)
         resid = resid.reshape(len(rows), -1)
         alpha[rows] = (resid * cross).sum(1) / np.maximum(cross.sum(1), 1)
