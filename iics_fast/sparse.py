@@ -30,10 +30,12 @@ the exact reference; this module computes the same average linkage from sparse p
    ranks: a pair of clusters whose sum holds model parts is re-checked before it may be merged
    (the model's heights count `recheck_margin` lower until then): the exact pair values are
    summed over the parts of A x B the model covered (rectangles of the two member lists, which
-   merges only append to; each sample pair summed once) and replace the model's, so every merge
-   taken is at its exact height. The cosine round takes those sums' cosine part from feature
-   sums (sum over R x C of 1 - cos = |R||C| - <F_R, F_C>) and only J_w pair by pair
-   (`tile_jaccard`); the re-ranking round a product of features a rectangle.
+   merges only append to; each sample pair summed at most once, unless a pair of clusters' model
+   part passes `max_rects` rectangles and is re-checked whole) and replace the model's, so every
+   merge taken is at its exact height (up to the float32 rounding of each pair's value). The
+   cosine round takes those sums' cosine part from feature sums (sum over R x C of 1 - cos =
+   |R||C| - <F_R, F_C>) and only J_w pair by pair (`tile_jaccard`); the re-ranking round a
+   product of features a rectangle.
 
 Exact and approximate, `similarity="cosine"` (Eq. 5, then average linkage):
   exact    the cosine part of every cluster distance; Eq. 5 on every graph pair and in every
@@ -819,7 +821,9 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     n = len(f)
     b = np.ones(n) if b is None else np.asarray(b, np.float64)
     u = np.ones(n) if u is None else np.asarray(u, np.float64)
-    if tile_sums is None and pair_values is not None:
+    if tile_sums is not None and pair_values is not None:
+        raise ValueError("average_linkage takes pair_values or tile_sums for its re-checks, not both")
+    if pair_values is not None:
         tile_sums = _tile_sums_ref(pair_values)
     x, g = _model_columns(f, b, cams, background, alpha)
     link = _native().SparseLinkage(x, g, np.ascontiguousarray(u), float(c0))
@@ -1000,7 +1004,7 @@ def _cosine_tile_sums(f, sp, camids, mu):
         out = count - cross
         if sp is not None:
             jac = tile_jaccard(sp, rows, rows_ptr, cols, cols_ptr, camids).astype(np.float64)
-            out -= mu * np.add.reduceat(jac, np.concatenate([[0], np.cumsum(count)[:-1]]))
+            out -= mu * np.bincount(np.repeat(np.arange(len(count)), count), jac, minlength=len(count))
         return out
     return sums
 
@@ -1048,11 +1052,12 @@ def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_valu
         lo = rng_ = None
     bounds = _initial_bounds(blk, n, b, u, c0, cams, background, alpha)
     tile_sums = None
-    if recheck_margin is not None:
+    if recheck_margin is not None and rerank:
         pair_values = _exact_pairs(f, scores, camids, mu, n, gi, gj, value,
-                                   (lo, rng_, np.float32(c0), np.float32(lambda_value)) if rerank else None)
-        tile_sums = _rerank_tile_sums(f, scores, camids, mu, pair_values) if rerank else \
-            _cosine_tile_sums(f, scores, camids, mu)
+                                   (lo, rng_, np.float32(c0), np.float32(lambda_value)))
+        tile_sums = _rerank_tile_sums(f, scores, camids, mu, pair_values)
+    elif recheck_margin is not None:
+        tile_sums = _cosine_tile_sums(f, scores, camids, mu)
     labels, extra = average_linkage(f, gi, gj, value, k_inter, b=b, u=u, c0=c0, cams=cams,
                                     background=background, alpha=alpha, bounds=bounds,
                                     tile_sums=tile_sums, margin=recheck_margin or 0.0)

@@ -288,6 +288,56 @@ def test_rechecked_linkage_is_greedy_on_exact_values(rng, bounds):
     np.testing.assert_array_equal(plain, S.average_linkage_ref(f, gi, gj, value, 6, **kw))  # model kept
 
 
+@pytest.mark.parametrize("max_rects", [1, 3, 1 << 30])
+def test_every_recheck_sums_exactly_its_cluster_pair(rng, monkeypatch, max_rects):
+    """At every re-check, the exact part the linkage kept plus the sums over the rectangles it
+    hands out equal the plain sum of the exact values over A x B, and the rectangles lie inside
+    both member lists without overlapping (whole re-checks after a collapse included)."""
+    n = 60
+    f, gi, gj, value, kw = _linkage_problem(rng, n, 2, True)
+    exact = _model_matrix(f, gi, gj, value, **kw) + np.triu(rng.random((n, n)), 1) * 0.3
+    exact = np.triu(exact, 1) + np.triu(exact, 1).T
+    exact[gi, gj] = exact[gj, gi] = value
+    native, last, checks = S._native(), {}, []
+
+    class Recorded:  # the native linkage, remembering what `pending` handed out
+        def __init__(self, *args):
+            self._link = native.SparseLinkage(*args)
+
+        def __getattr__(self, name):
+            return getattr(self._link, name)
+
+        def pending(self, count):
+            last["out"] = self._link.pending(count)
+            return last["out"]
+
+    monkeypatch.setattr(S, "_native", lambda: type("N", (), {"SparseLinkage": Recorded})())
+    part_sums = S._model_part_sums
+
+    def checked(link, a, c, rect_ptr, rects, tile_sums, **kws):
+        sums, pairs = part_sums(link, a, c, rect_ptr, rects, tile_sums, **kws)
+        kept = last["out"][3]
+        pa, ma = link.members(a)
+        pc, mc = link.members(c)
+        for e in range(len(a)):
+            A, C = ma[pa[e]:pa[e + 1]], mc[pc[e]:pc[e + 1]]
+            cover = np.zeros((len(A), len(C)), int)
+            for r0, r1, c0, c1 in rects[rect_ptr[e]:rect_ptr[e + 1]]:
+                assert 0 <= r0 < r1 <= len(A) and 0 <= c0 < c1 <= len(C)
+                cover[r0:r1, c0:c1] += 1
+            assert cover.max() <= 1
+            checks.append((kept[e] + sums[e], exact[np.ix_(A, C)].sum()))
+        return sums, pairs
+
+    monkeypatch.setattr(S, "_model_part_sums", checked)
+    for k in (1, 7, 20):
+        S.average_linkage(f, gi, gj, value, k, refresh_k=3, pair_values=lambda i, j: exact[i, j],
+                          margin=0.5, batch=4, max_rects=max_rects, **kw)
+    got, want = np.array(checks).T
+    assert len(got) > 10
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
 def test_linkage_searches_clusters_off_the_graph(rng):
     """Two edges only: the rest comes from searches over the cluster sums, which widen until a
     merge goes through; the partition is the full model's."""
@@ -458,7 +508,7 @@ def test_tile_sums_equal_pairwise_sums(rng, similarity):
         gi, gj, value = S._undirected(blk["ei"], blk["ej"], blk["d"])
         values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, None)
         fast = S._cosine_tile_sums(f, sp, cam, mu)
-    sizes = [(1, 1), (1, 30), (25, 1), (7, 9), (n, n)]
+    sizes = [(1, 1), (0, 5), (1, 30), (25, 1), (4, 0), (7, 9), (n, n)]  # empty tiles too
     perm = [rng.permutation(n) for _ in sizes]
     rows = [p[:r] for p, (r, _) in zip(perm, sizes)]
     cols = [p[n - c:] if r + c <= n else rng.permutation(n)[:c] for p, (r, c) in zip(perm, sizes)]
