@@ -59,6 +59,59 @@ py::array_t<float> min_sums_py(const Array<int64_t>& ptr, const Array<int32_t>& 
   return out;
 }
 
+py::array_t<float> tile_jaccard_py(const Array<int64_t>& ptr, const Array<int32_t>& col,
+                                   const Array<float>& val, const Array<float>& total,
+                                   const Array<int32_t>& rows, const Array<int64_t>& rows_ptr,
+                                   const Array<int32_t>& cols, const Array<int64_t>& cols_ptr,
+                                   const Array<int64_t>& offsets, py::object tail,
+                                   double tail_weight, py::object cams) {
+  const int64_t n = ptr.size() - 1;
+  const int blocks = static_cast<int>(offsets.size()) - 1;
+  require(n >= 0 && ptr.data()[n] == col.size() && col.size() == val.size() && total.size() == n,
+          "ptr, col, val and total do not describe the same rows");
+  require(blocks >= 1, "offsets must hold blocks + 1 entries");
+  const int64_t tiles = rows_ptr.size() - 1;
+  require(tiles >= 0 && cols_ptr.size() == tiles + 1 && rows_ptr.data()[0] == 0 &&
+              cols_ptr.data()[0] == 0 && rows_ptr.data()[tiles] == rows.size() &&
+              cols_ptr.data()[tiles] == cols.size(),
+          "rows_ptr and cols_ptr must start at 0, end at their lists' lengths, one entry a tile + 1");
+  int64_t pairs = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t nr = rows_ptr.data()[t + 1] - rows_ptr.data()[t];
+    const int64_t nc = cols_ptr.data()[t + 1] - cols_ptr.data()[t];
+    require(nr >= 0 && nc >= 0, "rows_ptr and cols_ptr must not decrease");
+    pairs += nr * nc;
+  }
+  const int64_t ncols = offsets.data()[blocks];
+  for (const Array<int32_t>* side : {&rows, &cols})
+    for (py::ssize_t e = 0; e < side->size(); ++e) {
+      const int32_t r = side->data()[e];
+      require(r >= 0 && r < n, "tile member outside the rows");
+      for (int64_t q = ptr.data()[r]; q < ptr.data()[r + 1]; ++q)
+        require(col.data()[q] >= 0 && col.data()[q] < ncols, "a column outside the blocks");
+    }
+  Array<float> tl;
+  if (!tail.is_none()) {
+    tl = tail.cast<Array<float>>();
+    require(tl.ndim() == 2 && tl.shape(0) == n && tl.shape(1) == blocks, "tail must be rows x blocks");
+  }
+  Array<int64_t> cm;
+  if (!cams.is_none()) {
+    cm = cams.cast<Array<int64_t>>();
+    require(cm.size() == n, "cams must hold one camera a row");
+  }
+  py::array_t<float> out(pairs);
+  float* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    iics::sparse_tile_jaccard_cpu(ptr.data(), col.data(), val.data(), total.data(), rows.data(),
+                                  rows_ptr.data(), cols.data(), cols_ptr.data(), tiles,
+                                  offsets.data(), blocks, tail.is_none() ? nullptr : tl.data(),
+                                  tail_weight, cams.is_none() ? nullptr : cm.data(), o);
+  }
+  return out;
+}
+
 py::array_t<float> pair_dots_py(const Array<float>& f, const Array<int32_t>& ei,
                                 const Array<int32_t>& ej) {
   require(f.ndim() == 2, "f must be n x d");
@@ -195,9 +248,16 @@ py::array_t<double> sizes_py(const LinkagePy& l, const Array<int32_t>& slots) {
 
 py::tuple pending_py(LinkagePy& l, int64_t count) {
   std::vector<int32_t> a, b;
-  std::vector<double> model;
-  l.core.pending(count, a, b, model);
-  return py::make_tuple(to_numpy(a), to_numpy(b), to_numpy(model));
+  std::vector<double> model, exact;
+  std::vector<int64_t> rect_ptr;
+  std::vector<iics::SparseLinkage::Rect> rects;
+  static_assert(sizeof(iics::SparseLinkage::Rect) == 4 * sizeof(int32_t), "Rect is four int32");
+  l.core.pending(count, a, b, model, exact, rect_ptr, rects);
+  py::array_t<int32_t> r({static_cast<py::ssize_t>(rects.size()), py::ssize_t{4}});
+  std::copy(reinterpret_cast<const int32_t*>(rects.data()),
+            reinterpret_cast<const int32_t*>(rects.data()) + 4 * rects.size(), r.mutable_data());
+  return py::make_tuple(to_numpy(a), to_numpy(b), to_numpy(model), to_numpy(exact),
+                        to_numpy(rect_ptr), r);
 }
 
 void set_sums_py(LinkagePy& l, const Array<int32_t>& a, const Array<int32_t>& b,
@@ -232,6 +292,13 @@ void bind_sparse(py::module_& m) {
         "Sum of minima of CSR rows ei[e] and ej[e] (columns ascending a row), float32; with "
         "block offsets and per-row block tails, the even-tail estimate of the full rows' (its tail "
         "terms times tail_weight).");
+  m.def("sparse_tile_jaccard", &tile_jaccard_py, py::arg("ptr").noconvert(),
+        py::arg("col").noconvert(), py::arg("val").noconvert(), py::arg("total").noconvert(),
+        py::arg("rows").noconvert(), py::arg("rows_ptr").noconvert(), py::arg("cols").noconvert(),
+        py::arg("cols_ptr").noconvert(), py::arg("offsets").noconvert(),
+        py::arg("tail") = py::none(), py::arg("tail_weight") = 1.0, py::arg("cams") = py::none(),
+        "J of every pair of each tile (rows of a tile x its cols, tile after tile, row-major), "
+        "float32 as sparse_min_sums then m / (S_i + S_j - m); 0 within one camera with cams.");
   m.def("sparse_pair_dots", &pair_dots_py, py::arg("f").noconvert(), py::arg("ei").noconvert(),
         py::arg("ej").noconvert(), "Inner products of rows ei[e] and ej[e] of f (float32).");
   m.def("sparse_expansion_sets", &expansion_sets_py, py::arg("nbr").noconvert(),
@@ -254,10 +321,12 @@ void bind_sparse(py::module_& m) {
       .def("set_bounds", &set_bounds_py, py::arg("slots").noconvert(), py::arg("values").noconvert())
       .def("slot_sums", &slot_sums_py, py::arg("slots").noconvert())
       .def("top", [](LinkagePy& l) { return l.core.top(); })
-      .def("check_pairs", [](LinkagePy& l, double margin) {
+      .def("check_pairs", [](LinkagePy& l, double margin, int64_t max_rects) {
         require(margin >= 0, "the re-check margin must be >= 0");
-        l.core.check_pairs(margin);
-      }, py::arg("margin"))
+        require(max_rects >= 1, "max_rects must be >= 1");
+        l.core.check_pairs(margin, max_rects);
+      }, py::arg("margin"), py::arg("max_rects") = 16)
+      .def_property_readonly("collapsed", [](const LinkagePy& l) { return l.core.collapsed(); })
       .def("pending", &pending_py, py::arg("count"))
       .def("set_sums", &set_sums_py, py::arg("a").noconvert(), py::arg("b").noconvert(),
            py::arg("sums").noconvert())

@@ -27,9 +27,15 @@ the exact reference; this module computes the same average linkage from sparse p
    cluster carries a lower bound on its model distance to the clusters it has no edge to, and
    when the closest edge lies above a bound, those clusters' nearest clusters by the model are
    searched exactly (a blocked GEMM over the cluster sums) and become edges. The model only
-   ranks: a pair of clusters whose sum holds model parts is re-checked, its sum recomputed over
-   A x B from the exact pair values, before it may be merged (the model's heights count
-   `recheck_margin` lower until then), so every merge taken is at its exact height.
+   ranks: a pair of clusters whose sum holds model parts is re-checked before it may be merged
+   (the model's heights count `recheck_margin` lower until then): the exact pair values are
+   summed over the parts of A x B the model covered (rectangles of the two member lists, which
+   merges only append to; each sample pair summed at most once, unless a pair of clusters' model
+   part passes `max_rects` rectangles and is re-checked whole) and replace the model's, so every
+   merge taken is at its exact height (up to the float32 rounding of each pair's value). The
+   cosine round takes those sums' cosine part from feature sums (sum over R x C of 1 - cos =
+   |R||C| - <F_R, F_C>) and only J_w pair by pair (`tile_jaccard`); the re-ranking round a
+   product of features a rectangle.
 
 Exact and approximate, `similarity="cosine"` (Eq. 5, then average linkage):
   exact    the cosine part of every cluster distance; Eq. 5 on every graph pair and in every
@@ -72,7 +78,7 @@ import numpy as np
 import torch
 
 __all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums", "jaccard_on_edges",
-           "jaccard_error_bound", "knn", "sparse_inter_round", "inter_round_dense_ref", "FLAT_MAX",
+           "jaccard_error_bound", "tile_jaccard", "knn", "sparse_inter_round", "inter_round_dense_ref", "FLAT_MAX",
            "dense_round_bytes", "choose_inter_mode", "sparse_scores_ref", "average_linkage_ref",
            "gather_sparse_scores", "camera_jaccard", "jaccard_background"]
 
@@ -317,6 +323,20 @@ def jaccard_on_edges(sp: SparseScores, ei, ej, tail: bool = True) -> np.ndarray:
     m = sparse_min_sums(sp, ei, ej, tail).astype(np.float64)
     den = sp.total[ei].astype(np.float64) + sp.total[ej] - m
     return np.where(den > 0, m / np.where(den > 0, den, 1), 0).astype(np.float32)
+
+
+def tile_jaccard(sp: SparseScores, rows, rows_ptr, cols, cols_ptr, camids=None, tail: bool = True) -> np.ndarray:
+    """jaccard_on_edges of every pair of each tile rows[rows_ptr[t]:rows_ptr[t + 1]] x
+    cols[cols_ptr[t]:cols_ptr[t + 1]], tile after tile, row-major (float32); with camids, 0 for
+    the pairs within one camera (Eq. 5 masks them). Native: a row's kept values are spread once
+    into a dense vector and the other rows' entries looked up in it, head by head, instead of a
+    merge of two rows a pair."""
+    extra = (np.ascontiguousarray(sp.tail, np.float32), float(sp.tail_weight)) if tail else (None, 1.0)
+    cams = None if camids is None else np.ascontiguousarray(camids, np.int64)
+    return _native().sparse_tile_jaccard(
+        np.ascontiguousarray(sp.ptr, np.int64), sp.col, sp.val, np.ascontiguousarray(sp.total, np.float32),
+        np.ascontiguousarray(rows, np.int32), np.ascontiguousarray(rows_ptr, np.int64),
+        np.ascontiguousarray(cols, np.int32), np.ascontiguousarray(cols_ptr, np.int64), sp.offsets, *extra, cams)
 
 
 def jaccard_error_bound(sp: SparseScores, ei, ej) -> np.ndarray:
@@ -607,7 +627,8 @@ def jaccard_background(sp: SparseScores, camids, probes: int = 64, batch: int = 
         rows = np.arange(start, min(n, start + batch))
         ei = np.repeat(rows, len(pick))
         ej = np.tile(pick, len(rows))
-        resid = jaccard_on_edges(sp, ei, ej).astype(np.float64) - ahat[inv[ei], inv[ej]]
+        jac = tile_jaccard(sp, rows, [0, len(rows)], pick, [0, len(pick)])  # rows x probes
+        resid = jac.astype(np.float64) - ahat[inv[ei], inv[ej]]
         cross = (inv[ei] != inv[ej]).reshape(len(rows), -1)
         resid = resid.reshape(len(rows), -1)
         alpha[rows] = (resid * cross).sum(1) / np.maximum(cross.sum(1), 1)
@@ -769,7 +790,8 @@ def _refresh(link, x, g, c0, top, k, block=8192):
 
 
 def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None, background=None,
-                    alpha=None, bounds=None, refresh_k=32, pair_values=None, margin=0.0, batch=256):
+                    alpha=None, bounds=None, refresh_k=32, pair_values=None, tile_sums=None, margin=0.0,
+                    batch=256, max_rects=16):
     """Average linkage of the N samples into k_inter clusters, greedy on the closest pair overall,
     with the graph pairs (gi, gj) at their exact pair values and every other pair at the model
         c0 + (u_i + u_j) / 2 - (b_i + b_j) / 2 (cos(i, j) + bg(i, j)),
@@ -781,23 +803,32 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     nearest clusters by the model (cluster sums, exact) as edges and a new bound (twice as many
     when that search let no merge through).
 
-    pair_values: None (the model stands for the pairs off the graph), or a function
-    (i, j) -> the exact value of each pair (i, j int32 arrays, any order within a pair): then a
-    pair of clusters whose sum holds model parts is merged only after its sum over A x B was
-    recomputed from pair_values, and the model's heights count `margin` lower until then
-    (`batch` such pairs recomputed at a time, closest first). The merges are then average
-    linkage's on the exact pair values wherever the model errs by less than the margin; info
-    reports the largest excess of a checked model height over the exact one
-    (`model_excess_max`) and how many checked pairs exceeded the margin (`checked_beyond_margin`,
-    each a pair whose check, and so its merge, may have come late).
+    Exact re-checks, with pair_values, a function (i, j) -> the exact value of each pair (i, j
+    int32 arrays, any order within a pair), or tile_sums, a function (rows, rows_ptr, cols,
+    cols_ptr) -> the sums of those values over each tile rows[rows_ptr[t]:rows_ptr[t + 1]] x
+    cols[cols_ptr[t]:cols_ptr[t + 1]] (float64; the faster form: `_cosine_tile_sums`,
+    `_rerank_tile_sums`): a pair of clusters whose sum holds model parts is merged only after
+    the exact sums over those parts (rectangles of A x B, see SparseLinkage) replaced the model's,
+    and the model's heights count `margin` lower until then (`batch` such pairs at a time, closest
+    first). Each sample pair is summed once (its part of a sum stays exact through the merges),
+    unless a pair of clusters' model part grew past `max_rects` rectangles: it is then re-checked
+    whole (info["rects_collapsed"] counts them). The merges are then average linkage's on the
+    exact pair values wherever the model errs by less than the margin; info reports the largest
+    excess of a checked model height over the exact one (`model_excess_max`) and how many checked
+    pairs exceeded the margin (`checked_beyond_margin`, each a pair whose check, and so its merge,
+    may have come late).
     Returns (labels numbered by first appearance, info)."""
     n = len(f)
     b = np.ones(n) if b is None else np.asarray(b, np.float64)
     u = np.ones(n) if u is None else np.asarray(u, np.float64)
+    if tile_sums is not None and pair_values is not None:
+        raise ValueError("average_linkage takes pair_values or tile_sums for its re-checks, not both")
+    if pair_values is not None:
+        tile_sums = _tile_sums_ref(pair_values)
     x, g = _model_columns(f, b, cams, background, alpha)
     link = _native().SparseLinkage(x, g, np.ascontiguousarray(u), float(c0))
-    if pair_values is not None:
-        link.check_pairs(float(margin))
+    if tile_sums is not None:
+        link.check_pairs(float(margin), int(max_rects))
     link.add_edges(np.ascontiguousarray(gi, np.int32), np.ascontiguousarray(gj, np.int32),
                    np.ascontiguousarray(value, np.float64))
     bounds = np.full(n, -np.inf) if bounds is None else np.asarray(bounds, np.float64)
@@ -806,14 +837,14 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     worst = -np.inf
     k, last = refresh_k, None
     while link.run(k_inter) > k_inter:
-        if pair_values is not None:
-            a, c, model = link.pending(batch)
+        if tile_sums is not None:
+            a, c, model, exact, rect_ptr, rects = link.pending(batch)
             if len(a):
-                sums, pairs = _cluster_pair_sums(link, a, c, pair_values)
+                sums, pairs = _model_part_sums(link, a, c, rect_ptr, rects, tile_sums)
                 link.set_sums(a, c, sums)
                 checked += len(a)
                 checked_pairs += pairs
-                under = model - sums / (link.sizes(a) * link.sizes(c))  # the model's excess
+                under = model - (exact + sums) / (link.sizes(a) * link.sizes(c))  # the model's excess
                 worst = max(worst, float(under.max()))
                 beyond += int((under > margin).sum())
                 continue
@@ -821,7 +852,7 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
         k = 2 * k if link.live == last else refresh_k
         last = link.live
         refreshes += 1
-        searched += _refresh(link, x, g, float(c0), link.top() + (margin if pair_values is not None else 0.0), k)
+        searched += _refresh(link, x, g, float(c0), link.top() + (margin if tile_sums is not None else 0.0), k)
     kept, absorbed, heights = link.merges()
     parent = np.arange(n)
     parent[absorbed] = kept
@@ -836,29 +867,39 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     rank[np.argsort(first)] = np.arange(len(first))
     return rank[inv], {"refreshes": refreshes, "clusters_searched": searched, "merges": len(kept),
                        "pairs_checked": checked, "sample_pairs_checked": checked_pairs,
-                       "model_excess_max": worst if checked else None, "checked_beyond_margin": beyond}
+                       "model_excess_max": worst if checked else None, "checked_beyond_margin": beyond,
+                       "rects_collapsed": link.collapsed}
 
 
-def _cluster_pair_sums(link, a, c, pair_values, chunk=1 << 20):
-    """The sums of pair_values over A x B for the live slots a[e], c[e] (float64), and the number
-    of sample pairs summed; `chunk` pairs evaluated at a time."""
+def _model_part_sums(link, a, c, rect_ptr, rects, tile_sums, chunk=1 << 20):
+    """The exact sums over the model rectangles of the live slot pairs (a[e], c[e]) (rectangle r:
+    positions rects[r, 0]:rects[r, 1] of a's member list x rects[r, 2]:rects[r, 3] of c's, pair e's
+    rectangles rect_ptr[e]:rect_ptr[e + 1]), float64, and the number of sample pairs summed.
+    Tiles of at most `chunk` pairs (a rectangle split by rows), about `chunk` pairs a call."""
     pa, ma = link.members(a)
     pc, mc = link.members(c)
-    na, nc = np.diff(pa), np.diff(pc)
-    count = na * nc
+    owner = np.repeat(np.arange(len(a)), np.diff(rect_ptr))
+    lo_a, hi_a, lo_c, hi_c = (rects[:, t].astype(np.int64) for t in range(4))
+    width = hi_c - lo_c
+    step = np.maximum(1, chunk // width)  # rows a tile
+    pieces = -(-(hi_a - lo_a) // step)
+    tile = np.repeat(np.arange(len(owner)), pieces)
+    first = lo_a[tile] + (np.arange(len(tile)) - np.repeat(np.cumsum(pieces) - pieces, pieces)) * step[tile]
+    last = np.minimum(first + step[tile], hi_a[tile])
+    nr, nc = last - first, width[tile]
     sums = np.zeros(len(a))
-    ends = np.cumsum(count)
-    e0 = 0
-    while e0 < len(a):  # whole cluster pairs a chunk (at least one)
-        e1 = max(e0 + 1, int(np.searchsorted(ends, (ends[e0 - 1] if e0 else 0) + chunk, "right")))
-        cnt = count[e0:e1]
-        owner = np.repeat(np.arange(e0, e1), cnt)
-        local = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-        i = ma[pa[owner] + local // nc[owner]]
-        j = mc[pc[owner] + local % nc[owner]]
-        sums[e0:e1] = np.bincount(owner - e0, np.asarray(pair_values(i, j), np.float64), minlength=e1 - e0)
-        e0 = e1
-    return sums, int(count.sum())
+    ends = np.cumsum(nr * nc)
+    t0 = 0
+    while t0 < len(tile):
+        t1 = max(t0 + 1, int(np.searchsorted(ends, (ends[t0 - 1] if t0 else 0) + chunk, "right")))
+        e = owner[tile[t0:t1]]
+        rows_ptr = np.concatenate([[0], np.cumsum(nr[t0:t1])])
+        cols_ptr = np.concatenate([[0], np.cumsum(nc[t0:t1])])
+        rows = ma[np.repeat(pa[e] + first[t0:t1] - rows_ptr[:-1], nr[t0:t1]) + np.arange(rows_ptr[-1])]
+        cols = mc[np.repeat(pc[e] + lo_c[tile[t0:t1]] - cols_ptr[:-1], nc[t0:t1]) + np.arange(cols_ptr[-1])]
+        sums += np.bincount(e, tile_sums(rows, rows_ptr, cols, cols_ptr), minlength=len(a))
+        t0 = t1
+    return sums, int(ends[-1]) if len(ends) else 0
 
 
 def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank, recheck_margin=None):
@@ -909,11 +950,13 @@ def _exact_pairs(f, sp, camids, mu, n, gi, gj, value, rerank):
     [cameras differ], J_w with sp's tail weight, float32 as on the graph) or, with rerank =
     (lo, range, c0, lambda), the re-ranked value: the graph pair's (gi < gj, sorted by
     gi * n + gj) where the pair is on the graph, else c0 + lambda (d - lo_m) / range_m with
-    m = min(i, j), the row the dense round normalises by."""
+    m = min(i, j), the row the dense round normalises by. The function takes (i, j) and, when
+    known, the pairs' Eq. 5 distances d."""
     keys = gi.astype(np.int64) * n + gj if rerank is not None else None
 
-    def values(i, j):
-        d = _eq5(_pair_cos(f, i, j), sp, camids, mu, i, j)
+    def values(i, j, d=None):
+        if d is None:
+            d = _eq5(_pair_cos(f, i, j), sp, camids, mu, i, j)
         if rerank is None:
             return d
         lo, rng_, c0, lam = rerank
@@ -922,6 +965,64 @@ def _exact_pairs(f, sp, camids, mu, n, gi, gj, value, rerank):
         found, hit = _lookup(keys, value, n, m, np.maximum(i, j))
         return np.where(hit, found, out)
     return values
+
+
+def _tile_pairs(rows, rows_ptr, cols, cols_ptr):
+    """Every pair (i, j) of each tile, tile after tile, row-major, and the tile each belongs to."""
+    nr, nc = np.diff(rows_ptr), np.diff(cols_ptr)
+    count = nr * nc
+    owner = np.repeat(np.arange(len(nr)), count)
+    local = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    return rows[rows_ptr[owner] + local // nc[owner]], cols[cols_ptr[owner] + local % nc[owner]], owner
+
+
+def _tile_sums_ref(pair_values):
+    """Tile sums (see average_linkage) from a function of pairs: every pair evaluated (plain)."""
+    def sums(rows, rows_ptr, cols, cols_ptr):
+        i, j, owner = _tile_pairs(rows, rows_ptr, cols, cols_ptr)
+        return np.bincount(owner, np.asarray(pair_values(i, j), np.float64), minlength=len(rows_ptr) - 1)
+    return sums
+
+
+def _segment_sums(f, idx, ptr, chunk=8192):
+    """float64 sums of the rows f[idx[ptr[t]:ptr[t + 1]]], gathered `chunk` rows at a time (a
+    loop over segments: numpy's reduceat with a float64 accumulator is ~20x slower a row)."""
+    out = np.zeros((len(ptr) - 1, f.shape[1]))
+    for t in range(len(ptr) - 1):
+        for a in range(int(ptr[t]), int(ptr[t + 1]), chunk):
+            out[t] += f[idx[a:min(a + chunk, int(ptr[t + 1]))]].sum(0, dtype=np.float64)
+    return out
+
+
+def _cosine_tile_sums(f, sp, camids, mu):
+    """Tile sums of Eq. 5 (the cosine round's pair values) without a pair's features: the
+    cosine part from the tiles' feature sums, sum over R x C of 1 - cos = |R||C| - <F_R, F_C>,
+    and the Jaccard part from tile_jaccard (the same J_w as the graph's)."""
+    def sums(rows, rows_ptr, cols, cols_ptr):
+        count = np.diff(rows_ptr) * np.diff(cols_ptr)
+        cross = np.einsum("td,td->t", _segment_sums(f, rows, rows_ptr), _segment_sums(f, cols, cols_ptr))
+        out = count - cross
+        if sp is not None:
+            jac = tile_jaccard(sp, rows, rows_ptr, cols, cols_ptr, camids).astype(np.float64)
+            out -= mu * np.bincount(np.repeat(np.arange(len(count)), count), jac, minlength=len(count))
+        return out
+    return sums
+
+
+def _rerank_tile_sums(f, sp, camids, mu, pair_values):
+    """Tile sums of the re-ranked pair values (`_exact_pairs`' function `pair_values`) with each
+    tile's cosines from one product of its rows (float64, rounded as the pair products are) and
+    J from tile_jaccard, instead of a gather of two feature rows a pair."""
+    def sums(rows, rows_ptr, cols, cols_ptr):
+        i, j, owner = _tile_pairs(rows, rows_ptr, cols, cols_ptr)
+        cos = np.concatenate([(f[rows[rows_ptr[t]:rows_ptr[t + 1]]].astype(np.float64)
+                               @ f[cols[cols_ptr[t]:cols_ptr[t + 1]]].T.astype(np.float64)).ravel()
+                              for t in range(len(rows_ptr) - 1)]).astype(np.float32)
+        jac = tile_jaccard(sp, rows, rows_ptr, cols, cols_ptr, camids) if sp is not None \
+            else np.zeros(len(i), np.float32)
+        d = (1.0 - cos - mu * jac).astype(np.float32)
+        return np.bincount(owner, np.asarray(pair_values(i, j, d), np.float64), minlength=len(rows_ptr) - 1)
+    return sums
 
 
 def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_value, info, timer,
@@ -950,13 +1051,16 @@ def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_valu
         value = value.astype(np.float64)
         lo = rng_ = None
     bounds = _initial_bounds(blk, n, b, u, c0, cams, background, alpha)
-    pair_values = None
-    if recheck_margin is not None:
+    tile_sums = None
+    if recheck_margin is not None and rerank:
         pair_values = _exact_pairs(f, scores, camids, mu, n, gi, gj, value,
-                                   (lo, rng_, np.float32(c0), np.float32(lambda_value)) if rerank else None)
+                                   (lo, rng_, np.float32(c0), np.float32(lambda_value)))
+        tile_sums = _rerank_tile_sums(f, scores, camids, mu, pair_values)
+    elif recheck_margin is not None:
+        tile_sums = _cosine_tile_sums(f, scores, camids, mu)
     labels, extra = average_linkage(f, gi, gj, value, k_inter, b=b, u=u, c0=c0, cams=cams,
                                     background=background, alpha=alpha, bounds=bounds,
-                                    pair_values=pair_values, margin=recheck_margin or 0.0)
+                                    tile_sums=tile_sums, margin=recheck_margin or 0.0)
     info.update(extra, graph_pairs=int(len(gi)))
     timer.lap(info, "time_linkage_s")
     return labels

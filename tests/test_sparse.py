@@ -160,6 +160,32 @@ def test_min_sums_against_dense(rng):
     np.testing.assert_allclose(S.sparse_min_sums(sp, ei, ej), np.minimum(trunc[ei], trunc[ej]).sum(1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("eps,cap,tail", [(0.2, 3, True), (0.2, 3, False), (0.0, None, True), (0.05, 1, True)])
+def test_tile_jaccard_equals_pairwise(rng, eps, cap, tail):
+    """J of every pair of each tile (awkward shapes: 1 x 1, 1 x many, many x 1, an empty side,
+    repeated members, rows with nothing kept in a head) equals jaccard_on_edges on the pairs,
+    with 0 within a camera when camids are given."""
+    dims = [5, 8, 1, 12]
+    n = 40
+    s = _softmax_blocks(rng, n, dims, 0.7)
+    s[7] = 0.0  # an all-zero row: zero denominators
+    sp = S.sparse_scores(s, dims, eps=eps, max_per_block=cap)
+    sp.tail_weight = 0.6
+    cam = rng.integers(0, 3, n)
+    shapes = [(1, 1), (1, 9), (9, 1), (0, 4), (3, 0), (6, 5), (n, n)]
+    rows = [rng.integers(0, n, r) for r, _ in shapes]
+    cols = [rng.integers(0, n, c) for _, c in shapes]
+    rows[1][0] = cols[1][0] = 7
+    rp = np.cumsum([0] + [len(r) for r in rows])
+    cp = np.cumsum([0] + [len(c) for c in cols])
+    R, C = np.concatenate(rows), np.concatenate(cols)
+    i, j, _ = S._tile_pairs(R, rp, C, cp)
+    want = S.jaccard_on_edges(sp, i, j, tail)
+    np.testing.assert_allclose(S.tile_jaccard(sp, R, rp, C, cp, tail=tail), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(S.tile_jaccard(sp, R, rp, C, cp, cam, tail), np.where(cam[i] != cam[j], want, 0),
+                               rtol=1e-6, atol=1e-7)
+
+
 def test_sparsifier_rejects_bad_input():
     with pytest.raises(ValueError, match="eps"):
         S.ScoreSparsifier([3], eps=1.0, n_total=3)
@@ -242,14 +268,74 @@ def test_rechecked_linkage_is_greedy_on_exact_values(rng, bounds):
         adj[gi, gj] = adj[gj, gi] = True
         bnd = np.where(adj, np.inf, model).min(1) - 1e-9
     ai, aj = np.triu_indices(n, 1)
-    for k in (1, 6, 23):
-        got, info = S.average_linkage(f, gi, gj, value, k, bounds=bnd, refresh_k=3,
-                                      pair_values=lambda i, j: exact[i, j], margin=margin,
-                                      batch=5, **kw)
+    for k, max_rects in ((1, 1 << 30), (6, 16), (23, 1 << 30), (6, 1)):
+        seen = []
+
+        def pair_values(i, j, seen=seen):
+            seen.append(np.minimum(i, j) * n + np.maximum(i, j))
+            return exact[i, j]
+        got, info = S.average_linkage(f, gi, gj, value, k, bounds=bnd, refresh_k=3, pair_values=pair_values,
+                                      margin=margin, batch=5, max_rects=max_rects, **kw)
         np.testing.assert_array_equal(got, S.average_linkage_ref(f, ai, aj, exact[ai, aj], k, **kw))
         assert info["pairs_checked"] > 0
+        seen = np.concatenate(seen)
+        assert len(seen) == info["sample_pairs_checked"]
+        if max_rects == 1:  # model parts re-checked whole: pairs summed again
+            assert info["rects_collapsed"] > 0 and len(np.unique(seen)) < len(seen)
+        elif info["rects_collapsed"] == 0:  # only the model parts: each pair summed once
+            assert len(np.unique(seen)) == len(seen)
     plain, _ = S.average_linkage(f, gi, gj, value, 6, bounds=bnd, refresh_k=3, **kw)
     np.testing.assert_array_equal(plain, S.average_linkage_ref(f, gi, gj, value, 6, **kw))  # model kept
+
+
+@pytest.mark.parametrize("max_rects", [1, 3, 1 << 30])
+def test_every_recheck_sums_exactly_its_cluster_pair(rng, monkeypatch, max_rects):
+    """At every re-check, the exact part the linkage kept plus the sums over the rectangles it
+    hands out equal the plain sum of the exact values over A x B, and the rectangles lie inside
+    both member lists without overlapping (whole re-checks after a collapse included)."""
+    n = 60
+    f, gi, gj, value, kw = _linkage_problem(rng, n, 2, True)
+    exact = _model_matrix(f, gi, gj, value, **kw) + np.triu(rng.random((n, n)), 1) * 0.3
+    exact = np.triu(exact, 1) + np.triu(exact, 1).T
+    exact[gi, gj] = exact[gj, gi] = value
+    native, last, checks = S._native(), {}, []
+
+    class Recorded:  # the native linkage, remembering what `pending` handed out
+        def __init__(self, *args):
+            self._link = native.SparseLinkage(*args)
+
+        def __getattr__(self, name):
+            return getattr(self._link, name)
+
+        def pending(self, count):
+            last["out"] = self._link.pending(count)
+            return last["out"]
+
+    monkeypatch.setattr(S, "_native", lambda: type("N", (), {"SparseLinkage": Recorded})())
+    part_sums = S._model_part_sums
+
+    def checked(link, a, c, rect_ptr, rects, tile_sums, **kws):
+        sums, pairs = part_sums(link, a, c, rect_ptr, rects, tile_sums, **kws)
+        kept = last["out"][3]
+        pa, ma = link.members(a)
+        pc, mc = link.members(c)
+        for e in range(len(a)):
+            A, C = ma[pa[e]:pa[e + 1]], mc[pc[e]:pc[e + 1]]
+            cover = np.zeros((len(A), len(C)), int)
+            for r0, r1, c0, c1 in rects[rect_ptr[e]:rect_ptr[e + 1]]:
+                assert 0 <= r0 < r1 <= len(A) and 0 <= c0 < c1 <= len(C)
+                cover[r0:r1, c0:c1] += 1
+            assert cover.max() <= 1
+            checks.append((kept[e] + sums[e], exact[np.ix_(A, C)].sum()))
+        return sums, pairs
+
+    monkeypatch.setattr(S, "_model_part_sums", checked)
+    for k in (1, 7, 20):
+        S.average_linkage(f, gi, gj, value, k, refresh_k=3, pair_values=lambda i, j: exact[i, j],
+                          margin=0.5, batch=4, max_rects=max_rects, **kw)
+    got, want = np.array(checks).T
+    assert len(got) > 10
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_linkage_searches_clusters_off_the_graph(rng):
@@ -401,6 +487,39 @@ def test_exact_pair_values_equal_the_dense_matrix(rng, similarity):
         values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, None)
     np.testing.assert_allclose(values(i, j), d, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(values(j, i), d, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "rerank"])
+def test_tile_sums_equal_pairwise_sums(rng, similarity):
+    """The re-checks' fast tile sums (cosine: feature sums and tile_jaccard; rerank: a product a
+    tile and tile_jaccard) equal the sums of the exact pair values over the tiles' pairs."""
+    n, mu = 70, 0.3
+    f, s, cam, dims = _problem(rng, n, 3)
+    f = S._normalise(f)
+    sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
+    sp.tail_weight = 0.6
+    built = S._faiss_index(f, "flat", None)
+    blk = S._row_block(f, sp, cam, mu, 4, n - 1, 0, n, similarity == "rerank", n, "flat", None, built)
+    if similarity == "rerank":
+        gi, gj, value, lo, rng_, c0, _ = S._rerank_edges(f, sp, cam, mu, blk, n, 4, 2, 0.3)
+        values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, (lo, rng_, np.float32(c0), np.float32(0.3)))
+        fast = S._rerank_tile_sums(f, sp, cam, mu, values)
+    else:
+        gi, gj, value = S._undirected(blk["ei"], blk["ej"], blk["d"])
+        values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, None)
+        fast = S._cosine_tile_sums(f, sp, cam, mu)
+    sizes = [(1, 1), (0, 5), (1, 30), (25, 1), (4, 0), (7, 9), (n, n)]  # empty tiles too
+    perm = [rng.permutation(n) for _ in sizes]
+    rows = [p[:r] for p, (r, _) in zip(perm, sizes)]
+    cols = [p[n - c:] if r + c <= n else rng.permutation(n)[:c] for p, (r, c) in zip(perm, sizes)]
+    rp = np.cumsum([0] + [len(r) for r in rows])
+    cp = np.cumsum([0] + [len(c) for c in cols])
+    R, C = np.concatenate(rows).astype(np.int32), np.concatenate(cols).astype(np.int32)
+    want = S._tile_sums_ref(values)(R, rp, C, cp)
+    np.testing.assert_allclose(fast(R, rp, C, cp), want, rtol=1e-6, atol=1e-5)
+    # feature sums of long segments, gathered a few rows at a time
+    np.testing.assert_allclose(S._segment_sums(f, C, cp, chunk=3),
+                               [f[c].astype(np.float64).sum(0) for c in cols], rtol=1e-6, atol=1e-6)
 
 
 def _eq5_matrix(f, sp, cam, mu):

@@ -89,6 +89,105 @@ void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* va
   }
 }
 
+namespace {
+
+// Per-block layout of a CSR row for the tile kernel: start[b] the first entry of block b
+// (start[blocks] = the row's end), low[b] the block's smallest kept value (+inf when none).
+void row_blocks(const int64_t* ptr, const int32_t* col, const float* val, int32_t row,
+                const int64_t* offsets, int blocks, int64_t* start, float* low) {
+  const int64_t p = ptr[row], pe = ptr[row + 1];
+  std::fill(low, low + blocks, std::numeric_limits<float>::infinity());
+  int b = 0;
+  start[0] = p;
+  for (int64_t q = p; q < pe; ++q) {
+    while (b + 1 < blocks && offsets[b + 1] <= col[q]) start[++b] = q;
+    low[b] = std::min(low[b], val[q]);
+  }
+  for (++b; b <= blocks; ++b) start[b] = pe;
+}
+
+}  // namespace
+
+void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float* val,
+                             const float* total, const int32_t* rows, const int64_t* rows_ptr,
+                             const int32_t* cols, const int64_t* cols_ptr, int64_t tiles,
+                             const int64_t* offsets, int blocks, const float* tail,
+                             double tail_weight, const int64_t* cams, float* out) {
+  std::vector<int64_t> base(tiles + 1, 0);
+  for (int64_t t = 0; t < tiles; ++t)
+    base[t + 1] = base[t] + (rows_ptr[t + 1] - rows_ptr[t]) * (cols_ptr[t + 1] - cols_ptr[t]);
+  const int64_t ncols = offsets[blocks];
+#pragma omp parallel if (base[tiles] >= kParallelMin)
+  {
+    std::vector<float> dense(ncols, -1.0f);  // the query row's kept values (-1: not kept)
+    std::vector<int64_t> cstart, qstart(blocks + 1);  // per-block layouts
+    std::vector<float> clow, qlow(blocks);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t nr = rows_ptr[t + 1] - rows_ptr[t], nc = cols_ptr[t + 1] - cols_ptr[t];
+      if (nr == 0 || nc == 0) continue;
+      const int32_t* rt = rows + rows_ptr[t];
+      const int32_t* ct = cols + cols_ptr[t];
+      cstart.resize(nc * (blocks + 1));
+      clow.resize(nc * blocks);
+      for (int64_t x = 0; x < nc; ++x)
+        row_blocks(ptr, col, val, ct[x], offsets, blocks, &cstart[x * (blocks + 1)], &clow[x * blocks]);
+      for (int64_t y = 0; y < nr; ++y) {
+        const int32_t i = rt[y];
+        for (int64_t p = ptr[i]; p < ptr[i + 1]; ++p) dense[col[p]] = val[p];
+        row_blocks(ptr, col, val, i, offsets, blocks, qstart.data(), qlow.data());
+        const float* ti = tail ? tail + static_cast<int64_t>(i) * blocks : nullptr;
+        float* o = out + base[t] + y * nc;
+        for (int64_t x = 0; x < nc; ++x) {
+          const int32_t j = ct[x];
+          if (cams && cams[i] == cams[j]) {  // Eq. 5 masks pairs within a camera
+            o[x] = 0.0f;
+            continue;
+          }
+          const int64_t* js = &cstart[x * (blocks + 1)];
+          const float* tj = tail ? tail + static_cast<int64_t>(j) * blocks : nullptr;
+          double m = 0.0, tsum = 0.0;
+          for (int b = 0; b < blocks; ++b) {
+            // kept on both sides: min of the two values (j's entries looked up in i's row)
+            double mb = 0.0;
+            int32_t nb = 0;
+            for (int64_t q = js[b]; q < js[b + 1]; ++q) {
+              const float v = dense[col[q]];
+              const bool hit = v >= 0.0f;
+              mb += hit ? std::min(v, val[q]) : 0.0f;
+              nb += hit;
+            }
+            m += mb;
+            if (!tail) continue;
+            // the tail terms: kept on one side only, min(value, the other's tail); dropped on
+            // both, min of the tails. A side whose kept values all reach the other's tail adds
+            // count x tail; otherwise the block's entries are summed one by one.
+            const float ta = ti[b], tb = tj[b];
+            const int64_t ci = qstart[b + 1] - qstart[b], cj = js[b + 1] - js[b];
+            const int64_t dropped = (offsets[b + 1] - offsets[b]) - ci - cj + nb;
+            double tt = static_cast<double>(dropped) * std::min(ta, tb);
+            if (tb <= qlow[b] && ta <= clow[x * blocks + b]) {
+              tt += static_cast<double>(ci - nb) * tb + static_cast<double>(cj - nb) * ta;
+            } else {
+              for (int64_t p = qstart[b]; p < qstart[b + 1]; ++p) tt += std::min(val[p], tb);
+              for (int64_t q = js[b]; q < js[b + 1]; ++q) {
+                const float v = dense[col[q]];
+                tt += v >= 0.0f ? -static_cast<double>(std::min(v, tb))
+                                : static_cast<double>(std::min(val[q], ta));
+              }
+            }
+            tsum += tt;
+          }
+          const double mm = static_cast<float>(m + tail_weight * tsum);
+          const double den = static_cast<double>(total[i]) + total[j] - mm;
+          o[x] = den > 0 ? static_cast<float>(mm / den) : 0.0f;
+        }
+        for (int64_t p = ptr[i]; p < ptr[i + 1]; ++p) dense[col[p]] = -1.0f;
+      }
+    }
+  }
+}
+
 void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
                    float* out) {
 #pragma omp parallel for schedule(static, 256) if (edges * d >= kParallelMin * 64)
@@ -159,9 +258,10 @@ SparseLinkage::SparseLinkage(int64_t n, int64_t d, float* x, float* g, const dou
   for (int64_t s = 0; s < n; ++s) tail_[s] = static_cast<int32_t>(s);
 }
 
-void SparseLinkage::check_pairs(double margin) {
+void SparseLinkage::check_pairs(double margin, int64_t max_rects) {
   checking_ = true;
   margin_ = margin;
+  max_rects_ = static_cast<size_t>(max_rects);
 }
 
 void SparseLinkage::set_bound(int32_t slot, double value) {
@@ -205,8 +305,52 @@ double SparseLinkage::sep(int32_t a, int32_t b) const {
 
 void SparseLinkage::push(int32_t a, int32_t b, const Link& link) {
   if (a > b) std::swap(a, b);
-  const double height = link.sum / (size_[a] * size_[b]);
-  heap_.push(Entry{link.exact ? height : height - margin_, a, b, stamp_[a], stamp_[b], link.exact});
+  const double height = (link.exact + link.model) / (size_[a] * size_[b]);
+  const bool exact = link.rects.empty();
+  heap_.push(Entry{exact ? height : height - margin_, a, b, stamp_[a], stamp_[b], exact});
+}
+
+int32_t SparseLinkage::new_link(int32_t a, int32_t b) {
+  int32_t id;
+  if (!free_links_.empty()) {
+    id = free_links_.back();
+    free_links_.pop_back();
+    links_[id] = Link();
+  } else {
+    id = static_cast<int32_t>(links_.size());
+    links_.emplace_back();
+  }
+  links_[id].end_a = a;
+  links_[id].end_b = b;
+  adj_[a].emplace(b, id);
+  adj_[b].emplace(a, id);
+  return id;
+}
+
+void SparseLinkage::orient(Link& link, int32_t slot) {
+  if (link.end_a == slot) return;
+  std::swap(link.end_a, link.end_b);
+  for (Rect& r : link.rects) r = Rect{r.lo_b, r.hi_b, r.lo_a, r.hi_a};
+}
+
+void SparseLinkage::add_model(Link& link, double sum, Rect r) {
+  if (!checking_) {
+    link.exact += sum;
+    return;
+  }
+  link.model += sum;
+  if (!link.rects.empty()) {  // extends the last rectangle when adjacent to it
+    Rect& q = link.rects.back();
+    if (q.lo_b == r.lo_b && q.hi_b == r.hi_b && q.hi_a == r.lo_a) {
+      q.hi_a = r.hi_a;
+      return;
+    }
+    if (q.lo_a == r.lo_a && q.hi_a == r.hi_a && q.hi_b == r.lo_b) {
+      q.hi_b = r.hi_b;
+      return;
+    }
+  }
+  link.rects.push_back(r);
 }
 
 void SparseLinkage::add_edges(const int32_t* a, const int32_t* b, const double* s, int64_t count) {
@@ -219,17 +363,21 @@ void SparseLinkage::add_edges(const int32_t* a, const int32_t* b, const double* 
   for (int64_t e = 0; e < count; ++e) {
     const int32_t p = a[e], q = b[e];
     if (p == q || !alive_[p] || !alive_[q] || adj_[p].count(q)) continue;
-    const Link link{s ? s[e] : model[e], s != nullptr || !checking_};
-    adj_[p].emplace(q, link);
-    adj_[q].emplace(p, link);
+    Link& link = links_[new_link(p, q)];
+    if (s)
+      link.exact = s[e];
+    else
+      add_model(link, model[e], Rect{0, static_cast<int32_t>(size_[p]), 0, static_cast<int32_t>(size_[q])});
     push(p, q, link);
   }
 }
 
 void SparseLinkage::pending(int64_t count, std::vector<int32_t>& a, std::vector<int32_t>& b,
-                            std::vector<double>& model) {
+                            std::vector<double>& model, std::vector<double>& exact,
+                            std::vector<int64_t>& rect_ptr, std::vector<Rect>& rects) {
   const double limit = min_bound() - margin_;
-  std::vector<Entry> exact;
+  std::vector<Entry> kept;
+  rect_ptr.assign(1, static_cast<int64_t>(rects.size()));
   while (static_cast<int64_t>(a.size()) < count && !heap_.empty()) {
     const Entry e = heap_.top();
     if (!valid(e)) {
@@ -239,14 +387,19 @@ void SparseLinkage::pending(int64_t count, std::vector<int32_t>& a, std::vector<
     if (e.dist > limit) break;
     heap_.pop();
     if (e.exact) {
-      exact.push_back(e);
-    } else {
-      a.push_back(e.a);
-      b.push_back(e.b);
-      model.push_back(e.dist + margin_);
+      kept.push_back(e);
+      continue;
     }
+    Link& link = links_[adj_[e.a].at(e.b)];
+    orient(link, e.a);
+    a.push_back(e.a);
+    b.push_back(e.b);
+    model.push_back(e.dist + margin_);
+    exact.push_back(link.exact);
+    rects.insert(rects.end(), link.rects.begin(), link.rects.end());
+    rect_ptr.push_back(static_cast<int64_t>(rects.size()));
   }
-  for (const Entry& e : exact) heap_.push(e);
+  for (const Entry& e : kept) heap_.push(e);
 }
 
 void SparseLinkage::set_sums(const int32_t* a, const int32_t* b, const double* s, int64_t count) {
@@ -255,9 +408,10 @@ void SparseLinkage::set_sums(const int32_t* a, const int32_t* b, const double* s
     if (p == q || !alive_[p] || !alive_[q]) continue;
     auto it = adj_[p].find(q);
     if (it == adj_[p].end()) continue;
-    const Link link{s[e], true};
-    it->second = link;
-    adj_[q][p] = link;
+    Link& link = links_[it->second];
+    link.exact += s[e];
+    link.model = 0.0;
+    std::vector<Rect>().swap(link.rects);
     push(p, q, link);
   }
 }
@@ -272,6 +426,8 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
   heights_.push_back(height);
   auto& ak = adj_[keep];
   auto& ag = adj_[gone];
+  free_links_.push_back(ak.at(gone));
+  std::vector<Rect>().swap(links_[ak.at(gone)].rects);
   ak.erase(gone);
   ag.erase(keep);
   // Pairs with a neighbour of one side only need the other side's model sum, taken before the
@@ -285,19 +441,39 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
   const int64_t m = static_cast<int64_t>(need.size());
 #pragma omp parallel for schedule(static) if (m * d_ >= kParallelMin * 64)
   for (int64_t t = 0; t < m; ++t) model[t] = sep(need[t].second, need[t].first);
-  for (const auto& kv : ag) {  // sums of both sides' edges; exact when both are
-    auto it = ak.find(kv.first);
-    if (it == ak.end()) {
-      ak.emplace(kv.first, kv.second);
+  const int32_t sk = static_cast<int32_t>(size_[keep]), sg = static_cast<int32_t>(size_[gone]);
+  std::unordered_map<int32_t, double> keep_model;  // neighbours of `gone` only: keep's model sum
+  for (int64_t t = 0; t < m; ++t) {
+    const int32_t x = need[t].first, sx = static_cast<int32_t>(size_[x]);
+    if (need[t].second == gone) {  // a neighbour of keep only: gone's rows are model
+      Link& link = links_[ak.at(x)];
+      orient(link, keep);
+      add_model(link, model[t], Rect{sk, sk + sg, 0, sx});
     } else {
-      it->second.sum += kv.second.sum;
-      it->second.exact = it->second.exact && kv.second.exact;
+      keep_model.emplace(x, model[t]);
     }
   }
-  for (int64_t t = 0; t < m; ++t) {  // one side's edge plus the other side's model sum
-    Link& link = ak[need[t].first];
-    link.sum += model[t];
-    link.exact = link.exact && !checking_;
+  for (const auto& kv : ag) {  // gone's edges: its positions follow keep's in the merged list
+    Link& g = links_[kv.second];
+    orient(g, gone);
+    g.end_a = keep;
+    for (Rect& r : g.rects) {
+      r.lo_a += sk;
+      r.hi_a += sk;
+    }
+    auto it = ak.find(kv.first);
+    if (it == ak.end()) {  // a neighbour of gone only: keep's rows are model
+      ak.emplace(kv.first, kv.second);
+      add_model(g, keep_model.at(kv.first), Rect{0, sk, 0, static_cast<int32_t>(size_[kv.first])});
+      continue;
+    }
+    Link& k = links_[it->second];  // both sides' sums (Lance-Williams)
+    orient(k, keep);
+    k.exact += g.exact;
+    k.model += g.model;
+    for (const Rect& r : g.rects) add_model(k, 0.0, r);
+    free_links_.push_back(kv.second);
+    std::vector<Rect>().swap(g.rects);
   }
   float* xk = x_ + static_cast<int64_t>(keep) * d_;
   const float* xg = x_ + static_cast<int64_t>(gone) * d_;
@@ -315,12 +491,21 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
   ++stamp_[keep];
   alive_[gone] = 0;
   --live_;
-  std::unordered_map<int32_t, Link>().swap(ag);
+  std::unordered_map<int32_t, int32_t>().swap(ag);
   for (const auto& kv : ak) {
+    Link& link = links_[kv.second];
+    if (link.rects.size() > max_rects_) {  // too fragmented: the whole pair counts as model
+      ++collapsed_;
+      orient(link, keep);
+      link.model += link.exact;
+      link.exact = 0.0;
+      link.rects.assign(1, Rect{0, static_cast<int32_t>(size_[keep]), 0,
+                                static_cast<int32_t>(size_[kv.first])});
+    }
     auto& ac = adj_[kv.first];
     ac.erase(gone);
     ac[keep] = kv.second;
-    push(keep, kv.first, kv.second);
+    push(keep, kv.first, link);
   }
 }
 

@@ -25,6 +25,20 @@ void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* va
                          const int64_t* offsets = nullptr, int blocks = 0,
                          const float* tail = nullptr, double tail_weight = 1.0);
 
+// J_w of every pair of each tile: rows[rows_ptr[t] .. rows_ptr[t + 1]) x cols[cols_ptr[t] ..
+// cols_ptr[t + 1]), tile after tile, row-major, float32 as sparse_min_sums then
+// m / (total_i + total_j - m) (0 for a zero denominator), and 0 for two rows of one camera when
+// `cams` is given. Same sums as sparse_min_sums (tail terms with `tail`), arranged for a tile: a
+// row's kept values are spread once into a dense vector and each column-side row's entries are
+// looked up in it, block by block (no branch on the columns' order); a block's tail terms come
+// from the kept counts when every kept value on each side reaches the other side's tail (most
+// blocks), else entry by entry. Columns must lie below offsets[blocks].
+void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float* val,
+                             const float* total, const int32_t* rows, const int64_t* rows_ptr,
+                             const int32_t* cols, const int64_t* cols_ptr, int64_t tiles,
+                             const int64_t* offsets, int blocks, const float* tail,
+                             double tail_weight, const int64_t* cams, float* out);
+
 // out[e] = <f[ei[e]], f[ej[e]]> over rows of the n x d float32 `f`, float64 sums rounded.
 void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
                    float* out);
@@ -59,14 +73,20 @@ JaccardPairs k_reciprocal_pairs_cpu(rerank_parts::Sparse v, const float* keys, i
 // bounds (`set_bounds`). A merged cluster's bound is the smaller of its two sides': for a B
 // adjacent to neither, sep(A u A', B) / (|A u A'||B|) is a weighted mean of the two sides'.
 //
-// Exact re-checks (`check_pairs(margin)`): an edge's sum is *exact* when it was given (the
-// graph's pair values) or set by `set_sums`, and a merged cluster's sum to a neighbour stays
-// exact when both sides' were; a sum holding any model part is not. A non-exact edge enters the
-// queue at height - margin and a bound counts as bound - margin; `run` stops when a non-exact
-// edge is the closest, `pending` hands the closest non-exact edges out, the caller computes
-// their exact sums over A x B and returns them with `set_sums`. A merge is then taken only at an
-// exact height no farther than every non-exact edge and every bound minus the margin: the greedy
-// merge on the exact pair values whenever the model errs by less than the margin.
+// Exact re-checks (`check_pairs(margin)`): an edge's sum has an exact part (the given pair values,
+// sums returned by `set_sums`, and their Lance-Williams sums) and a model part, with the
+// rectangles of A x B the model part covers: ranges of positions in the two clusters' member
+// lists. A merge appends the absorbed cluster's list to the survivor's, so the absorbed side of
+// a sum is a contiguous range of the merged list, and a neighbour of one side only adds one
+// rectangle (the other side's range x the neighbour's whole list). An edge with model parts
+// enters the queue at height - margin and a bound counts as bound - margin; `run` stops when such
+// an edge is the closest, `pending` hands the closest ones out with their rectangles, the caller
+// computes the exact sums over the rectangles only and returns them with `set_sums`. A merge is
+// then taken only at an exact height no farther than every non-exact edge and every bound minus
+// the margin: the greedy merge on the exact pair values whenever the model errs by less than the
+// margin. Each sample pair is evaluated at most once: once exact, a pair's part stays exact,
+// except that an edge past `max_rects` rectangles counts whole as model (re-checked whole; this
+// bounds the memory; `collapsed` counts them).
 class SparseLinkage {
  public:
   // x, g: n x d float32 sums, updated in place (g == x when symmetric); u: n float64.
@@ -80,14 +100,23 @@ class SparseLinkage {
   // The closest adjacent pair's height (+inf when no edge is left).
   double top();
   void set_bound(int32_t slot, double value);
-  // Turns the exact re-checks on with the given margin (>= 0).
-  void check_pairs(double margin);
+  // Turns the exact re-checks on with the given margin (>= 0) and rectangle limit an edge (>= 1).
+  void check_pairs(double margin, int64_t max_rects);
+  int64_t collapsed() const { return collapsed_; }
+  // A rectangle of a pair's model part: positions [lo_a, hi_a) of one cluster's member list x
+  // [lo_b, hi_b) of the other's.
+  struct Rect {
+    int32_t lo_a, hi_a, lo_b, hi_b;
+  };
   // Up to `count` of the closest non-exact edges (height - margin no farther than the smallest
-  // bound - margin), removed from the queue until `set_sums` returns their exact sums; `model`
-  // gets their model heights.
+  // bound - margin), removed from the queue until `set_sums` returns their exact sums: their
+  // slots a < b, model heights, exact parts' sums, and model rectangles (a's positions x b's),
+  // rects[rect_ptr[e] .. rect_ptr[e + 1]) for edge e.
   void pending(int64_t count, std::vector<int32_t>& a, std::vector<int32_t>& b,
-               std::vector<double>& model);
-  // Exact pair sums of adjacent live pairs (a[e], b[e]).
+               std::vector<double>& model, std::vector<double>& exact,
+               std::vector<int64_t>& rect_ptr, std::vector<Rect>& rects);
+  // The exact sums over the model rectangles `pending` handed out for the pairs (a[e], b[e]):
+  // they replace the model parts.
   void set_sums(const int32_t* a, const int32_t* b, const double* s, int64_t count);
   // Members of a live slot's cluster, appended to `out`.
   void members(int32_t slot, std::vector<int32_t>& out) const;
@@ -103,8 +132,9 @@ class SparseLinkage {
 
  private:
   struct Link {
-    double sum;
-    bool exact;
+    double exact = 0.0, model = 0.0;  // sums over A x B: exact pair values, model
+    int32_t end_a = -1, end_b = -1;   // the slots the rectangles' ranges refer to
+    std::vector<Rect> rects;          // where the model part lies (empty: exact)
   };
   struct Entry {
     double dist;  // height, or height - margin for a non-exact sum
@@ -119,6 +149,12 @@ class SparseLinkage {
   };
   double sep(int32_t a, int32_t b) const;
   void push(int32_t a, int32_t b, const Link& link);
+  int32_t new_link(int32_t a, int32_t b);
+  // Adds a model sum over the rectangle (of end_a x end_b) to a link: into the exact part when
+  // nothing is re-checked.
+  void add_model(Link& link, double sum, Rect r);
+  // Re-orients a link's rectangles so that end_a == slot.
+  static void orient(Link& link, int32_t slot);
   bool valid(const Entry& e) const {
     return alive_[e.a] && alive_[e.b] && stamp_[e.a] == e.stamp_a && stamp_[e.b] == e.stamp_b;
   }
@@ -143,7 +179,11 @@ class SparseLinkage {
   std::vector<uint8_t> alive_;
   bool checking_ = false;
   double margin_ = 0.0;
-  std::vector<std::unordered_map<int32_t, Link>> adj_;
+  size_t max_rects_ = 16;
+  int64_t collapsed_ = 0;
+  std::vector<Link> links_;
+  std::vector<int32_t> free_links_;
+  std::vector<std::unordered_map<int32_t, int32_t>> adj_;  // neighbour slot -> link
   std::vector<int32_t> next_, tail_;  // members: a list from the slot itself, next_ = -1 ends it
   std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap_;
   std::vector<double> bound_;
