@@ -462,29 +462,37 @@ def test_rechecked_round_equals_dense_linkage_of_its_pair_values(similarity):
         assert not np.array_equal(model, want)
 
 
-@pytest.mark.parametrize("similarity", ["cosine", "rerank"])
-def test_exact_pair_values_equal_the_dense_matrix(rng, similarity):
-    """What the re-checks sum: every pair's value (graph pair or not, either order) is the dense
-    matrix's entry (Eq. 5 with the round's J, re-ranked (k1 = 4, k2 = 2) with row min(i, j)'s normalisation)."""
-    from iics_fast.rerank import k_reciprocal
-    n, mu = 70, 0.3
+def _recheck_values(rng, similarity, n=70, mu=0.3):
+    """A small round's re-check pair values (`_exact_pairs`) with what built them: Eq. 5 with a
+    fitted-like tail weight, re-ranked (k1 = 4, k2 = 2) for "rerank"."""
     f, s, cam, dims = _problem(rng, n, 3)
     f = S._normalise(f)
     sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
     sp.tail_weight = 0.6
     built = S._faiss_index(f, "flat", None)
     blk = S._row_block(f, sp, cam, mu, 4, n - 1, 0, n, similarity == "rerank", n, "flat", None, built)
+    if similarity == "rerank":
+        gi, gj, value, lo, rng_, c0, _ = S._rerank_edges(f, sp, cam, mu, blk, n, 4, 2, 0.3)
+        values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, (lo, rng_, np.float32(c0), np.float32(0.3)))
+    else:
+        gi, gj, value = S._undirected(blk["ei"], blk["ej"], blk["d"])
+        values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, None)
+    return f, sp, cam, values, gi
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "rerank"])
+def test_exact_pair_values_equal_the_dense_matrix(rng, similarity):
+    """What the re-checks sum: every pair's value (graph pair or not, either order) is the dense
+    matrix's entry (Eq. 5 with the round's J, re-ranked (k1 = 4, k2 = 2) with row min(i, j)'s normalisation)."""
+    from iics_fast.rerank import k_reciprocal
+    n, mu = 70, 0.3
+    f, sp, cam, values, gi = _recheck_values(rng, similarity, n, mu)
     i, j = np.triu_indices(n, 1)
     i, j = i.astype(np.int32), j.astype(np.int32)
     d = (1.0 - S._pair_cos(f, i, j) - mu * S._cross_jaccard(sp, cam, i, j)).astype(np.float32)
     if similarity == "rerank":
-        gi, gj, value, lo, rng_, c0, _ = S._rerank_edges(f, sp, cam, mu, blk, n, 4, 2, 0.3)
-        values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, (lo, rng_, np.float32(c0), np.float32(0.3)))
         k_reciprocal(d, k1=4, k2=2, out=d)
         assert len(gi) < len(i)  # pairs off the graph are checked too
-    else:
-        gi, gj, value = S._undirected(blk["ei"], blk["ej"], blk["d"])
-        values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, None)
     np.testing.assert_allclose(values(i, j), d, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(values(j, i), d, rtol=1e-6, atol=1e-6)
 
@@ -494,20 +502,9 @@ def test_tile_sums_equal_pairwise_sums(rng, similarity):
     """The re-checks' fast tile sums (cosine: feature sums and tile_jaccard; rerank: a product a
     tile and tile_jaccard) equal the sums of the exact pair values over the tiles' pairs."""
     n, mu = 70, 0.3
-    f, s, cam, dims = _problem(rng, n, 3)
-    f = S._normalise(f)
-    sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
-    sp.tail_weight = 0.6
-    built = S._faiss_index(f, "flat", None)
-    blk = S._row_block(f, sp, cam, mu, 4, n - 1, 0, n, similarity == "rerank", n, "flat", None, built)
-    if similarity == "rerank":
-        gi, gj, value, lo, rng_, c0, _ = S._rerank_edges(f, sp, cam, mu, blk, n, 4, 2, 0.3)
-        values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, (lo, rng_, np.float32(c0), np.float32(0.3)))
-        fast = S._rerank_tile_sums(f, sp, cam, mu, values)
-    else:
-        gi, gj, value = S._undirected(blk["ei"], blk["ej"], blk["d"])
-        values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, None)
-        fast = S._cosine_tile_sums(f, sp, cam, mu)
+    f, sp, cam, values, _ = _recheck_values(rng, similarity, n, mu)
+    fast = (S._rerank_tile_sums(f, sp, cam, mu, values) if similarity == "rerank"
+            else S._cosine_tile_sums(f, sp, cam, mu))
     sizes = [(1, 1), (0, 5), (1, 30), (25, 1), (4, 0), (7, 9), (n, n)]  # empty tiles too
     perm = [rng.permutation(n) for _ in sizes]
     rows = [p[:r] for p, (r, _) in zip(perm, sizes)]
