@@ -627,7 +627,9 @@ def jaccard_background(sp: SparseScores, camids, probes: int = 64, batch: int = 
         rows = np.arange(start, min(n, start + batch))
         ei = np.repeat(rows, len(pick))
         ej = np.tile(pick, len(rows))
-        jac = tile_jaccard(sp, rows, [0, len(rows)], pick, [0, len(pick)])  # rows x probes
+        tiles = -(-len(rows) // 64)  # 64-row tiles: the native kernel runs tiles in parallel
+        rows_ptr = np.minimum(np.arange(tiles + 1) * 64, len(rows))
+        jac = tile_jaccard(sp, rows, rows_ptr, np.tile(pick, tiles), np.arange(tiles + 1) * len(pick))
         resid = jac.astype(np.float64) - ahat[inv[ei], inv[ej]]
         cross = (inv[ei] != inv[ej]).reshape(len(rows), -1)
         resid = resid.reshape(len(rows), -1)

@@ -362,13 +362,15 @@ def test_model_columns_carry_the_background(rng):
 
 def test_jaccard_background_against_dense(rng):
     """Camera-pair means of J over the rows kept whole, and each image's mean excess over them
-    against the probe rows of other cameras (J^ = J here: eps = 0, no cap)."""
+    against the probe rows of other cameras (J^ = J here: eps = 0, no cap); batches of 100 rows
+    in 64-row tiles, so that batch and tile ends fall inside the rows."""
     from iics_fast.similarity import pairwise_jaccard
-    f, s, cam, dims = _problem(rng, 48, 3)
+    n = 150
+    f, s, cam, dims = _problem(rng, n, 3)
     sp = S.sparse_scores(s, dims, eps=0.0, max_per_block=None, sample=20)
-    a, alpha = S.jaccard_background(sp, cam, probes=8)
+    a, alpha = S.jaccard_background(sp, cam, probes=8, batch=100)
     J = pairwise_jaccard(torch.from_numpy(s)).numpy().astype(np.float64)
-    rows = S.sample_rows(48, 20)
+    rows = S.sample_rows(n, 20)
     probe = rows[S.sample_rows(20, 8)]
     for c1 in range(3):
         for c2 in range(3):
@@ -380,7 +382,7 @@ def test_jaccard_background_against_dense(rng):
         for c2 in range(3):
             if c1 != c2:
                 ahat[c1, c2] = np.mean([J[i, j] for i in probe for j in probe if cam[i] == c1 and cam[j] == c2])
-    for i in range(48):
+    for i in range(n):
         other = [t for t in probe if cam[t] != cam[i]]
         assert alpha[i] == pytest.approx(np.mean([J[i, t] - ahat[cam[i], cam[t]] for t in other]), abs=1e-5)
 
