@@ -439,10 +439,12 @@ def _cross_jaccard(sp, camids, ei, ej):
     return out
 
 
-def _eq5(cos, sp, camids, mu, ei, ej):
+def _eq5(cos, sp, camids, mu, ei, ej, jac=None):
     """Eq. 5's distance 1 - cos - mu J~ [cameras differ] of the pairs (ei, ej) with cosines cos,
-    float32."""
-    return (1.0 - cos - mu * _cross_jaccard(sp, camids, ei, ej)).astype(np.float32)
+    float32; jac: their masked J~ when already computed (tile_jaccard with camids)."""
+    if jac is None:
+        jac = _cross_jaccard(sp, camids, ei, ej)
+    return (1.0 - cos - mu * jac).astype(np.float32)
 
 
 def _pair_cos(f, ei, ej):
@@ -1020,9 +1022,8 @@ def _rerank_tile_sums(f, sp, camids, mu, pair_values):
         cos = np.concatenate([(f[rows[rows_ptr[t]:rows_ptr[t + 1]]].astype(np.float64)
                                @ f[cols[cols_ptr[t]:cols_ptr[t + 1]]].T.astype(np.float64)).ravel()
                               for t in range(len(rows_ptr) - 1)]).astype(np.float32)
-        jac = tile_jaccard(sp, rows, rows_ptr, cols, cols_ptr, camids) if sp is not None \
-            else np.zeros(len(i), np.float32)
-        d = (1.0 - cos - mu * jac).astype(np.float32)
+        jac = tile_jaccard(sp, rows, rows_ptr, cols, cols_ptr, camids) if sp is not None else None
+        d = _eq5(cos, sp, camids, mu, i, j, jac)
         return np.bincount(owner, np.asarray(pair_values(i, j, d), np.float64), minlength=len(rows_ptr) - 1)
     return sums
 
