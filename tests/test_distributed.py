@@ -199,8 +199,13 @@ def _training_helpers(r, res):
 
 def _worker(r, port, outdir):
     # a crash (a signal, e.g. an abort inside the transport) leaves each thread's Python stack here
-    fault = open(os.path.join(outdir, f"fault{r}.txt"), "w")
-    faulthandler.enable(fault, all_threads=True)
+    with open(os.path.join(outdir, f"fault{r}.txt"), "w") as fault:
+        faulthandler.enable(fault, all_threads=True)
+        _work(r, port, outdir)
+        faulthandler.disable()
+
+
+def _work(r, port, outdir):
     os.environ.update(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
