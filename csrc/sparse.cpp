@@ -64,7 +64,7 @@ py::array_t<float> tile_jaccard_py(const Array<int64_t>& ptr, const Array<int32_
                                    const Array<int32_t>& rows, const Array<int64_t>& rows_ptr,
                                    const Array<int32_t>& cols, const Array<int64_t>& cols_ptr,
                                    const Array<int64_t>& offsets, py::object tail,
-                                   double tail_weight, py::object cams) {
+                                   double tail_weight, py::object cams, const std::string& isa) {
   const int64_t n = ptr.size() - 1;
   const int blocks = static_cast<int>(offsets.size()) - 1;
   require(n >= 0 && ptr.data()[n] == col.size() && col.size() == val.size() && total.size() == n,
@@ -107,7 +107,7 @@ py::array_t<float> tile_jaccard_py(const Array<int64_t>& ptr, const Array<int32_
     iics::sparse_tile_jaccard_cpu(ptr.data(), col.data(), val.data(), total.data(), rows.data(),
                                   rows_ptr.data(), cols.data(), cols_ptr.data(), tiles,
                                   offsets.data(), blocks, tail.is_none() ? nullptr : tl.data(),
-                                  tail_weight, cams.is_none() ? nullptr : cm.data(), o);
+                                  tail_weight, cams.is_none() ? nullptr : cm.data(), o, isa);
   }
   return out;
 }
@@ -297,8 +297,10 @@ void bind_sparse(py::module_& m) {
         py::arg("rows").noconvert(), py::arg("rows_ptr").noconvert(), py::arg("cols").noconvert(),
         py::arg("cols_ptr").noconvert(), py::arg("offsets").noconvert(),
         py::arg("tail") = py::none(), py::arg("tail_weight") = 1.0, py::arg("cams") = py::none(),
+        py::arg("isa") = "auto",
         "J of every pair of each tile (rows of a tile x its cols, tile after tile, row-major), "
-        "float32 as sparse_min_sums then m / (S_i + S_j - m); 0 within one camera with cams.");
+        "float32 as sparse_min_sums then m / (S_i + S_j - m); 0 within one camera with cams. "
+        "isa: 'auto' (AVX-512 where the CPU has it), 'avx512' or 'plain'.");
   m.def("sparse_pair_dots", &pair_dots_py, py::arg("f").noconvert(), py::arg("ei").noconvert(),
         py::arg("ej").noconvert(), "Inner products of rows ei[e] and ej[e] of f (float32).");
   m.def("sparse_expansion_sets", &expansion_sets_py, py::arg("nbr").noconvert(),

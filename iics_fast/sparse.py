@@ -325,18 +325,21 @@ def jaccard_on_edges(sp: SparseScores, ei, ej, tail: bool = True) -> np.ndarray:
     return np.where(den > 0, m / np.where(den > 0, den, 1), 0).astype(np.float32)
 
 
-def tile_jaccard(sp: SparseScores, rows, rows_ptr, cols, cols_ptr, camids=None, tail: bool = True) -> np.ndarray:
+def tile_jaccard(sp: SparseScores, rows, rows_ptr, cols, cols_ptr, camids=None, tail: bool = True,
+                 isa: str = "auto") -> np.ndarray:
     """jaccard_on_edges of every pair of each tile rows[rows_ptr[t]:rows_ptr[t + 1]] x
     cols[cols_ptr[t]:cols_ptr[t + 1]], tile after tile, row-major (float32); with camids, 0 for
     the pairs within one camera (Eq. 5 masks them). Native: a row's kept values are spread once
-    into a dense vector and the other rows' entries looked up in it, head by head, instead of a
-    merge of two rows a pair."""
+    into a dense vector and the other rows' entries looked up in it (16 a gather with isa "auto"
+    on an AVX-512 CPU, or "avx512"; one by one with "plain"), instead of a merge of two rows a
+    pair."""
     extra = (np.ascontiguousarray(sp.tail, np.float32), float(sp.tail_weight)) if tail else (None, 1.0)
     cams = None if camids is None else np.ascontiguousarray(camids, np.int64)
     return _native().sparse_tile_jaccard(
         np.ascontiguousarray(sp.ptr, np.int64), sp.col, sp.val, np.ascontiguousarray(sp.total, np.float32),
         np.ascontiguousarray(rows, np.int32), np.ascontiguousarray(rows_ptr, np.int64),
-        np.ascontiguousarray(cols, np.int32), np.ascontiguousarray(cols_ptr, np.int64), sp.offsets, *extra, cams)
+        np.ascontiguousarray(cols, np.int32), np.ascontiguousarray(cols_ptr, np.int64), sp.offsets, *extra, cams,
+        isa)
 
 
 def jaccard_error_bound(sp: SparseScores, ei, ej) -> np.ndarray:

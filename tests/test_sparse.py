@@ -160,12 +160,27 @@ def test_min_sums_against_dense(rng):
     np.testing.assert_allclose(S.sparse_min_sums(sp, ei, ej), np.minimum(trunc[ei], trunc[ej]).sum(1), rtol=1e-6)
 
 
+def tile_variants():
+    """The instruction sets of tile_jaccard's lookups this CPU runs: "plain" always, "avx512"
+    where present (the public path picks the widest)."""
+    sp = S.sparse_scores(np.ones((1, 2), np.float32) / 2, [2], eps=0.0)
+    names = ["plain"]
+    try:
+        S.tile_jaccard(sp, np.zeros(1), np.array([0, 1]), np.zeros(1), np.array([0, 1]), isa="avx512")
+        names.append("avx512")
+    except ValueError:
+        pass
+    return names
+
+
+@pytest.mark.parametrize("isa", tile_variants())
 @pytest.mark.parametrize("eps,cap,tail", [(0.2, 3, True), (0.2, 3, False), (0.0, None, True), (0.05, 1, True)])
-def test_tile_jaccard_equals_pairwise(rng, eps, cap, tail):
+def test_tile_jaccard_equals_pairwise(rng, eps, cap, tail, isa):
     """J of every pair of each tile (awkward shapes: 1 x 1, 1 x many, many x 1, an empty side,
-    repeated members, rows with nothing kept in a head) equals jaccard_on_edges on the pairs,
-    with 0 within a camera when camids are given."""
-    dims = [5, 8, 1, 12]
+    repeated members, rows with nothing kept in a head, a head wider than one 16-lane gather)
+    equals jaccard_on_edges on the pairs, with 0 within a camera when camids are given, for
+    each instruction set."""
+    dims = [5, 8, 1, 12, 37]
     n = 40
     s = _softmax_blocks(rng, n, dims, 0.7)
     s[7] = 0.0  # an all-zero row: zero denominators
@@ -181,9 +196,15 @@ def test_tile_jaccard_equals_pairwise(rng, eps, cap, tail):
     R, C = np.concatenate(rows), np.concatenate(cols)
     i, j, _ = S._tile_pairs(R, rp, C, cp)
     want = S.jaccard_on_edges(sp, i, j, tail)
-    np.testing.assert_allclose(S.tile_jaccard(sp, R, rp, C, cp, tail=tail), want, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(S.tile_jaccard(sp, R, rp, C, cp, cam, tail), np.where(cam[i] != cam[j], want, 0),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(S.tile_jaccard(sp, R, rp, C, cp, tail=tail, isa=isa), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(S.tile_jaccard(sp, R, rp, C, cp, cam, tail, isa=isa),
+                               np.where(cam[i] != cam[j], want, 0), rtol=1e-6, atol=1e-7)
+
+
+def test_tile_jaccard_rejects_unknown_isa():
+    sp = S.sparse_scores(np.ones((1, 2), np.float32) / 2, [2], eps=0.0)
+    with pytest.raises(ValueError, match="isa must be"):
+        S.tile_jaccard(sp, np.zeros(1), np.array([0, 1]), np.zeros(1), np.array([0, 1]), isa="sse9")
 
 
 def test_sparsifier_rejects_bad_input():

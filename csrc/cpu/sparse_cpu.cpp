@@ -7,7 +7,15 @@
 
 #include <algorithm>
 #include <limits>
+#include <stdexcept>
+#include <string>
 #include <utility>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define IICS_X86_SIMD 1
+#include <immintrin.h>
+#define IICS_TARGET_AVX512 __attribute__((target("avx512f")))
+#endif
 
 #include "parallel.h"
 
@@ -106,13 +114,78 @@ void row_blocks(const int64_t* ptr, const int32_t* col, const float* val, int32_
   for (++b; b <= blocks; ++b) start[b] = pe;
 }
 
+// One pair's kept-on-both sums: j's entries (blocks b at js[b] .. js[b + 1]) looked up in the
+// dense spread of i's row (-1: not kept); returns the sum of min(i's value, j's value) over the
+// hits and writes each block's hit count to nb.
+double lookup_plain(const float* dense, const int32_t* col, const float* val, const int64_t* js,
+                    int blocks, int32_t* nb) {
+  double m = 0.0;
+  for (int b = 0; b < blocks; ++b) {
+    int32_t hits = 0;
+    for (int64_t q = js[b]; q < js[b + 1]; ++q) {
+      const float v = dense[col[q]];
+      const bool hit = v >= 0.0f;
+      m += hit ? std::min(v, val[q]) : 0.0f;
+      hits += hit;
+    }
+    nb[b] = hits;
+  }
+  return m;
+}
+
+#ifdef IICS_X86_SIMD
+// lookup_plain with 16 entries a gather; the minima are summed in float64 lanes.
+IICS_TARGET_AVX512 double lookup_avx512(const float* dense, const int32_t* col, const float* val,
+                                        const int64_t* js, int blocks, int32_t* nb) {
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+  const __m512 zero = _mm512_setzero_ps();
+  for (int b = 0; b < blocks; ++b) {
+    int32_t hits = 0;
+    for (int64_t q = js[b]; q < js[b + 1]; q += 16) {
+      const int64_t left = js[b + 1] - q;
+      const __mmask16 k = static_cast<__mmask16>(left >= 16 ? 0xffffu : (1u << left) - 1);
+      const __m512i idx = _mm512_maskz_loadu_epi32(k, col + q);
+      const __m512 v = _mm512_mask_i32gather_ps(zero, k, idx, dense, 4);
+      const __mmask16 hit = _mm512_mask_cmp_ps_mask(k, v, zero, _CMP_GE_OQ);
+      const __m512 mn = _mm512_maskz_min_ps(hit, v, _mm512_maskz_loadu_ps(k, val + q));
+      lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(mn)));
+      hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(mn), 1))));
+      hits += __builtin_popcount(static_cast<unsigned>(hit));
+    }
+    nb[b] = hits;
+  }
+  return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+}
+#endif
+
+using LookupFn = double (*)(const float*, const int32_t*, const float*, const int64_t*, int, int32_t*);
+
+// "auto" (the widest this CPU runs), "avx512" or "plain"; a clear error otherwise.
+LookupFn lookup_variant(const std::string& isa) {
+#ifdef IICS_X86_SIMD
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+#else
+  const bool avx512 = false;
+#endif
+  if (isa == "plain" || (isa == "auto" && !avx512)) return lookup_plain;
+#ifdef IICS_X86_SIMD
+  if (isa == "auto" || (isa == "avx512" && avx512)) return lookup_avx512;
+#endif
+  if (isa == "avx512")
+    throw std::invalid_argument("isa='avx512' is not supported by this CPU; use isa='auto'");
+  throw std::invalid_argument("isa must be 'auto', 'avx512' or 'plain'; got '" + isa + "'");
+}
+
 }  // namespace
 
 void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float* val,
                              const float* total, const int32_t* rows, const int64_t* rows_ptr,
                              const int32_t* cols, const int64_t* cols_ptr, int64_t tiles,
                              const int64_t* offsets, int blocks, const float* tail,
-                             double tail_weight, const int64_t* cams, float* out) {
+                             double tail_weight, const int64_t* cams, float* out,
+                             const std::string& isa) {
+  const LookupFn lookup = lookup_variant(isa);
   std::vector<int64_t> base(tiles + 1, 0);
   for (int64_t t = 0; t < tiles; ++t)
     base[t + 1] = base[t] + (rows_ptr[t + 1] - rows_ptr[t]) * (cols_ptr[t + 1] - cols_ptr[t]);
@@ -122,6 +195,7 @@ void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float
     std::vector<float> dense(ncols, -1.0f);  // the query row's kept values (-1: not kept)
     std::vector<int64_t> cstart, qstart(blocks + 1);  // per-block layouts
     std::vector<float> clow, qlow(blocks);
+    std::vector<int32_t> nbs(blocks);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t nr = rows_ptr[t + 1] - rows_ptr[t], nc = cols_ptr[t + 1] - cols_ptr[t];
@@ -146,19 +220,11 @@ void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float
           }
           const int64_t* js = &cstart[x * (blocks + 1)];
           const float* tj = tail ? tail + static_cast<int64_t>(j) * blocks : nullptr;
-          double m = 0.0, tsum = 0.0;
-          for (int b = 0; b < blocks; ++b) {
-            // kept on both sides: min of the two values (j's entries looked up in i's row)
-            double mb = 0.0;
-            int32_t nb = 0;
-            for (int64_t q = js[b]; q < js[b + 1]; ++q) {
-              const float v = dense[col[q]];
-              const bool hit = v >= 0.0f;
-              mb += hit ? std::min(v, val[q]) : 0.0f;
-              nb += hit;
-            }
-            m += mb;
-            if (!tail) continue;
+          // kept on both sides: min of the two values (j's entries looked up in i's row)
+          const double m = lookup(dense.data(), col, val, js, blocks, nbs.data());
+          double tsum = 0.0;
+          for (int b = 0; b < blocks && tail; ++b) {
+            const int32_t nb = nbs[b];
             // the tail terms: kept on one side only, min(value, the other's tail); dropped on
             // both, min of the tails. A side whose kept values all reach the other's tail adds
             // count x tail; otherwise the block's entries are summed one by one.

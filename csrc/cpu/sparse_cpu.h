@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <queue>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -32,12 +33,14 @@ void sparse_min_sums_cpu(const int64_t* ptr, const int32_t* col, const float* va
 // row's kept values are spread once into a dense vector and each column-side row's entries are
 // looked up in it, block by block (no branch on the columns' order); a block's tail terms come
 // from the kept counts when every kept value on each side reaches the other side's tail (most
-// blocks), else entry by entry. Columns must lie below offsets[blocks].
+// blocks), else entry by entry. Columns must lie below offsets[blocks]. `isa`: "auto" (AVX-512
+// gathers where the CPU has them), "avx512" or "plain" (the same sums in another order).
 void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float* val,
                              const float* total, const int32_t* rows, const int64_t* rows_ptr,
                              const int32_t* cols, const int64_t* cols_ptr, int64_t tiles,
                              const int64_t* offsets, int blocks, const float* tail,
-                             double tail_weight, const int64_t* cams, float* out);
+                             double tail_weight, const int64_t* cams, float* out,
+                             const std::string& isa = "auto");
 
 // out[e] = <f[ei[e]], f[ej[e]]> over rows of the n x d float32 `f`, float64 sums rounded.
 void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
