@@ -757,16 +757,21 @@ def _model_columns(f, b, cams, background, alpha):
     return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(g, np.float32)
 
 
-def _refresh(link, x, g, c0, top, k, block=8192):
+def _refresh(link, x, g, c0, top, k, block=8192, least=64):
     """Searches, for every live cluster whose bound lies below `top` (the closest adjacent pair),
-    its k nearest live clusters by the model (cluster sums, exact), adds them as edges and raises
-    its bound to its (k + 1)-th nearest model distance. The live clusters are read `block` at a
-    time, the searched ones 2,048 at a time (memory O(block x width)). Returns the number of clusters searched."""
+    and at least the `least` lowest bounds (a search reads every live cluster's sums however few
+    it serves, so searching ahead saves searches), its k nearest live clusters by the model
+    (cluster sums, exact), adds them as edges and raises its bound to its (k + 1)-th nearest
+    model distance (a bound never falls: both are lower bounds on its pairs off the graph). The
+    live clusters are read `block` at a time, the searched ones 2,048 at a time (memory
+    O(block x width)). Returns the number of clusters searched."""
     live = link.live_slots()
     size, usum, bound = link.slot_sums(live)
     query = np.flatnonzero(bound < top)
     if len(query) == 0:
         return 0
+    if len(query) < min(least, len(live)):
+        query = np.union1d(query, np.argpartition(bound, least - 1)[:least] if least < len(live) else np.arange(len(live)))
     half_u = usum / (2 * size)
     kk = min(k, len(live) - 1)
     best_d = np.full((len(query), kk + 1), np.inf)
@@ -789,6 +794,7 @@ def _refresh(link, x, g, c0, top, k, block=8192):
     near = best_i[:, :kk]
     found = np.isfinite(best_d[:, :kk])
     bounds = best_d[:, kk] if kk < len(live) - 1 else np.full(len(query), np.inf)
+    bounds = np.maximum(bounds, bound[query])
     a = np.repeat(live[query], kk)[found.reshape(-1)]
     bb = live[near.reshape(-1)][found.reshape(-1)]
     link.add_edges(np.ascontiguousarray(a, np.int32), np.ascontiguousarray(bb, np.int32))
@@ -798,7 +804,7 @@ def _refresh(link, x, g, c0, top, k, block=8192):
 
 def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None, background=None,
                     alpha=None, bounds=None, refresh_k=32, pair_values=None, tile_sums=None, margin=0.0,
-                    batch=256, max_rects=16):
+                    batch=256, max_rects=16, refresh_least=64):
     """Average linkage of the N samples into k_inter clusters, greedy on the closest pair overall,
     with the graph pairs (gi, gj) at their exact pair values and every other pair at the model
         c0 + (u_i + u_j) / 2 - (b_i + b_j) / 2 (cos(i, j) + bg(i, j)),
@@ -808,7 +814,8 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
     lower bound a sample on its model value with every sample it has no edge to; None: none
     known); when it is farther, the clusters whose bound is below it get their `refresh_k`
     nearest clusters by the model (cluster sums, exact) as edges and a new bound (twice as many
-    when that search let no merge through).
+    when that search let no merge through); a search serves at least the `refresh_least`
+    clusters of lowest bound.
 
     Exact re-checks, with pair_values, a function (i, j) -> the exact value of each pair (i, j
     int32 arrays, any order within a pair), or tile_sums, a function (rows, rows_ptr, cols,
@@ -859,7 +866,8 @@ def average_linkage(f, gi, gj, value, k_inter, b=None, u=None, c0=0.0, cams=None
         k = 2 * k if link.live == last else refresh_k
         last = link.live
         refreshes += 1
-        searched += _refresh(link, x, g, float(c0), link.top() + (margin if tile_sums is not None else 0.0), k)
+        searched += _refresh(link, x, g, float(c0), link.top() + (margin if tile_sums is not None else 0.0), k,
+                             least=refresh_least)
     kept, absorbed, heights = link.merges()
     parent = np.arange(n)
     parent[absorbed] = kept

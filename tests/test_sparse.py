@@ -254,10 +254,12 @@ def _model_matrix(f, gi, gj, value, b=None, u=None, c0=0.0, cams=None, backgroun
     return pair
 
 
+@pytest.mark.parametrize("least", [1, 8])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("bounds", ["none", "tight", "loose"])
-def test_graph_linkage_matches_reference(rng, weighted, bounds):
-    """The closest pair overall, whatever (valid) bounds say and however few edges there are."""
+def test_graph_linkage_matches_reference(rng, weighted, bounds, least):
+    """The closest pair overall, whatever (valid) bounds say and however few edges there are, and
+    however many clusters a search serves beyond those it must."""
     n = 40
     f, gi, gj, value, kw = _linkage_problem(rng, n, 3, weighted)
     bnd = None
@@ -269,12 +271,13 @@ def test_graph_linkage_matches_reference(rng, weighted, bounds):
         if bounds == "loose":
             bnd -= rng.random(n) * 0.3
     for k in (1, 5, 17, n):
-        got, info = S.average_linkage(f, gi, gj, value, k, bounds=bnd, refresh_k=3, **kw)
+        got, info = S.average_linkage(f, gi, gj, value, k, bounds=bnd, refresh_k=3, refresh_least=least, **kw)
         np.testing.assert_array_equal(got, S.average_linkage_ref(f, gi, gj, value, k, **kw))
 
 
+@pytest.mark.parametrize("least", [1, 8])
 @pytest.mark.parametrize("bounds", ["none", "tight"])
-def test_rechecked_linkage_is_greedy_on_exact_values(rng, bounds):
+def test_rechecked_linkage_is_greedy_on_exact_values(rng, bounds, least):
     """Pair values off the model by less than the margin: with re-checks the merges are plain
     average linkage's on the exact values (every pair given to the reference)."""
     n, margin = 40, 0.04
@@ -296,7 +299,7 @@ def test_rechecked_linkage_is_greedy_on_exact_values(rng, bounds):
             seen.append(np.minimum(i, j) * n + np.maximum(i, j))
             return exact[i, j]
         got, info = S.average_linkage(f, gi, gj, value, k, bounds=bnd, refresh_k=3, pair_values=pair_values,
-                                      margin=margin, batch=5, max_rects=max_rects, **kw)
+                                      margin=margin, batch=5, max_rects=max_rects, refresh_least=least, **kw)
         np.testing.assert_array_equal(got, S.average_linkage_ref(f, ai, aj, exact[ai, aj], k, **kw))
         assert info["pairs_checked"] > 0
         seen = np.concatenate(seen)
