@@ -771,7 +771,8 @@ def _refresh(link, x, g, c0, top, k, block=8192, least=64):
     if len(query) == 0:
         return 0
     if len(query) < min(least, len(live)):
-        query = np.union1d(query, np.argpartition(bound, least - 1)[:least] if least < len(live) else np.arange(len(live)))
+        lowest = np.argpartition(bound, least - 1)[:least] if least < len(live) else np.arange(len(live))
+        query = np.union1d(query, lowest)
     half_u = usum / (2 * size)
     kk = min(k, len(live) - 1)
     best_d = np.full((len(query), kk + 1), np.inf)
