@@ -35,8 +35,12 @@ class DistContext:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.owns_group and dist.is_initialized():
+            if exc_type is None:
+                # every rank done before any tears its transport down: a rank that destroys the
+                # group (rank 0 hosts the store) while another still talks to it can abort
+                dist.barrier()
             dist.destroy_process_group()
         return False
 

@@ -201,8 +201,10 @@ def _worker(r, port, outdir):
     # a crash (a signal, e.g. an abort inside the transport) leaves each thread's Python stack here
     with open(os.path.join(outdir, f"fault{r}.txt"), "w") as fault:
         faulthandler.enable(fault, all_threads=True)
-        _work(r, port, outdir)
-        faulthandler.disable()
+        try:
+            _work(r, port, outdir)
+        finally:
+            faulthandler.disable()
 
 
 def _work(r, port, outdir):
@@ -240,30 +242,37 @@ def _work(r, port, outdir):
     torch.save(res, os.path.join(outdir, f"rank{r}.pt"))
 
 
+class _KilledBySignal(RuntimeError):
+    pass
+
+
 def _launch(outdir):
-    """One launch of the module's two processes; on a process killed by a signal, the error
-    carries each rank's Python stacks at the crash."""
+    """One launch of the module's two processes; a process killed by a signal raises
+    _KilledBySignal with each rank's Python stacks at the crash (any other failure as it is)."""
     try:
         mp.spawn(_worker, args=(free_port(), outdir), nprocs=WORLD, join=True)
     except mp.ProcessExitedException as e:
+        if e.exit_code is None or e.exit_code >= 0:
+            raise
         stacks = ""
         for r in range(WORLD):
             path = os.path.join(outdir, f"fault{r}.txt")
             if os.path.exists(path):  # absent if the rank died before its first line
                 with open(path) as fh:
                     stacks += f"--- rank {r}\n{fh.read()}"
-        raise RuntimeError(f"{e}\n{stacks}") from e
+        raise _KilledBySignal(f"{e}\n{stacks}") from e
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    """The ranks' results. A process killed by a signal (seen once, an abort with no Python
-    error, on a fresh CI machine) is launched once more on a fresh port, with the first crash's
-    stacks as a warning; a second crash fails every test of the module with its stacks."""
+    """The ranks' results. A launch whose process is killed by a signal (seen once, an abort with
+    no Python error, on a fresh CI machine) runs once more on a fresh port, with the first crash's
+    stacks as a warning; a second such crash, or any other failure, fails every test of the
+    module."""
     outdir = str(tmp_path_factory.mktemp("dist"))
     try:
         _launch(outdir)
-    except RuntimeError as first:
+    except _KilledBySignal as first:
         warnings.warn(f"two-process launch crashed, launched again: {first}", stacklevel=1)
         outdir = str(tmp_path_factory.mktemp("dist"))
         _launch(outdir)
