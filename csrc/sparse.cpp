@@ -89,7 +89,7 @@ py::array_t<float> tile_jaccard_py(const Array<int64_t>& ptr, const Array<int32_
     for (py::ssize_t e = 0; e < side->size(); ++e) {
       const int32_t r = side->data()[e];
       require(r >= 0 && r < n, "tile member outside the rows");
-      int32_t lo = 0, hi = 0;  // the member's column range, in one vectorised pass
+      int32_t lo = 0, hi = -1;  // the member's column range, in one vectorised pass
       for (int64_t q = ptr.data()[r]; q < ptr.data()[r + 1]; ++q) {
         lo = std::min(lo, col.data()[q]);
         hi = std::max(hi, col.data()[q]);

@@ -28,13 +28,8 @@
 #include <stdexcept>
 #include <string>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define IICS_X86_SIMD 1
-#include <immintrin.h>
-#define IICS_TARGET_AVX512 __attribute__((target("avx512f")))
-#endif
-
 #include "condensed.h"
+#include "cpu/isa.h"
 #include "parallel.h"
 
 
@@ -351,21 +346,13 @@ struct RowSweeps {
                NearestHeap& heap);
 };
 
-// "auto" (the widest this CPU runs), "avx512" or "plain"; a clear error otherwise.
 RowSweeps row_sweeps(const std::string& isa) {
+  const RowSweeps plain{fold_range, scan_row_plain};
 #ifdef IICS_X86_SIMD
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f");
+  return pick_isa(isa, plain, RowSweeps{fold_range_avx512, scan_row_avx512}, true);
 #else
-  const bool avx512 = false;
+  return pick_isa(isa, plain, plain, false);
 #endif
-  if (isa == "plain" || (isa == "auto" && !avx512)) return {fold_range, scan_row_plain};
-#ifdef IICS_X86_SIMD
-  if (isa == "auto" || (isa == "avx512" && avx512)) return {fold_range_avx512, scan_row_avx512};
-#endif
-  if (isa == "avx512")
-    throw std::invalid_argument("isa='avx512' is not supported by this CPU; use isa='auto'");
-  throw std::invalid_argument("isa must be 'auto', 'avx512' or 'plain'; got '" + isa + "'");
 }
 
 [[noreturn]] void throw_nonfinite() {

@@ -7,16 +7,10 @@
 
 #include <algorithm>
 #include <limits>
-#include <stdexcept>
 #include <string>
 #include <utility>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define IICS_X86_SIMD 1
-#include <immintrin.h>
-#define IICS_TARGET_AVX512 __attribute__((target("avx512f")))
-#endif
-
+#include "cpu/isa.h"
 #include "parallel.h"
 
 namespace iics {
@@ -163,21 +157,12 @@ IICS_TARGET_AVX512 double lookup_avx512(const float* dense, const int32_t* col, 
 
 using LookupFn = double (*)(const float*, const int32_t*, const float*, const int64_t*, int, int32_t*);
 
-// "auto" (the widest this CPU runs), "avx512" or "plain"; a clear error otherwise.
 LookupFn lookup_variant(const std::string& isa) {
 #ifdef IICS_X86_SIMD
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f");
+  return pick_isa<LookupFn>(isa, lookup_plain, lookup_avx512, true);
 #else
-  const bool avx512 = false;
+  return pick_isa<LookupFn>(isa, lookup_plain, lookup_plain, false);
 #endif
-  if (isa == "plain" || (isa == "auto" && !avx512)) return lookup_plain;
-#ifdef IICS_X86_SIMD
-  if (isa == "auto" || (isa == "avx512" && avx512)) return lookup_avx512;
-#endif
-  if (isa == "avx512")
-    throw std::invalid_argument("isa='avx512' is not supported by this CPU; use isa='auto'");
-  throw std::invalid_argument("isa must be 'auto', 'avx512' or 'plain'; got '" + isa + "'");
 }
 
 }  // namespace
