@@ -273,6 +273,8 @@ def test_graph_linkage_matches_reference(rng, weighted, bounds, least):
     for k in (1, 5, 17, n):
         got, info = S.average_linkage(f, gi, gj, value, k, bounds=bnd, refresh_k=3, refresh_least=least, **kw)
         np.testing.assert_array_equal(got, S.average_linkage_ref(f, gi, gj, value, k, **kw))
+        # each search serves at least `least` clusters (k + 1 or more are live at every search)
+        assert info["clusters_searched"] >= min(least, k + 1) * info["refreshes"]
 
 
 @pytest.mark.parametrize("least", [1, 8])
