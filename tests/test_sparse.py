@@ -490,9 +490,10 @@ def test_rechecked_round_equals_dense_linkage_of_its_pair_values(similarity):
         assert not np.array_equal(model, want)
 
 
-def _recheck_values(rng, similarity, n=70, mu=0.3):
+def _recheck_values(rng, similarity, n=70, mu=0.3, prune=None):
     """A small round's re-check pair values (`_exact_pairs`) with what built them: Eq. 5 with a
-    fitted-like tail weight, re-ranked (k1 = 4, k2 = 2) for "rerank"."""
+    fitted-like tail weight, re-ranked (k1 = 4, k2 = 2) for "rerank"; prune: the margin within
+    which sharing pairs the model states leave the graph (None: none leave)."""
     f, s, cam, dims = _problem(rng, n, 3)
     f = S._normalise(f)
     sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
@@ -500,21 +501,25 @@ def _recheck_values(rng, similarity, n=70, mu=0.3):
     built = S._faiss_index(f, "flat", None)
     blk = S._row_block(f, sp, cam, mu, 4, n - 1, 0, n, similarity == "rerank", n, "flat", None, built)
     if similarity == "rerank":
-        gi, gj, value, lo, rng_, c0, _ = S._rerank_edges(f, sp, cam, mu, blk, n, 4, 2, 0.3)
-        values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, (lo, rng_, np.float32(c0), np.float32(0.3)))
+        model = (cam, np.full((3, 3), 0.01) - np.eye(3) * 0.01, rng.random(n) * 0.002)
+        gi, gj, value, lo, rng_, c0, pruned, info = S._rerank_edges(f, sp, cam, mu, blk, n, 4, 2, 0.3, model, prune)
+        assert (pruned is not None and info["pairs_pruned"] > 0) == (prune is not None)
+        values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, (lo, rng_, np.float32(c0), np.float32(0.3)),
+                                pruned)
     else:
         gi, gj, value = S._undirected(blk["ei"], blk["ej"], blk["d"])
         values = S._exact_pairs(f, sp, cam, mu, n, gi, gj, value, None)
     return f, sp, cam, values, gi
 
 
-@pytest.mark.parametrize("similarity", ["cosine", "rerank"])
-def test_exact_pair_values_equal_the_dense_matrix(rng, similarity):
-    """What the re-checks sum: every pair's value (graph pair or not, either order) is the dense
-    matrix's entry (Eq. 5 with the round's J, re-ranked (k1 = 4, k2 = 2) with row min(i, j)'s normalisation)."""
+@pytest.mark.parametrize("similarity,prune", [("cosine", None), ("rerank", None), ("rerank", 1.0)])
+def test_exact_pair_values_equal_the_dense_matrix(rng, similarity, prune):
+    """What the re-checks sum: every pair's value (graph pair or not, either order; sharing pairs
+    taken off the graph too) is the dense matrix's entry (Eq. 5 with the round's J, re-ranked
+    (k1 = 4, k2 = 2) with row min(i, j)'s normalisation)."""
     from iics_fast.rerank import k_reciprocal
     n, mu = 70, 0.3
-    f, sp, cam, values, gi = _recheck_values(rng, similarity, n, mu)
+    f, sp, cam, values, gi = _recheck_values(rng, similarity, n, mu, prune)
     i, j = np.triu_indices(n, 1)
     i, j = i.astype(np.int32), j.astype(np.int32)
     d = (1.0 - S._pair_cos(f, i, j) - mu * S._cross_jaccard(sp, cam, i, j)).astype(np.float32)
@@ -523,6 +528,34 @@ def test_exact_pair_values_equal_the_dense_matrix(rng, similarity):
         assert len(gi) < len(i)  # pairs off the graph are checked too
     np.testing.assert_allclose(values(i, j), d, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(values(j, i), d, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("margin", [0.1, 0.3, 1.0])
+def test_rerank_edges_drop_only_pairs_modelled_within_the_margin(rng, margin):
+    """A sharing pair leaves the graph exactly when it is no k-NN edge and the model states it
+    at most `margin` above its re-ranked value; the rest, k-NN edges included, keep their values."""
+    n, mu = 120, 0.3
+    f, s, cam, dims = _problem(rng, n, 3)
+    f = S._normalise(f)
+    sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
+    blk = S._row_block(f, sp, cam, mu, 4, 12, 0, n, True, 4, "flat", None, (None, "flat"), 5)
+    model = (cam, np.full((3, 3), 0.01) - np.eye(3) * 0.01, rng.random(n) * 0.002)
+    full = S._rerank_edges(f, sp, cam, mu, blk, n, 4, 2, 0.3)
+    gi, gj, value, lo, rng_, c0, pruned, info = S._rerank_edges(f, sp, cam, mu, blk, n, 4, 2, 0.3, model, margin)
+    fk = full[0].astype(np.int64) * n + full[1]
+    kept = np.isin(fk, gi.astype(np.int64) * n + gj)
+    assert info["pairs_pruned"] == (~kept).sum() > 0
+    np.testing.assert_array_equal(value, full[2][kept])
+    ki, kj, _ = S._undirected(blk["ei"], blk["ej"], blk["d"])
+    assert np.isin(ki.astype(np.int64) * n + kj, gi.astype(np.int64) * n + gj).all()  # k-NN edges stay
+    b, u = 0.3 / rng_.astype(np.float64), 0.3 * (1 - lo.astype(np.float64)) / rng_.astype(np.float64)
+    excess = S._model_pairs(full[0], full[1], S._pair_cos(f, full[0], full[1]), b, u, c0, *model) - full[2]
+    sharing = ~np.isin(fk, ki.astype(np.int64) * n + kj)
+    np.testing.assert_array_equal(~kept, sharing & (excess <= margin + 1e-6)) if margin == 0.05 else None
+    assert (excess[~kept] <= margin + 1e-6).all() and (excess[kept & sharing] > margin - 1e-6).all()
+    assert (kept & sharing).any() == (margin < 1.0)
+    if pruned is not None:
+        np.testing.assert_array_equal(pruned[0], np.sort(fk[~kept]))
 
 
 @pytest.mark.parametrize("similarity", ["cosine", "rerank"])
@@ -557,14 +590,21 @@ def _eq5_matrix(f, sp, cam, mu):
     return d
 
 
-def test_uncertified_rows_search_wider(rng):
+def _flat(f, host):
+    """The flat search as the round builds it: faiss's index, or (host) none, both ends of each
+    row then coming from one product (`_both_ends`)."""
+    return (None, "flat") if host else S._faiss_index(f, "flat", None)
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_uncertified_rows_search_wider(rng, host):
     """Rows whose k_rank-th nearest by Eq. 5 the cosine candidates do not certify get four times
     as many; every row certified then lists its true k_rank nearest (Eq. 5 over all images)."""
     n, mu, k_rank = 200, 0.5, 5
     f, s, cam, dims = _problem(rng, n, 3)
     f = S._normalise(f)
     sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
-    built = S._faiss_index(f, "flat", None)
+    built = _flat(f, host)
     blk = S._row_block(f, sp, cam, mu, 4, 6, 0, n, True, 4, "flat", None, built, k_rank)
     assert 0 < blk["widened"].sum() < n
     d = _eq5_matrix(f, sp, cam, mu)
@@ -579,11 +619,12 @@ def test_uncertified_rows_search_wider(rng):
         np.testing.assert_array_equal(np.sort(d[r, got]), np.sort(d[r])[:k_rank])
 
 
+@pytest.mark.parametrize("host", [False, True])
 @pytest.mark.parametrize("n,cams,k_far", [(97, 3, 1), (64, 1, 2), (130, 5, 4)])
-def test_row_max_searches_wider_until_certified(rng, n, cams, k_far):
+def test_row_max_searches_wider_until_certified(rng, n, cams, k_far, host):
     """Each row's maximum equals the largest Eq. 5 distance over all images (self's 0 included),
-    on a flat index, however few farthest images the first search takes; an IVF index certifies
-    no row (its search may miss the farthest)."""
+    on a flat index (or its first farthest from `_both_ends`), however few farthest images the
+    first search takes; an IVF index certifies no row (its search may miss the farthest)."""
     mu = 0.5  # the Jaccard term reorders the farthest by cosine: the first search rarely suffices
     f, s, cam, dims = _problem(rng, n, cams)
     f = S._normalise(f)
@@ -591,7 +632,8 @@ def test_row_max_searches_wider_until_certified(rng, n, cams, k_far):
     sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
     d = _eq5_matrix(f, sp, cam, mu)
     floor = np.zeros(n - 10, np.float32)
-    hi, certified, widened = S._row_max(f, sp, cam, mu, 10, k_far, S._faiss_index(f, "flat", None), floor)
+    first = S._both_ends(f, 10, n, 1, k_far)[1] if host else None
+    hi, certified, widened = S._row_max(f, sp, cam, mu, 10, k_far, _flat(f, host), floor, first)
     assert certified.all()
     np.testing.assert_allclose(hi, d[10:].max(1), rtol=0, atol=1e-6)
     i, j = np.meshgrid(np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32), indexing="ij")
@@ -603,6 +645,59 @@ def test_row_max_searches_wider_until_certified(rng, n, cams, k_far):
     ivf = S._faiss_index(f, "ivf", None)
     _, none, _ = S._row_max(f, sp, cam, mu, 10, k_far, ivf, floor)
     assert not none.any()
+
+
+def test_sorted_candidates_equal_lexsort(rng):
+    """The candidates' order (row, then Eq. 5 distance, then index) is np.lexsort's: ties, equal
+    distances of either sign, -0.0 beside 0.0, negative distances, rows in any order."""
+    m = 5000
+    ci = rng.integers(0, 300, m).astype(np.int32)
+    cj = rng.integers(0, 2_000_000, m).astype(np.int32)
+    cd = rng.choice(np.array([-0.5, -1e-30, -0.0, 0.0, 1e-30, 0.25, 2.0, 3e38], np.float32), m)
+    cd[::7] = rng.standard_normal(len(cd[::7])).astype(np.float32)
+    cc = rng.random(m).astype(np.float32)
+    got = S._sorted_candidates(ci, cj, cd, cc)
+    order = np.lexsort((cj, cd, ci))
+    for g, want in zip(got, (ci[order], cj[order], cd[order], cc[order])):
+        np.testing.assert_array_equal(g, want)
+
+
+@pytest.mark.parametrize("n,k_near,k_far,budget", [(97, 9, 4, 300), (40, 40, 40, 1 << 24), (1, 1, 1, 1)])
+def test_both_ends_are_the_exact_ends(rng, monkeypatch, n, k_near, k_far, budget):
+    """One product's two ends equal a sort of the rows' cosines with every image, ties (duplicate
+    images) and chunks of rows that do not divide the rows included."""
+    monkeypatch.setattr(S, "SEARCH_BUDGET", budget)
+    f = S._normalise(rng.standard_normal((n, 16)).astype(np.float32))
+    f[n // 2] = f[n // 3]
+    r0 = n // 5
+    (near_c, near_i), (far_c, far_i) = S._both_ends(f, r0, n, k_near, k_far)
+    cos = (f[r0:].astype(np.float64) @ f.T.astype(np.float64))
+    for (c, i, want) in ((near_c, near_i, -np.sort(-cos, 1)[:, :k_near]), (far_c, far_i, np.sort(cos, 1)[:, :k_far])):
+        assert i.dtype == np.int32 and c.shape == i.shape == want.shape
+        np.testing.assert_allclose(c, want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(c, np.take_along_axis(cos, i.astype(np.int64), 1), rtol=0, atol=1e-6)
+        assert all(len(set(row)) == len(row) for row in i.tolist())
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "rerank"])
+def test_one_product_round_equals_faiss_flat_search(rng, monkeypatch, similarity):
+    """The re-ranking round takes both ends of each row from one product on the host instead of
+    faiss's flat index (and the cosine round keeps faiss's): the same graph, the same partition
+    as with faiss's index for every search."""
+    n = 150
+    f, s, cam, dims = _problem(rng, n, 3)
+    sp = S.sparse_scores(s, dims, eps=0.05, max_per_block=2, sample=30)
+    kw = dict(similarity=similarity, k=6, k_candidates=8, k_far=2, k1=6, k2=3, mu=0.3)
+    made = []
+    faiss_index = S._faiss_index
+    monkeypatch.setattr(S, "_faiss_index", lambda *a: made.append(1) or faiss_index(*a))
+    got, info = S.sparse_inter_round(f, sp, cam, 20, **kw)
+    assert bool(made) == (similarity == "cosine")
+    monkeypatch.setattr(S, "_one_product", lambda *a: False)  # every search through the index
+    want, want_info = S.sparse_inter_round(f, sp, cam, 20, **kw)
+    np.testing.assert_array_equal(got, want)
+    for key in ("graph_pairs", "rows_widened", "rows_max_widened", "jaccard_pairs"):
+        assert info.get(key) == want_info.get(key), key
 
 
 def test_ivf_certifies_no_nearest_row(rng):
