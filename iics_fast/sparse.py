@@ -20,8 +20,7 @@ the exact reference; this module computes the same average linkage from sparse p
    to FLAT_MAX images; IVF above; faiss-gpu on CUDA where installed), symmetrised; Eq. 5 and the
    re-ranking's sparse terms on its edges only. The re-ranking also needs each row's farthest
    images: on a flat index on the host both ends come from one product (`_both_ends`) instead of
-   one faiss search each. A pair sharing a column of V that the linkage's model states within its
-   margin leaves the graph (its Jaccard term kept for the re-checks).
+   one faiss search each.
 3. **Average linkage from sums** (`average_linkage`, the native SparseLinkage): a pair of
    clusters joined by the graph holds the exact sum of its pair values; every other pair's sum is
    a model made of per-cluster sums, exact for the cosine part
@@ -59,10 +58,9 @@ read, k1, k2, lambda; then average linkage), in addition:
            certifies no row (info["rows_uncertified"], info["rows_max_uncertified"]); from these
            lists the k-reciprocal sets, V, the query expansion and the Jaccard distance of every
            pair sharing a column of V (the dense path's float16 arithmetic, on its own native
-           code); the re-ranked value of every graph pair (graph = k-NN pairs and the V-sharing
-           pairs the model does not state within the margin) and, in every merge taken, of every
-           pair (off the graph: a V-sharing pair's own Jaccard distance, else 1, normalised by
-           row min(i, j) as the dense round does).
+           code); the re-ranked value of every graph pair (graph = k-NN pairs and V-sharing
+           pairs) and, in every merge taken, of every pair (off the graph: Jaccard distance 1,
+           normalised by row min(i, j) as the dense round does).
   approx.  the ranking model off the graph takes the mean of the two rows' (min, range), which
            makes it a sum of per-cluster terms.
 With k = N - 1 and eps = 0 every pair is on the graph and nothing is approximated: the partition is
@@ -497,16 +495,15 @@ def _pair_cos(f, ei, ej):
 
 
 
-def _sorted_candidates(ci, cj, cd, cc):
-    """Candidates (row, index, Eq. 5 distance, cosine) sorted by row, then distance, then index:
-    two stable radix-friendly sorts (by index, then by row and distance in one int64 key;
-    np.lexsort's order, 4x faster)."""
+def _sorted_candidates(ci, cj, cd):
+    """Candidate triples sorted by row, then Eq. 5 distance, then index: two stable radix-friendly
+    sorts (by index, then by row and distance in one int64 key; np.lexsort's order, 4x faster)."""
     by_j = torch.sort(torch.from_numpy(np.ascontiguousarray(cj)), stable=True).indices.numpy()
     bits = (cd[by_j] + np.float32(0)).view(np.int32).astype(np.int64)  # + 0: -0.0 ties 0.0
     bits = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)  # float order as 0 .. 2^32 - 1
     key = (ci[by_j].astype(np.int64) << 32) + bits
     order = by_j[torch.sort(torch.from_numpy(key), stable=True).indices.numpy()]
-    return ci[order], cj[order], cd[order], cc[order]
+    return ci[order], cj[order], cd[order]
 
 
 def _widen_candidates(f, sp, camids, mu, r0, cand, worst, k_rank, wide, built, listed=None):
@@ -514,7 +511,7 @@ def _widen_candidates(f, sp, camids, mu, r0, cand, worst, k_rank, wide, built, l
     1 - worst - mu (an image outside the candidates might be nearer) get their `wide` nearest
     by cosine as candidates instead: from `listed` (every row's `wide` nearest, (cos, ids), when
     already found) or searched. Returns (candidates, worst, mask of the rows widened)."""
-    ci, cj, cd, cc = cand
+    ci, cj, cd = cand
     m = len(worst)
     starts = np.searchsorted(ci, np.arange(r0, r0 + m))
     count = np.diff(np.append(starts, len(ci)))
@@ -538,7 +535,7 @@ def _widen_candidates(f, sp, camids, mu, r0, cand, worst, k_rank, wide, built, l
     worst[redo] = np.inf
     np.minimum.at(worst, rows - r0, sims)
     return (_sorted_candidates(np.concatenate([ci[keep], rows]), np.concatenate([cj[keep], ids]),
-                               np.concatenate([cd[keep], d]), np.concatenate([cc[keep], sims])), worst, widened)
+                               np.concatenate([cd[keep], d])), worst, widened)
 
 
 def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, device, built, k_rank=None):
@@ -577,8 +574,7 @@ def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, devic
     # candidates: self (distance 0) and the k-NN, ranked by Eq. 5 distance then index
     cand = _sorted_candidates(np.concatenate([np.arange(r0, r1, dtype=np.int32), ei]),
                               np.concatenate([np.arange(r0, r1, dtype=np.int32), ej]),
-                              np.concatenate([np.zeros(m, np.float32), d]),
-                              np.concatenate([np.ones(m, np.float32), cos]))
+                              np.concatenate([np.zeros(m, np.float32), d]))
     # the smallest cosine among the candidates bounds every other image: d >= 1 - cos - mu
     worst = np.full(m, np.inf, np.float32)
     np.minimum.at(worst, rows - r0, sims)
@@ -586,14 +582,14 @@ def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, devic
     if k_rank is not None and kq < n:
         cand, worst, widened = _widen_candidates(f, sp, camids, mu, r0, cand, worst, k_rank, min(n, 4 * kq), built,
                                                  wide)
-    cand_i, cand_j, cand_d, cand_c = cand
+    del wide  # only the widened rows needed the wider lists
+    cand_i, cand_j, cand_d = cand
     starts = np.searchsorted(cand_i, np.arange(r0, r1))  # every row has self and k others
     lo = np.minimum(0.0, np.minimum.reduceat(cand_d, starts))
     # the certificate assumes every image nearer than `worst` was searched: an IVF search may miss
     # some, so there it certifies no row
     bound = (1.0 - worst - mu) if built[1] == "flat" else np.full(m, -np.inf)
-    block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, cand_c=cand_c, bound=bound.astype(np.float32),
-                 widened=widened)
+    block.update(cand_i=cand_i, cand_j=cand_j, cand_d=cand_d, bound=bound.astype(np.float32), widened=widened)
     # row max: the farthest by cosine, Eq. 5 on them; d <= 1 - cos for any pair
     hi, hi_exact, max_widened = _row_max(f, sp, camids, mu, r0, k_far, built,
                                          np.maximum(np.maximum.reduceat(cand_d, starts), 0.0), far)
@@ -609,7 +605,8 @@ def _row_max(f, sp, camids, mu, r0, k_far, built, floor, first=None):
     uncertified are searched again with 4 times as many, until certified or every image was
     searched (beyond what a GPU index searches, GPU_K_MAX, by an exact product on the host; each
     search in chunks of rows within SEARCH_BUDGET); an IVF search may miss the farthest images, so
-    it certifies nothing. first: every row's k_far farthest (cos, ids), when already found.
+    it certifies nothing. first: every row's k_far farthest (cos, ids), when already found (the
+    first pass then searches nothing; later ones use the index or, without one, the product).
     Returns (maxima, certified mask, mask of the rows searched more than once)."""
     n, m = len(f), len(floor)
     exact = built[1] == "flat"
@@ -729,7 +726,7 @@ def _lookup(keys, values, n, qi, qj):
     q = qi.astype(np.int64) * n + qj
     pos = np.clip(np.searchsorted(keys, q), 0, max(len(keys) - 1, 0))
     found = (keys[pos] == q) if len(keys) else np.zeros(len(q), bool)
-    return values[pos] if len(keys) else np.zeros((len(q),) + values.shape[1:], values.dtype), found
+    return values[pos] if len(keys) else np.zeros(len(q), values.dtype), found
 
 
 def _undirected(ei, ej, values):
@@ -740,15 +737,9 @@ def _undirected(ei, ej, values):
     return a[first], b[first], values[first]
 
 
-def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam, model=None, margin=None):
+def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
     """The re-ranked value of every graph pair i < j (k-NN edges and pairs sharing a V column),
-    the per-row (min, range) of the normalisation, and the sharing pairs taken off the graph.
-
-    model: (cams, background, alpha) of the linkage's model; with a `margin` (the linkage's
-    re-check margin), a sharing pair that is not a k-NN edge and whose model value exceeds its
-    exact value by at most the margin leaves the graph: the linkage models it within its margin
-    and the re-checks read its Jaccard term from the returned lookup (sorted keys i * n + j,
-    i < j, and (1 - lambda) (1 - Jaccard distance) terms; None when nothing left)."""
+    and the per-row (min, range) of the normalisation."""
     C = _native()
     lo, hi = blk["lo"], blk["hi"]
     rng_ = hi - lo
@@ -766,75 +757,40 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam, model=None, margin=Non
     from .rerank import _expansion_width
     ptr, col = C.sparse_expansion_sets(nbr, min(_expansion_width(k1), kk))
     rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(ptr))
-    keys_d, keys_v = _pairs_lookup(n, ci, cj, np.stack([cd, blk["cand_c"]], 1))
+    keys_d, keys_v = _pairs_lookup(n, ci, cj, cd)
     dval, found = _lookup(keys_d, keys_v, n, rows, col)
-    dval = dval[:, 0]
     if (~found).any():  # expansion members outside the candidate list: Eq. 5 computed here
         mi, mj = rows[~found], col[~found]
         dval[~found] = _eq5(_pair_cos(f, mi, mj), sp, camids, mu, mi, mj)
     keys = ((dval - lo[rows]) / rng_[rows]).astype(np.float32)
-    del rows, dval, found
     pi, pj, m = C.sparse_k_reciprocal_pairs(ptr, col, np.ascontiguousarray(keys), nbr, min(k2, kk))
-    sharing = len(pi)
     m16 = m.astype(np.float16)
     jac = (np.float16(1) - m16 / (np.float16(2) - m16)).astype(np.float16)
     jac[jac < 0] = 0
     w16 = np.float16(1 - lam)
     jt = (jac * w16).astype(np.float32)
-    del m, m16, jac
     # graph pairs: k-NN edges (undirected) and the sharing pairs
     ei, ej, _ = _undirected(blk["ei"], blk["ej"], blk["d"])
-    knn_pairs = len(ei)
     gi = np.concatenate([ei, pi])
     gj = np.concatenate([ej, pj])
     gk = gi.astype(np.int64) * n + gj
     uniq, first = np.unique(gk, return_index=True)
-    del gk
     gi, gj = gi[first], gj[first]
-    on_knn = first < knn_pairs
-    del first
     jt_all = np.full(len(gi), np.float32(w16), np.float32)
-    jt_all[np.searchsorted(uniq, pi.astype(np.int64) * n + pj)] = jt
-    del pi, pj, jt
+    pk = pi.astype(np.int64) * n + pj
+    jt_all[np.searchsorted(uniq, pk)] = jt
     dg, found = _lookup(keys_d, keys_v, n, gi, gj)
     d2, found2 = _lookup(keys_d, keys_v, n, gj, gi)
-    dg = np.where(found[:, None], dg, d2)
-    del d2, keys_d, keys_v
-    dg, cg = dg[:, 0], dg[:, 1]
+    dg = np.where(found, dg, d2)
     miss = ~(found | found2)
-    del found, found2
     if miss.any():
         mi, mj = gi[miss], gj[miss]
-        cg[miss] = _pair_cos(f, mi, mj)
-        dg[miss] = _eq5(cg[miss], sp, camids, mu, mi, mj)
-    del miss
+        dg[miss] = _eq5(_pair_cos(f, mi, mj), sp, camids, mu, mi, mj)
     value = jt_all + ((dg - lo[gi]) / rng_[gi]) * np.float32(lam)
     info = {"rows_uncertified": int((~certified).sum()), "rows_max_uncertified": int((~blk["hi_exact"]).sum()),
             "rows_widened": int(blk["widened"].sum()), "rows_max_widened": int(blk["max_widened"].sum()),
-            "jaccard_pairs": int(sharing)}
-    pruned = None
-    if margin is not None and model is not None:
-        b = np.float64(lam) / rng_.astype(np.float64)
-        u = np.float64(lam) * (1.0 - lo.astype(np.float64)) / rng_.astype(np.float64)
-        off = ~on_knn & (_model_pairs(gi, gj, cg, b, u, float(w16), *model) - value <= margin)
-        pruned = (uniq[off], jt_all[off]) if off.any() else None
-        keep = ~off
-        gi, gj, value = gi[keep], gj[keep], value[keep]
-        info["pairs_pruned"] = int(off.sum())
-    return gi, gj, value.astype(np.float64), lo, rng_, float(w16), pruned, info
-
-
-def _model_pairs(i, j, cos, b, u, c0, cams, background, alpha):
-    """The linkage's model value of the pairs (i, j) with cosines cos (float64): c0 +
-    (u_i + u_j) / 2 - (b_i + b_j) / 2 (cos + bg(i, j)), bg as `_model_columns` sums it."""
-    bg = np.zeros(len(i))
-    if background is not None:
-        cams = np.asarray(cams)
-        bg = np.asarray(background, np.float64)[cams[i], cams[j]]
-        if alpha is not None:
-            alpha = np.asarray(alpha, np.float64)
-            bg = bg + (cams[i] != cams[j]) * (alpha[i] + alpha[j])
-    return c0 + (u[i] + u[j]) / 2 - (b[i] + b[j]) / 2 * (cos.astype(np.float64) + bg)
+            "jaccard_pairs": int(len(pi))}
+    return gi, gj, value.astype(np.float64), lo, rng_, float(w16), info
 
 
 def _model_columns(f, b, cams, background, alpha):
@@ -1062,14 +1018,13 @@ def _initial_bounds(blk, n, b, u, c0, cams, background, alpha):
     return out
 
 
-def _exact_pairs(f, sp, camids, mu, n, gi, gj, value, rerank, pruned=None):
+def _exact_pairs(f, sp, camids, mu, n, gi, gj, value, rerank):
     """The pair values the linkage re-checks with: Eq. 5 with the round's J (1 - cos - mu J_w
     [cameras differ], J_w with sp's tail weight, float32 as on the graph) or, with rerank =
     (lo, range, c0, lambda), the re-ranked value: the graph pair's (gi < gj, sorted by
-    gi * n + gj) where the pair is on the graph, else t + lambda (d - lo_m) / range_m with
-    m = min(i, j), the row the dense round normalises by, and t the Jaccard term of a sharing
-    pair taken off the graph (`pruned`: sorted keys i * n + j and terms) or else c0 (Jaccard
-    distance 1). The function takes (i, j) and, when known, the pairs' Eq. 5 distances d."""
+    gi * n + gj) where the pair is on the graph, else c0 + lambda (d - lo_m) / range_m with
+    m = min(i, j), the row the dense round normalises by. The function takes (i, j) and, when
+    known, the pairs' Eq. 5 distances d."""
     keys = gi.astype(np.int64) * n + gj if rerank is not None else None
 
     def values(i, j, d=None):
@@ -1078,13 +1033,9 @@ def _exact_pairs(f, sp, camids, mu, n, gi, gj, value, rerank, pruned=None):
         if rerank is None:
             return d
         lo, rng_, c0, lam = rerank
-        m, big = np.minimum(i, j), np.maximum(i, j)
-        t = np.full(len(m), c0, np.float32)
-        if pruned is not None:
-            term, hit = _lookup(pruned[0], pruned[1], n, m, big)
-            t[hit] = term[hit]
-        out = t + ((d - lo[m]) / rng_[m]) * lam
-        found, hit = _lookup(keys, value, n, m, big)
+        m = np.minimum(i, j)
+        out = c0 + ((d - lo[m]) / rng_[m]) * lam
+        found, hit = _lookup(keys, value, n, m, np.maximum(i, j))
         return np.where(hit, found, out)
     return values
 
@@ -1159,10 +1110,9 @@ def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_valu
         background, alpha = mu * background, mu * alpha
         timer.lap(info, "time_background_s")
     c0, b, u = 0.0, np.ones(n), np.ones(n)
-    pruned = None
     if rerank:
-        gi, gj, value, lo, rng_, c0, pruned, extra = _rerank_edges(
-            f, scores, camids, mu, blk, n, k1, k2, float(lambda_value), (cams, background, alpha), recheck_margin)
+        gi, gj, value, lo, rng_, c0, extra = _rerank_edges(f, scores, camids, mu, blk, n, k1, k2,
+                                                           float(lambda_value))
         info.update(extra)
         timer.lap(info, "time_rerank_s")
         lam = np.float64(lambda_value)
@@ -1176,7 +1126,7 @@ def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_valu
     tile_sums = None
     if recheck_margin is not None and rerank:
         pair_values = _exact_pairs(f, scores, camids, mu, n, gi, gj, value,
-                                   (lo, rng_, np.float32(c0), np.float32(lambda_value)), pruned)
+                                   (lo, rng_, np.float32(c0), np.float32(lambda_value)))
         tile_sums = _rerank_tile_sums(f, scores, camids, mu, pair_values)
     elif recheck_margin is not None:
         tile_sums = _cosine_tile_sums(f, scores, camids, mu)
@@ -1212,6 +1162,10 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     if similarity not in ("cosine", "rerank"):
         raise ValueError(f"similarity must be 'cosine' or 'rerank', got {similarity!r}")
     f = _normalise(features)
+    bad = np.flatnonzero(~np.isfinite(f).all(1))
+    if len(bad):
+        raise ValueError(f"{len(bad)} feature rows hold NaN or inf (rows {bad[:5].tolist()}...); "
+                         "check the extraction (a diverged model gives such features)")
     camids = np.asarray(camids, np.int64)
     n = len(f)
     rerank = similarity == "rerank"

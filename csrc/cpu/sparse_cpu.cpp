@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <utility>
 
@@ -305,6 +306,78 @@ JaccardPairs k_reciprocal_pairs_cpu(Sparse v, const float* keys, int64_t n, int 
 
 // ----------------------------------------------------------------------------- linkage
 
+namespace {
+inline size_t neighbour_hash(int32_t key, size_t mask) {  // lowbias32: spreads nearby slots
+  uint32_t h = static_cast<uint32_t>(key);
+  h ^= h >> 16;
+  h *= 0x7feb352du;
+  h ^= h >> 15;
+  h *= 0x846ca68bu;
+  h ^= h >> 16;
+  return h & mask;
+}
+}  // namespace
+
+const int32_t* SparseLinkage::Neighbours::find(int32_t key) const {
+  if (slots_.empty()) return nullptr;
+  const size_t mask = slots_.size() / 2 - 1;
+  for (size_t i = neighbour_hash(key, mask);; i = (i + 1) & mask) {
+    if (slots_[2 * i] == key) return &slots_[2 * i + 1];
+    if (slots_[2 * i] < 0) return nullptr;
+  }
+}
+
+int32_t SparseLinkage::Neighbours::at(int32_t key) const {
+  const int32_t* v = find(key);
+  if (!v) throw std::out_of_range("SparseLinkage: slots are not adjacent");
+  return *v;
+}
+
+void SparseLinkage::Neighbours::grow() {
+  std::vector<int32_t> old;
+  old.swap(slots_);
+  slots_.assign(std::max<size_t>(8, old.size() * 2), -1);  // 4 buckets at least
+  size_ = 0;
+  for (size_t i = 0; i < old.size(); i += 2)
+    if (old[i] >= 0) set(old[i], old[i + 1]);
+}
+
+void SparseLinkage::Neighbours::set(int32_t key, int32_t value) {
+  if ((size_ + 1) * 10 > slots_.size() / 2 * 7) grow();  // load factor at most 0.7
+  const size_t mask = slots_.size() / 2 - 1;
+  for (size_t i = neighbour_hash(key, mask);; i = (i + 1) & mask) {
+    if (slots_[2 * i] == key) {
+      slots_[2 * i + 1] = value;
+      return;
+    }
+    if (slots_[2 * i] < 0) {
+      slots_[2 * i] = key;
+      slots_[2 * i + 1] = value;
+      ++size_;
+      return;
+    }
+  }
+}
+
+void SparseLinkage::Neighbours::erase(int32_t key) {
+  const int32_t* v = find(key);
+  if (!v) return;
+  const size_t mask = slots_.size() / 2 - 1;
+  size_t hole = static_cast<size_t>(v - slots_.data()) / 2;
+  // backward shift: an entry further along the probe run moves into the hole unless its home
+  // bucket lies cyclically in (hole, j]
+  for (size_t j = (hole + 1) & mask; slots_[2 * j] >= 0; j = (j + 1) & mask) {
+    const size_t home = neighbour_hash(slots_[2 * j], mask);
+    const bool stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
+    if (stays) continue;
+    slots_[2 * hole] = slots_[2 * j];
+    slots_[2 * hole + 1] = slots_[2 * j + 1];
+    hole = j;
+  }
+  slots_[2 * hole] = -1;
+  --size_;
+}
+
 SparseLinkage::SparseLinkage(int64_t n, int64_t d, float* x, float* g, const double* u, double c0)
     : n_(n), d_(d), x_(x), g_(g), symmetric_(g == x), c0_(c0), u_(u, u + n), size_(n, 1.0),
       stamp_(n, 0), alive_(n, 1), adj_(n), next_(n, -1), tail_(n),
@@ -362,6 +435,9 @@ void SparseLinkage::push(int32_t a, int32_t b, const Link& link) {
   const double height = (link.exact + link.model) / (size_[a] * size_[b]);
   const bool exact = link.rects.empty();
   heap_.push(Entry{exact ? height : height - margin_, a, b, stamp_[a], stamp_[b], exact});
+  const size_t links = links_.size() - free_links_.size();
+  if (heap_.size() > 2 * links + 1024)
+    heap_.drop_invalid([this](const Entry& e) { return valid(e); });
 }
 
 int32_t SparseLinkage::new_link(int32_t a, int32_t b) {
@@ -376,8 +452,8 @@ int32_t SparseLinkage::new_link(int32_t a, int32_t b) {
   }
   links_[id].end_a = a;
   links_[id].end_b = b;
-  adj_[a].emplace(b, id);
-  adj_[b].emplace(a, id);
+  adj_[a].set(b, id);
+  adj_[b].set(a, id);
   return id;
 }
 
@@ -416,7 +492,7 @@ void SparseLinkage::add_edges(const int32_t* a, const int32_t* b, const double* 
   }
   for (int64_t e = 0; e < count; ++e) {
     const int32_t p = a[e], q = b[e];
-    if (p == q || !alive_[p] || !alive_[q] || adj_[p].count(q)) continue;
+    if (p == q || !alive_[p] || !alive_[q] || adj_[p].contains(q)) continue;
     Link& link = links_[new_link(p, q)];
     if (s)
       link.exact = s[e];
@@ -460,9 +536,9 @@ void SparseLinkage::set_sums(const int32_t* a, const int32_t* b, const double* s
   for (int64_t e = 0; e < count; ++e) {
     const int32_t p = a[e], q = b[e];
     if (p == q || !alive_[p] || !alive_[q]) continue;
-    auto it = adj_[p].find(q);
-    if (it == adj_[p].end()) continue;
-    Link& link = links_[it->second];
+    const int32_t* id = adj_[p].find(q);
+    if (!id) continue;
+    Link& link = links_[*id];
     link.exact += s[e];
     link.model = 0.0;
     std::vector<Rect>().swap(link.rects);
@@ -487,10 +563,12 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
   // Pairs with a neighbour of one side only need the other side's model sum, taken before the
   // sums of `keep` change.
   std::vector<std::pair<int32_t, int32_t>> need;  // (neighbour, side whose model sum is needed)
-  for (const auto& kv : ak)
-    if (!ag.count(kv.first)) need.emplace_back(kv.first, gone);
-  for (const auto& kv : ag)
-    if (!ak.count(kv.first)) need.emplace_back(kv.first, keep);
+  ak.each([&](int32_t x, int32_t) {
+    if (!ag.contains(x)) need.emplace_back(x, gone);
+  });
+  ag.each([&](int32_t x, int32_t) {
+    if (!ak.contains(x)) need.emplace_back(x, keep);
+  });
   std::vector<double> model(need.size());
   const int64_t m = static_cast<int64_t>(need.size());
 #pragma omp parallel for schedule(static) if (m * d_ >= kParallelMin * 64)
@@ -507,28 +585,28 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
       keep_model.emplace(x, model[t]);
     }
   }
-  for (const auto& kv : ag) {  // gone's edges: its positions follow keep's in the merged list
-    Link& g = links_[kv.second];
+  ag.each([&](int32_t x, int32_t gid) {  // gone's edges: its positions follow keep's in the merged list
+    Link& g = links_[gid];
     orient(g, gone);
     g.end_a = keep;
     for (Rect& r : g.rects) {
       r.lo_a += sk;
       r.hi_a += sk;
     }
-    auto it = ak.find(kv.first);
-    if (it == ak.end()) {  // a neighbour of gone only: keep's rows are model
-      ak.emplace(kv.first, kv.second);
-      add_model(g, keep_model.at(kv.first), Rect{0, sk, 0, static_cast<int32_t>(size_[kv.first])});
-      continue;
+    const int32_t* kid = ak.find(x);
+    if (!kid) {  // a neighbour of gone only: keep's rows are model
+      ak.set(x, gid);
+      add_model(g, keep_model.at(x), Rect{0, sk, 0, static_cast<int32_t>(size_[x])});
+      return;
     }
-    Link& k = links_[it->second];  // both sides' sums (Lance-Williams)
+    Link& k = links_[*kid];  // both sides' sums (Lance-Williams)
     orient(k, keep);
     k.exact += g.exact;
     k.model += g.model;
     for (const Rect& r : g.rects) add_model(k, 0.0, r);
-    free_links_.push_back(kv.second);
+    free_links_.push_back(gid);
     std::vector<Rect>().swap(g.rects);
-  }
+  });
   float* xk = x_ + static_cast<int64_t>(keep) * d_;
   const float* xg = x_ + static_cast<int64_t>(gone) * d_;
   for (int64_t t = 0; t < d_; ++t) xk[t] += xg[t];
@@ -545,22 +623,21 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
   ++stamp_[keep];
   alive_[gone] = 0;
   --live_;
-  std::unordered_map<int32_t, int32_t>().swap(ag);
-  for (const auto& kv : ak) {
-    Link& link = links_[kv.second];
+  ag.clear();
+  ak.each([&](int32_t x, int32_t id) {
+    Link& link = links_[id];
     if (link.rects.size() > max_rects_) {  // too fragmented: the whole pair counts as model
       ++collapsed_;
       orient(link, keep);
       link.model += link.exact;
       link.exact = 0.0;
-      link.rects.assign(1, Rect{0, static_cast<int32_t>(size_[keep]), 0,
-                                static_cast<int32_t>(size_[kv.first])});
+      link.rects.assign(1, Rect{0, static_cast<int32_t>(size_[keep]), 0, static_cast<int32_t>(size_[x])});
     }
-    auto& ac = adj_[kv.first];
-    ac.erase(gone);
-    ac[keep] = kv.second;
-    push(keep, kv.first, link);
-  }
+    Neighbours& ax = adj_[x];
+    ax.erase(gone);
+    ax.set(keep, id);
+    push(keep, x, link);
+  });
 }
 
 int64_t SparseLinkage::run(int64_t target) {

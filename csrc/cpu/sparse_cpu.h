@@ -2,6 +2,7 @@
 // rows on an edge list, the k-reciprocal Jaccard from neighbour lists (no distance matrix), and
 // average linkage over a sparse graph of cluster-pair sums with the rest from cluster sums.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <queue>
 #include <string>
@@ -150,6 +151,40 @@ class SparseLinkage {
       return b > o.b;
     }
   };
+  // The queue of edges. A merge re-pushes its survivor's edges and leaves their old entries in
+  // place (skipped when popped); `drop` removes entries no longer valid, so that the queue's
+  // memory follows the live edges, not the merges taken.
+  struct EdgeQueue : std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> {
+    template <class Valid>
+    void drop_invalid(Valid valid) {
+      c.erase(std::remove_if(c.begin(), c.end(), [&](const Entry& e) { return !valid(e); }), c.end());
+      c.shrink_to_fit();
+      std::make_heap(c.begin(), c.end(), comp);
+    }
+  };
+  // A slot's neighbours: neighbour slot -> link id, open addressing with linear probing (about
+  // 11 bytes an entry where a node-based map takes about 40; the graph holds two a pair).
+  class Neighbours {
+   public:
+    size_t size() const { return size_; }
+    const int32_t* find(int32_t key) const;
+    bool contains(int32_t key) const { return find(key) != nullptr; }
+    int32_t at(int32_t key) const;
+    void set(int32_t key, int32_t value);  // inserts or overwrites
+    void erase(int32_t key);
+    void clear() { std::vector<int32_t>().swap(slots_); size_ = 0; }
+    // Calls f(key, value) for every entry; f must not change this map.
+    template <class F>
+    void each(F f) const {
+      for (size_t i = 0; i < slots_.size(); i += 2)
+        if (slots_[i] >= 0) f(slots_[i], slots_[i + 1]);
+    }
+
+   private:
+    void grow();
+    std::vector<int32_t> slots_;  // (key, value) pairs, key -1 for an empty slot
+    size_t size_ = 0;
+  };
   double sep(int32_t a, int32_t b) const;
   void push(int32_t a, int32_t b, const Link& link);
   int32_t new_link(int32_t a, int32_t b);
@@ -186,9 +221,9 @@ class SparseLinkage {
   int64_t collapsed_ = 0;
   std::vector<Link> links_;
   std::vector<int32_t> free_links_;
-  std::vector<std::unordered_map<int32_t, int32_t>> adj_;  // neighbour slot -> link
+  std::vector<Neighbours> adj_;
   std::vector<int32_t> next_, tail_;  // members: a list from the slot itself, next_ = -1 ends it
-  std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap_;
+  EdgeQueue heap_;
   std::vector<double> bound_;
   std::vector<uint32_t> bound_stamp_;
   std::priority_queue<Bound, std::vector<Bound>, std::greater<Bound>> bounds_;
