@@ -1158,12 +1158,13 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     Returns (labels (N,) int64 numbered by first appearance, info dict).
     """
     from . import distributed as D
+    from .evaluation import _count_bad
 
     if similarity not in ("cosine", "rerank"):
         raise ValueError(f"similarity must be 'cosine' or 'rerank', got {similarity!r}")
     f = _normalise(features)
-    bad = np.flatnonzero(~np.isfinite(f).all(1))
-    if len(bad):
+    if _count_bad(f, 8192, infinite=True):  # in row blocks: no N x d temporary
+        bad = np.flatnonzero(~np.isfinite(f).all(1))
         raise ValueError(f"{len(bad)} feature rows hold NaN or inf (rows {bad[:5].tolist()}...); "
                          "check the extraction (a diverged model gives such features)")
     camids = np.asarray(camids, np.int64)
