@@ -110,14 +110,14 @@ PRESETS = {
     # from the synthetic source weights (ImageNet's part: labelled training on another
     # synthetic population, trained on first use and cached), 64x32 input, a 4-camera synthetic
     # network of 200 training ids (each seen by 2-4 cameras, 1-2 images each; camera styles at
-    # 0.6 of full strength), 50 test ids + 50 distractors; cluster counts near the ids a camera
+    # 0.4 of full strength), 50 test ids + 50 distractors; cluster counts near the ids a camera
     # / in all (150 / 220), 3x the paper's stage-1 epochs and 2x its stage-2 epochs (few images:
     # the classifiers behind the Jaccard term need the steps), learning rates 4x the paper's,
     # evaluation every round, PK batches of 8 clusters x 4, every core
     "synthetic": {
         "arch": "resnet18", "height": 64, "width": 32, "pretrained": "synthetic-source",
         "dataset_options": {"num_ids": 200, "num_cameras": 4, "images_per_camera": [1, 2],
-                            "num_test_ids": 50, "num_distractors": 50, "camera_strength": 0.6,
+                            "num_test_ids": 50, "num_distractors": 50, "camera_strength": 0.4,
                             "seed": 0},
         "rounds": 6, "eval_every": 1, "k_intra": 150, "k_inter": 220, "batch_p": 8,
         "epochs_intra": 6, "epochs_inter": 4,
