@@ -529,24 +529,32 @@ def test_round_keeps_tensors_on_the_training_device(cache, tmp_path, monkeypatch
     assert copies == [] and trainer.inter_labels.shape == (n,)
 
 
-# The smallest gain of the demo's IICS run (3 rounds, seed 1) over its starting mAP that counts
-# as learning, from the 3-round ablation in docs/demo.md: IICS gained 23.7 points (least 21.0,
-# sample std 2.8 over 3 seeds), stage 1 alone at most 7.7 and stage 2 on features alone at most
-# 8.4; 12 points is above both (a broken stage 2 or Jaccard term fails) and 4 standard
-# deviations below IICS's mean.
-LEARNING_MARGIN = 0.12
+# What counts as learning for the demo's IICS run after 3 rounds (seed 1), from the six-round
+# ablation in docs/demo.md (3 seeds, its first three rounds; a 3-round run's mu decays a little
+# faster, so this is close to, not the same as, the test's run): IICS gained 31.9-39.4 points of
+# mAP (mean 36.5, sample std 4.0) and its inter-camera pseudo-labels reached ARI 0.46-0.54.
+# A gain of 20 points is 4 standard deviations below IICS's mean. The ARI catches a broken
+# Jaccard term or inter-camera clustering, which the gain alone may not: stage 2 on the
+# features alone gained up to 17.4 points, stage 1 alone up to 24.1, but the features'
+# pseudo-labels were at ARI 0.14-0.19 after three rounds.
+LEARNING_MARGIN = 0.20
+LEARNING_ARI = 0.35
 
 
 @pytest.mark.slow
 def test_iics_learns_on_the_demo_network(tmp_path, monkeypatch):
     """The demo preset end to end from a fresh cache (the source weights trained first), three
-    rounds: the final mAP must exceed the starting mAP by more than LEARNING_MARGIN."""
+    rounds: the final mAP must exceed the starting mAP by more than LEARNING_MARGIN, and the
+    last round's inter-camera pseudo-labels must agree with the identities beyond
+    LEARNING_ARI."""
     monkeypatch.setenv("IICS_FAST_CACHE", str(tmp_path / "cache"))
     out = str(tmp_path / "run")
     metrics = train.main(["--rounds", "3", "--out", out, "--no-progress", "--no-verbose"])
     state = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
     gain = metrics[-1]["eval"]["mAP"] - state["initial_eval"]["mAP"]
     assert gain > LEARNING_MARGIN, f"mAP rose by {gain:.1%} only"
+    ari = metrics[-1]["inter_quality"]["ari"]
+    assert ari > LEARNING_ARI, f"inter-camera pseudo-label ARI {ari:.3f} only"
 
 
 def test_query_and_gallery_without_identities_are_not_evaluated(tmp_path):
