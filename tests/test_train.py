@@ -531,7 +531,7 @@ def test_round_keeps_tensors_on_the_training_device(cache, tmp_path, monkeypatch
 
 # What counts as learning for the demo's IICS run after 3 rounds (seed 1), from the six-round
 # ablation in docs/demo.md (3 seeds, its first three rounds; a 3-round run's mu decays a little
-# faster, so this is close to, not the same as, the test's run): IICS gained 31.9-39.4 points of
+# faster, so this is close to, not the same as, the test's run): IICS gained 32.0-39.4 points of
 # mAP (mean 36.5, sample std 4.0) and its inter-camera pseudo-labels reached ARI 0.46-0.54.
 # A gain of 20 points is 4 standard deviations below IICS's mean. The ARI catches a broken
 # Jaccard term or inter-camera clustering, which the gain alone may not: stage 2 on the
