@@ -69,3 +69,18 @@ def test_source_precision_is_part_of_the_cache_key(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
     fp32 = pretrain.source_path("resnet18", 64, 32, str(tmp_path), training=training)
     assert bf16 != fp32
+
+
+def test_default_source_training_is_classification_only(tmp_path):
+    """The source is trained as ImageNet weights are, by cross-entropy alone: the triplet margin
+    does not reach the weights unless --triplet-weight asks for the triplet term."""
+    def train(**over):
+        return pretrain.train_source("resnet18", 32, 16, data=TINY_SOURCE,
+                                     training={**TINY_TRAINING, **over}, cache_dir=str(tmp_path),
+                                     log=lambda *a: None)
+
+    assert pretrain.SOURCE_TRAINING["triplet_weight"] == 0
+    base = train()
+    assert all(torch.equal(base[k], v) for k, v in train(margin=5.0).items())
+    with_triplet = train(triplet_weight=1.0, margin=5.0)
+    assert not torch.equal(base["conv1.weight"], with_triplet["conv1.weight"])
