@@ -15,7 +15,7 @@ only, as ImageNet weights are trained; `--triplet-weight` adds the batch-hard tr
 SGD with momentum and a cosine learning-rate decay, the training augmentation of the trainer;
 bf16 autocast where the CPU computes it natively (two thirds of float32's CPU time there, with
 as good a start: docs/demo.md), float32 elsewhere. Without the triplet term the pooled
-features' directions spread about 13x more (docs/demo.md), so that the cosine term of Eq. 5
+features' directions spread 11-13x more (docs/demo.md), so that the cosine term of Eq. 5
 counts beside the Jaccard term, as it does from ImageNet weights.
 """
 from __future__ import annotations
