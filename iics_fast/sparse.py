@@ -764,33 +764,41 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
         dval[~found] = _eq5(_pair_cos(f, mi, mj), sp, camids, mu, mi, mj)
     keys = ((dval - lo[rows]) / rng_[rows]).astype(np.float32)
     pi, pj, m = C.sparse_k_reciprocal_pairs(ptr, col, np.ascontiguousarray(keys), nbr, min(k2, kk))
+    del ptr, col, rows, keys, dval, found
     m16 = m.astype(np.float16)
+    del m
     jac = (np.float16(1) - m16 / (np.float16(2) - m16)).astype(np.float16)
+    del m16
     jac[jac < 0] = 0
     w16 = np.float16(1 - lam)
     jt = (jac * w16).astype(np.float32)
-    # graph pairs: k-NN edges (undirected) and the sharing pairs
+    del jac
+    # graph pairs: k-NN edges (undirected) and the sharing pairs; the arrays of one pair each
+    # (hundreds a row) are freed as soon as they are used, as they set the round's peak memory
     ei, ej, _ = _undirected(blk["ei"], blk["ej"], blk["d"])
-    gi = np.concatenate([ei, pi])
-    gj = np.concatenate([ej, pj])
-    gk = gi.astype(np.int64) * n + gj
-    uniq, first = np.unique(gk, return_index=True)
-    gi, gj = gi[first], gj[first]
-    jt_all = np.full(len(gi), np.float32(w16), np.float32)
-    pk = pi.astype(np.int64) * n + pj
-    jt_all[np.searchsorted(uniq, pk)] = jt
+    gk = np.concatenate([ei.astype(np.int64) * n + ej, pi.astype(np.int64) * n + pj])
+    uniq = np.unique(gk)
+    del gk
+    jt_all = np.full(len(uniq), np.float32(w16), np.float32)
+    jt_all[np.searchsorted(uniq, pi.astype(np.int64) * n + pj)] = jt
+    sharing = len(pi)
+    del pi, pj, jt
+    gi, gj = (uniq // n).astype(np.int32), (uniq % n).astype(np.int32)
+    del uniq
     dg, found = _lookup(keys_d, keys_v, n, gi, gj)
     d2, found2 = _lookup(keys_d, keys_v, n, gj, gi)
     dg = np.where(found, dg, d2)
+    del d2
     miss = ~(found | found2)
+    del found, found2
     if miss.any():
         mi, mj = gi[miss], gj[miss]
         dg[miss] = _eq5(_pair_cos(f, mi, mj), sp, camids, mu, mi, mj)
     value = jt_all + ((dg - lo[gi]) / rng_[gi]) * np.float32(lam)
     info = {"rows_uncertified": int((~certified).sum()), "rows_max_uncertified": int((~blk["hi_exact"]).sum()),
             "rows_widened": int(blk["widened"].sum()), "rows_max_widened": int(blk["max_widened"].sum()),
-            "jaccard_pairs": int(len(pi))}
-    return gi, gj, value.astype(np.float64), lo, rng_, float(w16), info
+            "jaccard_pairs": sharing}
+    return gi, gj, value, lo, rng_, float(w16), info
 
 
 def _model_columns(f, b, cams, background, alpha):

@@ -307,21 +307,25 @@ JaccardPairs k_reciprocal_pairs_cpu(Sparse v, const float* keys, int64_t n, int 
 // ----------------------------------------------------------------------------- linkage
 
 namespace {
-inline size_t neighbour_hash(int32_t key, size_t mask) {  // lowbias32: spreads nearby slots
+inline uint32_t neighbour_hash(int32_t key) {  // lowbias32: spreads nearby slots
   uint32_t h = static_cast<uint32_t>(key);
   h ^= h >> 16;
   h *= 0x7feb352du;
   h ^= h >> 15;
   h *= 0x846ca68bu;
   h ^= h >> 16;
-  return h & mask;
+  return h;
 }
 }  // namespace
 
+size_t SparseLinkage::Neighbours::home(int32_t key) const {  // the hash scaled to the buckets
+  return static_cast<size_t>((static_cast<uint64_t>(neighbour_hash(key)) * buckets()) >> 32);
+}
+
 const int32_t* SparseLinkage::Neighbours::find(int32_t key) const {
   if (slots_.empty()) return nullptr;
-  const size_t mask = slots_.size() / 2 - 1;
-  for (size_t i = neighbour_hash(key, mask);; i = (i + 1) & mask) {
+  const size_t n = buckets();
+  for (size_t i = home(key);; i = i + 1 == n ? 0 : i + 1) {
     if (slots_[2 * i] == key) return &slots_[2 * i + 1];
     if (slots_[2 * i] < 0) return nullptr;
   }
@@ -333,19 +337,24 @@ int32_t SparseLinkage::Neighbours::at(int32_t key) const {
   return *v;
 }
 
-void SparseLinkage::Neighbours::grow() {
+void SparseLinkage::Neighbours::rehash(size_t buckets) {
   std::vector<int32_t> old;
   old.swap(slots_);
-  slots_.assign(std::max<size_t>(8, old.size() * 2), -1);  // 4 buckets at least
+  slots_.assign(2 * buckets, -1);
   size_ = 0;
   for (size_t i = 0; i < old.size(); i += 2)
     if (old[i] >= 0) set(old[i], old[i + 1]);
 }
 
+void SparseLinkage::Neighbours::reserve(size_t count) {
+  const size_t want = std::max<size_t>(4, count * 4 / 3 + 1);  // load at most 3/4
+  if (want > buckets()) rehash(want);
+}
+
 void SparseLinkage::Neighbours::set(int32_t key, int32_t value) {
-  if ((size_ + 1) * 10 > slots_.size() / 2 * 7) grow();  // load factor at most 0.7
-  const size_t mask = slots_.size() / 2 - 1;
-  for (size_t i = neighbour_hash(key, mask);; i = (i + 1) & mask) {
+  if ((size_ + 1) * 4 > buckets() * 3) rehash(std::max<size_t>(4, buckets() * 3 / 2 + 1));
+  const size_t n = buckets();
+  for (size_t i = home(key);; i = i + 1 == n ? 0 : i + 1) {
     if (slots_[2 * i] == key) {
       slots_[2 * i + 1] = value;
       return;
@@ -362,13 +371,13 @@ void SparseLinkage::Neighbours::set(int32_t key, int32_t value) {
 void SparseLinkage::Neighbours::erase(int32_t key) {
   const int32_t* v = find(key);
   if (!v) return;
-  const size_t mask = slots_.size() / 2 - 1;
+  const size_t n = buckets();
   size_t hole = static_cast<size_t>(v - slots_.data()) / 2;
   // backward shift: an entry further along the probe run moves into the hole unless its home
   // bucket lies cyclically in (hole, j]
-  for (size_t j = (hole + 1) & mask; slots_[2 * j] >= 0; j = (j + 1) & mask) {
-    const size_t home = neighbour_hash(slots_[2 * j], mask);
-    const bool stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
+  for (size_t j = hole + 1 == n ? 0 : hole + 1; slots_[2 * j] >= 0; j = j + 1 == n ? 0 : j + 1) {
+    const size_t h = home(slots_[2 * j]);
+    const bool stays = hole <= j ? (hole < h && h <= j) : (hole < h || h <= j);
     if (stays) continue;
     slots_[2 * hole] = slots_[2 * j];
     slots_[2 * hole + 1] = slots_[2 * j + 1];
@@ -380,7 +389,7 @@ void SparseLinkage::Neighbours::erase(int32_t key) {
 
 SparseLinkage::SparseLinkage(int64_t n, int64_t d, float* x, float* g, const double* u, double c0)
     : n_(n), d_(d), x_(x), g_(g), symmetric_(g == x), c0_(c0), u_(u, u + n), size_(n, 1.0),
-      stamp_(n, 0), alive_(n, 1), adj_(n), next_(n, -1), tail_(n),
+      alive_(n, 1), adj_(n), next_(n, -1), tail_(n),
       bound_(n, std::numeric_limits<double>::infinity()), bound_stamp_(n, 0), live_(n) {
   for (int64_t s = 0; s < n; ++s) tail_[s] = static_cast<int32_t>(s);
 }
@@ -430,11 +439,24 @@ double SparseLinkage::sep(int32_t a, int32_t b) const {
   return na * nb * c0_ + 0.5 * (nb * u_[a] + na * u_[b]) - cross;
 }
 
-void SparseLinkage::push(int32_t a, int32_t b, const Link& link) {
+double SparseLinkage::key(int32_t a, int32_t b, const Link& link) const {
+  const double model = link.parts < 0 ? 0.0 : parts_[link.parts].model;
+  const double height = (link.exact + model) / (size_[a] * size_[b]);
+  return link.parts < 0 ? height : height - margin_;
+}
+
+const SparseLinkage::Link* SparseLinkage::entry_link(const Entry& e) const {
+  if (!alive_[e.a] || !alive_[e.b]) return nullptr;
+  const int32_t* id = adj_[e.a].find(e.b);
+  if (!id) return nullptr;
+  const Link& link = links_[*id];
+  return !link.pending && key(e.a, e.b, link) == e.dist ? &link : nullptr;
+}
+
+void SparseLinkage::push(int32_t a, int32_t b, Link& link) {
   if (a > b) std::swap(a, b);
-  const double height = (link.exact + link.model) / (size_[a] * size_[b]);
-  const bool exact = link.rects.empty();
-  heap_.push(Entry{exact ? height : height - margin_, a, b, stamp_[a], stamp_[b], exact});
+  link.pending = false;
+  heap_.push(Entry{key(a, b, link), a, b});
   const size_t links = links_.size() - free_links_.size();
   if (heap_.size() > 2 * links + 1024)
     heap_.drop_invalid([this](const Entry& e) { return valid(e); });
@@ -450,27 +472,48 @@ int32_t SparseLinkage::new_link(int32_t a, int32_t b) {
     id = static_cast<int32_t>(links_.size());
     links_.emplace_back();
   }
-  links_[id].end_a = a;
-  links_[id].end_b = b;
   adj_[a].set(b, id);
   adj_[b].set(a, id);
   return id;
 }
 
 void SparseLinkage::orient(Link& link, int32_t slot) {
-  if (link.end_a == slot) return;
-  std::swap(link.end_a, link.end_b);
-  for (Rect& r : link.rects) r = Rect{r.lo_b, r.hi_b, r.lo_a, r.hi_a};
+  if (link.parts < 0) return;
+  Parts& p = parts_[link.parts];
+  if (p.end_a == slot) return;
+  std::swap(p.end_a, p.end_b);
+  for (Rect& r : p.rects) r = Rect{r.lo_b, r.hi_b, r.lo_a, r.hi_a};
 }
 
-void SparseLinkage::add_model(Link& link, double sum, Rect r) {
+void SparseLinkage::drop_parts(Link& link) {
+  if (link.parts < 0) return;
+  Parts& p = parts_[link.parts];
+  p.model = 0.0;
+  std::vector<Rect>().swap(p.rects);
+  free_parts_.push_back(link.parts);
+  link.parts = -1;
+}
+
+void SparseLinkage::add_model(Link& link, int32_t end_a, int32_t end_b, double sum, Rect r) {
   if (!checking_) {
     link.exact += sum;
     return;
   }
-  link.model += sum;
-  if (!link.rects.empty()) {  // extends the last rectangle when adjacent to it
-    Rect& q = link.rects.back();
+  if (link.parts < 0) {
+    if (!free_parts_.empty()) {
+      link.parts = free_parts_.back();
+      free_parts_.pop_back();
+    } else {
+      link.parts = static_cast<int32_t>(parts_.size());
+      parts_.emplace_back();
+    }
+    parts_[link.parts].end_a = end_a;
+    parts_[link.parts].end_b = end_b;
+  }
+  Parts& p = parts_[link.parts];
+  p.model += sum;
+  if (!p.rects.empty()) {  // extends the last rectangle when adjacent to it
+    Rect& q = p.rects.back();
     if (q.lo_b == r.lo_b && q.hi_b == r.hi_b && q.hi_a == r.lo_a) {
       q.hi_a = r.hi_a;
       return;
@@ -480,7 +523,7 @@ void SparseLinkage::add_model(Link& link, double sum, Rect r) {
       return;
     }
   }
-  link.rects.push_back(r);
+  p.rects.push_back(r);
 }
 
 void SparseLinkage::add_edges(const int32_t* a, const int32_t* b, const double* s, int64_t count) {
@@ -490,6 +533,15 @@ void SparseLinkage::add_edges(const int32_t* a, const int32_t* b, const double* 
 #pragma omp parallel for schedule(dynamic, 256) if (count * d_ >= kParallelMin * 64)
     for (int64_t e = 0; e < count; ++e) model[e] = sep(a[e], b[e]);
   }
+  if (links_.empty()) {  // the first graph: sized once, no growth copies of the largest arrays
+    links_.reserve(count);
+    heap_.reserve(count);
+    std::vector<int32_t> degree(n_, 0);
+    for (int64_t e = 0; e < count; ++e)
+      if (a[e] != b[e]) ++degree[a[e]], ++degree[b[e]];
+    for (int64_t v = 0; v < n_; ++v)
+      if (degree[v]) adj_[v].reserve(adj_[v].size() + degree[v]);
+  }
   for (int64_t e = 0; e < count; ++e) {
     const int32_t p = a[e], q = b[e];
     if (p == q || !alive_[p] || !alive_[q] || adj_[p].contains(q)) continue;
@@ -497,7 +549,7 @@ void SparseLinkage::add_edges(const int32_t* a, const int32_t* b, const double* 
     if (s)
       link.exact = s[e];
     else
-      add_model(link, model[e], Rect{0, static_cast<int32_t>(size_[p]), 0, static_cast<int32_t>(size_[q])});
+      add_model(link, p, q, model[e], Rect{0, static_cast<int32_t>(size_[p]), 0, static_cast<int32_t>(size_[q])});
     push(p, q, link);
   }
 }
@@ -510,23 +562,26 @@ void SparseLinkage::pending(int64_t count, std::vector<int32_t>& a, std::vector<
   rect_ptr.assign(1, static_cast<int64_t>(rects.size()));
   while (static_cast<int64_t>(a.size()) < count && !heap_.empty()) {
     const Entry e = heap_.top();
-    if (!valid(e)) {
+    const Link* found = entry_link(e);
+    if (!found) {
       heap_.pop();
       continue;
     }
     if (e.dist > limit) break;
     heap_.pop();
-    if (e.exact) {
+    if (found->parts < 0) {
       kept.push_back(e);
       continue;
     }
     Link& link = links_[adj_[e.a].at(e.b)];
     orient(link, e.a);
+    link.pending = true;
+    const Parts& p = parts_[link.parts];
     a.push_back(e.a);
     b.push_back(e.b);
     model.push_back(e.dist + margin_);
     exact.push_back(link.exact);
-    rects.insert(rects.end(), link.rects.begin(), link.rects.end());
+    rects.insert(rects.end(), p.rects.begin(), p.rects.end());
     rect_ptr.push_back(static_cast<int64_t>(rects.size()));
   }
   for (const Entry& e : kept) heap_.push(e);
@@ -540,8 +595,7 @@ void SparseLinkage::set_sums(const int32_t* a, const int32_t* b, const double* s
     if (!id) continue;
     Link& link = links_[*id];
     link.exact += s[e];
-    link.model = 0.0;
-    std::vector<Rect>().swap(link.rects);
+    drop_parts(link);
     push(p, q, link);
   }
 }
@@ -557,7 +611,7 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
   auto& ak = adj_[keep];
   auto& ag = adj_[gone];
   free_links_.push_back(ak.at(gone));
-  std::vector<Rect>().swap(links_[ak.at(gone)].rects);
+  drop_parts(links_[ak.at(gone)]);
   ak.erase(gone);
   ag.erase(keep);
   // Pairs with a neighbour of one side only need the other side's model sum, taken before the
@@ -580,32 +634,40 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
     if (need[t].second == gone) {  // a neighbour of keep only: gone's rows are model
       Link& link = links_[ak.at(x)];
       orient(link, keep);
-      add_model(link, model[t], Rect{sk, sk + sg, 0, sx});
+      add_model(link, keep, x, model[t], Rect{sk, sk + sg, 0, sx});
     } else {
       keep_model.emplace(x, model[t]);
     }
   }
+  std::vector<Rect> moved;
   ag.each([&](int32_t x, int32_t gid) {  // gone's edges: its positions follow keep's in the merged list
     Link& g = links_[gid];
     orient(g, gone);
-    g.end_a = keep;
-    for (Rect& r : g.rects) {
-      r.lo_a += sk;
-      r.hi_a += sk;
+    if (g.parts >= 0) {
+      Parts& gp = parts_[g.parts];
+      gp.end_a = keep;
+      for (Rect& r : gp.rects) {
+        r.lo_a += sk;
+        r.hi_a += sk;
+      }
     }
+    const int32_t sx = static_cast<int32_t>(size_[x]);
     const int32_t* kid = ak.find(x);
     if (!kid) {  // a neighbour of gone only: keep's rows are model
       ak.set(x, gid);
-      add_model(g, keep_model.at(x), Rect{0, sk, 0, static_cast<int32_t>(size_[x])});
+      add_model(g, keep, x, keep_model.at(x), Rect{0, sk, 0, sx});
       return;
     }
     Link& k = links_[*kid];  // both sides' sums (Lance-Williams)
     orient(k, keep);
     k.exact += g.exact;
-    k.model += g.model;
-    for (const Rect& r : g.rects) add_model(k, 0.0, r);
+    if (g.parts >= 0) {  // copied first: add_model may move parts_
+      const double gm = parts_[g.parts].model;
+      moved = parts_[g.parts].rects;
+      for (size_t r = 0; r < moved.size(); ++r) add_model(k, keep, x, r == 0 ? gm : 0.0, moved[r]);
+      drop_parts(g);
+    }
     free_links_.push_back(gid);
-    std::vector<Rect>().swap(g.rects);
   });
   float* xk = x_ + static_cast<int64_t>(keep) * d_;
   const float* xg = x_ + static_cast<int64_t>(gone) * d_;
@@ -620,18 +682,18 @@ void SparseLinkage::merge(int32_t keep, int32_t gone, double height) {
   next_[tail_[keep]] = gone;
   tail_[keep] = tail_[gone];
   if (bound_[gone] < bound_[keep]) set_bound(keep, bound_[gone]);
-  ++stamp_[keep];
   alive_[gone] = 0;
   --live_;
   ag.clear();
   ak.each([&](int32_t x, int32_t id) {
     Link& link = links_[id];
-    if (link.rects.size() > max_rects_) {  // too fragmented: the whole pair counts as model
-      ++collapsed_;
+    if (link.parts >= 0 && parts_[link.parts].rects.size() > max_rects_) {
+      ++collapsed_;  // too fragmented: the whole pair counts as model
       orient(link, keep);
-      link.model += link.exact;
+      Parts& p = parts_[link.parts];
+      p.model += link.exact;
       link.exact = 0.0;
-      link.rects.assign(1, Rect{0, static_cast<int32_t>(size_[keep]), 0, static_cast<int32_t>(size_[x])});
+      p.rects.assign(1, Rect{0, static_cast<int32_t>(size_[keep]), 0, static_cast<int32_t>(size_[x])});
     }
     Neighbours& ax = adj_[x];
     ax.erase(gone);
@@ -644,7 +706,8 @@ int64_t SparseLinkage::run(int64_t target) {
   while (live_ > target) {
     const double height = this->top();
     // no edge left, an off-graph pair may be closer, or the closest sum needs its exact check
-    if (heap_.empty() || height > min_bound() - margin_ || !heap_.top().exact) break;
+    if (heap_.empty() || height > min_bound() - margin_ || links_[adj_[heap_.top().a].at(heap_.top().b)].parts >= 0)
+      break;
     const Entry top = heap_.top();
     heap_.pop();
     const bool a_keeps = adj_[top.a].size() >= adj_[top.b].size();

@@ -135,16 +135,24 @@ class SparseLinkage {
   bool alive(int64_t slot) const { return alive_[slot] != 0; }
 
  private:
+  // A pair of clusters' sum: the exact part here, the model part (if any) in parts_. 16 bytes:
+  // the graph holds one a pair (44 million at N = 100,000 with re-ranking).
   struct Link {
-    double exact = 0.0, model = 0.0;  // sums over A x B: exact pair values, model
-    int32_t end_a = -1, end_b = -1;   // the slots the rectangles' ranges refer to
-    std::vector<Rect> rects;          // where the model part lies (empty: exact)
+    double exact = 0.0;    // sum over A x B of the exact pair values (all of it when not checking)
+    int32_t parts = -1;    // its model part in parts_, -1: none (the sum is exact)
+    bool pending = false;  // handed out by `pending`: out of the queue until `set_sums`
   };
+  struct Parts {
+    double model = 0.0;               // the model's sum over the rectangles
+    int32_t end_a = -1, end_b = -1;   // the slots the rectangles' ranges refer to
+    std::vector<Rect> rects;          // where the model part lies
+  };
+  // A queue entry: the pair's key when pushed. It is valid while both slots live, are adjacent,
+  // the link is not pending and its key is still `dist` (a merge changes the sizes, so a
+  // superseded entry no longer matches; a matching one holds the pair's current key).
   struct Entry {
     double dist;  // height, or height - margin for a non-exact sum
     int32_t a, b;
-    uint32_t stamp_a, stamp_b;
-    bool exact;
     bool operator>(const Entry& o) const {
       if (dist != o.dist) return dist > o.dist;
       if (a != o.a) return a > o.a;
@@ -155,6 +163,7 @@ class SparseLinkage {
   // place (skipped when popped); `drop` removes entries no longer valid, so that the queue's
   // memory follows the live edges, not the merges taken.
   struct EdgeQueue : std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> {
+    void reserve(size_t n) { c.reserve(n); }
     template <class Valid>
     void drop_invalid(Valid valid) {
       c.erase(std::remove_if(c.begin(), c.end(), [&](const Entry& e) { return !valid(e); }), c.end());
@@ -162,8 +171,9 @@ class SparseLinkage {
       std::make_heap(c.begin(), c.end(), comp);
     }
   };
-  // A slot's neighbours: neighbour slot -> link id, open addressing with linear probing (about
-  // 11 bytes an entry where a node-based map takes about 40; the graph holds two a pair).
+  // A slot's neighbours: neighbour slot -> link id, open addressing with linear probing over any
+  // number of buckets (load up to 3/4: about 11 bytes an entry where a node-based map takes
+  // about 40; the graph holds two a pair).
   class Neighbours {
    public:
     size_t size() const { return size_; }
@@ -172,6 +182,7 @@ class SparseLinkage {
     int32_t at(int32_t key) const;
     void set(int32_t key, int32_t value);  // inserts or overwrites
     void erase(int32_t key);
+    void reserve(size_t count);  // room for `count` entries without growing
     void clear() { std::vector<int32_t>().swap(slots_); size_ = 0; }
     // Calls f(key, value) for every entry; f must not change this map.
     template <class F>
@@ -181,21 +192,27 @@ class SparseLinkage {
     }
 
    private:
-    void grow();
+    size_t buckets() const { return slots_.size() / 2; }
+    size_t home(int32_t key) const;
+    void rehash(size_t buckets);
     std::vector<int32_t> slots_;  // (key, value) pairs, key -1 for an empty slot
     size_t size_ = 0;
   };
   double sep(int32_t a, int32_t b) const;
-  void push(int32_t a, int32_t b, const Link& link);
+  // The queue key of the pair (a, b) holding `link`.
+  double key(int32_t a, int32_t b, const Link& link) const;
+  void push(int32_t a, int32_t b, Link& link);
   int32_t new_link(int32_t a, int32_t b);
-  // Adds a model sum over the rectangle (of end_a x end_b) to a link: into the exact part when
-  // nothing is re-checked.
-  void add_model(Link& link, double sum, Rect r);
+  // Adds a model sum over the rectangle r (of end_a's positions x end_b's; the link oriented so)
+  // to a link: into the exact part when nothing is re-checked.
+  void add_model(Link& link, int32_t end_a, int32_t end_b, double sum, Rect r);
+  // Makes a link exact again (its model part's sums replaced or dropped).
+  void drop_parts(Link& link);
   // Re-orients a link's rectangles so that end_a == slot.
-  static void orient(Link& link, int32_t slot);
-  bool valid(const Entry& e) const {
-    return alive_[e.a] && alive_[e.b] && stamp_[e.a] == e.stamp_a && stamp_[e.b] == e.stamp_b;
-  }
+  void orient(Link& link, int32_t slot);
+  // The link of a queue entry's pair when the entry is valid, else nullptr.
+  const Link* entry_link(const Entry& e) const;
+  bool valid(const Entry& e) const { return entry_link(e) != nullptr; }
   void merge(int32_t keep, int32_t gone, double height);
 
   // The smallest live bound (+inf when none), dropping superseded entries.
@@ -213,7 +230,6 @@ class SparseLinkage {
   bool symmetric_;
   double c0_;
   std::vector<double> u_, size_;
-  std::vector<uint32_t> stamp_;
   std::vector<uint8_t> alive_;
   bool checking_ = false;
   double margin_ = 0.0;
@@ -221,6 +237,8 @@ class SparseLinkage {
   int64_t collapsed_ = 0;
   std::vector<Link> links_;
   std::vector<int32_t> free_links_;
+  std::vector<Parts> parts_;
+  std::vector<int32_t> free_parts_;
   std::vector<Neighbours> adj_;
   std::vector<int32_t> next_, tail_;  // members: a list from the slot itself, next_ = -1 ends it
   EdgeQueue heap_;
