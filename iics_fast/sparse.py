@@ -776,9 +776,12 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
     # graph pairs: k-NN edges (undirected) and the sharing pairs; the arrays of one pair each
     # (hundreds a row) are freed as soon as they are used, as they set the round's peak memory
     ei, ej, _ = _undirected(blk["ei"], blk["ej"], blk["d"])
-    gk = np.concatenate([ei.astype(np.int64) * n + ej, pi.astype(np.int64) * n + pj])
-    uniq = np.unique(gk)
-    del gk
+    uniq = np.concatenate([ei.astype(np.int64) * n + ej, pi.astype(np.int64) * n + pj])
+    uniq.sort()  # in place, then the first of each run: np.unique's hashing path (numpy 2.4)
+    first = np.ones(len(uniq), bool)  # takes minutes on the 10^7-10^8 keys of a large round
+    np.not_equal(uniq[1:], uniq[:-1], out=first[1:])
+    uniq = uniq[first]
+    del first
     jt_all = np.full(len(uniq), np.float32(w16), np.float32)
     jt_all[np.searchsorted(uniq, pi.astype(np.int64) * n + pj)] = jt
     sharing = len(pi)
