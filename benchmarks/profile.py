@@ -555,14 +555,16 @@ def direct_sparse_scores(logits, n, dims, eps, cap, batch: int = 8192, sample: i
 
 
 def run_sparse(n, cameras, k_inter, seed=0, k_intra=K_INTRA, similarity="rerank", k=32, eps=1e-3,
-               max_per_block=None, compare_dense=False, heads="clusters", fast_scores=False, log=print):
+               max_per_block=None, compare_dense=False, heads="clusters", fast_scores=False, index="auto",
+               log=print):
     """One round through the sparse inter-camera path (iics_fast.sparse), and with compare_dense
     the dense round on the same data in the same process, its partition compared by ARI.
     heads="clusters": the simulated classifier heads are the intra-camera clusters' mean
     features (the intra-camera clustering runs first); "samples": each head's prototypes are
     images drawn from its camera (heads_from_samples, no clustering: for N in the 10^5s).
     fast_scores: the sparse scores straight from projected logits (direct_sparse_scores; needs
-    max_per_block, no dense comparison). Returns (PhaseResults, info dict)."""
+    max_per_block, no dense comparison). index: the round's k-NN index ("auto", "flat", "ivf").
+    Returns (PhaseResults, info dict)."""
     from iics_fast import sparse as S
 
     res: list[PhaseResult] = []
@@ -593,10 +595,10 @@ def run_sparse(n, cameras, k_inter, seed=0, k_intra=K_INTRA, similarity="rerank"
     log(f"  scores (sparse)       {res[-1].time_s:8.2f} s   {nnz / n:.0f} entries a row, "
         f"{(sp.col.nbytes + sp.val.nbytes) / 2**20:.0f} MB")
     info = {"D": int(sum(h.shape[0] for h in heads)), "nnz_per_row": nnz / n, "similarity": similarity,
-            "k": k, "eps": eps, "max_per_block": max_per_block}
+            "k": k, "eps": eps, "max_per_block": max_per_block, "index": index}
     with meter("sparse_round", res, f"{similarity}: k-NN graph, edge terms, linkage into {k_inter}"):
         sparse_labels, round_info = S.sparse_inter_round(feats, sp, camids, k_inter, MU, similarity=similarity, k=k,
-                                                         log=log)
+                                                         index=index, log=log)
     info["round"] = round_info
     log(f"  sparse round          {res[-1].time_s:8.2f} s   cpu {res[-1].cpu_s:.1f} s   "
         f"peak {res[-1].peak_mb:.0f} MB   "
@@ -676,6 +678,8 @@ def main(argv=None):
     parser.add_argument("--fast-scores", action="store_true",
                         help="sparse mode: simulate the sparse scores straight from logits in a 128-d "
                              "projection (top entries only, never the dense N x D): for N in the 10^5s")
+    parser.add_argument("--index", choices=("auto", "flat", "ivf"), default="auto",
+                        help="sparse mode: the k-NN index (auto: flat up to 60,000 images, IVF above)")
     parser.add_argument("--compare-dense", action="store_true",
                         help="sparse mode: also run the dense round on the same data and report the ARI")
     parser.add_argument("--k-inter", type=int,
@@ -692,7 +696,7 @@ def main(argv=None):
     if args.mode == "sparse":
         return profile_sparse(n, c, k, name, args.seed, args.out, similarity=args.similarity, k=args.k,
                               eps=args.eps, max_per_block=args.max_per_block, compare_dense=args.compare_dense,
-                              heads=args.heads, fast_scores=args.fast_scores)
+                              heads=args.heads, fast_scores=args.fast_scores, index=args.index)
     return profile(n, c, k, name, args.reference_sizes, args.reference_rows, args.reference_max_gb,
                    not args.no_reference, args.seed, args.out)
 

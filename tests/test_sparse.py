@@ -887,3 +887,13 @@ def test_profiler_sparse_mode(tmp_path):
     names = [p["name"] for p in saved["phases"]]
     assert names == ["extract", "intra", "scores", "sparse_round", "dense_scores", "dense_round"]
     assert saved["info"]["round"]["graph_pairs"] < 400 * 399 // 2
+
+
+def test_profiler_sparse_index_choice(tmp_path):
+    """--index reaches the round: at N = 400 auto is flat; ivf is taken when asked for."""
+    from benchmarks import profile
+    common = ["--mode", "sparse", "--scale", "400", "--cameras", "3", "--k", "24", "--k-inter", "20",
+              "--heads", "samples", "--out", str(tmp_path)]
+    assert profile.main(common)["info"]["round"]["index"] == "flat"
+    record = profile.main(common + ["--index", "ivf"])
+    assert record["info"]["index"] == record["info"]["round"]["index"] == "ivf"
