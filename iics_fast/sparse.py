@@ -777,8 +777,10 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
     # (hundreds a row) are freed as soon as they are used, as they set the round's peak memory
     ei, ej, _ = _undirected(blk["ei"], blk["ej"], blk["d"])
     uniq = np.concatenate([ei.astype(np.int64) * n + ej, pi.astype(np.int64) * n + pj])
-    uniq.sort()  # in place, then the first of each run: np.unique's hashing path (numpy 2.4)
-    first = np.ones(len(uniq), bool)  # takes minutes on the 10^7-10^8 keys of a large round
+    # sorted in place, then the first of each run kept: np.unique without return_index takes
+    # minutes on the 10^7-10^8 keys of a large round (numpy 2.4), this under a second
+    uniq.sort()
+    first = np.ones(len(uniq), bool)
     np.not_equal(uniq[1:], uniq[:-1], out=first[1:])
     uniq = uniq[first]
     del first

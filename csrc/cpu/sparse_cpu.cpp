@@ -445,12 +445,12 @@ double SparseLinkage::key(int32_t a, int32_t b, const Link& link) const {
   return link.parts < 0 ? height : height - margin_;
 }
 
-const SparseLinkage::Link* SparseLinkage::entry_link(const Entry& e) const {
-  if (!alive_[e.a] || !alive_[e.b]) return nullptr;
+int32_t SparseLinkage::entry_link(const Entry& e) const {
+  if (!alive_[e.a] || !alive_[e.b]) return -1;
   const int32_t* id = adj_[e.a].find(e.b);
-  if (!id) return nullptr;
+  if (!id) return -1;
   const Link& link = links_[*id];
-  return !link.pending && key(e.a, e.b, link) == e.dist ? &link : nullptr;
+  return !link.pending && key(e.a, e.b, link) == e.dist ? *id : -1;
 }
 
 void SparseLinkage::push(int32_t a, int32_t b, Link& link) {
@@ -462,16 +462,23 @@ void SparseLinkage::push(int32_t a, int32_t b, Link& link) {
     heap_.drop_invalid([this](const Entry& e) { return valid(e); });
 }
 
-int32_t SparseLinkage::new_link(int32_t a, int32_t b) {
-  int32_t id;
-  if (!free_links_.empty()) {
-    id = free_links_.back();
-    free_links_.pop_back();
-    links_[id] = Link();
-  } else {
-    id = static_cast<int32_t>(links_.size());
-    links_.emplace_back();
+namespace {
+// A fresh element of `pool`: a freed one reset, else a new one at the end; returns its index.
+template <class T>
+int32_t take(std::vector<T>& pool, std::vector<int32_t>& freed) {
+  if (freed.empty()) {
+    pool.emplace_back();
+    return static_cast<int32_t>(pool.size() - 1);
   }
+  const int32_t id = freed.back();
+  freed.pop_back();
+  pool[id] = T();
+  return id;
+}
+}  // namespace
+
+int32_t SparseLinkage::new_link(int32_t a, int32_t b) {
+  const int32_t id = take(links_, free_links_);
   adj_[a].set(b, id);
   adj_[b].set(a, id);
   return id;
@@ -487,9 +494,7 @@ void SparseLinkage::orient(Link& link, int32_t slot) {
 
 void SparseLinkage::drop_parts(Link& link) {
   if (link.parts < 0) return;
-  Parts& p = parts_[link.parts];
-  p.model = 0.0;
-  std::vector<Rect>().swap(p.rects);
+  parts_[link.parts] = Parts();  // releases the rectangles now
   free_parts_.push_back(link.parts);
   link.parts = -1;
 }
@@ -500,13 +505,7 @@ void SparseLinkage::add_model(Link& link, int32_t end_a, int32_t end_b, double s
     return;
   }
   if (link.parts < 0) {
-    if (!free_parts_.empty()) {
-      link.parts = free_parts_.back();
-      free_parts_.pop_back();
-    } else {
-      link.parts = static_cast<int32_t>(parts_.size());
-      parts_.emplace_back();
-    }
+    link.parts = take(parts_, free_parts_);
     parts_[link.parts].end_a = end_a;
     parts_[link.parts].end_b = end_b;
   }
@@ -562,18 +561,18 @@ void SparseLinkage::pending(int64_t count, std::vector<int32_t>& a, std::vector<
   rect_ptr.assign(1, static_cast<int64_t>(rects.size()));
   while (static_cast<int64_t>(a.size()) < count && !heap_.empty()) {
     const Entry e = heap_.top();
-    const Link* found = entry_link(e);
-    if (!found) {
+    const int32_t id = entry_link(e);
+    if (id < 0) {
       heap_.pop();
       continue;
     }
     if (e.dist > limit) break;
     heap_.pop();
-    if (found->parts < 0) {
+    Link& link = links_[id];
+    if (link.parts < 0) {
       kept.push_back(e);
       continue;
     }
-    Link& link = links_[adj_[e.a].at(e.b)];
     orient(link, e.a);
     link.pending = true;
     const Parts& p = parts_[link.parts];
@@ -706,8 +705,7 @@ int64_t SparseLinkage::run(int64_t target) {
   while (live_ > target) {
     const double height = this->top();
     // no edge left, an off-graph pair may be closer, or the closest sum needs its exact check
-    if (heap_.empty() || height > min_bound() - margin_ || links_[adj_[heap_.top().a].at(heap_.top().b)].parts >= 0)
-      break;
+    if (heap_.empty() || height > min_bound() - margin_ || links_[entry_link(heap_.top())].parts >= 0) break;
     const Entry top = heap_.top();
     heap_.pop();
     const bool a_keeps = adj_[top.a].size() >= adj_[top.b].size();

@@ -210,9 +210,9 @@ class SparseLinkage {
   void drop_parts(Link& link);
   // Re-orients a link's rectangles so that end_a == slot.
   void orient(Link& link, int32_t slot);
-  // The link of a queue entry's pair when the entry is valid, else nullptr.
-  const Link* entry_link(const Entry& e) const;
-  bool valid(const Entry& e) const { return entry_link(e) != nullptr; }
+  // The link id of a queue entry's pair when the entry is valid, else -1.
+  int32_t entry_link(const Entry& e) const;
+  bool valid(const Entry& e) const { return entry_link(e) >= 0; }
   void merge(int32_t keep, int32_t gone, double height);
 
   // The smallest live bound (+inf when none), dropping superseded entries.
