@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -133,6 +134,37 @@ py::array_t<float> pair_dots_py(const Array<float>& f, const Array<int32_t>& ei,
     iics::pair_dots_cpu(f.data(), f.shape(1), ei.data(), ej.data(), ei.size(), o);
   }
   return out;
+}
+
+void top_update_py(const Array<float>& p, int64_t gr0, int64_t gc0, int64_t r0, Array<float>& near_c,
+                   Array<int32_t>& near_i, Array<float>& far_c, Array<int32_t>& far_i, bool rows_side,
+                   bool cols_side) {
+  require(p.ndim() == 2 && near_c.ndim() == 2 && far_c.ndim() == 2, "p and the lists must be 2-D");
+  require(near_i.size() == near_c.size() && far_i.size() == far_c.size() &&
+              near_c.shape(0) == far_c.shape(0) && near_i.ndim() == 2 && near_i.shape(1) == near_c.shape(1) &&
+              far_i.ndim() == 2 && far_i.shape(1) == far_c.shape(1),
+          "the near and far lists must be m x kn and m x kf, values and ids alike");
+  const int64_t r = p.shape(0), c = p.shape(1), m = near_c.shape(0);
+  require(near_c.shape(1) >= 1 && far_c.shape(1) >= 1, "the lists need at least one entry");
+  require(!rows_side || (gr0 >= r0 && gr0 - r0 + r <= m), "p's rows fall outside the lists");
+  require(!cols_side || (gc0 >= r0 && gc0 - r0 + c <= m), "p's columns fall outside the lists");
+  require(gr0 >= 0 && gc0 >= 0 && gr0 + r <= INT32_MAX && gc0 + c <= INT32_MAX, "ids outside int32");
+  float* nc = near_c.mutable_data();
+  int32_t* ni = near_i.mutable_data();
+  float* fc = far_c.mutable_data();
+  int32_t* fi = far_i.mutable_data();
+  py::gil_scoped_release release;
+  iics::top_update_cpu(p.data(), r, c, gr0, gc0, r0, nc, ni, static_cast<int>(near_c.shape(1)), fc, fi,
+                       static_cast<int>(far_c.shape(1)), rows_side, cols_side);
+}
+
+void top_sort_py(Array<float>& val, Array<int32_t>& ids, bool descending) {
+  require(val.ndim() == 2 && ids.ndim() == 2 && val.shape(0) == ids.shape(0) && val.shape(1) == ids.shape(1),
+          "values and ids must be m x k alike");
+  float* v = val.mutable_data();
+  int32_t* i = ids.mutable_data();
+  py::gil_scoped_release release;
+  iics::top_sort_cpu(v, i, val.shape(0), static_cast<int>(val.shape(1)), descending);
 }
 
 py::tuple expansion_sets_py(const Array<int32_t>& nbr, int k_half) {
@@ -309,6 +341,13 @@ void bind_sparse(py::module_& m) {
         "isa: 'auto' (AVX-512 where the CPU has it), 'avx512' or 'plain'.");
   m.def("sparse_pair_dots", &pair_dots_py, py::arg("f").noconvert(), py::arg("ei").noconvert(),
         py::arg("ej").noconvert(), "Inner products of rows ei[e] and ej[e] of f (float32).");
+  m.def("sparse_top_update", &top_update_py, py::arg("p").noconvert(), py::arg("gr0"), py::arg("gc0"),
+        py::arg("r0"), py::arg("near_c").noconvert(), py::arg("near_i").noconvert(), py::arg("far_c").noconvert(),
+        py::arg("far_i").noconvert(), py::arg("rows_side"), py::arg("cols_side"),
+        "Update the running near / far heaps (m x kn, m x kf; rows r0..) with one block p of "
+        "cosines (global rows gr0.., columns gc0..): for p's rows, its columns, or both.");
+  m.def("sparse_top_sort", &top_sort_py, py::arg("val").noconvert(), py::arg("ids").noconvert(),
+        py::arg("descending"), "Sort each row of (val, ids) in place by value, ties by id.");
   m.def("sparse_expansion_sets", &expansion_sets_py, py::arg("nbr").noconvert(),
         py::arg("k_half"),
         "Expanded k-reciprocal sets (ptr int64, col int32 ascending) of the n x kk lists.");

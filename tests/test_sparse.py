@@ -628,21 +628,50 @@ def test_sorted_candidates_equal_lexsort(rng):
         np.testing.assert_array_equal(g, want)
 
 
-@pytest.mark.parametrize("n,k_near,k_far,budget", [(97, 9, 4, 300), (40, 40, 40, 1 << 24), (1, 1, 1, 1)])
-def test_both_ends_are_the_exact_ends(rng, monkeypatch, n, k_near, k_far, budget):
-    """One product's two ends equal a sort of the rows' cosines with every image, ties (duplicate
-    images) and chunks of rows that do not divide the rows included."""
+@pytest.mark.parametrize("n,rows,k_near,k_far,budget", [
+    (97, (19, 97), 9, 4, 300),      # row blocks of 17 that do not divide the rows, columns before them
+    (211, (40, 150), 37, 5, 1000),  # columns on both sides of the rows, blocks of 31
+    (40, (0, 40), 40, 40, 1 << 24),  # every image in both lists, one block
+    (64, (0, 64), 3, 2, 16 * 16),   # rows a whole number of blocks
+    (1, (0, 1), 1, 1, 1)])
+def test_both_ends_are_the_exact_ends(rng, monkeypatch, n, rows, k_near, k_far, budget):
+    """The blocked symmetric product's two ends equal `_both_ends_ref` (each row's whole product,
+    sorted) and a float64 sort of the cosines: ties (duplicate images), blocks that do not divide
+    the rows, rows with columns outside them on either side."""
     monkeypatch.setattr(S, "SEARCH_BUDGET", budget)
     f = S._normalise(rng.standard_normal((n, 16)).astype(np.float32))
     f[n // 2] = f[n // 3]
-    r0 = n // 5
-    (near_c, near_i), (far_c, far_i) = S._both_ends(f, r0, n, k_near, k_far)
-    cos = (f[r0:].astype(np.float64) @ f.T.astype(np.float64))
-    for (c, i, want) in ((near_c, near_i, -np.sort(-cos, 1)[:, :k_near]), (far_c, far_i, np.sort(cos, 1)[:, :k_far])):
+    f[n - 1] = f[0]
+    r0, r1 = rows
+    got = S._both_ends(f, r0, r1, k_near, k_far)
+    ref = S._both_ends_ref(f, r0, r1, k_near, k_far)
+    cos = f[r0:r1].astype(np.float64) @ f.T.astype(np.float64)
+    for (c, i), (ref_c, ref_i), full, k in zip(got, ref, (-np.sort(-cos, 1), np.sort(cos, 1)), (k_near, k_far)):
+        want = full[:, :k]
         assert i.dtype == np.int32 and c.shape == i.shape == want.shape
         np.testing.assert_allclose(c, want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(c, ref_c, rtol=0, atol=1e-6)
         np.testing.assert_allclose(c, np.take_along_axis(cos, i.astype(np.int64), 1), rtol=0, atol=1e-6)
         assert all(len(set(row)) == len(row) for row in i.tolist())
+        # the same images wherever a cosine is apart from its neighbours (the first one dropped
+        # included) by more than rounding
+        gap = np.abs(np.diff(full[:, :k + 1], axis=1)) > 1e-5  # gap[:, e]: between entries e and e + 1
+        apart = np.ones(want.shape, bool)
+        apart[:, 1:] &= gap[:, :k - 1]
+        apart[:, :gap.shape[1]] &= gap
+        np.testing.assert_array_equal(i[apart], ref_i[apart])
+
+
+def test_both_ends_sorts_ties_by_index(monkeypatch):
+    """Equal cosines (the same image twice) come in index order in both lists, however the blocks
+    fall: the lists do not depend on the block size."""
+    f = S._normalise(np.tile(np.eye(4, dtype=np.float32), (5, 1)))  # 20 images, 4 distinct
+    for budget in (1, 9, 49, 1 << 24):
+        monkeypatch.setattr(S, "SEARCH_BUDGET", budget)
+        (near_c, near_i), (far_c, far_i) = S._both_ends(f, 0, 20, 5, 3)
+        np.testing.assert_array_equal(near_i[0], [0, 4, 8, 12, 16])
+        np.testing.assert_array_equal(far_i[0], [1, 2, 3])
+        np.testing.assert_array_equal(near_c[0], np.ones(5, np.float32))
 
 
 @pytest.mark.parametrize("similarity", ["cosine", "rerank"])

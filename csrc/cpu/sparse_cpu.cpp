@@ -243,6 +243,118 @@ void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float
   }
 }
 
+namespace {
+
+// Replaces the root of a heap of k (value, id) whose root is its worst entry (Near: the
+// smallest, else the largest) with (v, id) and restores the order.
+template <bool Near>
+void heap_replace_root(float* val, int32_t* ids, int k, float v, int32_t id) {
+  const auto worse = [](float a, float b) { return Near ? a < b : a > b; };
+  int pos = 0;
+  for (;;) {
+    const int l = 2 * pos + 1;
+    if (l >= k) break;
+    const int w = (l + 1 < k && worse(val[l + 1], val[l])) ? l + 1 : l;
+    if (!worse(val[w], v)) break;
+    val[pos] = val[w];
+    ids[pos] = ids[w];
+    pos = w;
+  }
+  val[pos] = v;
+  ids[pos] = id;
+}
+
+constexpr int64_t kTopChunk = 64;  // values tested at once against the lists' roots
+
+}  // namespace
+
+void top_update_cpu(const float* p, int64_t r, int64_t c, int64_t gr0, int64_t gc0, int64_t r0,
+                    float* near_c, int32_t* near_i, int kn, float* far_c, int32_t* far_i, int kf,
+                    bool rows_side, bool cols_side) {
+  if (rows_side) {
+#pragma omp parallel for schedule(dynamic, 16) if (r * c >= kParallelMin)
+    for (int64_t i = 0; i < r; ++i) {
+      const float* row = p + i * c;
+      const int64_t h = gr0 - r0 + i;
+      float* nc = near_c + h * kn;
+      int32_t* ni = near_i + h * kn;
+      float* fc = far_c + h * kf;
+      int32_t* fi = far_i + h * kf;
+      float tn = nc[0], tf = fc[0];
+      for (int64_t j0 = 0; j0 < c; j0 += kTopChunk) {
+        const int64_t j1 = std::min(c, j0 + kTopChunk);
+        int hit = 0;
+        for (int64_t j = j0; j < j1; ++j) hit |= (row[j] > tn) | (row[j] < tf);
+        if (!hit) continue;
+        for (int64_t j = j0; j < j1; ++j) {
+          const float v = row[j];
+          if (v > tn) {
+            heap_replace_root<true>(nc, ni, kn, v, static_cast<int32_t>(gc0 + j));
+            tn = nc[0];
+          }
+          if (v < tf) {
+            heap_replace_root<false>(fc, fi, kf, v, static_cast<int32_t>(gc0 + j));
+            tf = fc[0];
+          }
+        }
+      }
+    }
+  }
+  if (cols_side) {
+    // one contiguous range of columns a thread, every row scanned against their roots
+    const int chunks = max_threads();
+#pragma omp parallel for schedule(static, 1) if (r * c >= kParallelMin)
+    for (int t = 0; t < chunks; ++t) {
+      const int64_t ja = c * t / chunks, jb = c * (t + 1) / chunks;
+      std::vector<float> tn(jb - ja), tf(jb - ja);
+      for (int64_t j = ja; j < jb; ++j) {
+        tn[j - ja] = near_c[(gc0 - r0 + j) * kn];
+        tf[j - ja] = far_c[(gc0 - r0 + j) * kf];
+      }
+      for (int64_t i = 0; i < r; ++i) {
+        const float* row = p + i * c;
+        for (int64_t j0 = ja; j0 < jb; j0 += kTopChunk) {
+          const int64_t j1 = std::min(jb, j0 + kTopChunk);
+          int hit = 0;
+          for (int64_t j = j0; j < j1; ++j) hit |= (row[j] > tn[j - ja]) | (row[j] < tf[j - ja]);
+          if (!hit) continue;
+          for (int64_t j = j0; j < j1; ++j) {
+            const float v = row[j];
+            const int64_t h = gc0 - r0 + j;
+            if (v > tn[j - ja]) {
+              heap_replace_root<true>(near_c + h * kn, near_i + h * kn, kn, v, static_cast<int32_t>(gr0 + i));
+              tn[j - ja] = near_c[h * kn];
+            }
+            if (v < tf[j - ja]) {
+              heap_replace_root<false>(far_c + h * kf, far_i + h * kf, kf, v, static_cast<int32_t>(gr0 + i));
+              tf[j - ja] = far_c[h * kf];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+void top_sort_cpu(float* val, int32_t* ids, int64_t m, int k, bool descending) {
+#pragma omp parallel
+  {
+    std::vector<std::pair<float, int32_t>> row(k);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+      for (int e = 0; e < k; ++e) row[e] = {val[i * k + e], ids[i * k + e]};
+      std::sort(row.begin(), row.end(), [descending](const auto& a, const auto& b) {
+        if (a.first != b.first) return descending ? a.first > b.first : a.first < b.first;
+        return a.second < b.second;
+      });
+      for (int e = 0; e < k; ++e) {
+        val[i * k + e] = row[e].first;
+        ids[i * k + e] = row[e].second;
+      }
+    }
+  }
+}
+
 void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
                    float* out) {
 #pragma omp parallel for schedule(static, 256) if (edges * d >= kParallelMin * 64)

@@ -43,6 +43,20 @@ void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float
                              double tail_weight, const int64_t* cams, float* out,
                              const std::string& isa = "auto");
 
+// Running top-k lists of the rows of a product computed block by block: p (r x c, row-major)
+// holds the cosines of global rows gr0.. with global columns gc0..; near (largest kn) and far
+// (smallest kf) are heaps, one row of each a list, for the global rows r0 .. r0 + lists, their
+// roots the worst entry kept (start them at -inf / +inf and id -1). rows_side: p's rows update
+// their lists with the columns (ids gc0 + j); cols_side: p's columns update theirs with the rows
+// (ids gr0 + i): one block of a symmetric product serves both sides. An entry goes in when it
+// beats the root strictly (the first seen of equal values stays).
+void top_update_cpu(const float* p, int64_t r, int64_t c, int64_t gr0, int64_t gc0, int64_t r0,
+                    float* near_c, int32_t* near_i, int kn, float* far_c, int32_t* far_i, int kf,
+                    bool rows_side, bool cols_side);
+
+// Each of the m lists of k (value, id) sorted by value, descending or ascending, ties by id.
+void top_sort_cpu(float* val, int32_t* ids, int64_t m, int k, bool descending);
+
 // out[e] = <f[ei[e]], f[ej[e]]> over rows of the n x d float32 `f`, float64 sums rounded.
 void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
                    float* out);
