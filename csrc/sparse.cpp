@@ -158,6 +158,20 @@ void top_update_py(const Array<float>& p, int64_t gr0, int64_t gc0, int64_t r0, 
                        static_cast<int>(far_c.shape(1)), rows_side, cols_side);
 }
 
+py::array_t<int64_t> pair_find_py(const Array<int64_t>& ptr, const Array<int32_t>& col, const Array<int32_t>& qi,
+                                  const Array<int32_t>& qj) {
+  require(qi.size() == qj.size(), "query arrays differ in length");
+  const int64_t rows = ptr.size() - 1;
+  require(rows >= 0 && ptr.data()[rows] == col.size() && ptr.data()[0] == 0, "ptr does not fit col");
+  for (int64_t r = 0; r < rows; ++r) require(ptr.data()[r] <= ptr.data()[r + 1], "ptr must not decrease");
+  for (py::ssize_t e = 0; e < qi.size(); ++e) require(qi.data()[e] >= 0 && qi.data()[e] < rows, "query row outside the rows");
+  py::array_t<int64_t> out(qi.size());
+  int64_t* o = out.mutable_data();
+  py::gil_scoped_release release;
+  iics::pair_find_cpu(ptr.data(), col.data(), qi.data(), qj.data(), qi.size(), o);
+  return out;
+}
+
 void top_sort_py(Array<float>& val, Array<int32_t>& ids, bool descending) {
   require(val.ndim() == 2 && ids.ndim() == 2 && val.shape(0) == ids.shape(0) && val.shape(1) == ids.shape(1),
           "values and ids must be m x k alike");
@@ -346,6 +360,9 @@ void bind_sparse(py::module_& m) {
         py::arg("far_i").noconvert(), py::arg("rows_side"), py::arg("cols_side"),
         "Update the running near / far heaps (m x kn, m x kf; rows r0..) with one block p of "
         "cosines (global rows gr0.., columns gc0..): for p's rows, its columns, or both.");
+  m.def("sparse_pair_find", &pair_find_py, py::arg("ptr").noconvert(), py::arg("col").noconvert(),
+        py::arg("qi").noconvert(), py::arg("qj").noconvert(),
+        "Position of each (qi, qj) in the CSR (ptr, col ascending a row), -1 where absent.");
   m.def("sparse_top_sort", &top_sort_py, py::arg("val").noconvert(), py::arg("ids").noconvert(),
         py::arg("descending"), "Sort each row of (val, ids) in place by value, ties by id.");
   m.def("sparse_expansion_sets", &expansion_sets_py, py::arg("nbr").noconvert(),

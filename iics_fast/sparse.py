@@ -727,15 +727,33 @@ def _gather_blocks(block):
     return {key: np.concatenate([p[key] for p in parts]) for key in block}
 
 
-def _pairs_lookup(n, ei, ej, values):
-    """Sorted keys i * n + j of the directed pairs and their values, for searchsorted lookups."""
-    key = ei.astype(np.int64) * n + ej
-    order = np.argsort(key, kind="stable")
-    return key[order], values[order]
+def _pairs_lookup(n, ei, ej, values, presorted=False):
+    """The directed pairs (ei, ej) of n rows and their values as a table for `_lookup`: a CSR
+    by ei (ptr, ej ascending within a row, values in that order). presorted: the pairs are in
+    that order already (sorted by ei * n + ej), so the table holds them without a copy."""
+    if not presorted:
+        order = np.argsort(ei.astype(np.int64) * n + ej, kind="stable")
+        ei, ej, values = ei[order], ej[order], values[order]
+    return np.searchsorted(ei, np.arange(n + 1)), np.ascontiguousarray(ej, np.int32), values
 
 
-def _lookup(keys, values, n, qi, qj):
-    """values of the pairs (qi, qj) in the lookup, and a mask of those found."""
+def _lookup(table, qi, qj):
+    """values of the pairs (qi, qj) in the table (`_pairs_lookup`), and a mask of those found.
+    Each query is a binary search among its row's pairs (native), not over every pair's key:
+    the 10^8 re-checked pairs of a large round found in seconds, not minutes."""
+    ptr, col, values = table
+    if len(col) == 0:
+        return np.zeros(len(qi), values.dtype), np.zeros(len(qi), bool)
+    pos = _native().sparse_pair_find(ptr, col, np.ascontiguousarray(qi, np.int32),
+                                     np.ascontiguousarray(qj, np.int32))
+    found = pos >= 0
+    return values[np.where(found, pos, 0)], found
+
+
+def _lookup_ref(n, ei, ej, values, qi, qj):
+    """`_lookup` plainly: a search over the sorted keys i * n + j of every pair."""
+    order = np.argsort(ei.astype(np.int64) * n + ej, kind="stable")
+    keys, values = ei[order].astype(np.int64) * n + ej[order], values[order]
     q = qi.astype(np.int64) * n + qj
     pos = np.clip(np.searchsorted(keys, q), 0, max(len(keys) - 1, 0))
     found = (keys[pos] == q) if len(keys) else np.zeros(len(q), bool)
@@ -770,8 +788,8 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
     from .rerank import _expansion_width
     ptr, col = C.sparse_expansion_sets(nbr, min(_expansion_width(k1), kk))
     rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(ptr))
-    keys_d, keys_v = _pairs_lookup(n, ci, cj, cd)
-    dval, found = _lookup(keys_d, keys_v, n, rows, col)
+    cand = _pairs_lookup(n, ci, cj, cd)
+    dval, found = _lookup(cand, rows, col)
     if (~found).any():  # expansion members outside the candidate list: Eq. 5 computed here
         mi, mj = rows[~found], col[~found]
         dval[~found] = _eq5(_pair_cos(f, mi, mj), sp, camids, mu, mi, mj)
@@ -803,8 +821,8 @@ def _rerank_edges(f, sp, camids, mu, blk, n, k1, k2, lam):
     del pi, pj, jt
     gi, gj = (uniq // n).astype(np.int32), (uniq % n).astype(np.int32)
     del uniq
-    dg, found = _lookup(keys_d, keys_v, n, gi, gj)
-    d2, found2 = _lookup(keys_d, keys_v, n, gj, gi)
+    dg, found = _lookup(cand, gi, gj)
+    d2, found2 = _lookup(cand, gj, gi)
     dg = np.where(found, dg, d2)
     del d2
     miss = ~(found | found2)
@@ -1051,7 +1069,7 @@ def _exact_pairs(f, sp, camids, mu, n, gi, gj, value, rerank):
     gi * n + gj) where the pair is on the graph, else c0 + lambda (d - lo_m) / range_m with
     m = min(i, j), the row the dense round normalises by. The function takes (i, j) and, when
     known, the pairs' Eq. 5 distances d."""
-    keys = gi.astype(np.int64) * n + gj if rerank is not None else None
+    table = _pairs_lookup(n, gi, gj, value, presorted=True) if rerank is not None else None
 
     def values(i, j, d=None):
         if d is None:
@@ -1061,7 +1079,7 @@ def _exact_pairs(f, sp, camids, mu, n, gi, gj, value, rerank):
         lo, rng_, c0, lam = rerank
         m = np.minimum(i, j)
         out = c0 + ((d - lo[m]) / rng_[m]) * lam
-        found, hit = _lookup(keys, value, n, m, np.maximum(i, j))
+        found, hit = _lookup(table, m, np.maximum(i, j))
         return np.where(hit, found, out)
     return values
 

@@ -662,6 +662,25 @@ def test_both_ends_are_the_exact_ends(rng, monkeypatch, n, rows, k_near, k_far, 
         np.testing.assert_array_equal(i[apart], ref_i[apart])
 
 
+@pytest.mark.parametrize("n,pairs,presorted", [(1, 0, False), (7, 30, False), (50, 400, True), (2000, 5000, False)])
+def test_pair_lookup_equals_a_search_over_every_key(rng, n, pairs, presorted):
+    """The row-wise pair table finds what a search over every pair's key finds: duplicates (the
+    first one's value), rows without pairs, queries absent from the table, empty tables."""
+    ei = rng.integers(0, n, pairs).astype(np.int32)
+    ej = rng.integers(0, n, pairs).astype(np.int32)
+    values = rng.standard_normal(pairs)
+    if presorted:
+        order = np.argsort(ei.astype(np.int64) * n + ej, kind="stable")
+        ei, ej, values = ei[order], ej[order], values[order]
+    qi = np.concatenate([ei, rng.integers(0, n, 3 * pairs + 5)]).astype(np.int32)
+    qj = np.concatenate([ej, rng.integers(0, n, 3 * pairs + 5)]).astype(np.int32)
+    got, found = S._lookup(S._pairs_lookup(n, ei, ej, values, presorted=presorted), qi, qj)
+    want, want_found = S._lookup_ref(n, ei, ej, values, qi, qj)
+    np.testing.assert_array_equal(found, want_found)
+    np.testing.assert_array_equal(got[found], want[found])
+    assert found[:pairs].all() and (pairs == 0 or not found.all())
+
+
 def test_both_ends_sorts_ties_by_index(monkeypatch):
     """Equal cosines (the same image twice) come in index order in both lists, however the blocks
     fall: the lists do not depend on the block size."""

@@ -336,6 +336,17 @@ void top_update_cpu(const float* p, int64_t r, int64_t c, int64_t gr0, int64_t g
   }
 }
 
+void pair_find_cpu(const int64_t* ptr, const int32_t* col, const int32_t* qi, const int32_t* qj, int64_t q,
+                   int64_t* out) {
+#pragma omp parallel for schedule(static, 4096) if (q >= kParallelMin)
+  for (int64_t e = 0; e < q; ++e) {
+    const int32_t* a = col + ptr[qi[e]];
+    const int32_t* b = col + ptr[qi[e] + 1];
+    const int32_t* p = std::lower_bound(a, b, qj[e]);
+    out[e] = (p != b && *p == qj[e]) ? p - col : -1;
+  }
+}
+
 void top_sort_cpu(float* val, int32_t* ids, int64_t m, int k, bool descending) {
 #pragma omp parallel
   {

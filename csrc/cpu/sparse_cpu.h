@@ -54,6 +54,12 @@ void top_update_cpu(const float* p, int64_t r, int64_t c, int64_t gr0, int64_t g
                     float* near_c, int32_t* near_i, int kn, float* far_c, int32_t* far_i, int kf,
                     bool rows_side, bool cols_side);
 
+// out[e] = the position p of qj[e] among col[ptr[qi[e]] .. ptr[qi[e] + 1]) (ascending within a
+// row; the first of equal ones), or -1 when the row does not hold it: pairs looked up by row, a
+// binary search in the row's few entries instead of one over every pair's key.
+void pair_find_cpu(const int64_t* ptr, const int32_t* col, const int32_t* qi, const int32_t* qj, int64_t q,
+                   int64_t* out);
+
 // Each of the m lists of k (value, id) sorted by value, descending or ascending, ties by id.
 void top_sort_cpu(float* val, int32_t* ids, int64_t m, int k, bool descending);
 
