@@ -679,7 +679,8 @@ def main(argv=None):
                         help="sparse mode: simulate the sparse scores straight from logits in a 128-d "
                              "projection (top entries only, never the dense N x D): for N in the 10^5s")
     parser.add_argument("--index", choices=("auto", "flat", "ivf"), default="auto",
-                        help="sparse mode: the k-NN index (auto: flat up to 60,000 images, IVF above)")
+                        help="sparse mode: the k-NN index (auto: flat up to 60,000 images, 200,000 for "
+                             "the re-ranking round, IVF above)")
     parser.add_argument("--compare-dense", action="store_true",
                         help="sparse mode: also run the dense round on the same data and report the ARI")
     parser.add_argument("--k-inter", type=int,

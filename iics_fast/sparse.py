@@ -17,10 +17,11 @@ the exact reference; this module computes the same average linkage from sparse p
    uses J_w, J^ with its tail terms weighed by w in [0, 1] fitted on the rows kept whole
    (`fit_tail_weight`), which lies between J~ and J^ and so within B of J too.
 2. **Candidate graph** (`knn`): each image's k nearest by cosine through faiss (flat, exact, up
-   to FLAT_MAX images; IVF above; faiss-gpu on CUDA where installed), symmetrised; Eq. 5 and the
-   re-ranking's sparse terms on its edges only. The re-ranking also needs each row's farthest
-   images: on a flat index on the host both ends come from one product (`_both_ends`) instead of
-   one faiss search each.
+   to FLAT_MAX images, RERANK_FLAT_MAX for the re-ranking round; IVF above; faiss-gpu on CUDA
+   where installed), symmetrised; Eq. 5 and the re-ranking's sparse terms on its edges only. The
+   re-ranking also needs each row's farthest images: on a flat index on the host both ends come
+   from one blocked product (`_both_ends`; a block of two row blocks serves both, F F^T being
+   symmetric) instead of one faiss search each.
 3. **Average linkage from sums** (`average_linkage`, the native SparseLinkage): a pair of
    clusters joined by the graph holds the exact sum of its pair values; every other pair's sum is
    a model made of per-cluster sums, exact for the cosine part
@@ -54,7 +55,7 @@ read, k1, k2, lambda; then average linkage), in addition:
            info["rows_uncertified"]); the row maximum when the farthest search by cosine,
            widened until the last cosine searched bounds it (info["rows_max_widened"]; past
            GPU_K_MAX on a GPU index by an exact product on the host), certifies it. Both
-           certificates need the exact (flat) index: an IVF index, above FLAT_MAX images,
+           certificates need the exact (flat) index: an IVF index (above RERANK_FLAT_MAX images)
            certifies no row (info["rows_uncertified"], info["rows_max_uncertified"]); from these
            lists the k-reciprocal sets, V, the query expansion and the Jaccard distance of every
            pair sharing a column of V (the dense path's float16 arithmetic, on its own native
@@ -81,10 +82,12 @@ import torch
 
 __all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums", "jaccard_on_edges",
            "jaccard_error_bound", "tile_jaccard", "knn", "sparse_inter_round", "inter_round_dense_ref", "FLAT_MAX",
+           "RERANK_FLAT_MAX",
            "dense_round_bytes", "choose_inter_mode", "sparse_scores_ref", "average_linkage_ref",
            "gather_sparse_scores", "camera_jaccard", "jaccard_background"]
 
 FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
+RERANK_FLAT_MAX = 200_000  # the same for the re-ranking round, whose pairs IVF multiplies (docs/sparse.md)
 GPU_K_MAX = 2048  # the largest k a faiss-gpu index searches
 SEARCH_BUDGET = 1 << 24  # entries (rows x k, or rows x N on the host) one search of the row max allocates
 RECHECK_MARGIN = 2e-3  # heights the model may err by before its merge is re-checked (docs/sparse.md)
@@ -355,10 +358,12 @@ def jaccard_error_bound(sp: SparseScores, ei, ej) -> np.ndarray:
 # ----------------------------------------------------------------------------- candidate graph
 
 
-def _index_kind(n: int, index: str) -> str:
+def _index_kind(n: int, index: str, rerank: bool = False) -> str:
+    """The k-NN index `index` names; "auto": flat (exact) up to FLAT_MAX images, or
+    RERANK_FLAT_MAX for the re-ranking round, IVF above."""
     if index not in ("auto", "flat", "ivf"):
         raise ValueError(f"index must be 'auto', 'flat' or 'ivf', got {index!r}")
-    return index if index != "auto" else ("flat" if n <= FLAT_MAX else "ivf")
+    return index if index != "auto" else ("flat" if n <= (RERANK_FLAT_MAX if rerank else FLAT_MAX) else "ivf")
 
 
 def _on_gpu(device) -> bool:
@@ -1225,8 +1230,8 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
         return np.zeros(1, np.int64), info
     part = D.shard_indices(n, D.rank(), D.world_size())
     timer = _Timer(log if D.rank() == 0 else None)
-    kind = _index_kind(n, index)
-    built = (None, kind) if _one_product(rerank, kind, device) else _faiss_index(f, index, device)
+    kind = _index_kind(n, index, rerank)
+    built = (None, kind) if _one_product(rerank, kind, device) else _faiss_index(f, kind, device)
     info.update(index=kind)
     blk = _row_block(f, scores, camids, float(mu), k, k_candidates, part.start, part.stop, rerank, k_far, index,
                      device, built, min(k1 + 1, n) if rerank else None)

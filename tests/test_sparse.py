@@ -945,3 +945,16 @@ def test_profiler_sparse_index_choice(tmp_path):
     assert profile.main(common)["info"]["round"]["index"] == "flat"
     record = profile.main(common + ["--index", "ivf"])
     assert record["info"]["index"] == record["info"]["round"]["index"] == "ivf"
+
+
+@pytest.mark.parametrize("similarity,n,want", [("cosine", 150, "ivf"), ("rerank", 150, "flat"), ("rerank", 301, "ivf"),
+                                               ("cosine", 100, "flat")])
+def test_auto_index_keeps_the_reranking_round_exact_longer(rng, monkeypatch, similarity, n, want):
+    """index="auto": flat up to FLAT_MAX images, up to RERANK_FLAT_MAX for the re-ranking round
+    (IVF multiplies its V-sharing pairs), IVF above; the round reports the index it used."""
+    monkeypatch.setattr(S, "FLAT_MAX", 100)
+    monkeypatch.setattr(S, "RERANK_FLAT_MAX", 300)
+    f = rng.standard_normal((n, 8)).astype(np.float32)
+    cam = rng.integers(0, 3, n)
+    _, info = S.sparse_inter_round(f, None, cam, 10, similarity=similarity, k=24)
+    assert info["index"] == want
