@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["NotEnoughMemory", "available", "require", "format_bytes"]
+__all__ = ["NotEnoughMemory", "available", "require", "format_bytes", "resident"]
 
 
 class NotEnoughMemory(MemoryError, ValueError):
@@ -32,6 +32,17 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return ""
+
+
+def resident():
+    """(resident, peak resident) bytes of this process from /proc/self/status (VmRSS, VmHWM),
+    or None where that cannot be read."""
+    try:
+        with open("/proc/self/status") as fh:
+            fields = dict(line.split(":", 1) for line in fh if line.startswith(("VmRSS", "VmHWM")))
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _read_int(path: str):

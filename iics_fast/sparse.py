@@ -468,7 +468,8 @@ def _both_ends_ref(f, r0, r1, k_near, k_far):
 
 class _Timer:
     """Wall time of the round's steps, recorded into its info dict (and told to `log`, when
-    given, as each step ends: a round in the 10^5s of images runs for many minutes)."""
+    given, as each step ends, with the process's resident memory and its peak so far: a round in
+    the 10^5s of images runs for many minutes, near the machine's memory)."""
 
     def __init__(self, log=None):
         import time
@@ -481,7 +482,11 @@ class _Timer:
         info[key] = round(now - self._t, 3)
         self._t = now
         if self._log is not None:
-            self._log(f"    {key[5:-2] if key.startswith('time_') else key}: {info[key]:.1f} s")
+            from .memory import format_bytes, resident
+
+            mem = resident()
+            mem = f" (resident {format_bytes(mem[0])}, peak {format_bytes(mem[1])})" if mem else ""
+            self._log(f"    {key[5:-2] if key.startswith('time_') else key}: {info[key]:.1f} s{mem}")
 
 
 def _normalise(features) -> np.ndarray:
@@ -1172,6 +1177,7 @@ def _link_graph(f, scores, camids, mu, blk, k_inter, rerank, k1, k2, lambda_valu
         value = value.astype(np.float64)
         lo = rng_ = None
     bounds = _initial_bounds(blk, n, b, u, c0, cams, background, alpha)
+    blk.clear()  # the candidate lists (hundreds of MB at N = 200,000) would sit in the linkage's peak
     tile_sums = None
     if recheck_margin is not None and rerank:
         pair_values = _exact_pairs(f, scores, camids, mu, n, gi, gj, value,

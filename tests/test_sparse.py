@@ -958,3 +958,17 @@ def test_auto_index_keeps_the_reranking_round_exact_longer(rng, monkeypatch, sim
     cam = rng.integers(0, 3, n)
     _, info = S.sparse_inter_round(f, None, cam, 10, similarity=similarity, k=24)
     assert info["index"] == want
+
+
+def test_round_logs_each_step_with_its_memory(rng):
+    """log= hears each step as it ends, with the resident memory and its peak so far (Linux)."""
+    from iics_fast.memory import resident
+
+    lines = []
+    f = rng.standard_normal((120, 8)).astype(np.float32)
+    S.sparse_inter_round(f, None, rng.integers(0, 3, 120), 10, k=24, log=lines.append)
+    assert [line.split(":")[0].strip() for line in lines] == ["graph", "rerank", "linkage"]
+    mem = resident()
+    if mem is not None:
+        assert 0 < mem[0] <= mem[1]
+        assert all("resident" in line and "peak" in line for line in lines)
