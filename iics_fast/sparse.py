@@ -90,6 +90,7 @@ FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
 RERANK_FLAT_MAX = 200_000  # the same for the re-ranking round, whose pairs IVF multiplies (docs/sparse.md)
 GPU_K_MAX = 2048  # the largest k a faiss-gpu index searches
 SEARCH_BUDGET = 1 << 24  # entries (rows x k, or rows x N on the host) one search of the row max allocates
+ROW_CHUNK = 16384  # rows whose candidate lists are built together
 RECHECK_MARGIN = 2e-3  # heights the model may err by before its merge is re-checked (docs/sparse.md)
 
 
@@ -564,12 +565,32 @@ def _widen_candidates(f, sp, camids, mu, r0, cand, worst, k_rank, wide, built, l
 def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, device, built, k_rank=None):
     """One block of rows' share of the round: their k-NN edges with Eq. 5 on them and, for the
     re-ranking, their candidate lists (the k_cand nearest by cosine; 4 k_cand for the rows whose
-    k_rank-th nearest by Eq. 5 they do not certify) by Eq. 5 distance and the row min / max."""
+    k_rank-th nearest by Eq. 5 they do not certify) by Eq. 5 distance and the row min / max.
+    The lists are built ROW_CHUNK rows at a time (`_row_chunk`): their sorts' temporaries, not
+    the product, would otherwise set the round's peak memory."""
     n = len(f)
     kq = min(n, (max(k, k_cand) if rerank else k) + 1)
-    wide = far = None
+    ends = None
     if built[0] is None:  # the re-ranking on a flat index on the host: one product for both ends
-        wide, far = _both_ends(f, r0, r1, min(n, 4 * kq), min(n, k_far))
+        ends = _both_ends(f, r0, r1, min(n, 4 * kq), min(n, k_far))
+    parts = []
+    for a in range(r0, r1, ROW_CHUNK) or [r0]:  # a rank without rows still gives its (empty) arrays
+        b = min(r1, a + ROW_CHUNK)
+        wide, far = (None, None) if ends is None else (tuple(x[a - r0:b - r0] for x in end) for end in ends)
+        parts.append(_row_chunk(f, sp, camids, mu, k, kq, a, b, rerank, k_far, index, device, built, k_rank,
+                                wide, far))
+    del ends
+    block = {}
+    for key in list(parts[0]):  # key by key, each part's array freed once copied
+        block[key] = np.concatenate([p.pop(key) for p in parts])
+    return block
+
+
+def _row_chunk(f, sp, camids, mu, k, kq, r0, r1, rerank, k_far, index, device, built, k_rank, wide, far):
+    """`_row_block` for rows [r0, r1), given their kq nearest to search (or, from `_both_ends`,
+    their `wide` nearest and `far` farthest)."""
+    n = len(f)
+    if wide is not None:
         sims, ids = wide[0][:, :kq], wide[1][:, :kq]
     else:
         sims, ids = knn(f, kq, (r0, r1), index, device=device, _built=built)

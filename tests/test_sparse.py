@@ -6,6 +6,7 @@ complete graph (k = N - 1, eps = 0) equal to the dense round's partition in both
 and on a k-NN graph within ARI of it; two gloo processes equal to one."""
 import os
 import socket
+from functools import partial
 
 import numpy as np
 import pytest
@@ -972,3 +973,28 @@ def test_round_logs_each_step_with_its_memory(rng):
     if mem is not None:
         assert 0 < mem[0] <= mem[1]
         assert all("resident" in line and "peak" in line for line in lines)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "rerank"])
+def test_row_block_in_chunks_equals_one_chunk(rng, monkeypatch, similarity):
+    """The candidate lists built ROW_CHUNK rows at a time (chunks that do not divide the rows,
+    rows starting mid-way) equal those built at once."""
+    n, rows = 90, (7, 90)
+    f = S._normalise(rng.standard_normal((n, 8)).astype(np.float32))
+    cam = rng.integers(0, 3, n)
+    sp = S.sparse_scores(rng.dirichlet(np.ones(12) * 0.2, n).astype(np.float32), [6, 6], 1e-3)
+    rerank = similarity == "rerank"
+
+    def block():  # mu = 0.1 and one farthest: some rows widened, some maxima searched again
+        built = (None, "flat") if rerank else S._faiss_index(f, "flat", None)
+        return S._row_block(f, sp, cam, 0.1, 5, 8, *rows, rerank, 1, "flat", None, built, 4 if rerank else None)
+
+    whole = block()
+    if rerank:
+        assert 0 < whole["widened"].sum() < rows[1] - rows[0] and whole["max_widened"].any()
+    monkeypatch.setattr(S, "ROW_CHUNK", 13)
+    chunked = block()
+    assert whole.keys() == chunked.keys() and len(whole["kappa"]) == rows[1] - rows[0]
+    for key in whole:  # a maximum searched again comes from a product of other rows: BLAS rounding
+        check = np.testing.assert_array_equal if key != "hi" else partial(np.testing.assert_allclose, atol=1e-6)
+        check(chunked[key], whole[key], err_msg=key)
