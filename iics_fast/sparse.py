@@ -89,7 +89,8 @@ __all__ = ["SparseScores", "ScoreSparsifier", "sparse_scores", "sparse_min_sums"
 FLAT_MAX = 60_000  # above this many images the k-NN search uses an IVF index
 RERANK_FLAT_MAX = 200_000  # the same for the re-ranking round, whose pairs IVF multiplies (docs/sparse.md)
 GPU_K_MAX = 2048  # the largest k a faiss-gpu index searches
-SEARCH_BUDGET = 1 << 24  # entries (rows x k, or rows x N on the host) one search of the row max allocates
+SEARCH_BUDGET = 1 << 24  # entries one search of the row max (rows x k, or rows x N on the host) or one
+#                          block of `_both_ends`' product allocates
 ROW_CHUNK = 16384  # rows whose candidate lists are built together
 RECHECK_MARGIN = 2e-3  # heights the model may err by before its merge is re-checked (docs/sparse.md)
 
@@ -434,18 +435,22 @@ def _one_product(rerank: bool, kind: str, device) -> bool:
 def _both_ends(f, r0, r1, k_near, k_far):
     """Rows [r0, r1)'s k_near nearest (largest cosine, best first) and k_far farthest (smallest
     cosine, farthest first) among the normalised rows f, exactly: ((cos, ids), (cos, ids)), int32
-    ids, ties by index. The re-ranking needs both ends of every row. The product of the rows with
-    every image goes block by block (square blocks within SEARCH_BUDGET) into running lists
+    ids, equal cosines by index. The re-ranking needs both ends of every row. The product of the
+    rows with every image goes block by block (within SEARCH_BUDGET entries) into running lists
     (`sparse_top_update`); F F^T is symmetric, so a block of two row blocks serves both: the
-    rows' own square is computed once, half the product a faiss flat search takes for each end."""
+    rows' own square is computed once, half the product a faiss flat search takes for each end.
+    The columns of other ranks' rows (under torch.distributed) go in blocks as wide as the budget
+    allows."""
     native = _native()
     n, m = len(f), r1 - r0
     near = (np.full((m, k_near), -np.inf, np.float32), np.full((m, k_near), -1, np.int32))
     far = (np.full((m, k_far), np.inf, np.float32), np.full((m, k_far), -1, np.int32))
     bs = max(1, min(m, math.isqrt(SEARCH_BUDGET)))
+    width = max(bs, SEARCH_BUDGET // bs)
     own = [(a, min(r1, a + bs)) for a in range(r0, r1, bs)]
-    others = [(a, min(r0, a + bs)) for a in range(0, r0, bs)] + [(a, min(n, a + bs)) for a in range(r1, n, bs)]
-    buf = np.empty(bs * bs, np.float32)
+    others = ([(a, min(r0, a + width)) for a in range(0, r0, width)]
+              + [(a, min(n, a + width)) for a in range(r1, n, width)])
+    buf = np.empty(bs * width, np.float32)
     for t, (a0, a1) in enumerate(own):
         for b0, b1 in own[t:] + others:
             p = np.matmul(f[a0:a1], f[b0:b1].T, out=buf[:(a1 - a0) * (b1 - b0)].reshape(a1 - a0, b1 - b0))
@@ -579,7 +584,9 @@ def _row_block(f, sp, camids, mu, k, k_cand, r0, r1, rerank, k_far, index, devic
         wide, far = (None, None) if ends is None else (tuple(x[a - r0:b - r0] for x in end) for end in ends)
         parts.append(_row_chunk(f, sp, camids, mu, k, kq, a, b, rerank, k_far, index, device, built, k_rank,
                                 wide, far))
-    del ends
+    del ends, wide, far  # the last chunk's views would keep the whole lists alive
+    if len(parts) == 1:
+        return parts[0]
     block = {}
     for key in list(parts[0]):  # key by key, each part's array freed once copied
         block[key] = np.concatenate([p.pop(key) for p in parts])
@@ -626,7 +633,6 @@ def _row_chunk(f, sp, camids, mu, k, kq, r0, r1, rerank, k_far, index, device, b
     if k_rank is not None and kq < n:
         cand, worst, widened = _widen_candidates(f, sp, camids, mu, r0, cand, worst, k_rank, min(n, 4 * kq), built,
                                                  wide)
-    del wide  # only the widened rows needed the wider lists
     cand_i, cand_j, cand_d = cand
     starts = np.searchsorted(cand_i, np.arange(r0, r1))  # every row has self and k others
     lo = np.minimum(0.0, np.minimum.reduceat(cand_d, starts))
@@ -1050,10 +1056,10 @@ def _model_part_sums(link, a, c, rect_ptr, rects, tile_sums, chunk=1 << 20):
     return sums, int(ends[-1]) if len(ends) else 0
 
 
-def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank, recheck_margin=None):
+def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank, recheck_margin=None, k_far=1):
     """Raise a ValueError naming the problem for `sparse_inter_round`'s inputs: row counts that
-    disagree, k_inter outside 1..N, k < 1, too few candidates for the re-ranking's k1, or a
-    negative re-check margin."""
+    disagree, k_inter outside 1..N, k < 1, k_far < 1 for the re-ranking, too few candidates for
+    its k1, or a negative re-check margin."""
     if len(camids) != n or (scores is not None and scores.n != n):
         raise ValueError(f"features ({n}), scores ({None if scores is None else scores.n}) and camids "
                          f"({len(camids)}) must have one row per image")
@@ -1061,6 +1067,9 @@ def _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank, r
         raise ValueError(f"k_inter = {k_inter} is outside 1..N = {n}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if rerank and k_far < 1:
+        raise ValueError(f"k_far (the farthest images searched a row for the re-ranking's row maximum) "
+                         f"must be >= 1, got {k_far}")
     if recheck_margin is not None and not recheck_margin >= 0:
         raise ValueError(f"recheck_margin must be >= 0 (or None: no re-checks), got {recheck_margin}")
     if rerank and min(max(k, k_candidates), n - 1) + 1 < min(k1 + 1, n):
@@ -1246,7 +1255,7 @@ def sparse_inter_round(features, scores, camids, k_inter, mu=0.02, *, similarity
     camids = np.asarray(camids, np.int64)
     n = len(f)
     rerank = similarity == "rerank"
-    _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank, recheck_margin)
+    _check_inter_args(n, scores, camids, k_inter, k, k_candidates, k1, rerank, recheck_margin, k_far)
     k = min(k, n - 1) if n > 1 else 0
     k_candidates = min(k_candidates, n - 1) if n > 1 else 0
     info = {"N": n, "k": k, "k_candidates": k_candidates if rerank else None, "similarity": similarity}

@@ -682,16 +682,20 @@ def test_pair_lookup_equals_a_search_over_every_key(rng, n, pairs, presorted):
     assert found[:pairs].all() and (pairs == 0 or not found.all())
 
 
-def test_both_ends_sorts_ties_by_index(monkeypatch):
-    """Equal cosines (the same image twice) come in index order in both lists, however the blocks
-    fall: the lists do not depend on the block size."""
+@pytest.mark.parametrize("rows", [(0, 20), (6, 20), (3, 11)])
+def test_both_ends_sorts_ties_by_index(monkeypatch, rows):
+    """Equal cosines (the same image several times) are kept and listed by index in both lists,
+    whatever the block size and wherever the rows start or end (the columns then come in another
+    order), also when a tied entry must give way to an equal one of smaller index."""
     f = S._normalise(np.tile(np.eye(4, dtype=np.float32), (5, 1)))  # 20 images, 4 distinct
-    for budget in (1, 9, 49, 1 << 24):
+    g = S._normalise(np.eye(2, dtype=np.float32)[[0, 1, 1, 0, 0]])
+    for budget in (1, 4, 9, 49, 1 << 24):
         monkeypatch.setattr(S, "SEARCH_BUDGET", budget)
-        (near_c, near_i), (far_c, far_i) = S._both_ends(f, 0, 20, 5, 3)
-        np.testing.assert_array_equal(near_i[0], [0, 4, 8, 12, 16])
-        np.testing.assert_array_equal(far_i[0], [1, 2, 3])
-        np.testing.assert_array_equal(near_c[0], np.ones(5, np.float32))
+        for x, k_near, k_far, r in ((f, 5, 3, rows), (f, 3, 7, rows), (g, 4, 2, (0, 5)), (g, 2, 2, (1, 4))):
+            got = S._both_ends(x, *r, k_near, k_far)
+            for (c, i), (ref_c, ref_i) in zip(got, S._both_ends_ref(x, *r, k_near, k_far)):
+                np.testing.assert_array_equal(i, ref_i)
+                np.testing.assert_array_equal(c, ref_c)
 
 
 @pytest.mark.parametrize("similarity", ["cosine", "rerank"])
@@ -959,6 +963,14 @@ def test_auto_index_keeps_the_reranking_round_exact_longer(rng, monkeypatch, sim
     cam = rng.integers(0, 3, n)
     _, info = S.sparse_inter_round(f, None, cam, 10, similarity=similarity, k=24)
     assert info["index"] == want
+    # where the round searches through a faiss index (as on a GPU), that index is of the kind chosen
+    built = []
+    faiss_index = S._faiss_index
+    monkeypatch.setattr(S, "_one_product", lambda *a: False)
+    monkeypatch.setattr(S, "_faiss_index", lambda x, index, device: built.append(faiss_index(x, index, device)[1])
+                        or faiss_index(x, index, device))
+    _, info = S.sparse_inter_round(f, None, cam, 10, similarity=similarity, k=24)
+    assert built == [want] and info["index"] == want
 
 
 def test_round_logs_each_step_with_its_memory(rng):
@@ -998,3 +1010,10 @@ def test_row_block_in_chunks_equals_one_chunk(rng, monkeypatch, similarity):
     for key in whole:  # a maximum searched again comes from a product of other rows: BLAS rounding
         check = np.testing.assert_array_equal if key != "hi" else partial(np.testing.assert_allclose, atol=1e-6)
         check(chunked[key], whole[key], err_msg=key)
+
+
+def test_round_refuses_no_farthest_images(rng):
+    """k_far < 1 leaves the re-ranking's row maximum unknown: a clear error, not a native one."""
+    f = rng.standard_normal((30, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="k_far"):
+        S.sparse_inter_round(f, None, rng.integers(0, 3, 30), 5, k=24, k_far=0)

@@ -245,17 +245,25 @@ void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float
 
 namespace {
 
-// Replaces the root of a heap of k (value, id) whose root is its worst entry (Near: the
-// smallest, else the largest) with (v, id) and restores the order.
+// Whether (a, ia) ranks below (b, ib) in a near (largest first) or far (smallest first) list,
+// ties by the smaller id: a strict total order, so the lists kept do not depend on the order
+// the values arrive in.
+template <bool Near>
+inline bool worse(float a, int32_t ia, float b, int32_t ib) {
+  if (a != b) return Near ? a < b : a > b;
+  return ia > ib;
+}
+
+// Replaces the root of a heap of k (value, id) whose root is its worst entry with (v, id) and
+// restores the order.
 template <bool Near>
 void heap_replace_root(float* val, int32_t* ids, int k, float v, int32_t id) {
-  const auto worse = [](float a, float b) { return Near ? a < b : a > b; };
   int pos = 0;
   for (;;) {
     const int l = 2 * pos + 1;
     if (l >= k) break;
-    const int w = (l + 1 < k && worse(val[l + 1], val[l])) ? l + 1 : l;
-    if (!worse(val[w], v)) break;
+    const int w = (l + 1 < k && worse<Near>(val[l + 1], ids[l + 1], val[l], ids[l])) ? l + 1 : l;
+    if (!worse<Near>(val[w], ids[w], v, id)) break;
     val[pos] = val[w];
     ids[pos] = ids[w];
     pos = w;
@@ -284,16 +292,17 @@ void top_update_cpu(const float* p, int64_t r, int64_t c, int64_t gr0, int64_t g
       for (int64_t j0 = 0; j0 < c; j0 += kTopChunk) {
         const int64_t j1 = std::min(c, j0 + kTopChunk);
         int hit = 0;
-        for (int64_t j = j0; j < j1; ++j) hit |= (row[j] > tn) | (row[j] < tf);
+        for (int64_t j = j0; j < j1; ++j) hit |= (row[j] >= tn) | (row[j] <= tf);
         if (!hit) continue;
         for (int64_t j = j0; j < j1; ++j) {
           const float v = row[j];
-          if (v > tn) {
-            heap_replace_root<true>(nc, ni, kn, v, static_cast<int32_t>(gc0 + j));
+          const int32_t id = static_cast<int32_t>(gc0 + j);
+          if (worse<true>(nc[0], ni[0], v, id)) {
+            heap_replace_root<true>(nc, ni, kn, v, id);
             tn = nc[0];
           }
-          if (v < tf) {
-            heap_replace_root<false>(fc, fi, kf, v, static_cast<int32_t>(gc0 + j));
+          if (worse<false>(fc[0], fi[0], v, id)) {
+            heap_replace_root<false>(fc, fi, kf, v, id);
             tf = fc[0];
           }
         }
@@ -316,17 +325,18 @@ void top_update_cpu(const float* p, int64_t r, int64_t c, int64_t gr0, int64_t g
         for (int64_t j0 = ja; j0 < jb; j0 += kTopChunk) {
           const int64_t j1 = std::min(jb, j0 + kTopChunk);
           int hit = 0;
-          for (int64_t j = j0; j < j1; ++j) hit |= (row[j] > tn[j - ja]) | (row[j] < tf[j - ja]);
+          for (int64_t j = j0; j < j1; ++j) hit |= (row[j] >= tn[j - ja]) | (row[j] <= tf[j - ja]);
           if (!hit) continue;
+          const int32_t id = static_cast<int32_t>(gr0 + i);
           for (int64_t j = j0; j < j1; ++j) {
             const float v = row[j];
             const int64_t h = gc0 - r0 + j;
-            if (v > tn[j - ja]) {
-              heap_replace_root<true>(near_c + h * kn, near_i + h * kn, kn, v, static_cast<int32_t>(gr0 + i));
+            if (worse<true>(near_c[h * kn], near_i[h * kn], v, id)) {
+              heap_replace_root<true>(near_c + h * kn, near_i + h * kn, kn, v, id);
               tn[j - ja] = near_c[h * kn];
             }
-            if (v < tf[j - ja]) {
-              heap_replace_root<false>(far_c + h * kf, far_i + h * kf, kf, v, static_cast<int32_t>(gr0 + i));
+            if (worse<false>(far_c[h * kf], far_i[h * kf], v, id)) {
+              heap_replace_root<false>(far_c + h * kf, far_i + h * kf, kf, v, id);
               tf[j - ja] = far_c[h * kf];
             }
           }
@@ -348,7 +358,7 @@ void pair_find_cpu(const int64_t* ptr, const int32_t* col, const int32_t* qi, co
 }
 
 void top_sort_cpu(float* val, int32_t* ids, int64_t m, int k, bool descending) {
-#pragma omp parallel
+#pragma omp parallel if (m * k >= kParallelMin)
   {
     std::vector<std::pair<float, int32_t>> row(k);
 #pragma omp for schedule(static)

@@ -48,8 +48,8 @@ void sparse_tile_jaccard_cpu(const int64_t* ptr, const int32_t* col, const float
 // (smallest kf) are heaps, one row of each a list, for the global rows r0 .. r0 + lists, their
 // roots the worst entry kept (start them at -inf / +inf and id -1). rows_side: p's rows update
 // their lists with the columns (ids gc0 + j); cols_side: p's columns update theirs with the rows
-// (ids gr0 + i): one block of a symmetric product serves both sides. An entry goes in when it
-// beats the root strictly (the first seen of equal values stays).
+// (ids gr0 + i): one block of a symmetric product serves both sides. The lists rank by value,
+// ties by the smaller id (a total order: what they keep does not depend on the blocks' order).
 void top_update_cpu(const float* p, int64_t r, int64_t c, int64_t gr0, int64_t gc0, int64_t r0,
                     float* near_c, int32_t* near_i, int kn, float* far_c, int32_t* far_i, int kf,
                     bool rows_side, bool cols_side);
