@@ -15,6 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
+from iics_fast.memory import status_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,15 +25,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def status_kib(field: str) -> int:
-    """A size field of /proc/self/status (VmRSS, VmHWM, ...) in KiB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def can_reset_peak() -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["NotEnoughMemory", "available", "require", "format_bytes", "resident"]
+__all__ = ["NotEnoughMemory", "available", "require", "format_bytes", "resident", "status_kib"]
 
 
 class NotEnoughMemory(MemoryError, ValueError):
@@ -34,14 +34,21 @@ def format_bytes(n: float) -> str:
     return ""
 
 
+def status_kib(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM, ...) in KiB; OSError where there is none."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
 def resident():
-    """(resident, peak resident) bytes of this process from /proc/self/status (VmRSS, VmHWM),
-    or None where that cannot be read."""
+    """(resident, peak resident) bytes of this process (VmRSS, VmHWM), or None where the system
+    does not say."""
     try:
-        with open("/proc/self/status") as fh:
-            fields = dict(line.split(":", 1) for line in fh if line.startswith(("VmRSS", "VmHWM")))
-        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
+        return status_kib("VmRSS") * 1024, status_kib("VmHWM") * 1024
+    except OSError:
         return None
 
 
