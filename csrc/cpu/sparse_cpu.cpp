@@ -357,16 +357,18 @@ void pair_find_cpu(const int64_t* ptr, const int32_t* col, const int32_t* qi, co
   }
 }
 
-void top_sort_cpu(float* val, int32_t* ids, int64_t m, int k, bool descending) {
+namespace {
+// Each of the m lists best first in the lists' own order (`worse`).
+template <bool Near>
+void top_sort_lists(float* val, int32_t* ids, int64_t m, int k) {
 #pragma omp parallel if (m * k >= kParallelMin)
   {
     std::vector<std::pair<float, int32_t>> row(k);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < m; ++i) {
       for (int e = 0; e < k; ++e) row[e] = {val[i * k + e], ids[i * k + e]};
-      std::sort(row.begin(), row.end(), [descending](const auto& a, const auto& b) {
-        if (a.first != b.first) return descending ? a.first > b.first : a.first < b.first;
-        return a.second < b.second;
+      std::sort(row.begin(), row.end(), [](const auto& a, const auto& b) {
+        return worse<Near>(b.first, b.second, a.first, a.second);
       });
       for (int e = 0; e < k; ++e) {
         val[i * k + e] = row[e].first;
@@ -374,6 +376,14 @@ void top_sort_cpu(float* val, int32_t* ids, int64_t m, int k, bool descending) {
       }
     }
   }
+}
+}  // namespace
+
+void top_sort_cpu(float* val, int32_t* ids, int64_t m, int k, bool descending) {
+  if (descending)
+    top_sort_lists<true>(val, ids, m, k);
+  else
+    top_sort_lists<false>(val, ids, m, k);
 }
 
 void pair_dots_cpu(const float* f, int64_t d, const int32_t* ei, const int32_t* ej, int64_t edges,
