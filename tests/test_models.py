@@ -172,6 +172,22 @@ def test_classifier_head_init_and_frozen_bias():
         ClassifierHead(16, 0)
 
 
+def test_cpu_bf16_when_chosen_is_deterministic_and_finite():
+    """Where `amp_dtype` picks bf16 on this CPU, a small strided convolution (the shape of
+    ResNet-18's layer3 entry on a 32x16 input) gives the same finite values on every call."""
+    from iics_fast import models
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(128, 256, 3, 2, 1, bias=False).eval()
+    x = torch.randn(8, 128, 4, 2)
+    dtype = models.amp_dtype("bf16", torch.device("cpu"))
+    outs = []
+    for _ in range(40):
+        with torch.no_grad(), models.autocast(dtype, torch.device("cpu")):
+            outs.append(conv(x).float())
+    assert all(torch.isfinite(y).all() and torch.equal(y, outs[0]) for y in outs)
+
+
 def test_amp_dtype_per_device(monkeypatch):
     from iics_fast import models
 

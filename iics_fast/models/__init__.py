@@ -48,8 +48,8 @@ def aibn_alphas(model: nn.Module) -> list[nn.Parameter]:
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The dtype the network runs in under autocast for `--amp` ("bf16" | "fp16" | "off") on
     `device`, None for float32. On a CPU only bf16 applies, and only where oneDNN computes it
-    natively (AVX-512 BF16 or AMX: about 1.7x a float32 ResNet-18 step); elsewhere emulated bf16
-    is slower than float32, so float32 it is."""
+    natively through AVX-512 BF16 without AMX (`cpu_has_native_bf16`: about 1.7x a float32
+    ResNet-18 step there); elsewhere float32."""
     if amp == "off":
         return None
     if device.type == "cuda":
@@ -68,5 +68,20 @@ def autocast(dtype: torch.dtype | None, device: torch.device):
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 convolutions natively on this CPU."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether oneDNN runs bf16 convolutions natively on this CPU, and soundly: on CPUs with AMX
+    its bf16 convolutions of small feature maps (torch 2.13: a 3x3 stride-2 convolution of a 4x2
+    map) give other values on every call, NaN at times, and a ResNet-18 step there measured no
+    faster than float32 (2.0 s against 1.9 s); so AMX CPUs keep float32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "amx_bf16" not in _cpu_flags()
+
+
+def _cpu_flags() -> set:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
