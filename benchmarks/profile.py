@@ -567,6 +567,10 @@ def run_sparse(n, cameras, k_inter, seed=0, k_intra=K_INTRA, similarity="rerank"
     Returns (PhaseResults, info dict)."""
     from iics_fast import sparse as S
 
+    if heads not in ("clusters", "samples"):
+        raise ValueError(f"heads must be 'clusters' or 'samples', got {heads!r}")
+    if fast_scores and (max_per_block is None or compare_dense):
+        raise ValueError("--fast-scores needs --max-per-block and cannot be compared with the dense round")
     res: list[PhaseResult] = []
     with meter("extract", res, "simulated: synthetic features"):
         feats, camids, _ = synthetic_features(n, cameras, seed)
@@ -578,12 +582,8 @@ def run_sparse(n, cameras, k_inter, seed=0, k_intra=K_INTRA, similarity="rerank"
             labels = pipeline.intra_camera_labels(torch.from_numpy(feats), camids, k_intra, rerank=rerank)
         log(f"  intra                 {res[-1].time_s:8.2f} s")
         heads = heads_from_labels(feats, camids, labels)
-    elif heads == "samples":
-        heads = heads_from_samples(feats, camids, k_intra, seed)
     else:
-        raise ValueError(f"heads must be 'clusters' or 'samples', got {heads!r}")
-    if fast_scores and (max_per_block is None or compare_dense):
-        raise ValueError("--fast-scores needs --max-per-block and cannot be compared with the dense round")
+        heads = heads_from_samples(feats, camids, k_intra, seed)
     if fast_scores:
         with meter("scores", res, f"simulated: top-{max_per_block} of projected logits a head (eps {eps})"):
             sp = direct_sparse_scores(projected_logits(feats, heads), n, [h.shape[0] for h in heads], eps,
@@ -640,67 +640,124 @@ def profile_sparse(n, cameras, k_inter, scale_name=None, seed=0, out="profile_ou
 
 
 def parse_scale(text, cameras=None):
-    """'msmt17' etc. or an image count; returns (name, N, C, k_inter)."""
+    """'msmt17' etc. or an image count; returns (name, N, C, k_inter). cameras: None for the
+    scale's default, else at least 1."""
+    if cameras is not None and cameras < 1:
+        raise ValueError(f"--cameras must be at least 1, got {cameras}; leave it out for the scale's default")
     if text in SCALES:
         n, c, k = SCALES[text]
-        return text, n, cameras or c, k
+        return text, n, c if cameras is None else cameras, k
     try:
         n = int(text)
     except ValueError:
         raise ValueError(f"--scale must be one of {sorted(SCALES)} or an image count, got {text!r}") from None
     if n < 2:
         raise ValueError(f"--scale N needs at least 2 images, got {n}")
-    c = cameras or 6
+    c = 6 if cameras is None else cameras
     return str(n), n, min(c, n), min(800, max(1, n // 16))
 
 
+def check_out(out):
+    """Raise a ValueError unless `out` is a folder, or one can be made there, that we can write in."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"--out {out}: {path} is a file, not a folder; give a folder (new or existing) "
+                         f"for the results")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {path}; give a folder you can write in")
+
+
+def check_options(args, kw, n, cameras):
+    """Raise a ValueError naming the first bad option and its fix. args: the parsed options; kw: the
+    mode's own options that were given; n, cameras: the round's N and C."""
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.k_inter is not None and not 1 <= args.k_inter <= n:
+        raise ValueError(f"--k-inter must be in 1..N = {n}, got {args.k_inter}")
+    low = max(2, cameras)  # an image a camera
+    if any(s < low for s in kw.get("reference_sizes", ())):
+        raise ValueError(f"--reference-sizes must each be at least {low} (2, and an image a camera), "
+                         f"got {kw['reference_sizes']}")
+    if kw.get("reference_rows", 1) < 1:
+        raise ValueError(f"--reference-rows must be >= 1, got {kw['reference_rows']}")
+    if not kw.get("reference_max_gb", 1) > 0:
+        raise ValueError(f"--reference-max-gb must be > 0, got {kw['reference_max_gb']}; "
+                         f"--no-reference skips the reference")
+    if kw.get("k", 1) < 1:
+        raise ValueError(f"--k (neighbours a row) must be >= 1, got {kw['k']}")
+    if not 0 <= kw.get("eps", 0) < 1:
+        raise ValueError(f"--eps (score mass a head may drop) must be in [0, 1), got {kw['eps']}")
+    if kw.get("max_per_block", 1) < 1:
+        raise ValueError(f"--max-per-block must be >= 1, got {kw['max_per_block']}")
+    if "fast_scores" in kw and "max_per_block" not in kw:
+        raise ValueError("--fast-scores needs --max-per-block (entries kept a head), e.g. --max-per-block 16")
+    if "fast_scores" in kw and "compare_dense" in kw:
+        raise ValueError("--fast-scores cannot be combined with --compare-dense (the dense round needs the "
+                         "dense scores): drop one of them")
+    check_out(args.out)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Parse `argv`, check every option before any work, run the profile of --mode and return
+    its record. A bad option raises a ValueError naming it, which `python -m benchmarks.profile`
+    prints as one line `error: ...` with exit status 2 (iics_fast.cli.run)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    only = {"dense": [], "sparse": []}  # options of one mode: refused in the other, where they change nothing
+
+    def option(mode, *flags, **kw):
+        only[mode].append(parser.add_argument(*flags, default=argparse.SUPPRESS, **kw))
+
     parser.add_argument("--scale", default="market1501", help="market1501 | dukemtmc | msmt17 | an image count N")
     parser.add_argument("--cameras", type=int, help="cameras C (default: the dataset's, 6 for a count)")
     parser.add_argument("--out", default="profile_out", help="folder for the JSON record and the PNG chart")
-    parser.add_argument("--reference-sizes", type=int, nargs="+", help="N at which to run the reference")
-    parser.add_argument("--reference-rows", type=int, default=16, help="rows of the reference Jaccard loop to time")
-    parser.add_argument("--reference-max-gb", type=float, default=8.0, help="skip reference sizes estimated above this")
-    parser.add_argument("--no-reference", action="store_true", help="profile iics_fast only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=("dense", "sparse"), default="dense",
                         help="dense: the round beside the reference pipeline; sparse: the sparse round "
                              "(iics_fast.sparse), no N x N matrix")
-    parser.add_argument("--similarity", choices=("rerank", "cosine"), default="rerank",
-                        help="sparse mode: with or without the k-reciprocal re-ranking")
-    parser.add_argument("--k", type=int, default=32, help="sparse mode: neighbours a row in the candidate graph")
-    parser.add_argument("--eps", type=float, default=1e-3, help="sparse mode: score mass each head may drop")
-    parser.add_argument("--max-per-block", type=int, default=None, help="sparse mode: entries kept a head at most")
-    parser.add_argument("--heads", choices=("clusters", "samples"), default="clusters",
-                        help="sparse mode: simulated heads from the intra-camera clusters (runs the "
-                             "intra-camera clustering) or from sampled images (no clustering)")
-    parser.add_argument("--fast-scores", action="store_true",
-                        help="sparse mode: simulate the sparse scores straight from logits in a 128-d "
-                             "projection (top entries only, never the dense N x D): for N in the 10^5s")
-    parser.add_argument("--index", choices=("auto", "flat", "ivf"), default="auto",
-                        help="sparse mode: the k-NN index (auto: flat up to 60,000 images, 200,000 for "
-                             "the re-ranking round, IVF above)")
-    parser.add_argument("--compare-dense", action="store_true",
-                        help="sparse mode: also run the dense round on the same data and report the ARI")
     parser.add_argument("--k-inter", type=int,
                         help="inter-camera clusters (default: the scale's; for a count N, min(800, N // 16))")
+    option("dense", "--reference-sizes", type=int, nargs="+", help="dense mode: N at which to run the reference")
+    option("dense", "--reference-rows", type=int, help="dense mode: rows of the reference Jaccard loop to time [16]")
+    option("dense", "--reference-max-gb", type=float,
+           help="dense mode: skip reference sizes estimated above this [8]")
+    option("dense", "--no-reference", dest="reference", action="store_false",
+           help="dense mode: profile iics_fast only")
+    option("sparse", "--similarity", choices=("rerank", "cosine"),
+           help="sparse mode: with or without the k-reciprocal re-ranking [rerank]")
+    option("sparse", "--k", type=int, help="sparse mode: neighbours a row in the candidate graph [32]")
+    option("sparse", "--eps", type=float, help="sparse mode: score mass each head may drop [0.001]")
+    option("sparse", "--max-per-block", type=int, help="sparse mode: entries kept a head at most [no cap]")
+    option("sparse", "--heads", choices=("clusters", "samples"),
+           help="sparse mode: simulated heads from the intra-camera clusters (runs the intra-camera "
+                "clustering) or from sampled images (no clustering) [clusters]")
+    option("sparse", "--fast-scores", action="store_true",
+           help="sparse mode: simulate the sparse scores straight from logits in a 128-d projection "
+                "(top entries only, never the dense N x D): for N in the 10^5s; needs --max-per-block")
+    option("sparse", "--index", choices=("auto", "flat", "ivf"),
+           help="sparse mode: the k-NN index (auto: flat up to 60,000 images, 200,000 for the "
+                "re-ranking round, IVF above) [auto]")
+    option("sparse", "--compare-dense", action="store_true",
+           help="sparse mode: also run the dense round on the same data and report the ARI")
     args = parser.parse_args(argv)
-    try:
-        name, n, c, k = parse_scale(args.scale, args.cameras)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.k_inter is not None:
-        if not 1 <= args.k_inter <= n:
-            parser.error(f"--k-inter must be in 1..N = {n}, got {args.k_inter}")
-        k = args.k_inter
+    other = "sparse" if args.mode == "dense" else "dense"
+    wrong = [a.option_strings[0] for a in only[other] if a.dest in vars(args)]
+    if wrong:
+        it = "it" if len(wrong) == 1 else "them"
+        raise ValueError(f"{', '.join(wrong)} appl{'ies' if it == 'it' else 'y'} to --mode {other} only "
+                         f"(--mode {args.mode} ignores {it}): add --mode {other} or drop {it}")
+    kw = {a.dest: getattr(args, a.dest) for a in only[args.mode] if a.dest in vars(args)}
+    name, n, c, k = parse_scale(args.scale, args.cameras)
+    check_options(args, kw, n, c)
+    k = k if args.k_inter is None else args.k_inter
     if args.mode == "sparse":
-        return profile_sparse(n, c, k, name, args.seed, args.out, similarity=args.similarity, k=args.k,
-                              eps=args.eps, max_per_block=args.max_per_block, compare_dense=args.compare_dense,
-                              heads=args.heads, fast_scores=args.fast_scores, index=args.index)
-    return profile(n, c, k, name, args.reference_sizes, args.reference_rows, args.reference_max_gb,
-                   not args.no_reference, args.seed, args.out)
+        return profile_sparse(n, c, k, name, args.seed, args.out, **kw)
+    return profile(n, c, k, name, seed=args.seed, out=args.out, **kw)
 
 
 if __name__ == "__main__":
-    main()
+    from iics_fast.cli import run
+
+    run(main)
