@@ -168,7 +168,11 @@ def main(argv=None) -> dict:
               if not args.only or any(s in k for s in args.only)}
     if not chosen:
         raise ValueError(f"--only {args.only} matches no setting of {list(settings(extra))}")
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:  # a file of that name or on its path, no permission
+        raise ValueError(f"--out {args.out!r}: cannot make the output folder ({exc.strerror}); "
+                         f"give a folder, not a file, where you can write") from None
     jobs = [(name, seed, extra + argv_s + ["--seed", str(seed), "--no-progress",
                                           "--no-verbose"],
              os.path.join(args.out, "runs", f"{slug(name)}-seed{seed}"))

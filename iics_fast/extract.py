@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 
 import numpy as np
@@ -21,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .config import check_device, flag
 from .data.transforms import EvalTransform, ImageDataset
+from .train import json_object
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -141,27 +142,43 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", help="rank this dataset's queries against its gallery "
                                      "(as `iics_fast.datasets.build` names it)")
     r.add_argument("--root", help="dataset directory")
-    r.add_argument("--dataset-options", type=json.loads, default={},
-                   help="extra options of the dataset, as JSON")
+    r.add_argument("--dataset-options", type=json_object,
+                   help="extra options of the dataset, as a JSON object")
     r.add_argument("--figure", help="write the ranked lists as a figure (.png): each query, "
                                     "then its top-k framed green for a true match, red "
                                     "otherwise, grey when the identities are unknown")
-    r.add_argument("--num-queries", type=int, default=6,
+    r.add_argument("--num-queries", type=int,
                    help="queries of --dataset in the figure, drawn at random [6]")
-    r.add_argument("--seed", type=int, default=0, help="seed of the query draw [0]")
+    r.add_argument("--seed", type=int, help="seed of the query draw [0]")
     for s in (f, r):
-        s.add_argument("--device", default="cpu")
+        s.add_argument("--device", default="cpu",
+                       help="cpu, cuda, cuda:N, or auto (CUDA when available) [cpu]")
         s.add_argument("--batch-size", type=int, default=64)
     return p
+
+
+#: the options of `rank --dataset` alone, and their defaults
+DATASET_ONLY = {"root": None, "dataset_options": {}, "num_queries": 6, "seed": 0}
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.command == "rank" and (args.top_k < 1 or args.num_queries < 1):
-        raise ValueError(f"--top-k and --num-queries must be >= 1, got {args.top_k} and "
-                         f"{args.num_queries}")
+    check_device(args.device)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.command == "rank":
+        given = [k for k in DATASET_ONLY if getattr(args, k) is not None]
+        if args.dataset is None and given:
+            raise ValueError(f"{', '.join(flag(k) for k in given)}: only for ranking a --dataset; "
+                             f"drop them to rank one QUERY against a GALLERY")
+        for k, default in DATASET_ONLY.items():
+            if getattr(args, k) is None:
+                setattr(args, k, default)
+        if args.top_k < 1 or args.num_queries < 1:
+            raise ValueError(f"--top-k and --num-queries must be >= 1, got {args.top_k} and "
+                             f"{args.num_queries}")
     model, cfg = load_model(args.checkpoint, args.device)
     if args.command == "features":
         features_command(model, cfg, args)
@@ -239,10 +256,11 @@ def rank_dataset(model, cfg: dict, args) -> None:
     gf = extract_features(model, [p for p, _, _ in ds.gallery], *size, args.batch_size,
                           args.device)
     lists = ranked_lists(qf, gf, list(ds.query), list(ds.gallery), args.num_queries, args.top_k,
-                         args.seed)
-    for (q, ranked) in lists:
-        hits = "".join("+" if m else "-" for _, _, m in ranked)
-        print(f"{q[0]} (id {q[1]}, camera {q[2] + 1}): {hits}")
+                         args.seed, known=ds.evaluable)
+    for (q, ranked) in lists:  # + a true match, - not, ? unknown identities
+        hits = "".join("?" if m is None else "+" if m else "-" for _, _, m in ranked)
+        who = "" if q[1] is None else f"id {q[1]}, "
+        print(f"{q[0]} ({who}camera {q[2] + 1}): {hits}")
     if args.figure:
         plot_ranked_lists(lists, args.figure, title=f"{args.dataset}: {args.checkpoint}")
         print(f"figure: {args.figure}")

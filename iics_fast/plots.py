@@ -113,15 +113,19 @@ def plot_similarity(hists: dict, path: str) -> None:
 
 
 def ranked_lists(qf, gf, query: list, gallery: list, num_queries: int = 6, top_k: int = 10,
-                 seed: int = 0) -> list[tuple]:
+                 seed: int = 0, known: bool = True) -> list[tuple]:
     """The top-k gallery items of a few queries by cosine distance, as the evaluation ranks
     them: gallery images of the query's identity under the query's camera are left out (they
     are not counted by the Market-1501 protocol), and so is pid -1 (junk). `query` / `gallery`
-    are (path, pid, camid) items; a pid of None means unknown. Queries are drawn at random
-    (seeded) among those with a match in the gallery when identities are known.
+    are (path, pid, camid) items; a pid of None means unknown, and `known=False` (a dataset
+    that is not `evaluable`, e.g. a folder's pid -1) makes every pid unknown: nothing is left
+    out and no match is flagged. Queries are drawn at random (seeded) among those with a match
+    in the gallery when identities are known.
     Returns [(query item, [(gallery item, distance, match: bool | None)])]."""
     import torch
 
+    if not known:
+        query, gallery = ([(p, None, c) for p, _, c in items] for items in (query, gallery))
     qf = torch.nn.functional.normalize(torch.as_tensor(qf).float(), dim=1)
     gf = torch.nn.functional.normalize(torch.as_tensor(gf).float(), dim=1)
     g_pid = np.array([-2 if g[1] is None else g[1] for g in gallery])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import time
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_save, derive_seed
+from .config import flag
 from .losses import batch_hard_triplet
 
 #: the `--pretrained` value that names the cached source weights
@@ -157,6 +159,31 @@ def source_weights(arch: str, height: int, width: int, cache_dir: str | None = N
     return path
 
 
+def check_args(args, p: argparse.ArgumentParser) -> None:
+    """Refuse an unwritable --out or an option value that cannot work, before any training
+    (a ValueError: `error: ...` and exit status 2 under `iics_fast.cli.run`)."""
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a folder: name the weights file, e.g. "
+                         f"{os.path.join(args.out, 'source.pth')}")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {args.out!r}: cannot write into {folder}; choose a folder "
+                         f"that exists and that you can write into")
+    checks = [("epochs", "an integer >= 1", args.epochs >= 1),
+              ("height", "an integer >= 1", args.height >= 1),
+              ("width", "an integer >= 1", args.width >= 1),
+              ("threads", "an integer >= 1", args.threads is None or args.threads >= 1),
+              ("lr", "a finite number > 0", math.isfinite(args.lr) and args.lr > 0),
+              ("triplet_weight", "a finite number >= 0",
+               math.isfinite(args.triplet_weight) and args.triplet_weight >= 0),
+              ("camera_strength", "a number in [0, 1]", 0 <= args.camera_strength <= 1)]
+    for key, rule, ok in checks:
+        if not ok:
+            name, default = flag(key), p.get_default(key)
+            example = "" if default is None else f", e.g. the default {name} {default}"
+            raise ValueError(f"{name} {getattr(args, key)} is out of range: give {rule}{example}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m iics_fast.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,6 +202,7 @@ def main(argv=None) -> None:
                    help="bf16 autocast where the CPU computes it natively, else float32 (default: bf16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch")
     args = p.parse_args(argv)
+    check_args(args, p)
     if args.threads:
         torch.set_num_threads(args.threads)
     data = {**SOURCE_DATA, "camera_strength": args.camera_strength}

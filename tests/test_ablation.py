@@ -62,3 +62,10 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         ablation.main(["--out", str(tmp_path), "--seed", "3"])
     with pytest.raises(ValueError, match="matches no setting"):
         ablation.main(["--out", str(tmp_path), "--only", "nothing like it"])
+
+
+def test_out_naming_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "f").write_text("")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(ValueError, match="cannot make the output folder"):
+            ablation.main(["--out", str(out), "--only", "stage 1 only"])

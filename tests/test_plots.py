@@ -54,3 +54,18 @@ def test_unknown_identities_give_no_match_flags(images, tmp_path):
     out = str(tmp_path / "r.png")
     plot_ranked_lists(lists, out, title="t")
     assert os.path.getsize(out) > 1000
+
+
+def test_a_dataset_without_identities_still_ranks_its_gallery(images):
+    """A folder's pid -1 is junk only where identities are known: a dataset that is not
+    evaluable shows its top-k gallery images with no match flag (grey frames)."""
+    query = [(images[0], -1, 0)]
+    gallery = [(p, -1, 0) for p in images[1:6]]
+    qf, gf = torch.randn(1, 4), torch.randn(5, 4)
+    assert ranked_lists(qf, gf, query, gallery, top_k=3)[0][1] == []  # known ids: all junk
+    (q, ranked), = ranked_lists(qf, gf, query, gallery, top_k=3, known=False)
+    assert q == (images[0], None, 0)
+    assert len(ranked) == 3 and [m for _, _, m in ranked] == [None] * 3
+    order = np.argsort((1 - torch.nn.functional.normalize(gf, dim=1)
+                        @ torch.nn.functional.normalize(qf, dim=1)[0]).numpy(), kind="stable")
+    assert [g[0] for g, _, _ in ranked] == [gallery[j][0] for j in order[:3]]

@@ -84,3 +84,40 @@ def test_default_source_training_is_classification_only(tmp_path):
     assert all(torch.equal(base[k], v) for k, v in train(margin=5.0).items())
     with_triplet = train(triplet_weight=1.0, margin=5.0)
     assert not torch.equal(base["conv1.weight"], with_triplet["conv1.weight"])
+
+
+def _refuse_training(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("trained before checking the options")
+
+    monkeypatch.setattr(pretrain, "train_source", fail)
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch):
+    _refuse_training(monkeypatch)
+    with pytest.raises(ValueError, match="cannot write into"):
+        pretrain.main(["--out", str(tmp_path / "nodir" / "x.pth"), "--epochs", "1"])
+    with pytest.raises(ValueError, match="is a folder"):
+        pretrain.main(["--out", str(tmp_path), "--epochs", "1"])
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--epochs", "0"), ("--threads", "-1"), ("--height", "0"), ("--width", "-2"),
+    ("--lr", "0"), ("--lr", "nan"), ("--triplet-weight", "-1"), ("--triplet-weight", "inf"),
+    ("--camera-strength", "1.5")])
+def test_bad_option_values_are_refused_before_training(tmp_path, monkeypatch, option, value):
+    _refuse_training(monkeypatch)
+    with pytest.raises(ValueError, match=f"^{option} .* is out of range: give "):
+        pretrain.main(["--out", str(tmp_path / "x.pth"), option, value])
+
+
+def test_bad_option_is_a_one_line_error_with_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "iics_fast.pretrain", "--out",
+                           str(tmp_path / "x.pth"), "--epochs", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: --epochs 0 is out of range: give an integer >= 1, "
+                                        "e.g. the default --epochs 24"]
