@@ -85,11 +85,12 @@ def _range_text(lo, hi, hi_open=False) -> str:
 
 
 def _example(key) -> str:
-    """`, e.g. the default --rounds 40` where the option has a default value."""
+    """`; e.g. the paper's --rounds 40` where the option has a default (the paper's setting;
+    a preset such as the demo's may use another)."""
     from .train import DEFAULTS
 
     default = DEFAULTS.get(key, (None,))[0]
-    return "" if default is None else f"; e.g. the default {flag(key)} {default}"
+    return "" if default is None else f"; e.g. the paper's {flag(key)} {default}"
 
 
 def _check_int(key, value, lo, hi, what):

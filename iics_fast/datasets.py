@@ -48,6 +48,15 @@ def names() -> list:
     return list(_LOADERS)
 
 
+def canonical(name):
+    """The canonical name of dataset ``name`` ("msmt", "MSMT17" -> "msmt17"); a name that is no
+    dataset comes back unchanged (``build`` and the config check report it)."""
+    if not isinstance(name, str):
+        return name
+    key = _ALIASES.get(name.lower(), name.lower())
+    return key if key in _LOADERS else name
+
+
 def _loader(name: str):
     """The canonical name and loader of dataset ``name`` (aliases allowed)."""
     if not isinstance(name, str):

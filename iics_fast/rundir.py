@@ -34,7 +34,7 @@ CHECKPOINT = "last.pt"
 PREVIOUS = "previous.pt"
 #: the files a run writes into its folder
 OUTPUTS = (LOCK, CHECKPOINT, PREVIOUS, "best.pt", "config.json", "metrics.jsonl", "metrics.png",
-           "similarity.png")
+           "similarity.png", "ranked_before.png", "ranked_after.png")
 _TMP = re.compile(r"\.tmp\d+(\.\w+)?$")  # name.tmp<pid> and name.tmp<pid>.png
 _CHECKPOINT_KEYS = ("config", "progress", "model")
 
@@ -145,6 +145,9 @@ class RunFolder:
                                      f"copy the run to a folder you can write and resume there")
             return
         base = _nearest_existing(out)
+        if not os.path.isdir(base):
+            raise RunFolderError(f"--out {out}: {base} is a file, not a folder; choose an --out "
+                                 f"that is a folder or does not exist yet")
         if not os.access(base, os.W_OK | os.X_OK):
             where = "it" if base == os.path.abspath(out) else f"{base}"
             raise RunFolderError(f"--out {out}: cannot write into {where} (permission denied); "

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from . import datasets
 from . import distributed as D
 from .config import CHOICES
 
@@ -28,7 +29,8 @@ DEFAULTS = {
     # data
     "dataset": ("synthetic", "market1501 | dukemtmc | msmt17 | synthetic | folder"),
     "root": (None, "dataset directory (synthetic: generated into $IICS_FAST_CACHE)"),
-    "dataset_options": ({}, "extra options of iics_fast.datasets.build, as JSON"),
+    "dataset_options": ({}, "extra options of iics_fast.datasets.build, as JSON (in place of "
+                        "the preset's whole set: give every option you need)"),
     "height": (256, "input height (bicubic resize)"),
     "width": (128, "input width"),
     # model
@@ -87,7 +89,7 @@ DEFAULTS = {
     # runtime
     "device": ("auto", "auto | cpu | cuda | cuda:N"),
     "amp": ("bf16", "autocast: bf16 | fp16 (CUDA only, with a GradScaler) | off; on a CPU "
-                    "bf16 only where it is native (AVX-512 BF16, AMX), else float32"),
+                    "bf16 only where it is native (AVX-512 BF16; not on AMX CPUs), else float32"),
     "workers": (None, "DataLoader workers (default: 0 on CPU, min(8, cores) on CUDA)"),
     "batch_extract": (128, "batch size of feature extraction"),
     "threads": (None, "CPU threads of torch (default: torch's choice; fewer helps on a busy CPU)"),
@@ -233,6 +235,8 @@ def resolve(args: argparse.Namespace) -> dict:
     """DEFAULTS -> PRESETS[dataset] -> config file -> command line; device resolved; a missing
     --out becomes runs/<dataset>-<time> (made unique when the run claims it)."""
     given = given_options(args)
+    if "dataset" in given:  # an alias ("msmt", "Market") gets its dataset's preset
+        given["dataset"] = datasets.canonical(given["dataset"])
     dataset = given.get("dataset", DEFAULTS["dataset"][0])
     config = {k: v for k, (v, _) in DEFAULTS.items()}
     config.update(PRESETS.get(dataset, {}))
@@ -373,4 +377,5 @@ def _run(args, config, state, folder, hook, say):
 if __name__ == "__main__":
     from .cli import run
 
-    run(main)
+    run(main, interrupted="the run continues from its last checkpoint with the same command "
+                          "plus --resume --out <its run folder>")

@@ -145,6 +145,17 @@ def test_argparse_errors_stay_short(tmp_path, capsys):
     assert "error: --device 'tpu'" in proc.stderr
 
 
+def test_ctrl_c_says_how_to_continue(capsys):
+    from iics_fast.cli import run
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as stop:
+        run(interrupted, interrupted="continue with --resume")
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "interrupted; continue with --resume\n"
+
+
 # ----------------------------------------------------------------------------- the run folder
 
 
@@ -185,6 +196,16 @@ def test_folder_with_foreign_files_is_not_written(tmp_path):
     with pytest.raises(RunFolderError, match="holds best.pt from something else"):
         RunFolder(str(out), allow_nonempty=True).acquire()
     assert (out / "best.pt").read_bytes() == b"someone else's"
+    (out / "best.pt").unlink()
+    (out / "ranked_before.png").write_bytes(b"my figure")  # the ranked lists too
+    with pytest.raises(RunFolderError, match="holds ranked_before.png from something else"):
+        RunFolder(str(out), allow_nonempty=True).acquire()
+
+
+def test_out_under_a_file_refused_as_such(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(RunFolderError, match=r"afile is a file, not a folder"):
+        RunFolder(str(tmp_path / "afile" / "sub")).acquire()
 
 
 def test_stale_temporary_files_removed_on_the_next_start(tmp_path):
@@ -319,6 +340,30 @@ def test_unwritable_folder_refused_before_any_work(cache, read_only_folder):
 
 
 # ----------------------------------------------------------------------------- data and numerics
+
+
+@pytest.mark.parametrize("name, preset", [("msmt", "msmt17"), ("MSMT17", "msmt17"),
+                                          ("Market", "market1501"), ("Synthetic", "synthetic")])
+def test_dataset_aliases_get_their_presets(name, preset):
+    config = train.resolve(train.parse_args(["--dataset", name]))
+    expected = train.resolve(train.parse_args(["--dataset", preset]))
+    assert config["dataset"] == preset
+    assert {k: v for k, v in config.items() if k != "out"} == {
+        k: v for k, v in expected.items() if k != "out"}
+
+
+def test_paths_that_are_files_or_unwritable_named_as_such(tmp_path, monkeypatch):
+    from iics_fast import datasets
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match=r"afile is a file, not a folder \(the market1501 root\)"):
+        datasets.build("market1501", str(afile))
+    with pytest.raises(ValueError, match=r"cannot make the synthetic set's folder .*afile.*"
+                                         r"\$IICS_FAST_CACHE"):
+        datasets.build("synthetic", str(afile / "cache"), **DATA)
+    with pytest.raises(ValueError, match=r"pid_regex must be a regular expression as a string"):
+        datasets.build("folder", str(tmp_path), pid_regex=5)
 
 
 def test_dataset_messages_in_the_users_terms(tmp_path):

@@ -101,6 +101,9 @@ def is_image(name: str) -> bool:
 
 def require_dir(path: str, what: str) -> str:
     """Return ``path`` if it is a directory, else raise saying what was expected there."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DatasetError(f"{path} is a file, not a folder ({what}); point --root at the "
+                           f"dataset's folder")
     if not os.path.isdir(path):
         parent = os.path.dirname(os.path.abspath(path))
         seen = sorted(os.listdir(parent))[:12] if os.path.isdir(parent) else None

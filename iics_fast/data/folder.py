@@ -31,6 +31,9 @@ from .base import (
 def _compile(regex, what: str):
     if regex is None:
         return None
+    if not isinstance(regex, str):
+        raise DatasetError(f"{what} must be a regular expression as a string, e.g. r'c(\\d+)'; "
+                           f"got {regex!r}")
     try:
         pat = re.compile(regex)
     except re.error as exc:

@@ -332,7 +332,11 @@ def make_synthetic(cache_dir: str | None = None, **options) -> str:
     final = os.path.join(cache_dir, "synthetic-" + hashlib.sha1(spec.encode()).hexdigest()[:12])
     if os.path.isdir(final):
         return final
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot make the synthetic set's folder {cache_dir} ({exc.strerror}); "
+                           f"set --root or $IICS_FAST_CACHE to a folder you can write") from None
     from PIL import Image
 
     images, plan = render_synthetic(**opt)
