@@ -568,19 +568,25 @@ def test_iics_learns_on_the_demo_network(tmp_path, monkeypatch):
     assert ari > LEARNING_ARI, f"inter-camera pseudo-label ARI {ari:.3f} only"
 
 
-def test_query_and_gallery_without_identities_are_not_evaluated(tmp_path):
-    """A folder dataset whose query and gallery carry no identities trains without evaluating
-    (no mAP is defined), instead of failing at the first evaluation."""
+def _image_folder(root, train):
+    """A folder dataset without identities: cameras c1 and c2, `train` training images a camera,
+    2 queries and 3 gallery images a camera."""
     from PIL import Image
 
-    from iics_fast.trainer import Trainer
-
-    for split, count in (("train", 5), ("query", 2), ("gallery", 3)):
-        os.makedirs(tmp_path / "data" / split)
+    for split, count in (("train", train), ("query", 2), ("gallery", 3)):
+        os.makedirs(root / split)
         for cam in (1, 2):
             for i in range(count):
                 Image.new("RGB", (16, 32), (40 * i, 60 * cam, 90)).save(
-                    tmp_path / "data" / split / f"c{cam}_{i:04d}.png")
+                    root / split / f"c{cam}_{i:04d}.png")
+
+
+def test_query_and_gallery_without_identities_are_not_evaluated(tmp_path):
+    """A folder dataset whose query and gallery carry no identities trains without evaluating
+    (no mAP is defined), instead of failing at the first evaluation."""
+    from iics_fast.trainer import Trainer
+
+    _image_folder(tmp_path / "data", train=5)
     argv = TINY[4:] + ["--dataset", "folder", "--root", str(tmp_path / "data"),
                        "--k-intra", "2", "--k-inter", "4", "--out", str(tmp_path / "run")]
     trainer = Trainer(train.resolve(train.parse_args(argv)))
@@ -623,16 +629,9 @@ def test_extract_rank_of_one_query_refuses_the_dataset_options(tmp_path):
 def test_extract_ranks_a_folder_without_identities(tmp_path, capsys):
     """A folder's unknown identities (pid -1) are not junk: the top-k gallery images are
     listed, flagged unknown ('?', grey frames)."""
-    from PIL import Image
-
     from iics_fast import extract, models
 
-    for split, count in (("train", 2), ("query", 2), ("gallery", 3)):
-        os.makedirs(tmp_path / "data" / split)
-        for cam in (1, 2):
-            for i in range(count):
-                Image.new("RGB", (16, 32), (40 * i, 60 * cam, 90)).save(
-                    tmp_path / "data" / split / f"c{cam}_{i:04d}.png")
+    _image_folder(tmp_path / "data", train=2)
     ck = str(tmp_path / "ck.pt")
     torch.save({"config": {"arch": "resnet18", "init_alpha": 0.1, "last_stride": 1,
                            "height": 32, "width": 16},
