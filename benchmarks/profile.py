@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from benchmarks.probes import PeakMemory
-from iics_fast import pipeline
+from iics_fast import pipeline, rundir
 
 #: name -> (images N, cameras C, inter-camera clusters k_inter)
 SCALES = {
@@ -657,18 +657,6 @@ def parse_scale(text, cameras=None):
     return str(n), n, min(c, n), min(800, max(1, n // 16))
 
 
-def check_out(out):
-    """Raise a ValueError unless `out` is a folder, or one can be made there, that we can write in."""
-    path = os.path.abspath(out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"--out {out}: {path} is a file, not a folder; give a folder (new or existing) "
-                         f"for the results")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: cannot write in {path}; give a folder you can write in")
-
-
 def check_options(args, kw, n, cameras):
     """Raise a ValueError naming the first bad option and its fix. args: the parsed options; kw: the
     mode's own options that were given; n, cameras: the round's N and C."""
@@ -696,7 +684,7 @@ def check_options(args, kw, n, cameras):
     if "fast_scores" in kw and "compare_dense" in kw:
         raise ValueError("--fast-scores cannot be combined with --compare-dense (the dense round needs the "
                          "dense scores): drop one of them")
-    check_out(args.out)
+    rundir.check_writable(args.out)
 
 
 def main(argv=None):

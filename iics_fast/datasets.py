@@ -61,7 +61,7 @@ def _loader(name: str):
     """The canonical name and loader of dataset ``name`` (aliases allowed)."""
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
-    key = _ALIASES.get(name.lower(), name.lower())
+    key = canonical(name)
     if key not in _LOADERS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {names()}")
     return key, _LOADERS[key]

@@ -27,7 +27,7 @@ import time
 from .checkpoint import serialise, write_atomic, write_error
 
 __all__ = ["RunFolder", "RunFolderError", "load_checkpoint", "read_checkpoint",
-           "default_out", "OUTPUTS", "LOCK", "CHECKPOINT", "PREVIOUS"]
+           "default_out", "check_writable", "OUTPUTS", "LOCK", "CHECKPOINT", "PREVIOUS"]
 
 LOCK = "run.lock"
 CHECKPOINT = "last.pt"
@@ -106,6 +106,19 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
+def check_writable(out: str) -> None:
+    """Raise RunFolderError unless the folder `out` exists or can be made, and is writable:
+    its nearest existing path must be a folder we can write into."""
+    base = _nearest_existing(out)
+    if not os.path.isdir(base):
+        raise RunFolderError(f"--out {out}: {base} is a file, not a folder; choose an --out "
+                             f"that is a folder or does not exist yet")
+    if not os.access(base, os.W_OK | os.X_OK):
+        where = "it" if base == os.path.abspath(out) else f"{base}"
+        raise RunFolderError(f"--out {out}: cannot write into {where} (permission denied); "
+                             f"choose a folder you can write into")
+
+
 class RunFolder:
     """The folder of one run: checked (`check`), locked (`acquire`), written (`save_checkpoint`,
     `write`), released (`release`, or the end of the process).
@@ -144,14 +157,7 @@ class RunFolder:
                 raise RunFolderError(f"--out {out}: cannot write into it (permission denied); "
                                      f"copy the run to a folder you can write and resume there")
             return
-        base = _nearest_existing(out)
-        if not os.path.isdir(base):
-            raise RunFolderError(f"--out {out}: {base} is a file, not a folder; choose an --out "
-                                 f"that is a folder or does not exist yet")
-        if not os.access(base, os.W_OK | os.X_OK):
-            where = "it" if base == os.path.abspath(out) else f"{base}"
-            raise RunFolderError(f"--out {out}: cannot write into {where} (permission denied); "
-                                 f"choose a folder you can write into")
+        check_writable(out)
         if self.claim or not os.path.isdir(out):
             return
         names = sorted(self._ours_or_stale(os.listdir(out)))
