@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.probes import PeakMemory
+from benchmarks.probes import PeakMemory, machine_info
 
 SCALES = ("small", "large")
 HERE = Path(__file__).resolve().parent
@@ -102,35 +101,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ----------------------------------------------------------------------------- machine, commit
-
-
-def machine_info() -> dict:
-    """CPU model, SIMD, cores, memory and library versions: where a record was measured."""
-    cpu, flags = platform.processor() or platform.machine(), ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = line
-                    break
-    except OSError:
-        pass
-    simd = [s for s in ("avx512f", "avx2", "fma") if f" {s}" in flags]
-    info = {"cpu": cpu, "cores": os.cpu_count(), "simd": simd, "python": platform.python_version()}
-    with contextlib.suppress(ValueError, OSError):
-        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    for mod in ("numpy", "torch", "scipy", "fastcluster", "faiss"):
-        with contextlib.suppress(Exception):
-            info[mod] = __import__(mod).__version__
-    try:
-        from iics_fast._native import native
-
-        info["iics_simd"] = native().simd_variant()
-    except Exception:
-        pass
-    return info
 
 
 def machine_tag(info: dict) -> str:

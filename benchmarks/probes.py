@@ -8,16 +8,40 @@ it in (a process of its own, so that what pytest or an earlier case left residen
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+from iics_fast._native import cpu_info, native
 from iics_fast.memory import status_kib
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine_info() -> dict:
+    """CPU model, SIMD, cores, memory, threads and library versions: where a record was
+    measured."""
+    cpu = cpu_info()
+    info = {"cpu": cpu["model"], "cores": os.cpu_count(),
+            "simd": [s for s in ("avx512f", "avx2", "fma") if s in cpu["flags"]],
+            "python": platform.python_version()}
+    with contextlib.suppress(ValueError, OSError):
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    for mod in ("numpy", "torch", "scipy", "fastcluster", "faiss"):
+        with contextlib.suppress(Exception):
+            info[mod] = __import__(mod).__version__
+    with contextlib.suppress(Exception):
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+    with contextlib.suppress(Exception):
+        info["iics_simd"] = native().simd_variant()
+    return info
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -31,10 +31,8 @@ Output under --out: profile_<scale>.json and profile_<scale>.png, and a table on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import sys
 import time
 from contextlib import contextmanager
@@ -43,7 +41,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from benchmarks.probes import PeakMemory
+from benchmarks.probes import PeakMemory, machine_info
 from iics_fast import pipeline, rundir
 
 #: name -> (images N, cameras C, inter-camera clusters k_inter)
@@ -307,30 +305,6 @@ def default_reference_sizes(n):
 
 
 # --------------------------------------------------------------------------- report
-def machine_info():
-    """CPU model, cores, memory, library versions: where the figures were measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem_gb = None
-    with contextlib.suppress(ValueError, OSError):
-        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "python": platform.python_version(),
-            "numpy": np.__version__}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
-    return info
 
 
 def _plot(record, path):

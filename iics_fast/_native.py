@@ -1,5 +1,7 @@
-"""Access to the compiled extension iics_fast._C with an actionable error when it is missing."""
+"""Access to the compiled extension iics_fast._C with an actionable error when it is missing,
+and the CPU it runs on."""
 import importlib
+import platform
 
 _module = None
 
@@ -17,3 +19,21 @@ def native():
                 "(needs a C++17 compiler), or `cmake -S . -B build && cmake --build build`."
             ) from exc
     return _module
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and feature flags as Linux lists them in /proc/cpuinfo ("model":
+    `platform`'s answer and "flags" empty elsewhere)."""
+    info = {"model": platform.processor() or platform.machine(), "flags": set()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    info["model"] = value.strip()
+                elif key.strip() == "flags":
+                    info["flags"] = set(value.split())
+                    break
+    except OSError:
+        pass
+    return info

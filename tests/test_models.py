@@ -204,6 +204,18 @@ def test_amp_dtype_per_device(monkeypatch):
     assert models.amp_dtype("bf16", cpu) is torch.bfloat16
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no native bf16")
+def test_amx_cpus_keep_float32(monkeypatch):
+    from iics_fast import _native, models
+
+    real = _native.cpu_info()
+    assert real["model"] and real["flags"]  # this CPU computes bf16 natively: Linux lists its flags
+    monkeypatch.setattr(_native, "cpu_info", lambda: {**real, "flags": real["flags"] | {"amx_bf16"}})
+    assert not models.cpu_has_native_bf16()
+    monkeypatch.setattr(_native, "cpu_info", lambda: {**real, "flags": real["flags"] - {"amx_bf16"}})
+    assert models.cpu_has_native_bf16()
+
+
 def test_bf16_autocast_pools_in_float32_and_stays_close():
     torch.manual_seed(0)
     m = build_backbone("resnet18").eval()

@@ -72,16 +72,7 @@ def cpu_has_native_bf16() -> bool:
     its bf16 convolutions of small feature maps (torch 2.13: a 3x3 stride-2 convolution of a 4x2
     map) give other values on every call, NaN at times, and a ResNet-18 step there measured no
     faster than float32 (2.0 s against 1.9 s); so AMX CPUs keep float32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "amx_bf16" not in _cpu_flags()
+    from .._native import cpu_info
 
-
-def _cpu_flags() -> set:
-    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return (bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and "amx_bf16" not in cpu_info()["flags"])
