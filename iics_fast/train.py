@@ -225,26 +225,28 @@ def read_config_file(path: str) -> dict:
 
 
 def given_options(args: argparse.Namespace) -> dict:
-    """The options the user set: the --config file's, overridden by the command line's."""
+    """The options the user set: the --config file's, overridden by the command line's, in
+    their canonical spelling (an alias such as "msmt" or "Market" as its dataset's name,
+    --pretrained none as None), as a run saves them."""
     given = read_config_file(args.config) if args.config else {}
     given.update({k: v for k, v in vars(args).items() if k in DEFAULTS})
+    if "dataset" in given:
+        given["dataset"] = datasets.canonical(given["dataset"])
+    if isinstance(given.get("pretrained"), str) and given["pretrained"].lower() == "none":
+        given["pretrained"] = None
     return given
 
 
 def resolve(args: argparse.Namespace) -> dict:
     """DEFAULTS -> PRESETS[dataset] -> config file -> command line; device resolved; a missing
     --out becomes runs/<dataset>-<time> (made unique when the run claims it)."""
-    given = given_options(args)
-    if "dataset" in given:  # an alias ("msmt", "Market") gets its dataset's preset
-        given["dataset"] = datasets.canonical(given["dataset"])
+    given = given_options(args)  # an alias ("msmt", "Market") gets its dataset's preset
     dataset = given.get("dataset", DEFAULTS["dataset"][0])
     config = {k: v for k, (v, _) in DEFAULTS.items()}
     config.update(PRESETS.get(dataset, {}))
     config.update(given)
     if config["device"] == "auto":
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if isinstance(config["pretrained"], str) and config["pretrained"].lower() == "none":
-        config["pretrained"] = None
     if config["out"] is None:
         from .rundir import default_out
 

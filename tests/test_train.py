@@ -131,6 +131,19 @@ def test_resuming_a_checkpoint_older_than_the_stage1_forward_option():
         train.resume_config(old, {"out": "b"}, {"stage1_forward": "grouped"})
 
 
+def test_resume_takes_an_option_in_any_spelling_the_start_took():
+    # a run started with an alias and --pretrained none saved "synthetic" and None: the same
+    # command plus --resume (an ablation's resume) must not read them as changed
+    args = train.parse_args(["--dataset", "Synthetic", "--pretrained", "None", "--out", "x"])
+    given = train.given_options(args)
+    assert given["dataset"] == "synthetic" and given["pretrained"] is None
+    config = train.resolve(args)
+    assert config["pretrained"] is None and config["rounds"] == train.PRESETS["synthetic"]["rounds"]
+    assert train.resume_config({"config": dict(config)}, config, given)["pretrained"] is None
+    with pytest.raises(ValueError, match="--pretrained 'x.pth' \\(saved None\\)"):
+        train.resume_config({"config": dict(config)}, config, {**given, "pretrained": "x.pth"})
+
+
 def test_grouped_stage1_forward_runs(cache, tmp_path):
     """The default stage-1 forward (all cameras in one batch) through a round: the same
     iterations and, up to float rounding, the same loss as the per-camera forward (statistics
