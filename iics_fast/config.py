@@ -128,6 +128,23 @@ def check_device(device) -> None:
                               f"CUDA device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
 
 
+def check_input_size(height: int, width: int, last_stride: int) -> None:
+    """AIBN in ResNet's layer4 takes instance statistics over its feature map, which needs at
+    least two values: the stem, layer2 and layer3 halve each side (rounding up), layer4 divides
+    it by --last-stride."""
+    def side(n):
+        for _ in range(4):
+            n = -(-n // 2)
+        return -(-n // last_stride)
+
+    if side(height) * side(width) < 2:
+        raise ConfigError(
+            f"--height {height} --width {width} is too small: ResNet's layer4 sees a "
+            f"{side(height)}x{side(width)} map, and AIBN's instance statistics need at least two "
+            f"values; give at least 32 x 16 pixels"
+            + (" (64 x 32 with --last-stride 2)" if last_stride == 2 else ""))
+
+
 def check_config(config: dict) -> None:
     """Raise ConfigError for the first option of `config` that cannot work."""
     from . import datasets
@@ -154,6 +171,8 @@ def check_config(config: dict) -> None:
         raise ConfigError(f"--rerank-k2 {config['rerank_k2']} exceeds --rerank-k1 + 1 = "
                           f"{config['rerank_k1'] + 1}: query expansion reads each sample's "
                           f"k1 + 1 nearest neighbours; lower --rerank-k2 or raise --rerank-k1")
+    if "height" in config and "width" in config:
+        check_input_size(config["height"], config["width"], config.get("last_stride", 1))
     if "device" in config:
         check_device(config["device"])
     if "dataset" in config:

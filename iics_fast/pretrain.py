@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_save, derive_seed
-from .config import flag
+from .config import check_input_size, flag
 from .losses import batch_hard_triplet
 
 #: the `--pretrained` value that names the cached source weights
@@ -182,6 +182,7 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
             name, default = flag(key), p.get_default(key)
             example = "" if default is None else f", e.g. the default {name} {default}"
             raise ValueError(f"{name} {getattr(args, key)} is out of range: give {rule}{example}")
+    check_input_size(args.height, args.width, 1)
 
 
 def main(argv=None) -> None:

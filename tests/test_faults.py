@@ -83,6 +83,8 @@ def _snapshot(folder):
     (["--lr-inter", "-0.001"], "--lr-inter -0.001 is out of range"),
     (["--lr-intra", "inf"], "--lr-intra is inf"),
     (["--height", "0"], "--height 0 is out of range"),
+    (["--height", "16", "--width", "8"], "--height 16 --width 8 is too small: .* a 1x1 map"),
+    (["--last-stride", "2"], r"a 1x1 map.*\(64 x 32 with --last-stride 2\)"),
     (["--device", "tpu"], "--device 'tpu' is not a device"),
     (["--dataset-options", '{"num_people": 3}'], r"unknown option\(s\) \['num_people'\]"),
     (["--rerank-k2", "30"], "--rerank-k2 30 exceeds --rerank-k1"),

@@ -111,6 +111,12 @@ def test_bad_option_values_are_refused_before_training(tmp_path, monkeypatch, op
         pretrain.main(["--out", str(tmp_path / "x.pth"), option, value])
 
 
+def test_too_small_input_is_refused_before_training(tmp_path, monkeypatch):
+    _refuse_training(monkeypatch)
+    with pytest.raises(ValueError, match="--height 16 --width 8 is too small: .* give at least 32 x 16"):
+        pretrain.main(["--out", str(tmp_path / "x.pth"), "--height", "16", "--width", "8"])
+
+
 def test_bad_option_is_a_one_line_error_with_status_2(tmp_path):
     import subprocess
     import sys
