@@ -73,8 +73,8 @@ def fsync_dir(folder: str) -> None:
 def write_atomic(path: str, data: bytes | str, before_replace=None) -> None:
     """Write `data` to `path` through `path.tmp<pid>` + fsync + rename: the old file stays whole
     until the new one is complete (`before_replace()` runs between the two, e.g. to keep the
-    old file under another name). A failure removes the temporary file and raises WriteError
-    saying why."""
+    old file under another name). A failure removes the temporary file; one of writing raises
+    WriteError saying why."""
     if isinstance(data, str):
         data = data.encode("utf-8")
     tmp = f"{path}.tmp{os.getpid()}"
@@ -86,10 +86,12 @@ def write_atomic(path: str, data: bytes | str, before_replace=None) -> None:
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:  # the temporary file goes, whatever failed (before_replace too)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise write_error(exc, path, len(data)) from None
+        if isinstance(exc, OSError):
+            raise write_error(exc, path, len(data)) from None
+        raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 

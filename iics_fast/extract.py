@@ -79,8 +79,9 @@ def check_paths(paths: list[str]) -> None:
 
 def save_features(feats: torch.Tensor, paths: list[str], path: str) -> None:
     """Features and their paths, written atomically: a .pt file holding both, or a .npy beside a
-    .txt path list (one path a line, file names that are not UTF-8 kept byte for byte). A
-    failure leaves any previous files whole."""
+    .txt path list (one path a line, file names that are not UTF-8 kept byte for byte). The
+    .npy is written in full first, the list replaced only then, and the .npy right after: a
+    failure while writing either leaves any previous pair whole."""
     from .checkpoint import atomic_save, write_atomic
 
     if len(feats) != len(paths):
@@ -92,8 +93,8 @@ def save_features(feats: torch.Tensor, paths: list[str], path: str) -> None:
     buf = io.BytesIO()
     np.save(buf, feats.numpy())
     names = "".join(p + "\n" for p in paths).encode("utf-8", "surrogateescape")
-    write_atomic(os.path.splitext(path)[0] + ".txt", names)
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue(),
+                 before_replace=lambda: write_atomic(os.path.splitext(path)[0] + ".txt", names))
 
 
 def load_features(path: str):

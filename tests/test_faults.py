@@ -516,8 +516,11 @@ def test_extract_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
         extract.load_model(str(bad))
 
 
-def test_failed_extraction_keeps_the_previous_output(tmp_path):
+def test_failed_extraction_keeps_the_previous_output(tmp_path, monkeypatch):
+    import errno
+
     from iics_fast import extract
+    from iics_fast.checkpoint import WriteError
 
     feats = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
     target = str(tmp_path / "g.npy")
@@ -528,6 +531,23 @@ def test_failed_extraction_keeps_the_previous_output(tmp_path):
     with pytest.raises(ValueError, match="3 feature rows for 2 paths"):
         extract.save_features(feats, ["a.png", "b.png"], target)
     assert _snapshot(tmp_path) == before
+    # the disk fills while the new .npy (first sync) or the new list (second) is written: the
+    # previous pair stays, neither file replaced
+    real_fsync = os.fsync
+    for fail_at in (1, 2):
+        calls = []
+
+        def fsync(fd):
+            calls.append(fd)
+            if len(calls) == fail_at:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        with pytest.raises(WriteError, match=r"is full: could not write g\.(npy|txt)"):
+            extract.save_features(torch.randn(4, 8), ["a.png", "b.png", "c.png", "d.png"], target)
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        assert _snapshot(tmp_path) == before, fail_at
     # a name that is not UTF-8 is kept byte for byte
     odd = os.fsdecode(b"caf\xe9.png")
     extract.save_features(feats, ["a.png", odd, "c.png"], target)
