@@ -1,4 +1,5 @@
 """ResNet backbones with AIBN, state-dict loading, the classifier head, shared alphas."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -117,8 +118,10 @@ def test_torchvision_named_dict_loads(tmp_path, arch, with_fc):
 def test_wrong_arch_names_mismatch_and_fix(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(_torchvision_format(build_backbone("resnet18")), path)
-    with pytest.raises(ValueError, match=r"holds resnet18 weights but the model is resnet50.*arch='resnet18'"):
+    with pytest.raises(ValueError, match=r"holds resnet18 weights but the model is resnet50: use "
+                                         r"--arch resnet18 \(arch='resnet18' from Python\)") as err:
         build_backbone("resnet50", pretrained=path)
+    assert "\n" not in str(err.value)  # the command line's error is one line
 
 
 def test_wrong_shape_unexpected_and_missing_keys(tmp_path):
@@ -137,8 +140,12 @@ def test_wrong_shape_unexpected_and_missing_keys(tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrained weights not found"):
         load_pretrained(model, tmp_path / "nope.pth")
     (tmp_path / "d.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not read"):
+    with pytest.raises(ValueError, match="could not read .* as a tensor state dict: [^\n]+$"):
         load_pretrained(model, tmp_path / "d.pth")
+    torch.save({"model": sd, "inter_labels": np.arange(3)}, tmp_path / "last.pt")  # a run's
+    with pytest.raises(ValueError, match=r"Python objects besides tensors \(a training checkpoint "
+                                         r"such as last.pt\? a run continues with --resume\)$"):
+        load_pretrained(model, tmp_path / "last.pt")
 
 
 def test_bad_arguments():

@@ -155,9 +155,13 @@ def _read_state_dict(path) -> dict:
             "state dict (e.g. resnet50-0676ba61.pth), or pretrained=None to start from random weights")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"could not read {path!r} as a tensor state dict "
-                         f"(torch.load weights_only=True): {exc}") from exc
+    except Exception as exc:  # torch's own text runs to paragraphs: its first line, or why
+        text = str(exc).strip()
+        why = text.splitlines()[0] if text else type(exc).__name__
+        if "Weights only load failed" in text:
+            why = ("it holds Python objects besides tensors (a training checkpoint such as "
+                   "last.pt? a run continues with --resume)")
+        raise ValueError(f"could not read {path!r} as a tensor state dict: {why}") from exc
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -186,19 +190,19 @@ def load_pretrained(model: ResNet, path) -> ResNet:
     if unexpected or mismatched or missing:
         found = _describe_arch(list(sd))
         arch = getattr(model, "arch", type(model).__name__)
-        lines = [f"cannot load {path!r} into {arch}:"]
+        parts = []  # one line: the command line prints it as it is
         if found is not None and found != arch:
-            lines.append(f"  the file holds {found} weights but the model is {arch}; build the backbone with "
-                         f"arch={found!r} to use this file, or pass {arch} weights")
+            parts.append(f"the file holds {found} weights but the model is {arch}: use --arch {found} "
+                         f"(arch={found!r} from Python) to use this file, or pass {arch} weights")
         if mismatched:
-            lines.append(f"  {len(mismatched)} shape mismatches, e.g. " + "; ".join(
+            parts.append(f"{len(mismatched)} shape mismatches, e.g. " + ", ".join(
                 f"{k}: file {tuple(src[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:3]))
         if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
         if missing:
-            lines.append(f"  {len(missing)} missing keys, e.g. {missing[:3]} (torchvision names expected, "
+            parts.append(f"{len(missing)} missing keys, e.g. {missing[:3]} (torchvision names expected, "
                          "like 'conv1.weight', 'layer1.0.bn1.running_mean')")
-        raise ValueError("\n".join(lines))
+        raise ValueError(f"cannot load {path!r} into {arch}: " + "; ".join(parts))
     broken = sorted(k for k, v in src.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if broken:  # such weights give NaN features, refused only once the training has begun
         raise ValueError(f"{path!r} holds NaN or infinite values in {len(broken)} tensors, e.g. {broken[:3]}: "
