@@ -120,22 +120,20 @@ def available(device=None):
     return min(found)
 
 
-def _sparse_hint() -> str:
-    """The sparse inter-camera round, when this version of the trainer has one."""
-    from .train import DEFAULTS
-
-    if "inter_mode" in DEFAULTS:
-        return ", or train with --inter-mode sparse (no N x N matrix)"
-    return ""
+#: what to do when a step of a round does not fit (the N x N inter-camera distance also has
+#: the sparse round)
+FEWER_IMAGES = ("use fewer images (a subset of the cameras or of each camera's images) or a "
+                "machine with more memory")
+SPARSE_ROUND = ", or train with --inter-mode sparse (no N x N matrix)"
 
 
 def require(nbytes: int, what: str, *, device=None, way_out: str | None = None) -> None:
-    """Raise NotEnoughMemory if `nbytes` for `what` exceed the memory available."""
+    """Raise NotEnoughMemory if `nbytes` for `what` exceed the memory available (`way_out`:
+    the fix the message gives; by default that of the N x N inter-camera distance)."""
     have, source = available(device)
     if have is None or nbytes <= have:
         return
     if way_out is None:
-        way_out = ("use fewer images (a subset of the cameras or of each camera's images) or "
-                   "a machine with more memory" + _sparse_hint())
+        way_out = FEWER_IMAGES + SPARSE_ROUND
     raise NotEnoughMemory(f"{what} needs {format_bytes(nbytes)} but {format_bytes(have)} is "
                           f"available ({source}): {way_out}")

@@ -181,6 +181,7 @@ class TrainerBase:
         dim = self.models.feature_dim(cfg.arch)
         need = 4 * condensed.size(largest) + 4 * largest * dim
         what = f"intra-camera clustering of the largest camera ({largest} images)"
+        way_out = memory.FEWER_IMAGES
         dense = self.inter_mode != "sparse"  # the sparse round has no N x N
         if cfg.stages == "both" and self.main and dense:
             inter = sparse.dense_round_bytes(n, dim, self._heads())
@@ -189,7 +190,8 @@ class TrainerBase:
                     f"the inter-camera distance of the N = {n} training images "
                     f"({memory.format_bytes(4 * condensed.size(n))} condensed, with the "
                     f"features and scores)")
-        memory.require(need, f"one training round: {what}")
+                way_out += memory.SPARSE_ROUND
+        memory.require(need, f"one training round: {what}", way_out=way_out)
 
     def _build_model(self):
         """The backbone (a pretrained file that does not fit the arch fails here)."""

@@ -463,24 +463,27 @@ def test_memory_guard_before_every_n2_allocation(monkeypatch, rng):
     with pytest.raises(memory.NotEnoughMemory, match=r"the inter-camera distance of N = 400 "
                                                      r"images \(condensed\) needs .* but 64\.0 KiB "
                                                      r"is available \(IICS_FAST_MEMORY_LIMIT\): "
-                                                     r"use fewer images"):
+                                                     r"use fewer images .* or train with "
+                                                     r"--inter-mode sparse"):
         inter_camera_distance(f, s, c)
     with pytest.raises(MemoryError, match="re-ranking N = 400 samples .* pass out=dist"):
         rerank.k_reciprocal(d)
     with pytest.raises(ValueError, match="the clustering's copy .* pass inplace=True"):
         cluster.agglomerative(d, n_clusters=5)
-    # the sparse inter-camera round is offered where the trainer has it
-    monkeypatch.setitem(train.DEFAULTS, "inter_mode", ("dense", "dense | sparse"))
-    with pytest.raises(MemoryError, match=r"or train with --inter-mode sparse"):
-        inter_camera_distance(f, s, c)
     monkeypatch.setenv("IICS_FAST_MEMORY_LIMIT", "1G")
     assert len(cluster.agglomerative(d, n_clusters=5)) == n
 
 
 def test_memory_guard_refuses_a_run_before_any_work(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("IICS_FAST_MEMORY_LIMIT", "4K")
-    with pytest.raises(MemoryError, match=r"one training round: .* needs .* but 4\.0 KiB"):
+    with pytest.raises(MemoryError, match=r"one training round: the inter-camera distance .* "
+                                          r"needs .* but 4\.0 KiB.* or train with --inter-mode sparse"):
         train.main(TINY + ["--out", str(tmp_path / "run")])
+    # the sparse round would not help a step it does not change: not offered there
+    for argv in (["--stages", "intra"], ["--inter-mode", "sparse"]):
+        with pytest.raises(MemoryError, match=r"one training round: intra-camera clustering") as err:
+            train.main(TINY + ["--out", str(tmp_path / "run")] + argv)
+        assert "--inter-mode" not in str(err.value)
     assert not (tmp_path / "run").exists()
 
 
