@@ -94,7 +94,7 @@ def _weights_ref(norm: np.ndarray, rank: np.ndarray, k1: int, exact_exp: bool) -
     """The float16 (N, N) V: row i's expanded k-reciprocal set weighted by exp(-norm), summing
     to 1 (see `k_reciprocal_ref` for ``exact_exp``)."""
     n = len(norm)
-    half = _expansion_width(k1)
+    half = int(np.around(k1 / 2)) + 1  # the reference's own expression (not the fast path's helper)
     V = np.zeros((n, n), np.float16)
     for i in range(n):
         reciprocal = _reciprocal_ref(rank, i, k1 + 1)

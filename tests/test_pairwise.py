@@ -138,6 +138,26 @@ ROW_KERNEL_CASES = [
 ]
 
 
+def test_inter_camera_kernel_blocks_of_different_single_cameras(device, rng):
+    """A row block of camera 1 against a column block of camera 4 (each single-camera, as
+    sorted ids give): their tile needs the Jaccard term; only a tile whose two blocks share one
+    camera may skip it."""
+    n = 300  # blocks 0 and 3 of the sorted ids are one camera each, not the same one
+    f, s, cam = make_inputs(rng, n, 40, 203, [4, 1], device=device)
+    cam = cam.sort().values
+    assert cam[0] != cam[-1] and len(set(cam[:64].tolist())) == len(set(cam[-64:].tolist())) == 1
+    for layout in ("condensed", "square"):
+        got = K.inter_camera_distance(f, s, cam, 0.3, layout, "eq5")
+        ref = K.inter_camera_distance_ref(f, s, cam, 0.3, layout, "eq5")
+        np.testing.assert_allclose(got.cpu().numpy(), ref.cpu().numpy(), atol=KERNEL_TOL["fp32"])
+    ref = K.inter_camera_distance_ref(f, s, cam, 0.3, "condensed", "eq5")
+    for r0, r1 in ((0, 64), (0, n)):
+        lo, hi = S.condensed_row_offset(n, r0), S.condensed_row_offset(n, r1)
+        got = K.inter_camera_distance(f, s, cam, 0.3, "condensed", "eq5", rows=(r0, r1))
+        np.testing.assert_allclose(got.cpu().numpy(), ref[lo:hi].cpu().numpy(),
+                                   atol=KERNEL_TOL["fp32"])
+
+
 def _row_ranges(n):
     """Off-tile and on-tile starts and ends, an empty range inside, the last rows, (N, N)."""
     return [(0, n), (1, 70), (63, 65), (64, min(128, n)), (40, 40), (n - 1, n), (n - 30, n), (n, n)]
