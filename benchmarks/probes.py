@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def machine_info() -> dict:
-    """CPU model, SIMD, cores, memory, threads and library versions: where a record was
-    measured."""
+    """CPU model, SIMD, cores, memory and library versions: where a record was measured."""
     cpu = cpu_info()
     info = {"cpu": cpu["model"], "cores": os.cpu_count(),
             "simd": [s for s in ("avx512f", "avx2", "fma") if s in cpu["flags"]],
@@ -35,10 +34,6 @@ def machine_info() -> dict:
     for mod in ("numpy", "torch", "scipy", "fastcluster", "faiss"):
         with contextlib.suppress(Exception):
             info[mod] = __import__(mod).__version__
-    with contextlib.suppress(Exception):
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
     with contextlib.suppress(Exception):
         info["iics_simd"] = native().simd_variant()
     return info

@@ -387,7 +387,8 @@ def profile(n, cameras, k_inter, scale_name=None, reference_sizes=None, referenc
     del feats
     d = info["D"]
     record = {"scale": scale_name, "N": n, "C": cameras, "D": d, "k_intra": K_INTRA, "k_inter": k_inter,
-              "machine": machine_info(), "command": "python -m benchmarks.profile " + " ".join(sys.argv[1:]),
+              "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
+              "command": "python -m benchmarks.profile " + " ".join(sys.argv[1:]),
               "phases": [asdict(p) for p in ours],
               "reference": {"measured": [], "fit": {}, "at_target": {}, "rows_timed": reference_rows}}
     if reference:
@@ -600,7 +601,7 @@ def profile_sparse(n, cameras, k_inter, scale_name=None, seed=0, out="profile_ou
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     phases, info = run_sparse(n, cameras, k_inter, seed, log=log, **kw)
     record = {"scale": scale_name, "N": n, "C": cameras, "k_inter": k_inter, "mode": "sparse",
-              "machine": machine_info(), "load_before": load,
+              "machine": {**machine_info(), "torch_threads": torch.get_num_threads()}, "load_before": load,
               "load_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
               "command": "python -m benchmarks.profile " + " ".join(sys.argv[1:]),
               "phases": [asdict(p) for p in phases], "info": info}

@@ -81,7 +81,9 @@ def save_features(feats: torch.Tensor, paths: list[str], path: str) -> None:
     """Features and their paths, written atomically: a .pt file holding both, or a .npy beside a
     .txt path list (one path a line, file names that are not UTF-8 kept byte for byte). The
     .npy is written in full first, the list replaced only then, and the .npy right after: a
-    failure while writing either leaves any previous pair whole."""
+    failure while writing either leaves any previous pair whole (only an interruption between
+    the two renames pairs the new list with the old features, which `load_features` refuses
+    when their counts differ)."""
     from .checkpoint import atomic_save, write_atomic
 
     if len(feats) != len(paths):

@@ -190,7 +190,8 @@ class TrainerBase:
                     f"the inter-camera distance of the N = {n} training images "
                     f"({memory.format_bytes(4 * condensed.size(n))} condensed, with the "
                     f"features and scores)")
-                way_out += memory.SPARSE_ROUND
+                if cfg.threshold_inter is None and cfg.inter_similarity != "jaccard":
+                    way_out += memory.SPARSE_ROUND  # the sparse round runs these
         memory.require(need, f"one training round: {what}", way_out=way_out)
 
     def _build_model(self):

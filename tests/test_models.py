@@ -122,6 +122,13 @@ def test_wrong_arch_names_mismatch_and_fix(tmp_path):
                                          r"--arch resnet18 \(arch='resnet18' from Python\)") as err:
         build_backbone("resnet50", pretrained=path)
     assert "\n" not in str(err.value)  # the command line's error is one line
+    # a layout this project does not build: no --arch to suggest
+    r34 = {f"layer{i}.{j}.conv1.weight": torch.zeros(1)
+           for i, blocks in enumerate((3, 4, 6, 3), 1) for j in range(blocks)}
+    torch.save(r34, path)
+    with pytest.raises(ValueError, match=r"holds resnet34 weights but the model is resnet50: this "
+                                         r"project builds resnet18 and resnet50: pass resnet50 weights"):
+        build_backbone("resnet50", pretrained=path)
 
 
 def test_wrong_shape_unexpected_and_missing_keys(tmp_path):
@@ -144,8 +151,12 @@ def test_wrong_shape_unexpected_and_missing_keys(tmp_path):
         load_pretrained(model, tmp_path / "d.pth")
     torch.save({"model": sd, "inter_labels": np.arange(3)}, tmp_path / "last.pt")  # a run's
     with pytest.raises(ValueError, match=r"Python objects besides tensors \(a training checkpoint "
-                                         r"such as last.pt\? a run continues with --resume\)$"):
+                                         r"such as last.pt or best.pt\? a run continues with --resume"):
         load_pretrained(model, tmp_path / "last.pt")
+    torch.save({"config": {"arch": "resnet18"}, "round": 3, "model": sd}, tmp_path / "best.pt")
+    with pytest.raises(ValueError, match=r"best.pt' is a training run's checkpoint, not a state "
+                                         r"dict \(a training checkpoint"):
+        load_pretrained(model, tmp_path / "best.pt")
 
 
 def test_bad_arguments():

@@ -147,6 +147,10 @@ def _describe_arch(keys) -> str | None:
     return _KNOWN.get((kind, tuple(counts)), f"a {kind}-block ResNet with {counts} blocks" if any(counts) else None)
 
 
+_RUN_CHECKPOINT = (" (a training checkpoint such as last.pt or best.pt? a run continues with "
+                   "--resume; python -m iics_fast.extract reads its model)")
+
+
 def _read_state_dict(path) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -159,9 +163,11 @@ def _read_state_dict(path) -> dict:
         text = str(exc).strip()
         why = text.splitlines()[0] if text else type(exc).__name__
         if "Weights only load failed" in text:
-            why = ("it holds Python objects besides tensors (a training checkpoint such as "
-                   "last.pt? a run continues with --resume)")
+            why = "it holds Python objects besides tensors" + _RUN_CHECKPOINT
         raise ValueError(f"could not read {path!r} as a tensor state dict: {why}") from exc
+    if isinstance(sd, dict) and "config" in sd and isinstance(sd.get("model"), dict):
+        raise ValueError(f"{path!r} is a training run's checkpoint, not a state dict"
+                         + _RUN_CHECKPOINT)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -192,8 +198,10 @@ def load_pretrained(model: ResNet, path) -> ResNet:
         arch = getattr(model, "arch", type(model).__name__)
         parts = []  # one line: the command line prints it as it is
         if found is not None and found != arch:
-            parts.append(f"the file holds {found} weights but the model is {arch}: use --arch {found} "
-                         f"(arch={found!r} from Python) to use this file, or pass {arch} weights")
+            use = (f"use --arch {found} (arch={found!r} from Python) to use this file, or pass "
+                   f"{arch} weights" if found in ARCHS else
+                   f"this project builds {' and '.join(sorted(ARCHS))}: pass {arch} weights")
+            parts.append(f"the file holds {found} weights but the model is {arch}: {use}")
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatches, e.g. " + ", ".join(
                 f"{k}: file {tuple(src[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:3]))
