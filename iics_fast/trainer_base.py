@@ -39,6 +39,9 @@ class TrainerBase:
         self.amp_dtype = models.amp_dtype(cfg.amp, self.device)
         if self.cuda:
             torch.backends.cudnn.benchmark = True
+            # --amp off is the reference's float32: cuDNN would otherwise run the convolutions
+            # in TF32 on Ampere and later GPUs (matrix products are float32 by default)
+            torch.backends.cudnn.allow_tf32 = cfg.amp != "off"
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         # default workers: the machine's cores shared by the processes torchrun started on it

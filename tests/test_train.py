@@ -607,6 +607,17 @@ def test_query_and_gallery_without_identities_are_not_evaluated(tmp_path):
     assert not trainer.can_evaluate
 
 
+@pytest.mark.gpu
+def test_amp_off_on_cuda_is_float32_without_tf32(tmp_path):
+    from iics_fast.trainer import Trainer
+
+    for amp, tf32 in (("off", False), ("bf16", True)):
+        argv = TINY + ["--device", "cuda", "--amp", amp, "--out", str(tmp_path / amp)]
+        Trainer(train.resolve(train.parse_args(argv)))
+        assert torch.backends.cudnn.allow_tf32 is tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+
+
 def _extract_error(argv, match):
     from iics_fast import extract
 
