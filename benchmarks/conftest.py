@@ -104,8 +104,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 def machine_tag(info: dict) -> str:
-    """Folder name of a machine's records: CPU model and core count."""
+    """Folder name of a machine's records: CPU name, family and model numbers (one name covers
+    several generations) and core count."""
     slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
+    if info.get("cpu_family") is not None:
+        slug += f"-f{info['cpu_family']}m{info.get('cpu_model')}"
     return f"{slug}-{info['cores']}c"
 
 

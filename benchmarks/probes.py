@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def machine_info() -> dict:
     """CPU model, SIMD, cores, memory and library versions: where a record was measured."""
     cpu = cpu_info()
-    info = {"cpu": cpu["model"], "cores": os.cpu_count(),
+    info = {"cpu": cpu["model"], "cpu_family": cpu.get("family"), "cpu_model": cpu.get("model_number"),
+            "cores": os.cpu_count(),
             "simd": [s for s in ("avx512f", "avx2", "fma") if s in cpu["flags"]],
             "python": platform.python_version()}
     with contextlib.suppress(ValueError, OSError):

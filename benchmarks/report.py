@@ -82,7 +82,9 @@ def memory_notes(records):
 
 
 def machine_line(m):
-    return (f"{m['cpu']}, {m['cores']} cores ({', '.join(m.get('simd', [])) or 'no SIMD flags'}; "
+    family = (f" (CPU family {m['cpu_family']}, model {m['cpu_model']})"
+              if m.get("cpu_family") is not None else "")
+    return (f"{m['cpu']}{family}, {m['cores']} cores ({', '.join(m.get('simd', [])) or 'no SIMD flags'}; "
             f"iics_fast runs its {m.get('iics_simd', '?')} variant), {m.get('memory_gb', '?')} GB RAM, "
             f"torch {m.get('torch', '?')}, numpy {m.get('numpy', '?')}")
 

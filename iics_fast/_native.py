@@ -22,8 +22,9 @@ def native():
 
 
 def cpu_info() -> dict:
-    """The CPU's model name and feature flags as Linux lists them in /proc/cpuinfo ("model":
-    `platform`'s answer and "flags" empty elsewhere)."""
+    """The CPU's model name, family and model numbers and feature flags as Linux lists them in
+    /proc/cpuinfo ("model": `platform`'s answer, no numbers and "flags" empty elsewhere). The
+    numbers tell apart CPUs sold under one name (an "AMD EPYC" of family 25 or 26)."""
     info = {"model": platform.processor() or platform.machine(), "flags": set()}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -31,6 +32,8 @@ def cpu_info() -> dict:
                 key, _, value = line.partition(":")
                 if key.strip() == "model name":
                     info["model"] = value.strip()
+                elif key.strip() in ("cpu family", "model") and value.strip().isdigit():
+                    info["family" if key.strip() == "cpu family" else "model_number"] = int(value)
                 elif key.strip() == "flags":
                     info["flags"] = set(value.split())
                     break

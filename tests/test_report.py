@@ -22,6 +22,16 @@ def test_newest_folder_is_chosen_by_the_records_dates_not_file_times(tmp_path, m
     assert report.load("old-machine")[0] == "old-machine"
 
 
+def test_one_cpu_name_of_two_generations_gets_two_folders():
+    from benchmarks.conftest import machine_tag
+
+    zen4 = {"cpu": "AMD EPYC", "cpu_family": 25, "cpu_model": 17, "cores": 2}
+    zen5 = {**zen4, "cpu_family": 26, "cpu_model": 2}
+    assert machine_tag(zen4) == "amd-epyc-f25m17-2c" != machine_tag(zen5) == "amd-epyc-f26m2-2c"
+    assert machine_tag({"cpu": "arm64", "cores": 4}) == "arm64-4c"  # no numbers: the name alone
+    assert "(CPU family 26, model 2)" in report.machine_line(zen5)
+
+
 def test_memory_notes_give_each_records_own_how():
     records = [_record("d", {"ours": {"peak_mb": 3.0, "how": "in this process: VmHWM reset"},
                              "fastcluster": {"peak_mb": 9.0}, "SciPy": {"error": "failed"}})]
