@@ -541,7 +541,7 @@ def test_failed_extraction_keeps_the_previous_output(tmp_path, monkeypatch):
     for fail_at in (1, 2):
         calls = []
 
-        def fsync(fd):
+        def fsync(fd, calls=calls, fail_at=fail_at):
             calls.append(fd)
             if len(calls) == fail_at:
                 raise OSError(errno.ENOSPC, "No space left on device")
