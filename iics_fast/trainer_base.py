@@ -164,14 +164,21 @@ class TrainerBase:
             mode = sparse.choose_inter_mode(cfg.inter_mode, len(self.paths),
                                             self.models.feature_dim(cfg.arch), self._heads(),
                                             log=log)
-        if mode == "sparse" and cfg.stages == "both":
-            if cfg.threshold_inter is not None:
-                raise ValueError("--inter-mode sparse clusters into --k-inter clusters; the "
-                                 "threshold variant (--threshold-inter) needs --inter-mode dense")
-            if cfg.inter_similarity == "jaccard":
-                raise ValueError("--inter-similarity jaccard (1 - J over all pairs) needs "
-                                 "--inter-mode dense; the sparse round runs eq5 and feature")
+        refused = self._sparse_refusal()
+        if mode == "sparse" and cfg.stages == "both" and refused:
+            raise ValueError(refused)
         return mode
+
+    def _sparse_refusal(self) -> str | None:
+        """Why the sparse inter-camera round cannot run these settings (None: it can)."""
+        cfg = self.cfg
+        if cfg.threshold_inter is not None:
+            return ("--inter-mode sparse clusters into --k-inter clusters; the threshold variant "
+                    "(--threshold-inter) needs --inter-mode dense")
+        if cfg.inter_similarity == "jaccard":
+            return ("--inter-similarity jaccard (1 - J over all pairs) needs --inter-mode dense; "
+                    "the sparse round runs eq5 and feature")
+        return None
 
     def _check_memory(self) -> None:
         """A round's largest arrays against the memory available, before any work: the
@@ -193,8 +200,8 @@ class TrainerBase:
                     f"the inter-camera distance of the N = {n} training images "
                     f"({memory.format_bytes(4 * condensed.size(n))} condensed, with the "
                     f"features and scores)")
-                if cfg.threshold_inter is None and cfg.inter_similarity != "jaccard":
-                    way_out += memory.SPARSE_ROUND  # the sparse round runs these
+                if self._sparse_refusal() is None:
+                    way_out += memory.SPARSE_ROUND
         memory.require(need, f"one training round: {what}", way_out=way_out)
 
     def _build_model(self):
