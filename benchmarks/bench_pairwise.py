@@ -70,7 +70,8 @@ def blocked_torch(feats, scores, camids, mu=MU, block=256):
         rows = torch.repeat_interleave(torch.arange(i0, i1), counts)
         first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         cols = torch.arange(len(rows)) - first + rows + 1
-        seg = out[condensed.row_offset(n, i0) : condensed.row_offset(n, i0) + len(rows)]
+        start = condensed.row_offset(n, i0)
+        seg = out[start : start + len(rows)]
         s = rs[rows] + rs[cols]
         jac = ((s - seg) / (s + seg)).nan_to_num_(0.0)  # smin / smax; J(0, 0) = 0
         cos = (x[i0:i1] @ x[i0:].T)[rows - i0, cols - i0]

@@ -30,11 +30,12 @@ def cpu_info() -> dict:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name":
+                key = key.strip()
+                if key == "model name":
                     info["model"] = value.strip()
-                elif key.strip() in ("cpu family", "model") and value.strip().isdigit():
-                    info["family" if key.strip() == "cpu family" else "model_number"] = int(value)
-                elif key.strip() == "flags":
+                elif key in ("cpu family", "model") and value.strip().isdigit():
+                    info["family" if key == "cpu family" else "model_number"] = int(value)
+                elif key == "flags":
                     info["flags"] = set(value.split())
                     break
     except OSError:
