@@ -163,7 +163,7 @@ def test_inter_camera_vs_blocked_torch(side_by_side):
 
 @pytest.mark.parametrize("size", [MARKET, pytest.param(MSMT, marks=pytest.mark.large)], ids=["6000", "msmt17"])
 def test_min_sum_loop_vs_ceiling(side_by_side, size):
-    """The sum-of-minima sweep alone (mode="jaccard": no cosine GEMM, no mask) against the
+    """The sum-of-minima sweep alone (mode="jaccard": no cosines, no mask) against the
     ceiling of its inner loop: what the tiling, the reductions and the writes cost."""
     case = make_case(**size)
     n, dim = size["n"], size["cams"] * size["dim_per_cam"]

@@ -39,28 +39,27 @@ void pairwise_jaccard_py(F32 a, F32 sa, F32 b, F32 sb, F32 out, const std::strin
 }
 
 void inter_camera_rows_py(std::optional<F32> scores, std::optional<F32> rowsum,
-                          std::optional<F32> gram, I64 cam, int64_t r0, int64_t r1, int64_t g0,
-                          float mu, int mode, bool square, F32 out, int64_t out_base,
+                          std::optional<F32> feats, I64 cam, int64_t r0, int64_t r1, float mu,
+                          int mode, bool square, F32 out, int64_t out_base,
                           const std::string& isa) {
   need(mode >= 0 && mode <= 2, "inter_camera_rows: mode must be 0 (eq5), 1 (feature), 2 (jaccard)");
   const auto md = static_cast<iics::InterCameraMode>(mode);
   need(cam.ndim() == 1, "inter_camera_rows: cam must be 1-D");
   const int64_t n = cam.shape(0);
   need(0 <= r0 && r0 <= r1 && r1 <= n, "inter_camera_rows: need 0 <= r0 <= r1 <= n");
-  need(0 <= g0 && g0 <= r0, "inter_camera_rows: need 0 <= g0 <= r0");
   const bool need_scores = md != iics::InterCameraMode::kFeature;
-  const bool need_gram = md != iics::InterCameraMode::kJaccard;
-  int64_t dim = 0;
+  const bool need_feats = md != iics::InterCameraMode::kJaccard;
+  int64_t dim = 0, fdim = 0;
   if (need_scores) {
     need(scores && rowsum, "inter_camera_rows: this mode needs scores and rowsum");
     need(scores->ndim() == 2 && scores->shape(0) == n, "inter_camera_rows: scores must be (n, D)");
     need(rowsum->ndim() == 1 && rowsum->shape(0) == n, "inter_camera_rows: rowsum must be (n,)");
     dim = scores->shape(1);
   }
-  if (need_gram) {
-    need(gram.has_value(), "inter_camera_rows: this mode needs gram");
-    need(gram->ndim() == 2 && gram->shape(0) >= r1 - g0 && gram->shape(1) == n - g0,
-         "inter_camera_rows: gram must be (rows, n - g0) with g0 + rows >= r1");
+  if (need_feats) {
+    need(feats.has_value(), "inter_camera_rows: this mode needs feats");
+    need(feats->ndim() == 2 && feats->shape(0) == n, "inter_camera_rows: feats must be (n, d)");
+    fdim = feats->shape(1);
   }
   if (square) {
     need(out.ndim() == 2 && out.shape(0) == n && out.shape(1) == n,
@@ -77,12 +76,12 @@ void inter_camera_rows_py(std::optional<F32> scores, std::optional<F32> rowsum,
   need(out.writeable(), "inter_camera_rows: out is read-only");
   const float* ps = need_scores ? scores->data() : nullptr;
   const float* prs = need_scores ? rowsum->data() : nullptr;
-  const float* pg = need_gram ? gram->data() : nullptr;
+  const float* pf = need_feats ? feats->data() : nullptr;
   const int64_t* pc = cam.data();
   float* po = out.mutable_data();
   iics::simd_variant(isa);
   py::gil_scoped_release release;
-  iics::inter_camera_rows_cpu(ps, dim, prs, dim, pg, n - g0, g0, pc, n, r0, r1, mu, md, square, po,
+  iics::inter_camera_rows_cpu(ps, dim, prs, dim, pf, fdim, fdim, pc, n, r0, r1, mu, md, square, po,
                               out_base, isa);
 }
 
@@ -96,14 +95,14 @@ void bind_pairwise(py::module_& m) {
         "out (m, p); sa, sb are the row sums. J(0, 0) = 0. float32, C-contiguous, no copies. "
         "isa: SIMD variant ('auto', 'avx512', 'avx2', 'scalar').");
   m.def("inter_camera_rows", &inter_camera_rows_py, py::arg("scores").noconvert(),
-        py::arg("rowsum").noconvert(), py::arg("gram").noconvert(), py::arg("cam").noconvert(),
-        py::arg("r0"), py::arg("r1"), py::arg("g0"), py::arg("mu"), py::arg("mode"),
+        py::arg("rowsum").noconvert(), py::arg("feats").noconvert(), py::arg("cam").noconvert(),
+        py::arg("r0"), py::arg("r1"), py::arg("mu"), py::arg("mode"),
         py::arg("square"), py::arg("out").noconvert(), py::arg("out_base") = 0,
         py::arg("isa") = "auto",
         "IICS inter-camera distances of rows [r0, r1) against later rows, into a square (n, n) "
         "or condensed float32 out; a condensed out may be a block whose first entry is the "
-        "condensed position out_base. gram = cos of a slab of rows [g0, g0 + rows) x cols "
-        "[g0, n) with g0 <= r0 <= r1 <= g0 + rows. isa: SIMD variant as for pairwise_jaccard.");
+        "condensed position out_base. feats: unit-norm feature rows (n, d), whose dot products "
+        "are the cosines. isa: SIMD variant as for pairwise_jaccard.");
   m.def("simd_variants", &iics::simd_variants,
         "SIMD variants of the sum-of-minima loop this CPU runs, widest first (ends with 'scalar').");
   m.def("simd_variant", &iics::simd_variant, py::arg("isa") = "auto",

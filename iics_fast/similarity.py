@@ -10,7 +10,8 @@ the blocks of any split put end to end are bitwise the whole build; on the GPU t
 to float32 rounding (see `inter_camera_distance`).
 
 Backends: "triton" (CUDA tensors: one fused tile kernel, kernels/pairwise.py), "cpu" (the C++
-extension: register-tiled sum-of-minima with AVX2 + OpenMP, cosines by blocked float32 GEMM),
+extension: register-tiled sums of minima and dot products (AVX-512 or AVX2, chosen at run time)
+in one pass over cache tiles, OpenMP over tiles),
 "ref" (plain PyTorch, float64, O(N^2) memory: small inputs and tests), "auto" (triton for CUDA
 tensors, cpu otherwise).
 
@@ -39,7 +40,6 @@ MODES = ("eq5", "feature", "jaccard")
 LAYOUTS = ("condensed", "square")
 BACKENDS = ("auto", "triton", "cpu", "ref")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_GRAM_BUDGET = 2**24  # float32 entries of the cosine block on the CPU path (64 MiB)
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -233,19 +233,15 @@ def _check_memory(n, feats, scr, layout, buf, rows, backend, device):
     if backend == "ref":  # float64 square matrices of the plain implementation
         need += 3 * 8 * n * n
     need += sum(4 * x.shape[0] * x.shape[1] for x in (feats, scr) if x is not None)  # copies
-    if feats is not None and backend == "cpu":
-        need += 4 * _GRAM_BUDGET
     what = f"the inter-camera distance of N = {n} images ({layout}"
     memory.require(need, what + (f", rows {r0}..{r1})" if rows else ")"), device=device)
 
 
 def _cpu_distance(feats, scr, cam, mu, layout, mode, buf, rows):
-    """C++ path: cosines by float32 GEMMs over slabs of rows [s0, s1) x columns [s0, N) on a
-    grid fixed by N alone (O(slab * N) memory), then the extension adds the Jaccard term and
-    writes the slab's rows of the output. With rows = (r0, r1) only the slabs meeting [r0, r1)
-    are computed, each whole, and the extension writes rows [r0, r1) of them into the block:
-    a GEMM's rounding may depend on its shape, so every entry's cosine then comes from the same
-    product as in the whole build, and blocks of any split are bitwise the whole build's slices."""
+    """C++ path: one pass over the cache tiles of rows [r0, r1) x later columns computes each
+    tile's cosines (dot products of the unit rows) and sums of minima and writes its entries.
+    A pair's value does not depend on the tile it falls in, so blocks of any split are bitwise
+    the whole build's slices."""
     from iics_fast._native import native
 
     C = native()
@@ -260,29 +256,15 @@ def _cpu_distance(feats, scr, cam, mu, layout, mode, buf, rows):
         r1 = min(r1, n - 1)  # the last row has no condensed entries
     if r0 >= r1:
         return buf
-    out_np = buf.numpy()
-    cam_np = cam.to(torch.int64).contiguous().numpy()
-    code = MODES.index(mode)
-    s_np = rs_np = None
+    s_np = rs_np = f_np = None
     if scr is not None:
         s = scr.to(torch.float32).contiguous()
         rs_np = s.sum(1, dtype=torch.float64).to(torch.float32).numpy()
         s_np = s.numpy()
-    f = None
     if feats is not None:
-        f = normalize_rows(feats).contiguous()
-    block = max(24, min(n, _GRAM_BUDGET // n) // 24 * 24)
-    first = r0 // block * block
-    gram = torch.empty(min(block, n - first) * (n - first), dtype=torch.float32) if f is not None else None
-    for s0 in range(first, r1, block):
-        s1 = min(n, s0 + block)
-        g_np = None
-        if f is not None:
-            g = gram[: (s1 - s0) * (n - s0)].view(s1 - s0, n - s0)
-            torch.mm(f[s0:s1], f[s0:].T, out=g)
-            g_np = g.numpy()
-        C.inter_camera_rows(s_np, rs_np, g_np, cam_np, max(s0, r0), min(s1, r1), s0, mu, code, square,
-                            out_np, base)
+        f_np = normalize_rows(feats).contiguous().numpy()
+    C.inter_camera_rows(s_np, rs_np, f_np, cam.to(torch.int64).contiguous().numpy(), r0, r1, mu,
+                        MODES.index(mode), square, buf.numpy(), base)
     return buf
 
 

@@ -20,11 +20,15 @@ KERNEL_TOL = {"fp32": 2e-5, "fp16": 2e-3, "bf16": 2e-3}
 
 
 def direct_jaccard(a, b):
-    """sum min / sum max in float64 straight from the definition; J(0, 0) = 0."""
+    """sum min / sum max in float64 straight from the definition; J(0, 0) = 0. A few rows of a
+    at a time, so the broadcast stays small."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    smin = np.minimum(a[:, None, :], b[None]).sum(-1)
-    smax = np.maximum(a[:, None, :], b[None]).sum(-1)
-    return np.where(smax > 0, smin / np.where(smax > 0, smax, 1), 0.0)
+    out = np.empty((a.shape[0], b.shape[0]))
+    for r in range(0, a.shape[0], 16):
+        smin = np.minimum(a[r : r + 16, None, :], b[None]).sum(-1)
+        smax = np.maximum(a[r : r + 16, None, :], b[None]).sum(-1)
+        out[r : r + 16] = np.where(smax > 0, smin / np.where(smax > 0, smax, 1), 0.0)
+    return out
 
 
 def make_inputs(rng, n, d, dim, cams, dtype=torch.float32, zero_rows=True, device="cpu"):
@@ -249,13 +253,11 @@ def test_cpu_condensed_is_scipy_order_and_buffers_are_reused(rng):
     np.testing.assert_array_equal(sq_buf.numpy(), sq.numpy())
 
 
-@pytest.mark.parametrize("budget", [None, 2**10])  # 2^10: slabs of 24 rows, many of them
+# 300 > one 128-row tile of the C++ kernel, so blocks start and end inside tiles
 @pytest.mark.parametrize("mode", ["eq5", "feature", "jaccard"])
-@pytest.mark.parametrize("n,cams", [(1, [0]), (2, [0, 1]), (5, [0, 1]), (37, [4, 1, 2]), (230, [4, 1, 2]),
+@pytest.mark.parametrize("n,cams", [(1, [0]), (2, [0, 1]), (5, [0, 1]), (37, [4, 1, 2]), (300, [4, 1, 2]),
                                     (101, [3])])
-def test_cpu_row_blocks_equal_whole_build(rng, monkeypatch, budget, mode, n, cams):
-    if budget is not None:
-        monkeypatch.setattr(S, "_GRAM_BUDGET", budget)
+def test_cpu_row_blocks_equal_whole_build(rng, mode, n, cams):
     f, s, cam = make_inputs(rng, n, 12, 37, cams)
     whole = S.inter_camera_distance(f, s, cam, 0.25, mode=mode, backend="cpu")
     ref = S.inter_camera_distance(f, s, cam, 0.25, mode=mode, backend="ref")
@@ -426,8 +428,12 @@ def _native():
     return native()
 
 
-# 4111 and 8200 cross one and two boundaries of the C++ kernel's 4096-wide score-dim chunk
-@pytest.mark.parametrize("n,dim", [(1, 5), (7, 15), (61, 131), (130, 300), (13, 4111), (9, 8200)])
+# The C++ kernel's cache tiles are 128 rows x 240 columns and its score-dim chunks 1,024 wide:
+# 130 crosses a row tile; 500 x 1030 has four row tiles of three column tiles each (the packed
+# rows of a row tile are reused across its column tiles) and a chunk boundary with a 6-dim tail;
+# 4111 and 8200 cross four and eight chunk boundaries.
+@pytest.mark.parametrize("n,dim", [(1, 5), (7, 15), (61, 131), (130, 300), (500, 1030), (13, 4111),
+                                   (9, 8200)])
 def test_simd_variants_agree_with_scalar(n, dim):
     """Every SIMD variant this CPU runs gives the plain C++ loop's sums of minima (up to float32
     summation order) on shapes that are no multiple of any vector width, tile or score-dim chunk,
@@ -436,7 +442,7 @@ def test_simd_variants_agree_with_scalar(n, dim):
     variants = C.simd_variants()
     assert variants[-1] == "scalar" and C.simd_variant("auto") == variants[0]
     rng = np.random.default_rng(n * 1000 + dim)
-    _, s, cam = make_inputs(rng, n, 8, dim, [0, 1, 2])
+    feats, s, cam = make_inputs(rng, n, dim // 2 + 3, dim, [0, 1, 2])  # feature dim: other tails
     a = s.numpy()
     b = np.ascontiguousarray(a[::-1][: max(1, n - 3)])
     ref = direct_jaccard(a, b)
@@ -448,15 +454,19 @@ def test_simd_variants_agree_with_scalar(n, dim):
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5, err_msg=isa)
     for isa in variants[:-1]:
         np.testing.assert_allclose(outs[isa], outs["scalar"], rtol=0, atol=2e-6, err_msg=isa)
-    # the fused distance (Eq. 5, condensed, a row range) through each variant
-    g = np.ascontiguousarray((a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)) @ a.T
-                             ).astype(np.float32) if n > 1 else np.zeros((1, 1), np.float32)
+    # the fused distance (Eq. 5, condensed) through each variant, against its float64 definition
+    f64 = feats.numpy().astype(np.float64)
+    f64 /= np.linalg.norm(f64, axis=1, keepdims=True)
     cam_np = cam.numpy()
+    iu = np.triu_indices(n, 1)
+    want = (1 - f64 @ f64.T - 0.3 * direct_jaccard(a, a) * (cam_np[:, None] != cam_np[None]))[iu]
+    f = np.ascontiguousarray(f64.astype(np.float32))
     conds = {}
     for isa in variants:
         cond = np.full(n * (n - 1) // 2, -9.0, np.float32)
-        C.inter_camera_rows(a, a.sum(1), g, cam_np, 0, n, 0, 0.3, 0, False, cond, 0, isa=isa)
+        C.inter_camera_rows(a, a.sum(1), f, cam_np, 0, n, 0.3, 0, False, cond, 0, isa=isa)
         conds[isa] = cond
+        np.testing.assert_allclose(cond, want, rtol=0, atol=3e-6, err_msg=isa)
     for isa in variants[:-1]:
         np.testing.assert_allclose(conds[isa], conds["scalar"], rtol=0, atol=2e-6, err_msg=isa)
 

@@ -1,9 +1,10 @@
 // Register-tiled pairwise sum-of-minima (generalised Jaccard) and the fused IICS inter-camera
-// distance. Algorithm: the pair grid is cut into cache tiles (kMB x kNB pairs, the score
-// dimension in long kKC chunks); each tile is covered by MR x NR register micro-tiles whose
-// accumulators hold sum_k min(a_k, b_k) for one vector of k at a time (one min and one add a
-// vector and pair), summed across their lanes once a chunk. See pairwise_cpu.h for the
-// identities.
+// distance. Algorithm: the pair grid is cut into cache tiles (kMB x kNB pairs, the dimension in
+// kKC-wide chunks); a tile's rows are packed once (micro-panel by micro-panel, one contiguous
+// stream each) and covered by MR x NR register micro-tiles whose accumulators hold
+// sum_k min(a_k, b_k) for one vector of k at a time (one min and one FMA a vector and pair),
+// summed across their lanes once a chunk. The cosines of Eq. 5 run through the same tiles as
+// dot products (one FMA a vector and pair). See pairwise_cpu.h for the identities.
 //
 // Runtime SIMD dispatch: the micro-kernel exists for AVX-512 (4 x 6 micro-tiles, 16 floats a
 // vector), AVX2 + FMA (2 x 6, 8 floats) and plain C++; each vector variant is compiled for its
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -29,56 +31,70 @@ namespace iics {
 namespace {
 
 #ifndef IICS_PAIRWISE_MB  // tile sizes may be overridden at build time for tuning experiments
-#define IICS_PAIRWISE_MB 48
-#define IICS_PAIRWISE_NB 60
-#define IICS_PAIRWISE_KC 4096
+#define IICS_PAIRWISE_MB 128
+#define IICS_PAIRWISE_NB 240
+#define IICS_PAIRWISE_KC 1024
 #endif
 constexpr int64_t kMB = IICS_PAIRWISE_MB;  // cache-tile rows (a multiple of every variant's MR)
 constexpr int64_t kNB = IICS_PAIRWISE_NB;  // cache-tile columns (a multiple of every variant's NR)
-// Score dims a chunk. Every chunk costs each micro-tile a start (its ten row streams begin anew)
-// and an end (a horizontal sum an accumulator). Measured on Zen 4 (sum-of-minima sweeps at
-// D = 3,600 and 9,000, 1 and 2 threads), chunks of 1,024 lost 15-25% of the loop's rate to
-// these against chunks of 3,072 or more, more than the row panels gain from staying in L1; and
-// 48-row tiles (each 60-row column panel read once for 48 rows, not 24) gained another ~10% at
-// D = 9,000. So a chunk is long and the tile tall.
+// Score dims a chunk. A chunk of the tile's rows is packed (kMB x kKC floats, 512 KB: it stays
+// in L2 while every column micro-panel passes over it) and one column micro-panel (NR x kKC,
+// 24 KB) stays in L1 while every row micro-panel streams past it. Measured on Zen 5 (sum-of-minima
+// sweep, N = 2,000, D = 3,600, one thread): unpacked rows streamed from L2 ran at 55-70% of the
+// loop's rate, packed ones at 85-90%; chunks of 512 lose to the per-chunk start and end.
 constexpr int64_t kKC = IICS_PAIRWISE_KC;
+
+// The packed layout of one row micro-panel (MR rows, dims [k0, kv), kv - k0 a multiple of VL):
+// p[((k - k0) / VL) * MR * VL + r * VL + l] = a[r][k + l], so the micro-kernel reads its rows
+// as one contiguous stream.
+template <int MR, int VL>
+inline void pack_rows(const float* const* a, int64_t k0, int64_t kv, float* p) {
+  for (int64_t k = k0; k < kv; k += VL, p += MR * VL)
+    for (int r = 0; r < MR; ++r)
+      for (int l = 0; l < VL; ++l) p[r * VL + l] = a[r][k + l];
+}
+
+// One dim's term of a pair's sum: min(a, b) for the Jaccard sweep, a * b for the cosines.
+template <bool kDot>
+inline float term(float a, float b) {
+  return kDot ? a * b : std::min(a, b);
+}
+
+// The remainder [kv, k1) of a micro-tile (fewer than a vector), from the unpacked rows.
+template <bool kDot, int MR, int NR>
+inline void pair_sum_tail(const float* const* a, const float* const* b, int64_t kv, int64_t k1,
+                          float* acc) {
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < NR; ++q) {
+      float s = 0.f;
+      for (int64_t k = kv; k < k1; ++k) s += term<kDot>(a[r][k], b[q][k]);
+      acc[r * NR + q] += s;
+    }
+}
 
 // Plain C++: the reference the vector variants are tested against, and the fallback. A chunk is
 // summed in double: one float32 running sum over thousands of dims would drift further from the
 // exact sum than the vector variants' 8 or 16 lane-wise sums do.
 struct ScalarKernel {
-  static constexpr int MR = 2, NR = 6;
-  // acc[r*NR + q] += sum_{k in [k0, k1)} min(a[r][k], b[q][k]).
-  static inline void micro(const float* const* a, const float* const* b, int64_t k0, int64_t k1,
-                           float* acc) {
-    for (int r = 0; r < MR; ++r)
-      for (int q = 0; q < NR; ++q) {
-        double s = 0.0;
-        for (int64_t k = k0; k < k1; ++k) s += std::min(a[r][k], b[q][k]);
-        acc[r * NR + q] += static_cast<float>(s);
-      }
-  }
-  static inline void probe(const float* const* a, const float* const* b, int64_t kd, int64_t reps,
-                           float* acc) {
-    for (int64_t it = 0; it < reps; ++it) micro(a, b, 0, kd, acc);
+  static constexpr int MR = 2, NR = 6, VL = 1;
+  // acc[r*NR + q] += sum_{k in [k0, kv)} term(a[r][k], b[q][k]), `reps` times; pa: the rows
+  // packed.
+  template <bool kDot>
+  static inline void loop(const float* pa, const float* const* b, int64_t k0, int64_t kv,
+                          int64_t reps, float* acc) {
+    for (int64_t it = 0; it < reps; ++it)
+      for (int r = 0; r < MR; ++r)
+        for (int q = 0; q < NR; ++q) {
+          double s = 0.0;
+          for (int64_t k = k0; k < kv; ++k) s += term<kDot>(pa[(k - k0) * MR + r], b[q][k]);
+          acc[r * NR + q] += static_cast<float>(s);
+        }
   }
 };
 
 #ifdef IICS_X86_SIMD
 #define IICS_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define IICS_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
-
-// The remainder k1 - k (fewer than a vector) of a micro-tile, shared by the vector variants.
-template <int MR, int NR>
-inline void min_sum_tail(const float* const* a, const float* const* b, int64_t k, int64_t k1,
-                         float* acc) {
-  for (int r = 0; r < MR; ++r)
-    for (int q = 0; q < NR; ++q) {
-      float s = 0.f;
-      for (int64_t kk = k; kk < k1; ++kk) s += std::min(a[r][kk], b[q][kk]);
-      acc[r * NR + q] += s;
-    }
-}
 
 // Loads the column vector once into a register: left to itself, GCC's Zen 4 tuning folds the
 // load into each of the MR vminps (MR loads instead of one), which makes the loop load-bound at
@@ -94,29 +110,33 @@ inline void keep_in_register(V& v) {
 
 // Every accumulation goes through the FMA pipes (t * 1 + c): with min on the other pipes this
 // keeps both pairs busy; measured on Zen 4 it runs at twice the rate of plain adds, which share
-// the min's pipes. `loop` is the D loop: `reps` times over dims [k0, k1) (whole vectors), the
-// accumulators in registers throughout; micro = one pass of it, the remainder, and one
-// horizontal sum an accumulator; the ceiling probe runs the same loop with many passes.
+// the min's pipes. `loop` is the D loop: `reps` times over dims [k0, kv) (whole vectors; the
+// rows packed in pa), the accumulators in registers throughout, then one reduction into acc.
+// kDot: the same loop for dot products (one FMA a vector and pair), which gives the cosines
+// the same tiles, packing and reduction as the sums of minima.
 struct Avx2Kernel {
   static constexpr int MR = 2, NR = 6, VL = 8;
+  template <bool kDot>
   IICS_TARGET_AVX2 static inline __attribute__((always_inline)) void loop(
-      const float* const* a, const float* const* b, int64_t k0, int64_t k1, int64_t reps,
-      float* acc) {
+      const float* pa, const float* const* b, int64_t k0, int64_t kv, int64_t reps, float* acc) {
     __m256 c[MR][NR];
     IICS_UNROLL for (int r = 0; r < MR; ++r)
       IICS_UNROLL for (int q = 0; q < NR; ++q) c[r][q] = _mm256_setzero_ps();
     const __m256 one = _mm256_set1_ps(1.f);
-    for (int64_t it = 0; it < reps; ++it)
-      for (int64_t k = k0; k + VL <= k1; k += VL) {
+    for (int64_t it = 0; it < reps; ++it) {
+      const float* p = pa;
+      for (int64_t k = k0; k + VL <= kv; k += VL, p += MR * VL) {
         __m256 av[MR];
-        IICS_UNROLL for (int r = 0; r < MR; ++r) av[r] = _mm256_loadu_ps(a[r] + k);
+        IICS_UNROLL for (int r = 0; r < MR; ++r) av[r] = _mm256_loadu_ps(p + r * VL);
         IICS_UNROLL for (int q = 0; q < NR; ++q) {
           __m256 bq = _mm256_loadu_ps(b[q] + k);
           keep_in_register(bq);
           IICS_UNROLL for (int r = 0; r < MR; ++r)
-            c[r][q] = _mm256_fmadd_ps(_mm256_min_ps(av[r], bq), one, c[r][q]);
+            c[r][q] = kDot ? _mm256_fmadd_ps(av[r], bq, c[r][q])
+                           : _mm256_fmadd_ps(_mm256_min_ps(av[r], bq), one, c[r][q]);
         }
       }
+    }
     IICS_UNROLL for (int r = 0; r < MR; ++r)
       IICS_UNROLL for (int q = 0; q < NR; ++q) {
         __m128 s = _mm_add_ps(_mm256_castps256_ps128(c[r][q]), _mm256_extractf128_ps(c[r][q], 1));
@@ -125,56 +145,82 @@ struct Avx2Kernel {
         acc[r * NR + q] += _mm_cvtss_f32(s);
       }
   }
-  IICS_TARGET_AVX2 __attribute__((noinline)) static void micro(const float* const* a,
-                                                               const float* const* b, int64_t k0,
-                                                               int64_t k1, float* acc) {
-    const int64_t kv = k0 + (k1 - k0) / VL * VL;
-    loop(a, b, k0, kv, 1, acc);
-    min_sum_tail<MR, NR>(a, b, kv, k1, acc);
-  }
-  IICS_TARGET_AVX2 __attribute__((noinline)) static void probe(const float* const* a,
-                                                               const float* const* b, int64_t kd,
-                                                               int64_t reps, float* acc) {
-    loop(a, b, 0, kd, reps, acc);
-  }
 };
+
+// GCC 12's AVX-512 headers start shuffles and casts from `_mm512_undefined_ps()`, which
+// -Wmaybe-uninitialized misreads once they are inlined here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The lane sums of 24 accumulators by a transposing tree: each step adds the matching halves
+// (256, 128, 64 or 32 bits) of two vectors into one (two shuffles and an add), so 16 vectors
+// become one vector of 16 sums in 15 steps; 24 separate horizontal sums took about three times
+// as long, which at chunks of 1,024 dims cost ~10% of the sweep.
+IICS_TARGET_AVX512 inline __attribute__((always_inline)) __m512 fold256(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+}
+IICS_TARGET_AVX512 inline __attribute__((always_inline)) __m512 fold128(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+}
+IICS_TARGET_AVX512 inline __attribute__((always_inline)) __m512 fold64(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xEE));
+}
+IICS_TARGET_AVX512 inline __attribute__((always_inline)) __m512 fold32(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xDD));
+}
+// Lane 4i + j of the result is the sum of v[4j + i]. Written out: GCC keeps 16-element arrays
+// on the stack.
+IICS_TARGET_AVX512 inline __attribute__((always_inline)) __m512 sum16(
+    __m512 v0, __m512 v1, __m512 v2, __m512 v3, __m512 v4, __m512 v5, __m512 v6, __m512 v7,
+    __m512 v8, __m512 v9, __m512 v10, __m512 v11, __m512 v12, __m512 v13, __m512 v14,
+    __m512 v15) {
+  const __m512 w0 = fold128(fold256(v0, v1), fold256(v2, v3));
+  const __m512 w1 = fold128(fold256(v4, v5), fold256(v6, v7));
+  const __m512 w2 = fold128(fold256(v8, v9), fold256(v10, v11));
+  const __m512 w3 = fold128(fold256(v12, v13), fold256(v14, v15));
+  return fold32(fold64(w0, w1), fold64(w2, w3));
+}
 
 struct Avx512Kernel {
   static constexpr int MR = 4, NR = 6, VL = 16;  // 24 accumulators + 4 row vectors + 1 column vector
+  template <bool kDot>
   IICS_TARGET_AVX512 static inline __attribute__((always_inline)) void loop(
-      const float* const* a, const float* const* b, int64_t k0, int64_t k1, int64_t reps,
-      float* acc) {
+      const float* pa, const float* const* b, int64_t k0, int64_t kv, int64_t reps, float* acc) {
     __m512 c[MR][NR];
     IICS_UNROLL for (int r = 0; r < MR; ++r)
       IICS_UNROLL for (int q = 0; q < NR; ++q) c[r][q] = _mm512_setzero_ps();
     const __m512 one = _mm512_set1_ps(1.f);
-    for (int64_t it = 0; it < reps; ++it)
-      for (int64_t k = k0; k + VL <= k1; k += VL) {
+    for (int64_t it = 0; it < reps; ++it) {
+      const float* p = pa;
+      for (int64_t k = k0; k + VL <= kv; k += VL, p += MR * VL) {
         __m512 av[MR];
-        IICS_UNROLL for (int r = 0; r < MR; ++r) av[r] = _mm512_loadu_ps(a[r] + k);
+        IICS_UNROLL for (int r = 0; r < MR; ++r) av[r] = _mm512_loadu_ps(p + r * VL);
         IICS_UNROLL for (int q = 0; q < NR; ++q) {
           __m512 bq = _mm512_loadu_ps(b[q] + k);
           keep_in_register(bq);
           IICS_UNROLL for (int r = 0; r < MR; ++r)
-            c[r][q] = _mm512_fmadd_ps(_mm512_min_ps(av[r], bq), one, c[r][q]);
+            c[r][q] = kDot ? _mm512_fmadd_ps(av[r], bq, c[r][q])
+                           : _mm512_fmadd_ps(_mm512_min_ps(av[r], bq), one, c[r][q]);
         }
       }
-    IICS_UNROLL for (int r = 0; r < MR; ++r)
-      IICS_UNROLL for (int q = 0; q < NR; ++q) acc[r * NR + q] += _mm512_reduce_add_ps(c[r][q]);
-  }
-  IICS_TARGET_AVX512 __attribute__((noinline)) static void micro(const float* const* a,
-                                                                 const float* const* b, int64_t k0,
-                                                                 int64_t k1, float* acc) {
-    const int64_t kv = k0 + (k1 - k0) / VL * VL;
-    loop(a, b, k0, kv, 1, acc);
-    min_sum_tail<MR, NR>(a, b, kv, k1, acc);
-  }
-  IICS_TARGET_AVX512 __attribute__((noinline)) static void probe(const float* const* a,
-                                                                 const float* const* b, int64_t kd,
-                                                                 int64_t reps, float* acc) {
-    loop(a, b, 0, kd, reps, acc);
+    }
+    // Slot s of a tree gets accumulator m = 4 (s % 4) + s / 4 (at c[m / 6][m % 6]), so lane m
+    // of its result is accumulator m's sum: acc[0..16) from the first tree, acc[16..24) from
+    // the second.
+#define IICS_C(m) c[(m) / NR][(m) % NR]
+    const __m512 z = _mm512_setzero_ps();
+    const __m512 lo = sum16(IICS_C(0), IICS_C(4), IICS_C(8), IICS_C(12), IICS_C(1), IICS_C(5),
+                            IICS_C(9), IICS_C(13), IICS_C(2), IICS_C(6), IICS_C(10), IICS_C(14),
+                            IICS_C(3), IICS_C(7), IICS_C(11), IICS_C(15));
+    const __m512 hi = sum16(IICS_C(16), IICS_C(20), z, z, IICS_C(17), IICS_C(21), z, z, IICS_C(18),
+                            IICS_C(22), z, z, IICS_C(19), IICS_C(23), z, z);
+#undef IICS_C
+    _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc), lo));
+    _mm256_storeu_ps(acc + 16,
+                     _mm256_add_ps(_mm256_loadu_ps(acc + 16), _mm512_castps512_ps256(hi)));
   }
 };
+#pragma GCC diagnostic pop
+static_assert(Avx512Kernel::MR * Avx512Kernel::NR == 24, "the reduction tree is written for 24");
 #endif  // IICS_X86_SIMD
 
 static_assert(kMB % ScalarKernel::MR == 0 && kNB % ScalarKernel::NR == 0, "tile / micro-tile");
@@ -202,39 +248,81 @@ struct TileFilter {
   }
 };
 
-// Sum of minima for the pairs of rows [i0, i1) of `a` x rows [j0, j1) of `b` into
-// smin[(i - i0) * kNB + (j - j0)]. Rows past the end are clamped to the last row (their results
-// are never read).
-template <class K>
-void min_sum_tile(const float* a, int64_t lda, int64_t i0, int64_t i1, const float* b,
-                  int64_t ldb, int64_t j0, int64_t j1, int64_t dim, float* smin,
-                  const TileFilter& filter) {
-  const int64_t mi = i1 - i0, nj = j1 - j0;
-  std::fill(smin, smin + kMB * kNB, 0.f);
+// The packed rows of a row block (64-byte aligned), kept for the block's next tiles: packing
+// each tile's rows anew read every row block once a column tile and cost ~15% of the sweep.
+struct PackedRows {
+  std::vector<float> buf;
+  const float* src = nullptr;  // the packed block is rows [i0, i1) of `src`
+  int64_t i0 = -1, i1 = -1;
+
+  // Rows [i0, i1) of a (row stride lda), dims [0, dv) packed panel by panel (see pack_rows): panel
+  // ir / MR starts at the result + ir * dv. Rows past i1 repeat row i1 - 1.
+  template <int MR, int VL>
+  const float* get(const float* a, int64_t lda, int64_t i0_, int64_t i1_, int64_t dv) {
+    if (src == a && i0 == i0_ && i1 == i1_) return aligned();
+    buf.resize(static_cast<size_t>(kMB * dv + 16));
+    float* p = aligned();
+    for (int64_t ir = 0; ir < i1_ - i0_; ir += MR) {
+      const float* ap[MR];
+      for (int r = 0; r < MR; ++r) ap[r] = a + (i0_ + std::min<int64_t>(ir + r, i1_ - i0_ - 1)) * lda;
+      pack_rows<MR, VL>(ap, 0, dv, p + ir * dv);
+    }
+    src = a, i0 = i0_, i1 = i1_;
+    return p;
+  }
+  float* aligned() {
+    const auto at = reinterpret_cast<uintptr_t>(buf.data());
+    return buf.data() + ((64 - at % 64) % 64) / sizeof(float);
+  }
+};
+
+// A thread's working memory: a tile's sums of minima and dot products (kMB x kNB each) and the
+// packed rows of the scores and of the features.
+struct Scratch {
+  std::vector<float> smin = std::vector<float>(kMB * kNB);
+  std::vector<float> sdot = std::vector<float>(kMB * kNB);
+  PackedRows scores, feats;
+};
+
+// sum[(i - i0) * kNB + (j - j0)] = sum_k term(a[i][k], b[j][k]) for the pairs of rows [i0, i1)
+// of `a` x rows [j0, j1) of `b` (kDot: dot products, else sums of minima). Rows past the end are
+// clamped to the last row (their results are never read). Chunk by chunk of dims, each column
+// micro-panel (kept in L1) meets every packed row micro-panel (streamed from L2).
+template <class K, bool kDot>
+void pair_sum_tile(const float* a, int64_t lda, int64_t i0, int64_t i1, const float* b,
+                   int64_t ldb, int64_t j0, int64_t j1, int64_t dim, PackedRows& packed,
+                   float* sum, const TileFilter& filter) {
+  const int64_t mi = i1 - i0, nj = j1 - j0, dv = dim / K::VL * K::VL;
+  const float* pack = packed.get<K::MR, K::VL>(a, lda, i0, i1, dv);
+  std::fill(sum, sum + kMB * kNB, 0.f);
   for (int64_t k0 = 0; k0 < dim; k0 += kKC) {
-    const int64_t k1 = std::min(dim, k0 + kKC);
-    for (int64_t ir = 0; ir < mi; ir += K::MR) {
-      const float* ap[K::MR];
-      for (int r = 0; r < K::MR; ++r) ap[r] = a + (i0 + std::min<int64_t>(ir + r, mi - 1)) * lda;
-      const int64_t ie = i0 + std::min<int64_t>(ir + K::MR, mi) - 1;
-      for (int64_t jc = 0; jc < nj; jc += K::NR) {
-        const int64_t je = j0 + std::min<int64_t>(jc + K::NR, nj) - 1;
+    const int64_t k1 = std::min(dim, k0 + kKC), kv = std::min(dv, k1);
+    for (int64_t jc = 0; jc < nj; jc += K::NR) {
+      const int64_t je = j0 + std::min<int64_t>(jc + K::NR, nj) - 1;
+      const float* bp[K::NR];
+      for (int q = 0; q < K::NR; ++q) bp[q] = b + (j0 + std::min<int64_t>(jc + q, nj - 1)) * ldb;
+      for (int64_t ir = 0; ir < mi; ir += K::MR) {
+        const int64_t ie = i0 + std::min<int64_t>(ir + K::MR, mi) - 1;
         if (!filter.want(i0 + ir, ie, j0 + jc, je)) continue;
-        const float* bp[K::NR];
-        for (int q = 0; q < K::NR; ++q) bp[q] = b + (j0 + std::min<int64_t>(jc + q, nj - 1)) * ldb;
         float acc[K::MR * K::NR] = {};
-        K::micro(ap, bp, k0, k1, acc);
+        K::template loop<kDot>(pack + ir * dv + k0 * K::MR, bp, k0, kv, 1, acc);
+        if (kv < k1) {
+          const float* ap[K::MR];
+          for (int r = 0; r < K::MR; ++r) ap[r] = a + (i0 + std::min<int64_t>(ir + r, mi - 1)) * lda;
+          pair_sum_tail<kDot, K::MR, K::NR>(ap, bp, kv, k1, acc);
+        }
         for (int r = 0; r < K::MR; ++r)
-          for (int q = 0; q < K::NR; ++q) smin[(ir + r) * kNB + jc + q] += acc[r * K::NR + q];
+          for (int q = 0; q < K::NR; ++q) sum[(ir + r) * kNB + jc + q] += acc[r * K::NR + q];
       }
     }
   }
 }
 
-// The ceiling probe: the micro-kernel's D loop alone (K::probe: the same loads, min and
-// accumulations as K::micro, the accumulators in registers across all repetitions, one
-// horizontal sum at the very end), over and over on MR + NR rows of kProbeK dims that stay in
-// L1 (10 rows x 1 KB): no memory traffic, no per-chunk work. Returns pair-dims.
+// The ceiling probe: the micro-kernel's D loop alone (K::loop: the same loads, min and
+// accumulations as the tiles, the accumulators in registers across all repetitions, one
+// reduction at the very end), over and over on a packed row micro-panel and NR column rows of
+// kProbeK dims that stay in L1 (10 rows x 1 KB): no memory traffic, no per-chunk work. Returns
+// pair-dims.
 constexpr int64_t kProbeK = 256;
 
 template <class K>
@@ -245,42 +333,47 @@ double min_sum_probe(int64_t reps) {
   const float* bp[K::NR];
   for (int r = 0; r < K::MR; ++r) ap[r] = buf.data() + r * kProbeK;
   for (int q = 0; q < K::NR; ++q) bp[q] = buf.data() + (K::MR + q) * kProbeK;
+  std::vector<float> pa(K::MR * kProbeK);
+  pack_rows<K::MR, K::VL>(ap, 0, kProbeK, pa.data());
   float acc[K::MR * K::NR] = {};
-  K::probe(ap, bp, kProbeK, reps, acc);
+  K::template loop<false>(pa.data(), bp, 0, kProbeK, reps, acc);
   asm volatile("" : : "r"(acc) : "memory");  // the sums are kept
   return static_cast<double>(reps) * K::MR * K::NR * kProbeK;
 }
 
-using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
-                        int64_t, int64_t, float*, const TileFilter&);
+using TileFn = void (*)(bool, const float*, int64_t, int64_t, int64_t, const float*, int64_t,
+                        int64_t, int64_t, int64_t, PackedRows&, float*, const TileFilter&);
 using ProbeFn = double (*)(int64_t);
 
-void tile_scalar(const float* a, int64_t lda, int64_t i0, int64_t i1, const float* b, int64_t ldb,
-                 int64_t j0, int64_t j1, int64_t dim, float* smin, const TileFilter& f) {
-  min_sum_tile<ScalarKernel>(a, lda, i0, i1, b, ldb, j0, j1, dim, smin, f);
-}
+// One tile of dot products (dot) or sums of minima, through variant K.
+#define IICS_TILE_BODY(K)                                                                      \
+  if (dot)                                                                                     \
+    pair_sum_tile<K, true>(a, lda, i0, i1, b, ldb, j0, j1, dim, packed, sum, f);               \
+  else                                                                                         \
+    pair_sum_tile<K, false>(a, lda, i0, i1, b, ldb, j0, j1, dim, packed, sum, f);
+#define IICS_TILE_ARGS                                                                         \
+  bool dot, const float *a, int64_t lda, int64_t i0, int64_t i1, const float *b, int64_t ldb,  \
+      int64_t j0, int64_t j1, int64_t dim, PackedRows &packed, float *sum, const TileFilter &f
+
+void tile_scalar(IICS_TILE_ARGS) { IICS_TILE_BODY(ScalarKernel) }
 double probe_scalar(int64_t reps) { return min_sum_probe<ScalarKernel>(reps); }
 
 #ifdef IICS_X86_SIMD
 // `flatten` inlines the generic tile loop and the micro-kernel into these target functions, so
 // the whole loop nest is compiled for the instruction set.
-IICS_TARGET_AVX2 __attribute__((flatten)) void tile_avx2(
-    const float* a, int64_t lda, int64_t i0, int64_t i1, const float* b, int64_t ldb, int64_t j0,
-    int64_t j1, int64_t dim, float* smin, const TileFilter& f) {
-  min_sum_tile<Avx2Kernel>(a, lda, i0, i1, b, ldb, j0, j1, dim, smin, f);
-}
+IICS_TARGET_AVX2 __attribute__((flatten)) void tile_avx2(IICS_TILE_ARGS) { IICS_TILE_BODY(Avx2Kernel) }
 IICS_TARGET_AVX2 __attribute__((flatten)) double probe_avx2(int64_t reps) {
   return min_sum_probe<Avx2Kernel>(reps);
 }
-IICS_TARGET_AVX512 __attribute__((flatten)) void tile_avx512(
-    const float* a, int64_t lda, int64_t i0, int64_t i1, const float* b, int64_t ldb, int64_t j0,
-    int64_t j1, int64_t dim, float* smin, const TileFilter& f) {
-  min_sum_tile<Avx512Kernel>(a, lda, i0, i1, b, ldb, j0, j1, dim, smin, f);
+IICS_TARGET_AVX512 __attribute__((flatten)) void tile_avx512(IICS_TILE_ARGS) {
+  IICS_TILE_BODY(Avx512Kernel)
 }
 IICS_TARGET_AVX512 __attribute__((flatten)) double probe_avx512(int64_t reps) {
   return min_sum_probe<Avx512Kernel>(reps);
 }
 #endif
+#undef IICS_TILE_ARGS
+#undef IICS_TILE_BODY
 
 struct Variant {
   const char* name;
@@ -374,12 +467,13 @@ void pairwise_jaccard_cpu(const float* a, int64_t m, int64_t lda, const float* s
   const TileFilter all;
 #pragma omp parallel
   {
-    std::vector<float> smin(kMB * kNB);
+    Scratch scratch;
+    const float* smin = scratch.smin.data();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tm * tp; ++t) {
       const int64_t i0 = (t / tp) * kMB, j0 = (t % tp) * kNB;
       const int64_t i1 = std::min(m, i0 + kMB), j1 = std::min(p, j0 + kNB);
-      tile(a, lda, i0, i1, b, ldb, j0, j1, d, smin.data(), all);
+      tile(false, a, lda, i0, i1, b, ldb, j0, j1, d, scratch.scores, scratch.smin.data(), all);
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t j = j0; j < j1; ++j)
           out[i * ldo + j] = jaccard_from_min(smin[(i - i0) * kNB + (j - j0)], sa[i], sb[j]);
@@ -388,7 +482,7 @@ void pairwise_jaccard_cpu(const float* a, int64_t m, int64_t lda, const float* s
 }
 
 void inter_camera_rows_cpu(const float* scores, int64_t lds, const float* rowsum, int64_t dim,
-                           const float* gram, int64_t ldg, int64_t g0, const int64_t* cam,
+                           const float* feats, int64_t ldf, int64_t fdim, const int64_t* cam,
                            int64_t n, int64_t r0, int64_t r1, float mu, InterCameraMode mode,
                            bool square, float* out, int64_t out_base, const std::string& isa) {
   const TileFn tile = variant(isa).tile;
@@ -397,23 +491,29 @@ void inter_camera_rows_cpu(const float* scores, int64_t lds, const float* rowsum
   for (int64_t i0 = r0; i0 < r1; i0 += kMB)
     for (int64_t j0 = i0; j0 < n; j0 += kNB) tiles.emplace_back(i0, j0);
   const bool need_l1 = mode != InterCameraMode::kFeature;
+  const bool need_cos = mode != InterCameraMode::kJaccard;
   const bool masked = mode == InterCameraMode::kEq5;
-  // Micro-tiles below the diagonal are skipped and, under Eq. 5, those whose pairs all share
-  // one camera (J is masked there).
-  TileFilter filter;
-  filter.upper = true;
+  // Micro-tiles below the diagonal are skipped and, for the sums of minima under Eq. 5, those
+  // whose pairs all share one camera (J is masked there).
+  TileFilter upper, filter;
+  upper.upper = filter.upper = true;
   filter.cam = masked ? cam : nullptr;
 #pragma omp parallel
   {
-    std::vector<float> smin(kMB * kNB);
+    Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (size_t t = 0; t < tiles.size(); ++t) {
       const int64_t i0 = tiles[t].first, j0 = tiles[t].second;
       const int64_t i1 = std::min(r1, i0 + kMB), j1 = std::min(n, j0 + kNB);
-      if (need_l1) tile(scores, lds, i0, i1, scores, lds, j0, j1, dim, smin.data(), filter);
+      if (need_cos)
+        tile(true, feats, ldf, i0, i1, feats, ldf, j0, j1, fdim, scratch.feats, scratch.sdot.data(),
+             upper);
+      if (need_l1)
+        tile(false, scores, lds, i0, i1, scores, lds, j0, j1, dim, scratch.scores,
+             scratch.smin.data(), filter);
       for (int64_t i = i0; i < i1; ++i) {
-        const float* g = gram ? gram + (i - g0) * ldg - g0 : nullptr;  // g[j] = cos(f_i, f_j)
-        const float* sm = smin.data() + (i - i0) * kNB - j0;          // sm[j] = Smin(i, j)
+        const float* g = scratch.sdot.data() + (i - i0) * kNB - j0;  // g[j] = cos(f_i, f_j)
+        const float* sm = scratch.smin.data() + (i - i0) * kNB - j0;  // sm[j] = Smin(i, j)
         float* row = square ? out + i * n : out + (condensed_row(n, i) - out_base) - (i + 1);
         for (int64_t j = std::max(j0, i + 1); j < j1; ++j) {
           float v;

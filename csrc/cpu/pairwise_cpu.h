@@ -29,16 +29,15 @@ void pairwise_jaccard_cpu(const float* a, int64_t m, int64_t lda, const float* s
 // Distances of rows [r0, r1) against every later row j > i of an n-sample set, written into
 // the condensed (SciPy pdist order) or square (n x n, both halves, zero diagonal) output.
 //   scores (n x dim, row stride lds) and rowsum (n): unused when mode == kFeature (may be null)
-//   gram: cosines of a slab of rows [g0, g0 + rows) x columns [g0, n), g0 <= r0 <= r1 <=
-//         g0 + rows, row stride ldg (gram[(i-g0)*ldg + (j-g0)] = cos(f_i, f_j)); unused when
-//         mode == kJaccard (may be null). A slab wider than [r0, r1) lets a caller keep its
-//         GEMMs on one fixed row grid whatever rows it asks for.
+//   feats (n x fdim, row stride ldf): unit-norm feature rows, cos(f_i, f_j) = their dot product
+//         (computed by the same tiles as the sums of minima, so each pair's value does not
+//         depend on [r0, r1)); unused when mode == kJaccard (may be null).
 //   cam (n): camera of each sample; used by kEq5 only.
 //   out: square (n x n, out_base must be 0) or a condensed block whose first entry is the
 //        condensed position out_base <= offset of row r0 (entry (i, j) goes to
 //        out[condensed_index(n, i, j) - out_base]).
 void inter_camera_rows_cpu(const float* scores, int64_t lds, const float* rowsum, int64_t dim,
-                           const float* gram, int64_t ldg, int64_t g0, const int64_t* cam,
+                           const float* feats, int64_t ldf, int64_t fdim, const int64_t* cam,
                            int64_t n, int64_t r0, int64_t r1, float mu, InterCameraMode mode,
                            bool square, float* out, int64_t out_base,
                            const std::string& isa = "auto");
