@@ -216,8 +216,9 @@ def render(tag, records):
                 "and an FMA-pipe add per pair and score dim) run alone on L1-resident rows: the same "
                 "instructions, no horizontal sums, no memory traffic (`_C.min_sum_ceiling`: one "
                 "core's fastest 0.5 ms burst, times the cores). The "
-                "work of a build is all i < j pairs times D; the cosine GEMM is part of the build's "
-                "time but not of its work, so the fraction is a lower bound. By CPU time: work per "
+                "work of a build is all i < j pairs times D; the cosines (an FMA a pair and feature dim) are part of "
+                "the build's time but not of its work, so the fraction is a lower bound. Fractions "
+                "use each side's fastest round; the speed-ups, the medians. By CPU time: work per "
                 "CPU-second against one core's ceiling, which a shared machine does not distort.",
                 "", ceil, ""]
     mem_notes = memory_notes(records)
