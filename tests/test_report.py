@@ -38,3 +38,38 @@ def test_memory_notes_give_each_records_own_how():
     notes = report.memory_notes(records)
     assert notes == ["- in this process: VmHWM reset:", "  - merge (average linkage) N=4000: iics_fast",
                      f"- {report.FRESH_PROCESS}:", "  - merge (average linkage) N=4000: fastcluster"]
+
+
+def test_peak_memory_counts_memory_reused_from_freed_heap():
+    """Heap memory freed before the block and taken again inside it is counted: PeakMemory
+    releases the free heap first. Without that release the block below grows by about 0 MB."""
+    import ctypes
+    import ctypes.util
+
+    import pytest
+
+    from benchmarks.probes import PeakMemory
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "malloc_trim"):
+        pytest.skip("not glibc")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    size, count = 64 << 10, 1600  # 100 MB in blocks below the mmap threshold: heap memory
+
+    def fill():
+        blocks = [libc.malloc(size) for _ in range(count)]
+        for b in blocks:
+            libc.memset(b, 1, size)
+        return blocks
+
+    *first, pin = fill()  # the last block stays: above the freed ones, free() cannot trim them
+    for b in first:
+        libc.free(b)
+    with PeakMemory() as mem:
+        again = fill()
+    for b in [*again, pin]:
+        libc.free(b)
+    assert mem.grew_mib > 80
