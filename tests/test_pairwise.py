@@ -224,7 +224,7 @@ def test_cpu_half_inputs(rng, tag):
 
 
 def test_cpu_long_score_rows_and_one_camera(rng):
-    # D = 4111 crosses the C++ kernel's score-dim chunk boundary (4096) into a ragged 15-wide
+    # D = 4111 crosses four of the C++ kernel's 1,024-dim chunk boundaries into a ragged 15-wide
     # tail; one camera masks every pair
     f, s, cam = make_inputs(rng, 53, 20, 4111, [0, 1, 2])
     np.testing.assert_allclose(
@@ -258,7 +258,7 @@ def test_cpu_condensed_is_scipy_order_and_buffers_are_reused(rng):
 @pytest.mark.parametrize("n,cams", [(1, [0]), (2, [0, 1]), (5, [0, 1]), (37, [4, 1, 2]), (300, [4, 1, 2]),
                                     (101, [3])])
 def test_cpu_row_blocks_equal_whole_build(rng, mode, n, cams):
-    f, s, cam = make_inputs(rng, n, 12, 37, cams)
+    f, s, cam = make_inputs(rng, n, 41, 37, cams)  # both dims: whole vectors and a tail
     whole = S.inter_camera_distance(f, s, cam, 0.25, mode=mode, backend="cpu")
     ref = S.inter_camera_distance(f, s, cam, 0.25, mode=mode, backend="ref")
     np.testing.assert_allclose(whole.numpy(), ref.numpy(), atol=3e-6)

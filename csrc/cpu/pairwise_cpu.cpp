@@ -13,6 +13,7 @@
 #include "pairwise_cpu.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <stdexcept>
@@ -30,9 +31,14 @@
 namespace iics {
 namespace {
 
-#ifndef IICS_PAIRWISE_MB  // tile sizes may be overridden at build time for tuning experiments
+// Tile sizes may be overridden at build time (-DIICS_PAIRWISE_MB=...) for tuning experiments.
+#ifndef IICS_PAIRWISE_MB
 #define IICS_PAIRWISE_MB 128
+#endif
+#ifndef IICS_PAIRWISE_NB
 #define IICS_PAIRWISE_NB 240
+#endif
+#ifndef IICS_PAIRWISE_KC
 #define IICS_PAIRWISE_KC 1024
 #endif
 constexpr int64_t kMB = IICS_PAIRWISE_MB;  // cache-tile rows (a multiple of every variant's MR)
@@ -43,6 +49,7 @@ constexpr int64_t kNB = IICS_PAIRWISE_NB;  // cache-tile columns (a multiple of 
 // sweep, N = 2,000, D = 3,600, one thread): unpacked rows streamed from L2 ran at 55-70% of the
 // loop's rate, packed ones at 85-90%; chunks of 512 lose to the per-chunk start and end.
 constexpr int64_t kKC = IICS_PAIRWISE_KC;
+static_assert(kKC > 0 && kKC % 16 == 0, "a chunk must hold whole vectors of every variant");
 
 // The packed layout of one row micro-panel (MR rows, dims [k0, kv), kv - k0 a multiple of VL):
 // p[((k - k0) / VL) * MR * VL + r * VL + l] = a[r][k + l], so the micro-kernel reads its rows
@@ -252,22 +259,22 @@ struct TileFilter {
 // each tile's rows anew read every row block once a column tile and cost ~15% of the sweep.
 struct PackedRows {
   std::vector<float> buf;
-  const float* src = nullptr;  // the packed block is rows [i0, i1) of `src`
-  int64_t i0 = -1, i1 = -1;
+  const float* src = nullptr;  // the packed block: rows [i0, i1), dims [0, dv) of `src`
+  int64_t lda = -1, i0 = -1, i1 = -1, dv = -1;
 
   // Rows [i0, i1) of a (row stride lda), dims [0, dv) packed panel by panel (see pack_rows): panel
   // ir / MR starts at the result + ir * dv. Rows past i1 repeat row i1 - 1.
   template <int MR, int VL>
-  const float* get(const float* a, int64_t lda, int64_t i0_, int64_t i1_, int64_t dv) {
-    if (src == a && i0 == i0_ && i1 == i1_) return aligned();
-    buf.resize(static_cast<size_t>(kMB * dv + 16));
+  const float* get(const float* a, int64_t lda_, int64_t i0_, int64_t i1_, int64_t dv_) {
+    if (src == a && lda == lda_ && i0 == i0_ && i1 == i1_ && dv == dv_) return aligned();
+    buf.resize(static_cast<size_t>(kMB * dv_ + 16));
     float* p = aligned();
     for (int64_t ir = 0; ir < i1_ - i0_; ir += MR) {
       const float* ap[MR];
-      for (int r = 0; r < MR; ++r) ap[r] = a + (i0_ + std::min<int64_t>(ir + r, i1_ - i0_ - 1)) * lda;
-      pack_rows<MR, VL>(ap, 0, dv, p + ir * dv);
+      for (int r = 0; r < MR; ++r) ap[r] = a + (i0_ + std::min<int64_t>(ir + r, i1_ - i0_ - 1)) * lda_;
+      pack_rows<MR, VL>(ap, 0, dv_, p + ir * dv_);
     }
-    src = a, i0 = i0_, i1 = i1_;
+    src = a, lda = lda_, i0 = i0_, i1 = i1_, dv = dv_;
     return p;
   }
   float* aligned() {
@@ -414,6 +421,21 @@ const Variant& variant(const std::string& isa) {
   throw std::invalid_argument("isa must be 'auto' or one of: " + names + "; got '" + isa + "'");
 }
 
+// The threads take runs of up to kRun column tiles of one row block, so a block's packed rows
+// serve several tiles on any number of threads (tile by tile, many threads would mostly repack).
+constexpr int64_t kRun = 4;
+
+// Runs of the column tiles [c0, c1) (steps of kNB) of each row block i0 of [r0, r1) (steps of
+// kMB), c0 = first(i0): {i0, first column, end column}.
+template <class First>
+std::vector<std::array<int64_t, 3>> tile_runs(int64_t r0, int64_t r1, First first, int64_t c1) {
+  std::vector<std::array<int64_t, 3>> runs;
+  for (int64_t i0 = r0; i0 < r1; i0 += kMB)
+    for (int64_t j0 = first(i0); j0 < c1; j0 += kRun * kNB)
+      runs.push_back({i0, j0, std::min(c1, j0 + kRun * kNB)});
+  return runs;
+}
+
 // J from the sum of minima and the two row sums; J(0, 0) := 0.
 inline float jaccard_from_min(float smin, float sa, float sb) {
   const float smax = sa + sb - smin;
@@ -463,20 +485,23 @@ void pairwise_jaccard_cpu(const float* a, int64_t m, int64_t lda, const float* s
                           const float* b, int64_t p, int64_t ldb, const float* sb, int64_t d,
                           float* out, int64_t ldo, const std::string& isa) {
   const TileFn tile = variant(isa).tile;
-  const int64_t tm = (m + kMB - 1) / kMB, tp = (p + kNB - 1) / kNB;
+  const auto runs = tile_runs(0, m, [](int64_t) { return int64_t(0); }, p);
   const TileFilter all;
 #pragma omp parallel
   {
     Scratch scratch;
     const float* smin = scratch.smin.data();
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tm * tp; ++t) {
-      const int64_t i0 = (t / tp) * kMB, j0 = (t % tp) * kNB;
-      const int64_t i1 = std::min(m, i0 + kMB), j1 = std::min(p, j0 + kNB);
-      tile(false, a, lda, i0, i1, b, ldb, j0, j1, d, scratch.scores, scratch.smin.data(), all);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = j0; j < j1; ++j)
-          out[i * ldo + j] = jaccard_from_min(smin[(i - i0) * kNB + (j - j0)], sa[i], sb[j]);
+    for (size_t t = 0; t < runs.size(); ++t) {
+      const auto [i0, c0, c1] = runs[t];
+      const int64_t i1 = std::min(m, i0 + kMB);
+      for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
+        const int64_t j1 = std::min(c1, j0 + kNB);
+        tile(false, a, lda, i0, i1, b, ldb, j0, j1, d, scratch.scores, scratch.smin.data(), all);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = j0; j < j1; ++j)
+            out[i * ldo + j] = jaccard_from_min(smin[(i - i0) * kNB + (j - j0)], sa[i], sb[j]);
+      }
     }
   }
 }
@@ -486,10 +511,8 @@ void inter_camera_rows_cpu(const float* scores, int64_t lds, const float* rowsum
                            int64_t n, int64_t r0, int64_t r1, float mu, InterCameraMode mode,
                            bool square, float* out, int64_t out_base, const std::string& isa) {
   const TileFn tile = variant(isa).tile;
-  // Work list: cache tiles (i0, j0) of the upper triangle of rows [r0, r1) x columns [r0, n).
-  std::vector<std::pair<int64_t, int64_t>> tiles;
-  for (int64_t i0 = r0; i0 < r1; i0 += kMB)
-    for (int64_t j0 = i0; j0 < n; j0 += kNB) tiles.emplace_back(i0, j0);
+  // Work list: runs of the cache tiles (i0, j0 >= i0) of rows [r0, r1) x columns [r0, n).
+  const auto runs = tile_runs(r0, r1, [](int64_t i0) { return i0; }, n);
   const bool need_l1 = mode != InterCameraMode::kFeature;
   const bool need_cos = mode != InterCameraMode::kJaccard;
   const bool masked = mode == InterCameraMode::kEq5;
@@ -502,29 +525,33 @@ void inter_camera_rows_cpu(const float* scores, int64_t lds, const float* rowsum
   {
     Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
-    for (size_t t = 0; t < tiles.size(); ++t) {
-      const int64_t i0 = tiles[t].first, j0 = tiles[t].second;
-      const int64_t i1 = std::min(r1, i0 + kMB), j1 = std::min(n, j0 + kNB);
-      if (need_cos)
-        tile(true, feats, ldf, i0, i1, feats, ldf, j0, j1, fdim, scratch.feats, scratch.sdot.data(),
-             upper);
-      if (need_l1)
-        tile(false, scores, lds, i0, i1, scores, lds, j0, j1, dim, scratch.scores,
-             scratch.smin.data(), filter);
-      for (int64_t i = i0; i < i1; ++i) {
-        const float* g = scratch.sdot.data() + (i - i0) * kNB - j0;  // g[j] = cos(f_i, f_j)
-        const float* sm = scratch.smin.data() + (i - i0) * kNB - j0;  // sm[j] = Smin(i, j)
-        float* row = square ? out + i * n : out + (condensed_row(n, i) - out_base) - (i + 1);
-        for (int64_t j = std::max(j0, i + 1); j < j1; ++j) {
-          float v;
-          if (mode == InterCameraMode::kJaccard) {
-            v = 1.f - jaccard_from_min(sm[j], rowsum[i], rowsum[j]);
-          } else {
-            v = 1.f - g[j];
-            if (masked && cam[i] != cam[j]) v -= mu * jaccard_from_min(sm[j], rowsum[i], rowsum[j]);
+    for (size_t t = 0; t < runs.size(); ++t) {
+      const auto [i0, c0, c1] = runs[t];
+      const int64_t i1 = std::min(r1, i0 + kMB);
+      for (int64_t j0 = c0; j0 < c1; j0 += kNB) {
+        const int64_t j1 = std::min(c1, j0 + kNB);
+        if (need_cos)
+          tile(true, feats, ldf, i0, i1, feats, ldf, j0, j1, fdim, scratch.feats,
+               scratch.sdot.data(), upper);
+        if (need_l1)
+          tile(false, scores, lds, i0, i1, scores, lds, j0, j1, dim, scratch.scores,
+               scratch.smin.data(), filter);
+        for (int64_t i = i0; i < i1; ++i) {
+          const float* g = scratch.sdot.data() + (i - i0) * kNB - j0;  // g[j] = cos(f_i, f_j)
+          const float* sm = scratch.smin.data() + (i - i0) * kNB - j0;  // sm[j] = Smin(i, j)
+          float* row = square ? out + i * n : out + (condensed_row(n, i) - out_base) - (i + 1);
+          for (int64_t j = std::max(j0, i + 1); j < j1; ++j) {
+            float v;
+            if (mode == InterCameraMode::kJaccard) {
+              v = 1.f - jaccard_from_min(sm[j], rowsum[i], rowsum[j]);
+            } else {
+              v = 1.f - g[j];
+              if (masked && cam[i] != cam[j])
+                v -= mu * jaccard_from_min(sm[j], rowsum[i], rowsum[j]);
+            }
+            row[j] = v;
+            if (square) out[j * n + i] = v;
           }
-          row[j] = v;
-          if (square) out[j * n + i] = v;
         }
       }
     }
