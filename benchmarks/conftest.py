@@ -45,11 +45,6 @@ mod = importlib.util.module_from_spec(spec)
 sys.modules["bench_module"] = mod
 spec.loader.exec_module(mod)
 run = mod.build(sys.argv[2], **json.loads(sys.argv[3]))  # inputs built (and libraries warmed) here
-import ctypes
-try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS: the start is the inputs
-except OSError:
-    pass
 t0 = time.perf_counter()
 with PeakMemory() as mem:
     run()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import platform
 import socket
@@ -63,13 +62,22 @@ def _reset_peak() -> bool:
         return False
 
 
+def _process_symbols():
+    try:
+        return ctypes.CDLL(None)  # the C library's symbols, as this process links them
+    except OSError:
+        return None
+
+
+_LIBC = _process_symbols()
+HAVE_MALLOC_TRIM = _LIBC is not None and hasattr(_LIBC, "malloc_trim")  # glibc
+
+
 def _release_free_heap() -> None:
     """Return the C heap's free pages to the system (glibc's malloc_trim; elsewhere nothing), so
     that memory freed before a measured block and reused inside it shows as growth."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    if HAVE_MALLOC_TRIM:
+        _LIBC.malloc_trim(0)
 
 
 class PeakMemory:

@@ -59,17 +59,6 @@ COMPARED = ("intra", "similarity", "rerank", "merge")
 
 
 # --------------------------------------------------------------------------- memory metering
-def _trim_heap() -> None:
-    """Return freed heap memory to the OS (glibc malloc_trim), so a phase's peak RSS counts
-    its own allocations rather than reusing pages an earlier phase left resident."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 @dataclass
 class PhaseResult:
     name: str
@@ -82,8 +71,8 @@ class PhaseResult:
 
 @contextmanager
 def meter(name: str, results: list, note: str = ""):
-    """Time a block and record its peak RSS into `results` as a PhaseResult."""
-    _trim_heap()
+    """Time a block and record its peak RSS into `results` as a PhaseResult (PeakMemory first
+    releases the free heap, so a phase cannot reuse pages an earlier phase left resident)."""
     with PeakMemory() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
         yield

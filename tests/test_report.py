@@ -44,15 +44,15 @@ def test_peak_memory_counts_memory_reused_from_freed_heap():
     """Heap memory freed before the block and taken again inside it is counted: PeakMemory
     releases the free heap first. Without that release the block below grows by about 0 MB."""
     import ctypes
-    import ctypes.util
 
     import pytest
 
+    from benchmarks import probes
     from benchmarks.probes import PeakMemory
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if not hasattr(libc, "malloc_trim"):
-        pytest.skip("not glibc")
+    if not probes.HAVE_MALLOC_TRIM:
+        pytest.skip("no malloc_trim here (not glibc): PeakMemory cannot release the free heap")
+    libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
