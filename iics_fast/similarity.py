@@ -315,7 +315,7 @@ def sharded_inter_camera_distance(features, scores, camids, mu=0.02, *, mode="eq
 
     Every rank passes the same full inputs (features (N, d), scores (N, D), camids (N,), e.g.
     from `all_gather_rows`), on its communication device (CUDA under NCCL, CPU under gloo).
-    Memory: one block (~N(N-1)/(2 world) float32) per rank plus a few slabs of work, and the
+    Memory: one block (~N(N-1)/(2 world) float32) per rank plus its work memory, and the
     N(N-1)/2 result at dst (which writes its own block into it directly). On the CPU the result
     is bitwise the single-process `inter_camera_distance` for every world size; on the GPU
     (row ranges keep the caller's order, the whole build sorts by camera) it is bitwise
