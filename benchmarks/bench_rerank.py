@@ -143,8 +143,7 @@ def peer_from_features(x, k1=K1, k2=K2):
 
 def feature_distance(x):
     """1 - cos of every pair as the trainer builds it, square: `inter_camera_distance(mode=
-    "feature")`, one triangle of dot products in the C++ tiles, mirrored (here 1.5x faster than
-    NumPy's BLAS syrk for `x @ x.T`, which computes the same triangle)."""
+    "feature")`, one triangle of dot products in the C++ tiles, mirrored."""
     f = torch.from_numpy(x)
     cam = torch.zeros(len(x), dtype=torch.int64)
     return inter_camera_distance(f, None, cam, 0.0, mode="feature", out="square", backend="cpu").numpy()

@@ -1,7 +1,7 @@
 // Register-tiled pairwise sum-of-minima (generalised Jaccard) and the fused IICS inter-camera
 // distance. Algorithm: the pair grid is cut into cache tiles (kMB x kNB pairs, the dimension in
-// kKC-wide chunks); a tile's rows are packed once (micro-panel by micro-panel, one contiguous
-// stream each) and covered by MR x NR register micro-tiles whose accumulators hold
+// kKC-wide chunks); a row block is packed once (micro-panel by micro-panel, one contiguous
+// stream each, kept for the block's next tiles) and its tiles are covered by MR x NR register micro-tiles whose accumulators hold
 // sum_k min(a_k, b_k) for one vector of k at a time (one min and one FMA a vector and pair),
 // summed across their lanes once a chunk. The cosines of Eq. 5 run through the same tiles as
 // dot products (one FMA a vector and pair). See pairwise_cpu.h for the identities.
@@ -43,13 +43,22 @@ namespace {
 #endif
 constexpr int64_t kMB = IICS_PAIRWISE_MB;  // cache-tile rows (a multiple of every variant's MR)
 constexpr int64_t kNB = IICS_PAIRWISE_NB;  // cache-tile columns (a multiple of every variant's NR)
-// Score dims a chunk. A chunk of the tile's rows is packed (kMB x kKC floats, 512 KB: it stays
-// in L2 while every column micro-panel passes over it) and one column micro-panel (NR x kKC,
-// 24 KB) stays in L1 while every row micro-panel streams past it. Measured on Zen 5 (sum-of-minima
+// Dims a chunk. A chunk of the packed row block (kMB x kKC floats, 512 KB) stays in L2 while
+// every column micro-panel passes over it, and one column micro-panel (NR x kKC, 24 KB) stays
+// in L1 while every packed row micro-panel streams past it. Measured on Zen 5 (sum-of-minima
 // sweep, N = 2,000, D = 3,600, one thread): unpacked rows streamed from L2 ran at 55-70% of the
 // loop's rate, packed ones at 85-90%; chunks of 512 lose to the per-chunk start and end.
 constexpr int64_t kKC = IICS_PAIRWISE_KC;
 static_assert(kKC > 0 && kKC % 16 == 0, "a chunk must hold whole vectors of every variant");
+
+// Pointers to R consecutive rows of a block: rows first + at + r (r < R) of `base` (row stride ld),
+// clamped to the block's last row first + count - 1 (a micro-tile past the block's end repeats
+// it; those results are never read).
+template <int R>
+inline void clamped_rows(const float* base, int64_t ld, int64_t first, int64_t at, int64_t count,
+                         const float** rows) {
+  for (int r = 0; r < R; ++r) rows[r] = base + (first + std::min<int64_t>(at + r, count - 1)) * ld;
+}
 
 // The packed layout of one row micro-panel (MR rows, dims [k0, kv), kv - k0 a multiple of VL):
 // p[((k - k0) / VL) * MR * VL + r * VL + l] = a[r][k + l], so the micro-kernel reads its rows
@@ -271,7 +280,7 @@ struct PackedRows {
     float* p = aligned();
     for (int64_t ir = 0; ir < i1_ - i0_; ir += MR) {
       const float* ap[MR];
-      for (int r = 0; r < MR; ++r) ap[r] = a + (i0_ + std::min<int64_t>(ir + r, i1_ - i0_ - 1)) * lda_;
+      clamped_rows<MR>(a, lda_, i0_, ir, i1_ - i0_, ap);
       pack_rows<MR, VL>(ap, 0, dv_, p + ir * dv_);
     }
     src = a, lda = lda_, i0 = i0_, i1 = i1_, dv = dv_;
@@ -292,8 +301,8 @@ struct Scratch {
 };
 
 // sum[(i - i0) * kNB + (j - j0)] = sum_k term(a[i][k], b[j][k]) for the pairs of rows [i0, i1)
-// of `a` x rows [j0, j1) of `b` (kDot: dot products, else sums of minima). Rows past the end are
-// clamped to the last row (their results are never read). Chunk by chunk of dims, each column
+// of `a` x rows [j0, j1) of `b` (kDot: dot products, else sums of minima). Chunk by chunk of
+// dims, each column
 // micro-panel (kept in L1) meets every packed row micro-panel (streamed from L2).
 template <class K, bool kDot>
 void pair_sum_tile(const float* a, int64_t lda, int64_t i0, int64_t i1, const float* b,
@@ -307,7 +316,7 @@ void pair_sum_tile(const float* a, int64_t lda, int64_t i0, int64_t i1, const fl
     for (int64_t jc = 0; jc < nj; jc += K::NR) {
       const int64_t je = j0 + std::min<int64_t>(jc + K::NR, nj) - 1;
       const float* bp[K::NR];
-      for (int q = 0; q < K::NR; ++q) bp[q] = b + (j0 + std::min<int64_t>(jc + q, nj - 1)) * ldb;
+      clamped_rows<K::NR>(b, ldb, j0, jc, nj, bp);
       for (int64_t ir = 0; ir < mi; ir += K::MR) {
         const int64_t ie = i0 + std::min<int64_t>(ir + K::MR, mi) - 1;
         if (!filter.want(i0 + ir, ie, j0 + jc, je)) continue;
@@ -315,7 +324,7 @@ void pair_sum_tile(const float* a, int64_t lda, int64_t i0, int64_t i1, const fl
         K::template loop<kDot>(pack + ir * dv + k0 * K::MR, bp, k0, kv, 1, acc);
         if (kv < k1) {
           const float* ap[K::MR];
-          for (int r = 0; r < K::MR; ++r) ap[r] = a + (i0 + std::min<int64_t>(ir + r, mi - 1)) * lda;
+          clamped_rows<K::MR>(a, lda, i0, ir, mi, ap);
           pair_sum_tail<kDot, K::MR, K::NR>(ap, bp, kv, k1, acc);
         }
         for (int r = 0; r < K::MR; ++r)
